@@ -1,0 +1,298 @@
+"""Mixed multi-dataset image classification data: registry, JSONL reading and checks, sampling, demo data.
+
+Each JSONL line is {"image_path": ..., "label": int, "dataset_name": ...}; relative image
+paths resolve against the JSONL file's folder. Every line is checked before training
+starts, and a bad one is reported with its file, line number and field.
+
+    python dataset.py --make-demo DIR   # writes the built-in demo (digits + faces PNGs, JSONL, registry)
+"""
+import argparse
+import json
+import os
+import random
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+
+class DataError(ValueError):
+    """Bad user data: the message names the file, line and field."""
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    num_classes: int
+    eval_ratio: float = 1.0
+    description: str = ""
+
+
+@dataclass
+class Record:
+    image_path: str   # resolved path
+    label: int        # class index inside its own dataset
+    dataset_id: int   # position of its dataset in the registry
+    source: str       # "file.jsonl:line" for error messages
+
+
+def _check_spec(name, entry, where):
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: dataset {name!r}: expected a mapping with num_classes, got {entry!r}")
+    unknown = set(entry) - {"num_classes", "eval_ratio", "description"}
+    if unknown:
+        raise DataError(f"{where}: dataset {name!r}: unknown field(s) {sorted(unknown)}")
+    k = entry.get("num_classes")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DataError(f"{where}: dataset {name!r}: field 'num_classes' must be a positive integer, got {k!r}")
+    ratio = entry.get("eval_ratio", 1.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise DataError(f"{where}: dataset {name!r}: field 'eval_ratio' must be in (0, 1], got {ratio!r}")
+    return DatasetSpec(name, k, float(ratio), str(entry.get("description", "")))
+
+
+def load_registry(value):
+    """The dataset registry, in order: name -> DatasetSpec.
+
+    `value` is a mapping (from a config file), a YAML/JSON file path, or a list of
+    `name=num_classes[:eval_ratio]` items given on the command line.
+    """
+    if value is None or value == []:
+        raise DataError("no dataset registry: give --datasets FILE.yaml (name: {num_classes, eval_ratio}) "
+                        "or --datasets name=num_classes[:eval_ratio] ...")
+    if isinstance(value, dict):
+        return {name: _check_spec(name, entry, "config 'datasets'") for name, entry in value.items()}
+    items = [value] if isinstance(value, str) else list(value)
+    if len(items) == 1 and "=" not in items[0]:
+        path = items[0]
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise DataError(f"--datasets {path}: cannot read the registry file ({e.strerror})") from None
+        try:
+            import yaml
+            data = yaml.safe_load(text)
+        except Exception as e:
+            raise DataError(f"{path}: not valid YAML/JSON: {e}") from None
+        if isinstance(data, dict) and isinstance(data.get("datasets"), dict):
+            data = data["datasets"]
+        if isinstance(data, dict) and isinstance(data.get("dataset_configs"), dict):
+            data = data["dataset_configs"]
+        if not isinstance(data, dict) or not data:
+            raise DataError(f"{path}: expected a mapping of dataset name to {{num_classes, eval_ratio, description}}")
+        return {name: _check_spec(name, entry, path) for name, entry in data.items()}
+    registry = {}
+    for item in items:
+        name, _, rest = item.partition("=")
+        parts = rest.split(":")
+        try:
+            entry = {"num_classes": int(parts[0])}
+            if len(parts) > 1:
+                entry["eval_ratio"] = float(parts[1])
+        except ValueError:
+            raise DataError(f"--datasets {item!r}: expected name=num_classes[:eval_ratio], e.g. food101=101:0.2") from None
+        registry[name] = _check_spec(name, entry, f"--datasets {item}")
+    return registry
+
+
+def read_jsonl_files(paths, registry, check_images=True):
+    """Read and check every line of every file; raise one DataError listing what is wrong."""
+    names = list(registry)
+    records, errors = [], []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+        except (OSError, UnicodeDecodeError) as e:
+            errors.append(f"{path}: cannot read the data file ({getattr(e, 'strerror', None) or e})")
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(item, dict):
+                errors.append(f"{where}: expected a JSON object, got {type(item).__name__}")
+                continue
+            missing = [k for k in ("image_path", "label", "dataset_name") if k not in item]
+            if missing:
+                errors.append(f"{where}: missing field(s) {', '.join(repr(k) for k in missing)}")
+                continue
+            name, label, image = item["dataset_name"], item["label"], item["image_path"]
+            if name not in registry:
+                errors.append(f"{where}: field 'dataset_name': {name!r} is not in the dataset registry "
+                              f"(known: {', '.join(names)})")
+                continue
+            if isinstance(label, bool) or not isinstance(label, int):
+                errors.append(f"{where}: field 'label': expected an integer, got {label!r}")
+                continue
+            k = registry[name].num_classes
+            if not 0 <= label < k:
+                errors.append(f"{where}: field 'label': {label} is outside [0, {k}) for dataset {name!r}")
+                continue
+            if not isinstance(image, str) or not image:
+                errors.append(f"{where}: field 'image_path': expected a non-empty string, got {image!r}")
+                continue
+            records.append(Record(os.path.join(folder, image), label, names.index(name), where))
+    if check_images and records:
+        with ThreadPoolExecutor(16) as pool:  # stat calls are slow on network filesystems
+            exists = list(pool.map(os.path.isfile, [r.image_path for r in records]))
+        errors += [f"{r.source}: field 'image_path': image file not found: {r.image_path}"
+                   for r, ok in zip(records, exists) if not ok]
+    if errors:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(f"{len(errors)} problem(s) in the data files:\n  {shown}{more}")
+    if not records and paths:
+        raise DataError(f"no samples in {', '.join(paths)}")
+    return records
+
+
+def partial_eval_indices(records, registry, seed):
+    """A fixed, seeded subset of eval_ratio of each dataset's records (at least one sample each)."""
+    chosen = []
+    for dataset_id, spec in enumerate(registry.values()):
+        members = [i for i, r in enumerate(records) if r.dataset_id == dataset_id]
+        if not members:
+            continue
+        keep = max(1, round(len(members) * spec.eval_ratio))
+        # Seed per dataset name so that adding a dataset leaves the others' subsets unchanged.
+        rng = random.Random(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+        chosen += rng.sample(members, keep)
+    return sorted(chosen)
+
+
+def train_indices(num_samples, epoch, seed, shuffle, rank=0, world_size=1):
+    """This rank's sample order for one epoch.
+
+    Global order is one seeded permutation per epoch; rank r takes positions r, r+W, ...
+    so that global micro-batch j is the same set of samples for any world size.
+    The last num_samples % world_size samples of the permutation are dropped so every
+    rank runs the same number of steps.
+    """
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(num_samples, generator=g).tolist()
+    else:
+        order = list(range(num_samples))
+    usable = num_samples // world_size * world_size
+    return order[rank:usable:world_size]
+
+
+def summarize(records, registry, title, total=None):
+    """Samples per dataset and share of the total; with `total` (record counts before a subset), N -> M (ratio)."""
+    counts = count_per_dataset(records, len(registry))
+    n = max(1, len(records))
+    lines = [f"{title}:"]
+    for dataset_id, spec in enumerate(registry.values()):
+        share = f"{counts[dataset_id]:,} samples ({100 * counts[dataset_id] / n:.1f}%)"
+        if total is not None:
+            share = f"{total[dataset_id]:,} -> {counts[dataset_id]:,} ({100 * spec.eval_ratio:.0f}%), " + share
+        lines.append(f"  {spec.name}: {share}")
+    lines.append(f"  total: {len(records):,} samples")
+    return "\n".join(lines)
+
+
+def count_per_dataset(records, num_datasets):
+    counts = [0] * num_datasets
+    for r in records:
+        counts[r.dataset_id] += 1
+    return counts
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes one image (RGB, Pillow); preprocessing happens per batch in `collate`."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        r = self.records[index]
+        try:
+            with Image.open(r.image_path) as im:
+                image = im.convert("RGB")
+        except Exception as e:
+            raise DataError(f"{r.source}: cannot decode image {r.image_path}: {e}") from None
+        return image, r.label, r.dataset_id, index
+
+
+class Collate:
+    """Turns (image, label, dataset_id, index) items into a batch with the backbone's image processor."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, items):
+        images, labels, dataset_ids, indices = zip(*items)
+        pixel_values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": torch.tensor(labels), "dataset_ids": torch.tensor(dataset_ids),
+                "indices": torch.tensor(indices)}
+
+
+def make_loader(records, indices, image_processor, batch_size, num_workers, pin_memory=False):
+    return torch.utils.data.DataLoader(
+        ImageDataset(records), batch_size=batch_size, sampler=indices, collate_fn=Collate(image_processor),
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
+
+
+def make_demo(out_dir, seed=0, val_fraction=0.2):
+    """Write the built-in demo: scikit-learn's digits (10 classes) and scikit-image's lfw_subset (face / non-face).
+
+    Both ship inside their wheels, so nothing is downloaded.
+    """
+    import numpy as np
+    try:
+        from sklearn.datasets import load_digits
+        from skimage.data import lfw_subset
+    except ImportError as e:
+        raise SystemExit(f"the demo needs scikit-learn and scikit-image: pip install -e '.[demo]' ({e})")
+    digits = load_digits()
+    sources = {
+        "digits": ((digits.images / 16.0 * 255).round().astype(np.uint8), digits.target.tolist(),
+                   "scikit-learn handwritten digits, 8x8, 10 classes"),
+        # lfw_subset: the first 100 images are faces, the next 100 are not.
+        "faces": ((lfw_subset() * 255).round().astype(np.uint8), [1] * 100 + [0] * 100,
+                  "scikit-image lfw_subset, 25x25, face (1) / non-face (0)"),
+    }
+    rng = random.Random(seed)
+    registry = {}
+    for name, (images, labels, description) in sources.items():
+        folder = os.path.join(out_dir, name)
+        os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+        by_class = {}
+        for i, label in enumerate(labels):
+            by_class.setdefault(label, []).append(i)
+        val = set()
+        for members in by_class.values():  # stratified split
+            val.update(rng.sample(members, round(len(members) * val_fraction)))
+        with open(os.path.join(folder, "train.jsonl"), "w") as ftrain, open(os.path.join(folder, "val.jsonl"), "w") as fval:
+            for i, (image, label) in enumerate(zip(images, labels)):
+                rel = f"images/{i:05d}.png"
+                Image.fromarray(image).save(os.path.join(folder, rel))
+                line = json.dumps({"image_path": rel, "label": int(label), "dataset_name": name}) + "\n"
+                (fval if i in val else ftrain).write(line)
+        registry[name] = {"num_classes": len(by_class), "description": description}
+    registry["digits"]["eval_ratio"] = 0.5
+    registry["faces"]["eval_ratio"] = 1.0
+    with open(os.path.join(out_dir, "datasets.json"), "w") as f:
+        json.dump(registry, f, indent=2)
+    print(f"demo data written to {out_dir}: " + ", ".join(f"{n} ({len(s[1])} images)" for n, s in sources.items()))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--make-demo", metavar="DIR", required=True, help="write the demo data into DIR")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    make_demo(args.make_demo, args.seed)

@@ -1,0 +1,184 @@
+"""Evaluate one checkpoint, or every checkpoint-* in a run directory.
+
+    python eval.py RUN_DIR_OR_CHECKPOINT [--val_jsonl a.jsonl b.jsonl] [--predictions preds.jsonl]
+    torchrun --nproc_per_node 4 eval.py RUN_DIR ...   # exact: every sample counted once
+
+The dataset registry, head size, label layout and image preprocessing come from the
+checkpoint; the flags below override them. Results are appended to
+RUN_DIR/eval_results.jsonl, and a checkpoint already evaluated on the same data is skipped
+unless --force is given. `evaluate` is the one evaluation function that training uses too.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint import checkpoint_step, list_checkpoints, read_info
+from dataset import DataError, load_registry, make_loader, partial_eval_indices, read_jsonl_files, summarize
+from distributed import all_gather_objects, cleanup, setup_distributed
+from losses import masked_cross_entropy
+from metrics import ClassificationMetrics, format_table
+from model import LabelSpace, autocast, classify, load_classifier, read_classifier_info
+
+RESULTS_FILE = "eval_results.jsonl"
+
+
+@torch.no_grad()
+def evaluate(model, records, indices, image_processor, label_space, *, batch_size, device, precision="fp32",
+             masking=True, num_workers=0, prefix="eval", rank=0, world_size=1, with_predictions=False):
+    """Metrics over records[indices], exact under torchrun: rank r takes indices[r::world_size]
+    (no padding, no duplicates) and the per-dataset sums are all-reduced.
+
+    Returns (metrics dict, predictions); predictions (rank-0 complete, in `indices` order) only
+    with `with_predictions`: dicts with index, label, prediction (class in the sample's own
+    dataset) and probability.
+    """
+    was_training = model.training
+    model.eval()
+    num_classes, offsets = label_space.tensors(device)
+    metrics = ClassificationMetrics(label_space.names, label_space.num_classes, device)
+    predictions = []
+    loader = make_loader(records, indices[rank::world_size], image_processor, batch_size, num_workers,
+                         pin_memory=device.type == "cuda")
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, precision):
+            logits, targets = classify(model, batch, num_classes, offsets, masking)
+        logits = logits.float()
+        metrics.update(masked_cross_entropy(logits, targets), logits, targets, batch["dataset_ids"])
+        if with_predictions:
+            prob, row = F.softmax(logits, dim=-1).max(dim=-1)
+            local = row - offsets[batch["dataset_ids"]]
+            predictions += [{"index": i, "label": y, "prediction": p, "probability": q} for i, y, p, q in zip(
+                batch["indices"].tolist(), batch["labels"].tolist(), local.tolist(), prob.tolist())]
+    model.train(was_training)
+    result = metrics.all_reduce().compute(prefix)
+    if with_predictions and world_size > 1:
+        order = {index: position for position, index in enumerate(indices)}
+        predictions = sorted((p for part in all_gather_objects(predictions) for p in part), key=lambda p: order[p["index"]])
+    return result, predictions
+
+
+def data_key(val_files, registry, label_space, masking, partial, seed):
+    """Fingerprint of what a checkpoint was evaluated on: files (size, mtime), registry, layout, options."""
+    files = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in val_files]
+    blob = json.dumps([files, {n: vars(s) for n, s in registry.items()}, vars(label_space), masking, partial, seed],
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def find_targets(path):
+    """(run_dir, [checkpoint folders]) for a checkpoint folder or a run directory."""
+    path = os.path.normpath(path)
+    if os.path.isfile(os.path.join(path, "classifier.json")):
+        return os.path.dirname(path) or ".", [path]
+    found = [p for p in list_checkpoints(path) if os.path.isfile(os.path.join(p, "classifier.json"))]
+    if not found:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (no classifier.json) nor a run directory with checkpoint-* folders")
+    return path, found
+
+
+def already_evaluated(run_dir):
+    done = set()
+    path = os.path.join(run_dir, RESULTS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    done.add((record["checkpoint"], record["data_key"]))
+                except (json.JSONDecodeError, KeyError):
+                    continue
+    return done
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a checkpoint-* folder or a run directory holding them")
+    p.add_argument("--val_jsonl", nargs="+", help="validation files (default: those the run was trained with)")
+    p.add_argument("--datasets", nargs="+", help="registry override: FILE.yaml/json or name=num_classes[:eval_ratio] ...")
+    p.add_argument("--num_labels", type=int, help="head size override (must match the saved head)")
+    p.add_argument("--label_space", choices=["shared", "disjoint"], help="label layout override")
+    p.add_argument("--no_logits_masking", action="store_true", help="score all head rows (default: as trained)")
+    p.add_argument("--partial", action="store_true", help="evaluate only each dataset's eval_ratio subset")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--seed", type=int, help="seed of the partial subset (default: the run's)")
+    p.add_argument("--force", action="store_true", help="evaluate again checkpoints already evaluated on this data")
+    p.add_argument("--predictions", metavar="FILE", help="write one JSON line per sample and checkpoint")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    rank, world_size, _, device = setup_distributed()
+    try:
+        run(args, rank, world_size, device)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup()
+
+
+def run(args, rank, world_size, device):
+    run_dir, targets = find_targets(args.path)
+    info = read_classifier_info(targets[-1])
+    trained_args = read_info(targets[-1]).get("args", {})
+    registry = load_registry(args.datasets or {n: {k: v for k, v in d.items() if k != "offset"}
+                                                for n, d in info["datasets"].items()})
+    label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
+                                   args.label_space or info["label_space"], args.num_labels or info["num_labels"])
+    if label_space.num_labels != info["num_labels"]:
+        raise ValueError(f"--num_labels {label_space.num_labels} does not match the saved head ({info['num_labels']} rows)")
+    masking = not (args.no_logits_masking or info.get("no_logits_masking", False))
+    val_files = args.val_jsonl or trained_args.get("val_jsonl")
+    if not val_files:
+        raise ValueError("no validation data: give --val_jsonl (the run was trained without any)")
+    seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
+    records = read_jsonl_files(val_files, registry)
+    indices = partial_eval_indices(records, registry, seed) if args.partial else list(range(len(records)))
+    if rank == 0:
+        print(summarize([records[i] for i in indices], registry, "evaluation data"))
+    key = data_key(val_files, registry, label_space, masking, args.partial, seed)
+    done = already_evaluated(run_dir) if rank == 0 else set()
+    skip = all_gather_objects(sorted(os.path.basename(t) for t in targets if (os.path.basename(t), key) in done))[0]
+    if args.predictions and rank == 0:
+        open(args.predictions, "w").close()
+    for folder in targets:
+        name = os.path.basename(folder)
+        if name in skip and not args.force:
+            if rank == 0:
+                print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); --force to redo")
+            continue
+        model, image_processor, _ = load_classifier(folder)
+        model.to(device)
+        metrics, predictions = evaluate(model, records, indices, image_processor, label_space,
+                                        batch_size=args.batch_size, device=device, precision=args.precision,
+                                        masking=masking, num_workers=args.num_workers, prefix="eval",
+                                        rank=rank, world_size=world_size, with_predictions=bool(args.predictions))
+        if rank != 0:
+            continue
+        print(format_table(metrics, "eval", label_space.names, f"{name} ({'partial' if args.partial else 'full'} evaluation)"))
+        record = {"checkpoint": name, "step": checkpoint_step(folder), "data_key": key,
+                  "val_jsonl": [os.path.abspath(p) for p in val_files], "partial": args.partial,
+                  "time": datetime.datetime.now().isoformat(timespec="seconds"), **metrics}
+        with open(os.path.join(run_dir, RESULTS_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if args.predictions:
+            with open(args.predictions, "a") as f:
+                for p in predictions:
+                    r = records[p["index"]]
+                    f.write(json.dumps({"checkpoint": name, "image_path": r.image_path,
+                                        "dataset_name": label_space.names[r.dataset_id], "label": p["label"],
+                                        "prediction": p["prediction"], "probability": p["probability"]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

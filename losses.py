@@ -1,0 +1,23 @@
+"""Per-sample classification losses over masked logits.
+
+Both return one loss per sample (float32) so that the caller can sum them and divide
+by the global number of samples in the accumulated batch (exact gradient accumulation).
+"""
+import torch
+
+
+def masked_cross_entropy(logits, targets, label_smoothing=0.0):
+    """Cross-entropy per sample; label smoothing spreads its mass over the sample's valid classes only.
+
+    `logits` may hold -inf at masked rows (see model.mask_logits). With smoothing eps and
+    K valid classes the target distribution is (1 - eps) on the true class plus eps / K on
+    each valid class, which is torch's label smoothing restricted to the valid rows; masked
+    rows get no mass, so there is no inf * 0 and no leak to classes the dataset lacks.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
+    if label_smoothing == 0:
+        return nll
+    valid = torch.isfinite(logits)
+    uniform = -torch.where(valid, log_probs, torch.zeros_like(log_probs)).sum(-1) / valid.sum(-1)
+    return (1 - label_smoothing) * nll + label_smoothing * uniform

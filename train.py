@@ -1,0 +1,507 @@
+"""Train one masked classifier over several mixed image datasets.
+
+    python train.py --config configs/demo.yaml
+    torchrun --nproc_per_node 8 train.py --config my.yaml --batch_size 32 --grad_accum 2
+
+Every flag can also be a key of the --config file (YAML/JSON); flags on the command line
+win over the file. One optimizer step, top to bottom:
+  fetch grad_accum micro-batches -> count their samples on all ranks -> forward with masked
+  logits -> sum of per-sample losses / global count -> backward (gradient sync on the last
+  micro-batch only) -> clip -> AdamW step -> log / evaluate / track best / save.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from itertools import islice
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoint import (STATE_FILE, list_checkpoints, load_trainer_state, prune_checkpoints, read_info, resolve_resume,
+                        rng_state, set_rng_state, write_atomically, write_json, INFO_FILE)
+from dataset import (DataError, count_per_dataset, load_registry, make_loader, partial_eval_indices, read_jsonl_files,
+                     summarize, train_indices)
+from distributed import all_gather_objects, all_reduce_sum, barrier, cleanup, setup_distributed
+from eval import evaluate
+from losses import masked_cross_entropy
+from metrics import ClassificationMetrics, format_table
+from model import (LabelSpace, MaskedClassifier, POOLINGS, autocast, classify, load_backbone, load_classifier_weights,
+                   save_classifier)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--config", help="YAML/JSON file whose keys are these flag names (or the nested layout in README.md)")
+    # model and data
+    a("--model", help="local Hugging Face model folder, or preset:NAME (a fresh random-init backbone)")
+    a("--num_labels", type=int, help="head size (default: what --label_space needs)")
+    a("--label_space", choices=["shared", "disjoint"], default="shared",
+      help="shared: one max(num_classes) head, class i of every dataset on row i; disjoint: a slice per dataset")
+    a("--pooling", choices=POOLINGS, default="auto", help="pooled feature: the backbone's pooler, CLS token or mean")
+    a("--train_jsonl", nargs="+", help="one or more training JSONL files")
+    a("--val_jsonl", nargs="+", help="one or more validation JSONL files")
+    a("--datasets", nargs="+", help="registry: FILE.yaml/json, or name=num_classes[:eval_ratio] ...")
+    a("--output_dir")
+    a("--overwrite", action="store_true", help="delete checkpoints and logs of an earlier run in --output_dir")
+    a("--resume", help="'latest' or a checkpoint folder")
+    # optimisation
+    a("--epochs", type=float, default=3)
+    a("--max_steps", type=int, help="optimizer steps; wins over --epochs")
+    a("--batch_size", type=int, default=32, help="per device micro-batch")
+    a("--grad_accum", type=int, default=1)
+    a("--lr", type=float, default=1e-4)
+    a("--weight_decay", type=float, default=0.05)
+    a("--warmup_steps", type=int, default=0)
+    a("--lr_scheduler", choices=["cosine", "linear", "constant"], default="cosine")
+    a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    a("--label_smoothing", type=float, default=0.0)
+    a("--no_logits_masking", action="store_true", help="let every sample predict every head row")
+    a("--no_shuffle", action="store_true", help="keep the files' order instead of a seeded shuffle per epoch")
+    a("--seed", type=int, default=42)
+    a("--num_workers", type=int, default=2)
+    # schedule of logging, evaluation and checkpoints
+    a("--logging_steps", type=int, default=10)
+    a("--eval_steps", type=int, default=500)
+    a("--save_steps", type=int, default=500)
+    a("--save_total_limit", type=int, default=3, help="keep this many latest checkpoints (the best is always kept)")
+    a("--best_metric", default="overall_accuracy", help="overall_accuracy, overall_loss, DATASET_accuracy, ...")
+    a("--best_mode", choices=["max", "min"], help="default: min for *_loss, max otherwise")
+    a("--no_best_tracking", action="store_true")
+    a("--save_best_only", action="store_true", help="write a checkpoint only for a new best, keep only that one")
+    a("--save_all_checkpoints", action="store_true", help="keep every checkpoint")
+    a("--skip_evaluation", action="store_true",
+      help="no evaluation at all; forces save_all_checkpoints on and best tracking / partial / final eval off")
+    a("--no_partial_eval", action="store_true", help="no evaluation during training")
+    a("--no_final_eval", action="store_true", help="no full evaluation of the best checkpoint at the end")
+    return p
+
+
+# The nested layout of the original design notes -> flag names. (path) -> (flag, transform)
+NESTED_KEYS = {
+    ("model", "pretrained_name"): ("model", None),
+    ("model", "num_labels"): ("num_labels", None),
+    ("datasets", "dataset_configs"): ("datasets", None),
+    ("datasets", "enable_logits_masking"): ("no_logits_masking", lambda v: not v),
+    ("datasets", "shuffle_datasets"): ("no_shuffle", lambda v: not v),
+    ("data", "train_jsonl_list"): ("train_jsonl", None),
+    ("data", "val_jsonl_list"): ("val_jsonl", None),
+    ("training", "best_model_tracking", "enabled"): ("no_best_tracking", lambda v: not v),
+    ("training", "best_model_tracking", "metric"): ("best_metric", None),
+    ("training", "best_model_tracking", "mode"): ("best_mode", None),
+    ("training", "evaluation", "partial_eval_during_training"): ("no_partial_eval", lambda v: not v),
+    ("training", "evaluation", "full_eval_at_end"): ("no_final_eval", lambda v: not v),
+    ("loss", "smoothing"): ("label_smoothing", None),
+}
+IGNORED_SECTIONS = ("wandb",)
+
+
+def flatten_config(tree, path, flags):
+    """Map a (possibly nested) config mapping onto flag names; unknown keys are an error."""
+    out = {}
+    for key, value in tree.items():
+        keys = path + (key,)
+        if keys in NESTED_KEYS:
+            flag, transform = NESTED_KEYS[keys]
+            out[flag] = transform(value) if transform else value
+        elif key in flags and not (key == "datasets" and isinstance(value, dict) and "dataset_configs" in value):
+            out[key] = value
+        elif keys == ("loss", "type"):
+            if value not in ("cross_entropy", "label_smoothing"):
+                raise ValueError(f"config key loss.type: expected cross_entropy or label_smoothing, got {value!r}")
+        elif keys == ("training", "evaluation", "eval_best_model_only"):
+            if value is not True:
+                raise ValueError("config key training.evaluation.eval_best_model_only: only true is supported; "
+                                 "evaluate other checkpoints with eval.py")
+        elif isinstance(value, dict) and keys[0] not in IGNORED_SECTIONS:
+            out.update(flatten_config(value, keys, flags))
+        elif keys[0] in IGNORED_SECTIONS:
+            continue
+        else:
+            raise ValueError(f"config key {'.'.join(keys)} is not a known setting (see python train.py --help)")
+    return out
+
+
+def load_config(path, parser):
+    import yaml
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML/JSON: {e}") from None
+    if isinstance(tree.get("loss"), dict) and tree["loss"].get("type") == "cross_entropy":
+        tree["loss"].pop("smoothing", None)  # plain cross-entropy: a smoothing value beside it is unused
+    for section in IGNORED_SECTIONS:
+        if section in tree:
+            print(f"note: config section '{section}' is not used (metrics go to OUTPUT_DIR/metrics.jsonl)")
+    actions = {a.dest: a for a in parser._actions}
+    flat = flatten_config(tree, (), set(actions) - {"help", "config"})
+    for name, value in flat.items():  # YAML reads 1e-5 as a string: convert like the command line does
+        action = actions[name]
+        try:
+            if isinstance(value, list) and action.type:
+                flat[name] = [action.type(v) for v in value]
+            elif isinstance(value, str) and action.nargs == "+" and name != "datasets":
+                flat[name] = [value]
+            elif value is not None and action.type and not isinstance(value, (list, dict)):
+                flat[name] = action.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--config {path}: key {name!r}: cannot read {value!r} as {action.type.__name__}") from None
+        if action.choices and flat[name] not in action.choices:
+            raise ValueError(f"--config {path}: key {name!r}: {flat[name]!r} is not one of {action.choices}")
+    return flat
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config(known.config, parser))
+    args = parser.parse_args(argv)
+    missing = [f"--{n}" for n in ("model", "train_jsonl", "output_dir") if not getattr(args, n)]
+    if missing:
+        parser.error(f"missing {', '.join(missing)} (on the command line or in --config)")
+    # Absolute data paths, so that eval.py can find them again from a checkpoint's training_info.json.
+    args.train_jsonl = [os.path.abspath(p) for p in args.train_jsonl]
+    args.val_jsonl = [os.path.abspath(p) for p in args.val_jsonl] if args.val_jsonl else None
+    return args
+
+
+def apply_overrides(args):
+    """--skip_evaluation wins over everything that evaluates; returns the list of changes made."""
+    changes = []
+
+    def force(name, value, why):
+        if getattr(args, name) != value:
+            changes.append(f"{name}: {getattr(args, name)} -> {value} ({why})")
+            setattr(args, name, value)
+
+    if args.skip_evaluation:
+        for name, value in [("save_all_checkpoints", True), ("no_best_tracking", True), ("save_best_only", False),
+                            ("no_partial_eval", True), ("no_final_eval", True)]:
+            force(name, value, "--skip_evaluation")
+    if not args.val_jsonl:
+        force("no_partial_eval", True, "no --val_jsonl")
+        force("no_final_eval", True, "no --val_jsonl")
+    if args.no_partial_eval:
+        force("no_best_tracking", True, "no evaluation during training")
+    if args.save_best_only and args.no_best_tracking:
+        raise ValueError("--save_best_only needs best-model tracking, which needs evaluation during training")
+    if args.best_mode is None:
+        args.best_mode = "min" if args.best_metric.endswith("loss") else "max"
+    return changes
+
+
+def check_args(args, label_space, val_records):
+    for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.save_total_limit < 1:
+        raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
+    if not 0 <= args.label_smoothing < 1:
+        raise ValueError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    if not args.no_best_tracking:
+        present = [n for n, c in zip(label_space.names, count_per_dataset(val_records, len(label_space.names))) if c]
+        valid = [f"{d}_{m}" for d in ["overall"] + present for m in ("loss", "accuracy", "top5_accuracy")]
+        if args.best_metric not in valid:
+            raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)}")
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def lr_at(step, args, total_steps):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_scheduler == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    if args.lr_scheduler == "linear":
+        return args.lr * max(0.0, 1 - progress)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, args, device):
+    # No weight decay on biases and norm weights (any parameter with fewer than 2 dims).
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+
+def save_checkpoint(path, model, image_processor, optimizer, scaler, info, classifier_info, rank):
+    """Atomic checkpoint: rank 0 writes a temporary folder and renames it; every rank's RNG state is kept."""
+    rng_states = all_gather_objects(rng_state())
+    if rank == 0:
+        def write(tmp):
+            save_classifier(model, image_processor, tmp, classifier_info)
+            torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states},
+                       os.path.join(tmp, STATE_FILE))
+            write_json(os.path.join(tmp, INFO_FILE), info)  # written last: marks the folder complete
+        write_atomically(path, write)
+    barrier()
+
+
+class JsonlLog:
+    """metrics.jsonl on rank 0: one JSON object per event, flushed at once."""
+
+    def __init__(self, path, rank, keep_through_step=None):
+        self.file = None
+        if rank != 0:
+            return
+        if keep_through_step is not None and os.path.isfile(path):
+            # Resuming: drop records written after the checkpoint, they will be written again.
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self.file = open(path, "a")
+
+    def write(self, event, step, epoch, **values):
+        if self.file:
+            self.file.write(json.dumps({"event": event, "step": step, "epoch": round(epoch, 4), **values}) + "\n")
+            self.file.flush()
+
+
+def prepare_output_dir(args, rank):
+    existing = list_checkpoints(args.output_dir)
+    if existing and not args.resume and not args.overwrite:
+        raise ValueError(f"--output_dir {args.output_dir} already holds {len(existing)} checkpoint(s) "
+                         f"(newest {os.path.basename(existing[-1])}); pass --resume latest to continue or --overwrite to start over")
+    if rank == 0:
+        if args.overwrite and not args.resume:
+            for path in existing:
+                shutil.rmtree(path)
+            for name in ("metrics.jsonl", "run_summary.json", "eval_results.jsonl"):
+                if os.path.exists(os.path.join(args.output_dir, name)):
+                    os.remove(os.path.join(args.output_dir, name))
+        os.makedirs(args.output_dir, exist_ok=True)
+    barrier()
+
+
+def memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    rank, world_size, _, device = setup_distributed()
+    try:
+        train(args, rank, world_size, device)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup()
+
+
+def train(args, rank, world_size, device):
+    main_process = rank == 0
+    say = print if main_process else (lambda *a, **k: None)
+    overrides = apply_overrides(args)
+    for change in overrides:
+        say(f"override: {change}")
+
+    # Data: every line of every file is checked here, before the first step.
+    registry = load_registry(args.datasets)
+    label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
+                                   args.label_space, args.num_labels)
+    train_records = read_jsonl_files(args.train_jsonl, registry)
+    val_records = read_jsonl_files(args.val_jsonl, registry) if args.val_jsonl else []
+    check_args(args, label_space, val_records)
+    partial_indices = partial_eval_indices(val_records, registry, args.seed)
+    say(summarize(train_records, registry, "training data"))
+    if val_records:
+        say(summarize([val_records[i] for i in partial_indices], registry, "partial evaluation subset",
+                      total=count_per_dataset(val_records, len(registry))))
+    prepare_output_dir(args, rank)
+
+    # Model: identical init on every rank (DDP also broadcasts rank 0's weights).
+    torch.manual_seed(args.seed)
+    backbone, image_processor = load_backbone(args.model, args.seed)
+    raw_model = MaskedClassifier(backbone, label_space.num_labels, args.pooling).to(device)
+    classifier_info = {"num_labels": label_space.num_labels, "label_space": label_space.layout,
+                       "pooling": args.pooling, "no_logits_masking": args.no_logits_masking,
+                       "datasets": {n: {"num_classes": s.num_classes, "eval_ratio": s.eval_ratio,
+                                        "description": s.description, "offset": o}
+                                    for (n, s), o in zip(registry.items(), label_space.offsets)}}
+    optimizer = make_optimizer(raw_model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+
+    # Schedule: one epoch is this rank's share of the data in micro-batches, grouped by grad_accum.
+    per_rank = len(train_records) // world_size
+    if per_rank == 0:
+        raise ValueError(f"{len(train_records)} training samples cannot be split over {world_size} processes")
+    micro_per_epoch = math.ceil(per_rank / args.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum)
+    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch {args.batch_size} x "
+        f"{world_size} process(es) x grad_accum {args.grad_accum}; {steps_per_epoch} steps per epoch, {total_steps} steps")
+
+    best = {"metric": args.best_metric, "mode": args.best_mode, "value": None, "step": None, "checkpoint": None}
+    start_step, last_saved = 0, None
+    if args.resume:
+        folder = resolve_resume(args.resume, args.output_dir)
+        info = read_info(folder)
+        state = load_trainer_state(folder)
+        load_classifier_weights(raw_model, folder)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if rank < len(state["rng"]):
+            set_rng_state(state["rng"][rank])
+        start_step, best, last_saved = info["step"], info["best"], folder
+        say(f"resumed from {folder} at step {start_step}")
+    else:
+        torch.manual_seed(args.seed + rank)
+
+    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else raw_model
+    # FSDP2 (fully_shard per block) will be a third branch here, selected by --dist.
+
+    log = JsonlLog(os.path.join(args.output_dir, "metrics.jsonl"), rank,
+                   keep_through_step=start_step if args.resume else None)
+    if overrides and not args.resume:
+        log.write("config", 0, 0.0, overrides=overrides)
+    num_classes_t, offsets_t = label_space.tensors(device)
+    train_metrics = ClassificationMetrics(label_space.names, label_space.num_classes, device)
+    masking = not args.no_logits_masking
+    eval_kwargs = dict(batch_size=args.batch_size, device=device, precision=args.precision, masking=masking,
+                       num_workers=args.num_workers, rank=rank, world_size=world_size)
+    better = (lambda a, b: a > b) if args.best_mode == "max" else (lambda a, b: a < b)
+
+    def epoch_of(step):
+        return step / steps_per_epoch
+
+    def save(step, metrics):
+        nonlocal last_saved
+        path = os.path.join(args.output_dir, f"checkpoint-{step}")
+        info = {"step": step, "epoch": epoch_of(step), "args": vars(args), "metrics": metrics, "best": best,
+                "world_size": world_size}
+        save_checkpoint(path, raw_model, image_processor, optimizer, scaler, info, classifier_info, rank)
+        last_saved = path
+        if main_process:
+            if args.save_best_only:
+                removed = prune_checkpoints(args.output_dir, 0, protect=[best["checkpoint"]])
+            elif not args.save_all_checkpoints:
+                removed = prune_checkpoints(args.output_dir, args.save_total_limit, protect=[best["checkpoint"], path])
+            else:
+                removed = []
+            for r in removed:
+                tqdm.write(f"removed {r} (keep limit)")
+        barrier()
+
+    step = start_step
+    progress = tqdm(total=total_steps, initial=start_step, disable=not main_process, desc="train", dynamic_ncols=True)
+    window_start, window_samples = time.time(), 0
+    while step < total_steps:
+        epoch, first_micro = divmod(step, steps_per_epoch)
+        first_micro *= args.grad_accum
+        order = train_indices(len(train_records), epoch, args.seed, not args.no_shuffle, rank, world_size)
+        loader = iter(make_loader(train_records, order[first_micro * args.batch_size:], image_processor,
+                                  args.batch_size, args.num_workers, pin_memory=device.type == "cuda"))
+        for _ in range(step % steps_per_epoch, steps_per_epoch):
+            # Fetch the whole accumulated batch first: the loss is normalised by its global sample count.
+            micro_batches = list(islice(loader, args.grad_accum))
+            local_count = sum(len(b["labels"]) for b in micro_batches)
+            global_count = all_reduce_sum(local_count, device)
+            lr = lr_at(step, args, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for i, batch in enumerate(micro_batches):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                if world_size > 1:
+                    model.require_backward_grad_sync = i == len(micro_batches) - 1
+                with autocast(device, args.precision):
+                    logits, targets = classify(model, batch, num_classes_t, offsets_t, masking)
+                losses = masked_cross_entropy(logits, targets, args.label_smoothing)
+                # DDP averages gradients over ranks; multiplying by world_size makes it a global sum / count.
+                loss = losses.sum() * world_size / global_count
+                scaler.scale(loss).backward()
+                train_metrics.update(losses.detach(), logits.detach().float(), targets, batch["dataset_ids"])
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_samples += global_count
+            progress.update(1)
+
+            if step % args.logging_steps == 0 or step == total_steps:
+                metrics = train_metrics.all_reduce().compute("train")
+                train_metrics.reset()
+                elapsed = time.time() - window_start
+                values = {**metrics, "lr": lr, "grad_norm": grad_norm.item(), "samples_per_second":
+                          window_samples / elapsed, "max_memory_mb": memory_mb(device)}
+                log.write("train", step, epoch_of(step), **values)
+                progress.set_postfix(loss=f"{metrics['train_overall_loss']:.4f}",
+                                     acc=f"{metrics['train_overall_accuracy']:.3f}", lr=f"{lr:.2e}")
+                window_start, window_samples = time.time(), 0
+
+            eval_metrics, new_best = {}, False
+            if not args.no_partial_eval and (step % args.eval_steps == 0 or step == total_steps):
+                eval_metrics, _ = evaluate(raw_model, val_records, partial_indices, image_processor, label_space,
+                                           prefix="eval", **eval_kwargs)
+                log.write("eval", step, epoch_of(step), **eval_metrics)
+                if main_process:
+                    tqdm.write(format_table(eval_metrics, "eval", label_space.names, f"partial evaluation at step {step}"))
+                if not args.no_best_tracking:
+                    value = eval_metrics[f"eval_{args.best_metric}"]
+                    if best["value"] is None or better(value, best["value"]):
+                        new_best = True
+                        best.update(value=value, step=step,
+                                    checkpoint=os.path.join(args.output_dir, f"checkpoint-{step}"))
+                        log.write("best", step, epoch_of(step), best_model_step=step,
+                                  **{f"best_{args.best_metric}": value}, best_checkpoint=best["checkpoint"])
+                        if main_process:
+                            tqdm.write(f"new best {args.best_metric} = {value:.4f} at step {step}")
+            due = step % args.save_steps == 0 or step == total_steps
+            if new_best or (due and not args.save_best_only):
+                save(step, eval_metrics)
+            if step >= total_steps:
+                break
+    progress.close()
+
+    final_metrics, evaluated = {}, None
+    if not args.no_final_eval:
+        evaluated = best["checkpoint"] or last_saved
+        if best["checkpoint"]:
+            load_classifier_weights(raw_model, best["checkpoint"])
+        say(f"full evaluation of {evaluated} on all {len(val_records):,} validation samples")
+        final_metrics, _ = evaluate(raw_model, val_records, list(range(len(val_records))), image_processor,
+                                    label_space, prefix="final_eval", **eval_kwargs)
+        log.write("final_eval", step, epoch_of(step), checkpoint=evaluated, **final_metrics)
+        if main_process:
+            print(format_table(final_metrics, "final_eval", label_space.names, f"final evaluation of {evaluated}"))
+    if main_process:
+        summary = {"best_metric": args.best_metric if not args.no_best_tracking else None,
+                   "best_value": best["value"], "best_step": best["step"], "best_checkpoint": best["checkpoint"],
+                   "final_eval_checkpoint": evaluated, "final_eval": final_metrics, "last_checkpoint": last_saved,
+                   "steps": step, "world_size": world_size,
+                   "global_batch_size": args.batch_size * world_size * args.grad_accum,
+                   "overrides": overrides, "config": vars(args)}
+        write_json(os.path.join(args.output_dir, "run_summary.json"), summary)
+        print(f"run summary written to {os.path.join(args.output_dir, 'run_summary.json')}")
+
+
+if __name__ == "__main__":
+    main()
