@@ -109,10 +109,17 @@ def flatten_config(tree, path, flags):
     out = {}
     for key, value in tree.items():
         keys = path + (key,)
+        # A top-level `datasets` mapping is the registry itself unless it is the notes' section.
+        registry = keys == ("datasets",) and isinstance(value, dict) and not {
+            "dataset_configs", "enable_logits_masking", "shuffle_datasets"} & set(value)
         if keys in NESTED_KEYS:
             flag, transform = NESTED_KEYS[keys]
             out[flag] = transform(value) if transform else value
-        elif key in flags and not (key == "datasets" and isinstance(value, dict) and "dataset_configs" in value):
+        elif keys[0] in IGNORED_SECTIONS:
+            continue
+        elif isinstance(value, dict) and not registry:
+            out.update(flatten_config(value, keys, flags))
+        elif key in flags:
             out[key] = value
         elif keys == ("loss", "type"):
             if value not in ("cross_entropy", "label_smoothing"):
@@ -121,10 +128,6 @@ def flatten_config(tree, path, flags):
             if value is not True:
                 raise ValueError("config key training.evaluation.eval_best_model_only: only true is supported; "
                                  "evaluate other checkpoints with eval.py")
-        elif isinstance(value, dict) and keys[0] not in IGNORED_SECTIONS:
-            out.update(flatten_config(value, keys, flags))
-        elif keys[0] in IGNORED_SECTIONS:
-            continue
         else:
             raise ValueError(f"config key {'.'.join(keys)} is not a known setting (see python train.py --help)")
     return out
