@@ -82,10 +82,11 @@ def read_info(folder):
 
 
 def prune_checkpoints(output_dir, keep_last, protect=()):
-    """Delete the oldest checkpoints beyond `keep_last`, never those in `protect` (e.g. the best)."""
-    protect = {os.path.normpath(p) for p in protect if p}
-    candidates = [p for p in list_checkpoints(output_dir) if os.path.normpath(p) not in protect]
-    removed = candidates[:max(0, len(candidates) - keep_last)]
+    """Delete all but the `keep_last` newest checkpoints, never those in `protect` (e.g. the best)."""
+    found = list_checkpoints(output_dir)
+    keep = {os.path.normpath(p) for p in found[len(found) - keep_last:] if keep_last > 0}
+    keep |= {os.path.normpath(p) for p in protect if p}
+    removed = [p for p in found if os.path.normpath(p) not in keep]
     for path in removed:
         shutil.rmtree(path)
     return removed

@@ -101,6 +101,8 @@ NESTED_KEYS = {
     ("training", "evaluation", "full_eval_at_end"): ("no_final_eval", lambda v: not v),
     ("loss", "smoothing"): ("label_smoothing", None),
 }
+SECTIONS = {("model",), ("data",), ("datasets",), ("training",), ("loss",), ("training", "best_model_tracking"),
+            ("training", "evaluation")}
 IGNORED_SECTIONS = ("wandb",)
 
 
@@ -117,9 +119,9 @@ def flatten_config(tree, path, flags):
             out[flag] = transform(value) if transform else value
         elif keys[0] in IGNORED_SECTIONS:
             continue
-        elif isinstance(value, dict) and not registry:
+        elif keys in SECTIONS and isinstance(value, dict) and not registry:
             out.update(flatten_config(value, keys, flags))
-        elif key in flags:
+        elif key in flags and not isinstance(value, dict) or keys == ("datasets",):
             out[key] = value
         elif keys == ("loss", "type"):
             if value not in ("cross_entropy", "label_smoothing"):
@@ -405,7 +407,7 @@ def train(args, rank, world_size, device):
             if args.save_best_only:
                 removed = prune_checkpoints(args.output_dir, 0, protect=[best["checkpoint"]])
             elif not args.save_all_checkpoints:
-                removed = prune_checkpoints(args.output_dir, args.save_total_limit, protect=[best["checkpoint"], path])
+                removed = prune_checkpoints(args.output_dir, args.save_total_limit, protect=[best["checkpoint"]])
             else:
                 removed = []
             for r in removed:
