@@ -56,4 +56,5 @@ def all_gather_objects(obj):
 
 def cleanup():
     if is_distributed():
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer has already left
         dist.destroy_process_group()

@@ -245,13 +245,16 @@ def make_optimizer(model, args, device):
 
 # ----------------------------------------------------------------------------- checkpoints and logs
 
-def save_checkpoint(path, model, image_processor, optimizer, scaler, info, classifier_info, rank):
-    """Atomic checkpoint: rank 0 writes a temporary folder and renames it; every rank's RNG state is kept."""
-    rng_states = all_gather_objects(rng_state())
+def save_checkpoint(path, model, image_processor, optimizer, scaler, info, classifier_info, rank, train_metrics):
+    """Atomic checkpoint: rank 0 writes a temporary folder and renames it.
+
+    Every rank's RNG state and unlogged train-metric sums are kept, so a resumed run goes on
+    exactly as an uninterrupted one would, its logs included."""
+    per_rank = all_gather_objects({"rng": rng_state(), "train_metrics": train_metrics.sums.cpu()})
     if rank == 0:
         def write(tmp):
             save_classifier(model, image_processor, tmp, classifier_info)
-            torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states},
+            torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "ranks": per_rank},
                        os.path.join(tmp, STATE_FILE))
             write_json(os.path.join(tmp, INFO_FILE), info)  # written last: marks the folder complete
         write_atomically(path, write)
@@ -364,7 +367,7 @@ def train(args, rank, world_size, device):
         f"{world_size} process(es) x grad_accum {args.grad_accum}; {steps_per_epoch} steps per epoch, {total_steps} steps")
 
     best = {"metric": args.best_metric, "mode": args.best_mode, "value": None, "step": None, "checkpoint": None}
-    start_step, last_saved = 0, None
+    start_step, last_saved, resumed_window = 0, None, None
     if args.resume:
         folder = resolve_resume(args.resume, args.output_dir)
         info = read_info(folder)
@@ -372,8 +375,9 @@ def train(args, rank, world_size, device):
         load_classifier_weights(raw_model, folder)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        if rank < len(state["rng"]):
-            set_rng_state(state["rng"][rank])
+        if rank < len(state["ranks"]):  # a different world size starts with fresh RNG and an empty window
+            set_rng_state(state["ranks"][rank]["rng"])
+            resumed_window = state["ranks"][rank]["train_metrics"]
         start_step, best, last_saved = info["step"], info["best"], folder
         say(f"resumed from {folder} at step {start_step}")
     else:
@@ -388,6 +392,8 @@ def train(args, rank, world_size, device):
         log.write("config", 0, 0.0, overrides=overrides)
     num_classes_t, offsets_t = label_space.tensors(device)
     train_metrics = ClassificationMetrics(label_space.names, label_space.num_classes, device)
+    if resumed_window is not None and resumed_window.shape == train_metrics.sums.shape:
+        train_metrics.sums.copy_(resumed_window)
     masking = not args.no_logits_masking
     eval_kwargs = dict(batch_size=args.batch_size, device=device, precision=args.precision, masking=masking,
                        num_workers=args.num_workers, rank=rank, world_size=world_size)
@@ -401,7 +407,7 @@ def train(args, rank, world_size, device):
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         info = {"step": step, "epoch": epoch_of(step), "args": vars(args), "metrics": metrics, "best": best,
                 "world_size": world_size}
-        save_checkpoint(path, raw_model, image_processor, optimizer, scaler, info, classifier_info, rank)
+        save_checkpoint(path, raw_model, image_processor, optimizer, scaler, info, classifier_info, rank, train_metrics)
         last_saved = path
         if main_process:
             if args.save_best_only:

@@ -68,10 +68,10 @@ def tiny_vit(tmp_path_factory):
 
 
 def train_args(data, model, output_dir, *extra):
-    return ["--model", model, "--train_jsonl", data["digits_train"], data["faces_train"],
+    return [str(a) for a in ["--model", model, "--train_jsonl", data["digits_train"], data["faces_train"],
             "--val_jsonl", data["digits_val"], data["faces_val"], "--datasets", data["registry"],
             "--output_dir", str(output_dir), "--num_workers", "0", "--batch_size", "8", "--lr", "1e-3",
-            "--logging_steps", "2", *extra]
+            "--logging_steps", "2", *extra]]
 
 
 def run_script(script, *args, torchrun=0, timeout=300):

@@ -64,7 +64,8 @@ def test_grad_accum_with_unequal_micro_batches_normalises_over_the_whole_batch(s
 
 def test_resume_mid_epoch_continues_exactly(small_data, tiny_vit, tmp_path):
     # 56 samples / batch 8 = 7 steps per epoch; checkpoint-5 is in the middle of epoch 0.
-    common = ["--max_steps", 14, "--save_steps", 5, "--eval_steps", 5, "--logging_steps", 5, "--warmup_steps", 3,
+    # Logging every 3 steps: the train-metric window is open at the checkpoint and must be restored.
+    common = ["--max_steps", 14, "--save_steps", 5, "--eval_steps", 5, "--logging_steps", 3, "--warmup_steps", 3,
               "--save_all_checkpoints"]
     run_train(train_args(small_data, tiny_vit, tmp_path / "full", *common))
     os.makedirs(tmp_path / "resumed")
