@@ -383,7 +383,11 @@ def train(args, rank, world_size, device):
     else:
         torch.manual_seed(args.seed + rank)
 
-    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else raw_model
+    model = raw_model
+    if world_size > 1:
+        # With --pooling cls/mean a backbone's own pooler (and final norm, for some) gets no gradient.
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=args.pooling in ("cls", "mean"))
     # FSDP2 (fully_shard per block) will be a third branch here, selected by --dist.
 
     log = JsonlLog(os.path.join(args.output_dir, "metrics.jsonl"), rank,
@@ -422,7 +426,7 @@ def train(args, rank, world_size, device):
 
     step = start_step
     progress = tqdm(total=total_steps, initial=start_step, disable=not main_process, desc="train", dynamic_ncols=True)
-    window_start, window_samples = time.time(), 0
+    window_time, window_samples = 0.0, 0  # training time only: evaluation and saving are not counted
     while step < total_steps:
         epoch, first_micro = divmod(step, steps_per_epoch)
         first_micro *= args.grad_accum
@@ -431,6 +435,7 @@ def train(args, rank, world_size, device):
                                   args.batch_size, args.num_workers, pin_memory=device.type == "cuda"))
         for _ in range(step % steps_per_epoch, steps_per_epoch):
             # Fetch the whole accumulated batch first: the loss is normalised by its global sample count.
+            step_start = time.time()
             micro_batches = list(islice(loader, args.grad_accum))
             local_count = sum(len(b["labels"]) for b in micro_batches)
             global_count = all_reduce_sum(local_count, device)
@@ -455,18 +460,18 @@ def train(args, rank, world_size, device):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_samples += global_count
+            window_time += time.time() - step_start
             progress.update(1)
 
             if step % args.logging_steps == 0 or step == total_steps:
                 metrics = train_metrics.all_reduce().compute("train")
                 train_metrics.reset()
-                elapsed = time.time() - window_start
                 values = {**metrics, "lr": lr, "grad_norm": grad_norm.item(), "samples_per_second":
-                          window_samples / elapsed, "max_memory_mb": memory_mb(device)}
+                          window_samples / window_time, "max_memory_mb": memory_mb(device)}
                 log.write("train", step, epoch_of(step), **values)
                 progress.set_postfix(loss=f"{metrics['train_overall_loss']:.4f}",
                                      acc=f"{metrics['train_overall_accuracy']:.3f}", lr=f"{lr:.2e}")
-                window_start, window_samples = time.time(), 0
+                window_time, window_samples = 0.0, 0
 
             eval_metrics, new_best = {}, False
             if not args.no_partial_eval and (step % args.eval_steps == 0 or step == total_steps):

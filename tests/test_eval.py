@@ -96,7 +96,9 @@ def test_two_process_eval_counts_every_sample_once(run_dir, tmp_path):
 
 def test_two_process_ddp_training_matches_one_process(small_data, tiny_vit, tmp_path):
     # 2 processes x batch 4 (global 8) vs 1 process x batch 8: the same first three steps, same exact eval.
-    common = ["--max_steps", 3, "--eval_steps", 3, "--save_steps", 3, "--lr", 1e-2, "--logging_steps", 1]
+    # Mean pooling leaves the ViT's own pooler without gradients, which DDP must be told about.
+    common = ["--max_steps", 3, "--eval_steps", 3, "--save_steps", 3, "--lr", 1e-2, "--logging_steps", 1,
+              "--pooling", "mean"]
     one = run_script("train.py", *train_args(small_data, tiny_vit, tmp_path / "one", *common, "--batch_size", 8))
     two = run_script("train.py", *train_args(small_data, tiny_vit, tmp_path / "two", *common, "--batch_size", 4), torchrun=2)
     assert one.returncode == 0, one.stderr[-3000:]
