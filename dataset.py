@@ -14,6 +14,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -36,6 +37,29 @@ class Record:
     label: int        # class index inside its own dataset
     dataset_id: int   # position of its dataset in the registry
     source: str       # "file.jsonl:line" for error messages
+
+
+class RecordTable:
+    """All samples of some JSONL files, held in numpy arrays.
+
+    DataLoader workers share these pages with the main process; a list of millions of Python
+    objects would be copied into every worker as reference counts touch it.
+    """
+
+    def __init__(self, image_paths, labels, dataset_ids, files, file_ids, lines):
+        self.image_paths = np.array([p.encode() for p in image_paths], dtype=np.bytes_)
+        self.labels = np.array(labels, dtype=np.int64)
+        self.dataset_ids = np.array(dataset_ids, dtype=np.int64)
+        self.files = list(files)
+        self.file_ids = np.array(file_ids, dtype=np.int32)
+        self.lines = np.array(lines, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return Record(self.image_paths[i].decode(), int(self.labels[i]), int(self.dataset_ids[i]),
+                      f"{self.files[self.file_ids[i]]}:{self.lines[i]}")
 
 
 def _check_spec(name, entry, where):
@@ -101,8 +125,8 @@ def load_registry(value):
 def read_jsonl_files(paths, registry, check_images=True):
     """Read and check every line of every file; raise one DataError listing what is wrong."""
     names = list(registry)
-    records, errors = [], []
-    for path in paths:
+    columns, errors = {"image_paths": [], "labels": [], "dataset_ids": [], "file_ids": [], "lines": []}, []
+    for file_id, path in enumerate(paths):
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.readlines()
@@ -141,17 +165,19 @@ def read_jsonl_files(paths, registry, check_images=True):
             if not isinstance(image, str) or not image:
                 errors.append(f"{where}: field 'image_path': expected a non-empty string, got {image!r}")
                 continue
-            records.append(Record(os.path.join(folder, image), label, names.index(name), where))
-    if check_images and records:
+            for key, value in zip(columns, (os.path.join(folder, image), label, names.index(name), file_id, lineno)):
+                columns[key].append(value)
+    records = RecordTable(files=paths, **columns)
+    if check_images and len(records):
         with ThreadPoolExecutor(16) as pool:  # stat calls are slow on network filesystems
-            exists = list(pool.map(os.path.isfile, [r.image_path for r in records]))
-        errors += [f"{r.source}: field 'image_path': image file not found: {r.image_path}"
-                   for r, ok in zip(records, exists) if not ok]
+            exists = list(pool.map(os.path.isfile, columns["image_paths"]))
+        errors += [f"{records[i].source}: field 'image_path': image file not found: {records[i].image_path}"
+                   for i, ok in enumerate(exists) if not ok]
     if errors:
         shown = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise DataError(f"{len(errors)} problem(s) in the data files:\n  {shown}{more}")
-    if not records and paths:
+    if not len(records) and paths:
         raise DataError(f"no samples in {', '.join(paths)}")
     return records
 
@@ -160,7 +186,7 @@ def partial_eval_indices(records, registry, seed):
     """A fixed, seeded subset of eval_ratio of each dataset's records (at least one sample each)."""
     chosen = []
     for dataset_id, spec in enumerate(registry.values()):
-        members = [i for i, r in enumerate(records) if r.dataset_id == dataset_id]
+        members = np.flatnonzero(records.dataset_ids == dataset_id).tolist()
         if not members:
             continue
         keep = max(1, round(len(members) * spec.eval_ratio))
@@ -187,25 +213,23 @@ def train_indices(num_samples, epoch, seed, shuffle, rank=0, world_size=1):
     return order[rank:usable:world_size]
 
 
-def summarize(records, registry, title, total=None):
-    """Samples per dataset and share of the total; with `total` (record counts before a subset), N -> M (ratio)."""
-    counts = count_per_dataset(records, len(registry))
-    n = max(1, len(records))
+def count_per_dataset(records, num_datasets, indices=None):
+    """Samples per dataset in records (or in records[indices])."""
+    ids = records.dataset_ids if indices is None else records.dataset_ids[np.asarray(indices, dtype=np.int64)]
+    return np.bincount(ids, minlength=num_datasets).tolist()
+
+
+def summarize(counts, registry, title, total=None):
+    """Samples per dataset and share of the total; with `total` (counts before a subset), N -> M (ratio)."""
+    n = max(1, sum(counts))
     lines = [f"{title}:"]
     for dataset_id, spec in enumerate(registry.values()):
         share = f"{counts[dataset_id]:,} samples ({100 * counts[dataset_id] / n:.1f}%)"
         if total is not None:
             share = f"{total[dataset_id]:,} -> {counts[dataset_id]:,} ({100 * spec.eval_ratio:.0f}%), " + share
         lines.append(f"  {spec.name}: {share}")
-    lines.append(f"  total: {len(records):,} samples")
+    lines.append(f"  total: {sum(counts):,} samples")
     return "\n".join(lines)
-
-
-def count_per_dataset(records, num_datasets):
-    counts = [0] * num_datasets
-    for r in records:
-        counts[r.dataset_id] += 1
-    return counts
 
 
 class ImageDataset(torch.utils.data.Dataset):

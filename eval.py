@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import checkpoint_step, list_checkpoints, read_info
-from dataset import DataError, load_registry, make_loader, partial_eval_indices, read_jsonl_files, summarize
+from dataset import (DataError, count_per_dataset, load_registry, make_loader, partial_eval_indices,
+                     read_jsonl_files, summarize)
 from distributed import all_gather_objects, cleanup, setup_distributed
 from losses import masked_cross_entropy
 from metrics import ClassificationMetrics, format_table
@@ -145,7 +146,7 @@ def run(args, rank, world_size, device):
     records = read_jsonl_files(val_files, registry)
     indices = partial_eval_indices(records, registry, seed) if args.partial else list(range(len(records)))
     if rank == 0:
-        print(summarize([records[i] for i in indices], registry, "evaluation data"))
+        print(summarize(count_per_dataset(records, len(registry), indices), registry, "evaluation data"))
     key = data_key(val_files, registry, label_space, masking, args.partial, seed)
     done = already_evaluated(run_dir) if rank == 0 else set()
     skip = all_gather_objects(sorted(os.path.basename(t) for t in targets if (os.path.basename(t), key) in done))[0]

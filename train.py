@@ -335,13 +335,13 @@ def train(args, rank, world_size, device):
     label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
                                    args.label_space, args.num_labels)
     train_records = read_jsonl_files(args.train_jsonl, registry)
-    val_records = read_jsonl_files(args.val_jsonl, registry) if args.val_jsonl else []
+    val_records = read_jsonl_files(args.val_jsonl, registry) if args.val_jsonl else None
     check_args(args, label_space, val_records)
-    partial_indices = partial_eval_indices(val_records, registry, args.seed)
-    say(summarize(train_records, registry, "training data"))
+    partial_indices = partial_eval_indices(val_records, registry, args.seed) if val_records else []
+    say(summarize(count_per_dataset(train_records, len(registry)), registry, "training data"))
     if val_records:
-        say(summarize([val_records[i] for i in partial_indices], registry, "partial evaluation subset",
-                      total=count_per_dataset(val_records, len(registry))))
+        say(summarize(count_per_dataset(val_records, len(registry), partial_indices), registry,
+                      "partial evaluation subset", total=count_per_dataset(val_records, len(registry))))
     prepare_output_dir(args, rank)
 
     # Model: identical init on every rank (DDP also broadcasts rank 0's weights).

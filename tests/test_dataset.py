@@ -4,7 +4,7 @@ import os
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from dataset import (DataError, ImageDataset, load_registry, partial_eval_indices, read_jsonl_files, summarize,
+from dataset import (DataError, ImageDataset, count_per_dataset, load_registry, partial_eval_indices, read_jsonl_files, summarize,
                      train_indices)
 
 
@@ -108,7 +108,7 @@ def test_partial_eval_subset_sizes_and_determinism(demo_dir, registry):
     bigger = load_registry({"digits": {"num_classes": 10, "eval_ratio": 0.3}, "faces": {"num_classes": 2},
                             "other": {"num_classes": 4}})
     assert partial_eval_indices(records, bigger, seed=0) == subset
-    summary = summarize([records[i] for i in subset], registry, "partial", total=[359, 40])
+    summary = summarize(count_per_dataset(records, 2, subset), registry, "partial", total=count_per_dataset(records, 2))
     assert "digits: 359 -> 108 (30%)" in summary and "faces: 40 -> 40 (100%)" in summary
 
 
