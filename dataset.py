@@ -151,7 +151,7 @@ def read_jsonl_files(paths, registry, check_images=True):
                 errors.append(f"{where}: missing field(s) {', '.join(repr(k) for k in missing)}")
                 continue
             name, label, image = item["dataset_name"], item["label"], item["image_path"]
-            if name not in registry:
+            if not isinstance(name, str) or name not in registry:
                 errors.append(f"{where}: field 'dataset_name': {name!r} is not in the dataset registry "
                               f"(known: {', '.join(names)})")
                 continue

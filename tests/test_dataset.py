@@ -70,6 +70,7 @@ def image(tmp_path):
     ('{"image_path": "ok.png", "label": -1, "dataset_name": "digits"}', "field 'label': -1 is outside"),
     ('{"image_path": "ok.png", "label": 2, "dataset_name": "faces"}', "field 'label': 2 is outside \\[0, 2\\)"),
     ('{"image_path": "ok.png", "label": 0, "dataset_name": "food101"}', "field 'dataset_name': 'food101' is not in"),
+    ('{"image_path": "ok.png", "label": 0, "dataset_name": ["digits"]}', "field 'dataset_name': \\['digits'\\] is not in"),
     ('{"image_path": "nope.png", "label": 0, "dataset_name": "digits"}', "field 'image_path': image file not found"),
 ])
 def test_each_bad_line_is_reported_with_file_line_and_field(tmp_path, image, registry, line, field_message):
