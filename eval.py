@@ -122,10 +122,10 @@ def main(argv=None):
     try:
         run(args, rank, world_size, device)
     except (DataError, FileNotFoundError, ValueError) as e:
+        # No collective on the way out: the other ranks may be inside one; torchrun stops them.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        cleanup()
+    cleanup()
 
 
 def run(args, rank, world_size, device):

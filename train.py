@@ -316,11 +316,11 @@ def main(argv=None):
     rank, world_size, _, device = setup_distributed()
     try:
         train(args, rank, world_size, device)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, ValueError) as e:
+        # No collective on the way out: the other ranks may be inside one; torchrun stops them.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        cleanup()
+    cleanup()
 
 
 def train(args, rank, world_size, device):
