@@ -36,8 +36,17 @@ from model import (LabelSpace, MaskedClassifier, POOLINGS, autocast, classify, l
 
 # ----------------------------------------------------------------------------- configuration
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default after its help, where it has one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or not action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--config", help="YAML/JSON file whose keys are these flag names (or the nested layout in README.md)")
     # model and data
@@ -49,33 +58,33 @@ def build_parser():
     a("--train_jsonl", nargs="+", help="one or more training JSONL files")
     a("--val_jsonl", nargs="+", help="one or more validation JSONL files")
     a("--datasets", nargs="+", help="registry: FILE.yaml/json, or name=num_classes[:eval_ratio] ...")
-    a("--output_dir")
+    a("--output_dir", help="checkpoints, metrics.jsonl and run_summary.json go here")
     a("--overwrite", action="store_true", help="delete checkpoints and logs of an earlier run in --output_dir")
     a("--resume", help="'latest' or a checkpoint folder")
     # optimisation
-    a("--epochs", type=float, default=3)
+    a("--epochs", type=float, default=3, help="passes over the mixed training data")
     a("--max_steps", type=int, help="optimizer steps; wins over --epochs")
     a("--batch_size", type=int, default=32, help="per device micro-batch")
-    a("--grad_accum", type=int, default=1)
-    a("--lr", type=float, default=1e-4)
-    a("--weight_decay", type=float, default=0.05)
-    a("--warmup_steps", type=int, default=0)
-    a("--lr_scheduler", choices=["cosine", "linear", "constant"], default="cosine")
+    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    a("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on biases and norms)")
+    a("--warmup_steps", type=int, default=0, help="linear warmup steps")
+    a("--lr_scheduler", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
     a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    a("--label_smoothing", type=float, default=0.0)
+    a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (fp16 adds a GradScaler)")
+    a("--label_smoothing", type=float, default=0.0, help="spread over each sample's valid classes only")
     a("--no_logits_masking", action="store_true", help="let every sample predict every head row")
     a("--no_shuffle", action="store_true", help="keep the files' order instead of a seeded shuffle per epoch")
-    a("--seed", type=int, default=42)
-    a("--num_workers", type=int, default=2)
+    a("--seed", type=int, default=42, help="init, data order and partial-eval subsets")
+    a("--num_workers", type=int, default=2, help="DataLoader processes per rank")
     # schedule of logging, evaluation and checkpoints
-    a("--logging_steps", type=int, default=10)
-    a("--eval_steps", type=int, default=500)
-    a("--save_steps", type=int, default=500)
+    a("--logging_steps", type=int, default=10, help="train metrics every N steps")
+    a("--eval_steps", type=int, default=500, help="partial evaluation every N steps (and at the last)")
+    a("--save_steps", type=int, default=500, help="checkpoint every N steps (and at the last)")
     a("--save_total_limit", type=int, default=3, help="keep this many latest checkpoints (the best is always kept)")
     a("--best_metric", default="overall_accuracy", help="overall_accuracy, overall_loss, DATASET_accuracy, ...")
     a("--best_mode", choices=["max", "min"], help="default: min for *_loss, max otherwise")
-    a("--no_best_tracking", action="store_true")
+    a("--no_best_tracking", action="store_true", help="evaluate, but do not track or keep a best checkpoint")
     a("--save_best_only", action="store_true", help="write a checkpoint only for a new best, keep only that one")
     a("--save_all_checkpoints", action="store_true", help="keep every checkpoint")
     a("--skip_evaluation", action="store_true",
