@@ -23,7 +23,7 @@ HEAD_FILE = "head.safetensors"
 POOLINGS = ("auto", "pooler", "cls", "mean")
 
 # Fresh random-init backbones for the demo and benchmarks (nothing can be downloaded).
-# Each entry: transformers config class name, its kwargs, and the image processor's size/mean/std.
+# Each entry: transformers config class name, its kwargs, and the input size in pixels.
 PRESETS = {
     "resnet-tiny": ("ResNetConfig", dict(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
                                          layer_type="basic", downsample_in_first_stage=False), 32),

@@ -109,3 +109,15 @@ def test_unknown_model_folder_and_preset_are_clear_errors(tmp_path):
         load_backbone(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="unknown preset"):
         load_backbone("preset:nope")
+
+
+@pytest.mark.parametrize("name", ["resnet-tiny", "vit-tiny", "convnext-tiny"])
+def test_presets_build_a_backbone_and_its_preprocessing(name):
+    from PIL import Image
+    backbone, processor = load_backbone(f"preset:{name}", seed=1)
+    again, _ = load_backbone(f"preset:{name}", seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), again.state_dict().values()))
+    pixels = processor(images=[Image.new("RGB", (8, 8)), Image.new("RGB", (25, 25))], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        assert MaskedClassifier(backbone, 10).eval()(pixels).shape == (2, 10)

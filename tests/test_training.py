@@ -148,6 +148,19 @@ def test_metrics_log_names_and_per_dataset_counts(small_data, tiny_vit, tmp_path
     assert [r["event"] for r in events] == ["train", "eval", "best", "final_eval"]
 
 
+def test_disjoint_layout_end_to_end(small_data, tiny_vit, tmp_path):
+    import eval as eval_script
+    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 3, "--eval_steps", 3, "--label_space", "disjoint"))
+    with open(tmp_path / "checkpoint-3" / "classifier.json") as f:
+        info = json.load(f)
+    assert info["num_labels"] == 12 and info["datasets"]["faces"]["offset"] == 10
+    eval_script.main([str(tmp_path / "checkpoint-3"), "--num_workers", "0", "--predictions", str(tmp_path / "p.jsonl")])
+    preds = read_jsonl(tmp_path / "p.jsonl")
+    assert {p["dataset_name"] for p in preds} == {"digits", "faces"}
+    assert all(0 <= p["prediction"] < (10 if p["dataset_name"] == "digits" else 2) for p in preds)
+    assert summary(tmp_path)["final_eval"]["final_eval_overall_samples"] == 31
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_runs(small_data, tiny_vit, tmp_path, precision):
     run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--precision", precision, "--eval_steps", 2))
