@@ -55,6 +55,22 @@ def all_gather_objects(obj):
     return out
 
 
+def run(fn, args, user_errors):
+    """Call fn(args, rank, world_size, device) in this (torchrun) process.
+
+    A user error (bad data, a missing file, a wrong flag) ends the process with its message
+    and exit code 2. No collective on that way out: other ranks may be inside one, and
+    torchrun stops them when this one exits.
+    """
+    rank, world_size, _, device = setup_distributed()
+    try:
+        fn(args, rank, world_size, device)
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cleanup()
+
+
 def cleanup():
     """End a torchrun process after its work is done: tear the process group down together, then exit.
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from checkpoint import checkpoint_step, list_checkpoints, read_info
 from dataset import (DataError, count_per_dataset, load_registry, make_loader, partial_eval_indices,
                      read_jsonl_files, summarize)
-from distributed import all_gather_objects, cleanup, setup_distributed
+import distributed
+from distributed import all_gather_objects
 from losses import masked_cross_entropy
 from metrics import ClassificationMetrics, format_table
 from model import LabelSpace, autocast, classify, load_classifier, read_classifier_info
@@ -118,14 +119,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    rank, world_size, _, device = setup_distributed()
-    try:
-        run(args, rank, world_size, device)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        # No collective on the way out: the other ranks may be inside one; torchrun stops them.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    cleanup()
+    distributed.run(run, args, (DataError, FileNotFoundError, ValueError))
 
 
 def run(args, rank, world_size, device):

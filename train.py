@@ -26,7 +26,8 @@ from checkpoint import (STATE_FILE, list_checkpoints, load_trainer_state, prune_
                         rng_state, set_rng_state, write_atomically, write_json, INFO_FILE)
 from dataset import (DataError, count_per_dataset, load_registry, make_loader, partial_eval_indices, read_jsonl_files,
                      summarize, train_indices)
-from distributed import all_gather_objects, all_reduce_sum, barrier, cleanup, setup_distributed
+import distributed
+from distributed import all_gather_objects, all_reduce_sum, barrier
 from eval import evaluate
 from losses import masked_cross_entropy
 from metrics import ClassificationMetrics, format_table
@@ -322,14 +323,7 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    rank, world_size, _, device = setup_distributed()
-    try:
-        train(args, rank, world_size, device)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        # No collective on the way out: the other ranks may be inside one; torchrun stops them.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    cleanup()
+    distributed.run(train, args, (DataError, FileNotFoundError, ValueError))
 
 
 def train(args, rank, world_size, device):
