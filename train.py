@@ -225,9 +225,11 @@ def check_args(args, label_space, val_records):
         raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
     if not 0 <= args.label_smoothing < 1:
         raise ValueError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
-    if not args.no_best_tracking:
-        present = [n for n, c in zip(label_space.names, count_per_dataset(val_records, len(label_space.names))) if c]
-        valid = [f"{d}_{m}" for d in ["overall"] + present for m in ("loss", "accuracy", "top5_accuracy")]
+    if not args.no_best_tracking:  # the names metrics.ClassificationMetrics.compute reports
+        counts = count_per_dataset(val_records, len(label_space.names))
+        present = [(n, k) for n, k, c in zip(label_space.names, label_space.num_classes, counts) if c]
+        groups = [("overall", all(k > 5 for _, k in present))] + [(n, k > 5) for n, k in present]
+        valid = [f"{d}_{m}" for d, top5 in groups for m in ("loss", "accuracy") + (("top5_accuracy",) if top5 else ())]
         if args.best_metric not in valid:
             raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)}")
 

@@ -188,6 +188,8 @@ def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_
     ("num_labels", "--num_labels 5 is smaller than the 10 head rows"),
     ("eval_ratio", "dataset 'faces': field 'eval_ratio' must be in (0, 1], got 2"),
     ("missing_file", "nowhere.jsonl: cannot read the data file"),
+    ("best_metric", "--best_metric 'faces_top5_accuracy' is not one of overall_loss, overall_accuracy, digits_loss, "
+                    "digits_accuracy, digits_top5_accuracy, faces_loss, faces_accuracy"),
 ])
 def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, capsys, case, message):
     rows = read_jsonl(small_data["digits_train"])
@@ -203,6 +205,8 @@ def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, c
         extra = ["--datasets", "digits=10", "faces=2:2"]
     elif case == "missing_file":
         data["faces_val"] = str(tmp_path / "nowhere.jsonl")
+    elif case == "best_metric":  # two classes: no top-5 is reported for faces
+        extra = ["--best_metric", "faces_top5_accuracy"]
     with pytest.raises(SystemExit) as e:
         run_train(train_args(data, tiny_vit, tmp_path / "out", "--max_steps", 2, *extra))
     assert e.value.code == 2
