@@ -10,6 +10,15 @@ import sys
 import torch
 import torch.distributed as dist
 
+if dist.is_available():
+    # Must be imported before init_process_group: torch.distributed.nn binds `group=group.WORLD` as
+    # default arguments at import time, and transformers imports it lazily (via torch.distributed.fsdp)
+    # on the first from_pretrained. Imported after init, those defaults keep the default group alive, so
+    # destroy_process_group() never frees ProcessGroupGloo nor joins its worker threads; a worker still
+    # releasing the last collective's tensors then races interpreter shutdown and the rank aborts with
+    # "terminate called without an active exception".
+    import torch.distributed.nn  # noqa: F401
+
 
 def setup_distributed(timeout_minutes=30):
     """Return (rank, world_size, local_rank, device); gloo on CPU, nccl on GPU."""
@@ -72,17 +81,13 @@ def run(fn, args, user_errors):
 
 
 def cleanup():
-    """End a torchrun process after its work is done: tear the process group down together, then exit.
+    """End a torchrun process after its work is done: tear the process group down together.
 
-    With gloo (torch 2.13) a process group can outlive destroy_process_group and be freed by the
-    garbage collector during interpreter shutdown, which aborts the process ("terminate called
-    without an active exception", exit -6) after all its work is done: in about 1 of 10 two-process
-    runs here. Leaving with os._exit skips that teardown; every file this code writes is already
-    closed or flushed by then.
+    destroy_process_group() frees ProcessGroupGloo and joins its worker threads (with the GIL
+    released) only because torch.distributed.nn is imported before init_process_group (see the
+    top of this file); otherwise a worker can still be releasing the last collective's tensors
+    when the interpreter shuts down, and the rank aborts (exit -6).
     """
     if is_distributed():
-        dist.barrier()
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer has already left
         dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
