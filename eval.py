@@ -13,7 +13,6 @@ import datetime
 import hashlib
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F

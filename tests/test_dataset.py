@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from conftest import read_jsonl, write_jsonl
+from conftest import write_jsonl
 from dataset import (DataError, ImageDataset, count_per_dataset, load_registry, partial_eval_indices, read_jsonl_files, summarize,
                      train_indices)
 
