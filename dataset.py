@@ -252,21 +252,25 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class Collate:
-    """Turns (image, label, dataset_id, index) items into a batch with the backbone's image processor."""
+    """Turns (image, label, dataset_id, index) items into a batch.
 
-    def __init__(self, image_processor):
-        self.image_processor = image_processor
+    `inputs` (model.ImageInputs / ImageTextInputs) builds the backbone's forward arguments from
+    the images and their dataset names (a vision-language prompt may name the dataset).
+    """
+
+    def __init__(self, inputs, dataset_names):
+        self.inputs, self.dataset_names = inputs, dataset_names
 
     def __call__(self, items):
         images, labels, dataset_ids, indices = zip(*items)
-        pixel_values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.tensor(labels), "dataset_ids": torch.tensor(dataset_ids),
+        batch = self.inputs(list(images), [self.dataset_names[i] for i in dataset_ids])
+        return {**batch, "labels": torch.tensor(labels), "dataset_ids": torch.tensor(dataset_ids),
                 "indices": torch.tensor(indices)}
 
 
-def make_loader(records, indices, image_processor, batch_size, num_workers, pin_memory=False):
+def make_loader(records, indices, inputs, dataset_names, batch_size, num_workers, pin_memory=False):
     return torch.utils.data.DataLoader(
-        ImageDataset(records), batch_size=batch_size, sampler=indices, collate_fn=Collate(image_processor),
+        ImageDataset(records), batch_size=batch_size, sampler=indices, collate_fn=Collate(inputs, dataset_names),
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
 
 

@@ -30,7 +30,7 @@ RESULTS_FILE = "eval_results.jsonl"
 
 
 @torch.no_grad()
-def evaluate(model, records, indices, image_processor, label_space, *, batch_size, device, precision="fp32",
+def evaluate(model, records, indices, inputs, label_space, *, batch_size, device, precision="fp32",
              masking=True, num_workers=0, prefix="eval", rank=0, world_size=1, with_predictions=False):
     """Metrics over records[indices], exact under torchrun: rank r takes indices[r::world_size]
     (no padding, no duplicates) and the per-dataset sums are all-reduced.
@@ -44,7 +44,7 @@ def evaluate(model, records, indices, image_processor, label_space, *, batch_siz
     num_classes, offsets = label_space.tensors(device)
     metrics = ClassificationMetrics(label_space.names, label_space.num_classes, device)
     predictions = []
-    loader = make_loader(records, indices[rank::world_size], image_processor, batch_size, num_workers,
+    loader = make_loader(records, indices[rank::world_size], inputs, label_space.names, batch_size, num_workers,
                          pin_memory=device.type == "cuda")
     for batch in loader:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -151,9 +151,9 @@ def run(args, rank, world_size, device):
             if rank == 0:
                 print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); --force to redo")
             continue
-        model, image_processor, _ = load_classifier(folder)
+        model, inputs, _ = load_classifier(folder)
         model.to(device)
-        metrics, predictions = evaluate(model, records, indices, image_processor, label_space,
+        metrics, predictions = evaluate(model, records, indices, inputs, label_space,
                                         batch_size=args.batch_size, device=device, precision=args.precision,
                                         masking=masking, num_workers=args.num_workers, prefix="eval",
                                         rank=rank, world_size=world_size, with_predictions=bool(args.predictions))

@@ -1,4 +1,9 @@
-"""The masked classifier: a Hugging Face vision backbone, a pooled feature, one linear head.
+"""The masked classifier: a Hugging Face backbone, a pooled feature, one linear head.
+
+Backbones are vision models (ViT, ResNet, ConvNeXt, the vision tower of CLIP/SigLIP) fed
+pixel_values, or vision-language models (Qwen2-VL, Qwen2.5-VL and other image-text-to-text
+models) fed a short prompt with the image's placeholder tokens; for those the LM head is
+dropped and the head sits on the last (or mean) hidden state of the valid tokens.
 
 One head serves every dataset. In the `shared` label layout the head has
 max(num_classes) rows and class i of every dataset lives on row i; in the
@@ -17,10 +22,14 @@ from safetensors.torch import load_file, save_file
 
 # Per-shard progress bars of save_pretrained / from_pretrained would interleave with the training bar.
 transformers.utils.logging.disable_progress_bar()
+# DataLoader workers fork after the tokenizer has run in the main process.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CLASSIFIER_FILE = "classifier.json"
 HEAD_FILE = "head.safetensors"
-POOLINGS = ("auto", "pooler", "cls", "mean")
+POOLINGS = ("auto", "pooler", "cls", "mean", "last")
+DEFAULT_PROMPT = "Classify this {dataset} image."
+BATCH_TARGETS = ("labels", "dataset_ids", "indices")  # every other batch key is a backbone input
 
 # Fresh random-init backbones for the demo and benchmarks (nothing can be downloaded).
 # Each entry: transformers config class name, its kwargs, and the input size in pixels.
@@ -75,7 +84,15 @@ def mask_logits(logits, num_classes_per_sample, offsets_per_sample=None):
     return logits.masked_fill(~valid, float("-inf"))
 
 
+def is_vision_language(config):
+    """Image-text-to-text models (Qwen2-VL, Qwen2.5-VL, LLaVA, ...); CLIP/SigLIP are two-tower vision models."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    return type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+
 def backbone_feature_dim(config):
+    if is_vision_language(config):
+        config = config.get_text_config()
     for name in ("hidden_size", "embed_dim"):
         if isinstance(getattr(config, name, None), int):
             return getattr(config, name)
@@ -84,30 +101,68 @@ def backbone_feature_dim(config):
     raise ValueError(f"cannot tell the feature size of a {type(config).__name__}: it has no hidden_size or hidden_sizes")
 
 
-def load_backbone(name_or_path, seed=0):
-    """Return (backbone, image_processor) from a local model folder or a `preset:NAME`.
+def say(message):
+    """Print once per job: loading happens on every rank."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
 
-    A folder is read with AutoConfig/AutoModel; for two-tower checkpoints (CLIP, SigLIP)
-    only the vision tower is loaded, through its own model class.
+
+def from_pretrained(model_class, folder, **kwargs):
+    """model_class.from_pretrained without transformers' load report; missing weights are reported here.
+
+    Unused weights are expected: the LM head of a vision-language model, the text tower of CLIP.
+    """
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        say(f"warning: {folder}: weights missing from the folder, randomly initialised: "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return model
+
+
+def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_pixels=None, max_pixels=None):
+    """Return (backbone, inputs) from a local model folder or a `preset:NAME`.
+
+    `inputs` turns PIL images into the backbone's forward arguments (ImageInputs or
+    ImageTextInputs). A vision-language folder loads through AutoModel, which is the model
+    without its LM head (Qwen2VLModel: vision tower + language trunk); for two-tower
+    checkpoints (CLIP, SigLIP) only the vision tower is loaded, through its own model class.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     if name_or_path.startswith("preset:"):
-        return build_preset(name_or_path.split(":", 1)[1], seed)
+        if min_pixels or max_pixels:
+            raise ValueError("--min_pixels / --max_pixels apply to vision-language image processors, not to presets")
+        backbone, inputs = build_preset(name_or_path.split(":", 1)[1], seed)
+        return backbone.to(dtype) if dtype else backbone, inputs
     if not os.path.isdir(name_or_path):
         raise FileNotFoundError(f"--model {name_or_path}: no such folder (use a local model folder or one of "
                                 f"{', '.join('preset:' + p for p in PRESETS)})")
     config = AutoConfig.from_pretrained(name_or_path)
+    vision_language = is_vision_language(config)
     model_class = AutoModel
-    if getattr(config, "vision_config", None) is not None:
+    if getattr(config, "vision_config", None) is not None and not vision_language:
         model_class = MODEL_MAPPING[type(config.vision_config)]
-    backbone, info = model_class.from_pretrained(name_or_path, output_loading_info=True)
-    if info["missing_keys"]:
-        print(f"warning: {name_or_path}: weights missing from the folder, randomly initialised: "
-              f"{sorted(info['missing_keys'])[:8]}{' ...' if len(info['missing_keys']) > 8 else ''}")
-    image_processor = AutoImageProcessor.from_pretrained(name_or_path)
-    return backbone, image_processor
+    backbone = from_pretrained(model_class, name_or_path, **({"dtype": dtype} if dtype else {}))
+    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path, **bounds)
+    if bounds:
+        size = getattr(image_processor, "size", None)
+        applied = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
+        if applied != (min_pixels or applied[0], max_pixels or applied[1]):
+            raise ValueError(f"--min_pixels / --max_pixels: the image processor of {name_or_path} "
+                             f"({type(image_processor).__name__}) has no pixel-count bounds")
+        if applied[0] > applied[1]:
+            raise ValueError(f"--min_pixels {applied[0]} is larger than --max_pixels {applied[1]}")
+    if not vision_language:
+        return backbone, ImageInputs(image_processor)
+    return backbone, ImageTextInputs.from_folder(name_or_path, config, image_processor, prompt)
 
 
 def build_preset(name, seed=0):
@@ -122,7 +177,123 @@ def build_preset(name, seed=0):
         backbone = AutoModel.from_config(config)
     # Plain resize + [-1, 1] scaling; the PIL backend needs no torchvision.
     image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return backbone, image_processor
+    return backbone, ImageInputs(image_processor)
+
+
+class ImageInputs:
+    """Vision backbones: PIL images -> {"pixel_values"} with the model's image processor."""
+
+    prompt = None
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, images, dataset_names):
+        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+
+    def save_pretrained(self, folder):
+        self.image_processor.save_pretrained(folder)
+
+
+class ImageTextInputs:
+    """Vision-language backbones: PIL images + a prompt per sample -> the model's forward arguments.
+
+    The text is the folder's chat template applied to one user turn (the image, then the
+    prompt, with {dataset} replaced by the sample's dataset name) and the assistant turn
+    opened, or `<vision_start><image><vision_end>prompt` without a template. The folder's
+    AutoProcessor builds the batch where it loads; where it cannot (its video processor needs
+    torchvision), the image processor + tokenizer do the same: the one image placeholder is
+    repeated grid_t * grid_h * grid_w / merge_size**2 times, and mm_token_type_ids marks those
+    tokens with 1 (Qwen2-VL's multimodal RoPE is built from it).
+    """
+
+    def __init__(self, image_processor, tokenizer, config, prompt=DEFAULT_PROMPT, processor=None, chat_template=None):
+        self.image_processor, self.tokenizer, self.processor = image_processor, tokenizer, processor
+        self.prompt = prompt or DEFAULT_PROMPT
+        self.image_token_id = config.image_token_id
+        self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+        if self.image_token is None or tokenizer.convert_tokens_to_ids(self.image_token) != config.image_token_id:
+            raise ValueError(f"the tokenizer has no token for the model's image_token_id {config.image_token_id}")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if chat_template and not tokenizer.chat_template:
+            tokenizer.chat_template = chat_template
+        markers = [getattr(config, "vision_start_token_id", None), config.image_token_id,
+                   getattr(config, "vision_end_token_id", None)]
+        self.image_marker = "".join(tokenizer.convert_ids_to_tokens(i) for i in markers if i is not None)
+        if processor is None and getattr(image_processor, "merge_size", None) is None:
+            raise ValueError(f"{type(image_processor).__name__} returns no image grid: without the model's "
+                             f"AutoProcessor the image placeholders cannot be expanded")
+        self.texts = {}
+
+    @classmethod
+    def from_folder(cls, folder, config, image_processor, prompt=DEFAULT_PROMPT):
+        from transformers import AutoProcessor, AutoTokenizer
+        try:
+            processor = AutoProcessor.from_pretrained(folder)
+            processor.image_processor = image_processor  # the one with --min_pixels / --max_pixels applied
+        except Exception as e:  # e.g. Qwen2-VL's video processor needs torchvision
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            say(f"note: AutoProcessor cannot load {folder} ({reason}); using its image processor and tokenizer")
+            processor = None
+        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(folder)
+        chat_template = getattr(processor, "chat_template", None) or read_chat_template(folder)
+        return cls(image_processor, tokenizer, config, prompt, processor, chat_template)
+
+    def text(self, dataset_name):
+        if dataset_name not in self.texts:
+            prompt = self.prompt.replace("{dataset}", dataset_name)
+            if self.tokenizer.chat_template:
+                turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+                text = self.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+            else:
+                text = self.image_marker + prompt
+            if text.count(self.image_token) != 1:
+                raise ValueError(f"the prompt text must hold the image placeholder {self.image_token!r} exactly "
+                                 f"once, got {text!r} (check --prompt and the chat template)")
+            self.texts[dataset_name] = text
+        return self.texts[dataset_name]
+
+    def __call__(self, images, dataset_names):
+        texts = [self.text(name) for name in dataset_names]
+        if self.processor is not None:
+            return dict(self.processor(images=images, text=texts, padding=True, return_tensors="pt"))
+        vision = self.image_processor(images=images, return_tensors="pt")
+        counts = (vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2).tolist()
+        texts = [t.replace(self.image_token, self.image_token * n) for t, n in zip(texts, counts)]
+        text = self.tokenizer(texts, padding=True, return_tensors="pt")
+        return {**text, **vision, "mm_token_type_ids": (text["input_ids"] == self.image_token_id).long()}
+
+    def save_pretrained(self, folder):
+        if self.processor is not None:
+            self.processor.save_pretrained(folder)
+        else:
+            self.image_processor.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+
+
+def read_chat_template(folder):
+    """A processor-level chat template (chat_template.jinja / chat_template.json), if the folder has one."""
+    jinja, blob = os.path.join(folder, "chat_template.jinja"), os.path.join(folder, "chat_template.json")
+    if os.path.isfile(jinja):
+        with open(jinja) as f:
+            return f.read()
+    if os.path.isfile(blob):
+        with open(blob) as f:
+            return json.load(f).get("chat_template")
+    return None
+
+
+def pool_tokens(hidden, attention_mask, pooling):
+    """Last valid token or mean over valid tokens; right padding (1 1 0) and left padding (0 1 1) alike.
+
+    attention_mask.sum(1) - 1 would be the last token only under right padding.
+    """
+    if pooling == "last":
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
 
 
 class MaskedClassifier(nn.Module):
@@ -132,9 +303,15 @@ class MaskedClassifier(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"--pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.token_inputs = is_vision_language(backbone.config)
+        name = type(backbone).__name__
+        if self.token_inputs and pooling in ("pooler", "cls"):
+            raise ValueError(f"--pooling {pooling}: {name} is a vision-language model; use --pooling last or mean")
+        if not self.token_inputs and pooling == "last":
+            raise ValueError(f"--pooling last is for vision-language backbones; {name} takes pooler, cls or mean")
         self.backbone = backbone
-        self.pooling = pooling
-        self.head = nn.Linear(backbone_feature_dim(backbone.config), num_labels)
+        self.pooling = ("last" if self.token_inputs else "auto") if pooling == "auto" else pooling
+        self.head = nn.Linear(backbone_feature_dim(backbone.config), num_labels, dtype=backbone.dtype)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
@@ -149,14 +326,67 @@ class MaskedClassifier(nn.Module):
             return hidden.mean(dim=(2, 3))
         return hidden[:, 0] if self.pooling == "cls" else hidden.mean(dim=1)
 
-    def forward(self, pixel_values):
-        return self.head(self.pool(self.backbone(pixel_values=pixel_values)))
+    def features(self, **inputs):
+        if self.token_inputs:
+            outputs = self.backbone(**inputs, use_cache=False)
+            return pool_tokens(outputs.last_hidden_state, inputs["attention_mask"], self.pooling)
+        return self.pool(self.backbone(**inputs))
+
+    def forward(self, **inputs):
+        return self.head(self.features(**inputs))
 
 
-def save_classifier(model, image_processor, folder, classifier_info):
-    """Write the backbone in its own HF format, the image processor, the head and the label layout."""
+def vision_language_parts(backbone):
+    """(vision tower, language trunk) of a vision-language backbone, found by the names transformers uses."""
+    vision = next((getattr(backbone, n) for n in ("visual", "vision_tower", "vision_model")
+                   if isinstance(getattr(backbone, n, None), nn.Module)), None)
+    language = getattr(backbone, "language_model", None)
+    if vision is None or not isinstance(language, nn.Module):
+        raise ValueError(f"{type(backbone).__name__}: cannot find its vision tower and language model")
+    return vision, language
+
+
+def set_trainable(model, freeze="none", train_only_head=False):
+    """Freeze parts of the backbone; returns (trainable, total) parameter counts.
+
+    --freeze vision: a vision-language model's vision tower (for a vision backbone: all of it);
+    --freeze llm: its language trunk; --train_only_head: everything but the head (linear probe).
+    """
+    if train_only_head:
+        model.backbone.requires_grad_(False)
+    elif freeze == "vision":
+        (vision_language_parts(model.backbone)[0] if model.token_inputs else model.backbone).requires_grad_(False)
+    elif freeze == "llm":
+        if not model.token_inputs:
+            raise ValueError(f"--freeze llm: {type(model.backbone).__name__} has no language model")
+        vision_language_parts(model.backbone)[1].requires_grad_(False)
+    elif freeze != "none":
+        raise ValueError(f"--freeze must be vision, llm or none, got {freeze!r}")
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def fsdp_units(backbone):
+    """Modules to shard one at a time before the root (FSDP2 `fully_shard`), in order.
+
+    A vision-language model's vision tower is one unit (one all-gather for a small encoder);
+    every other unit is a transformer block: a member of one of the model's own layer lists
+    whose class is in its `_no_split_modules`.
+    """
+    vision = vision_language_parts(backbone)[0] if is_vision_language(backbone.config) else None
+    inside = set(vision.modules()) if vision is not None else set()
+    blocks = set(backbone._no_split_modules or ())
+    units = [vision] if vision is not None else []
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and module not in inside:
+            units += [m for m in module if type(m).__name__ in blocks]
+    return units
+
+
+def save_classifier(model, inputs, folder, classifier_info):
+    """Write the backbone in its own HF format, its processor files, the head and the label layout."""
     model.backbone.save_pretrained(folder, safe_serialization=True)
-    image_processor.save_pretrained(folder)
+    inputs.save_pretrained(folder)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()},
               os.path.join(folder, HEAD_FILE))
     with open(os.path.join(folder, CLASSIFIER_FILE), "w") as f:
@@ -172,12 +402,12 @@ def read_classifier_info(folder):
 
 
 def load_classifier(folder, pooling=None):
-    """Rebuild a MaskedClassifier from a checkpoint folder (no pickle: safetensors + JSON)."""
+    """Rebuild a MaskedClassifier and its inputs from a checkpoint folder (no pickle: safetensors + JSON)."""
     info = read_classifier_info(folder)
-    backbone, image_processor = load_backbone(folder)
+    backbone, inputs = load_backbone(folder, prompt=info.get("prompt"))
     model = MaskedClassifier(backbone, info["num_labels"], pooling or info.get("pooling", "auto"))
     load_head(model, folder)
-    return model, image_processor, info
+    return model, inputs, info
 
 
 def load_head(model, folder):
@@ -189,7 +419,7 @@ def load_head(model, folder):
 
 def load_classifier_weights(model, folder):
     """Copy a checkpoint's backbone and head weights into an existing MaskedClassifier."""
-    saved = type(model.backbone).from_pretrained(folder)
+    saved = from_pretrained(type(model.backbone), folder, dtype=model.backbone.dtype)
     model.backbone.load_state_dict(saved.state_dict())
     load_head(model, folder)
 
@@ -200,7 +430,7 @@ def classify(model, batch, num_classes, offsets, masking=True):
     num_classes / offsets: per-dataset tensors indexed by batch["dataset_ids"].
     """
     dataset_ids = batch["dataset_ids"]
-    logits = model(batch["pixel_values"])
+    logits = model(**{k: v for k, v in batch.items() if k not in BATCH_TARGETS})
     targets = offsets[dataset_ids] + batch["labels"]
     if masking:
         logits = mask_logits(logits, num_classes[dataset_ids], offsets[dataset_ids])

@@ -31,8 +31,8 @@ from distributed import all_gather_objects, all_reduce_sum, barrier
 from eval import evaluate
 from losses import masked_cross_entropy
 from metrics import ClassificationMetrics, format_table
-from model import (LabelSpace, MaskedClassifier, POOLINGS, autocast, classify, load_backbone, load_classifier_weights,
-                   save_classifier)
+from model import (DEFAULT_PROMPT, LabelSpace, MaskedClassifier, POOLINGS, autocast, classify, load_backbone,
+                   load_classifier_weights, save_classifier, set_trainable)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -55,7 +55,19 @@ def build_parser():
     a("--num_labels", type=int, help="head size (default: what --label_space needs)")
     a("--label_space", choices=["shared", "disjoint"], default="shared",
       help="shared: one max(num_classes) head, class i of every dataset on row i; disjoint: a slice per dataset")
-    a("--pooling", choices=POOLINGS, default="auto", help="pooled feature: the backbone's pooler, CLS token or mean")
+    a("--pooling", choices=POOLINGS, default="auto",
+      help="pooled feature. Vision backbones: pooler, cls or mean (auto: the pooler if it has one, else mean); "
+           "vision-language: last (valid token) or mean (over valid tokens), auto = last")
+    a("--prompt", default=DEFAULT_PROMPT,
+      help="vision-language backbones: the text after the image; {dataset} becomes the sample's dataset name")
+    a("--min_pixels", type=int, help="vision-language image processors: resize images to at least this many pixels")
+    a("--max_pixels", type=int, help="... and at most this many (fewer image tokens, less memory)")
+    a("--freeze", choices=["none", "vision", "llm"], default="none",
+      help="freeze the vision tower (of a vision backbone: all of it) or the language model")
+    a("--train_only_head", action="store_true", help="linear probe: freeze the whole backbone")
+    a("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    a("--param_dtype", choices=["fp32", "bf16"], default="fp32",
+      help="dtype of the weights and optimizer state; bf16 halves memory for large backbones")
     a("--train_jsonl", nargs="+", help="one or more training JSONL files")
     a("--val_jsonl", nargs="+", help="one or more validation JSONL files")
     a("--datasets", nargs="+", help="registry: FILE.yaml/json, or name=num_classes[:eval_ratio] ...")
@@ -257,7 +269,7 @@ def make_optimizer(model, args, device):
 
 # ----------------------------------------------------------------------------- checkpoints and logs
 
-def save_checkpoint(path, model, image_processor, optimizer, scaler, info, classifier_info, rank, train_metrics):
+def save_checkpoint(path, model, inputs, optimizer, scaler, info, classifier_info, rank, train_metrics):
     """Atomic checkpoint: rank 0 writes a temporary folder and renames it.
 
     Every rank's RNG state and unlogged train-metric sums are kept, so a resumed run goes on
@@ -265,7 +277,7 @@ def save_checkpoint(path, model, image_processor, optimizer, scaler, info, class
     per_rank = all_gather_objects({"rng": rng_state(), "train_metrics": train_metrics.sums.cpu()})
     if rank == 0:
         def write(tmp):
-            save_classifier(model, image_processor, tmp, classifier_info)
+            save_classifier(model, inputs, tmp, classifier_info)
             torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "ranks": per_rank},
                        os.path.join(tmp, STATE_FILE))
             write_json(os.path.join(tmp, INFO_FILE), info)  # written last: marks the folder complete
@@ -351,10 +363,17 @@ def train(args, rank, world_size, device):
 
     # Model: identical init on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(args.seed)
-    backbone, image_processor = load_backbone(args.model, args.seed)
-    raw_model = MaskedClassifier(backbone, label_space.num_labels, args.pooling).to(device)
+    param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
+    backbone, inputs = load_backbone(args.model, args.seed, param_dtype, args.prompt, args.min_pixels, args.max_pixels)
+    raw_model = MaskedClassifier(backbone, label_space.num_labels, args.pooling).to(device, param_dtype)
+    trainable, total = set_trainable(raw_model, args.freeze, args.train_only_head)
+    say(f"{type(backbone).__name__}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.1f}%)")
+    if args.gradient_checkpointing:
+        if not backbone.supports_gradient_checkpointing:
+            raise ValueError(f"--gradient_checkpointing: {type(backbone).__name__} does not support it")
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     classifier_info = {"num_labels": label_space.num_labels, "label_space": label_space.layout,
-                       "pooling": args.pooling, "no_logits_masking": args.no_logits_masking,
+                       "pooling": raw_model.pooling, "prompt": inputs.prompt, "no_logits_masking": args.no_logits_masking,
                        "datasets": {n: {"num_classes": s.num_classes, "eval_ratio": s.eval_ratio,
                                         "description": s.description, "offset": o}
                                     for (n, s), o in zip(registry.items(), label_space.offsets)}}
@@ -390,9 +409,9 @@ def train(args, rank, world_size, device):
 
     model = raw_model
     if world_size > 1:
-        # With --pooling cls/mean a backbone's own pooler (and final norm, for some) gets no gradient.
+        # With --pooling cls/mean a vision backbone's own pooler (and final norm, for some) gets no gradient.
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=args.pooling in ("cls", "mean"))
+                    find_unused_parameters=not raw_model.token_inputs and args.pooling in ("cls", "mean"))
     # FSDP2 (fully_shard per block) will be a third branch here, selected by --dist.
 
     log = JsonlLog(os.path.join(args.output_dir, "metrics.jsonl"), rank,
@@ -416,7 +435,7 @@ def train(args, rank, world_size, device):
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         info = {"step": step, "epoch": epoch_of(step), "args": vars(args), "metrics": metrics, "best": best,
                 "world_size": world_size}
-        save_checkpoint(path, raw_model, image_processor, optimizer, scaler, info, classifier_info, rank, train_metrics)
+        save_checkpoint(path, raw_model, inputs, optimizer, scaler, info, classifier_info, rank, train_metrics)
         last_saved = path
         if main_process:
             if args.save_best_only:
@@ -436,7 +455,7 @@ def train(args, rank, world_size, device):
         epoch, first_micro = divmod(step, steps_per_epoch)
         first_micro *= args.grad_accum
         order = train_indices(len(train_records), epoch, args.seed, not args.no_shuffle, rank, world_size)
-        loader = iter(make_loader(train_records, order[first_micro * args.batch_size:], image_processor,
+        loader = iter(make_loader(train_records, order[first_micro * args.batch_size:], inputs, label_space.names,
                                   args.batch_size, args.num_workers, pin_memory=device.type == "cuda"))
         for _ in range(step % steps_per_epoch, steps_per_epoch):
             # Fetch the whole accumulated batch first: the loss is normalised by its global sample count.
@@ -480,7 +499,7 @@ def train(args, rank, world_size, device):
 
             eval_metrics, new_best = {}, False
             if not args.no_partial_eval and (step % args.eval_steps == 0 or step == total_steps):
-                eval_metrics, _ = evaluate(raw_model, val_records, partial_indices, image_processor, label_space,
+                eval_metrics, _ = evaluate(raw_model, val_records, partial_indices, inputs, label_space,
                                            prefix="eval", **eval_kwargs)
                 log.write("eval", step, epoch_of(step), **eval_metrics)
                 if main_process:
@@ -508,7 +527,7 @@ def train(args, rank, world_size, device):
         if best["checkpoint"]:
             load_classifier_weights(raw_model, best["checkpoint"])
         say(f"full evaluation of {evaluated} on all {len(val_records):,} validation samples")
-        final_metrics, _ = evaluate(raw_model, val_records, list(range(len(val_records))), image_processor,
+        final_metrics, _ = evaluate(raw_model, val_records, list(range(len(val_records))), inputs,
                                     label_space, prefix="final_eval", **eval_kwargs)
         log.write("final_eval", step, epoch_of(step), checkpoint=evaluated, **final_metrics)
         if main_process:

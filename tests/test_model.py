@@ -55,6 +55,7 @@ def test_classify_maps_labels_to_head_rows():
     space = LabelSpace.build(["a", "b"], [3, 2], "disjoint")
     num_classes, offsets = space.tensors("cpu")
     model = lambda pixel_values: torch.zeros(len(pixel_values), 5)  # noqa: E731 - only the bookkeeping is tested
+    # every key but labels / dataset_ids / indices reaches the model as a keyword argument
     batch = {"pixel_values": torch.zeros(2, 3, 4, 4), "labels": torch.tensor([2, 1]), "dataset_ids": torch.tensor([0, 1])}
     logits, targets = classify(model, batch, num_classes, offsets)
     assert targets.tolist() == [2, 4]
@@ -84,21 +85,21 @@ def test_backbones_load_from_a_folder_and_round_trip_through_a_checkpoint(kind, 
     AutoModel.from_config(config).save_pretrained(tmp_path / "src")
     ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "src")
 
-    backbone, processor = load_backbone(str(tmp_path / "src"))
+    backbone, inputs = load_backbone(str(tmp_path / "src"))
     if kind in ("clip", "siglip"):  # two-tower checkpoints: only the vision tower is kept
         assert "Vision" in type(backbone).__name__
     model = MaskedClassifier(backbone, num_labels=7).eval()
     pixel_values = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        logits = model(pixel_values)
+        logits = model(pixel_values=pixel_values)
     assert logits.shape == (3, 7) and torch.isfinite(logits).all()
 
-    save_classifier(model, processor, str(tmp_path / "ckpt"), {"num_labels": 7, "label_space": "shared", "datasets": {}})
+    save_classifier(model, inputs, str(tmp_path / "ckpt"), {"num_labels": 7, "label_space": "shared", "datasets": {}})
     assert {"config.json", "model.safetensors", "head.safetensors", "classifier.json",
             "preprocessor_config.json"} <= set(os.listdir(tmp_path / "ckpt"))
     reloaded, _, info = load_classifier(str(tmp_path / "ckpt"))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.eval()(pixel_values), logits)
+        torch.testing.assert_close(reloaded.eval()(pixel_values=pixel_values), logits)
     # The fine-tuned backbone is a plain Hugging Face folder.
     plain = AutoModel.from_pretrained(tmp_path / "ckpt")
     assert type(plain).__name__ == type(backbone).__name__
@@ -114,10 +115,10 @@ def test_unknown_model_folder_and_preset_are_clear_errors(tmp_path):
 @pytest.mark.parametrize("name", ["resnet-tiny", "vit-tiny", "convnext-tiny"])
 def test_presets_build_a_backbone_and_its_preprocessing(name):
     from PIL import Image
-    backbone, processor = load_backbone(f"preset:{name}", seed=1)
+    backbone, inputs = load_backbone(f"preset:{name}", seed=1)
     again, _ = load_backbone(f"preset:{name}", seed=1)
     assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), again.state_dict().values()))
-    pixels = processor(images=[Image.new("RGB", (8, 8)), Image.new("RGB", (25, 25))], return_tensors="pt")["pixel_values"]
-    assert pixels.shape == (2, 3, 32, 32)
+    batch = inputs([Image.new("RGB", (8, 8)), Image.new("RGB", (25, 25))], ["digits", "faces"])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
     with torch.no_grad():
-        assert MaskedClassifier(backbone, 10).eval()(pixels).shape == (2, 10)
+        assert MaskedClassifier(backbone, 10).eval()(**batch).shape == (2, 10)
