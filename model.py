@@ -233,7 +233,7 @@ class ImageTextInputs:
             processor = AutoProcessor.from_pretrained(folder)
             processor.image_processor = image_processor  # the one with --min_pixels / --max_pixels applied
         except Exception as e:  # e.g. Qwen2-VL's video processor needs torchvision
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
             say(f"note: AutoProcessor cannot load {folder} ({reason}); using its image processor and tokenizer")
             processor = None
         tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(folder)
@@ -334,6 +334,16 @@ class MaskedClassifier(nn.Module):
 
     def forward(self, **inputs):
         return self.head(self.features(**inputs))
+
+
+def enable_activation_checkpointing(backbone):
+    """Recompute each block's activations in backward (non-reentrant: frozen inputs need no grad hooks)."""
+    if not backbone.supports_gradient_checkpointing:
+        raise ValueError(f"--gradient_checkpointing: {type(backbone).__name__} does not support it")
+    if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        backbone.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def vision_language_parts(backbone):

@@ -31,8 +31,8 @@ from distributed import all_gather_objects, all_reduce_sum, barrier
 from eval import evaluate
 from losses import masked_cross_entropy
 from metrics import ClassificationMetrics, format_table
-from model import (DEFAULT_PROMPT, LabelSpace, MaskedClassifier, POOLINGS, autocast, classify, load_backbone,
-                   load_classifier_weights, save_classifier, set_trainable)
+from model import (DEFAULT_PROMPT, LabelSpace, MaskedClassifier, POOLINGS, autocast, classify,
+                   enable_activation_checkpointing, load_backbone, load_classifier_weights, save_classifier, set_trainable)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -369,9 +369,7 @@ def train(args, rank, world_size, device):
     trainable, total = set_trainable(raw_model, args.freeze, args.train_only_head)
     say(f"{type(backbone).__name__}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.1f}%)")
     if args.gradient_checkpointing:
-        if not backbone.supports_gradient_checkpointing:
-            raise ValueError(f"--gradient_checkpointing: {type(backbone).__name__} does not support it")
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(backbone)
     classifier_info = {"num_labels": label_space.num_labels, "label_space": label_space.layout,
                        "pooling": raw_model.pooling, "prompt": inputs.prompt, "no_logits_masking": args.no_logits_masking,
                        "datasets": {n: {"num_classes": s.num_classes, "eval_ratio": s.eval_ratio,

@@ -103,3 +103,73 @@ def assert_same_weights(a, b, atol=1e-6):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+# A Qwen2-VL style chat template: a default system turn, the image as
+# <|vision_start|><|image_pad|><|vision_end|>, then the text; the assistant turn opened.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VISION_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+
+
+def train_tokenizer():
+    """A byte-level BPE tokenizer trained here (nothing downloaded) that holds Qwen's vision special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Classify this digits image.", "Classify this faces image.", "You are a helpful assistant.",
+              "system user assistant", "What is in the picture?"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=VISION_TOKENS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def save_tiny_vlm(folder, kind, chat_template=True):
+    """A tiny Qwen2-VL / Qwen2.5-VL (2 vision blocks, 2 language layers, 64-d) with its
+    tokenizer and image processor, saved as a user's model folder looks."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+    tokenizer = train_tokenizer()
+    if not chat_template:
+        tokenizer.chat_template = None
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    if kind == "qwen2_vl":
+        config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2,
+                                                                    mlp_ratio=2), **tokens)
+        model = Qwen2VLForConditionalGeneration(config)
+    else:
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+            depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1],
+            window_size=56), **tokens)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # Small pixel bounds keep the tests fast: 8x8 digits become 56x56 (16 patches, 4 image tokens).
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory):
+    return save_tiny_vlm(tmp_path_factory.mktemp("qwen2_vl"), "qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory):
+    return save_tiny_vlm(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl")

@@ -1,0 +1,278 @@
+"""Qwen2-VL / Qwen2.5-VL as the masked classifier: tiny models built from configs with a tokenizer
+trained here, saved with save_pretrained and loaded back through --model FOLDER."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_same_weights, load_weights, read_jsonl, run_script, save_tiny_vlm, train_args
+from model import MaskedClassifier, enable_activation_checkpointing, fsdp_units, load_backbone, set_trainable
+
+KINDS = ["qwen2_vl", "qwen2_5_vl"]
+
+
+@pytest.fixture(params=KINDS)
+def vlm_folder(request):
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+def random_images(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+SIZES = [(8, 8), (60, 100), (84, 84), (120, 40)]  # four different image grids
+NAMES = ["digits", "faces", "digits", "faces"]
+
+
+def test_prompt_placeholders_and_mm_token_type_ids(vlm_folder):
+    backbone, inputs = load_backbone(vlm_folder)
+    config = backbone.config
+    batch = inputs(random_images(SIZES), NAMES)
+    grids = batch["image_grid_thw"]
+    assert len({tuple(g.tolist()) for g in grids}) == 4  # one batch, four grid shapes
+    assert batch["pixel_values"].shape[0] == grids.prod(-1).sum()
+    for row in range(len(SIZES)):
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        types = batch["mm_token_type_ids"][row][batch["attention_mask"][row].bool()]
+        image = (ids == config.image_token_id).nonzero().flatten()
+        # as many placeholders as merged patches, contiguous, framed by vision start / end
+        assert len(image) == grids[row].prod() // 4
+        assert image.tolist() == list(range(image[0], image[0] + len(image)))
+        assert ids[image[0] - 1] == config.vision_start_token_id and ids[image[-1] + 1] == config.vision_end_token_id
+        assert types.tolist() == (ids == config.image_token_id).long().tolist()
+        text = inputs.tokenizer.decode(ids)
+        assert f"Classify this {NAMES[row]} image." in text and text.endswith("<|im_start|>assistant\n")
+    assert (batch["mm_token_type_ids"][batch["attention_mask"] == 0] == 0).all()
+
+
+def test_processor_and_its_fallback_build_the_same_batch(tiny_qwen2_vl):
+    """AutoProcessor cannot load here (its video processor needs torchvision), so the real
+    Qwen2VLProcessor.__call__ is run on an instance built around that constructor check."""
+    from transformers import Qwen2VLProcessor
+    from model import ImageTextInputs
+    backbone, fallback = load_backbone(tiny_qwen2_vl)
+    assert fallback.processor is None
+    processor = object.__new__(Qwen2VLProcessor)
+    processor.image_processor, processor.tokenizer = fallback.image_processor, fallback.tokenizer
+    processor.video_processor, processor.chat_template = None, fallback.tokenizer.chat_template
+    processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
+    processor.image_token_id = backbone.config.image_token_id
+    processor.video_token_id = backbone.config.video_token_id
+    with_processor = ImageTextInputs(fallback.image_processor, fallback.tokenizer, backbone.config, processor=processor)
+    images = random_images(SIZES)
+    a, b = fallback(images, NAMES), with_processor(images, NAMES)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def features(model, batch):
+    with torch.no_grad():
+        return model.features(**batch)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_left_and_right_padding_and_batching_give_the_same_features(vlm_folder, pooling):
+    backbone, inputs = load_backbone(vlm_folder)
+    model = MaskedClassifier(backbone, 10, pooling).eval()
+    images = random_images(SIZES)
+    inputs.tokenizer.padding_side = "right"
+    right = features(model, inputs(images, NAMES))
+    inputs.tokenizer.padding_side = "left"
+    left_batch = inputs(images, NAMES)
+    assert (left_batch["attention_mask"][:, 0] == 0).any()  # there is left padding
+    left = features(model, left_batch)
+    alone = torch.cat([features(model, inputs([im], [n])) for im, n in zip(images, NAMES)])
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_multimodal_rope_needs_mm_token_type_ids(tiny_qwen2_vl, tiny_qwen2_5_vl):
+    for folder in (tiny_qwen2_vl, tiny_qwen2_5_vl):
+        backbone, inputs = load_backbone(folder)
+        model = MaskedClassifier(backbone, 10).eval()
+        batch = inputs(random_images(SIZES[:2]), NAMES[:2])
+        without = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+        if "Qwen2_5" in type(backbone).__name__:  # silently falls back to 1-D positions
+            assert not torch.allclose(features(model, batch), features(model, without), atol=1e-4)
+        else:
+            with pytest.raises(ValueError, match="mm_token_type_ids"):
+                features(model, without)
+
+
+def test_pixel_bounds_reach_the_image_processor(tiny_qwen2_5_vl):
+    _, small = load_backbone(tiny_qwen2_5_vl, max_pixels=56 * 56)
+    _, large = load_backbone(tiny_qwen2_5_vl, min_pixels=112 * 112)
+    image = random_images([(60, 100)])
+    assert small(image, ["faces"])["image_grid_thw"].prod() <= 16
+    assert large(image, ["faces"])["image_grid_thw"].prod() >= 64
+    with pytest.raises(ValueError, match="larger than --max_pixels"):
+        load_backbone(tiny_qwen2_5_vl, min_pixels=112 * 112, max_pixels=56 * 56)
+
+
+def test_a_folder_without_chat_template_uses_the_plain_prompt(tmp_path):
+    folder = save_tiny_vlm(tmp_path / "plain", "qwen2_vl", chat_template=False)
+    _, inputs = load_backbone(folder, prompt="Which {dataset} class?")
+    assert inputs.text("food101") == "<|vision_start|><|image_pad|><|vision_end|>Which food101 class?"
+
+
+def test_hub_checkpoint_layout_loads(tiny_qwen2_5_vl, tmp_path):
+    """Qwen2.5-VL folders on the Hub keep the pre-5.x names (model.layers.*, visual.*)."""
+    import re
+    import shutil
+    from safetensors.torch import load_file, save_file
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_qwen2_5_vl, legacy)
+    weights = load_file(legacy / "model.safetensors")
+    renamed = {re.sub(r"^model\.visual\.", "visual.", re.sub(r"^model\.language_model\.", "model.", k)): v
+               for k, v in weights.items()}
+    assert "model.layers.0.mlp.up_proj.weight" in renamed and "visual.merger.mlp.0.weight" in renamed
+    save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
+    a, _ = load_backbone(tiny_qwen2_5_vl)
+    b, _ = load_backbone(str(legacy))
+    assert_same_weights(a.state_dict(), b.state_dict(), atol=0)
+
+
+def test_freeze_choices_and_fsdp_units(tiny_qwen2_vl, tiny_vit):
+    def trainable(model):
+        return {n.split(".")[0] if n.startswith("head") else n.split(".")[1] for n, p in model.named_parameters()
+                if p.requires_grad}
+    for freeze, expected in [("none", {"visual", "language_model", "head"}), ("vision", {"language_model", "head"}),
+                             ("llm", {"visual", "head"})]:
+        model = MaskedClassifier(load_backbone(tiny_qwen2_vl)[0], 10)
+        set_trainable(model, freeze)
+        assert trainable(model) == expected, freeze
+    model = MaskedClassifier(load_backbone(tiny_qwen2_vl)[0], 10)
+    count, total = set_trainable(model, train_only_head=True)
+    assert trainable(model) == {"head"} and count == 64 * 10 + 10 and total > count
+
+    units = fsdp_units(model.backbone)
+    assert units[0] is model.backbone.visual  # the vision tower as one unit
+    assert units[1:] == list(model.backbone.language_model.layers)
+    vit = load_backbone(tiny_vit)[0]
+    assert fsdp_units(vit) == [m for m in vit.modules() if type(m).__name__ == "ViTLayer"] and len(fsdp_units(vit)) == 2
+    with pytest.raises(ValueError, match="has no language model"):
+        set_trainable(MaskedClassifier(vit, 10), "llm")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_qwen2_5_vl):
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        backbone, inputs = load_backbone(tiny_qwen2_5_vl)
+        model = MaskedClassifier(backbone, 10).train()
+        if checkpointing:
+            enable_activation_checkpointing(backbone)
+        model(**inputs(random_images(SIZES), NAMES)).logsumexp(-1).sum().backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+    plain, checkpointed = grads(False), grads(True)
+    assert all(g is not None for g in plain.values())
+    assert_same_weights(plain, checkpointed, atol=1e-6)
+
+
+def test_pooling_choices_are_checked(tiny_qwen2_vl, tiny_vit):
+    with pytest.raises(ValueError, match="use --pooling last or mean"):
+        MaskedClassifier(load_backbone(tiny_qwen2_vl)[0], 10, "cls")
+    with pytest.raises(ValueError, match="--pooling last is for vision-language"):
+        MaskedClassifier(load_backbone(tiny_vit)[0], 10, "last")
+
+
+# ----------------------------------------------------------------------------- train.py / eval.py command lines
+
+def train(*argv, torchrun=0):
+    result = run_script("train.py", *argv, torchrun=torchrun)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_train_resume_and_eval_a_qwen2_5_vl_classifier(small_data, tiny_qwen2_5_vl, tmp_path):
+    """Two datasets (10 and 2 classes) in one head with masking; resume from the middle is exact;
+    eval.py evaluates every checkpoint of the run; the checkpoint is a plain HF folder."""
+    common = ["--max_steps", 6, "--save_steps", 3, "--eval_steps", 3, "--logging_steps", 2, "--warmup_steps", 2,
+              "--save_all_checkpoints", "--gradient_checkpointing"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    out = train(*train_args(small_data, tiny_qwen2_5_vl, full, *common))
+    assert "Qwen2_5_VLModel:" in out.stdout and "100.0%)" in out.stdout  # all parameters trainable
+    os.makedirs(resumed)
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
+    train(*train_args(small_data, tiny_qwen2_5_vl, resumed, *common, "--resume", "latest"))
+    a, b = load_weights(full / "checkpoint-6"), load_weights(resumed / "checkpoint-6")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
+    assert not torch.equal(a["head.weight"], load_weights(full / "checkpoint-3")["head.weight"])
+
+    log = read_jsonl(full / "metrics.jsonl")
+    final = [r for r in log if r["event"] == "final_eval"][0]
+    assert (final["final_eval_digits_samples"], final["final_eval_faces_samples"]) == (21, 10)
+    assert "final_eval_digits_top5_accuracy" in final and "final_eval_faces_top5_accuracy" not in final
+
+    checkpoint = full / "checkpoint-6"
+    assert {"config.json", "model.safetensors", "head.safetensors", "classifier.json", "tokenizer.json",
+            "preprocessor_config.json"} <= set(os.listdir(checkpoint))
+    with open(checkpoint / "classifier.json") as f:
+        info = json.load(f)
+    assert (info["pooling"], info["prompt"]) == ("last", "Classify this {dataset} image.")
+    from transformers import AutoModel, AutoTokenizer
+    plain = AutoModel.from_pretrained(checkpoint)  # the fine-tuned backbone, usable without this code
+    assert type(plain).__name__ == "Qwen2_5_VLModel"
+    assert AutoTokenizer.from_pretrained(checkpoint).chat_template
+
+    result = run_script("eval.py", full, "--num_workers", 0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(full / "eval_results.jsonl")
+    assert [r["checkpoint"] for r in rows] == ["checkpoint-3", "checkpoint-6"]
+    same = [r for r in rows if r["checkpoint"] == os.path.basename(final["checkpoint"])][0]  # the best one
+    assert same["eval_overall_accuracy"] == pytest.approx(final["final_eval_overall_accuracy"])
+    assert same["eval_overall_loss"] == pytest.approx(final["final_eval_overall_loss"], rel=1e-5)
+
+
+def test_qwen2_vl_linear_probe_and_frozen_vision_in_bf16(small_data, tiny_qwen2_vl, tmp_path):
+    from safetensors.torch import load_file
+    original = load_backbone(tiny_qwen2_vl)[0].state_dict()
+    runs = [(["--train_only_head"], ("visual", "language_model"), torch.float32),
+            (["--freeze", "vision", "--param_dtype", "bf16", "--precision", "bf16"], ("visual",), torch.bfloat16)]
+    for options, frozen, dtype in runs:
+        out = tmp_path / options[0].strip("-")
+        train(*train_args(small_data, tiny_qwen2_vl, out, "--max_steps", 2, "--skip_evaluation", "--lr", 1e-2, *options,
+                          "--prompt", "What {dataset} class is this?"))
+        saved = load_file(out / "checkpoint-2" / "model.safetensors")
+        assert {v.dtype for v in saved.values()} == {dtype}
+        for name, value in saved.items():
+            before = original[name].to(dtype)
+            if name.split(".")[0] in frozen:
+                assert torch.equal(value, before), name
+            elif name.endswith("q_proj.weight"):
+                assert not torch.equal(value, before), name
+    # a bf16 checkpoint evaluates as saved, with the prompt it was trained with
+    with open(out / "checkpoint-2" / "classifier.json") as f:
+        assert json.load(f)["prompt"] == "What {dataset} class is this?"
+    result = run_script("eval.py", out / "checkpoint-2", "--num_workers", 0, "--precision", "bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = read_jsonl(out / "eval_results.jsonl")[0]
+    assert (row["eval_digits_samples"], row["eval_faces_samples"]) == (21, 10)
+
+
+def test_two_process_ddp_vlm_training_matches_one_process(small_data, tiny_qwen2_vl, tmp_path):
+    common = ["--max_steps", 2, "--eval_steps", 2, "--save_steps", 2, "--lr", 1e-3, "--logging_steps", 1,
+              "--pooling", "mean", "--no_final_eval"]
+    train(*train_args(small_data, tiny_qwen2_vl, tmp_path / "one", *common, "--batch_size", 8))
+    train(*train_args(small_data, tiny_qwen2_vl, tmp_path / "two", *common, "--batch_size", 4), torchrun=2)
+    assert_same_weights(load_weights(tmp_path / "one" / "checkpoint-2"), load_weights(tmp_path / "two" / "checkpoint-2"),
+                        atol=1e-4)
+    evals = [[r for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["event"] == "eval"][0] for run in ("one", "two")]
+    assert evals[0]["eval_overall_samples"] == evals[1]["eval_overall_samples"]
+    assert evals[0]["eval_overall_loss"] == pytest.approx(evals[1]["eval_overall_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pooling", "cls"], "use --pooling last or mean"),
+    (["--freeze", "llm", "--model", "preset:resnet-tiny"], "has no language model"),
+    (["--max_pixels", "3136", "--model", "preset:resnet-tiny"], "not to presets"),
+])
+def test_bad_vision_language_options_are_clear_errors(small_data, tiny_qwen2_vl, tmp_path, extra, message):
+    result = run_script("train.py", *train_args(small_data, tiny_qwen2_vl, tmp_path, "--max_steps", 1, *extra))
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
