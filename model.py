@@ -136,33 +136,40 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    if name_or_path.startswith("preset:"):
-        if min_pixels or max_pixels:
-            raise ValueError("--min_pixels / --max_pixels apply to vision-language image processors, not to presets")
-        backbone, inputs = build_preset(name_or_path.split(":", 1)[1], seed)
-        return backbone.to(dtype) if dtype else backbone, inputs
-    if not os.path.isdir(name_or_path):
+    preset = name_or_path.startswith("preset:")
+    if not preset and not os.path.isdir(name_or_path):
         raise FileNotFoundError(f"--model {name_or_path}: no such folder (use a local model folder or one of "
                                 f"{', '.join('preset:' + p for p in PRESETS)})")
-    config = AutoConfig.from_pretrained(name_or_path)
-    vision_language = is_vision_language(config)
+    config = None if preset else AutoConfig.from_pretrained(name_or_path)
+    vision_language = config is not None and is_vision_language(config)
+    if (min_pixels or max_pixels) and not vision_language:
+        raise ValueError(f"--min_pixels / --max_pixels apply to vision-language image processors; "
+                         f"{name_or_path} takes a fixed input size")
+    if preset:
+        backbone, inputs = build_preset(name_or_path.split(":", 1)[1], seed)
+        return backbone.to(dtype) if dtype else backbone, inputs
     model_class = AutoModel
     if getattr(config, "vision_config", None) is not None and not vision_language:
         model_class = MODEL_MAPPING[type(config.vision_config)]
     backbone = from_pretrained(model_class, name_or_path, **({"dtype": dtype} if dtype else {}))
+    if vision_language:
+        return backbone, ImageTextInputs.from_folder(name_or_path, config, prompt, min_pixels, max_pixels)
+    return backbone, ImageInputs(AutoImageProcessor.from_pretrained(name_or_path))
+
+
+def with_pixel_bounds(image_processor, min_pixels=None, max_pixels=None):
+    """A copy of a Qwen2-VL-style image processor that resizes to [min_pixels, max_pixels] pixels."""
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-    image_processor = AutoImageProcessor.from_pretrained(name_or_path, **bounds)
-    if bounds:
-        size = getattr(image_processor, "size", None)
-        applied = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
-        if applied != (min_pixels or applied[0], max_pixels or applied[1]):
-            raise ValueError(f"--min_pixels / --max_pixels: the image processor of {name_or_path} "
-                             f"({type(image_processor).__name__}) has no pixel-count bounds")
-        if applied[0] > applied[1]:
-            raise ValueError(f"--min_pixels {applied[0]} is larger than --max_pixels {applied[1]}")
-    if not vision_language:
-        return backbone, ImageInputs(image_processor)
-    return backbone, ImageTextInputs.from_folder(name_or_path, config, image_processor, prompt)
+    if not bounds:
+        return image_processor
+    bounded = type(image_processor).from_dict(image_processor.to_dict(), **bounds)
+    size = getattr(bounded, "size", None)
+    applied = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
+    if None in applied or applied != (min_pixels or applied[0], max_pixels or applied[1]):
+        raise ValueError(f"--min_pixels / --max_pixels: {type(image_processor).__name__} has no pixel-count bounds")
+    if applied[0] > applied[1]:
+        raise ValueError(f"--min_pixels {applied[0]} is larger than --max_pixels {applied[1]}")
+    return bounded
 
 
 def build_preset(name, seed=0):
@@ -227,16 +234,20 @@ class ImageTextInputs:
         self.texts = {}
 
     @classmethod
-    def from_folder(cls, folder, config, image_processor, prompt=DEFAULT_PROMPT):
-        from transformers import AutoProcessor, AutoTokenizer
+    def from_folder(cls, folder, config, prompt=DEFAULT_PROMPT, min_pixels=None, max_pixels=None):
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
         try:
             processor = AutoProcessor.from_pretrained(folder)
-            processor.image_processor = image_processor  # the one with --min_pixels / --max_pixels applied
         except Exception as e:  # e.g. Qwen2-VL's video processor needs torchvision
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
             say(f"note: AutoProcessor cannot load {folder} ({reason}); using its image processor and tokenizer")
             processor = None
-        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(folder)
+        if processor is not None:
+            processor.image_processor = with_pixel_bounds(processor.image_processor, min_pixels, max_pixels)
+            image_processor, tokenizer = processor.image_processor, processor.tokenizer
+        else:
+            image_processor = with_pixel_bounds(AutoImageProcessor.from_pretrained(folder), min_pixels, max_pixels)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
         chat_template = getattr(processor, "chat_template", None) or read_chat_template(folder)
         return cls(image_processor, tokenizer, config, prompt, processor, chat_template)
 

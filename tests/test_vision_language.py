@@ -271,8 +271,58 @@ def test_two_process_ddp_vlm_training_matches_one_process(small_data, tiny_qwen2
 @pytest.mark.parametrize("extra, message", [
     (["--pooling", "cls"], "use --pooling last or mean"),
     (["--freeze", "llm", "--model", "preset:resnet-tiny"], "has no language model"),
-    (["--max_pixels", "3136", "--model", "preset:resnet-tiny"], "not to presets"),
+    (["--max_pixels", "3136", "--model", "preset:resnet-tiny"], "preset:resnet-tiny takes a fixed input size"),
 ])
 def test_bad_vision_language_options_are_clear_errors(small_data, tiny_qwen2_vl, tmp_path, extra, message):
     result = run_script("train.py", *train_args(small_data, tiny_qwen2_vl, tmp_path, "--max_steps", 1, *extra))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
+def save_tiny_llava(folder):
+    """LLaVA (CLIP vision tower + Llama): its AutoProcessor loads here, so the processor path runs for real."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    from conftest import train_tokenizer
+    tokenizer = train_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=28, patch_size=14),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14, image_token="<image>",
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(folder)
+    return str(folder)
+
+
+def test_other_image_text_to_text_models_go_through_their_processor(tmp_path):
+    from model import load_classifier, save_classifier
+    folder = save_tiny_llava(tmp_path / "llava")
+    backbone, inputs = load_backbone(folder, prompt="Which {dataset}?")
+    assert type(backbone).__name__ == "LlavaModel" and inputs.processor is not None
+    assert inputs.text("digits") == "<image>Which digits?"
+    model = MaskedClassifier(backbone, 10).eval()
+    images = random_images([(8, 8), (30, 50)])
+    inputs.tokenizer.padding_side = "left"
+    left = inputs(images, ["digits", "food101"])  # prompts of different lengths
+    assert (left["attention_mask"][:, 0] == 0).any()
+    inputs.tokenizer.padding_side = "right"
+    right = inputs(images, ["digits", "food101"])
+    torch.testing.assert_close(features(model, left), features(model, right), atol=1e-5, rtol=1e-4)
+
+    units = fsdp_units(backbone)
+    assert units[0] is backbone.vision_tower and units[1:] == list(backbone.language_model.layers)
+    with torch.no_grad():
+        logits = model(**right)
+    save_classifier(model, inputs, str(tmp_path / "ckpt"), {"num_labels": 10, "prompt": inputs.prompt})
+    reloaded, reloaded_inputs, _ = load_classifier(str(tmp_path / "ckpt"))
+    assert reloaded_inputs.processor is not None
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**reloaded_inputs(images, ["digits", "food101"])), logits)
+    with pytest.raises(ValueError, match="has no pixel-count bounds"):
+        load_backbone(folder, max_pixels=3136)
