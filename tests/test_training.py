@@ -270,3 +270,12 @@ def test_demo_command_trains_on_real_images(demo_dir, tmp_path):
     final = summary(tmp_path)["final_eval"]
     assert final["final_eval_digits_samples"] == 359 and final["final_eval_faces_samples"] == 40
     assert final["final_eval_digits_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "multi_datasets_example.yaml", "qwen2_5_vl_food.yaml"])
+def test_shipped_configs_parse(name):
+    args = train.parse_args(["--config", os.path.join("configs", name)])
+    assert args.model and args.train_jsonl and args.output_dir
+    if name == "qwen2_5_vl_food.yaml":
+        assert (args.param_dtype, args.precision, args.gradient_checkpointing) == ("bf16", "bf16", True)
+        assert (args.max_pixels, args.lr, list(args.datasets)) == (200704, 1e-5, ["food101", "food2k", "imagenet"])
