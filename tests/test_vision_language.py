@@ -326,3 +326,10 @@ def test_other_image_text_to_text_models_go_through_their_processor(tmp_path):
         torch.testing.assert_close(reloaded.eval()(**reloaded_inputs(images, ["digits", "food101"])), logits)
     with pytest.raises(ValueError, match="has no pixel-count bounds"):
         load_backbone(folder, max_pixels=3136)
+
+
+def test_benchmark_script_reports_its_figures():
+    result = run_script("benchmark.py", "--shape", "tiny", "--steps", 1, "--batch_size", 2, "--image_size", 56)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for figure in ("step time", "tokens/s", "images/s", "model TFLOP/s", "(4 image tokens each)"):
+        assert figure in result.stdout

@@ -1,0 +1,125 @@
+"""Throughput and memory of one masked-classifier training step on a random-init Qwen2.5-VL.
+
+    python benchmark.py --shape qwen2_5_vl_3b --batch_size 8 --steps 10     # on a GPU
+    python benchmark.py --shape tiny --steps 3                               # smoke run on a CPU
+
+Builds the backbone from config values (the 3B shape is Qwen2.5-VL-3B-Instruct's config.json),
+so nothing is downloaded, and times the same step train.py takes: bf16 weights and autocast,
+activation checkpointing, forward through MaskedClassifier with masked logits, backward, AdamW.
+Each sample is one image of --image_size x --image_size pixels plus a chat-style prompt. Prints
+tokens/s, images/s, peak memory and MFU (model FLOPs = 6 x parameters x tokens for the language
+model and the vision tower, attention excluded; peak from --peak_tflops or the GPU's name).
+"""
+import argparse
+import time
+
+import torch
+from PIL import Image
+
+from losses import masked_cross_entropy
+from model import MaskedClassifier, enable_activation_checkpointing, mask_logits
+
+SHAPES = {
+    "qwen2_5_vl_3b": dict(
+        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                  num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                    fullatt_block_indexes=[7, 15, 23, 31], window_size=112, hidden_act="silu")),
+    "tiny": dict(
+        text=dict(vocab_size=1000, bos_token_id=0, eos_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                          "rope_theta": 1e4}),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                    fullatt_block_indexes=[1], window_size=56),
+        tokens=dict(vision_start_token_id=1, vision_end_token_id=2, image_token_id=3, video_token_id=4)),
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+PROMPT_TOKENS = 30  # system turn + "Classify this food101 image." + assistant turn, roughly
+
+
+def build_batch(config, batch_size, image_size, num_classes, device):
+    """One image per sample: Qwen2-VL image processor output and input_ids with its placeholders."""
+    from transformers import Qwen2VLImageProcessorPil
+    processor = Qwen2VLImageProcessorPil(min_pixels=image_size ** 2, max_pixels=image_size ** 2)
+    images = [Image.new("RGB", (image_size, image_size), (i * 37 % 256, 90, 160)) for i in range(batch_size)]
+    vision = processor(images=images, return_tensors="pt")
+    per_image = int(vision["image_grid_thw"][0].prod()) // processor.merge_size ** 2
+    text = torch.randint(10, 1000, (batch_size, PROMPT_TOKENS))
+    marker = lambda token_id: torch.full((batch_size, 1), token_id)  # noqa: E731
+    input_ids = torch.cat([text[:, :5], marker(config.vision_start_token_id),
+                           torch.full((batch_size, per_image), config.image_token_id),
+                           marker(config.vision_end_token_id), text[:, 5:]], dim=1)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "mm_token_type_ids": (input_ids == config.image_token_id).long(), **vision}
+    labels = torch.randint(0, num_classes, (batch_size,))
+    return {k: v.to(device) for k, v in batch.items()}, labels.to(device), per_image
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=SHAPES, default="qwen2_5_vl_3b")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--image_size", type=int, default=448, help="pixels per side (448: 256 image tokens)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps, after 2 warm-up steps")
+    p.add_argument("--num_labels", type=int, default=2000)
+    p.add_argument("--no_checkpointing", action="store_true")
+    p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: from the GPU's name)")
+    args = p.parse_args()
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = SHAPES[args.shape]
+    config = Qwen2_5_VLConfig(text_config=shape["text"], vision_config=shape["vision"], **shape.get("tokens", {}))
+    torch.manual_seed(0)
+    with torch.device(device):
+        backbone = Qwen2_5_VLModel(config).to(torch.bfloat16)
+    model = MaskedClassifier(backbone, args.num_labels).to(device, torch.bfloat16).train()
+    if not args.no_checkpointing:
+        enable_activation_checkpointing(backbone)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    batch, labels, per_image = build_batch(config, args.batch_size, args.image_size, args.num_labels, device)
+    num_classes = torch.full_like(labels, args.num_labels)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = mask_logits(model(**batch), num_classes)
+        masked_cross_entropy(logits, labels).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+
+    tokens = batch["input_ids"].numel()
+    patches = int(batch["image_grid_thw"].prod(-1).sum())
+    vision_params = sum(p.numel() for p in backbone.visual.parameters())
+    language_params = sum(p.numel() for p in backbone.language_model.parameters())
+    embedding = backbone.language_model.embed_tokens.weight.numel()
+    flops = 6 * ((language_params - embedding) * tokens + vision_params * patches)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    print(f"device: {name}; shape {args.shape}: {language_params / 1e6:,.1f}M language + {vision_params / 1e6:,.1f}M vision "
+          f"parameters, bf16, activation checkpointing {'off' if args.no_checkpointing else 'on'}")
+    print(f"batch {args.batch_size} images of {args.image_size}x{args.image_size} ({per_image} image tokens each), "
+          f"{tokens // args.batch_size} tokens per sample")
+    print(f"step time      {seconds * 1000:.1f} ms")
+    print(f"tokens/s       {tokens / seconds:,.0f}")
+    print(f"images/s       {args.batch_size / seconds:,.1f}")
+    if device.type == "cuda":
+        print(f"peak memory    {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    print(f"model TFLOP/s  {flops / seconds / 1e12:.1f}" + (f"   MFU {100 * flops / seconds / 1e12 / peak:.1f}% of "
+                                                            f"{peak:.0f}" if peak else ""))
+
+
+if __name__ == "__main__":
+    main()
