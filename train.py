@@ -233,6 +233,9 @@ def check_args(args, label_space, val_records):
     for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("min_pixels", "max_pixels"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive number of pixels, got {getattr(args, name)}")
     if args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
     if not 0 <= args.label_smoothing < 1:
