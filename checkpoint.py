@@ -1,25 +1,36 @@
 """Checkpoint folders: atomic writes, discovery, pruning and trainer-state I/O.
 
 A checkpoint is `OUTPUT_DIR/checkpoint-{step}/` holding
-  config.json + model.safetensors   the backbone, in its own Hugging Face format
-  preprocessor_config.json           the image processor
+  config.json + model.safetensors   the whole backbone, in its own Hugging Face format (eval.py, inference)
+  preprocessor_config.json, ...      the image processor / tokenizer
   head.safetensors + classifier.json the classification head and label layout (model.py)
-  trainer_state.pt                   optimizer, GradScaler and RNG states (tensors only, weights_only=True)
+  state/shard-*.safetensors          model + optimizer state as each rank holds it (torch.distributed.checkpoint),
+                                     read back on any number of processes, sharded or not: what resuming loads
+  trainer_state.pt                   GradScaler and per-rank RNG states (tensors only, weights_only=True)
   training_info.json                 step, epoch, args, metrics at that step, best so far
-It is written under `.tmp-checkpoint-{step}` and renamed into place only when complete,
-so a folder named checkpoint-* is always whole. Nothing here unpickles.
+It is written under `.tmp-checkpoint-{step}` and renamed into place by rank 0 only when complete,
+so a folder named checkpoint-* is always whole. Nothing here unpickles: the sharded state is
+safetensors whose shard offsets are JSON in the file headers (DCP's default format pickles
+its metadata file, so it is not used).
 """
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+
+from distributed import barrier
 
 INFO_FILE = "training_info.json"
 STATE_FILE = "trainer_state.pt"
+SHARDED_DIR = "state"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -52,21 +63,26 @@ def resolve_resume(resume, output_dir):
     return resume
 
 
-def write_atomically(final_path, write_fn):
-    """Call write_fn(tmp_folder), then rename tmp_folder to final_path in one step."""
+def write_atomically(final_path, write_fn, rank=0):
+    """Every rank calls write_fn(tmp_folder); then rank 0 renames tmp_folder to final_path in one step."""
     parent, name = os.path.split(os.path.normpath(final_path))
     tmp = os.path.join(parent, f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
     write_fn(tmp)
-    if os.path.exists(final_path):  # re-saving the same step: replace the old folder whole
-        old = os.path.join(parent, f".old-{name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final_path, old)
-        os.rename(tmp, final_path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final_path)
+    barrier()
+    if rank == 0:
+        if os.path.exists(final_path):  # re-saving the same step: replace the old folder whole
+            old = os.path.join(parent, f".old-{name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final_path, old)
+            os.rename(tmp, final_path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final_path)
+    barrier()
 
 
 def write_json(path, obj):
@@ -126,3 +142,46 @@ def load_trainer_state(folder):
         raise FileNotFoundError(f"{path} is missing: this checkpoint cannot be resumed from") from None
     except Exception as e:
         raise RuntimeError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from None
+
+
+def save_sharded_state(folder, model, optimizer):
+    """Every rank writes the model and optimizer state it holds (FSDP2: its shards; DDP: rank 0 writes
+    the replicated tensors once) to folder/state as safetensors."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # one process without a process group is a supported case
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        dcp.save({"model": model_state, "optim": optim_state["state"]},
+                 storage_writer=dcp.HuggingFaceStorageWriter(os.path.join(folder, SHARDED_DIR), save_distributed=True))
+
+
+def load_sharded_state(folder, model, optimizer=None):
+    """Load what save_sharded_state wrote into `model` (and `optimizer`) on any world size and wrapping.
+
+    Every model tensor must be in the checkpoint. An optimizer entry may be missing: AdamW keeps no
+    state for a parameter that never had a gradient (e.g. a pooler the chosen pooling skips)."""
+    path = os.path.join(folder, SHARDED_DIR)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is missing: this checkpoint cannot be resumed from")
+    reader = dcp.HuggingFaceStorageReader(path)
+    try:
+        saved = reader.read_metadata().state_dict_metadata
+    except Exception as e:
+        raise RuntimeError(f"{path}: cannot read the sharded state ({type(e).__name__}: {e})") from None
+    if optimizer is None:
+        model_state, optim_state = get_model_state_dict(model), None
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+    missing = [k for k in model_state if f"model.{k}" not in saved]
+    if missing:
+        raise ValueError(f"{path} does not fit this model: {len(missing)} tensor(s) are missing, e.g. {missing[:3]}")
+    state = {"model": model_state}
+    if optim_state is not None:
+        state["optim"] = optim_state["state"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, storage_reader=reader, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    if optim_state is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict={"state": state["optim"], "param_groups": optim_state["param_groups"]})

@@ -64,14 +64,38 @@ def all_gather_objects(obj):
     return out
 
 
-def run(fn, args, user_errors):
+def shard_model(model, units, device, param_dtype=None, cpu_offload=False):
+    """FSDP2: `fully_shard` each unit (a transformer block, a VLM's vision tower), then the root.
+
+    param_dtype: compute dtype of the gathered weights (bf16), gradients reduced in fp32.
+    cpu_offload: sharded weights, gradients and optimizer state live in CPU memory."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    options = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
+    if param_dtype is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    for unit in units:
+        fully_shard(unit, **options)
+    fully_shard(model, **options)  # the root: what no unit holds (embeddings, final norm, head)
+    return model
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def run(fn, args, user_errors, timeout_minutes=30):
     """Call fn(args, rank, world_size, device) in this (torchrun) process.
 
     A user error (bad data, a missing file, a wrong flag) ends the process with its message
     and exit code 2. No collective on that way out: other ranks may be inside one, and
-    torchrun stops them when this one exits.
+    torchrun stops them when this one exits (without torchrun, a collective that waits on a
+    dead rank fails after `timeout_minutes`).
     """
-    rank, world_size, _, device = setup_distributed()
+    rank, world_size, _, device = setup_distributed(timeout_minutes)
     try:
         fn(args, rank, world_size, device)
     except user_errors as e:

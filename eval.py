@@ -12,6 +12,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import os
 
 import torch
@@ -21,7 +22,7 @@ from checkpoint import checkpoint_step, list_checkpoints, read_info
 from dataset import (DataError, count_per_dataset, load_registry, make_loader, partial_eval_indices,
                      read_jsonl_files, summarize)
 import distributed
-from distributed import all_gather_objects
+from distributed import all_gather_objects, is_sharded
 from losses import masked_cross_entropy
 from metrics import ClassificationMetrics, format_table
 from model import LabelSpace, autocast, classify, load_classifier, read_classifier_info
@@ -33,7 +34,9 @@ RESULTS_FILE = "eval_results.jsonl"
 def evaluate(model, records, indices, inputs, label_space, *, batch_size, device, precision="fp32",
              masking=True, num_workers=0, prefix="eval", rank=0, world_size=1, with_predictions=False):
     """Metrics over records[indices], exact under torchrun: rank r takes indices[r::world_size]
-    (no padding, no duplicates) and the per-dataset sums are all-reduced.
+    (no padding, no duplicates) and the per-dataset sums are all-reduced. An FSDP2-sharded model
+    gathers its weights in every forward, so there a rank with fewer batches runs throw-away
+    forwards until every rank has run as many.
 
     Returns (metrics dict, predictions); predictions (rank-0 complete, in `indices` order) only
     with `with_predictions`: dicts with index, label, prediction (class in the sample's own
@@ -57,6 +60,12 @@ def evaluate(model, records, indices, inputs, label_space, *, batch_size, device
             local = row - offsets[batch["dataset_ids"]]
             predictions += [{"index": i, "label": y, "prediction": p, "probability": q} for i, y, p, q in zip(
                 batch["indices"].tolist(), batch["labels"].tolist(), local.tolist(), prob.tolist())]
+    if is_sharded(model) and indices:
+        most = math.ceil(math.ceil(len(indices) / world_size) / batch_size)  # batches of rank 0, the largest share
+        filler = next(iter(make_loader(records, indices[:1], inputs, label_space.names, 1, 0)))
+        for _ in range(most - len(loader)):
+            with autocast(device, precision):
+                classify(model, {k: v.to(device) for k, v in filler.items()}, num_classes, offsets, masking)
     model.train(was_training)
     result = metrics.all_reduce().compute(prefix)
     if with_predictions and world_size > 1:

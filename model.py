@@ -392,7 +392,9 @@ def fsdp_units(backbone):
 
     A vision-language model's vision tower is one unit (one all-gather for a small encoder);
     every other unit is a transformer block: a member of one of the model's own layer lists
-    whose class is in its `_no_split_modules`.
+    whose class is in its `_no_split_modules`. A block inside another (ConvNeXt's layers in
+    its stages) goes with the outer one. A model without such lists (ResNet) has no units:
+    it is sharded whole, as the root.
     """
     vision = vision_language_parts(backbone)[0] if is_vision_language(backbone.config) else None
     inside = set(vision.modules()) if vision is not None else set()
@@ -400,16 +402,23 @@ def fsdp_units(backbone):
     units = [vision] if vision is not None else []
     for module in backbone.modules():
         if isinstance(module, nn.ModuleList) and module not in inside:
-            units += [m for m in module if type(m).__name__ in blocks]
+            for block in module:
+                if type(block).__name__ in blocks and block not in inside:
+                    units.append(block)
+                    inside.update(block.modules())
     return units
 
 
-def save_classifier(model, inputs, folder, classifier_info):
-    """Write the backbone in its own HF format, its processor files, the head and the label layout."""
-    model.backbone.save_pretrained(folder, safe_serialization=True)
+def save_classifier(model, inputs, folder, classifier_info, state_dict=None):
+    """Write the backbone in its own HF format, its processor files, the head and the label layout.
+
+    state_dict: the whole model's full weights when `model` holds only shards of them (FSDP)."""
+    weights = state_dict if state_dict is not None else model.state_dict()
+    part = lambda prefix: {k[len(prefix):]: v.detach().contiguous().cpu()  # noqa: E731
+                           for k, v in weights.items() if k.startswith(prefix)}
+    model.backbone.save_pretrained(folder, state_dict=part("backbone."), safe_serialization=True)
     inputs.save_pretrained(folder)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()},
-              os.path.join(folder, HEAD_FILE))
+    save_file(part("head."), os.path.join(folder, HEAD_FILE))
     with open(os.path.join(folder, CLASSIFIER_FILE), "w") as f:
         json.dump(classifier_info, f, indent=2)
 
@@ -436,13 +445,6 @@ def load_head(model, folder):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing")
     model.head.load_state_dict(load_file(path))
-
-
-def load_classifier_weights(model, folder):
-    """Copy a checkpoint's backbone and head weights into an existing MaskedClassifier."""
-    saved = from_pretrained(type(model.backbone), folder, dtype=model.backbone.dtype)
-    model.backbone.load_state_dict(saved.state_dict())
-    load_head(model, folder)
 
 
 def classify(model, batch, num_classes, offsets, masking=True):

@@ -2,12 +2,15 @@
 
     python train.py --config configs/demo.yaml
     torchrun --nproc_per_node 8 train.py --config my.yaml --batch_size 32 --grad_accum 2
+    torchrun --nnodes 4 --nproc_per_node 8 ... train.py --config my.yaml --dist fsdp --precision bf16
 
 Every flag can also be a key of the --config file (YAML/JSON); flags on the command line
 win over the file. One optimizer step, top to bottom:
   fetch grad_accum micro-batches -> count their samples on all ranks -> forward with masked
   logits -> sum of per-sample losses / global count -> backward (gradient sync on the last
   micro-batch only) -> clip -> AdamW step -> log / evaluate / track best / save.
+Under torchrun the model is replicated (--dist ddp) or sharded per transformer block with
+FSDP2 (--dist fsdp); the loop is the same.
 """
 import argparse
 import json
@@ -19,11 +22,14 @@ import time
 from itertools import islice
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (STATE_FILE, list_checkpoints, load_trainer_state, prune_checkpoints, read_info, resolve_resume,
-                        rng_state, set_rng_state, write_atomically, write_json, INFO_FILE)
+from checkpoint import (INFO_FILE, STATE_FILE, list_checkpoints, load_sharded_state, load_trainer_state, prune_checkpoints,
+                        read_info, resolve_resume, rng_state, save_sharded_state, set_rng_state, write_atomically,
+                        write_json)
 from dataset import (DataError, count_per_dataset, load_registry, make_loader, partial_eval_indices, read_jsonl_files,
                      summarize, train_indices)
 import distributed
@@ -32,7 +38,7 @@ from eval import evaluate
 from losses import masked_cross_entropy
 from metrics import ClassificationMetrics, format_table
 from model import (DEFAULT_PROMPT, LabelSpace, MaskedClassifier, POOLINGS, autocast, classify,
-                   enable_activation_checkpointing, load_backbone, load_classifier_weights, save_classifier, set_trainable)
+                   enable_activation_checkpointing, fsdp_units, load_backbone, save_classifier, set_trainable)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -68,6 +74,14 @@ def build_parser():
     a("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     a("--param_dtype", choices=["fp32", "bf16"], default="fp32",
       help="dtype of the weights and optimizer state; bf16 halves memory for large backbones")
+    # several processes (torchrun)
+    a("--dist", choices=["ddp", "fsdp"], default="ddp",
+      help="ddp: a full replica per process; fsdp: FSDP2, weights, gradients and optimizer state sharded "
+           "per transformer block (a VLM's vision tower is one unit)")
+    a("--cpu_offload", action="store_true", help="--dist fsdp: keep sharded weights, gradients and AdamW state in CPU memory")
+    a("--compile", action="store_true", help="torch.compile each transformer block")
+    a("--dist_timeout_minutes", type=float, default=30,
+      help="a collective waiting longer than this on another process fails (a dead rank cannot hang the job)")
     a("--train_jsonl", nargs="+", help="one or more training JSONL files")
     a("--val_jsonl", nargs="+", help="one or more validation JSONL files")
     a("--datasets", nargs="+", help="registry: FILE.yaml/json, or name=num_classes[:eval_ratio] ...")
@@ -236,6 +250,10 @@ def check_args(args, label_space, val_records):
     for name in ("min_pixels", "max_pixels"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive number of pixels, got {getattr(args, name)}")
+    if args.dist == "fsdp" and args.precision == "fp16":
+        raise ValueError("--dist fsdp takes --precision bf16 or fp32 (fp16 needs a gradient scaler FSDP2 does not have)")
+    if args.cpu_offload and args.dist != "fsdp":
+        raise ValueError("--cpu_offload needs --dist fsdp")
     if args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
     if not 0 <= args.label_smoothing < 1:
@@ -273,19 +291,25 @@ def make_optimizer(model, args, device):
 # ----------------------------------------------------------------------------- checkpoints and logs
 
 def save_checkpoint(path, model, inputs, optimizer, scaler, info, classifier_info, rank, train_metrics):
-    """Atomic checkpoint: rank 0 writes a temporary folder and renames it.
-
-    Every rank's RNG state and unlogged train-metric sums are kept, so a resumed run goes on
-    exactly as an uninterrupted one would, its logs included."""
+    """Atomic checkpoint (see checkpoint.py): every rank writes its share of the model and optimizer
+    state; rank 0 adds the whole model gathered in CPU memory (for eval.py and inference), the
+    scaler, every rank's RNG state and unlogged train-metric sums, so a resumed run goes on exactly
+    as an uninterrupted one would, its logs included."""
     per_rank = all_gather_objects({"rng": rng_state(), "train_metrics": train_metrics.sums.cpu()})
-    if rank == 0:
-        def write(tmp):
-            save_classifier(model, inputs, tmp, classifier_info)
-            torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "ranks": per_rank},
-                       os.path.join(tmp, STATE_FILE))
+    # Full tensors on rank 0 only (an empty dict elsewhere); under FSDP a collective, so every rank calls it.
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def write(tmp):
+        save_sharded_state(tmp, model, optimizer)
+        if rank == 0:
+            save_classifier(unwrap(model), inputs, tmp, classifier_info, state_dict=full)
+            torch.save({"scaler": scaler.state_dict(), "ranks": per_rank}, os.path.join(tmp, STATE_FILE))
             write_json(os.path.join(tmp, INFO_FILE), info)  # written last: marks the folder complete
-        write_atomically(path, write)
-    barrier()
+    write_atomically(path, write, rank)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DDP) else model
 
 
 class JsonlLog:
@@ -340,7 +364,7 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    distributed.run(train, args, (DataError, FileNotFoundError, ValueError))
+    distributed.run(train, args, (DataError, FileNotFoundError, ValueError), args.dist_timeout_minutes)
 
 
 def train(args, rank, world_size, device):
@@ -364,21 +388,40 @@ def train(args, rank, world_size, device):
                       "partial evaluation subset", total=count_per_dataset(val_records, len(registry))))
     prepare_output_dir(args, rank)
 
-    # Model: identical init on every rank (DDP also broadcasts rank 0's weights).
+    # Model: identical init on every rank (DDP also broadcasts rank 0's weights). From here on `model` is
+    # what the step runs (DDP wrapper or FSDP2 module); `raw_model` is the classifier itself (under FSDP2
+    # the same module), whose forward needs no collective outside FSDP: evaluation calls it.
     torch.manual_seed(args.seed)
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
     backbone, inputs = load_backbone(args.model, args.seed, param_dtype, args.prompt, args.min_pixels, args.max_pixels)
-    raw_model = MaskedClassifier(backbone, label_space.num_labels, args.pooling).to(device, param_dtype)
+    raw_model = MaskedClassifier(backbone, label_space.num_labels, args.pooling).to(dtype=param_dtype)
     trainable, total = set_trainable(raw_model, args.freeze, args.train_only_head)
     say(f"{type(backbone).__name__}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.1f}%)")
     if args.gradient_checkpointing:
         enable_activation_checkpointing(backbone)
+    units = fsdp_units(backbone)  # transformer blocks (and a VLM's vision tower), in order
+    if args.compile:
+        for unit in units:
+            unit.compile()
+    model = raw_model
+    if args.dist == "fsdp" and world_size > 1:
+        # In place: raw_model is now the sharded model, each shard moved to the device (or kept in CPU
+        # memory with --cpu_offload); the optimizer below holds the shards.
+        model = distributed.shard_model(raw_model, units, device, param_dtype=torch.bfloat16 if args.precision == "bf16"
+                                        else None, cpu_offload=args.cpu_offload)
+        say(f"FSDP2 over {world_size} processes: {len(units)} block(s) + the root sharded")
+    elif world_size > 1:
+        # With --pooling cls/mean a vision backbone's own pooler (and final norm, for some) gets no gradient.
+        model = DDP(raw_model.to(device), device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=not raw_model.token_inputs and args.pooling in ("cls", "mean"))
+    else:
+        raw_model.to(device)
     classifier_info = {"num_labels": label_space.num_labels, "label_space": label_space.layout,
                        "pooling": raw_model.pooling, "prompt": inputs.prompt, "no_logits_masking": args.no_logits_masking,
                        "datasets": {n: {"num_classes": s.num_classes, "eval_ratio": s.eval_ratio,
                                         "description": s.description, "offset": o}
                                     for (n, s), o in zip(registry.items(), label_space.offsets)}}
-    optimizer = make_optimizer(raw_model, args, device)
+    optimizer = make_optimizer(raw_model, args, device)  # after sharding: FSDP2 replaces the parameters
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
     # Schedule: one epoch is this rank's share of the data in micro-batches, grouped by grad_accum.
@@ -397,8 +440,7 @@ def train(args, rank, world_size, device):
         folder = resolve_resume(args.resume, args.output_dir)
         info = read_info(folder)
         state = load_trainer_state(folder)
-        load_classifier_weights(raw_model, folder)
-        optimizer.load_state_dict(state["optimizer"])
+        load_sharded_state(folder, model, optimizer)  # any world size and --dist the checkpoint was written with
         scaler.load_state_dict(state["scaler"])
         if rank < len(state["ranks"]):  # a different world size starts with fresh RNG and an empty window
             set_rng_state(state["ranks"][rank]["rng"])
@@ -407,13 +449,6 @@ def train(args, rank, world_size, device):
         say(f"resumed from {folder} at step {start_step}")
     else:
         torch.manual_seed(args.seed + rank)
-
-    model = raw_model
-    if world_size > 1:
-        # With --pooling cls/mean a vision backbone's own pooler (and final norm, for some) gets no gradient.
-        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=not raw_model.token_inputs and args.pooling in ("cls", "mean"))
-    # FSDP2 (fully_shard per block) will be a third branch here, selected by --dist.
 
     log = JsonlLog(os.path.join(args.output_dir, "metrics.jsonl"), rank,
                    keep_through_step=start_step if args.resume else None)
@@ -436,7 +471,7 @@ def train(args, rank, world_size, device):
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         info = {"step": step, "epoch": epoch_of(step), "args": vars(args), "metrics": metrics, "best": best,
                 "world_size": world_size}
-        save_checkpoint(path, raw_model, inputs, optimizer, scaler, info, classifier_info, rank, train_metrics)
+        save_checkpoint(path, model, inputs, optimizer, scaler, info, classifier_info, rank, train_metrics)
         last_saved = path
         if main_process:
             if args.save_best_only:
@@ -469,17 +504,22 @@ def train(args, rank, world_size, device):
                 group["lr"] = lr
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                if world_size > 1:
-                    model.require_backward_grad_sync = i == len(micro_batches) - 1
+                last = i == len(micro_batches) - 1
+                if distributed.is_sharded(model):
+                    model.set_requires_gradient_sync(last)
+                elif world_size > 1:
+                    model.require_backward_grad_sync = last  # what DDP's no_sync() sets
                 with autocast(device, args.precision):
                     logits, targets = classify(model, batch, num_classes_t, offsets_t, masking)
                 losses = masked_cross_entropy(logits, targets, args.label_smoothing)
-                # DDP averages gradients over ranks; multiplying by world_size makes it a global sum / count.
+                # DDP and FSDP average gradients over ranks; multiplying by world_size makes it a global sum / count.
                 loss = losses.sum() * world_size / global_count
                 scaler.scale(loss).backward()
                 train_metrics.update(losses.detach(), logits.detach().float(), targets, batch["dataset_ids"])
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm or float("inf"))
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards
+                grad_norm = grad_norm.full_tensor()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -526,7 +566,7 @@ def train(args, rank, world_size, device):
     if not args.no_final_eval:
         evaluated = best["checkpoint"] or last_saved
         if best["checkpoint"]:
-            load_classifier_weights(raw_model, best["checkpoint"])
+            load_sharded_state(best["checkpoint"], model)
         say(f"full evaluation of {evaluated} on all {len(val_records):,} validation samples")
         final_metrics, _ = evaluate(raw_model, val_records, list(range(len(val_records))), inputs,
                                     label_space, prefix="final_eval", **eval_kwargs)
