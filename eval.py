@@ -2,6 +2,7 @@
 
     python eval.py RUN_DIR_OR_CHECKPOINT [--val_jsonl a.jsonl b.jsonl] [--predictions preds.jsonl]
     torchrun --nproc_per_node 4 eval.py RUN_DIR ...   # exact: every sample counted once
+    torchrun --nproc_per_node 8 eval.py RUN_DIR --dist fsdp   # a model too large for one device
 
 The dataset registry, head size, label layout and image preprocessing come from the
 checkpoint; the flags below override them. Results are appended to
@@ -22,10 +23,10 @@ from checkpoint import checkpoint_step, list_checkpoints, read_info
 from dataset import (DataError, count_per_dataset, load_registry, make_loader, partial_eval_indices,
                      read_jsonl_files, summarize)
 import distributed
-from distributed import all_gather_objects, is_sharded
+from distributed import all_gather_objects, is_sharded, shard_model
 from losses import masked_cross_entropy
 from metrics import ClassificationMetrics, format_table
-from model import LabelSpace, autocast, classify, load_classifier, read_classifier_info
+from model import LabelSpace, autocast, classify, fsdp_units, load_classifier, read_classifier_info
 
 RESULTS_FILE = "eval_results.jsonl"
 
@@ -122,6 +123,8 @@ def build_parser():
     p.add_argument("--seed", type=int, help="seed of the partial subset (default: the run's)")
     p.add_argument("--force", action="store_true", help="evaluate again checkpoints already evaluated on this data")
     p.add_argument("--predictions", metavar="FILE", help="write one JSON line per sample and checkpoint")
+    p.add_argument("--dist", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: a full model per process, or FSDP2-sharded per block (default: ddp)")
     return p
 
 
@@ -161,7 +164,11 @@ def run(args, rank, world_size, device):
                 print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); --force to redo")
             continue
         model, inputs, _ = load_classifier(folder)
-        model.to(device)
+        if args.dist == "fsdp" and world_size > 1:
+            shard_model(model, fsdp_units(model.backbone), device,
+                        param_dtype=torch.bfloat16 if args.precision == "bf16" else None)
+        else:
+            model.to(device)
         metrics, predictions = evaluate(model, records, indices, inputs, label_space,
                                         batch_size=args.batch_size, device=device, precision=args.precision,
                                         masking=masking, num_workers=args.num_workers, prefix="eval",

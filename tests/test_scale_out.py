@@ -1,0 +1,126 @@
+"""One process, N processes with DDP and N processes with FSDP2 (gloo on CPU) give the same
+training, the same checkpoints and the same evaluation."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import train
+from conftest import assert_same_weights, load_weights, read_jsonl, run_script, train_args
+
+STEPS = ["--max_steps", 3, "--skip_evaluation", "--lr", 1e-2, "--warmup_steps", 0, "--logging_steps", 1,
+         "--pooling", "mean"]
+
+
+def run(data, model, out, processes, *extra):
+    argv = train_args(data, model, out, *STEPS, *extra)
+    if processes == 1:
+        train.main(argv)  # in this process: the same code path, faster than a subprocess
+    else:
+        result = run_script("train.py", *argv, torchrun=processes)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def train_log(out):
+    return [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "train"]
+
+
+def assert_same_training(runs):
+    """Same weights after the last step, and the same global loss, sample count and gradient norm at every step."""
+    first, *others = runs
+    for other in others:
+        assert_same_weights(load_weights(first / "checkpoint-3"), load_weights(other / "checkpoint-3"), atol=1e-4)
+        for a, b in zip(train_log(first), train_log(other), strict=True):
+            assert a["train_overall_samples"] == b["train_overall_samples"], other.name
+            assert a["train_overall_loss"] == pytest.approx(b["train_overall_loss"], rel=1e-4), other.name
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), other.name
+
+
+def test_one_process_accumulation_ddp_and_fsdp_take_the_same_steps(small_data, tiny_vit, tmp_path):
+    # Global batch 8 for 3 steps: 1 x 8; 1 x 2 x accum 4; 2 processes x 4 (DDP); 2 processes x 2 x accum 2 (FSDP2).
+    runs = {"one": (1, "--batch_size", 8), "accum": (1, "--batch_size", 2, "--grad_accum", 4),
+            "ddp": (2, "--batch_size", 4, "--dist", "ddp"),
+            "fsdp": (2, "--batch_size", 2, "--grad_accum", 2, "--dist", "fsdp")}
+    for name, (processes, *extra) in runs.items():
+        run(small_data, tiny_vit, tmp_path / name, processes, *extra)
+    assert [r["train_overall_samples"] for r in train_log(tmp_path / "fsdp")] == [8, 8, 8]
+    assert_same_training([tmp_path / name for name in runs])
+
+
+def test_uneven_micro_batches_are_normalised_over_the_global_batch(small_data, tiny_vit, tmp_path):
+    # 56 samples in global batches of 24: steps of 24, 24 and 8 samples. In the last step one process
+    # with micro-batches of 6 sees 6 + 2, and each FSDP2 rank sees 3 + 1: averaging per micro-batch
+    # (or per rank) would weight those samples unequally. The FSDP2 run also recomputes activations.
+    runs = {"one": (1, "--batch_size", 24), "accum": (1, "--batch_size", 6, "--grad_accum", 4),
+            "ddp": (2, "--batch_size", 12, "--dist", "ddp"),
+            "fsdp": (2, "--batch_size", 3, "--grad_accum", 4, "--dist", "fsdp", "--gradient_checkpointing")}
+    for name, (processes, *extra) in runs.items():
+        run(small_data, tiny_vit, tmp_path / name, processes, *extra)
+    assert [r["train_overall_samples"] for r in train_log(tmp_path / "fsdp")] == [24, 24, 8]
+    assert_same_training([tmp_path / name for name in runs])
+
+
+def test_fsdp_checkpoint_resumes_on_one_process_and_evaluates_exactly(small_data, tiny_vit, tmp_path):
+    """2 FSDP2 processes write checkpoint-3; one process resumes from it and ends where the 2-process run
+    ends. The evaluation under FSDP counts every validation sample once (21 + 10: odd sizes)."""
+    common = ["--max_steps", 6, "--save_steps", 3, "--eval_steps", 3, "--logging_steps", 1, "--lr", 1e-2,
+              "--pooling", "mean", "--save_all_checkpoints"]
+    sharded, resumed = tmp_path / "fsdp", tmp_path / "resumed"
+    result = run_script("train.py", *train_args(small_data, tiny_vit, sharded, *common, "--batch_size", 4,
+                                                "--dist", "fsdp"), torchrun=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDP2 over 2 processes: 2 block(s) + the root sharded" in result.stdout
+    shards = sorted(os.listdir(sharded / "checkpoint-3" / "state"))
+    assert len(shards) == 2 and all(s.endswith(".safetensors") for s in shards)  # one file per rank
+
+    os.makedirs(resumed)
+    shutil.copytree(sharded / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(sharded / "metrics.jsonl", resumed / "metrics.jsonl")
+    train.main(train_args(small_data, tiny_vit, resumed, *common, "--batch_size", 8, "--resume", "latest"))
+    assert_same_weights(load_weights(sharded / "checkpoint-6"), load_weights(resumed / "checkpoint-6"), atol=1e-4)
+    a, b = read_jsonl(sharded / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [r["event"] for r in a] == [r["event"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if key.endswith(("_loss", "_samples", "_correct")):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4), (ra["event"], ra["step"], key)
+
+    final = [r for r in a if r["event"] == "final_eval"][0]
+    assert (final["final_eval_digits_samples"], final["final_eval_faces_samples"]) == (21, 10)
+    partial = [r for r in a if r["event"] == "eval"][0]
+    assert (partial["eval_digits_samples"], partial["eval_faces_samples"]) == (10, 10)  # digits: eval_ratio 0.5 of 21
+
+
+def test_consolidated_weights_equal_the_sharded_state(small_data, tiny_vit, tmp_path):
+    """model.safetensors + head.safetensors (gathered on rank 0) hold exactly what the ranks' shards hold."""
+    from checkpoint import load_sharded_state
+    from model import load_classifier
+    result = run_script("train.py", *train_args(small_data, tiny_vit, tmp_path, *STEPS, "--batch_size", 4,
+                                                "--dist", "fsdp"), torchrun=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "checkpoint-3"
+    model, _, _ = load_classifier(str(folder))
+    consolidated = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.data.zero_()
+    load_sharded_state(str(folder), model)
+    loaded = model.state_dict()
+    assert consolidated.keys() == loaded.keys()
+    assert all(torch.equal(consolidated[k], loaded[k]) for k in loaded)
+    assert loaded["head.weight"].abs().sum() > 0
+
+
+def test_eval_script_under_fsdp_counts_every_sample_once(small_data, tiny_vit, tmp_path):
+    run(small_data, tiny_vit, tmp_path, 1, "--batch_size", 8)
+    one = run_script("eval.py", tmp_path / "checkpoint-3", "--num_workers", 0, "--batch_size", 4)
+    two = run_script("eval.py", tmp_path / "checkpoint-3", "--num_workers", 0, "--batch_size", 4, "--force",
+                     "--dist", "fsdp", torchrun=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    a, b = read_jsonl(tmp_path / "eval_results.jsonl")
+    assert (b["eval_digits_samples"], b["eval_faces_samples"]) == (21, 10)
+    for key in a:
+        if key.endswith(("_samples", "_correct")):
+            assert a[key] == b[key], key
+        elif key.endswith("_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
