@@ -256,11 +256,16 @@ def test_qwen2_vl_linear_probe_and_frozen_vision_in_bf16(small_data, tiny_qwen2_
     assert (row["eval_digits_samples"], row["eval_faces_samples"]) == (21, 10)
 
 
-def test_two_process_ddp_vlm_training_matches_one_process(small_data, tiny_qwen2_vl, tmp_path):
+@pytest.mark.parametrize("dist", ["ddp", "fsdp"])
+def test_two_process_vlm_training_matches_one_process(small_data, tiny_qwen2_vl, tmp_path, dist):
+    # FSDP2 units: the vision tower whole, then each decoder layer; the root holds embeddings, norm and head.
     common = ["--max_steps", 2, "--eval_steps", 2, "--save_steps", 2, "--lr", 1e-3, "--logging_steps", 1,
               "--pooling", "mean", "--no_final_eval"]
     train(*train_args(small_data, tiny_qwen2_vl, tmp_path / "one", *common, "--batch_size", 8))
-    train(*train_args(small_data, tiny_qwen2_vl, tmp_path / "two", *common, "--batch_size", 4), torchrun=2)
+    two = train(*train_args(small_data, tiny_qwen2_vl, tmp_path / "two", *common, "--batch_size", 4, "--dist", dist),
+                torchrun=2)
+    if dist == "fsdp":
+        assert "FSDP2 over 2 processes: 3 block(s) + the root sharded" in two.stdout
     assert_same_weights(load_weights(tmp_path / "one" / "checkpoint-2"), load_weights(tmp_path / "two" / "checkpoint-2"),
                         atol=1e-4)
     evals = [[r for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["event"] == "eval"][0] for run in ("one", "two")]
