@@ -124,3 +124,19 @@ def test_eval_script_under_fsdp_counts_every_sample_once(small_data, tiny_vit, t
             assert a[key] == b[key], key
         elif key.endswith("_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_fsdp_with_cpu_offload_and_compiled_blocks_takes_the_same_steps(small_data, tiny_vit, tmp_path):
+    run(small_data, tiny_vit, tmp_path / "one", 1, "--batch_size", 8)
+    run(small_data, tiny_vit, tmp_path / "fsdp", 2, "--batch_size", 4, "--dist", "fsdp", "--cpu_offload", "--compile")
+    assert_same_training([tmp_path / "one", tmp_path / "fsdp"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dist", "fsdp", "--precision", "fp16"], "--dist fsdp takes --precision bf16 or fp32"),
+    (["--cpu_offload"], "--cpu_offload needs --dist fsdp"),
+])
+def test_bad_distributed_options_are_clear_errors(small_data, tiny_vit, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 1, *extra))
+    assert e.value.code == 2 and message in capsys.readouterr().err
