@@ -40,6 +40,9 @@ PRESETS = {
                                    image_size=32, patch_size=4), 32),
     "convnext-tiny": ("ConvNextConfig", dict(num_channels=3, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], num_stages=3,
                                              patch_size=2), 32),
+    # ViT-L/16 (304M parameters) for throughput and memory checks on GPUs, e.g. with --dist fsdp
+    "vit-large": ("ViTConfig", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                    intermediate_size=4096, image_size=224, patch_size=16), 224),
 }
 
 
