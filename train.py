@@ -388,9 +388,9 @@ def train(args, rank, world_size, device):
                       "partial evaluation subset", total=count_per_dataset(val_records, len(registry))))
     prepare_output_dir(args, rank)
 
-    # Model: identical init on every rank (DDP also broadcasts rank 0's weights). From here on `model` is
-    # what the step runs (DDP wrapper or FSDP2 module); `raw_model` is the classifier itself (under FSDP2
-    # the same module), whose forward needs no collective outside FSDP: evaluation calls it.
+    # Model: identical init on every rank (DDP also broadcasts rank 0's weights). `model` is what the
+    # training step runs (the DDP wrapper, or the FSDP2-sharded classifier); `raw_model` is the classifier
+    # itself (under FSDP2 the same module), which evaluation runs: DDP's wrapper only matters in backward.
     torch.manual_seed(args.seed)
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
     backbone, inputs = load_backbone(args.model, args.seed, param_dtype, args.prompt, args.min_pixels, args.max_pixels)
