@@ -310,6 +310,14 @@ def make_demo(out_dir, seed=0, val_fraction=0.2):
                 Image.fromarray(image).save(os.path.join(folder, rel))
                 line = json.dumps({"image_path": rel, "label": int(label), "dataset_name": name}) + "\n"
                 (fval if i in val else ftrain).write(line)
+        if name == "digits":  # --task generate: each image as text -> image and as image -> text
+            for split in ("train", "val"):
+                with open(os.path.join(folder, f"generate_{split}.jsonl"), "w") as f:
+                    for i, label in enumerate(labels):
+                        if (i in val) == (split == "val"):
+                            text = f"a handwritten digit {label}"
+                            f.write(json.dumps({"text_prompt": text, "image_path": f"images/{i:05d}.png"}) + "\n")
+                            f.write(json.dumps({"image_path": f"images/{i:05d}.png", "caption": text}) + "\n")
         registry[name] = {"num_classes": len(by_class), "description": description}
     registry["digits"]["eval_ratio"] = 0.5
     registry["faces"]["eval_ratio"] = 1.0

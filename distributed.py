@@ -47,12 +47,12 @@ def barrier():
 
 
 def all_reduce_sum(value, device):
-    """Sum a Python number over ranks."""
+    """Sum a Python number, or each number of a list, over ranks."""
     if not is_distributed():
         return value
     t = torch.tensor(value, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item()
+    return t.tolist()
 
 
 def all_gather_objects(obj):

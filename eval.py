@@ -25,8 +25,9 @@ from dataset import (DataError, count_per_dataset, load_registry, make_loader, p
 import distributed
 from distributed import all_gather_objects, is_sharded, shard_model
 from losses import masked_cross_entropy
-from metrics import ClassificationMetrics, format_table
+from metrics import ClassificationMetrics, GenerationMetrics, format_table
 from model import LabelSpace, autocast, classify, fsdp_units, load_classifier, read_classifier_info
+from unified import make_generation_loader, target_counts, unified_losses
 
 RESULTS_FILE = "eval_results.jsonl"
 
@@ -61,18 +62,52 @@ def evaluate(model, records, indices, inputs, label_space, *, batch_size, device
             local = row - offsets[batch["dataset_ids"]]
             predictions += [{"index": i, "label": y, "prediction": p, "probability": q} for i, y, p, q in zip(
                 batch["indices"].tolist(), batch["labels"].tolist(), local.tolist(), prob.tolist())]
-    if is_sharded(model) and indices:
-        most = math.ceil(math.ceil(len(indices) / world_size) / batch_size)  # batches of rank 0, the largest share
-        filler = next(iter(make_loader(records, indices[:1], inputs, label_space.names, 1, 0)))
-        for _ in range(most - len(loader)):
-            with autocast(device, precision):
-                classify(model, {k: v.to(device) for k, v in filler.items()}, num_classes, offsets, masking)
+    filler = make_loader(records, indices[:1], inputs, label_space.names, 1, 0)
+    for batch in missing_forwards(model, loader, filler, len(indices), world_size, batch_size):
+        with autocast(device, precision):
+            classify(model, {k: v.to(device) for k, v in batch.items()}, num_classes, offsets, masking)
     model.train(was_training)
     result = metrics.all_reduce().compute(prefix)
     if with_predictions and world_size > 1:
         order = {index: position for position, index in enumerate(indices)}
         predictions = sorted((p for part in all_gather_objects(predictions) for p in part), key=lambda p: order[p["index"]])
     return result, predictions
+
+
+def missing_forwards(model, loader, filler, num_indices, world_size, batch_size):
+    """Under FSDP2 every forward gathers weights with all ranks: a rank with fewer batches than rank 0
+    (which holds the largest share) runs the filler batch that many more times, discarding the output."""
+    if not is_sharded(model) or not num_indices:
+        return []
+    most = math.ceil(math.ceil(num_indices / world_size) / batch_size)
+    return [next(iter(filler))] * (most - len(loader))
+
+
+@torch.no_grad()
+def evaluate_generation(model, conversations, indices, tokenizer, *, batch_size, device, precision="fp32",
+                        num_workers=0, prefix="eval", rank=0, world_size=1, text_weight=1.0, image_weight=1.0):
+    """Text loss / perplexity and image MSE of the generation task over conversations[indices], exact under
+    torchrun like `evaluate`. Image MSE is taken at fixed t values (unified.EVAL_TIMES, cycled over the
+    samples) with noise seeded by sample index, so checkpoints are compared on the same draws."""
+    was_training = model.training
+    model.eval()
+    metrics = GenerationMetrics(text_weight, image_weight, device)
+    spec = model.spec
+    options = dict(train=False, seed=0)
+    loader = make_generation_loader(conversations, indices[rank::world_size], tokenizer, spec, batch_size, num_workers,
+                                    pin_memory=device.type == "cuda", **options)
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, precision):
+            text, image = unified_losses(model, batch)
+        n_text, n_image = target_counts(batch)
+        metrics.update(text, n_text, image, n_image)
+    filler = make_generation_loader(conversations, indices[:1], tokenizer, spec, 1, 0, **options)
+    for batch in missing_forwards(model, loader, filler, len(indices), world_size, batch_size):
+        with autocast(device, precision):
+            unified_losses(model, {k: v.to(device) for k, v in batch.items()})
+    model.train(was_training)
+    return metrics.all_reduce().compute(prefix)
 
 
 def data_key(val_files, registry, label_space, masking, partial, seed):

@@ -1,8 +1,11 @@
-"""Per-dataset and overall classification metrics, kept as sums and counts.
+"""Per-dataset and overall classification metrics, and the generation task's text / image losses,
+kept as sums and counts.
 
 Sums can be all-reduced exactly across ranks, so every sample counts once whatever the
 world size; means are taken only when the numbers are reported.
 """
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -56,6 +59,44 @@ class ClassificationMetrics:
             out[f"{prefix}_overall_samples"] = int(total[COUNT])
             out[f"{prefix}_overall_correct"] = int(total[CORRECT])
         return out
+
+
+class GenerationMetrics:
+    """Text cross-entropy and image MSE of the generation task: sums over target text tokens and noised
+    image tokens, and their counts (same interface as ClassificationMetrics)."""
+
+    def __init__(self, text_weight=1.0, image_weight=1.0, device="cpu"):
+        self.weights = (text_weight, image_weight)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # text sum, text count, image sum, image count
+
+    def update(self, text_sum, text_count, image_sum, image_count):
+        values = [float(text_sum), text_count, float(image_sum), image_count]
+        self.sums += torch.tensor(values, dtype=torch.float64, device=self.sums.device)
+
+    all_reduce = ClassificationMetrics.all_reduce
+    reset = ClassificationMetrics.reset
+
+    def compute(self, prefix):
+        """{prefix}_text_loss, _text_perplexity, _text_tokens, _image_loss, _image_tokens and
+        _total_loss = text_weight * text_loss + image_weight * image_loss."""
+        text_sum, text_count, image_sum, image_count = self.sums.cpu().tolist()
+        out, total = {}, 0.0
+        if text_count:
+            out[f"{prefix}_text_loss"] = text_sum / text_count
+            out[f"{prefix}_text_perplexity"] = math.exp(min(text_sum / text_count, 50))
+            total += self.weights[0] * out[f"{prefix}_text_loss"]
+        if image_count:
+            out[f"{prefix}_image_loss"] = image_sum / image_count
+            total += self.weights[1] * out[f"{prefix}_image_loss"]
+        out[f"{prefix}_text_tokens"], out[f"{prefix}_image_tokens"] = int(text_count), int(image_count)
+        out[f"{prefix}_total_loss"] = total
+        return out
+
+
+def format_generation(metrics, prefix, title):
+    parts = [f"{name} {metrics[f'{prefix}_{name}']:.4f}" for name in ("text_loss", "text_perplexity", "image_loss",
+                                                                       "total_loss") if f"{prefix}_{name}" in metrics]
+    return f"{title}: " + ", ".join(parts)
 
 
 def format_table(metrics, prefix, dataset_names, title):

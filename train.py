@@ -1,6 +1,8 @@
-"""Train one masked classifier over several mixed image datasets.
+"""Train one masked classifier over several mixed image datasets (--task classify), or one
+unified text + image generation model with a joint loss (--task generate, see unified.py).
 
     python train.py --config configs/demo.yaml
+    python train.py --config configs/demo_generate.yaml
     torchrun --nproc_per_node 8 train.py --config my.yaml --batch_size 32 --grad_accum 2
     torchrun --nnodes 4 --nproc_per_node 8 ... train.py --config my.yaml --dist fsdp --precision bf16
 
@@ -10,7 +12,9 @@ win over the file. One optimizer step, top to bottom:
   logits -> sum of per-sample losses / global count -> backward (gradient sync on the last
   micro-batch only) -> clip -> AdamW step -> log / evaluate / track best / save.
 Under torchrun the model is replicated (--dist ddp) or sharded per transformer block with
-FSDP2 (--dist fsdp); the loop is the same.
+FSDP2 (--dist fsdp); the loop is the same. So it is for --task generate, whose step loss is
+text_loss_weight * (CE summed over target text tokens / their global count)
++ image_loss_weight * (patch-mean MSE summed over noised image tokens / their global count).
 """
 import argparse
 import json
@@ -34,11 +38,13 @@ from dataset import (DataError, count_per_dataset, load_registry, make_loader, p
                      summarize, train_indices)
 import distributed
 from distributed import all_gather_objects, all_reduce_sum, barrier
-from eval import evaluate
+from eval import evaluate, evaluate_generation
 from losses import masked_cross_entropy
-from metrics import ClassificationMetrics, format_table
+from metrics import ClassificationMetrics, GenerationMetrics, format_generation, format_table
 from model import (DEFAULT_PROMPT, LabelSpace, MaskedClassifier, POOLINGS, autocast, classify,
                    enable_activation_checkpointing, fsdp_units, load_backbone, save_classifier, set_trainable)
+from unified import (ImageSpec, UnifiedModel, generate_images, load_language_model, make_generation_loader,
+                     read_generation_files, save_grid, save_unified, target_counts, unified_losses)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -56,6 +62,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--config", help="YAML/JSON file whose keys are these flag names (or the nested layout in README.md)")
+    a("--task", choices=["classify", "generate"], default="classify",
+      help="classify: the masked classifier; generate: unified text + image generation (JSON/JSONL conversations, "
+           "text_prompt + image_path, image_path + caption)")
     # model and data
     a("--model", help="local Hugging Face model folder, or preset:NAME (a fresh random-init backbone)")
     a("--num_labels", type=int, help="head size (default: what --label_space needs)")
@@ -82,7 +91,19 @@ def build_parser():
     a("--compile", action="store_true", help="torch.compile each transformer block")
     a("--dist_timeout_minutes", type=float, default=30,
       help="a collective waiting longer than this on another process fails (a dead rank cannot hang the job)")
-    a("--train_jsonl", nargs="+", help="one or more training JSONL files")
+    # --task generate
+    a("--text_loss_weight", type=float, default=1.0, help="generate: weight of the text cross-entropy")
+    a("--image_loss_weight", type=float, default=1.0, help="generate: weight of the image flow-matching MSE")
+    a("--image_size", type=int, default=32, help="generate: images are resized to this square size")
+    a("--patch_size", type=int, default=4, help="generate: pixels per image token side")
+    a("--image_channels", type=int, choices=[1, 3], default=3, help="generate: 1 (grayscale) or 3 (RGB)")
+    a("--timestep_shift", type=float, default=1.0, help="generate: shift s of t -> s t / (1 + (s - 1) t), > 1 noisier")
+    a("--cond_dropout", type=float, default=0.1, help="generate: share of samples whose images do not see the text")
+    a("--sample_prompts", nargs="+", help="generate: at the end, write samples.png with a row of images per prompt")
+    a("--samples_per_prompt", type=int, default=8, help="generate: images per prompt in samples.png")
+    a("--sample_steps", type=int, default=50, help="generate: Euler steps from noise to image")
+    a("--cfg_scale", type=float, default=4.0, help="generate: classifier-free guidance scale of samples.png (1: none)")
+    a("--train_jsonl", nargs="+", help="one or more training JSONL files (--task generate: JSON too)")
     a("--val_jsonl", nargs="+", help="one or more validation JSONL files")
     a("--datasets", nargs="+", help="registry: FILE.yaml/json, or name=num_classes[:eval_ratio] ...")
     a("--output_dir", help="checkpoints, metrics.jsonl and run_summary.json go here")
@@ -238,9 +259,14 @@ def apply_overrides(args):
         force("no_best_tracking", True, "no evaluation during training")
     if args.save_best_only and args.no_best_tracking:
         raise ValueError("--save_best_only needs best-model tracking, which needs evaluation during training")
+    if args.task == "generate" and args.best_metric == "overall_accuracy":
+        args.best_metric = "total_loss"  # the default of the classifier does not exist here
     if args.best_mode is None:
-        args.best_mode = "min" if args.best_metric.endswith("loss") else "max"
+        args.best_mode = "min" if args.best_metric.endswith(("loss", "perplexity")) else "max"
     return changes
+
+
+GENERATION_METRICS = ("total_loss", "text_loss", "image_loss", "text_perplexity")
 
 
 def check_args(args, label_space, val_records):
@@ -258,7 +284,14 @@ def check_args(args, label_space, val_records):
         raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
     if not 0 <= args.label_smoothing < 1:
         raise ValueError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
-    if not args.no_best_tracking:  # the names metrics.ClassificationMetrics.compute reports
+    if args.task == "generate":
+        if not args.no_best_tracking and args.best_metric not in GENERATION_METRICS:
+            raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(GENERATION_METRICS)}")
+        if args.freeze != "none" or args.train_only_head:
+            raise ValueError("--freeze / --train_only_head are for --task classify")
+        if not 0 <= args.cond_dropout < 1:
+            raise ValueError(f"--cond_dropout must be in [0, 1), got {args.cond_dropout}")
+    elif not args.no_best_tracking:  # the names metrics.ClassificationMetrics.compute reports
         counts = count_per_dataset(val_records, len(label_space.names))
         present = [(n, k) for n, k, c in zip(label_space.names, label_space.num_classes, counts) if c]
         groups = [("overall", all(k > 5 for _, k in present))] + [(n, k > 5) for n, k in present]
@@ -290,9 +323,9 @@ def make_optimizer(model, args, device):
 
 # ----------------------------------------------------------------------------- checkpoints and logs
 
-def save_checkpoint(path, model, inputs, optimizer, scaler, info, classifier_info, rank, train_metrics):
+def save_checkpoint(path, model, write_model, optimizer, scaler, info, rank, train_metrics):
     """Atomic checkpoint (see checkpoint.py): every rank writes its share of the model and optimizer
-    state; rank 0 adds the whole model gathered in CPU memory (for eval.py and inference), the
+    state; rank 0 adds the whole model gathered in CPU memory (write_model: for eval.py and inference), the
     scaler, every rank's RNG state and unlogged train-metric sums, so a resumed run goes on exactly
     as an uninterrupted one would, its logs included."""
     per_rank = all_gather_objects({"rng": rng_state(), "train_metrics": train_metrics.sums.cpu()})
@@ -302,14 +335,10 @@ def save_checkpoint(path, model, inputs, optimizer, scaler, info, classifier_inf
     def write(tmp):
         save_sharded_state(tmp, model, optimizer)
         if rank == 0:
-            save_classifier(unwrap(model), inputs, tmp, classifier_info, state_dict=full)
+            write_model(tmp, full)
             torch.save({"scaler": scaler.state_dict(), "ranks": per_rank}, os.path.join(tmp, STATE_FILE))
             write_json(os.path.join(tmp, INFO_FILE), info)  # written last: marks the folder complete
     write_atomically(path, write, rank)
-
-
-def unwrap(model):
-    return model.module if isinstance(model, DDP) else model
 
 
 class JsonlLog:
@@ -375,17 +404,26 @@ def train(args, rank, world_size, device):
         say(f"override: {change}")
 
     # Data: every line of every file is checked here, before the first step.
-    registry = load_registry(args.datasets)
-    label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
-                                   args.label_space, args.num_labels)
-    train_records = read_jsonl_files(args.train_jsonl, registry)
-    val_records = read_jsonl_files(args.val_jsonl, registry) if args.val_jsonl else None
-    check_args(args, label_space, val_records)
-    partial_indices = partial_eval_indices(val_records, registry, args.seed) if val_records else []
-    say(summarize(count_per_dataset(train_records, len(registry)), registry, "training data"))
-    if val_records:
-        say(summarize(count_per_dataset(val_records, len(registry), partial_indices), registry,
-                      "partial evaluation subset", total=count_per_dataset(val_records, len(registry))))
+    generate = args.task == "generate"
+    if generate:  # conversations; the partial evaluation uses all validation samples
+        train_records = read_generation_files(args.train_jsonl)
+        val_records = read_generation_files(args.val_jsonl) if args.val_jsonl else None
+        check_args(args, None, val_records)
+        partial_indices = list(range(len(val_records))) if val_records else []
+        say(f"training data: {len(train_records):,} samples" +
+            (f"; validation: {len(val_records):,}" if val_records else ""))
+    else:
+        registry = load_registry(args.datasets)
+        label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
+                                       args.label_space, args.num_labels)
+        train_records = read_jsonl_files(args.train_jsonl, registry)
+        val_records = read_jsonl_files(args.val_jsonl, registry) if args.val_jsonl else None
+        check_args(args, label_space, val_records)
+        partial_indices = partial_eval_indices(val_records, registry, args.seed) if val_records else []
+        say(summarize(count_per_dataset(train_records, len(registry)), registry, "training data"))
+        if val_records:
+            say(summarize(count_per_dataset(val_records, len(registry), partial_indices), registry,
+                          "partial evaluation subset", total=count_per_dataset(val_records, len(registry))))
     prepare_output_dir(args, rank)
 
     # Model: identical init on every rank (DDP also broadcasts rank 0's weights). `model` is what the
@@ -393,8 +431,14 @@ def train(args, rank, world_size, device):
     # itself (under FSDP2 the same module), which evaluation runs: DDP's wrapper only matters in backward.
     torch.manual_seed(args.seed)
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
-    backbone, inputs = load_backbone(args.model, args.seed, param_dtype, args.prompt, args.min_pixels, args.max_pixels)
-    raw_model = MaskedClassifier(backbone, label_space.num_labels, args.pooling).to(dtype=param_dtype)
+    if generate:
+        backbone, inputs = load_language_model(args.model, args.seed, param_dtype)  # inputs: the tokenizer
+        spec = ImageSpec(args.image_size, args.patch_size, args.image_channels)
+        raw_model = UnifiedModel(backbone, spec).to(dtype=param_dtype)
+    else:
+        backbone, inputs = load_backbone(args.model, args.seed, param_dtype, args.prompt, args.min_pixels,
+                                         args.max_pixels)
+        raw_model = MaskedClassifier(backbone, label_space.num_labels, args.pooling).to(dtype=param_dtype)
     trainable, total = set_trainable(raw_model, args.freeze, args.train_only_head)
     say(f"{type(backbone).__name__}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.1f}%)")
     if args.gradient_checkpointing:
@@ -412,15 +456,25 @@ def train(args, rank, world_size, device):
         say(f"FSDP2 over {world_size} processes: {len(units)} block(s) + the root sharded")
     elif world_size > 1:
         # With --pooling cls/mean a vision backbone's own pooler (and final norm, for some) gets no gradient.
+        unused = not generate and not raw_model.token_inputs and args.pooling in ("cls", "mean")
         model = DDP(raw_model.to(device), device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=not raw_model.token_inputs and args.pooling in ("cls", "mean"))
+                    find_unused_parameters=unused)
     else:
         raw_model.to(device)
-    classifier_info = {"num_labels": label_space.num_labels, "label_space": label_space.layout,
-                       "pooling": raw_model.pooling, "prompt": inputs.prompt, "no_logits_masking": args.no_logits_masking,
-                       "datasets": {n: {"num_classes": s.num_classes, "eval_ratio": s.eval_ratio,
-                                        "description": s.description, "offset": o}
-                                    for (n, s), o in zip(registry.items(), label_space.offsets)}}
+    if generate:
+        def write_model(folder, full_weights):
+            save_unified(raw_model, inputs, folder, {"text_loss_weight": args.text_loss_weight,
+                                                     "image_loss_weight": args.image_loss_weight}, full_weights)
+    else:
+        classifier_info = {"num_labels": label_space.num_labels, "label_space": label_space.layout,
+                           "pooling": raw_model.pooling, "prompt": inputs.prompt,
+                           "no_logits_masking": args.no_logits_masking,
+                           "datasets": {n: {"num_classes": s.num_classes, "eval_ratio": s.eval_ratio,
+                                            "description": s.description, "offset": o}
+                                        for (n, s), o in zip(registry.items(), label_space.offsets)}}
+
+        def write_model(folder, full_weights):
+            save_classifier(raw_model, inputs, folder, classifier_info, state_dict=full_weights)
     optimizer = make_optimizer(raw_model, args, device)  # after sharding: FSDP2 replaces the parameters
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
@@ -454,13 +508,41 @@ def train(args, rank, world_size, device):
                    keep_through_step=start_step if args.resume else None)
     if overrides and not args.resume:
         log.write("config", 0, 0.0, overrides=overrides)
-    num_classes_t, offsets_t = label_space.tensors(device)
-    train_metrics = ClassificationMetrics(label_space.names, label_space.num_classes, device)
+    eval_kwargs = dict(batch_size=args.batch_size, device=device, precision=args.precision,
+                       num_workers=args.num_workers, rank=rank, world_size=world_size)
+    pin_memory = device.type == "cuda"
+    if generate:
+        train_metrics = GenerationMetrics(args.text_loss_weight, args.image_loss_weight, device)
+
+        def train_loader(indices, epoch):
+            return make_generation_loader(train_records, indices, inputs, spec, args.batch_size, args.num_workers,
+                                          pin_memory, seed=args.seed, epoch=epoch, shift=args.timestep_shift,
+                                          cond_dropout=args.cond_dropout)
+
+        def run_evaluation(indices, prefix):
+            return evaluate_generation(raw_model, val_records, indices, inputs, prefix=prefix,
+                                       text_weight=args.text_loss_weight, image_weight=args.image_loss_weight,
+                                       **eval_kwargs)
+
+        def report(metrics, prefix, title):
+            return format_generation(metrics, prefix, title)
+    else:
+        num_classes_t, offsets_t = label_space.tensors(device)
+        masking = not args.no_logits_masking
+        train_metrics = ClassificationMetrics(label_space.names, label_space.num_classes, device)
+
+        def train_loader(indices, epoch):
+            return make_loader(train_records, indices, inputs, label_space.names, args.batch_size, args.num_workers,
+                               pin_memory)
+
+        def run_evaluation(indices, prefix):
+            return evaluate(raw_model, val_records, indices, inputs, label_space, prefix=prefix, masking=masking,
+                            **eval_kwargs)[0]
+
+        def report(metrics, prefix, title):
+            return format_table(metrics, prefix, label_space.names, title)
     if resumed_window is not None and resumed_window.shape == train_metrics.sums.shape:
         train_metrics.sums.copy_(resumed_window)
-    masking = not args.no_logits_masking
-    eval_kwargs = dict(batch_size=args.batch_size, device=device, precision=args.precision, masking=masking,
-                       num_workers=args.num_workers, rank=rank, world_size=world_size)
     better = (lambda a, b: a > b) if args.best_mode == "max" else (lambda a, b: a < b)
 
     def epoch_of(step):
@@ -471,7 +553,7 @@ def train(args, rank, world_size, device):
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         info = {"step": step, "epoch": epoch_of(step), "args": vars(args), "metrics": metrics, "best": best,
                 "world_size": world_size}
-        save_checkpoint(path, model, inputs, optimizer, scaler, info, classifier_info, rank, train_metrics)
+        save_checkpoint(path, model, write_model, optimizer, scaler, info, rank, train_metrics)
         last_saved = path
         if main_process:
             if args.save_best_only:
@@ -491,14 +573,14 @@ def train(args, rank, world_size, device):
         epoch, first_micro = divmod(step, steps_per_epoch)
         first_micro *= args.grad_accum
         order = train_indices(len(train_records), epoch, args.seed, not args.no_shuffle, rank, world_size)
-        loader = iter(make_loader(train_records, order[first_micro * args.batch_size:], inputs, label_space.names,
-                                  args.batch_size, args.num_workers, pin_memory=device.type == "cuda"))
+        loader = iter(train_loader(order[first_micro * args.batch_size:], epoch))
         for _ in range(step % steps_per_epoch, steps_per_epoch):
-            # Fetch the whole accumulated batch first: the loss is normalised by its global sample count.
+            # Fetch the whole accumulated batch first: the loss is normalised by its global target counts
+            # (classify: samples; generate: samples, target text tokens, noised image tokens).
             step_start = time.time()
             micro_batches = list(islice(loader, args.grad_accum))
-            local_count = sum(len(b["labels"]) for b in micro_batches)
-            global_count = all_reduce_sum(local_count, device)
+            counts = [[len(b["indices"])] + (target_counts(b) if generate else []) for b in micro_batches]
+            global_counts = all_reduce_sum([sum(c) for c in zip(*counts)], device)
             lr = lr_at(step, args, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -510,12 +592,20 @@ def train(args, rank, world_size, device):
                 elif world_size > 1:
                     model.require_backward_grad_sync = last  # what DDP's no_sync() sets
                 with autocast(device, args.precision):
-                    logits, targets = classify(model, batch, num_classes_t, offsets_t, masking)
-                losses = masked_cross_entropy(logits, targets, args.label_smoothing)
+                    if generate:
+                        text, image = unified_losses(model, batch)
+                        loss = (args.text_loss_weight * text / max(global_counts[1], 1) +
+                                args.image_loss_weight * image / max(global_counts[2], 1))
+                    else:
+                        logits, targets = classify(model, batch, num_classes_t, offsets_t, masking)
+                        losses = masked_cross_entropy(logits, targets, args.label_smoothing)
+                        loss = losses.sum() / global_counts[0]
                 # DDP and FSDP average gradients over ranks; multiplying by world_size makes it a global sum / count.
-                loss = losses.sum() * world_size / global_count
-                scaler.scale(loss).backward()
-                train_metrics.update(losses.detach(), logits.detach().float(), targets, batch["dataset_ids"])
+                scaler.scale(loss * world_size).backward()
+                if generate:
+                    train_metrics.update(text.detach(), counts[i][1], image.detach(), counts[i][2])
+                else:
+                    train_metrics.update(losses.detach(), logits.detach().float(), targets, batch["dataset_ids"])
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm or float("inf"))
             if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards
@@ -524,7 +614,7 @@ def train(args, rank, world_size, device):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window_samples += global_count
+            window_samples += global_counts[0]
             window_time += time.time() - step_start
             progress.update(1)
 
@@ -534,17 +624,19 @@ def train(args, rank, world_size, device):
                 values = {**metrics, "lr": lr, "grad_norm": grad_norm.item(), "samples_per_second":
                           window_samples / window_time, "max_memory_mb": memory_mb(device)}
                 log.write("train", step, epoch_of(step), **values)
-                progress.set_postfix(loss=f"{metrics['train_overall_loss']:.4f}",
-                                     acc=f"{metrics['train_overall_accuracy']:.3f}", lr=f"{lr:.2e}")
+                if generate:
+                    progress.set_postfix(loss=f"{metrics['train_total_loss']:.4f}", lr=f"{lr:.2e}")
+                else:
+                    progress.set_postfix(loss=f"{metrics['train_overall_loss']:.4f}",
+                                         acc=f"{metrics['train_overall_accuracy']:.3f}", lr=f"{lr:.2e}")
                 window_time, window_samples = 0.0, 0
 
             eval_metrics, new_best = {}, False
             if not args.no_partial_eval and (step % args.eval_steps == 0 or step == total_steps):
-                eval_metrics, _ = evaluate(raw_model, val_records, partial_indices, inputs, label_space,
-                                           prefix="eval", **eval_kwargs)
+                eval_metrics = run_evaluation(partial_indices, "eval")
                 log.write("eval", step, epoch_of(step), **eval_metrics)
                 if main_process:
-                    tqdm.write(format_table(eval_metrics, "eval", label_space.names, f"partial evaluation at step {step}"))
+                    tqdm.write(report(eval_metrics, "eval", f"partial evaluation at step {step}"))
                 if not args.no_best_tracking:
                     value = eval_metrics[f"eval_{args.best_metric}"]
                     if best["value"] is None or better(value, best["value"]):
@@ -568,11 +660,19 @@ def train(args, rank, world_size, device):
         if best["checkpoint"]:
             load_sharded_state(best["checkpoint"], model)
         say(f"full evaluation of {evaluated} on all {len(val_records):,} validation samples")
-        final_metrics, _ = evaluate(raw_model, val_records, list(range(len(val_records))), inputs,
-                                    label_space, prefix="final_eval", **eval_kwargs)
+        final_metrics = run_evaluation(list(range(len(val_records))), "final_eval")
         log.write("final_eval", step, epoch_of(step), checkpoint=evaluated, **final_metrics)
         if main_process:
-            print(format_table(final_metrics, "final_eval", label_space.names, f"final evaluation of {evaluated}"))
+            print(report(final_metrics, "final_eval", f"final evaluation of {evaluated}"))
+    if generate and args.sample_prompts and (main_process or distributed.is_sharded(raw_model)):
+        # A row of images per prompt from the evaluated (best) weights, for a person to look at.
+        prompts = [p for p in args.sample_prompts for _ in range(args.samples_per_prompt)]
+        images = generate_images(raw_model, inputs, prompts, args.sample_steps, args.cfg_scale, args.seed,
+                                 args.timestep_shift, device)
+        if main_process:
+            save_grid(images, os.path.join(args.output_dir, "samples.png"), args.samples_per_prompt)
+            print(f"samples written to {os.path.join(args.output_dir, 'samples.png')} (a row per prompt, "
+                  f"cfg scale {args.cfg_scale}, {args.sample_steps} steps)")
     if main_process:
         summary = {"best_metric": args.best_metric if not args.no_best_tracking else None,
                    "best_value": best["value"], "best_step": best["step"], "best_checkpoint": best["checkpoint"],

@@ -1,0 +1,579 @@
+"""Unified text + image generation (BAGEL / Transfusion style, scaled down): data, model, sampling.
+
+One Hugging Face causal LM runs over interleaved text tokens and image patch tokens:
+  text token   -> the LM's own embedding table; next-token cross-entropy on assistant text
+  image block  -> [start] patch_1 ... patch_N [end]; each patch token is
+                  Linear(patch -> d)(x_t) + timestep embedding(t) + 2D sin-cos position,
+                  and a zero-initialised Linear(d -> patch) head predicts the flow-matching
+                  velocity v = eps - x0 of x_t = (1 - t) x0 + t eps, t = sigmoid(N(0, 1)).
+Attention (an explicit mask): causal over text; bidirectional inside an image block; a noised
+image block that carries loss is invisible to every later token (a clean copy follows it when
+later turns must see the image); samples packed into one row never see each other; with
+text-condition dropout a noised block does not see the text before it (classifier-free guidance).
+Every block shares one RoPE position; text positions run on after it.
+
+Data (JSON or JSONL, mixed freely): {"conversations": [{role, type: text|image, content|image_path}]},
+{"text_prompt", "image_path"} (text -> image) and {"image_path", "caption"} (image -> text); the
+last two are a user turn followed by an assistant turn. Loss falls on assistant turns only.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from dataset import DataError
+from model import from_pretrained, say
+
+SPEC_FILE = "unified.json"
+WEIGHTS_FILE = "unified.safetensors"
+ROLES = ("system", "user", "assistant")
+EVAL_TIMES = (0.25, 0.5, 0.75)  # evaluation noise levels, cycled over samples: low-variance image MSE
+PRESETS = {"qwen2-tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=1024)}
+
+
+# ----------------------------------------------------------------------------- data files
+
+@dataclass
+class Turn:
+    role: str
+    kind: str  # "text" or "image"
+    value: str  # the text, or the image's absolute path
+
+
+@dataclass
+class Conversation:
+    turns: list
+    source: str  # file:line, for error messages
+
+
+def _turns(item, folder):
+    """The turns of one record in any of the three formats, or an error message."""
+    def image(path, field):
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"field '{field}': expected a non-empty string, got {path!r}")
+        full = os.path.join(folder, path)
+        if not os.path.isfile(full):
+            raise ValueError(f"field '{field}': image file not found: {full}")
+        return full
+
+    def text(value, field):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"field '{field}': expected a non-empty string, got {value!r}")
+        return value
+
+    if "conversations" in item:
+        turns = item["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError("field 'conversations': expected a non-empty list of turns")
+        out = []
+        for i, turn in enumerate(turns):
+            field = f"conversations[{i}]"
+            if not isinstance(turn, dict):
+                raise ValueError(f"field '{field}': expected an object, got {type(turn).__name__}")
+            role, kind = turn.get("role"), turn.get("type", "text")
+            if role not in ROLES:
+                raise ValueError(f"field '{field}.role': expected one of {', '.join(ROLES)}, got {role!r}")
+            if kind == "text":
+                out.append(Turn(role, "text", text(turn.get("content"), f"{field}.content")))
+            elif kind == "image":
+                out.append(Turn(role, "image", image(turn.get("image_path"), f"{field}.image_path")))
+            else:
+                raise ValueError(f"field '{field}.type': expected text or image, got {kind!r}")
+        if not any(t.role == "assistant" for t in out):
+            raise ValueError("field 'conversations': no assistant turn, so nothing to learn")
+        return out
+    if "text_prompt" in item:
+        return [Turn("user", "text", text(item["text_prompt"], "text_prompt")),
+                Turn("assistant", "image", image(item.get("image_path"), "image_path"))]
+    if "caption" in item:
+        return [Turn("user", "image", image(item.get("image_path"), "image_path")),
+                Turn("assistant", "text", text(item["caption"], "caption"))]
+    raise ValueError("expected 'conversations', 'text_prompt' + 'image_path', or 'image_path' + 'caption'")
+
+
+def read_generation_files(paths):
+    """Read and check every record of every JSON / JSONL file; raise one DataError listing what is wrong."""
+    conversations, errors = [], []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            errors.append(f"{path}: cannot read the data file ({getattr(e, 'strerror', None) or e})")
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if path.endswith(".json"):  # one JSON array (or one object); records are named by index
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                errors.append(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            data = data if isinstance(data, list) else [data]
+            items = [(f"{path}: record {i}", item) for i, item in enumerate(data)]
+        else:
+            items = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    items.append((f"{path}:{lineno}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    errors.append(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
+        for where, item in items:
+            if not isinstance(item, dict):
+                errors.append(f"{where}: expected a JSON object, got {type(item).__name__}")
+                continue
+            try:
+                conversations.append(Conversation(_turns(item, folder), where))
+            except ValueError as e:
+                errors.append(f"{where}: {e}")
+    if errors:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(f"{len(errors)} problem(s) in the data files:\n  {shown}{more}")
+    if not conversations and paths:
+        raise DataError(f"no samples in {', '.join(paths)}")
+    return conversations
+
+
+# ----------------------------------------------------------------------------- images as patches
+
+@dataclass
+class ImageSpec:
+    image_size: int = 32
+    patch_size: int = 4
+    channels: int = 3
+
+    @property
+    def grid(self):
+        return self.image_size // self.patch_size
+
+    @property
+    def patch_dim(self):
+        return self.channels * self.patch_size ** 2
+
+
+def load_image(path, spec):
+    """Pixels in [-1, 1] as (num_patches, patch_dim)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if spec.channels == 1 else "RGB").resize((spec.image_size,) * 2, Image.BICUBIC)
+    except Exception as e:
+        raise DataError(f"cannot decode image {path}: {e}") from None
+    pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).reshape(spec.image_size, spec.image_size, -1)
+    return patchify(pixels.permute(2, 0, 1), spec)
+
+
+def patchify(image, spec):
+    """(C, H, W) -> (grid * grid, C * p * p), patches in row-major order."""
+    c, p, g = spec.channels, spec.patch_size, spec.grid
+    return image.reshape(c, g, p, g, p).permute(1, 3, 0, 2, 4).reshape(g * g, c * p * p)
+
+
+def unpatchify(patches, spec):
+    """(..., grid * grid, C * p * p) -> (..., C, H, W)."""
+    c, p, g = spec.channels, spec.patch_size, spec.grid
+    lead = patches.shape[:-2]
+    x = patches.reshape(*lead, g, g, c, p, p)
+    return x.permute(*range(len(lead)), -3, -5, -2, -4, -1).reshape(*lead, c, g * p, g * p)
+
+
+def to_pil(image):
+    """(C, H, W) in [-1, 1] -> a PIL image."""
+    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def sample_timestep(generator, shift=1.0):
+    """t = sigmoid(N(0, 1)), optionally shifted towards noise: s t / (1 + (s - 1) t)."""
+    t = torch.sigmoid(torch.randn((), generator=generator)).item()
+    return shift * t / (1 + (shift - 1) * t)
+
+
+# ----------------------------------------------------------------------------- sequences
+
+def role_prefix(role, tokenizer):
+    return tokenizer(f"{role}: ", add_special_tokens=False)["input_ids"]
+
+
+def newline(tokenizer):
+    return tokenizer("\n", add_special_tokens=False)["input_ids"]
+
+
+def build_parts(turns, tokenizer, spec, draw=None):
+    """Turns -> parts of one sequence: ("text", ids, loss) and ("image", x_in, t, target).
+
+    draw(x0) -> (x_t, t, velocity target) noises an assistant image that carries loss; without
+    `draw` (sampling) an assistant image turn is not expected. Images are patch tensors or paths.
+    """
+    parts = []
+    for i, turn in enumerate(turns):
+        loss = turn.role == "assistant"
+        parts.append(("text", role_prefix(turn.role, tokenizer), False))
+        if turn.kind == "text":
+            ids = tokenizer(turn.value, add_special_tokens=False)["input_ids"]
+            parts.append(("text", ids + [tokenizer.eos_token_id], True) if loss else ("text", ids, False))
+            if not loss:
+                parts.append(("text", newline(tokenizer), False))
+            continue
+        x0 = turn.value if torch.is_tensor(turn.value) else load_image(turn.value, spec)
+        if loss:
+            parts.append(("image", *draw(x0)))
+            if i < len(turns) - 1:  # later turns condition on the clean image, never on the noised one
+                parts.append(("image", x0, 0.0, None))
+        else:
+            parts.append(("image", x0, 0.0, None))
+        parts.append(("text", newline(tokenizer), False))
+    return parts
+
+
+def assemble(parts):
+    """Parts -> per-token arrays of one sample, and its image blocks.
+
+    Each block is [start, patches..., end] with one shared position; labels[i] is the token
+    that position i must predict (-100: none)."""
+    ids, text, block, noised, marker, position, loss = [], [], [], [], [], [], []
+    images, times, targets = [], [], []
+    pos = 0
+    for part in parts:
+        if part[0] == "text":
+            _, tokens, carries_loss = part
+            n = len(tokens)
+            ids += tokens
+            text += [True] * n
+            block += [-1] * n
+            noised += [False] * n
+            marker += [0] * n
+            position += range(pos, pos + n)
+            loss += [carries_loss] * n
+            pos += n
+        else:
+            _, x_in, t, target = part
+            n = x_in.shape[0] + 2
+            is_noised = target is not None
+            ids += [0] * n
+            text += [False] * n
+            block += [len(images)] * n
+            noised += [is_noised] * n
+            marker += [1] + [0] * (n - 2) + [2]
+            position += [pos] * n
+            loss += [False] * n
+            pos += 1
+            images.append(x_in)
+            times.append(t)
+            if is_noised:
+                targets.append(target)
+    labels = [-100] * len(ids)
+    for j in range(1, len(ids)):
+        if loss[j]:
+            labels[j - 1] = ids[j]
+    return {"input_ids": ids, "is_text": text, "block": block, "noised": noised, "marker": marker,
+            "position_ids": position, "labels": labels}, images, times, targets
+
+
+def build_attention_mask(sample, block, noised, is_text, drop_text):
+    """(L, L) bool, True where query i may attend to key j.
+
+    sample: which packed sample a token belongs to (-1: padding); block: image block id unique in
+    the row (-1: text); noised: token of a noised block that carries loss; drop_text: per token,
+    True in noised blocks whose text condition is dropped."""
+    length = sample.shape[0]
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    same_sample = (sample[:, None] == sample[None, :]) & (sample[None, :] >= 0)
+    same_block = (block[:, None] == block[None, :]) & (block[None, :] >= 0)
+    visible = (k <= q) & ~noised[None, :]  # causal, and a noised block is hidden from everything after it
+    allowed = same_sample & (same_block | visible)
+    allowed &= ~(drop_text[:, None] & is_text[None, :])
+    return allowed | torch.eye(length, dtype=torch.bool)  # padding attends to itself: no empty softmax row
+
+
+class GenerationDataset(torch.utils.data.Dataset):
+    """One conversation -> one sequence. Noise, timesteps and text-condition dropout come from a
+    generator seeded by (seed, epoch, index): the same sample gets the same draw whatever the
+    batch size, world size or resume point. Evaluation uses fixed t values (EVAL_TIMES) instead."""
+
+    def __init__(self, conversations, tokenizer, spec, seed=0, epoch=0, train=True, shift=1.0, cond_dropout=0.0):
+        self.conversations, self.tokenizer, self.spec = conversations, tokenizer, spec
+        self.seed, self.epoch, self.train, self.shift, self.cond_dropout = seed, epoch, train, shift, cond_dropout
+
+    def __len__(self):
+        return len(self.conversations)
+
+    def __getitem__(self, index):
+        conv = self.conversations[index]
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+
+        def draw(x0):
+            t = sample_timestep(g, self.shift) if self.train else EVAL_TIMES[index % len(EVAL_TIMES)]
+            noise = torch.randn(x0.shape, generator=g)
+            return (1 - t) * x0 + t * noise, t, noise - x0
+
+        try:
+            parts = build_parts(conv.turns, self.tokenizer, self.spec, draw)
+        except DataError as e:
+            raise DataError(f"{conv.source}: {e}") from None
+        drop = self.train and torch.rand((), generator=g).item() < self.cond_dropout
+        return (*assemble(parts), drop, index)
+
+
+def collate_sequences(items):
+    """Pad samples into a batch; build the attention mask per row."""
+    length = max(len(tokens["input_ids"]) for tokens, *_ in items)
+    pad = {"input_ids": 0, "is_text": False, "block": -1, "noised": False, "marker": 0, "position_ids": 0, "labels": -100}
+    dtypes = {"is_text": torch.bool, "noised": torch.bool}
+    batch = {k: torch.tensor([t[k] + [v] * (length - len(t[k])) for t, *_ in items], dtype=dtypes.get(k, torch.long))
+             for k, v in pad.items()}
+    masks = []
+    for row, (tokens, *_, drop, _) in enumerate(items):
+        n = len(tokens["input_ids"])
+        sample = torch.full((length,), -1, dtype=torch.long)
+        sample[:n] = 0
+        drop_text = batch["noised"][row] & drop
+        masks.append(build_attention_mask(sample, batch["block"][row], batch["noised"][row], batch["is_text"][row],
+                                          drop_text))
+    batch["attention_mask"] = torch.stack(masks)[:, None]
+    images = [x for _, blocks, *_ in items for x in blocks]
+    patches = images[0].shape if images else (0, 0)
+    batch["images"] = torch.stack(images) if images else torch.zeros(0, *patches)
+    batch["timesteps"] = torch.tensor([t for _, _, times, *_ in items for t in times], dtype=torch.float32)
+    targets = [v for _, _, _, velocity, *_ in items for v in velocity]
+    batch["velocity_targets"] = torch.stack(targets) if targets else torch.zeros(0, *patches)
+    batch["indices"] = torch.tensor([index for *_, index in items])
+    return batch
+
+
+def make_generation_loader(conversations, indices, tokenizer, spec, batch_size, num_workers, pin_memory=False, **options):
+    return torch.utils.data.DataLoader(
+        GenerationDataset(conversations, tokenizer, spec, **options), batch_size=batch_size, sampler=indices,
+        collate_fn=collate_sequences, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def target_counts(batch):
+    """[target text tokens, noised image tokens] of a batch: what the global loss is divided by."""
+    return [int((batch["labels"] != -100).sum()), batch["velocity_targets"].shape[0] * batch["velocity_targets"].shape[1]]
+
+
+# ----------------------------------------------------------------------------- model
+
+def timestep_features(t, dim=256):
+    """Sinusoidal features of t * 1000 (the usual diffusion timestep scale)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * 1000 * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def sincos_2d(grid, dim):
+    """Fixed 2D sin-cos position embedding of a grid x grid patch layout, (grid * grid, dim)."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    out = [f(c.flatten()[:, None] * omega[None]) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, dim=1)
+
+
+class UnifiedModel(nn.Module):
+    """A causal LM plus the image input projection, timestep embedding and velocity head."""
+
+    def __init__(self, lm, spec):
+        super().__init__()
+        d = lm.config.hidden_size
+        if d % 4:
+            raise ValueError(f"the language model's hidden size ({d}) must be divisible by 4 for 2D positions")
+        if spec.image_size % spec.patch_size:
+            raise ValueError(f"--image_size {spec.image_size} is not a multiple of --patch_size {spec.patch_size}")
+        self.lm, self.spec = lm, spec
+        dtype = lm.dtype
+        self.patch_embed = nn.Linear(spec.patch_dim, d, dtype=dtype)
+        self.time_embed = nn.Sequential(nn.Linear(256, d, dtype=dtype), nn.SiLU(), nn.Linear(d, d, dtype=dtype))
+        self.image_markers = nn.Parameter(torch.randn(2, d, dtype=dtype) * 0.02)  # block start, block end
+        self.velocity_head = nn.Linear(d, spec.patch_dim, dtype=dtype)
+        nn.init.zeros_(self.velocity_head.weight)  # the first prediction is v = 0: MSE = E[(eps - x0)^2]
+        nn.init.zeros_(self.velocity_head.bias)
+        self.register_buffer("image_positions", sincos_2d(spec.grid, d).to(dtype), persistent=False)
+
+    def forward(self, input_ids, is_text, block, marker, noised, position_ids, attention_mask, images, timesteps,
+                labels, **_):
+        """Returns (text logits at positions that have a label, velocity at noised patch tokens)."""
+        embed = self.lm.get_input_embeddings()
+        hidden_size = embed.weight.shape[-1]
+        x = torch.zeros(*input_ids.shape, hidden_size, dtype=embed.weight.dtype, device=input_ids.device)
+        x[is_text] = embed(input_ids[is_text])
+        if images.shape[0]:
+            time = self.time_embed(timestep_features(timesteps).to(x.dtype))[:, None]
+            patches = self.patch_embed(images.to(x.dtype)) + self.image_positions + time
+            start, end = self.image_markers[0] + time, self.image_markers[1] + time
+            x[block >= 0] = torch.cat([start, patches, end], dim=1).reshape(-1, hidden_size)
+        hidden = self.lm.get_decoder()(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
+        logits = self.lm.get_output_embeddings()(hidden[labels != -100])
+        velocity = self.velocity_head(hidden[noised & (marker == 0)])
+        return logits, velocity
+
+
+def unified_losses(model, batch):
+    """(sum of text cross-entropy, sum over noised image tokens of the patch-mean squared error)."""
+    logits, velocity = model(**batch)
+    text = F.cross_entropy(logits.float(), batch["labels"][batch["labels"] != -100], reduction="sum")
+    image = (velocity.float() - batch["velocity_targets"].flatten(0, 1)).pow(2).mean(-1).sum()
+    return text, image
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + end of text) that needs no training corpus: for presets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def load_language_model(name_or_path, seed=0, dtype=None):
+    """(causal LM, tokenizer) from a local folder, or preset:NAME (random init, byte-level tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    if name_or_path.startswith("preset:"):
+        name = name_or_path.split(":", 1)[1]
+        if name not in PRESETS:
+            raise ValueError(f"--model {name_or_path}: unknown preset (known: {', '.join('preset:' + p for p in PRESETS)})")
+        tokenizer = byte_tokenizer()
+        torch.manual_seed(seed)
+        config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **PRESETS[name])
+        config._attn_implementation = "sdpa"
+        lm = Qwen2ForCausalLM(config)
+        return (lm.to(dtype) if dtype else lm), tokenizer
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"--model {name_or_path}: no such folder")
+    config = AutoConfig.from_pretrained(name_or_path)
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise ValueError(f"--model {name_or_path}: {type(config).__name__} is not a causal language model")
+    # sdpa takes the explicit 4D boolean mask; flash attention cannot.
+    lm = from_pretrained(AutoModelForCausalLM, name_or_path, attn_implementation="sdpa", **({"dtype": dtype} if dtype else {}))
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--model {name_or_path}: the tokenizer has no end-of-text token")
+    return lm, tokenizer
+
+
+def save_unified(model, tokenizer, folder, info, state_dict=None):
+    """The LM in its own HF format + tokenizer, the image parts in unified.safetensors, unified.json."""
+    weights = state_dict if state_dict is not None else model.state_dict()
+    lm = {k[len("lm."):]: v.detach().contiguous().cpu() for k, v in weights.items() if k.startswith("lm.")}
+    model.lm.save_pretrained(folder, state_dict=lm, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items() if not k.startswith("lm.")},
+              os.path.join(folder, WEIGHTS_FILE))
+    with open(os.path.join(folder, SPEC_FILE), "w") as f:
+        json.dump({**info, "image": vars(model.spec)}, f, indent=2)
+
+
+def read_unified_info(folder):
+    with open(os.path.join(folder, SPEC_FILE)) as f:
+        return json.load(f)
+
+
+def load_unified(folder):
+    """(UnifiedModel, tokenizer, info) from a checkpoint folder (safetensors + JSON, no pickle)."""
+    info = read_unified_info(folder)
+    lm, tokenizer = load_language_model(folder)
+    model = UnifiedModel(lm, ImageSpec(**info["image"]))
+    path = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing")
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    missing = [k for k in missing if not k.startswith("lm.")]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
+    say(f"loaded {folder}")
+    return model, tokenizer, info
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def euler_sample(velocity, noise, steps, shift=1.0):
+    """Integrate dx/dt = velocity(x, t) from t = 1 (noise) to t = 0 with `steps` Euler steps."""
+    ts = torch.linspace(1, 0, steps + 1)
+    ts = shift * ts / (1 + (shift - 1) * ts)
+    x = noise
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t) * velocity(x, t.item())
+    return x
+
+
+def _batch(rows, device):
+    batch = collate_sequences([(*assemble(parts), drop, i) for i, (parts, drop) in enumerate(rows)])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def generate_images(model, tokenizer, prompts, steps=50, cfg_scale=1.0, seed=0, shift=1.0, device="cpu"):
+    """Text -> image: one image per prompt, (N, C, H, W) in [-1, 1]. cfg_scale 1 is plain conditional
+    sampling; above 1, v = v_uncond + scale (v_cond - v_uncond) with the text hidden for v_uncond."""
+    spec = model.spec
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(prompts), spec.grid ** 2, spec.patch_dim, generator=g)
+
+    def velocity(x, t):
+        rows = []
+        for prompt, x_t in zip(prompts, x):
+            parts = build_parts([Turn("user", "text", prompt)], tokenizer, spec)
+            parts += [("text", role_prefix("assistant", tokenizer), False), ("image", x_t, t, torch.zeros_like(x_t))]
+            rows.append((parts, False))
+        if cfg_scale != 1:
+            rows += [(parts, True) for parts, _ in list(rows)]
+        v = model(**_batch(rows, device))[1].float().cpu().reshape(len(rows), *x.shape[1:])
+        if cfg_scale == 1:
+            return v
+        cond, uncond = v[:len(prompts)], v[len(prompts):]
+        return uncond + cfg_scale * (cond - uncond)
+
+    was_training = model.training
+    model.eval()
+    images = unpatchify(euler_sample(velocity, noise, steps, shift), spec)
+    model.train(was_training)
+    return images
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, images, prompt=None, max_new_tokens=32, device="cpu"):
+    """Image (patches) -> text, greedy, until the end-of-text token."""
+    was_training = model.training
+    model.eval()
+    texts = []
+    for x0 in images:
+        turns = [Turn("user", "image", x0)] + ([Turn("user", "text", prompt)] if prompt else [])
+        parts = build_parts(turns, tokenizer, model.spec) + [("text", role_prefix("assistant", tokenizer), False)]
+        new = []
+        for _ in range(max_new_tokens):
+            tokens, blocks, times, targets = assemble(parts + [("text", new, False)])
+            tokens["labels"][-1] = 0  # any label: the model returns logits where there is one, here the last position
+            batch = {k: v.to(device) for k, v in collate_sequences([(tokens, blocks, times, targets, False, 0)]).items()}
+            token = model(**batch)[0][-1].argmax().item()
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+        texts.append(tokenizer.decode(new))
+    model.train(was_training)
+    return texts
+
+
+def save_grid(images, path, columns):
+    """Images (N, C, H, W) in [-1, 1] as one PNG grid, `columns` per row."""
+    tiles = [to_pil(x) for x in images]
+    w, h = tiles[0].size
+    rows = math.ceil(len(tiles) / columns)
+    grid = Image.new(tiles[0].mode, (columns * w, rows * h))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * w, (i // columns) * h))
+    grid.save(path)
