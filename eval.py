@@ -4,7 +4,13 @@
     torchrun --nproc_per_node 4 eval.py RUN_DIR ...   # exact: every sample counted once
     torchrun --nproc_per_node 8 eval.py RUN_DIR --dist fsdp   # a model too large for one device
 
-The dataset registry, head size, label layout and image preprocessing come from the
+For generation checkpoints (train.py --task generate) it reports text loss / perplexity and
+image MSE at fixed t, and with --judge CLASSIFIER the classifier's accuracy on images generated
+for each of its classes, with and without classifier-free guidance:
+
+    python eval.py runs/demo_generate --judge runs/digits/checkpoint-500 --judge_prompt "a handwritten digit {label}"
+
+For classifiers, the dataset registry, head size, label layout and image preprocessing come from the
 checkpoint; the flags below override them. Results are appended to
 RUN_DIR/eval_results.jsonl, and a checkpoint already evaluated on the same data is skipped
 unless --force is given. `evaluate` is the one evaluation function that training uses too.
@@ -23,11 +29,12 @@ from checkpoint import checkpoint_step, list_checkpoints, read_info
 from dataset import (DataError, count_per_dataset, load_registry, make_loader, partial_eval_indices,
                      read_jsonl_files, summarize)
 import distributed
-from distributed import all_gather_objects, is_sharded, shard_model
+from distributed import all_gather_objects, all_reduce_sum, is_sharded, shard_model
 from losses import masked_cross_entropy
-from metrics import ClassificationMetrics, GenerationMetrics, format_table
+from metrics import ClassificationMetrics, GenerationMetrics, format_generation, format_table
 from model import LabelSpace, autocast, classify, fsdp_units, load_classifier, read_classifier_info
-from unified import make_generation_loader, target_counts, unified_losses
+from unified import (SPEC_FILE, generate_images, load_unified, make_generation_loader, read_generation_files,
+                     target_counts, to_pil, unified_losses)
 
 RESULTS_FILE = "eval_results.jsonl"
 
@@ -110,20 +117,20 @@ def evaluate_generation(model, conversations, indices, tokenizer, *, batch_size,
     return metrics.all_reduce().compute(prefix)
 
 
-def data_key(val_files, registry, label_space, masking, partial, seed):
-    """Fingerprint of what a checkpoint was evaluated on: files (size, mtime), registry, layout, options."""
+def data_key(val_files, options):
+    """Fingerprint of what a checkpoint was evaluated on: files (size, mtime) and options (JSON-able)."""
     files = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in val_files]
-    blob = json.dumps([files, {n: vars(s) for n, s in registry.items()}, vars(label_space), masking, partial, seed],
-                      sort_keys=True)
+    blob = json.dumps([files, options], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def find_targets(path):
     """(run_dir, [checkpoint folders]) for a checkpoint folder or a run directory."""
     path = os.path.normpath(path)
-    if os.path.isfile(os.path.join(path, "classifier.json")):
+    if os.path.isfile(os.path.join(path, "classifier.json")) or os.path.isfile(os.path.join(path, SPEC_FILE)):
         return os.path.dirname(path) or ".", [path]
-    found = [p for p in list_checkpoints(path) if os.path.isfile(os.path.join(p, "classifier.json"))]
+    found = [p for p in list_checkpoints(path) if os.path.isfile(os.path.join(p, "classifier.json"))
+             or os.path.isfile(os.path.join(p, SPEC_FILE))]
     if not found:
         raise FileNotFoundError(f"{path}: neither a checkpoint (no classifier.json) nor a run directory with checkpoint-* folders")
     return path, found
@@ -160,6 +167,14 @@ def build_parser():
     p.add_argument("--predictions", metavar="FILE", help="write one JSON line per sample and checkpoint")
     p.add_argument("--dist", choices=["ddp", "fsdp"], default="ddp",
                    help="under torchrun: a full model per process, or FSDP2-sharded per block (default: ddp)")
+    g = p.add_argument_group("generation checkpoints (--task generate)")
+    g.add_argument("--judge", metavar="CLASSIFIER", help="a classifier checkpoint of this codebase: its accuracy on "
+                   "images generated from --judge_prompt for each of its classes, with and without guidance")
+    g.add_argument("--judge_prompt", help="prompt per class, {label} is the class index, e.g. 'a handwritten digit {label}'")
+    g.add_argument("--judge_dataset", help="which of the judge's datasets (default: its first)")
+    g.add_argument("--judge_samples", type=int, default=10, help="images per class (default: 10)")
+    g.add_argument("--sample_steps", type=int, default=50, help="Euler steps per image (default: 50)")
+    g.add_argument("--cfg_scale", type=float, default=4.0, help="guidance scale compared with no guidance (default: 4)")
     return p
 
 
@@ -170,6 +185,8 @@ def main(argv=None):
 
 def run(args, rank, world_size, device):
     run_dir, targets = find_targets(args.path)
+    if os.path.isfile(os.path.join(targets[-1], SPEC_FILE)):
+        return run_generation(args, run_dir, targets, rank, world_size, device)
     info = read_classifier_info(targets[-1])
     trained_args = read_info(targets[-1]).get("args", {})
     registry = load_registry(args.datasets or {n: {k: v for k, v in d.items() if k != "offset"}
@@ -187,7 +204,7 @@ def run(args, rank, world_size, device):
     indices = partial_eval_indices(records, registry, seed) if args.partial else list(range(len(records)))
     if rank == 0:
         print(summarize(count_per_dataset(records, len(registry), indices), registry, "evaluation data"))
-    key = data_key(val_files, registry, label_space, masking, args.partial, seed)
+    key = data_key(val_files, [{n: vars(s) for n, s in registry.items()}, vars(label_space), masking, args.partial, seed])
     done = already_evaluated(run_dir) if rank == 0 else set()
     skip = all_gather_objects(sorted(os.path.basename(t) for t in targets if (os.path.basename(t), key) in done))[0]
     if args.predictions and rank == 0:
@@ -223,6 +240,75 @@ def run(args, rank, world_size, device):
                     f.write(json.dumps({"checkpoint": name, "image_path": r.image_path,
                                         "dataset_name": label_space.names[r.dataset_id], "label": p["label"],
                                         "prediction": p["prediction"], "probability": p["probability"]}) + "\n")
+
+
+def run_generation(args, run_dir, targets, rank, world_size, device):
+    """eval.py over generation checkpoints: text loss / perplexity, image MSE at fixed t, and the judge."""
+    trained_args = read_info(targets[-1]).get("args", {})
+    val_files = args.val_jsonl or trained_args.get("val_jsonl")
+    if not val_files:
+        raise ValueError("no validation data: give --val_jsonl (the run was trained without any)")
+    if args.judge and not args.judge_prompt:
+        raise ValueError("--judge needs --judge_prompt, e.g. 'a handwritten digit {label}'")
+    conversations = read_generation_files(val_files)
+    judge = ((args.judge, args.judge_prompt, args.judge_dataset, args.judge_samples, args.sample_steps, args.cfg_scale)
+             if args.judge else None)
+    key = data_key(val_files, ["generate", judge])
+    done = already_evaluated(run_dir) if rank == 0 else set()
+    skip = all_gather_objects(sorted(os.path.basename(t) for t in targets if (os.path.basename(t), key) in done))[0]
+    for folder in targets:
+        name = os.path.basename(folder)
+        if name in skip and not args.force:
+            if rank == 0:
+                print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); --force to redo")
+            continue
+        model, tokenizer, info = load_unified(folder)
+        model.to(device)
+        metrics = evaluate_generation(model, conversations, list(range(len(conversations))), tokenizer,
+                                      batch_size=args.batch_size, device=device, precision=args.precision,
+                                      num_workers=args.num_workers, rank=rank, world_size=world_size,
+                                      text_weight=info.get("text_loss_weight", 1.0),
+                                      image_weight=info.get("image_loss_weight", 1.0))
+        if args.judge:
+            for scale in dict.fromkeys([1.0, args.cfg_scale]):
+                metrics.update(judge_generated_images(model, tokenizer, args, scale, rank, world_size, device))
+        if rank != 0:
+            continue
+        print(format_generation(metrics, "eval", f"{name}"))
+        if args.judge:
+            print("  judge accuracy: " + ", ".join(f"{k[len('judge_accuracy_'):]} {100 * v:.1f}%"
+                                                    for k, v in metrics.items() if k.startswith("judge_accuracy_"))
+                  + f" (chance {100 * metrics['judge_chance']:.1f}%)")
+        record = {"checkpoint": name, "step": checkpoint_step(folder), "data_key": key,
+                  "val_jsonl": [os.path.abspath(p) for p in val_files],
+                  "time": datetime.datetime.now().isoformat(timespec="seconds"), **metrics}
+        with open(os.path.join(run_dir, RESULTS_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def judge_generated_images(model, tokenizer, args, cfg_scale, rank, world_size, device):
+    """Generate judge_samples images per class of the judge's dataset and classify them with the judge.
+
+    Returns judge_accuracy_cfg{scale}, judge_samples and judge_chance (1 / number of classes)."""
+    judge, inputs, info = load_classifier(args.judge)
+    judge.to(device).eval()
+    dataset = args.judge_dataset or next(iter(info["datasets"]))
+    if dataset not in info["datasets"]:
+        raise ValueError(f"--judge_dataset {dataset}: the judge knows {', '.join(info['datasets'])}")
+    k, offset = info["datasets"][dataset]["num_classes"], info["datasets"][dataset]["offset"]
+    labels = [c for c in range(k) for _ in range(args.judge_samples)][rank::world_size]
+    correct = 0
+    for start in range(0, len(labels), 100):
+        chunk = labels[start:start + 100]
+        prompts = [args.judge_prompt.format(label=c) for c in chunk]
+        images = generate_images(model, tokenizer, prompts, args.sample_steps, cfg_scale, seed=rank * 100_003 + start,
+                                 device=device)
+        batch = inputs([to_pil(x).convert("RGB") for x in images], [dataset] * len(chunk))
+        logits = judge(**{n: v.to(device) for n, v in batch.items()})[:, offset:offset + k]
+        correct += (logits.argmax(-1).cpu() == torch.tensor(chunk)).sum().item()
+    correct, total = all_reduce_sum([correct, len(labels)], device)
+    return {f"judge_accuracy_cfg{cfg_scale:g}": correct / total, "judge_samples": int(total), "judge_chance": 1 / k}
 
 
 if __name__ == "__main__":
