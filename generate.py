@@ -10,10 +10,12 @@ end-of-text token.
 import argparse
 import os
 import re
+import sys
 
 import torch
 
 from checkpoint import resolve_resume
+from dataset import DataError
 from unified import SPEC_FILE, generate_images, generate_text, load_image, load_unified, save_grid, to_pil
 
 
@@ -53,9 +55,12 @@ def main(argv=None):
             print(f"{prompt!r}: {args.num_images} image(s) -> {os.path.join(args.out_dir, slug)}_*.png")
         save_grid(images, os.path.join(args.out_dir, "grid.png"), args.num_images)
     for path in args.image:
-        caption = generate_text(model, tokenizer, [load_image(path, model.spec)], max_new_tokens=args.max_new_tokens,
-                                device=device)[0]
-        print(f"{path}: {caption}")
+        try:
+            image = load_image(path, model.spec)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"{path}: {generate_text(model, tokenizer, [image], max_new_tokens=args.max_new_tokens, device=device)[0]}")
 
 
 if __name__ == "__main__":

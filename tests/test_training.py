@@ -277,10 +277,13 @@ def test_demo_command_trains_on_real_images(demo_dir, tmp_path):
     assert final["final_eval_digits_accuracy"] > 0.9
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "multi_datasets_example.yaml", "qwen2_5_vl_food.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "multi_datasets_example.yaml", "qwen2_5_vl_food.yaml", "demo_generate.yaml"])
 def test_shipped_configs_parse(name):
     args = train.parse_args(["--config", os.path.join("configs", name)])
     assert args.model and args.train_jsonl and args.output_dir
     if name == "qwen2_5_vl_food.yaml":
         assert (args.param_dtype, args.precision, args.gradient_checkpointing) == ("bf16", "bf16", True)
         assert (args.max_pixels, args.lr, list(args.datasets)) == (200704, 1e-5, ["food101", "food2k", "imagenet"])
+    if name == "demo_generate.yaml":
+        assert (args.task, args.image_size, args.image_channels, args.patch_size) == ("generate", 8, 1, 2)
+        assert len(args.sample_prompts) == 10 and args.cfg_scale == 4.0
