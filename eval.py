@@ -33,8 +33,8 @@ from distributed import all_gather_objects, all_reduce_sum, is_sharded, shard_mo
 from losses import masked_cross_entropy
 from metrics import ClassificationMetrics, GenerationMetrics, format_generation, format_table
 from model import LabelSpace, autocast, classify, fsdp_units, load_classifier, read_classifier_info
-from unified import (SPEC_FILE, generate_images, load_unified, make_generation_loader, read_generation_files,
-                     target_counts, to_pil, unified_losses)
+from unified import (SPEC_FILE, generate_images, generate_text, load_image, load_unified, make_generation_loader,
+                     read_generation_files, target_counts, to_pil, unified_losses)
 
 RESULTS_FILE = "eval_results.jsonl"
 
@@ -269,12 +269,16 @@ def run_generation(args, run_dir, targets, rank, world_size, device):
                                       num_workers=args.num_workers, rank=rank, world_size=world_size,
                                       text_weight=info.get("text_loss_weight", 1.0),
                                       image_weight=info.get("image_loss_weight", 1.0))
+        metrics.update(caption_accuracy(model, tokenizer, conversations, args.batch_size, rank, world_size, device))
         if args.judge:
             for scale in dict.fromkeys([1.0, args.cfg_scale]):
                 metrics.update(judge_generated_images(model, tokenizer, args, scale, rank, world_size, device))
         if rank != 0:
             continue
         print(format_generation(metrics, "eval", f"{name}"))
+        if metrics["eval_captions"]:
+            print(f"  captions: {100 * metrics['eval_caption_accuracy']:.1f}% exactly right "
+                  f"({metrics['eval_captions']} image -> text samples, greedy)")
         if args.judge:
             print("  judge accuracy: " + ", ".join(f"{k[len('judge_accuracy_'):]} {100 * v:.1f}%"
                                                     for k, v in metrics.items() if k.startswith("judge_accuracy_"))
@@ -284,6 +288,22 @@ def run_generation(args, run_dir, targets, rank, world_size, device):
                   "time": datetime.datetime.now().isoformat(timespec="seconds"), **metrics}
         with open(os.path.join(run_dir, RESULTS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def caption_accuracy(model, tokenizer, conversations, batch_size, rank, world_size, device):
+    """Share of image -> text samples (one user image, then the assistant's text) whose greedy caption
+    equals the reference exactly: eval_caption_accuracy over eval_captions samples."""
+    pairs = [(c.turns[0].value, c.turns[1].value.strip()) for c in conversations
+             if [(t.role, t.kind) for t in c.turns] == [("user", "image"), ("assistant", "text")]][rank::world_size]
+    correct = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        images = [load_image(path, model.spec) for path, _ in chunk]
+        longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for _, text in chunk)
+        captions = generate_text(model, tokenizer, images, max_new_tokens=longest + 1, device=device)
+        correct += sum(caption.strip() == text for caption, (_, text) in zip(captions, chunk))
+    correct, total = all_reduce_sum([correct, len(pairs)], device)
+    return {"eval_caption_accuracy": correct / total if total else 0.0, "eval_captions": int(total)}
 
 
 @torch.no_grad()

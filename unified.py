@@ -547,25 +547,28 @@ def generate_images(model, tokenizer, prompts, steps=50, cfg_scale=1.0, seed=0, 
 
 @torch.no_grad()
 def generate_text(model, tokenizer, images, prompt=None, max_new_tokens=32, device="cpu"):
-    """Image (patches) -> text, greedy, until the end-of-text token."""
+    """Images (patches) -> texts, greedy, each until the end-of-text token; all images in one batch."""
     was_training = model.training
     model.eval()
-    texts = []
-    for x0 in images:
-        turns = [Turn("user", "image", x0)] + ([Turn("user", "text", prompt)] if prompt else [])
-        parts = build_parts(turns, tokenizer, model.spec) + [("text", role_prefix("assistant", tokenizer), False)]
-        new = []
-        for _ in range(max_new_tokens):
-            tokens, blocks, times, targets = assemble(parts + [("text", new, False)])
+    turns = lambda x0: [Turn("user", "image", x0)] + ([Turn("user", "text", prompt)] if prompt else [])  # noqa: E731
+    rows = [build_parts(turns(x0), tokenizer, model.spec) + [("text", role_prefix("assistant", tokenizer), False)]
+            for x0 in images]
+    new, done = [[] for _ in rows], [False] * len(rows)
+    for _ in range(max_new_tokens):
+        items = []
+        for parts, tokens_so_far in zip(rows, new):
+            tokens, blocks, times, targets = assemble(parts + [("text", tokens_so_far, False)])
             tokens["labels"][-1] = 0  # any label: the model returns logits where there is one, here the last position
-            batch = {k: v.to(device) for k, v in collate_sequences([(tokens, blocks, times, targets, False, 0)]).items()}
-            token = model(**batch)[0][-1].argmax().item()
-            if token == tokenizer.eos_token_id:
-                break
-            new.append(token)
-        texts.append(tokenizer.decode(new))
+            items.append((tokens, blocks, times, targets, False, 0))
+        batch = {k: v.to(device) for k, v in collate_sequences(items).items()}
+        for i, token in enumerate(model(**batch)[0].argmax(-1).tolist()):  # one labelled position per row
+            done[i] = done[i] or token == tokenizer.eos_token_id
+            if not done[i]:
+                new[i].append(token)
+        if all(done):
+            break
     model.train(was_training)
-    return texts
+    return [tokenizer.decode(tokens) for tokens in new]
 
 
 def save_grid(images, path, columns):

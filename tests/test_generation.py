@@ -266,6 +266,7 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
     assert result.returncode == 0, result.stderr[-3000:]
     row = read_jsonl(tmp_path / "gen" / "eval_results.jsonl")[-1]
     assert row["judge_samples"] == 20 and row["judge_chance"] == 0.1
+    assert row["eval_captions"] == 7 and 0 <= row["eval_caption_accuracy"] <= 1  # the 7 image -> text samples
     assert 0 <= row["judge_accuracy_cfg1"] <= 1 and 0 <= row["judge_accuracy_cfg3"] <= 1
     final = [r for r in read_jsonl(tmp_path / "gen" / "metrics.jsonl") if r["event"] == "final_eval"][0]
     assert row["eval_text_loss"] == pytest.approx(final["final_eval_text_loss"], rel=1e-5)
