@@ -127,14 +127,11 @@ def read_jsonl_files(paths, registry, check_images=True):
     names = list(registry)
     columns, errors = {"image_paths": [], "labels": [], "dataset_ids": [], "file_ids": [], "lines": []}, []
     for file_id, path in enumerate(paths):
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.readlines()
-        except (OSError, UnicodeDecodeError) as e:
-            errors.append(f"{path}: cannot read the data file ({getattr(e, 'strerror', None) or e})")
+        text = read_data_file(path, errors)
+        if text is None:
             continue
         folder = os.path.dirname(os.path.abspath(path))
-        for lineno, line in enumerate(lines, 1):
+        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -173,13 +170,28 @@ def read_jsonl_files(paths, registry, check_images=True):
             exists = list(pool.map(os.path.isfile, columns["image_paths"]))
         errors += [f"{records[i].source}: field 'image_path': image file not found: {records[i].image_path}"
                    for i, ok in enumerate(exists) if not ok]
+    raise_data_errors(errors, len(records), paths)
+    return records
+
+
+def read_data_file(path, errors):
+    """The text of a data file, or None with the reason added to `errors`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        errors.append(f"{path}: cannot read the data file ({getattr(e, 'strerror', None) or e})")
+        return None
+
+
+def raise_data_errors(errors, num_samples, paths):
+    """One DataError listing every problem found (the first 20 in full), or for files without samples."""
     if errors:
         shown = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise DataError(f"{len(errors)} problem(s) in the data files:\n  {shown}{more}")
-    if not len(records) and paths:
+    if not num_samples and paths:
         raise DataError(f"no samples in {', '.join(paths)}")
-    return records
 
 
 def partial_eval_indices(records, registry, seed):

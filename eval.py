@@ -136,6 +136,18 @@ def find_targets(path):
     return path, found
 
 
+def still_to_evaluate(run_dir, targets, key, force, rank):
+    """The checkpoint folders not yet evaluated on this data (all of them with --force), the same on every rank."""
+    done = already_evaluated(run_dir) if rank == 0 else set()
+    skip = all_gather_objects(sorted(os.path.basename(t) for t in targets if (os.path.basename(t), key) in done))[0]
+    if force:
+        return targets
+    if rank == 0:
+        for name in skip:
+            print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); --force to redo")
+    return [t for t in targets if os.path.basename(t) not in skip]
+
+
 def already_evaluated(run_dir):
     done = set()
     path = os.path.join(run_dir, RESULTS_FILE)
@@ -205,16 +217,10 @@ def run(args, rank, world_size, device):
     if rank == 0:
         print(summarize(count_per_dataset(records, len(registry), indices), registry, "evaluation data"))
     key = data_key(val_files, [{n: vars(s) for n, s in registry.items()}, vars(label_space), masking, args.partial, seed])
-    done = already_evaluated(run_dir) if rank == 0 else set()
-    skip = all_gather_objects(sorted(os.path.basename(t) for t in targets if (os.path.basename(t), key) in done))[0]
     if args.predictions and rank == 0:
         open(args.predictions, "w").close()
-    for folder in targets:
+    for folder in still_to_evaluate(run_dir, targets, key, args.force, rank):
         name = os.path.basename(folder)
-        if name in skip and not args.force:
-            if rank == 0:
-                print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); --force to redo")
-            continue
         model, inputs, _ = load_classifier(folder)
         if args.dist == "fsdp" and world_size > 1:
             shard_model(model, fsdp_units(model.backbone), device,
@@ -254,14 +260,8 @@ def run_generation(args, run_dir, targets, rank, world_size, device):
     judge = ((args.judge, args.judge_prompt, args.judge_dataset, args.judge_samples, args.sample_steps, args.cfg_scale)
              if args.judge else None)
     key = data_key(val_files, ["generate", judge])
-    done = already_evaluated(run_dir) if rank == 0 else set()
-    skip = all_gather_objects(sorted(os.path.basename(t) for t in targets if (os.path.basename(t), key) in done))[0]
-    for folder in targets:
+    for folder in still_to_evaluate(run_dir, targets, key, args.force, rank):
         name = os.path.basename(folder)
-        if name in skip and not args.force:
-            if rank == 0:
-                print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); --force to redo")
-            continue
         model, tokenizer, info = load_unified(folder)
         model.to(device)
         metrics = evaluate_generation(model, conversations, list(range(len(conversations))), tokenizer,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dataset import DataError
+from dataset import DataError, raise_data_errors, read_data_file
 from model import from_pretrained, say
 
 SPEC_FILE = "unified.json"
@@ -103,11 +103,8 @@ def read_generation_files(paths):
     """Read and check every record of every JSON / JSONL file; raise one DataError listing what is wrong."""
     conversations, errors = [], []
     for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            errors.append(f"{path}: cannot read the data file ({getattr(e, 'strerror', None) or e})")
+        text = read_data_file(path, errors)
+        if text is None:
             continue
         folder = os.path.dirname(os.path.abspath(path))
         if path.endswith(".json"):  # one JSON array (or one object); records are named by index
@@ -120,7 +117,7 @@ def read_generation_files(paths):
             items = [(f"{path}: record {i}", item) for i, item in enumerate(data)]
         else:
             items = []
-            for lineno, line in enumerate(text.splitlines(), 1):
+            for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
                 if not line.strip():
                     continue
                 try:
@@ -135,12 +132,7 @@ def read_generation_files(paths):
                 conversations.append(Conversation(_turns(item, folder), where))
             except ValueError as e:
                 errors.append(f"{where}: {e}")
-    if errors:
-        shown = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"{len(errors)} problem(s) in the data files:\n  {shown}{more}")
-    if not conversations and paths:
-        raise DataError(f"no samples in {', '.join(paths)}")
+    raise_data_errors(errors, len(conversations), paths)
     return conversations
 
 
