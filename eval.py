@@ -254,6 +254,8 @@ def run_generation(args, run_dir, targets, rank, world_size, device):
     val_files = args.val_jsonl or trained_args.get("val_jsonl")
     if not val_files:
         raise ValueError("no validation data: give --val_jsonl (the run was trained without any)")
+    if args.dist == "fsdp" and world_size > 1:
+        raise ValueError("--dist fsdp: generation checkpoints are evaluated with a full model per process")
     if args.judge and not args.judge_prompt:
         raise ValueError("--judge needs --judge_prompt, e.g. 'a handwritten digit {label}'")
     conversations = read_generation_files(val_files)

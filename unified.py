@@ -399,11 +399,12 @@ class UnifiedModel(nn.Module):
         hidden_size = embed.weight.shape[-1]
         x = torch.zeros(*input_ids.shape, hidden_size, dtype=embed.weight.dtype, device=input_ids.device)
         x[is_text] = embed(input_ids[is_text])
-        if images.shape[0]:
-            time = self.time_embed(timestep_features(timesteps).to(x.dtype))[:, None]
-            patches = self.patch_embed(images.to(x.dtype)) + self.image_positions + time
-            start, end = self.image_markers[0] + time, self.image_markers[1] + time
-            x[block >= 0] = torch.cat([start, patches, end], dim=1).reshape(-1, hidden_size)
+        if not images.shape[0]:  # a text-only batch still runs the image layers (on nothing): DDP sees them used
+            images = images.new_zeros(0, self.spec.grid ** 2, self.spec.patch_dim)
+        time = self.time_embed(timestep_features(timesteps).to(x.dtype))[:, None]
+        patches = self.patch_embed(images.to(x.dtype)) + self.image_positions + time
+        start, end = self.image_markers[0] + time, self.image_markers[1] + time
+        x[block >= 0] = torch.cat([start, patches, end], dim=1).reshape(-1, hidden_size)
         hidden = self.lm.get_decoder()(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
                                        use_cache=False).last_hidden_state
         logits = self.lm.get_output_embeddings()(hidden[labels != -100])
@@ -415,7 +416,7 @@ def unified_losses(model, batch):
     """(sum of text cross-entropy, sum over noised image tokens of the patch-mean squared error)."""
     logits, velocity = model(**batch)
     text = F.cross_entropy(logits.float(), batch["labels"][batch["labels"] != -100], reduction="sum")
-    image = (velocity.float() - batch["velocity_targets"].flatten(0, 1)).pow(2).mean(-1).sum()
+    image = (velocity.float() - batch["velocity_targets"].reshape(velocity.shape)).pow(2).mean(-1).sum()
     return text, image
 
 

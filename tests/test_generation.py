@@ -271,3 +271,15 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
     final = [r for r in read_jsonl(tmp_path / "gen" / "metrics.jsonl") if r["event"] == "final_eval"][0]
     assert row["eval_text_loss"] == pytest.approx(final["final_eval_text_loss"], rel=1e-5)
     assert row["eval_image_loss"] == pytest.approx(final["final_eval_image_loss"], rel=1e-5)
+
+
+def test_a_text_only_batch_still_gives_every_parameter_a_gradient(tiny_lm):
+    # DDP expects each parameter in every backward; a batch of text-only conversations has no image block.
+    lm, tokenizer = load_language_model(tiny_lm)
+    model = UnifiedModel(lm, SPEC)
+    conversation = [Turn("user", "text", "hi"), Turn("assistant", "text", "hello")]
+    batch = collate_sequences([(*assemble(build_parts(conversation, tokenizer, SPEC)), False, 0)])
+    text, image = unified_losses(model, batch)
+    (text + image).backward()
+    assert image.item() == 0 and text.item() > 0
+    assert all(p.grad is not None for p in model.parameters())
