@@ -34,6 +34,10 @@ SHARDED_DIR = "state"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message names the file."""
+
+
 def checkpoint_step(path):
     m = _NAME.match(os.path.basename(os.path.normpath(path)))
     return int(m.group(1)) if m else None
@@ -67,21 +71,29 @@ def write_atomically(final_path, write_fn, rank=0):
     """Every rank calls write_fn(tmp_folder); then rank 0 renames tmp_folder to final_path in one step."""
     parent, name = os.path.split(os.path.normpath(final_path))
     tmp = os.path.join(parent, f".tmp-{name}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    write_fn(tmp)
-    barrier()
-    if rank == 0:
-        if os.path.exists(final_path):  # re-saving the same step: replace the old folder whole
-            old = os.path.join(parent, f".old-{name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final_path, old)
-            os.rename(tmp, final_path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final_path)
+    try:  # a full disk or an unwritable folder: remove the partial folder, keep every earlier checkpoint
+        if rank == 0:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)  # left by a process killed while writing it
+            os.makedirs(tmp)
+        barrier()
+        write_fn(tmp)
+        barrier()
+        if rank == 0:
+            if os.path.exists(final_path):  # re-saving the same step: replace the old folder whole
+                old = os.path.join(parent, f".old-{name}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final_path, old)
+                os.rename(tmp, final_path)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, final_path)
+    except Exception as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"cannot write {final_path} ({reason}); nothing of it was kept, earlier "
+                              f"checkpoints are intact") from None
     barrier()
 
 
@@ -93,8 +105,12 @@ def write_json(path, obj):
 
 
 def read_info(folder):
-    with open(os.path.join(folder, INFO_FILE)) as f:
-        return json.load(f)
+    path = os.path.join(folder, INFO_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read it ({e})") from None
 
 
 def prune_checkpoints(output_dir, keep_last, protect=()):
@@ -141,7 +157,7 @@ def load_trainer_state(folder):
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: this checkpoint cannot be resumed from") from None
     except Exception as e:
-        raise RuntimeError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from None
 
 
 def save_sharded_state(folder, model, optimizer):
@@ -166,20 +182,23 @@ def load_sharded_state(folder, model, optimizer=None):
     try:
         saved = reader.read_metadata().state_dict_metadata
     except Exception as e:
-        raise RuntimeError(f"{path}: cannot read the sharded state ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: cannot read the sharded state ({type(e).__name__}: {e})") from None
     if optimizer is None:
         model_state, optim_state = get_model_state_dict(model), None
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
     missing = [k for k in model_state if f"model.{k}" not in saved]
     if missing:
-        raise ValueError(f"{path} does not fit this model: {len(missing)} tensor(s) are missing, e.g. {missing[:3]}")
+        raise CheckpointError(f"{path} does not fit this model: {len(missing)} tensor(s) are missing, e.g. {missing[:3]}")
     state = {"model": model_state}
     if optim_state is not None:
         state["optim"] = optim_state["state"]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(state, storage_reader=reader, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        try:
+            dcp.load(state, storage_reader=reader, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        except Exception as e:  # a truncated shard file, a shape that does not fit
+            raise CheckpointError(f"{path}: cannot load the sharded state ({type(e).__name__}: {e})"[:2000]) from None
     if optim_state is None:
         set_model_state_dict(model, state["model"])
     else:

@@ -245,10 +245,13 @@ def summarize(counts, registry, title, total=None):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes one image (RGB, Pillow); preprocessing happens per batch in `collate`."""
+    """Decodes one image (RGB, Pillow); preprocessing happens per batch in `collate`.
 
-    def __init__(self, records):
-        self.records = records
+    An image that fails to decode is an error naming it, or with skip_bad_images an item whose
+    image is None and whose label is that message (the batch drops and reports it)."""
+
+    def __init__(self, records, skip_bad_images=False):
+        self.records, self.skip_bad_images = records, skip_bad_images
 
     def __len__(self):
         return len(self.records)
@@ -259,7 +262,10 @@ class ImageDataset(torch.utils.data.Dataset):
             with Image.open(r.image_path) as im:
                 image = im.convert("RGB")
         except Exception as e:
-            raise DataError(f"{r.source}: cannot decode image {r.image_path}: {e}") from None
+            message = f"{r.source}: cannot decode image {r.image_path}: {e}"
+            if self.skip_bad_images:
+                return None, message, r.dataset_id, index
+            raise DataError(message) from None
         return image, r.label, r.dataset_id, index
 
 
@@ -274,16 +280,30 @@ class Collate:
         self.inputs, self.dataset_names = inputs, dataset_names
 
     def __call__(self, items):
+        skipped = [(message, dataset_id) for image, message, dataset_id, _ in items if image is None]
+        items = [item for item in items if item[0] is not None]
+        if not items:
+            raise DataError(f"no image of a batch could be decoded, e.g. {skipped[0][0]}")
         images, labels, dataset_ids, indices = zip(*items)
         batch = self.inputs(list(images), [self.dataset_names[i] for i in dataset_ids])
-        return {**batch, "labels": torch.tensor(labels), "dataset_ids": torch.tensor(dataset_ids),
-                "indices": torch.tensor(indices)}
+        batch = {**batch, "labels": torch.tensor(labels), "dataset_ids": torch.tensor(dataset_ids),
+                 "indices": torch.tensor(indices)}
+        return {**batch, "skipped": skipped} if skipped else batch
 
 
-def make_loader(records, indices, inputs, dataset_names, batch_size, num_workers, pin_memory=False):
+def make_loader(records, indices, inputs, dataset_names, batch_size, num_workers, pin_memory=False,
+                skip_bad_images=False):
     return torch.utils.data.DataLoader(
-        ImageDataset(records), batch_size=batch_size, sampler=indices, collate_fn=Collate(inputs, dataset_names),
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
+        ImageDataset(records, skip_bad_images), batch_size=batch_size, sampler=indices,
+        collate_fn=Collate(inputs, dataset_names), num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=False, worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(_worker_id):
+    """DataLoader workers leave SIGTERM / SIGUSR1 to the training process, which stops them itself."""
+    import signal
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def make_demo(out_dir, seed=0, val_fraction=0.2):

@@ -25,6 +25,8 @@ transformers.utils.logging.disable_progress_bar()
 # DataLoader workers fork after the tokenizer has run in the main process.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Whether a model folder may run its own Python code (auto_map): off unless --trust_remote_code.
+REMOTE_CODE = [False]
 CLASSIFIER_FILE = "classifier.json"
 HEAD_FILE = "head.safetensors"
 POOLINGS = ("auto", "pooler", "cls", "mean", "last")
@@ -118,7 +120,10 @@ def from_pretrained(model_class, folder, **kwargs):
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()
     try:
-        model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+        model, info = model_class.from_pretrained(folder, output_loading_info=True, trust_remote_code=REMOTE_CODE[0],
+                                                   **kwargs)
+    except Exception as e:  # a truncated or corrupt weights file: name it, not a frame deep inside the loader
+        raise ValueError(f"{folder}: cannot load the model weights ({type(e).__name__}: {e})"[:2000]) from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     missing = sorted(info["missing_keys"])
@@ -143,7 +148,7 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
     if not preset and not os.path.isdir(name_or_path):
         raise FileNotFoundError(f"--model {name_or_path}: no such folder (use a local model folder or one of "
                                 f"{', '.join('preset:' + p for p in PRESETS)})")
-    config = None if preset else AutoConfig.from_pretrained(name_or_path)
+    config = None if preset else AutoConfig.from_pretrained(name_or_path, trust_remote_code=REMOTE_CODE[0])
     vision_language = config is not None and is_vision_language(config)
     if (min_pixels or max_pixels) and not vision_language:
         raise ValueError(f"--min_pixels / --max_pixels apply to vision-language image processors; "
@@ -157,7 +162,7 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
     backbone = from_pretrained(model_class, name_or_path, **({"dtype": dtype} if dtype else {}))
     if vision_language:
         return backbone, ImageTextInputs.from_folder(name_or_path, config, prompt, min_pixels, max_pixels)
-    return backbone, ImageInputs(AutoImageProcessor.from_pretrained(name_or_path))
+    return backbone, ImageInputs(AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=REMOTE_CODE[0]))
 
 
 def with_pixel_bounds(image_processor, min_pixels=None, max_pixels=None):
@@ -240,7 +245,7 @@ class ImageTextInputs:
     def from_folder(cls, folder, config, prompt=DEFAULT_PROMPT, min_pixels=None, max_pixels=None):
         from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
         try:
-            processor = AutoProcessor.from_pretrained(folder)
+            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=REMOTE_CODE[0])
         except Exception as e:  # e.g. Qwen2-VL's video processor needs torchvision
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
             say(f"note: AutoProcessor cannot load {folder} ({reason}); using its image processor and tokenizer")
@@ -249,8 +254,9 @@ class ImageTextInputs:
             processor.image_processor = with_pixel_bounds(processor.image_processor, min_pixels, max_pixels)
             image_processor, tokenizer = processor.image_processor, processor.tokenizer
         else:
-            image_processor = with_pixel_bounds(AutoImageProcessor.from_pretrained(folder), min_pixels, max_pixels)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            image_processor = with_pixel_bounds(AutoImageProcessor.from_pretrained(folder, trust_remote_code=REMOTE_CODE[0]),
+                                                min_pixels, max_pixels)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=REMOTE_CODE[0])
         chat_template = getattr(processor, "chat_template", None) or read_chat_template(folder)
         return cls(image_processor, tokenizer, config, prompt, processor, chat_template)
 
@@ -447,7 +453,10 @@ def load_head(model, folder):
     path = os.path.join(folder, HEAD_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing")
-    model.head.load_state_dict(load_file(path))
+    try:
+        model.head.load_state_dict(load_file(path))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot load the head ({type(e).__name__}: {e})") from None
 
 
 def classify(model, batch, num_classes, offsets, masking=True):

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from itertools import islice
@@ -41,7 +42,7 @@ from distributed import all_gather_objects, all_reduce_sum, barrier
 from eval import evaluate, evaluate_generation
 from losses import masked_cross_entropy
 from metrics import ClassificationMetrics, GenerationMetrics, format_generation, format_table
-from model import (DEFAULT_PROMPT, LabelSpace, MaskedClassifier, POOLINGS, autocast, classify,
+from model import (DEFAULT_PROMPT, REMOTE_CODE, LabelSpace, MaskedClassifier, POOLINGS, autocast, classify,
                    enable_activation_checkpointing, fsdp_units, load_backbone, save_classifier, set_trainable)
 from unified import (ImageSpec, UnifiedModel, generate_images, load_language_model, make_generation_loader,
                      read_generation_files, save_grid, save_unified, target_counts, unified_losses)
@@ -119,11 +120,16 @@ def build_parser():
     a("--warmup_steps", type=int, default=0, help="linear warmup steps")
     a("--lr_scheduler", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
     a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    a("--max_bad_steps", type=int, default=5,
+      help="skip an optimizer step whose gradients are not finite; stop after more than this many in a row")
+    a("--on_bad_image", choices=["stop", "skip"], default="stop",
+      help="an image that fails to decode during training: stop (with a checkpoint) or skip it and count it")
     a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (fp16 adds a GradScaler)")
     a("--label_smoothing", type=float, default=0.0, help="spread over each sample's valid classes only")
     a("--no_logits_masking", action="store_true", help="let every sample predict every head row")
     a("--no_shuffle", action="store_true", help="keep the files' order instead of a seeded shuffle per epoch")
     a("--seed", type=int, default=42, help="init, data order and partial-eval subsets")
+    a("--trust_remote_code", action="store_true", help="let a model folder run its own Python code (off: never)")
     a("--num_workers", type=int, default=2, help="DataLoader processes per rank")
     # schedule of logging, evaluation and checkpoints
     a("--logging_steps", type=int, default=10, help="train metrics every N steps")
@@ -291,6 +297,8 @@ def check_args(args, label_space, val_records):
             raise ValueError("--freeze / --train_only_head are for --task classify")
         if not 0 <= args.cond_dropout < 1:
             raise ValueError(f"--cond_dropout must be in [0, 1), got {args.cond_dropout}")
+        if args.on_bad_image == "skip":
+            raise ValueError("--on_bad_image skip is for --task classify")
     elif not args.no_best_tracking:  # the names metrics.ClassificationMetrics.compute reports
         counts = count_per_dataset(val_records, len(label_space.names))
         present = [(n, k) for n, k, c in zip(label_space.names, label_space.num_classes, counts) if c]
@@ -337,8 +345,40 @@ def save_checkpoint(path, model, write_model, optimizer, scaler, info, rank, tra
         if rank == 0:
             write_model(tmp, full)
             torch.save({"scaler": scaler.state_dict(), "ranks": per_rank}, os.path.join(tmp, STATE_FILE))
+            injected_fault("kill_in_save", info["step"])
             write_json(os.path.join(tmp, INFO_FILE), info)  # written last: marks the folder complete
     write_atomically(path, write, rank)
+
+
+def readable(line):
+    try:
+        return line.endswith("\n") and isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. gradients stay non-finite); the last good checkpoint is kept."""
+
+
+def injected_fault(point, step):
+    """Fault injection for the reliability tests: MIXTRAIN_FAULT="nan_loss:3,kill_in_save:4" makes the
+    loss of step 3 NaN and SIGKILLs the process while checkpoint-4 is being written. Off when unset."""
+    wanted = f"{point}:{step}"
+    if wanted not in os.environ.get("MIXTRAIN_FAULT", "").split(","):
+        return False
+    if point.startswith("kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def catch_stop_signals():
+    """SIGTERM and SIGUSR1 (Slurm's warning before a time limit) only record their name: the loop
+    finishes the current step on every rank, writes a checkpoint and ends with exit code 0."""
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signal.Signals(signum).name))
+                for s in (signal.SIGTERM, signal.SIGUSR1)}
+    return received, previous
 
 
 class JsonlLog:
@@ -351,8 +391,8 @@ class JsonlLog:
         if keep_through_step is not None and os.path.isfile(path):
             # Resuming: drop records written after the checkpoint, they will be written again.
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-            with open(path, "w") as f:
+                kept = [line for line in f if readable(line) and json.loads(line).get("step", 0) <= keep_through_step]
+            with open(path, "w") as f:  # a record torn by a kill mid-write is dropped with the rest
                 f.writelines(kept)
         self.file = open(path, "a")
 
@@ -393,11 +433,12 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    distributed.run(train, args, (DataError, FileNotFoundError, ValueError), args.dist_timeout_minutes)
+    distributed.run(train, args, (DataError, FileNotFoundError, ValueError, TrainingError), args.dist_timeout_minutes)
 
 
 def train(args, rank, world_size, device):
     main_process = rank == 0
+    REMOTE_CODE[0] = args.trust_remote_code
     say = print if main_process else (lambda *a, **k: None)
     overrides = apply_overrides(args)
     for change in overrides:
@@ -490,6 +531,7 @@ def train(args, rank, world_size, device):
 
     best = {"metric": args.best_metric, "mode": args.best_mode, "value": None, "step": None, "checkpoint": None}
     start_step, last_saved, resumed_window = 0, None, None
+    skipped_images = [0] * (1 if generate else len(label_space.names))  # --on_bad_image skip, per dataset
     if args.resume:
         folder = resolve_resume(args.resume, args.output_dir)
         info = read_info(folder)
@@ -500,6 +542,8 @@ def train(args, rank, world_size, device):
             set_rng_state(state["ranks"][rank]["rng"])
             resumed_window = state["ranks"][rank]["train_metrics"]
         start_step, best, last_saved = info["step"], info["best"], folder
+        if rank == 0 and len(info.get("skipped_images", [])) == len(skipped_images):
+            skipped_images = info["skipped_images"]  # the totals of all ranks so far
         say(f"resumed from {folder} at step {start_step}")
     else:
         torch.manual_seed(args.seed + rank)
@@ -533,7 +577,7 @@ def train(args, rank, world_size, device):
 
         def train_loader(indices, epoch):
             return make_loader(train_records, indices, inputs, label_space.names, args.batch_size, args.num_workers,
-                               pin_memory)
+                               pin_memory, skip_bad_images=args.on_bad_image == "skip")
 
         def run_evaluation(indices, prefix):
             return evaluate(raw_model, val_records, indices, inputs, label_space, prefix=prefix, masking=masking,
@@ -551,8 +595,10 @@ def train(args, rank, world_size, device):
     def save(step, metrics):
         nonlocal last_saved
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
+        if last_saved == path:
+            return
         info = {"step": step, "epoch": epoch_of(step), "args": vars(args), "metrics": metrics, "best": best,
-                "world_size": world_size}
+                "world_size": world_size, "skipped_images": [int(n) for n in all_reduce_sum(skipped_images, device)]}
         save_checkpoint(path, model, write_model, optimizer, scaler, info, rank, train_metrics)
         last_saved = path
         if main_process:
@@ -566,9 +612,10 @@ def train(args, rank, world_size, device):
                 tqdm.write(f"removed {r} (keep limit)")
         barrier()
 
-    step = start_step
+    step, bad_steps = start_step, 0
     progress = tqdm(total=total_steps, initial=start_step, disable=not main_process, desc="train", dynamic_ncols=True)
     window_time, window_samples = 0.0, 0  # training time only: evaluation and saving are not counted
+    stop_signals, previous_handlers = catch_stop_signals()
     while step < total_steps:
         epoch, first_micro = divmod(step, steps_per_epoch)
         first_micro *= args.grad_accum
@@ -577,13 +624,29 @@ def train(args, rank, world_size, device):
         for _ in range(step % steps_per_epoch, steps_per_epoch):
             # Fetch the whole accumulated batch first: the loss is normalised by its global target counts
             # (classify: samples; generate: samples, target text tokens, noised image tokens).
+            # The same all-reduce tells every rank whether any rank was asked to stop or could not read its data.
             step_start = time.time()
-            micro_batches = list(islice(loader, args.grad_accum))
+            try:
+                micro_batches, data_error = list(islice(loader, args.grad_accum)), None
+            except DataError as e:
+                micro_batches, data_error = [], e
+            for b in micro_batches:
+                for message, dataset_id in b.pop("skipped", []):
+                    skipped_images[dataset_id] += 1
+                    tqdm.write(f"skipped (--on_bad_image skip): {message}")
             counts = [[len(b["indices"])] + (target_counts(b) if generate else []) for b in micro_batches]
-            global_counts = all_reduce_sum([sum(c) for c in zip(*counts)], device)
+            sums = [sum(c) for c in zip(*counts)] or [0] * (3 if generate else 1)
+            *global_counts, stop, failed = all_reduce_sum([*sums, len(stop_signals), data_error is not None], device)
+            if failed:
+                if step > start_step:
+                    save(step, {})
+                kept = f"{last_saved} holds the last completed step" if last_saved else "no checkpoint was written"
+                raise DataError(f"{data_error}\n({kept})" if data_error else
+                                f"another process could not read its data (its error names the file); {kept}")
             lr = lr_at(step, args, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            window_before = train_metrics.sums.clone()  # a skipped step leaves the logged window as it was
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 last = i == len(micro_batches) - 1
@@ -600,6 +663,8 @@ def train(args, rank, world_size, device):
                         logits, targets = classify(model, batch, num_classes_t, offsets_t, masking)
                         losses = masked_cross_entropy(logits, targets, args.label_smoothing)
                         loss = losses.sum() / global_counts[0]
+                if injected_fault("nan_loss", step + 1):
+                    loss = loss * float("nan")
                 # DDP and FSDP average gradients over ranks; multiplying by world_size makes it a global sum / count.
                 scaler.scale(loss * world_size).backward()
                 if generate:
@@ -610,8 +675,23 @@ def train(args, rank, world_size, device):
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm or float("inf"))
             if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards
                 grad_norm = grad_norm.full_tensor()
-            scaler.step(optimizer)
-            scaler.update()
+            # The norm is taken after the gradient all-reduce, so every rank decides the same way. Under fp16
+            # the scaler skips overflowing steps itself (and lowers its scale): that is not a bad step.
+            if math.isfinite(grad_norm.item()) or scaler.is_enabled():
+                scaler.step(optimizer)
+                scaler.update()
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                train_metrics.sums.copy_(window_before)
+                log.write("skipped_step", step + 1, epoch_of(step + 1), reason=f"non-finite gradient norm ({grad_norm.item()})",
+                          consecutive=bad_steps)
+                if main_process:
+                    tqdm.write(f"step {step + 1} skipped: non-finite gradients ({bad_steps} in a row)")
+                if bad_steps > args.max_bad_steps:
+                    raise TrainingError(f"{bad_steps} optimizer steps in a row had non-finite gradients (up to step "
+                                        f"{step + 1}; --max_bad_steps {args.max_bad_steps}); the last good checkpoint "
+                                        f"is {last_saved or 'none'}")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_samples += global_counts[0]
@@ -648,11 +728,24 @@ def train(args, rank, world_size, device):
                         if main_process:
                             tqdm.write(f"new best {args.best_metric} = {value:.4f} at step {step}")
             due = step % args.save_steps == 0 or step == total_steps
+            injected_fault("kill_before_save", step)
             if new_best or (due and not args.save_best_only):
                 save(step, eval_metrics)
+            if stop:
+                save(step, eval_metrics)
+                progress.close()
+                log.write("stopped", step, epoch_of(step), signal=",".join(stop_signals) or "on another process",
+                          checkpoint=last_saved)
+                say(f"stopped by {','.join(stop_signals) or 'a signal to another process'} after step {step}: "
+                    f"{last_saved} written; continue with --resume latest")
+                for signum, handler in previous_handlers.items():
+                    signal.signal(signum, handler)
+                return
             if step >= total_steps:
                 break
     progress.close()
+    for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)
 
     final_metrics, evaluated = {}, None
     if not args.no_final_eval:
@@ -673,13 +766,17 @@ def train(args, rank, world_size, device):
             save_grid(images, os.path.join(args.output_dir, "samples.png"), args.samples_per_prompt)
             print(f"samples written to {os.path.join(args.output_dir, 'samples.png')} (a row per prompt, "
                   f"cfg scale {args.cfg_scale}, {args.sample_steps} steps)")
+    skipped = dict(zip(label_space.names, map(int, all_reduce_sum(skipped_images, device)))) if not generate else {}
+    if any(skipped.values()):
+        log.write("skipped_images", step, epoch_of(step), **skipped)
+        say("images skipped because they could not be decoded: " + ", ".join(f"{n} {c}" for n, c in skipped.items()))
     if main_process:
         summary = {"best_metric": args.best_metric if not args.no_best_tracking else None,
                    "best_value": best["value"], "best_step": best["step"], "best_checkpoint": best["checkpoint"],
                    "final_eval_checkpoint": evaluated, "final_eval": final_metrics, "last_checkpoint": last_saved,
                    "steps": step, "world_size": world_size,
                    "global_batch_size": args.batch_size * world_size * args.grad_accum,
-                   "overrides": overrides, "config": vars(args)}
+                   "skipped_images": skipped, "overrides": overrides, "config": vars(args)}
         write_json(os.path.join(args.output_dir, "run_summary.json"), summary)
         print(f"run summary written to {os.path.join(args.output_dir, 'run_summary.json')}")
 

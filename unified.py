@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dataset import DataError, raise_data_errors, read_data_file
-from model import from_pretrained, say
+from dataset import DataError, ignore_stop_signals, raise_data_errors, read_data_file
+from model import REMOTE_CODE, from_pretrained, say
 
 SPEC_FILE = "unified.json"
 WEIGHTS_FILE = "unified.safetensors"
@@ -345,7 +345,7 @@ def collate_sequences(items):
 def make_generation_loader(conversations, indices, tokenizer, spec, batch_size, num_workers, pin_memory=False, **options):
     return torch.utils.data.DataLoader(
         GenerationDataset(conversations, tokenizer, spec, **options), batch_size=batch_size, sampler=indices,
-        collate_fn=collate_sequences, num_workers=num_workers, pin_memory=pin_memory)
+        collate_fn=collate_sequences, num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
 
 
 def target_counts(batch):
@@ -448,12 +448,12 @@ def load_language_model(name_or_path, seed=0, dtype=None):
         return (lm.to(dtype) if dtype else lm), tokenizer
     if not os.path.isdir(name_or_path):
         raise FileNotFoundError(f"--model {name_or_path}: no such folder")
-    config = AutoConfig.from_pretrained(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=REMOTE_CODE[0])
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise ValueError(f"--model {name_or_path}: {type(config).__name__} is not a causal language model")
     # sdpa takes the explicit 4D boolean mask; flash attention cannot.
     lm = from_pretrained(AutoModelForCausalLM, name_or_path, attn_implementation="sdpa", **({"dtype": dtype} if dtype else {}))
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=REMOTE_CODE[0])
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--model {name_or_path}: the tokenizer has no end-of-text token")
     return lm, tokenizer
