@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
@@ -88,7 +89,7 @@ def write_atomically(final_path, write_fn, rank=0):
                 shutil.rmtree(old)
             else:
                 os.rename(tmp, final_path)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
@@ -116,7 +117,7 @@ def read_info(folder):
 def prune_checkpoints(output_dir, keep_last, protect=()):
     """Delete all but the `keep_last` newest checkpoints, never those in `protect` (e.g. the best)."""
     found = list_checkpoints(output_dir)
-    keep = {os.path.normpath(p) for p in found[len(found) - keep_last:] if keep_last > 0}
+    keep = {os.path.normpath(p) for p in found[max(0, len(found) - keep_last):] if keep_last > 0}
     keep |= {os.path.normpath(p) for p in protect if p}
     removed = [p for p in found if os.path.normpath(p) not in keep]
     for path in removed:
@@ -197,7 +198,7 @@ def load_sharded_state(folder, model, optimizer=None):
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         try:
             dcp.load(state, storage_reader=reader, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-        except Exception as e:  # a truncated shard file, a shape that does not fit
+        except (Exception, CheckpointException) as e:  # a truncated shard file, a shape that does not fit
             raise CheckpointError(f"{path}: cannot load the sharded state ({type(e).__name__}: {e})"[:2000]) from None
     if optim_state is None:
         set_model_state_dict(model, state["model"])

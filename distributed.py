@@ -4,8 +4,10 @@ Without torchrun (no RANK in the environment) everything runs in one process and
 collectives below are no-ops.
 """
 import datetime
+import multiprocessing
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -98,10 +100,21 @@ def run(fn, args, user_errors, timeout_minutes=30):
     rank, world_size, _, device = setup_distributed(timeout_minutes)
     try:
         fn(args, rank, world_size, device)
+        failure = None
     except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    cleanup()
+        failure, code = f"error: {e}", 2
+    except Exception:
+        failure, code = traceback.format_exc(), 1
+    # DataLoader workers ignore SIGTERM (dataset.ignore_stop_signals: preemption is the training loop's to
+    # handle), and a loader abandoned by an exception leaves them running: the interpreter's exit handler,
+    # which stops child processes with SIGTERM and waits for them, would wait forever.
+    for child in multiprocessing.active_children():
+        child.kill()
+    if failure is None:
+        cleanup()
+        return
+    print(failure, file=sys.stderr)
+    sys.exit(code)
 
 
 def cleanup():

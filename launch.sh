@@ -112,6 +112,15 @@ printf "%q " "${CMD[@]}"; echo
 mkdir -p "$SAVE_CKPT_PATH"
 LOG="$SAVE_CKPT_PATH/run_$(date +%Y-%m-%d_%H%M%S)_node$NODE_RANK.log"
 echo "log: $LOG"
+# Preemption (SIGTERM) and Slurm's time-limit warning (SIGUSR1, sbatch --signal=USR1@120) reach every process:
+# train.py finishes its step, writes a checkpoint and exits 0. This shell and tee ignore them so that the
+# log stays open and the outcome is reported; torchrun installs its own SIGTERM handler (it forwards it).
+trap '' TERM USR1
 set +e
 "${CMD[@]}" 2>&1 | tee "$LOG"
-exit "${PIPESTATUS[0]}"
+status=${PIPESTATUS[0]}
+if (( status != 0 )) && tail -n 1 "$SAVE_CKPT_PATH/metrics.jsonl" 2>/dev/null | grep -q '"event": "stopped"'; then
+    echo "stopped by a signal with a checkpoint written: run this script again to resume"
+    exit 0
+fi
+exit "$status"

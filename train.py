@@ -694,11 +694,11 @@ def train(args, rank, world_size, device):
                                         f"is {last_saved or 'none'}")
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window_samples += global_counts[0]
+            window_samples += global_counts[0] if not bad_steps else 0
             window_time += time.time() - step_start
             progress.update(1)
 
-            if step % args.logging_steps == 0 or step == total_steps:
+            if (step % args.logging_steps == 0 or step == total_steps) and window_samples:  # none: all steps skipped
                 metrics = train_metrics.all_reduce().compute("train")
                 train_metrics.reset()
                 values = {**metrics, "lr": lr, "grad_norm": grad_norm.item(), "samples_per_second":
@@ -734,10 +734,9 @@ def train(args, rank, world_size, device):
             if stop:
                 save(step, eval_metrics)
                 progress.close()
-                log.write("stopped", step, epoch_of(step), signal=",".join(stop_signals) or "on another process",
-                          checkpoint=last_saved)
-                say(f"stopped by {','.join(stop_signals) or 'a signal to another process'} after step {step}: "
-                    f"{last_saved} written; continue with --resume latest")
+                names = ",".join(dict.fromkeys(stop_signals)) or "a signal to another process"
+                log.write("stopped", step, epoch_of(step), signal=names, checkpoint=last_saved)
+                say(f"stopped by {names} after step {step}: {last_saved} written; continue with --resume latest")
                 for signum, handler in previous_handlers.items():
                     signal.signal(signum, handler)
                 return

@@ -173,3 +173,27 @@ def tiny_qwen2_vl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl(tmp_path_factory):
     return save_tiny_vlm(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl")
+
+
+# Reliability tests carry @pytest.mark.fault("class"); the end of the run prints tried / survived per class.
+FAULTS = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault(name): the class of fault a reliability test injects")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    marker = item.get_closest_marker("fault")
+    if marker and report.when == "call":
+        tried, survived = FAULTS.get(marker.args[0], (0, 0))
+        FAULTS[marker.args[0]] = (tried + 1, survived + report.passed)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAULTS:
+        terminalreporter.section("faults injected")
+        for name, (tried, survived) in FAULTS.items():
+            terminalreporter.write_line(f"{name}: {tried} tried, {survived} survived with nothing lost")

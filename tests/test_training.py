@@ -94,6 +94,15 @@ def test_keep_limit_keeps_the_latest_and_the_best(small_data, tiny_vit, tmp_path
     assert set(checkpoints(tmp_path)) == {"checkpoint-8", best}
 
 
+def test_keep_limit_never_removes_checkpoints_below_the_limit(tmp_path):
+    from checkpoint import prune_checkpoints
+    for step in (2, 4):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+        (tmp_path / f"checkpoint-{step}" / "training_info.json").write_text("{}")
+    assert prune_checkpoints(str(tmp_path), 3) == [] and checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
+    assert prune_checkpoints(str(tmp_path), 1) == [str(tmp_path / "checkpoint-2")]
+
+
 def test_save_all_checkpoints_keeps_every_one(small_data, tiny_vit, tmp_path):
     run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 7, "--save_steps", 2, "--eval_steps", 3,
                          "--save_total_limit", 1, "--save_all_checkpoints"))
