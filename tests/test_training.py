@@ -74,6 +74,7 @@ def test_resume_mid_epoch_continues_exactly(small_data, tiny_vit, tmp_path):
     shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "resumed" / "metrics.jsonl")
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # records written after the checkpoint by a killed run
         f.write(json.dumps({"event": "train", "step": 6, "epoch": 0.9}) + "\n")
+        f.write('{"event": "train", "step": 7, "ep')  # ... the last one torn by the kill
     run_train(train_args(small_data, tiny_vit, tmp_path / "resumed", *common, "--resume", "latest"))
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
