@@ -684,8 +684,8 @@ def train(args, rank, world_size, device):
             else:
                 bad_steps += 1
                 train_metrics.sums.copy_(window_before)
-                log.write("skipped_step", step + 1, epoch_of(step + 1), reason=f"non-finite gradient norm ({grad_norm.item()})",
-                          consecutive=bad_steps)
+                log.write("skipped_step", step + 1, epoch_of(step + 1), consecutive=bad_steps,
+                          reason=f"non-finite gradient norm ({grad_norm.item()})")
                 if main_process:
                     tqdm.write(f"step {step + 1} skipped: non-finite gradients ({bad_steps} in a row)")
                 if bad_steps > args.max_bad_steps:
