@@ -132,7 +132,8 @@ def find_targets(path):
     found = [p for p in list_checkpoints(path) if os.path.isfile(os.path.join(p, "classifier.json"))
              or os.path.isfile(os.path.join(p, SPEC_FILE))]
     if not found:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (no classifier.json) nor a run directory with checkpoint-* folders")
+        raise FileNotFoundError(f"{path}: neither a checkpoint (no classifier.json or {SPEC_FILE}) nor a run directory "
+                                f"with checkpoint-* folders")
     return path, found
 
 
