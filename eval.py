@@ -260,9 +260,12 @@ def run_generation(args, run_dir, targets, rank, world_size, device):
     if args.judge and not args.judge_prompt:
         raise ValueError("--judge needs --judge_prompt, e.g. 'a handwritten digit {label}'")
     conversations = read_generation_files(val_files)
-    judge = ((args.judge, args.judge_prompt, args.judge_dataset, args.judge_samples, args.sample_steps, args.cfg_scale)
+    judge = load_classifier(args.judge) if args.judge else None  # once for every checkpoint and guidance scale
+    if judge:
+        judge[0].to(device).eval()
+    judged = ((args.judge, args.judge_prompt, args.judge_dataset, args.judge_samples, args.sample_steps, args.cfg_scale)
              if args.judge else None)
-    key = data_key(val_files, ["generate", judge])
+    key = data_key(val_files, ["generate", judged])
     for folder in still_to_evaluate(run_dir, targets, key, args.force, rank):
         name = os.path.basename(folder)
         model, tokenizer, info = load_unified(folder)
@@ -275,7 +278,7 @@ def run_generation(args, run_dir, targets, rank, world_size, device):
         metrics.update(caption_accuracy(model, tokenizer, conversations, args.batch_size, rank, world_size, device))
         if args.judge:
             for scale in dict.fromkeys([1.0, args.cfg_scale]):
-                metrics.update(judge_generated_images(model, tokenizer, args, scale, rank, world_size, device))
+                metrics.update(judge_generated_images(model, tokenizer, judge, args, scale, rank, world_size, device))
         if rank != 0:
             continue
         print(format_generation(metrics, "eval", f"{name}"))
@@ -310,12 +313,12 @@ def caption_accuracy(model, tokenizer, conversations, batch_size, rank, world_si
 
 
 @torch.no_grad()
-def judge_generated_images(model, tokenizer, args, cfg_scale, rank, world_size, device):
-    """Generate judge_samples images per class of the judge's dataset and classify them with the judge.
+def judge_generated_images(model, tokenizer, judge, args, cfg_scale, rank, world_size, device):
+    """Generate judge_samples images per class of the judge's dataset and classify them with the judge
+    (model, inputs, info of a classifier checkpoint).
 
     Returns judge_accuracy_cfg{scale}, judge_samples and judge_chance (1 / number of classes)."""
-    judge, inputs, info = load_classifier(args.judge)
-    judge.to(device).eval()
+    judge, inputs, info = judge
     dataset = args.judge_dataset or next(iter(info["datasets"]))
     if dataset not in info["datasets"]:
         raise ValueError(f"--judge_dataset {dataset}: the judge knows {', '.join(info['datasets'])}")

@@ -374,11 +374,12 @@ def injected_fault(point, step):
 
 def catch_stop_signals():
     """SIGTERM and SIGUSR1 (Slurm's warning before a time limit) only record their name: the loop
-    finishes the current step on every rank, writes a checkpoint and ends with exit code 0."""
+    finishes the current step on every rank, writes a checkpoint and ends with exit code 0.
+    Returns (the names received, a function that puts the previous handlers back)."""
     received = []
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signal.Signals(signum).name))
                 for s in (signal.SIGTERM, signal.SIGUSR1)}
-    return received, previous
+    return received, lambda: [signal.signal(s, handler) for s, handler in previous.items()]
 
 
 class JsonlLog:
@@ -615,7 +616,7 @@ def train(args, rank, world_size, device):
     step, bad_steps = start_step, 0
     progress = tqdm(total=total_steps, initial=start_step, disable=not main_process, desc="train", dynamic_ncols=True)
     window_time, window_samples = 0.0, 0  # training time only: evaluation and saving are not counted
-    stop_signals, previous_handlers = catch_stop_signals()
+    stop_signals, restore_signals = catch_stop_signals()
     while step < total_steps:
         epoch, first_micro = divmod(step, steps_per_epoch)
         first_micro *= args.grad_accum
@@ -737,14 +738,12 @@ def train(args, rank, world_size, device):
                 names = ",".join(dict.fromkeys(stop_signals)) or "a signal to another process"
                 log.write("stopped", step, epoch_of(step), signal=names, checkpoint=last_saved)
                 say(f"stopped by {names} after step {step}: {last_saved} written; continue with --resume latest")
-                for signum, handler in previous_handlers.items():
-                    signal.signal(signum, handler)
+                restore_signals()
                 return
             if step >= total_steps:
                 break
     progress.close()
-    for signum, handler in previous_handlers.items():
-        signal.signal(signum, handler)
+    restore_signals()
 
     final_metrics, evaluated = {}, None
     if not args.no_final_eval:
