@@ -1,7 +1,15 @@
-"""Throughput and memory of one masked-classifier training step on a random-init Qwen2.5-VL.
+"""Throughput and memory of one masked-classifier training step on a random-init Qwen2.5-VL,
+or (with --data) images/s of one DataLoader worker on JPEG files.
 
     python benchmark.py --shape qwen2_5_vl_3b --batch_size 8 --steps 10     # on a GPU
     python benchmark.py --shape tiny --steps 3                               # smoke run on a CPU
+    python benchmark.py --data /tmp/jpegs --make_jpegs 256                  # the image path
+
+--data: the same JPEG files through the processor path (ViTImageProcessorPil at 224, float32
+batches) and through the fast path (uint8 batches, preprocess.py) without and with draft, with
+crop_flip and with randaugment; one worker, batches of --batch_size. --make_jpegs N first
+writes N photographs of 384-512 px per side (scikit-image's astronaut, coffee and chelsea,
+randomly cropped, scaled and flipped, quality 90) into an empty DIR.
 
 Builds the backbone from config values (the 3B shape is Qwen2.5-VL-3B-Instruct's config.json),
 so nothing is downloaded, and times the same step train.py takes: bf16 weights and autocast,
@@ -11,6 +19,7 @@ tokens/s, images/s, peak memory and MFU (model FLOPs = 6 x parameters x tokens f
 model and the vision tower, attention excluded; peak from --peak_tflops or the GPU's name).
 """
 import argparse
+import os
 import time
 
 import torch
@@ -21,18 +30,24 @@ from model import MaskedClassifier, enable_activation_checkpointing, mask_logits
 
 SHAPES = {
     "qwen2_5_vl_3b": dict(
-        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                  num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                  rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
-        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                    fullatt_block_indexes=[7, 15, 23, 31], window_size=112, hidden_act="silu")),
+        text=dict(
+            vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+            num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
+            tie_word_embeddings=True, rope_parameters={
+                "rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6
+            }), vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                            out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31],
+                            window_size=112, hidden_act="silu")),
     "tiny": dict(
-        text=dict(vocab_size=1000, bos_token_id=0, eos_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                          "rope_theta": 1e4}),
+        text=dict(
+            vocab_size=1000, bos_token_id=0, eos_token_id=0, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                             "rope_theta": 1e4}),
         vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                     fullatt_block_indexes=[1], window_size=56),
-        tokens=dict(vision_start_token_id=1, vision_end_token_id=2, image_token_id=3, video_token_id=4)),
+        tokens=dict(vision_start_token_id=1, vision_end_token_id=2, image_token_id=3,
+                    video_token_id=4)),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 PROMPT_TOKENS = 30  # system turn + "Classify this food101 image." + assistant turn, roughly
@@ -42,7 +57,10 @@ def build_batch(config, batch_size, image_size, num_classes, device):
     """One image per sample: Qwen2-VL image processor output and input_ids with its placeholders."""
     from transformers import Qwen2VLImageProcessorPil
     processor = Qwen2VLImageProcessorPil(min_pixels=image_size ** 2, max_pixels=image_size ** 2)
-    images = [Image.new("RGB", (image_size, image_size), (i * 37 % 256, 90, 160)) for i in range(batch_size)]
+    images = [
+        Image.new("RGB", (image_size, image_size), (i * 37 % 256, 90, 160))
+        for i in range(batch_size)
+    ]
     vision = processor(images=images, return_tensors="pt")
     per_image = int(vision["image_grid_thw"][0].prod()) // processor.merge_size ** 2
     text = torch.randint(10, 1000, (batch_size, PROMPT_TOKENS))
@@ -56,21 +74,100 @@ def build_batch(config, batch_size, image_size, num_classes, device):
     return {k: v.to(device) for k, v in batch.items()}, labels.to(device), per_image
 
 
+def make_jpegs(folder, count, seed=0):
+    """count JPEGs of 384-512 px per side from scikit-image's bundled photographs."""
+    import numpy as np
+    from skimage import data
+    rng = np.random.default_rng(seed)
+    sources = [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee()),
+               Image.fromarray(data.chelsea())]
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        image = sources[i % len(sources)]
+        w, h = image.size
+        cw, ch = int(w * rng.uniform(0.6, 1)), int(h * rng.uniform(0.6, 1))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        long_side, short_side = int(rng.integers(448, 513)), int(rng.integers(384, 513))
+        size = (long_side, short_side) if cw >= ch else (short_side, long_side)
+        out = image.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+
+
+def benchmark_image_path(args):
+    """images/s of one worker: processor path vs fast path on the same JPEG files."""
+    from transformers import ViTImageProcessorPil
+
+    from augment import augment_config
+    from dataset import DatasetSpec, RecordTable, make_loader
+    from model import ImageInputs
+    if not os.path.isdir(args.data) or not os.listdir(args.data):
+        make_jpegs(args.data, args.make_jpegs or 256)
+    elif args.make_jpegs:
+        print(f"--data {args.data} is not empty: using the files there")
+    files = sorted(os.path.join(args.data, f) for f in os.listdir(args.data)
+                   if f.lower().endswith((".jpg", ".jpeg")))
+    if not files:
+        raise SystemExit(f"--data {args.data}: no JPEG files (add --make_jpegs N)")
+    records = RecordTable(files, [0] * len(files), [0] * len(files), ["bench"],
+                          [0] * len(files), list(range(1, len(files) + 1)))
+    inputs = ImageInputs(ViTImageProcessorPil(size={"height": 224, "width": 224}))
+    registry = {"bench": DatasetSpec("bench", 1)}
+
+    def images_per_second(**kwargs):
+        loader = make_loader(records, range(len(files)), inputs, ["bench"], args.batch_size, 1,
+                             **kwargs)
+        start, seen = None, 0
+        for i, batch in enumerate(loader):
+            if i == 1:  # the first batch includes the worker's start
+                start, seen = time.perf_counter(), 0
+            seen += len(batch["labels"])
+        return seen / (time.perf_counter() - start)
+
+    modes = [("processor path (ViTImageProcessorPil, float32)", dict(fast_path=False)),
+             ("fast path, exact (no draft)", dict(fast_path=True, draft=False)),
+             ("fast path, draft", dict(fast_path=True, draft=True))]
+    for mode in ("crop_flip", "randaugment"):
+        config = augment_config(mode, registry, inputs)
+        modes.append((f"fast path, {mode} (draft)", dict(fast_path=True, augment=config)))
+    print(f"{len(files)} JPEGs in {args.data}, 224 px, batch {args.batch_size}, one worker, "
+          f"{os.cpu_count()} CPUs; best of {args.rounds} interleaved rounds")
+    rates = [0.0] * len(modes)
+    for _ in range(args.rounds):  # interleaved, best of: other load on the machine hits all modes
+        for i, (_, kwargs) in enumerate(modes):
+            rates[i] = max(rates[i], images_per_second(**kwargs))
+    for (name, _), rate in zip(modes, rates):
+        print(f"{name:<50} {rate:8.1f} images/s  {rate / rates[0]:5.2f}x")
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", metavar="DIR", help="benchmark the image path on the JPEGs in DIR")
+    p.add_argument("--make_jpegs", type=int, metavar="N",
+                   help="with --data: first write N JPEGs into DIR (when it is empty or absent)")
+    p.add_argument("--rounds", type=int, default=3, help="with --data: rounds per mode (best of)")
     p.add_argument("--shape", choices=SHAPES, default="qwen2_5_vl_3b")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--image_size", type=int, default=448, help="pixels per side (448: 256 image tokens)")
+    p.add_argument("--image_size", type=int, default=448,
+                   help="pixels per side (448: 256 image tokens)")
     p.add_argument("--steps", type=int, default=10, help="timed steps, after 2 warm-up steps")
     p.add_argument("--num_labels", type=int, default=2000)
     p.add_argument("--no_checkpointing", action="store_true")
-    p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: from the GPU's name)")
+    p.add_argument("--peak_tflops", type=float,
+                   help="device peak for MFU (default: from the GPU's name)")
     args = p.parse_args()
+    if args.data:
+        return benchmark_image_path(args)
+    if args.make_jpegs:
+        p.error("--make_jpegs needs --data DIR")
 
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = SHAPES[args.shape]
-    config = Qwen2_5_VLConfig(text_config=shape["text"], vision_config=shape["vision"], **shape.get("tokens", {}))
+    config = Qwen2_5_VLConfig(text_config=shape["text"], vision_config=shape["vision"],
+                              **shape.get("tokens", {}))
     torch.manual_seed(0)
     with torch.device(device):
         backbone = Qwen2_5_VLModel(config).to(torch.bfloat16)
@@ -78,7 +175,8 @@ def main():
     if not args.no_checkpointing:
         enable_activation_checkpointing(backbone)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    batch, labels, per_image = build_batch(config, args.batch_size, args.image_size, args.num_labels, device)
+    batch, labels, per_image = build_batch(config, args.batch_size, args.image_size,
+                                           args.num_labels, device)
     num_classes = torch.full_like(labels, args.num_labels)
 
     def step():
@@ -108,17 +206,21 @@ def main():
     flops = 6 * ((language_params - embedding) * tokens + vision_params * patches)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    print(f"device: {name}; shape {args.shape}: {language_params / 1e6:,.1f}M language + {vision_params / 1e6:,.1f}M vision "
-          f"parameters, bf16, activation checkpointing {'off' if args.no_checkpointing else 'on'}")
-    print(f"batch {args.batch_size} images of {args.image_size}x{args.image_size} ({per_image} image tokens each), "
-          f"{tokens // args.batch_size} tokens per sample")
+    print(
+        f"device: {name}; shape {args.shape}: {language_params / 1e6:,.1f}M language + "
+        f"{vision_params / 1e6:,.1f}M vision parameters, bf16, activation checkpointing "
+        f"{'off' if args.no_checkpointing else 'on'}")
+    print(
+        f"batch {args.batch_size} images of {args.image_size}x{args.image_size} ({per_image} image "
+        f"tokens each), {tokens // args.batch_size} tokens per sample")
     print(f"step time      {seconds * 1000:.1f} ms")
     print(f"tokens/s       {tokens / seconds:,.0f}")
     print(f"images/s       {args.batch_size / seconds:,.1f}")
     if device.type == "cuda":
         print(f"peak memory    {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-    print(f"model TFLOP/s  {flops / seconds / 1e12:.1f}" + (f"   MFU {100 * flops / seconds / 1e12 / peak:.1f}% of "
-                                                            f"{peak:.0f}" if peak else ""))
+    print(f"model TFLOP/s  {flops / seconds / 1e12:.1f}" +
+          (f"   MFU {100 * flops / seconds / 1e12 / peak:.1f}% of "
+           f"{peak:.0f}" if peak else ""))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Checkpoint folders: atomic writes, discovery, pruning and trainer-state I/O.
 
 A checkpoint is `OUTPUT_DIR/checkpoint-{step}/` holding
-  config.json + model.safetensors   the whole backbone, in its own Hugging Face format (eval.py, inference)
+  config.json + model.safetensors   the whole backbone in its own Hugging Face format (eval.py)
   preprocessor_config.json, ...      the image processor / tokenizer
   head.safetensors + classifier.json the classification head and label layout (model.py)
-  state/shard-*.safetensors          model + optimizer state as each rank holds it (torch.distributed.checkpoint),
-                                     read back on any number of processes, sharded or not: what resuming loads
-  trainer_state.pt                   GradScaler and per-rank RNG states (tensors only, weights_only=True)
+  state/shard-*.safetensors          model + optimizer state as each rank holds it
+                                     (torch.distributed.checkpoint), read back on any number of
+                                     processes, sharded or not: what resuming loads
+  trainer_state.pt                   GradScaler and per-rank RNG states (tensors only)
   training_info.json                 step, epoch, args, metrics at that step, best so far
 It is written under `.tmp-checkpoint-{step}` and renamed into place by rank 0 only when complete,
 so a folder named checkpoint-* is always whole. Nothing here unpickles: the sharded state is
@@ -24,10 +25,12 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
-from distributed import barrier
+from distributed import all_gather_objects, barrier
+from faults import injected_fault
 
 INFO_FILE = "training_info.json"
 STATE_FILE = "trainer_state.pt"
@@ -61,18 +64,21 @@ def resolve_resume(resume, output_dir):
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoint-* folder with {INFO_FILE} in {output_dir}")
+            raise FileNotFoundError(
+                f"--resume latest: no checkpoint-* folder with {INFO_FILE} in {output_dir}")
         return found[-1]
     if not os.path.isfile(os.path.join(resume, INFO_FILE)):
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint ({INFO_FILE} is missing)")
+        raise FileNotFoundError(
+            f"--resume {resume}: not a complete checkpoint ({INFO_FILE} is missing)")
     return resume
 
 
 def write_atomically(final_path, write_fn, rank=0):
-    """Every rank calls write_fn(tmp_folder); then rank 0 renames tmp_folder to final_path in one step."""
+    """Every rank calls write_fn(tmp_folder); then rank 0 renames it to final_path in one step."""
     parent, name = os.path.split(os.path.normpath(final_path))
     tmp = os.path.join(parent, f".tmp-{name}")
-    try:  # a full disk or an unwritable folder: remove the partial folder, keep every earlier checkpoint
+    # a full disk or an unwritable folder: remove the partial folder, keep every earlier checkpoint
+    try:
         if rank == 0:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp)  # left by a process killed while writing it
@@ -92,9 +98,11 @@ def write_atomically(final_path, write_fn, rank=0):
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-        raise CheckpointError(f"cannot write {final_path} ({reason}); nothing of it was kept, earlier "
-                              f"checkpoints are intact") from None
+        reason = f"{e.strerror}: {e.filename}" if isinstance(
+            e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise CheckpointError(
+            f"cannot write {final_path} ({reason}); nothing of it was kept, earlier "
+            f"checkpoints are intact") from None
     barrier()
 
 
@@ -115,7 +123,7 @@ def read_info(folder):
 
 
 def prune_checkpoints(output_dir, keep_last, protect=()):
-    """Delete all but the `keep_last` newest checkpoints, never those in `protect` (e.g. the best)."""
+    """Delete all but the `keep_last` newest checkpoints, never those in `protect` (the best)."""
     found = list_checkpoints(output_dir)
     keep = {os.path.normpath(p) for p in found[max(0, len(found) - keep_last):] if keep_last > 0}
     keep |= {os.path.normpath(p) for p in protect if p}
@@ -134,7 +142,9 @@ def rng_state():
         "python_version": version,
         "python_gauss": gauss,
         "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
-        "numpy_pos": int(np_pos), "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -143,9 +153,10 @@ def rng_state():
 
 
 def set_rng_state(state):
-    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate(
+        (state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+                         state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -156,23 +167,28 @@ def load_trainer_state(folder):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: this checkpoint cannot be resumed from") from None
+        raise FileNotFoundError(
+            f"{path} is missing: this checkpoint cannot be resumed from") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from None
 
 
 def save_sharded_state(folder, model, optimizer):
-    """Every rank writes the model and optimizer state it holds (FSDP2: its shards; DDP: rank 0 writes
-    the replicated tensors once) to folder/state as safetensors."""
+    """Every rank writes the model and optimizer state it holds (FSDP2: its shards; DDP: rank 0
+    writes the replicated tensors once) to folder/state as safetensors."""
     model_state, optim_state = get_state_dict(model, optimizer)
     with warnings.catch_warnings():  # one process without a process group is a supported case
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        warnings.filterwarnings("ignore",
+                                message=".*assuming the intent is to save in a single process")
         dcp.save({"model": model_state, "optim": optim_state["state"]},
-                 storage_writer=dcp.HuggingFaceStorageWriter(os.path.join(folder, SHARDED_DIR), save_distributed=True))
+                 storage_writer=dcp.HuggingFaceStorageWriter(os.path.join(folder, SHARDED_DIR),
+                                                             save_distributed=True))
 
 
 def load_sharded_state(folder, model, optimizer=None):
-    """Load what save_sharded_state wrote into `model` (and `optimizer`) on any world size and wrapping.
+    """Load what save_sharded_state wrote into `model` (and `optimizer`), on any world size and
+    wrapping.
 
     Every model tensor must be in the checkpoint. An optimizer entry may be missing: AdamW keeps no
     state for a parameter that never had a gradient (e.g. a pooler the chosen pooling skips)."""
@@ -183,25 +199,74 @@ def load_sharded_state(folder, model, optimizer=None):
     try:
         saved = reader.read_metadata().state_dict_metadata
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the sharded state ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{path}: cannot read the sharded state ({type(e).__name__}: {e})") from None
     if optimizer is None:
         model_state, optim_state = get_model_state_dict(model), None
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
     missing = [k for k in model_state if f"model.{k}" not in saved]
     if missing:
-        raise CheckpointError(f"{path} does not fit this model: {len(missing)} tensor(s) are missing, e.g. {missing[:3]}")
+        raise CheckpointError(
+            f"{path} does not fit this model: {len(missing)} tensor(s) are missing, e.g. "
+            f"{missing[:3]}"
+        )
     state = {"model": model_state}
     if optim_state is not None:
         state["optim"] = optim_state["state"]
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        warnings.filterwarnings("ignore",
+                                message=".*assuming the intent is to load in a single process")
         try:
-            dcp.load(state, storage_reader=reader, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-        except (Exception, CheckpointException) as e:  # a truncated shard file, a shape that does not fit
-            raise CheckpointError(f"{path}: cannot load the sharded state ({type(e).__name__}: {e})"[:2000]) from None
+            dcp.load(state, storage_reader=reader,
+                     planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        # a truncated shard file, a shape that does not fit
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(
+                f"{path}: cannot load the sharded state ({type(e).__name__}: {e})"[:2000]) from None
     if optim_state is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict={"state": state["optim"], "param_groups": optim_state["param_groups"]})
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"],
+            optim_state_dict={"state": state["optim"], "param_groups": optim_state["param_groups"]})
+
+
+def save_checkpoint(path, model, write_model, optimizer, scaler, info, rank, train_window):
+    """Atomic checkpoint: every rank writes its share of the model and optimizer state; rank 0 adds
+    the whole model gathered in CPU memory (write_model(folder, weights): for eval.py and
+    inference), the scaler, every rank's RNG state and unlogged train-metric sums
+    (`train_window`), so a resumed run goes on exactly as an uninterrupted one would, its logs
+    included. training_info.json (`info`) is written last: it marks the folder complete."""
+    per_rank = all_gather_objects({"rng": rng_state(), "train_metrics": train_window.cpu()})
+    # Full tensors on rank 0 only (an empty dict elsewhere); under FSDP a collective.
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+    def write(tmp):
+        save_sharded_state(tmp, model, optimizer)
+        if rank == 0:
+            write_model(tmp, full)
+            torch.save({"scaler": scaler.state_dict(), "ranks": per_rank},
+                       os.path.join(tmp, STATE_FILE))
+            injected_fault("kill_in_save", info["step"])
+            write_json(os.path.join(tmp, INFO_FILE), info)
+    write_atomically(path, write, rank)
+
+
+def prepare_output_dir(args, rank):
+    """Refuse to mix two runs in one folder; --overwrite clears the earlier one's files."""
+    existing = list_checkpoints(args.output_dir)
+    if existing and not args.resume and not args.overwrite:
+        raise ValueError(f"--output_dir {args.output_dir} already holds {len(existing)} "
+                         f"checkpoint(s) (newest {os.path.basename(existing[-1])}); pass --resume "
+                         f"latest to continue or --overwrite to start over")
+    if rank == 0:
+        if args.overwrite and not args.resume:
+            for path in existing:
+                shutil.rmtree(path)
+            for name in ("metrics.jsonl", "run_summary.json", "eval_results.jsonl"):
+                if os.path.exists(os.path.join(args.output_dir, name)):
+                    os.remove(os.path.join(args.output_dir, name))
+        os.makedirs(args.output_dir, exist_ok=True)
+    barrier()

@@ -1,10 +1,12 @@
-"""Mixed multi-dataset image classification data: registry, JSONL reading and checks, sampling, demo data.
+"""Mixed multi-dataset image classification data: registry, JSONL reading and checks, sampling, demo
+data.
 
 Each JSONL line is {"image_path": ..., "label": int, "dataset_name": ...}; relative image
 paths resolve against the JSONL file's folder. Every line is checked before training
 starts, and a bad one is reported with its file, line number and field.
 
-    python dataset.py --make-demo DIR   # writes the built-in demo (digits + faces PNGs, JSONL, registry)
+    python dataset.py --make-demo DIR   # writes the built-in demo (digits + faces PNGs, JSONL,
+    registry)
 """
 import argparse
 import json
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from augment import AUGMENTS
+
 
 class DataError(ValueError):
     """Bad user data: the message names the file, line and field."""
@@ -29,6 +33,10 @@ class DatasetSpec:
     num_classes: int
     eval_ratio: float = 1.0
     description: str = ""
+    sampling_weight: float = None  # relative share of training batches (None: by size)
+    augment: str = None  # none | crop_flip | randaugment: overrides --augment for this dataset
+    hflip: bool = True  # False: digits, text, laterality: a mirror image changes the class
+    labels: list = None  # class names, index i = class i (None: the index is the name)
 
 
 @dataclass
@@ -62,19 +70,64 @@ class RecordTable:
                       f"{self.files[self.file_ids[i]]}:{self.lines[i]}")
 
 
-def _check_spec(name, entry, where):
+REGISTRY_FIELDS = ("num_classes", "eval_ratio", "description", "sampling_weight", "augment",
+                   "hflip", "labels")
+
+
+def _check_spec(name, entry, where, folder="."):
+    """One registry entry -> DatasetSpec; `folder` resolves a relative `labels` file."""
     if not isinstance(entry, dict):
-        raise DataError(f"{where}: dataset {name!r}: expected a mapping with num_classes, got {entry!r}")
-    unknown = set(entry) - {"num_classes", "eval_ratio", "description"}
+        raise DataError(
+            f"{where}: dataset {name!r}: expected a mapping with num_classes, got {entry!r}")
+    unknown = set(entry) - set(REGISTRY_FIELDS)
     if unknown:
-        raise DataError(f"{where}: dataset {name!r}: unknown field(s) {sorted(unknown)}")
+        raise DataError(f"{where}: dataset {name!r}: unknown field(s) {sorted(unknown)} "
+                        f"(known: {', '.join(REGISTRY_FIELDS)})")
     k = entry.get("num_classes")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise DataError(f"{where}: dataset {name!r}: field 'num_classes' must be a positive integer, got {k!r}")
+        raise DataError(
+            f"{where}: dataset {name!r}: field 'num_classes' must be a positive integer, got {k!r}")
     ratio = entry.get("eval_ratio", 1.0)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise DataError(f"{where}: dataset {name!r}: field 'eval_ratio' must be in (0, 1], got {ratio!r}")
-    return DatasetSpec(name, k, float(ratio), str(entry.get("description", "")))
+        raise DataError(
+            f"{where}: dataset {name!r}: field 'eval_ratio' must be in (0, 1], got {ratio!r}")
+    weight = entry.get("sampling_weight")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                               or not 0 < weight < float("inf")):
+        raise DataError(f"{where}: dataset {name!r}: field 'sampling_weight' must be a positive "
+                        f"number, got {weight!r}")
+    augment = entry.get("augment")
+    if augment is not None and augment not in AUGMENTS:
+        raise DataError(f"{where}: dataset {name!r}: field 'augment' must be one of "
+                        f"{', '.join(AUGMENTS)}, got {augment!r}")
+    hflip = entry.get("hflip", True)
+    if not isinstance(hflip, bool):
+        raise DataError(f"{where}: dataset {name!r}: field 'hflip' must be true or false, "
+                        f"got {hflip!r}")
+    labels = _read_labels(name, entry.get("labels"), k, where, folder)
+    return DatasetSpec(name, k, float(ratio), str(entry.get("description", "")),
+                       None if weight is None else float(weight), augment, hflip, labels)
+
+
+def _read_labels(name, labels, num_classes, where, folder):
+    """Class names from a list, or from a text file of one name per line (relative to `folder`)."""
+    if labels is None:
+        return None
+    source = f"{where}: dataset {name!r}: field 'labels'"
+    if isinstance(labels, str):
+        path = os.path.join(folder, labels)
+        try:
+            with open(path, encoding="utf-8") as f:
+                labels = [line.strip() for line in f.read().split("\n") if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{source}: cannot read {path} ({getattr(e, 'strerror', None) or e})"
+                            ) from None
+        source += f" ({path})"
+    if not isinstance(labels, list) or not all(isinstance(n, (str, int)) for n in labels):
+        raise DataError(f"{source}: expected a list of names or a text file, got {labels!r}")
+    if len(labels) != num_classes:
+        raise DataError(f"{source}: {len(labels)} names for {num_classes} classes")
+    return [str(n) for n in labels]
 
 
 def load_registry(value):
@@ -84,10 +137,14 @@ def load_registry(value):
     `name=num_classes[:eval_ratio]` items given on the command line.
     """
     if value is None or value == []:
-        raise DataError("no dataset registry: give --datasets FILE.yaml (name: {num_classes, eval_ratio}) "
-                        "or --datasets name=num_classes[:eval_ratio] ...")
+        raise DataError(
+            "no dataset registry: give --datasets FILE.yaml (name: {num_classes, eval_ratio}) "
+            "or --datasets name=num_classes[:eval_ratio] ...")
     if isinstance(value, dict):
-        return {name: _check_spec(name, entry, "config 'datasets'") for name, entry in value.items()}
+        return {
+            name: _check_spec(name, entry, "config 'datasets'")
+            for name, entry in value.items()
+        }
     items = [value] if isinstance(value, str) else list(value)
     if len(items) == 1 and "=" not in items[0]:
         path = items[0]
@@ -95,7 +152,8 @@ def load_registry(value):
             with open(path) as f:
                 text = f.read()
         except OSError as e:
-            raise DataError(f"--datasets {path}: cannot read the registry file ({e.strerror})") from None
+            raise DataError(
+                f"--datasets {path}: cannot read the registry file ({e.strerror})") from None
         try:
             import yaml
             data = yaml.safe_load(text)
@@ -106,8 +164,12 @@ def load_registry(value):
         if isinstance(data, dict) and isinstance(data.get("dataset_configs"), dict):
             data = data["dataset_configs"]
         if not isinstance(data, dict) or not data:
-            raise DataError(f"{path}: expected a mapping of dataset name to {{num_classes, eval_ratio, description}}")
-        return {name: _check_spec(name, entry, path) for name, entry in data.items()}
+            raise DataError(
+                f"{path}: expected a mapping of dataset name to "
+                f"{{num_classes, eval_ratio, description}}"
+            )
+        folder = os.path.dirname(os.path.abspath(path))
+        return {name: _check_spec(name, entry, path, folder) for name, entry in data.items()}
     registry = {}
     for item in items:
         name, _, rest = item.partition("=")
@@ -117,7 +179,9 @@ def load_registry(value):
             if len(parts) > 1:
                 entry["eval_ratio"] = float(parts[1])
         except ValueError:
-            raise DataError(f"--datasets {item!r}: expected name=num_classes[:eval_ratio], e.g. food101=101:0.2") from None
+            raise DataError(
+                f"--datasets {item!r}: expected name=num_classes[:eval_ratio], e.g. food101=101:0.2"
+            ) from None
         registry[name] = _check_spec(name, entry, f"--datasets {item}")
     return registry
 
@@ -125,13 +189,16 @@ def load_registry(value):
 def read_jsonl_files(paths, registry, check_images=True):
     """Read and check every line of every file; raise one DataError listing what is wrong."""
     names = list(registry)
-    columns, errors = {"image_paths": [], "labels": [], "dataset_ids": [], "file_ids": [], "lines": []}, []
+    columns, errors = {
+        "image_paths": [], "labels": [], "dataset_ids": [], "file_ids": [], "lines": []
+    }, []
     for file_id, path in enumerate(paths):
         text = read_data_file(path, errors)
         if text is None:
             continue
         folder = os.path.dirname(os.path.abspath(path))
-        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        # not splitlines: JSON strings may hold U+2028
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -149,27 +216,35 @@ def read_jsonl_files(paths, registry, check_images=True):
                 continue
             name, label, image = item["dataset_name"], item["label"], item["image_path"]
             if not isinstance(name, str) or name not in registry:
-                errors.append(f"{where}: field 'dataset_name': {name!r} is not in the dataset registry "
-                              f"(known: {', '.join(names)})")
+                errors.append(
+                    f"{where}: field 'dataset_name': {name!r} is not in the dataset registry "
+                    f"(known: {', '.join(names)})")
                 continue
             if isinstance(label, bool) or not isinstance(label, int):
                 errors.append(f"{where}: field 'label': expected an integer, got {label!r}")
                 continue
             k = registry[name].num_classes
             if not 0 <= label < k:
-                errors.append(f"{where}: field 'label': {label} is outside [0, {k}) for dataset {name!r}")
+                errors.append(
+                    f"{where}: field 'label': {label} is outside [0, {k}) for dataset {name!r}")
                 continue
             if not isinstance(image, str) or not image:
-                errors.append(f"{where}: field 'image_path': expected a non-empty string, got {image!r}")
+                errors.append(
+                    f"{where}: field 'image_path': expected a non-empty string, got {image!r}")
                 continue
-            for key, value in zip(columns, (os.path.join(folder, image), label, names.index(name), file_id, lineno)):
+            for key, value in zip(
+                    columns,
+                (os.path.join(folder, image), label, names.index(name), file_id, lineno)):
                 columns[key].append(value)
     records = RecordTable(files=paths, **columns)
     if check_images and len(records):
         with ThreadPoolExecutor(16) as pool:  # stat calls are slow on network filesystems
             exists = list(pool.map(os.path.isfile, columns["image_paths"]))
-        errors += [f"{records[i].source}: field 'image_path': image file not found: {records[i].image_path}"
-                   for i, ok in enumerate(exists) if not ok]
+        errors += [
+            f"{records[i].source}: field 'image_path': image file not found: "
+            f"{records[i].image_path}"
+            for i, ok in enumerate(exists) if not ok
+        ]
     raise_data_errors(errors, len(records), paths)
     return records
 
@@ -185,7 +260,9 @@ def read_data_file(path, errors):
 
 
 def raise_data_errors(errors, num_samples, paths):
-    """One DataError listing every problem found (the first 20 in full), or for files without samples."""
+    """One DataError listing every problem found (the first 20 in full), or for files without
+    samples.
+    """
     if errors:
         shown = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
@@ -225,42 +302,140 @@ def train_indices(num_samples, epoch, seed, shuffle, rank=0, world_size=1):
     return order[rank:usable:world_size]
 
 
+def mixture_shares(registry, counts, temperature=None):
+    """Each dataset's target share of the training samples, or None for the natural mixture
+    (in proportion to size: train_indices's order, unchanged).
+
+    From the registry's `sampling_weight` (relative; all datasets with training samples must
+    give one, or none) or from --mix_temperature T (share proportional to n^(1/T); T = 1 is by
+    size, large T nearly uniform). `counts`: training samples per dataset, registry order.
+    """
+    weights = {name: spec.sampling_weight for name, spec in registry.items()}
+    given = [n for n, w in weights.items() if w is not None]
+    if temperature is not None and not 0 < temperature < float("inf"):
+        raise DataError(f"--mix_temperature must be a positive number, got {temperature}")
+    if given and temperature is not None:
+        raise DataError(f"--mix_temperature {temperature} and the registry's sampling_weight "
+                        f"(given for {', '.join(given)}) both set the mixture: keep one")
+    if given:
+        present = [n for n, c in zip(weights, counts) if c > 0]
+        missing = [n for n in present if weights[n] is None]
+        if missing:
+            raise DataError(f"sampling_weight is given for {', '.join(given)} but not for "
+                            f"{', '.join(missing)}: weights are relative, give every dataset one")
+        empty = [n for n, c in zip(weights, counts) if c == 0 and weights[n] is not None]
+        if empty:
+            raise DataError(f"dataset(s) {', '.join(empty)} have a sampling_weight but no "
+                            "training samples")
+        raw = [weights[n] if c > 0 else 0.0 for n, c in zip(weights, counts)]
+    elif temperature is None or temperature == 1:
+        return None
+    else:
+        raw = [c ** (1 / temperature) if c > 0 else 0.0 for c in counts]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def mixture_indices(dataset_ids, shares, epoch, seed, shuffle=True, rank=0, world_size=1):
+    """This rank's sample order for one epoch of a weighted mixture (train_indices when
+    `shares` is None).
+
+    An epoch has as many samples as the training set (so --epochs counts passes over the
+    mixture's size); dataset d fills round(N * share_d) of them (largest remainder), the same
+    number every epoch, at seeded random positions. Its samples come from an endless stream of
+    seeded permutations of its members: one that runs out reshuffles and continues, and epoch e
+    takes up where epoch e - 1 left off, so an undersampled dataset still cycles through all of
+    its samples. Global order depends on (seed, epoch) only; rank r takes positions r, r+W, ...
+    """
+    num_samples = len(dataset_ids)
+    if shares is None:
+        return train_indices(num_samples, epoch, seed, shuffle, rank, world_size)
+    if not shuffle:
+        raise DataError("--no_shuffle keeps the files' order: it cannot be combined with a "
+                        "weighted mixture (sampling_weight or --mix_temperature)")
+    dataset_ids = np.asarray(dataset_ids, dtype=np.int64)
+    quotas = np.asarray(shares, dtype=np.float64) * num_samples
+    taken = np.floor(quotas).astype(np.int64)
+    remainder_order = np.argsort(-(quotas - taken), kind="stable")
+    taken[remainder_order[:num_samples - taken.sum()]] += 1
+    slots = np.repeat(np.arange(len(shares)), taken)
+    rng = np.random.default_rng([seed, epoch, 0x6D6978])
+    slots = slots[rng.permutation(num_samples)]
+    order = np.empty(num_samples, dtype=np.int64)
+    for d, count in enumerate(taken.tolist()):
+        if count == 0:
+            continue
+        members = np.flatnonzero(dataset_ids == d)
+        start = epoch * count  # where this epoch starts in the dataset's stream
+        cycles = range(start // len(members), (start + count - 1) // len(members) + 1)
+        stream = np.concatenate([members[np.random.default_rng([seed, d, k, 0x737472]).permutation(
+            len(members))] for k in cycles])
+        first = start - cycles[0] * len(members)
+        order[slots == d] = stream[first:first + count]
+    usable = num_samples // world_size * world_size
+    return order[rank:usable:world_size].tolist()
+
+
+def summarize_mixture(counts, registry, shares):
+    """Load-time summary: each dataset's samples, natural share and target share per epoch."""
+    n = max(1, sum(counts))
+    lines = ["training mixture (share of each epoch's samples):"]
+    for dataset_id, spec in enumerate(registry.values()):
+        natural = counts[dataset_id] / n
+        target = natural if shares is None else shares[dataset_id]
+        passes = target * n / counts[dataset_id] if counts[dataset_id] else 0.0
+        lines.append(f"  {spec.name}: {counts[dataset_id]:,} samples, natural {100 * natural:.1f}%"
+                     f", target {100 * target:.1f}% ({passes:.2f} passes over it per epoch)")
+    return "\n".join(lines)
+
+
 def count_per_dataset(records, num_datasets, indices=None):
     """Samples per dataset in records (or in records[indices])."""
-    ids = records.dataset_ids if indices is None else records.dataset_ids[np.asarray(indices, dtype=np.int64)]
+    ids = records.dataset_ids if indices is None else records.dataset_ids[np.asarray(
+        indices, dtype=np.int64)]
     return np.bincount(ids, minlength=num_datasets).tolist()
 
 
 def summarize(counts, registry, title, total=None):
-    """Samples per dataset and share of the total; with `total` (counts before a subset), N -> M (ratio)."""
+    """Samples per dataset and share of the total; with `total` (counts before a subset), N -> M
+    (ratio)."""
     n = max(1, sum(counts))
     lines = [f"{title}:"]
     for dataset_id, spec in enumerate(registry.values()):
         share = f"{counts[dataset_id]:,} samples ({100 * counts[dataset_id] / n:.1f}%)"
         if total is not None:
-            share = f"{total[dataset_id]:,} -> {counts[dataset_id]:,} ({100 * spec.eval_ratio:.0f}%), " + share
+            subset = f"{total[dataset_id]:,} -> {counts[dataset_id]:,}"
+            share = f"{subset} ({100 * spec.eval_ratio:.0f}%), " + share
         lines.append(f"  {spec.name}: {share}")
     lines.append(f"  total: {sum(counts):,} samples")
     return "\n".join(lines)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes one image (RGB, Pillow); preprocessing happens per batch in `collate`.
+    """Decodes one image: a PIL RGB image for the processor path (preprocessing happens per batch
+    in `collate`), or with `pixels` (a FastPixels) a (3, H, W) uint8 array, already resized,
+    cropped and augmented.
 
-    An image that fails to decode is an error naming it, or with skip_bad_images an item whose
-    image is None and whose label is that message (the batch drops and reports it)."""
+    A key is an index, or (index, epoch[, repeat]) from EpochSampler: the fast path seeds a
+    sample's augmentation with it. An image that fails to decode is an error naming it, or with
+    skip_bad_images an item whose image is None and whose label is that message (the batch
+    drops and reports it)."""
 
-    def __init__(self, records, skip_bad_images=False):
-        self.records, self.skip_bad_images = records, skip_bad_images
+    def __init__(self, records, skip_bad_images=False, pixels=None):
+        self.records, self.skip_bad_images, self.pixels = records, skip_bad_images, pixels
 
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        index, epoch, repeat = (key, 0, 0) if not isinstance(key, tuple) else (*key, 0)[:3]
         r = self.records[index]
         try:
-            with Image.open(r.image_path) as im:
-                image = im.convert("RGB")
+            if self.pixels is not None:
+                image = self.pixels(r.image_path, r.dataset_id, index, epoch, repeat)
+            else:
+                with Image.open(r.image_path) as im:
+                    image = im.convert("RGB")
         except Exception as e:
             message = f"{r.source}: cannot decode image {r.image_path}: {e}"
             if self.skip_bad_images:
@@ -269,45 +444,119 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, r.label, r.dataset_id, index
 
 
+class FastPixels:
+    """The fast image path of one loader: file -> (3, H, W) uint8 (preprocess.py, augment.py)."""
+
+    def __init__(self, recipe, augment=None, draft=True):
+        self.recipe, self.augment, self.draft = recipe, augment, draft
+
+    def __call__(self, path, dataset_id, index, epoch, repeat):
+        from augment import load_augmented, sample_rng
+        from preprocess import load_pixels
+        if self.augment is None or self.augment.modes[dataset_id] == "none":
+            return load_pixels(path, self.recipe, self.draft)
+        rng = sample_rng(self.augment.seed, epoch, index, repeat)
+        return load_augmented(path, self.recipe, self.augment, dataset_id, rng, self.draft)
+
+
 class Collate:
     """Turns (image, label, dataset_id, index) items into a batch.
 
     `inputs` (model.ImageInputs / ImageTextInputs) builds the backbone's forward arguments from
-    the images and their dataset names (a vision-language prompt may name the dataset).
+    the images and their dataset names (a vision-language prompt may name the dataset); uint8
+    arrays from the fast path are stacked into pixel_values (B, 3, H, W) uint8 instead.
     """
 
     def __init__(self, inputs, dataset_names):
         self.inputs, self.dataset_names = inputs, dataset_names
 
     def __call__(self, items):
-        skipped = [(message, dataset_id) for image, message, dataset_id, _ in items if image is None]
+        skipped = [(message, dataset_id) for image, message, dataset_id, _ in items
+                   if image is None]
         items = [item for item in items if item[0] is not None]
         if not items:
             raise DataError(f"no image of a batch could be decoded, e.g. {skipped[0][0]}")
         images, labels, dataset_ids, indices = zip(*items)
-        batch = self.inputs(list(images), [self.dataset_names[i] for i in dataset_ids])
+        if isinstance(images[0], np.ndarray):
+            batch = {"pixel_values": torch.from_numpy(np.stack(images))}
+        else:
+            batch = self.inputs(list(images), [self.dataset_names[i] for i in dataset_ids])
         batch = {**batch, "labels": torch.tensor(labels), "dataset_ids": torch.tensor(dataset_ids),
                  "indices": torch.tensor(indices)}
         return {**batch, "skipped": skipped} if skipped else batch
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, epoch) keys; `set(indices, epoch)` re-aims a loader with persistent workers
+    (workers hold no per-epoch state: the epoch travels with each key)."""
+
+    def __init__(self, indices, epoch=0):
+        self.set(indices, epoch)
+
+    def set(self, indices, epoch):
+        self.indices, self.epoch = list(indices), int(epoch)
+
+    def __iter__(self):
+        return iter([(int(i), self.epoch) for i in self.indices])
+
+    def __len__(self):
+        return len(self.indices)
+
+
 def make_loader(records, indices, inputs, dataset_names, batch_size, num_workers, pin_memory=False,
-                skip_bad_images=False):
+                skip_bad_images=False, fast_path=False, augment=None, epoch=0, draft=None,
+                persistent_workers=False, prefetch_factor=4):
+    """The DataLoader of a classification run: batches of the backbone's inputs + labels,
+    dataset_ids, indices (and "skipped" with skip_bad_images).
+
+    fast_path: vision backbones whose processor has a preprocess.pixel_recipe (inputs.recipe)
+    get uint8 pixel_values, which MaskedClassifier(pixel_normalize=inputs.pixel_normalize)
+    normalises on the device; other inputs keep the processor path. augment: an
+    augment.AugmentConfig for training (None: the processor's deterministic resize/crop, as
+    for evaluation); epoch seeds its draws. draft: let JPEGs decode at reduced scale
+    (preprocess.py states the difference); default: with augmentation only, so evaluation
+    equals the processor's output within float rounding. persistent_workers keeps the workers for
+    the next
+    `iter()`; re-aim the same loader with `loader.sampler.set(indices, epoch)`.
+    """
+    recipe = getattr(inputs, "recipe", None) if fast_path else None
+    if augment is not None and recipe is None:
+        raise ValueError(f"augmentation needs the fast image path; {type(inputs).__name__} has "
+                         "none (see augment.augment_config)")
+    draft = augment is not None if draft is None else draft
+    pixels = FastPixels(recipe, augment, draft) if recipe is not None else None
+    workers = dict(persistent_workers=persistent_workers,
+                   prefetch_factor=prefetch_factor) if num_workers > 0 else {}
     return torch.utils.data.DataLoader(
-        ImageDataset(records, skip_bad_images), batch_size=batch_size, sampler=indices,
-        collate_fn=Collate(inputs, dataset_names), num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=False, worker_init_fn=ignore_stop_signals)
+        ImageDataset(records, skip_bad_images, pixels), batch_size=batch_size,
+        sampler=EpochSampler(indices, epoch), collate_fn=Collate(inputs, dataset_names),
+        num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+        **workers)
+
+
+def auto_num_workers(cap=16):
+    """DataLoader workers per rank for --num_workers auto: the CPUs this process may use
+    (os.sched_getaffinity) divided among the local processes (LOCAL_WORLD_SIZE), one left for
+    the process itself, at most `cap`, at least 0."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cpus = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(cap, cpus // local - 1))
 
 
 def ignore_stop_signals(_worker_id):
-    """DataLoader workers leave SIGTERM / SIGUSR1 to the training process, which stops them itself."""
+    """DataLoader workers leave SIGTERM / SIGUSR1 to the training process, which stops them itself.
+    """
     import signal
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
 
 
 def make_demo(out_dir, seed=0, val_fraction=0.2):
-    """Write the built-in demo: scikit-learn's digits (10 classes) and scikit-image's lfw_subset (face / non-face).
+    """Write the built-in demo: scikit-learn's digits (10 classes) and scikit-image's lfw_subset
+    (face / non-face).
 
     Both ship inside their wheels, so nothing is downloaded.
     """
@@ -316,7 +565,8 @@ def make_demo(out_dir, seed=0, val_fraction=0.2):
         from sklearn.datasets import load_digits
         from skimage.data import lfw_subset
     except ImportError as e:
-        raise SystemExit(f"the demo needs scikit-learn and scikit-image: pip install -e '.[demo]' ({e})")
+        raise SystemExit(
+            f"the demo needs scikit-learn and scikit-image: pip install -e '.[demo]' ({e})")
     digits = load_digits()
     sources = {
         "digits": ((digits.images / 16.0 * 255).round().astype(np.uint8), digits.target.tolist(),
@@ -336,11 +586,13 @@ def make_demo(out_dir, seed=0, val_fraction=0.2):
         val = set()
         for members in by_class.values():  # stratified split
             val.update(rng.sample(members, round(len(members) * val_fraction)))
-        with open(os.path.join(folder, "train.jsonl"), "w") as ftrain, open(os.path.join(folder, "val.jsonl"), "w") as fval:
+        with open(os.path.join(folder, "train.jsonl"),
+                  "w") as ftrain, open(os.path.join(folder, "val.jsonl"), "w") as fval:
             for i, (image, label) in enumerate(zip(images, labels)):
                 rel = f"images/{i:05d}.png"
                 Image.fromarray(image).save(os.path.join(folder, rel))
-                line = json.dumps({"image_path": rel, "label": int(label), "dataset_name": name}) + "\n"
+                line = json.dumps({"image_path": rel, "label": int(label), "dataset_name": name
+                                   }) + "\n"
                 (fval if i in val else ftrain).write(line)
         if name == "digits":  # --task generate: each image as text -> image and as image -> text
             for split in ("train", "val"):
@@ -348,19 +600,28 @@ def make_demo(out_dir, seed=0, val_fraction=0.2):
                     for i, label in enumerate(labels):
                         if (i in val) == (split == "val"):
                             text = f"a handwritten digit {label}"
-                            f.write(json.dumps({"text_prompt": text, "image_path": f"images/{i:05d}.png"}) + "\n")
-                            f.write(json.dumps({"image_path": f"images/{i:05d}.png", "caption": text}) + "\n")
+                            f.write(
+                                json.dumps(
+                                    {"text_prompt": text, "image_path": f"images/{i:05d}.png"}) +
+                                "\n")
+                            f.write(
+                                json.dumps({"image_path": f"images/{i:05d}.png", "caption": text}) +
+                                "\n")
         registry[name] = {"num_classes": len(by_class), "description": description}
     registry["digits"]["eval_ratio"] = 0.5
+    registry["digits"]["hflip"] = False  # a mirrored digit is another shape
     registry["faces"]["eval_ratio"] = 1.0
     with open(os.path.join(out_dir, "datasets.json"), "w") as f:
         json.dump(registry, f, indent=2)
-    print(f"demo data written to {out_dir}: " + ", ".join(f"{n} ({len(s[1])} images)" for n, s in sources.items()))
+    print(f"demo data written to {out_dir}: " + ", ".join(f"{n} ({len(s[1])} images)"
+                                                          for n, s in sources.items()))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--make-demo", metavar="DIR", required=True, help="write the demo data into DIR")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--make-demo", metavar="DIR", required=True,
+                        help="write the demo data into DIR")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     make_demo(args.make_demo, args.seed)

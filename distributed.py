@@ -14,11 +14,11 @@ import torch.distributed as dist
 
 if dist.is_available():
     # Must be imported before init_process_group: torch.distributed.nn binds `group=group.WORLD` as
-    # default arguments at import time, and transformers imports it lazily (via torch.distributed.fsdp)
-    # on the first from_pretrained. Imported after init, those defaults keep the default group alive, so
-    # destroy_process_group() never frees ProcessGroupGloo nor joins its worker threads; a worker still
-    # releasing the last collective's tensors then races interpreter shutdown and the rank aborts with
-    # "terminate called without an active exception".
+    # default arguments at import time, and transformers imports it lazily (via
+    # torch.distributed.fsdp) on the first from_pretrained. Imported after init, those defaults keep
+    # the default group alive, so destroy_process_group() never frees ProcessGroupGloo nor joins its
+    # worker threads; a worker still releasing the last collective's tensors then races interpreter
+    # shutdown and the rank aborts with "terminate called without an active exception".
     import torch.distributed.nn  # noqa: F401
 
 
@@ -35,7 +35,8 @@ def setup_distributed(timeout_minutes=30):
     else:
         device, backend = torch.device("cpu"), "gloo"
     # A bounded timeout: a rank that dies must not leave the others waiting for half an hour.
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), device_id=device if backend == "nccl" else None)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=device if backend == "nccl" else None)
     return rank, world_size, local_rank, device
 
 
@@ -75,7 +76,8 @@ def shard_model(model, units, device, param_dtype=None, cpu_offload=False):
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     options = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
     if param_dtype is not None:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                                    reduce_dtype=torch.float32)
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     for unit in units:
@@ -105,9 +107,10 @@ def run(fn, args, user_errors, timeout_minutes=30):
         failure, code = f"error: {e}", 2
     except Exception:
         failure, code = traceback.format_exc(), 1
-    # DataLoader workers ignore SIGTERM (dataset.ignore_stop_signals: preemption is the training loop's to
-    # handle), and a loader abandoned by an exception leaves them running: the interpreter's exit handler,
-    # which stops child processes with SIGTERM and waits for them, would wait forever.
+    # DataLoader workers ignore SIGTERM (dataset.ignore_stop_signals: preemption is the training
+    # loop's to handle), and a loader abandoned by an exception leaves them running: the
+    # interpreter's exit handler, which stops child processes with SIGTERM and waits for them, would
+    # wait forever.
     for child in multiprocessing.active_children():
         child.kill()
     if failure is None:
@@ -128,3 +131,52 @@ def cleanup():
     if is_distributed():
         dist.barrier()  # tear down together: gloo aborts a rank whose peer has already left
         dist.destroy_process_group()
+
+
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the whole global micro-batch: per-channel
+    sums, sums of squares and counts are all-reduced (differentiably) over every process, so N
+    processes of batch B normalise like one of batch N x B. Unlike torch.nn.SyncBatchNorm it runs
+    on any device (gloo on CPU too). Evaluation uses the running statistics, as BatchNorm does."""
+
+    def forward(self, x):
+        if not (self.training and is_distributed() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device)
+        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        channels, n = x.shape[1], stats[-1]
+        mean = stats[:channels] / n
+        var = (stats[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = (1 / self.num_batches_tracked.item() if self.momentum is None
+                            else self.momentum)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(model):
+    """Replace every BatchNorm layer of `model` by SyncBatchNorm (weights and statistics kept);
+    returns how many were replaced."""
+    replaced = 0
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+                    child, SyncBatchNorm):
+                sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats, device=child.weight.device
+                                     if child.affine else None)
+                sync.load_state_dict(child.state_dict())
+                setattr(parent, name, sync)
+                replaced += 1
+    return replaced

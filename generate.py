@@ -1,6 +1,7 @@
 """Generate with a checkpoint of train.py --task generate: text -> image (PNG files), image -> text.
 
-    python generate.py runs/demo_generate/checkpoint-3000 --prompt "a handwritten digit 7" --num_images 8
+    python generate.py runs/demo_generate/checkpoint-3000 --prompt "a handwritten digit 7" \
+        --num_images 8
     python generate.py runs/demo_generate/checkpoint-3000 --image demo_data/digits/images/00007.png
 
 Images: Euler integration of the predicted velocity from t = 1 (noise) to t = 0 in --steps
@@ -16,20 +17,27 @@ import torch
 
 from checkpoint import resolve_resume
 from dataset import DataError
-from unified import SPEC_FILE, generate_images, generate_text, load_image, load_unified, save_grid, to_pil
+from unified import (SPEC_FILE, generate_images, generate_text, load_image, load_unified, save_grid,
+                     to_pil)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint-* folder of a generation run, or the run folder (its newest)")
-    p.add_argument("--prompt", action="append", default=[], help="text -> image; may be given several times")
-    p.add_argument("--image", action="append", default=[], help="image -> text; may be given several times")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint",
+                   help="a checkpoint-* folder of a generation run, or the run folder (its newest)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="text -> image; may be given several times")
+    p.add_argument("--image", action="append", default=[],
+                   help="image -> text; may be given several times")
     p.add_argument("--num_images", type=int, default=4, help="images per prompt (default: 4)")
     p.add_argument("--steps", type=int, default=50, help="Euler steps (default: 50)")
-    p.add_argument("--cfg_scale", type=float, default=4.0, help="classifier-free guidance scale, 1 = none (default: 4)")
+    p.add_argument("--cfg_scale", type=float, default=4.0,
+                   help="classifier-free guidance scale, 1 = none (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--max_new_tokens", type=int, default=32, help="longest caption (default: 32)")
-    p.add_argument("--out_dir", default="generated", help="where PNG files go (default: generated/)")
+    p.add_argument("--out_dir", default="generated",
+                   help="where PNG files go (default: generated/)")
     args = p.parse_args(argv)
     if not args.prompt and not args.image:
         p.error("give --prompt (text -> image) and/or --image (image -> text)")
@@ -38,7 +46,10 @@ def main(argv=None):
         try:
             folder = resolve_resume("latest", folder)
         except FileNotFoundError:
-            p.error(f"{args.checkpoint}: not a generation checkpoint ({SPEC_FILE} is missing) nor a run folder")
+            p.error(
+                f"{args.checkpoint}: not a generation checkpoint ({SPEC_FILE} is missing) nor a "
+                "run folder"
+            )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_unified(folder)
     model.to(device)
@@ -46,13 +57,17 @@ def main(argv=None):
     if args.prompt:
         os.makedirs(args.out_dir, exist_ok=True)
         prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]
-        images = generate_images(model, tokenizer, prompts, args.steps, args.cfg_scale, args.seed, device=device)
+        images = generate_images(model, tokenizer, prompts, args.steps, args.cfg_scale, args.seed,
+                                 device=device)
         for prompt in args.prompt:
             slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60] or "prompt"
             for i in range(args.num_images):
                 path = os.path.join(args.out_dir, f"{slug}_{i}.png")
                 to_pil(images[prompts.index(prompt) + i]).save(path)
-            print(f"{prompt!r}: {args.num_images} image(s) -> {os.path.join(args.out_dir, slug)}_*.png")
+            print(
+                f"{prompt!r}: {args.num_images} image(s) -> "
+                f"{os.path.join(args.out_dir, slug)}_*.png"
+            )
         save_grid(images, os.path.join(args.out_dir, "grid.png"), args.num_images)
     for path in args.image:
         try:
@@ -60,7 +75,9 @@ def main(argv=None):
         except DataError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        print(f"{path}: {generate_text(model, tokenizer, [image], max_new_tokens=args.max_new_tokens, device=device)[0]}")
+        caption = generate_text(model, tokenizer, [image], max_new_tokens=args.max_new_tokens,
+                                device=device)[0]
+        print(f"{path}: {caption}")
 
 
 if __name__ == "__main__":

@@ -20,31 +20,45 @@ import torch.nn as nn
 import transformers
 from safetensors.torch import load_file, save_file
 
-# Per-shard progress bars of save_pretrained / from_pretrained would interleave with the training bar.
+# Per-shard progress bars of save_pretrained / from_pretrained would interleave with the training
+# bar.
 transformers.utils.logging.disable_progress_bar()
 # DataLoader workers fork after the tokenizer has run in the main process.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Whether a model folder may run its own Python code (auto_map): off unless --trust_remote_code.
-REMOTE_CODE = [False]
+
+@dataclass
+class LoadingOptions:
+    """How model folders are loaded; set once per process from the command line."""
+    trust_remote_code: bool = False  # may a folder run its own Python code (auto_map)
+
+
+LOADING = LoadingOptions()
+
 CLASSIFIER_FILE = "classifier.json"
 HEAD_FILE = "head.safetensors"
 POOLINGS = ("auto", "pooler", "cls", "mean", "last")
 DEFAULT_PROMPT = "Classify this {dataset} image."
-BATCH_TARGETS = ("labels", "dataset_ids", "indices")  # every other batch key is a backbone input
+# every other batch key is a backbone input
+BATCH_TARGETS = ("labels", "dataset_ids", "indices", "soft_targets")
 
 # Fresh random-init backbones for the demo and benchmarks (nothing can be downloaded).
 # Each entry: transformers config class name, its kwargs, and the input size in pixels.
 PRESETS = {
-    "resnet-tiny": ("ResNetConfig", dict(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
-                                         layer_type="basic", downsample_in_first_stage=False), 32),
-    "vit-tiny": ("ViTConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                                   image_size=32, patch_size=4), 32),
-    "convnext-tiny": ("ConvNextConfig", dict(num_channels=3, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], num_stages=3,
-                                             patch_size=2), 32),
+    "resnet-tiny": ("ResNetConfig",
+                    dict(num_channels=3, embedding_size=32, hidden_sizes=[32, 64,
+                                                                          128], depths=[1, 1, 1],
+                         layer_type="basic", downsample_in_first_stage=False), 32),
+    "vit-tiny": ("ViTConfig",
+                 dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      intermediate_size=512, image_size=32, patch_size=4), 32),
+    "convnext-tiny": ("ConvNextConfig",
+                      dict(num_channels=3, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
+                           num_stages=3, patch_size=2), 32),
     # ViT-L/16 (304M parameters) for throughput and memory checks on GPUs, e.g. with --dist fsdp
-    "vit-large": ("ViTConfig", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                    intermediate_size=4096, image_size=224, patch_size=16), 224),
+    "vit-large": ("ViTConfig",
+                  dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                       intermediate_size=4096, image_size=224, patch_size=16), 224),
 }
 
 
@@ -69,13 +83,15 @@ class LabelSpace:
         if num_labels is None:
             num_labels = needed
         elif num_labels < needed:
-            raise ValueError(f"--num_labels {num_labels} is smaller than the {needed} head rows that the {layout!r} "
-                             f"layout needs for datasets {dict(zip(names, num_classes))}")
+            raise ValueError(
+                f"--num_labels {num_labels} is smaller than the {needed} head rows that the "
+                f"{layout!r} layout needs for datasets {dict(zip(names, num_classes))}")
         return cls(list(names), list(num_classes), offsets, num_labels, layout)
 
     def tensors(self, device):
         """Per-dataset (num_classes, offsets) tensors, indexed by dataset id."""
-        return (torch.tensor(self.num_classes, device=device), torch.tensor(self.offsets, device=device))
+        return (torch.tensor(self.num_classes,
+                             device=device), torch.tensor(self.offsets, device=device))
 
 
 def mask_logits(logits, num_classes_per_sample, offsets_per_sample=None):
@@ -84,13 +100,17 @@ def mask_logits(logits, num_classes_per_sample, offsets_per_sample=None):
     Masked rows then never win argmax and get probability exactly 0.
     """
     rows = torch.arange(logits.shape[-1], device=logits.device)
-    low = torch.zeros_like(num_classes_per_sample) if offsets_per_sample is None else offsets_per_sample
-    valid = (rows[None, :] >= low[:, None]) & (rows[None, :] < (low + num_classes_per_sample)[:, None])
+    low = torch.zeros_like(
+        num_classes_per_sample) if offsets_per_sample is None else offsets_per_sample
+    valid = (rows[None, :] >= low[:, None]) & (rows[None, :] < (low + num_classes_per_sample)[:,
+                                                                                              None])
     return logits.masked_fill(~valid, float("-inf"))
 
 
 def is_vision_language(config):
-    """Image-text-to-text models (Qwen2-VL, Qwen2.5-VL, LLaVA, ...); CLIP/SigLIP are two-tower vision models."""
+    """Image-text-to-text models (Qwen2-VL, Qwen2.5-VL, LLaVA, ...); CLIP/SigLIP are two-tower
+    vision
+    models."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
     return type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
@@ -103,7 +123,10 @@ def backbone_feature_dim(config):
             return getattr(config, name)
     if getattr(config, "hidden_sizes", None):
         return config.hidden_sizes[-1]
-    raise ValueError(f"cannot tell the feature size of a {type(config).__name__}: it has no hidden_size or hidden_sizes")
+    raise ValueError(
+        f"cannot tell the feature size of a {type(config).__name__}: it has no hidden_size or "
+        "hidden_sizes"
+    )
 
 
 def say(message):
@@ -113,17 +136,21 @@ def say(message):
 
 
 def from_pretrained(model_class, folder, **kwargs):
-    """model_class.from_pretrained without transformers' load report; missing weights are reported here.
+    """model_class.from_pretrained without transformers' load report; missing weights are reported
+    here.
 
     Unused weights are expected: the LM head of a vision-language model, the text tower of CLIP.
     """
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()
     try:
-        model, info = model_class.from_pretrained(folder, output_loading_info=True, trust_remote_code=REMOTE_CODE[0],
-                                                   **kwargs)
-    except Exception as e:  # a truncated or corrupt weights file: name it, not a frame deep inside the loader
-        raise ValueError(f"{folder}: cannot load the model weights ({type(e).__name__}: {e})"[:2000]) from None
+        model, info = model_class.from_pretrained(folder, output_loading_info=True,
+                                                  trust_remote_code=LOADING.trust_remote_code,
+                                                  **kwargs)
+    # a truncated or corrupt weights file: name it, not a frame deep inside the loader
+    except Exception as e:
+        raise ValueError(
+            f"{folder}: cannot load the model weights ({type(e).__name__}: {e})"[:2000]) from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     missing = sorted(info["missing_keys"])
@@ -133,7 +160,8 @@ def from_pretrained(model_class, folder, **kwargs):
     return model
 
 
-def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_pixels=None, max_pixels=None):
+def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_pixels=None,
+                  max_pixels=None):
     """Return (backbone, inputs) from a local model folder or a `preset:NAME`.
 
     `inputs` turns PIL images into the backbone's forward arguments (ImageInputs or
@@ -146,9 +174,11 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
 
     preset = name_or_path.startswith("preset:")
     if not preset and not os.path.isdir(name_or_path):
-        raise FileNotFoundError(f"--model {name_or_path}: no such folder (use a local model folder or one of "
-                                f"{', '.join('preset:' + p for p in PRESETS)})")
-    config = None if preset else AutoConfig.from_pretrained(name_or_path, trust_remote_code=REMOTE_CODE[0])
+        raise FileNotFoundError(
+            f"--model {name_or_path}: no such folder (use a local model folder or one of "
+            f"{', '.join('preset:' + p for p in PRESETS)})")
+    config = None if preset else AutoConfig.from_pretrained(
+        name_or_path, trust_remote_code=LOADING.trust_remote_code)
     vision_language = config is not None and is_vision_language(config)
     if (min_pixels or max_pixels) and not vision_language:
         raise ValueError(f"--min_pixels / --max_pixels apply to vision-language image processors; "
@@ -161,12 +191,16 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
         model_class = MODEL_MAPPING[type(config.vision_config)]
     backbone = from_pretrained(model_class, name_or_path, **({"dtype": dtype} if dtype else {}))
     if vision_language:
-        return backbone, ImageTextInputs.from_folder(name_or_path, config, prompt, min_pixels, max_pixels)
-    return backbone, ImageInputs(AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=REMOTE_CODE[0]))
+        return backbone, ImageTextInputs.from_folder(name_or_path, config, prompt, min_pixels,
+                                                     max_pixels)
+    return backbone, ImageInputs(
+        AutoImageProcessor.from_pretrained(name_or_path,
+                                           trust_remote_code=LOADING.trust_remote_code))
 
 
 def with_pixel_bounds(image_processor, min_pixels=None, max_pixels=None):
-    """A copy of a Qwen2-VL-style image processor that resizes to [min_pixels, max_pixels] pixels."""
+    """A copy of a Qwen2-VL-style image processor that resizes to [min_pixels, max_pixels] pixels.
+    """
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
     if not bounds:
         return image_processor
@@ -174,7 +208,10 @@ def with_pixel_bounds(image_processor, min_pixels=None, max_pixels=None):
     size = getattr(bounded, "size", None)
     applied = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
     if None in applied or applied != (min_pixels or applied[0], max_pixels or applied[1]):
-        raise ValueError(f"--min_pixels / --max_pixels: {type(image_processor).__name__} has no pixel-count bounds")
+        raise ValueError(
+            f"--min_pixels / --max_pixels: {type(image_processor).__name__} has no pixel-count "
+            "bounds"
+        )
     if applied[0] > applied[1]:
         raise ValueError(f"--min_pixels {applied[0]} is larger than --max_pixels {applied[1]}")
     return bounded
@@ -191,20 +228,31 @@ def build_preset(name, seed=0):
         torch.manual_seed(seed)
         backbone = AutoModel.from_config(config)
     # Plain resize + [-1, 1] scaling; the PIL backend needs no torchvision.
-    image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor = ViTImageProcessorPil(size={"height": size, "width": size},
+                                           image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return backbone, ImageInputs(image_processor)
 
 
 class ImageInputs:
-    """Vision backbones: PIL images -> {"pixel_values"} with the model's image processor."""
+    """Vision backbones: PIL images -> {"pixel_values"} with the model's image processor.
+
+    recipe: the processor in the fast image path's terms (preprocess.pixel_recipe; None where
+    the path cannot reproduce it); pixel_normalize: the matching on-device normalisation to
+    give MaskedClassifier.
+    """
 
     prompt = None
 
     def __init__(self, image_processor):
+        from preprocess import PixelNormalize, pixel_recipe
         self.image_processor = image_processor
+        self.recipe = pixel_recipe(image_processor)
+        self.pixel_normalize = PixelNormalize(self.recipe) if self.recipe is not None else None
 
     def __call__(self, images, dataset_names):
-        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+        return {
+            "pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        }
 
     def save_pretrained(self, folder):
         self.image_processor.save_pretrained(folder)
@@ -222,41 +270,54 @@ class ImageTextInputs:
     tokens with 1 (Qwen2-VL's multimodal RoPE is built from it).
     """
 
-    def __init__(self, image_processor, tokenizer, config, prompt=DEFAULT_PROMPT, processor=None, chat_template=None):
+    def __init__(self, image_processor, tokenizer, config, prompt=DEFAULT_PROMPT, processor=None,
+                 chat_template=None):
         self.image_processor, self.tokenizer, self.processor = image_processor, tokenizer, processor
         self.prompt = prompt or DEFAULT_PROMPT
         self.image_token_id = config.image_token_id
         self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
-        if self.image_token is None or tokenizer.convert_tokens_to_ids(self.image_token) != config.image_token_id:
-            raise ValueError(f"the tokenizer has no token for the model's image_token_id {config.image_token_id}")
+        if self.image_token is None or tokenizer.convert_tokens_to_ids(
+                self.image_token) != config.image_token_id:
+            raise ValueError(
+                f"the tokenizer has no token for the model's image_token_id {config.image_token_id}"
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if chat_template and not tokenizer.chat_template:
             tokenizer.chat_template = chat_template
         markers = [getattr(config, "vision_start_token_id", None), config.image_token_id,
                    getattr(config, "vision_end_token_id", None)]
-        self.image_marker = "".join(tokenizer.convert_ids_to_tokens(i) for i in markers if i is not None)
+        self.image_marker = "".join(
+            tokenizer.convert_ids_to_tokens(i) for i in markers if i is not None)
         if processor is None and getattr(image_processor, "merge_size", None) is None:
-            raise ValueError(f"{type(image_processor).__name__} returns no image grid: without the model's "
-                             f"AutoProcessor the image placeholders cannot be expanded")
+            raise ValueError(
+                f"{type(image_processor).__name__} returns no image grid: without the model's "
+                f"AutoProcessor the image placeholders cannot be expanded")
         self.texts = {}
 
     @classmethod
     def from_folder(cls, folder, config, prompt=DEFAULT_PROMPT, min_pixels=None, max_pixels=None):
         from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
         try:
-            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=REMOTE_CODE[0])
+            processor = AutoProcessor.from_pretrained(folder,
+                                                      trust_remote_code=LOADING.trust_remote_code)
         except Exception as e:  # e.g. Qwen2-VL's video processor needs torchvision
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
-            say(f"note: AutoProcessor cannot load {folder} ({reason}); using its image processor and tokenizer")
+            say(f"note: AutoProcessor cannot load {folder} ({reason}); using its image processor "
+                "and tokenizer"
+                )
             processor = None
         if processor is not None:
-            processor.image_processor = with_pixel_bounds(processor.image_processor, min_pixels, max_pixels)
+            processor.image_processor = with_pixel_bounds(processor.image_processor, min_pixels,
+                                                          max_pixels)
             image_processor, tokenizer = processor.image_processor, processor.tokenizer
         else:
-            image_processor = with_pixel_bounds(AutoImageProcessor.from_pretrained(folder, trust_remote_code=REMOTE_CODE[0]),
-                                                min_pixels, max_pixels)
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=REMOTE_CODE[0])
+            image_processor = with_pixel_bounds(
+                AutoImageProcessor.from_pretrained(folder,
+                                                   trust_remote_code=LOADING.trust_remote_code),
+                min_pixels, max_pixels)
+            tokenizer = AutoTokenizer.from_pretrained(folder,
+                                                      trust_remote_code=LOADING.trust_remote_code)
         chat_template = getattr(processor, "chat_template", None) or read_chat_template(folder)
         return cls(image_processor, tokenizer, config, prompt, processor, chat_template)
 
@@ -264,25 +325,33 @@ class ImageTextInputs:
         if dataset_name not in self.texts:
             prompt = self.prompt.replace("{dataset}", dataset_name)
             if self.tokenizer.chat_template:
-                turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-                text = self.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+                turn = [{
+                    "role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]
+                }]
+                text = self.tokenizer.apply_chat_template(turn, tokenize=False,
+                                                          add_generation_prompt=True)
             else:
                 text = self.image_marker + prompt
             if text.count(self.image_token) != 1:
-                raise ValueError(f"the prompt text must hold the image placeholder {self.image_token!r} exactly "
-                                 f"once, got {text!r} (check --prompt and the chat template)")
+                raise ValueError(
+                    f"the prompt text must hold the image placeholder {self.image_token!r} exactly "
+                    f"once, got {text!r} (check --prompt and the chat template)")
             self.texts[dataset_name] = text
         return self.texts[dataset_name]
 
     def __call__(self, images, dataset_names):
         texts = [self.text(name) for name in dataset_names]
         if self.processor is not None:
-            return dict(self.processor(images=images, text=texts, padding=True, return_tensors="pt"))
+            return dict(self.processor(images=images, text=texts, padding=True,
+                                       return_tensors="pt"))
         vision = self.image_processor(images=images, return_tensors="pt")
-        counts = (vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2).tolist()
+        counts = (vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
         texts = [t.replace(self.image_token, self.image_token * n) for t, n in zip(texts, counts)]
         text = self.tokenizer(texts, padding=True, return_tensors="pt")
-        return {**text, **vision, "mm_token_type_ids": (text["input_ids"] == self.image_token_id).long()}
+        return {
+            **text,
+            **vision, "mm_token_type_ids": (text["input_ids"] == self.image_token_id).long()
+        }
 
     def save_pretrained(self, folder):
         if self.processor is not None:
@@ -293,8 +362,10 @@ class ImageTextInputs:
 
 
 def read_chat_template(folder):
-    """A processor-level chat template (chat_template.jinja / chat_template.json), if the folder has one."""
-    jinja, blob = os.path.join(folder, "chat_template.jinja"), os.path.join(folder, "chat_template.json")
+    """A processor-level chat template (chat_template.jinja / chat_template.json), if the folder has
+    one."""
+    jinja, blob = os.path.join(folder,
+                               "chat_template.jinja"), os.path.join(folder, "chat_template.json")
     if os.path.isfile(jinja):
         with open(jinja) as f:
             return f.read()
@@ -305,7 +376,8 @@ def read_chat_template(folder):
 
 
 def pool_tokens(hidden, attention_mask, pooling):
-    """Last valid token or mean over valid tokens; right padding (1 1 0) and left padding (0 1 1) alike.
+    """Last valid token or mean over valid tokens; right padding (1 1 0) and left padding (0 1 1)
+    alike.
 
     attention_mask.sum(1) - 1 would be the last token only under right padding.
     """
@@ -319,19 +391,27 @@ def pool_tokens(hidden, attention_mask, pooling):
 class MaskedClassifier(nn.Module):
     """backbone -> pooled feature -> Linear(num_labels). Masking is applied by the caller."""
 
-    def __init__(self, backbone, num_labels, pooling="auto"):
+    def __init__(self, backbone, num_labels, pooling="auto", pixel_normalize=None):
         super().__init__()
+        # uint8 pixel_values (the fast image path) -> normalised floats on the device; not state
+        self.pixel_normalize = pixel_normalize
         if pooling not in POOLINGS:
             raise ValueError(f"--pooling must be one of {POOLINGS}, got {pooling!r}")
         self.token_inputs = is_vision_language(backbone.config)
         name = type(backbone).__name__
         if self.token_inputs and pooling in ("pooler", "cls"):
-            raise ValueError(f"--pooling {pooling}: {name} is a vision-language model; use --pooling last or mean")
+            raise ValueError(
+                f"--pooling {pooling}: {name} is a vision-language model; use --pooling last or "
+                "mean"
+            )
         if not self.token_inputs and pooling == "last":
-            raise ValueError(f"--pooling last is for vision-language backbones; {name} takes pooler, cls or mean")
+            raise ValueError(
+                f"--pooling last is for vision-language backbones; {name} takes pooler, cls or mean"
+            )
         self.backbone = backbone
         self.pooling = ("last" if self.token_inputs else "auto") if pooling == "auto" else pooling
-        self.head = nn.Linear(backbone_feature_dim(backbone.config), num_labels, dtype=backbone.dtype)
+        self.head = nn.Linear(backbone_feature_dim(backbone.config), num_labels,
+                              dtype=backbone.dtype)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
@@ -340,13 +420,24 @@ class MaskedClassifier(nn.Module):
         if self.pooling in ("auto", "pooler") and pooled is not None:
             return pooled.flatten(1)  # ResNet's pooler output is (B, C, 1, 1)
         if self.pooling == "pooler":
-            raise ValueError(f"{type(self.backbone).__name__} returns no pooler_output; use --pooling cls or mean")
+            raise ValueError(
+                f"{type(self.backbone).__name__} returns no pooler_output; use --pooling cls or "
+                "mean"
+            )
         hidden = outputs.last_hidden_state
         if hidden.dim() == 4:  # convolutional feature map (B, C, H, W)
             return hidden.mean(dim=(2, 3))
         return hidden[:, 0] if self.pooling == "cls" else hidden.mean(dim=1)
 
     def features(self, **inputs):
+        pixels = inputs.get("pixel_values")
+        if pixels is not None and pixels.dtype == torch.uint8:
+            if self.pixel_normalize is None:
+                raise ValueError("uint8 pixel_values (the fast image path) need the processor's "
+                                 "normalisation: MaskedClassifier(..., pixel_normalize="
+                                 "inputs.pixel_normalize)")
+            pixels = self.pixel_normalize(pixels, self.head.weight.dtype)
+            inputs = {**inputs, "pixel_values": pixels}
         if self.token_inputs:
             outputs = self.backbone(**inputs, use_cache=False)
             return pool_tokens(outputs.last_hidden_state, inputs["attention_mask"], self.pooling)
@@ -357,22 +448,26 @@ class MaskedClassifier(nn.Module):
 
 
 def enable_activation_checkpointing(backbone):
-    """Recompute each block's activations in backward (non-reentrant: frozen inputs need no grad hooks)."""
+    """Recompute each block's activations in backward (non-reentrant: frozen inputs need no grad
+    hooks)."""
     if not backbone.supports_gradient_checkpointing:
         raise ValueError(f"--gradient_checkpointing: {type(backbone).__name__} does not support it")
     if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x name
         backbone.activation_checkpointing_enable({"use_reentrant": False})
     else:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def vision_language_parts(backbone):
-    """(vision tower, language trunk) of a vision-language backbone, found by the names transformers uses."""
+    """(vision tower, language trunk) of a vision-language backbone, found by the names transformers
+    uses."""
     vision = next((getattr(backbone, n) for n in ("visual", "vision_tower", "vision_model")
                    if isinstance(getattr(backbone, n, None), nn.Module)), None)
     language = getattr(backbone, "language_model", None)
     if vision is None or not isinstance(language, nn.Module):
-        raise ValueError(f"{type(backbone).__name__}: cannot find its vision tower and language model")
+        raise ValueError(
+            f"{type(backbone).__name__}: cannot find its vision tower and language model")
     return vision, language
 
 
@@ -385,7 +480,8 @@ def set_trainable(model, freeze="none", train_only_head=False):
     if train_only_head:
         model.backbone.requires_grad_(False)
     elif freeze == "vision":
-        (vision_language_parts(model.backbone)[0] if model.token_inputs else model.backbone).requires_grad_(False)
+        (vision_language_parts(model.backbone)[0]
+         if model.token_inputs else model.backbone).requires_grad_(False)
     elif freeze == "llm":
         if not model.token_inputs:
             raise ValueError(f"--freeze llm: {type(model.backbone).__name__} has no language model")
@@ -435,16 +531,19 @@ def save_classifier(model, inputs, folder, classifier_info, state_dict=None):
 def read_classifier_info(folder):
     path = os.path.join(folder, CLASSIFIER_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} is not a classifier checkpoint: {CLASSIFIER_FILE} is missing")
+        raise FileNotFoundError(
+            f"{folder} is not a classifier checkpoint: {CLASSIFIER_FILE} is missing")
     with open(path) as f:
         return json.load(f)
 
 
 def load_classifier(folder, pooling=None):
-    """Rebuild a MaskedClassifier and its inputs from a checkpoint folder (no pickle: safetensors + JSON)."""
+    """Rebuild a MaskedClassifier and its inputs from a checkpoint folder (no pickle: safetensors +
+    JSON)."""
     info = read_classifier_info(folder)
     backbone, inputs = load_backbone(folder, prompt=info.get("prompt"))
-    model = MaskedClassifier(backbone, info["num_labels"], pooling or info.get("pooling", "auto"))
+    model = MaskedClassifier(backbone, info["num_labels"], pooling or info.get("pooling", "auto"),
+                             getattr(inputs, "pixel_normalize", None))
     load_head(model, folder)
     return model, inputs, info
 
@@ -475,4 +574,5 @@ def classify(model, batch, num_classes, offsets, masking=True):
 def autocast(device, precision):
     """Autocast for bf16 / fp16; a no-op context for fp32."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=precision != "fp32")
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=precision
+                          != "fp32")

@@ -12,7 +12,8 @@ later turns must see the image); samples packed into one row never see each othe
 text-condition dropout a noised block does not see the text before it (classifier-free guidance).
 Every block shares one RoPE position; text positions run on after it.
 
-Data (JSON or JSONL, mixed freely): {"conversations": [{role, type: text|image, content|image_path}]},
+Data (JSON or JSONL, mixed freely): {"conversations": [{role, type: text|image,
+content|image_path}]},
 {"text_prompt", "image_path"} (text -> image) and {"image_path", "caption"} (image -> text); the
 last two are a user turn followed by an assistant turn. Loss falls on assistant turns only.
 """
@@ -20,6 +21,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,14 +31,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dataset import DataError, ignore_stop_signals, raise_data_errors, read_data_file
-from model import REMOTE_CODE, from_pretrained, say
+from model import LOADING, from_pretrained, say
 
 SPEC_FILE = "unified.json"
 WEIGHTS_FILE = "unified.safetensors"
 ROLES = ("system", "user", "assistant")
-EVAL_TIMES = (0.25, 0.5, 0.75)  # evaluation noise levels, cycled over samples: low-variance image MSE
-PRESETS = {"qwen2-tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=1024)}
+# evaluation noise levels, cycled over samples: low-variance image MSE
+EVAL_TIMES = (0.25, 0.5, 0.75)
+PRESETS = {
+    "qwen2-tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+}
 
 
 # ----------------------------------------------------------------------------- data files
@@ -80,11 +85,13 @@ def _turns(item, folder):
                 raise ValueError(f"field '{field}': expected an object, got {type(turn).__name__}")
             role, kind = turn.get("role"), turn.get("type", "text")
             if role not in ROLES:
-                raise ValueError(f"field '{field}.role': expected one of {', '.join(ROLES)}, got {role!r}")
+                raise ValueError(
+                    f"field '{field}.role': expected one of {', '.join(ROLES)}, got {role!r}")
             if kind == "text":
                 out.append(Turn(role, "text", text(turn.get("content"), f"{field}.content")))
             elif kind == "image":
-                out.append(Turn(role, "image", image(turn.get("image_path"), f"{field}.image_path")))
+                out.append(Turn(role, "image", image(turn.get("image_path"),
+                                                     f"{field}.image_path")))
             else:
                 raise ValueError(f"field '{field}.type': expected text or image, got {kind!r}")
         if not any(t.role == "assistant" for t in out):
@@ -96,11 +103,13 @@ def _turns(item, folder):
     if "caption" in item:
         return [Turn("user", "image", image(item.get("image_path"), "image_path")),
                 Turn("assistant", "text", text(item["caption"], "caption"))]
-    raise ValueError("expected 'conversations', 'text_prompt' + 'image_path', or 'image_path' + 'caption'")
+    raise ValueError(
+        "expected 'conversations', 'text_prompt' + 'image_path', or 'image_path' + 'caption'")
 
 
 def read_generation_files(paths):
-    """Read and check every record of every JSON / JSONL file; raise one DataError listing what is wrong."""
+    """Read and check every record of every JSON / JSONL file; raise one DataError listing what is
+    wrong."""
     conversations, errors = [], []
     for path in paths:
         text = read_data_file(path, errors)
@@ -117,7 +126,8 @@ def read_generation_files(paths):
             items = [(f"{path}: record {i}", item) for i, item in enumerate(data)]
         else:
             items = []
-            for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+            # not splitlines: JSON strings may hold U+2028
+            for lineno, line in enumerate(text.split("\n"), 1):
                 if not line.strip():
                     continue
                 try:
@@ -157,10 +167,12 @@ def load_image(path, spec):
     """Pixels in [-1, 1] as (num_patches, patch_dim)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if spec.channels == 1 else "RGB").resize((spec.image_size,) * 2, Image.BICUBIC)
+            im = im.convert("L" if spec.channels == 1 else "RGB").resize((spec.image_size, ) * 2,
+                                                                         Image.BICUBIC)
     except Exception as e:
         raise DataError(f"cannot decode image {path}: {e}") from None
-    pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).reshape(spec.image_size, spec.image_size, -1)
+    pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).reshape(
+        spec.image_size, spec.image_size, -1)
     return patchify(pixels.permute(2, 0, 1), spec)
 
 
@@ -212,14 +224,16 @@ def build_parts(turns, tokenizer, spec, draw=None):
         parts.append(("text", role_prefix(turn.role, tokenizer), False))
         if turn.kind == "text":
             ids = tokenizer(turn.value, add_special_tokens=False)["input_ids"]
-            parts.append(("text", ids + [tokenizer.eos_token_id], True) if loss else ("text", ids, False))
+            parts.append(("text", ids + [tokenizer.eos_token_id], True) if loss else ("text", ids,
+                                                                                      False))
             if not loss:
                 parts.append(("text", newline(tokenizer), False))
             continue
         x0 = turn.value if torch.is_tensor(turn.value) else load_image(turn.value, spec)
         if loss:
             parts.append(("image", *draw(x0)))
-            if i < len(turns) - 1:  # later turns condition on the clean image, never on the noised one
+            # later turns condition on the clean image, never on the noised one
+            if i < len(turns) - 1:
                 parts.append(("image", x0, 0.0, None))
         else:
             parts.append(("image", x0, 0.0, None))
@@ -281,10 +295,12 @@ def build_attention_mask(sample, block, noised, is_text, drop_text):
     q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
     same_sample = (sample[:, None] == sample[None, :]) & (sample[None, :] >= 0)
     same_block = (block[:, None] == block[None, :]) & (block[None, :] >= 0)
-    visible = (k <= q) & ~noised[None, :]  # causal, and a noised block is hidden from everything after it
+    # causal, and a noised block is hidden from everything after it
+    visible = (k <= q) & ~noised[None, :]
     allowed = same_sample & (same_block | visible)
     allowed &= ~(drop_text[:, None] & is_text[None, :])
-    return allowed | torch.eye(length, dtype=torch.bool)  # padding attends to itself: no empty softmax row
+    # padding attends to itself: no empty softmax row
+    return allowed | torch.eye(length, dtype=torch.bool)
 
 
 class GenerationDataset(torch.utils.data.Dataset):
@@ -292,19 +308,23 @@ class GenerationDataset(torch.utils.data.Dataset):
     generator seeded by (seed, epoch, index): the same sample gets the same draw whatever the
     batch size, world size or resume point. Evaluation uses fixed t values (EVAL_TIMES) instead."""
 
-    def __init__(self, conversations, tokenizer, spec, seed=0, epoch=0, train=True, shift=1.0, cond_dropout=0.0):
+    def __init__(self, conversations, tokenizer, spec, seed=0, epoch=0, train=True, shift=1.0,
+                 cond_dropout=0.0):
         self.conversations, self.tokenizer, self.spec = conversations, tokenizer, spec
-        self.seed, self.epoch, self.train, self.shift, self.cond_dropout = seed, epoch, train, shift, cond_dropout
+        self.seed, self.epoch, self.train = seed, epoch, train
+        self.shift, self.cond_dropout = shift, cond_dropout
 
     def __len__(self):
         return len(self.conversations)
 
     def __getitem__(self, index):
         conv = self.conversations[index]
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+        g = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
 
         def draw(x0):
-            t = sample_timestep(g, self.shift) if self.train else EVAL_TIMES[index % len(EVAL_TIMES)]
+            t = sample_timestep(g, self.shift) if self.train else EVAL_TIMES[index %
+                                                                             len(EVAL_TIMES)]
             noise = torch.randn(x0.shape, generator=g)
             return (1 - t) * x0 + t * noise, t, noise - x0
 
@@ -316,41 +336,131 @@ class GenerationDataset(torch.utils.data.Dataset):
         return (*assemble(parts), drop, index)
 
 
-def collate_sequences(items):
-    """Pad samples into a batch; build the attention mask per row."""
-    length = max(len(tokens["input_ids"]) for tokens, *_ in items)
-    pad = {"input_ids": 0, "is_text": False, "block": -1, "noised": False, "marker": 0, "position_ids": 0, "labels": -100}
+PAD = {"input_ids": 0, "is_text": False, "block": -1, "noised": False, "marker": 0,
+       "position_ids": 0, "labels": -100}
+
+
+def collate_rows(rows):
+    """Samples -> a batch: each row holds one or more samples (packed side by side, each with its
+    own positions, blocks renumbered per row) and is padded to the longest row. Images, timesteps
+    and velocity targets follow the tokens' row-major order, as the model reads them."""
+    merged, images, times, targets, indices = [], [], [], [], []
+    for row in rows:
+        tokens = {k: [] for k in PAD}
+        sample, drop_text, blocks = [], [], 0
+        for s, (t, sample_images, sample_times, sample_targets, drop, index) in enumerate(row):
+            for k in PAD:
+                tokens[k] += ([b + blocks if b >= 0 else -1 for b in t[k]] if k == "block"
+                              else t[k])
+            sample += [s] * len(t["input_ids"])
+            drop_text += [drop and is_noised for is_noised in t["noised"]]
+            blocks += len(sample_images)
+            images += sample_images
+            times += sample_times
+            targets += sample_targets
+            indices.append(index)
+        merged.append((tokens, sample, drop_text))
+    length = max(len(sample) for _, sample, _ in merged)
     dtypes = {"is_text": torch.bool, "noised": torch.bool}
-    batch = {k: torch.tensor([t[k] + [v] * (length - len(t[k])) for t, *_ in items], dtype=dtypes.get(k, torch.long))
-             for k, v in pad.items()}
+    batch = {
+        k: torch.tensor([t[k] + [v] * (length - len(t[k])) for t, *_ in merged],
+                        dtype=dtypes.get(k, torch.long))
+        for k, v in PAD.items()
+    }
     masks = []
-    for row, (tokens, *_, drop, _) in enumerate(items):
-        n = len(tokens["input_ids"])
-        sample = torch.full((length,), -1, dtype=torch.long)
-        sample[:n] = 0
-        drop_text = batch["noised"][row] & drop
-        masks.append(build_attention_mask(sample, batch["block"][row], batch["noised"][row], batch["is_text"][row],
-                                          drop_text))
+    for row, (_, sample, drop_text) in enumerate(merged):
+        pad = length - len(sample)
+        masks.append(
+            build_attention_mask(torch.tensor(sample + [-1] * pad), batch["block"][row],
+                                 batch["noised"][row], batch["is_text"][row],
+                                 torch.tensor(drop_text + [False] * pad)))
     batch["attention_mask"] = torch.stack(masks)[:, None]
-    images = [x for _, blocks, *_ in items for x in blocks]
     patches = images[0].shape if images else (0, 0)
     batch["images"] = torch.stack(images) if images else torch.zeros(0, *patches)
-    batch["timesteps"] = torch.tensor([t for _, _, times, *_ in items for t in times], dtype=torch.float32)
-    targets = [v for _, _, _, velocity, *_ in items for v in velocity]
+    batch["timesteps"] = torch.tensor(times, dtype=torch.float32)
     batch["velocity_targets"] = torch.stack(targets) if targets else torch.zeros(0, *patches)
-    batch["indices"] = torch.tensor([index for *_, index in items])
+    batch["indices"] = torch.tensor(indices)
     return batch
 
 
-def make_generation_loader(conversations, indices, tokenizer, spec, batch_size, num_workers, pin_memory=False, **options):
-    return torch.utils.data.DataLoader(
-        GenerationDataset(conversations, tokenizer, spec, **options), batch_size=batch_size, sampler=indices,
-        collate_fn=collate_sequences, num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
+def collate_sequences(items):
+    """Pad samples into a batch, one sample per row; build the attention mask per row."""
+    return collate_rows([[item] for item in items])
+
+
+def pack_rows(lengths, pack_tokens):
+    """Greedy first-fit in the given order: each sample goes into the first row with room for it.
+    Returns the rows as lists of positions into `lengths`; deterministic."""
+    rows, room = [], []
+    for i, n in enumerate(lengths):
+        if n > pack_tokens:
+            raise ValueError(f"a sample of {n} tokens cannot fit --pack_tokens {pack_tokens}")
+        row = next((r for r, free in enumerate(room) if free >= n), None)
+        if row is None:
+            rows.append([])
+            room.append(pack_tokens)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= n
+    return rows
+
+
+def collate_packed(items, pack_tokens):
+    """Pack the batch's samples into as few rows of at most pack_tokens tokens as first-fit gives
+    (the samples of a row never see each other); the batch keeps every sample and target."""
+    rows = pack_rows([len(tokens["input_ids"]) for tokens, *_ in items], pack_tokens)
+    return collate_rows([[items[i] for i in row] for row in rows])
+
+
+def sample_length(turns, tokenizer, spec):
+    """Tokens of one conversation's sequence, without reading its images: an image block is
+    grid^2 + 2 tokens (an assistant image followed by more turns appears twice)."""
+    placeholder = torch.zeros(spec.grid ** 2, spec.patch_dim)
+    turns = [Turn(t.role, t.kind, placeholder) if t.kind == "image" else t for t in turns]
+    parts = build_parts(turns, tokenizer, spec, lambda x0: (x0, 0.0, x0))
+    return sum(len(p[1]) if p[0] == "text" else p[1].shape[0] + 2 for p in parts)
+
+
+def check_pack_tokens(conversations, tokenizer, spec, pack_tokens):
+    """Each conversation's token count; DataError naming file:line of every sample longer than
+    pack_tokens (it could not be packed into any row)."""
+    lengths = [sample_length(c.turns, tokenizer, spec) for c in conversations]
+    errors = [f"{c.source}: {n} tokens ({spec.grid ** 2 + 2} per image), more than "
+              f"--pack_tokens {pack_tokens}"
+              for c, n in zip(conversations, lengths) if n > pack_tokens]
+    raise_data_errors(errors, len(conversations), [])
+    return lengths
+
+
+def padding_share(loader):
+    """Token counts over one pass of a generation loader: rows, tokens (rows x length summed over
+    batches), padding tokens and their share."""
+    rows = tokens = padding = 0
+    for batch in loader:
+        rows += batch["input_ids"].shape[0]
+        tokens += batch["input_ids"].numel()
+        padding += int((~batch["is_text"] & (batch["block"] < 0)).sum())
+    return {"rows": rows, "tokens": tokens, "padding": padding,
+            "padding_share": padding / max(tokens, 1)}
+
+
+def make_generation_loader(conversations, indices, tokenizer, spec, batch_size, num_workers,
+                           pin_memory=False, pack_tokens=None, **options):
+    """batch_size samples per batch, padded one per row, or packed into rows of at most
+    pack_tokens tokens (check_pack_tokens first: it names a sample too long for a row)."""
+    collate = partial(collate_packed, pack_tokens=pack_tokens) if pack_tokens else collate_sequences
+    return torch.utils.data.DataLoader(GenerationDataset(conversations, tokenizer, spec, **options),
+                                       batch_size=batch_size, sampler=indices,
+                                       collate_fn=collate, num_workers=num_workers,
+                                       pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
 
 
 def target_counts(batch):
     """[target text tokens, noised image tokens] of a batch: what the global loss is divided by."""
-    return [int((batch["labels"] != -100).sum()), batch["velocity_targets"].shape[0] * batch["velocity_targets"].shape[1]]
+    return [
+        int((batch["labels"] != -100).sum()),
+        batch["velocity_targets"].shape[0] * batch["velocity_targets"].shape[1]
+    ]
 
 
 # ----------------------------------------------------------------------------- model
@@ -358,7 +468,8 @@ def target_counts(batch):
 def timestep_features(t, dim=256):
     """Sinusoidal features of t * 1000 (the usual diffusion timestep scale)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) /
+                      half)
     angles = t.float()[:, None] * 1000 * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
@@ -367,7 +478,8 @@ def sincos_2d(grid, dim):
     """Fixed 2D sin-cos position embedding of a grid x grid patch layout, (grid * grid, dim)."""
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
+                            torch.arange(grid, dtype=torch.float32), indexing="ij")
     out = [f(c.flatten()[:, None] * omega[None]) for c in (ys, xs) for f in (torch.sin, torch.cos)]
     return torch.cat(out, dim=1)
 
@@ -379,34 +491,49 @@ class UnifiedModel(nn.Module):
         super().__init__()
         d = lm.config.hidden_size
         if d % 4:
-            raise ValueError(f"the language model's hidden size ({d}) must be divisible by 4 for 2D positions")
+            raise ValueError(
+                f"the language model's hidden size ({d}) must be divisible by 4 for 2D positions")
         if spec.image_size % spec.patch_size:
-            raise ValueError(f"--image_size {spec.image_size} is not a multiple of --patch_size {spec.patch_size}")
+            raise ValueError(
+                f"--image_size {spec.image_size} is not a multiple of --patch_size "
+                f"{spec.patch_size}"
+            )
         self.lm, self.spec = lm, spec
         dtype = lm.dtype
         self.patch_embed = nn.Linear(spec.patch_dim, d, dtype=dtype)
-        self.time_embed = nn.Sequential(nn.Linear(256, d, dtype=dtype), nn.SiLU(), nn.Linear(d, d, dtype=dtype))
-        self.image_markers = nn.Parameter(torch.randn(2, d, dtype=dtype) * 0.02)  # block start, block end
+        self.time_embed = nn.Sequential(nn.Linear(256, d, dtype=dtype), nn.SiLU(),
+                                        nn.Linear(d, d, dtype=dtype))
+        # block start, block end
+        self.image_markers = nn.Parameter(torch.randn(2, d, dtype=dtype) * 0.02)
         self.velocity_head = nn.Linear(d, spec.patch_dim, dtype=dtype)
-        nn.init.zeros_(self.velocity_head.weight)  # the first prediction is v = 0: MSE = E[(eps - x0)^2]
+        # the first prediction is v = 0: MSE = E[(eps - x0)^2]
+        nn.init.zeros_(self.velocity_head.weight)
         nn.init.zeros_(self.velocity_head.bias)
         self.register_buffer("image_positions", sincos_2d(spec.grid, d).to(dtype), persistent=False)
 
-    def forward(self, input_ids, is_text, block, marker, noised, position_ids, attention_mask, images, timesteps,
-                labels, **_):
-        """Returns (text logits at positions that have a label, velocity at noised patch tokens)."""
+    def forward(self, input_ids, is_text, block, marker, noised, position_ids, attention_mask,
+                images, timesteps, labels, past_key_values=None, **_):
+        """Returns (text logits at positions that have a label, velocity at noised patch tokens).
+
+        past_key_values: a transformers Cache holding keys and values of earlier tokens (sampling);
+        the tokens given are appended to it and attention_mask is (rows, 1, tokens, cached +
+        tokens).
+        """
         embed = self.lm.get_input_embeddings()
         hidden_size = embed.weight.shape[-1]
-        x = torch.zeros(*input_ids.shape, hidden_size, dtype=embed.weight.dtype, device=input_ids.device)
+        x = torch.zeros(*input_ids.shape, hidden_size, dtype=embed.weight.dtype,
+                        device=input_ids.device)
         x[is_text] = embed(input_ids[is_text])
-        if not images.shape[0]:  # a text-only batch still runs the image layers (on nothing): DDP sees them used
+        # a text-only batch still runs the image layers (on nothing): DDP sees them used
+        if not images.shape[0]:
             images = images.new_zeros(0, self.spec.grid ** 2, self.spec.patch_dim)
         time = self.time_embed(timestep_features(timesteps).to(x.dtype))[:, None]
         patches = self.patch_embed(images.to(x.dtype)) + self.image_positions + time
         start, end = self.image_markers[0] + time, self.image_markers[1] + time
         x[block >= 0] = torch.cat([start, patches, end], dim=1).reshape(-1, hidden_size)
-        hidden = self.lm.get_decoder()(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state
+        hidden = self.lm.get_decoder()(inputs_embeds=x, attention_mask=attention_mask,
+                                       position_ids=position_ids, past_key_values=past_key_values,
+                                       use_cache=past_key_values is not None).last_hidden_state
         logits = self.lm.get_output_embeddings()(hidden[labels != -100])
         velocity = self.velocity_head(hidden[noised & (marker == 0)])
         return logits, velocity
@@ -415,13 +542,16 @@ class UnifiedModel(nn.Module):
 def unified_losses(model, batch):
     """(sum of text cross-entropy, sum over noised image tokens of the patch-mean squared error)."""
     logits, velocity = model(**batch)
-    text = F.cross_entropy(logits.float(), batch["labels"][batch["labels"] != -100], reduction="sum")
-    image = (velocity.float() - batch["velocity_targets"].reshape(velocity.shape)).pow(2).mean(-1).sum()
+    text = F.cross_entropy(logits.float(), batch["labels"][batch["labels"] != -100],
+                           reduction="sum")
+    image = (velocity.float() -
+             batch["velocity_targets"].reshape(velocity.shape)).pow(2).mean(-1).sum()
     return text, image
 
 
 def byte_tokenizer():
-    """A byte-level tokenizer (256 bytes + end of text) that needs no training corpus: for presets."""
+    """A byte-level tokenizer (256 bytes + end of text) that needs no training corpus: for presets.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -429,44 +559,62 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
 
 
 def load_language_model(name_or_path, seed=0, dtype=None):
-    """(causal LM, tokenizer) from a local folder, or preset:NAME (random init, byte-level tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    """(causal LM, tokenizer) from a local folder, or preset:NAME (random init, byte-level
+    tokenizer).
+    """
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config,
+                          Qwen2ForCausalLM)
     if name_or_path.startswith("preset:"):
         name = name_or_path.split(":", 1)[1]
         if name not in PRESETS:
-            raise ValueError(f"--model {name_or_path}: unknown preset (known: {', '.join('preset:' + p for p in PRESETS)})")
+            raise ValueError(
+                f"--model {name_or_path}: unknown preset (known: "
+                f"{', '.join('preset:' + p for p in PRESETS)})"
+            )
         tokenizer = byte_tokenizer()
         torch.manual_seed(seed)
         config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **PRESETS[name])
+                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+                             **PRESETS[name])
         config._attn_implementation = "sdpa"
         lm = Qwen2ForCausalLM(config)
         return (lm.to(dtype) if dtype else lm), tokenizer
     if not os.path.isdir(name_or_path):
         raise FileNotFoundError(f"--model {name_or_path}: no such folder")
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=REMOTE_CODE[0])
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=LOADING.trust_remote_code)
     if type(config) not in AutoModelForCausalLM._model_mapping:
-        raise ValueError(f"--model {name_or_path}: {type(config).__name__} is not a causal language model")
+        raise ValueError(
+            f"--model {name_or_path}: {type(config).__name__} is not a causal language model")
     # sdpa takes the explicit 4D boolean mask; flash attention cannot.
-    lm = from_pretrained(AutoModelForCausalLM, name_or_path, attn_implementation="sdpa", **({"dtype": dtype} if dtype else {}))
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=REMOTE_CODE[0])
+    lm = from_pretrained(AutoModelForCausalLM, name_or_path, attn_implementation="sdpa",
+                         **({"dtype": dtype} if dtype else {}))
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path,
+                                              trust_remote_code=LOADING.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--model {name_or_path}: the tokenizer has no end-of-text token")
     return lm, tokenizer
 
 
 def save_unified(model, tokenizer, folder, info, state_dict=None):
-    """The LM in its own HF format + tokenizer, the image parts in unified.safetensors, unified.json."""
+    """The LM in its own HF format + tokenizer, the image parts in unified.safetensors,
+    unified.json.
+    """
     weights = state_dict if state_dict is not None else model.state_dict()
-    lm = {k[len("lm."):]: v.detach().contiguous().cpu() for k, v in weights.items() if k.startswith("lm.")}
+    lm = {
+        k[len("lm."):]: v.detach().contiguous().cpu()
+        for k, v in weights.items() if k.startswith("lm.")
+    }
     model.lm.save_pretrained(folder, state_dict=lm, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items() if not k.startswith("lm.")},
-              os.path.join(folder, WEIGHTS_FILE))
+    save_file(
+        {k: v.detach().contiguous().cpu()
+         for k, v in weights.items() if not k.startswith("lm.")},
+        os.path.join(folder, WEIGHTS_FILE))
     with open(os.path.join(folder, SPEC_FILE), "w") as f:
         json.dump({**info, "image": vars(model.spec)}, f, indent=2)
 
@@ -509,59 +657,168 @@ def _batch(rows, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _prompt_prefix(prompt, tokenizer, spec):
+    """The parts a sampled image follows: the user's prompt and the assistant's role prefix."""
+    return (build_parts([Turn("user", "text", prompt)], tokenizer, spec) +
+            [("text", role_prefix("assistant", tokenizer), False)])
+
+
+def _prefill(model, rows, device):
+    """Run the parts of each row (right-padded) once into a fresh key/value cache.
+
+    Returns (cache, the logits at each row's last token, each row's length, the position that
+    follows each row); the cache holds max(length) tokens per row."""
+    from transformers import DynamicCache
+    items = [(*assemble(parts), False, i) for i, parts in enumerate(rows)]
+    for tokens, *_ in items:
+        tokens["labels"][-1] = 0  # any label: the model returns logits where there is one
+    lengths = torch.tensor([len(tokens["input_ids"]) for tokens, *_ in items])
+    next_position = torch.tensor([tokens["position_ids"][-1] + 1 for tokens, *_ in items])
+    batch = {k: v.to(device) for k, v in collate_sequences(items).items()}
+    cache = DynamicCache(config=model.lm.config)
+    logits = model(**batch, past_key_values=cache)[0]
+    return cache, logits, lengths, next_position
+
+
+def _cached_mask(lengths, cached, visible, new):
+    """(rows, 1, queries, cached + new keys) bool: the queries see each row's first `lengths`
+    cached tokens where `visible` (per row), and the new keys as `new` (queries, new keys) says."""
+    seen = (torch.arange(cached)[None, :] < lengths[:, None]) & visible[:, None]
+    keys = torch.cat([seen[:, None, :].expand(-1, new.shape[0], -1),
+                      new[None].expand(len(lengths), -1, -1)], dim=-1)
+    return keys[:, None]
+
+
+def _image_block_batch(x, t, positions, mask, spec):
+    """The model inputs of one noised image block per row, nothing else: x (rows, patches, dim)."""
+    rows, n = x.shape[0], spec.grid ** 2 + 2
+    marker = torch.zeros(rows, n, dtype=torch.long)
+    marker[:, 0], marker[:, -1] = 1, 2
+    return {"input_ids": torch.zeros(rows, n, dtype=torch.long),
+            "is_text": torch.zeros(rows, n, dtype=torch.bool),
+            "block": torch.arange(rows)[:, None].expand(rows, n).contiguous(),
+            "marker": marker, "noised": torch.ones(rows, n, dtype=torch.bool),
+            "position_ids": positions[:, None].expand(rows, n).contiguous(),
+            "attention_mask": mask, "images": x, "timesteps": torch.full((rows,), t),
+            "labels": torch.full((rows, n), -100)}
+
+
+def _token_batch(token, positions, mask, spec):
+    """The model inputs of one text token per row that asks for its logits."""
+    rows = token.shape[0]
+    return {"input_ids": token[:, None], "is_text": torch.ones(rows, 1, dtype=torch.bool),
+            "block": torch.full((rows, 1), -1), "marker": torch.zeros(rows, 1, dtype=torch.long),
+            "noised": torch.zeros(rows, 1, dtype=torch.bool), "position_ids": positions[:, None],
+            "attention_mask": mask, "images": torch.zeros(0, spec.grid ** 2, spec.patch_dim),
+            "timesteps": torch.zeros(0), "labels": torch.zeros(rows, 1, dtype=torch.long)}
+
+
 @torch.no_grad()
-def generate_images(model, tokenizer, prompts, steps=50, cfg_scale=1.0, seed=0, shift=1.0, device="cpu"):
-    """Text -> image: one image per prompt, (N, C, H, W) in [-1, 1]. cfg_scale 1 is plain conditional
-    sampling; above 1, v = v_uncond + scale (v_cond - v_uncond) with the text hidden for v_uncond."""
+def generate_images(model, tokenizer, prompts, steps=50, cfg_scale=1.0, seed=0, shift=1.0,
+                    device="cpu", cache=True):
+    """Text -> image: one image per prompt, (N, C, H, W) in [-1, 1]. cfg_scale 1 is plain
+    conditional
+    sampling; above 1, v = v_uncond + scale (v_cond - v_uncond) with the text hidden for v_uncond.
+
+    cache: compute each prompt's keys and values once and recompute only the image block at each
+    Euler step (the block sees the cached prompt; the unconditional rows share the layout with the
+    prompt hidden by the mask, as in training). False recomputes the whole sequence each step."""
     spec = model.spec
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), spec.grid ** 2, spec.patch_dim, generator=g)
+    guided = cfg_scale != 1
+    prefixes = [_prompt_prefix(prompt, tokenizer, spec) for prompt in prompts]
 
-    def velocity(x, t):
-        rows = []
-        for prompt, x_t in zip(prompts, x):
-            parts = build_parts([Turn("user", "text", prompt)], tokenizer, spec)
-            parts += [("text", role_prefix("assistant", tokenizer), False), ("image", x_t, t, torch.zeros_like(x_t))]
-            rows.append((parts, False))
-        if cfg_scale != 1:
-            rows += [(parts, True) for parts, _ in list(rows)]
-        v = model(**_batch(rows, device))[1].float().cpu().reshape(len(rows), *x.shape[1:])
-        if cfg_scale == 1:
+    def guide(v):
+        if not guided:
             return v
         cond, uncond = v[:len(prompts)], v[len(prompts):]
         return uncond + cfg_scale * (cond - uncond)
 
+    def uncached_velocity(x, t):
+        rows = [(parts + [("image", x_t, t, torch.zeros_like(x_t))], False)
+                for parts, x_t in zip(prefixes, x)]
+        if guided:
+            rows += [(parts, True) for parts, _ in list(rows)]
+        v = model(**_batch(rows, device))[1].float().cpu().reshape(len(rows), *x.shape[1:])
+        return guide(v)
+
+    if cache:
+        kv, _, lengths, positions = _prefill(model, prefixes * (2 if guided else 1), device)
+        cached, n = int(lengths.max()), spec.grid ** 2 + 2
+        with_text = torch.arange(len(lengths)) < len(prompts)  # the unconditional rows: no text
+        mask = _cached_mask(lengths, cached, with_text, torch.ones(n, n, dtype=torch.bool))
+
+    def cached_velocity(x, t):
+        rows = torch.cat([x, x]) if guided else x
+        batch = _image_block_batch(rows, t, positions, mask, spec)
+        v = model(**{k: v.to(device) for k, v in batch.items()}, past_key_values=kv)[1]
+        kv.crop(-n)  # drop this step's block: the cache holds the prompts only
+        return guide(v.float().cpu().reshape(rows.shape))
+
     was_training = model.training
     model.eval()
-    images = unpatchify(euler_sample(velocity, noise, steps, shift), spec)
+    x = euler_sample(cached_velocity if cache else uncached_velocity, noise, steps, shift)
     model.train(was_training)
-    return images
+    return unpatchify(x, spec)
 
 
 @torch.no_grad()
-def generate_text(model, tokenizer, images, prompt=None, max_new_tokens=32, device="cpu"):
-    """Images (patches) -> texts, greedy, each until the end-of-text token; all images in one batch."""
+def greedy_decode(model, tokenizer, images, prompt=None, max_new_tokens=32, device="cpu",
+                  cache=True, forced=None):
+    """Images (patches) -> (fed tokens (rows, steps), logits (steps, rows, vocab)), greedy.
+
+    Each step feeds every row the argmax of its logits (rows that ended keep going until all have
+    ended or max_new_tokens); forced (rows, steps) feeds those tokens instead, for all its steps.
+    cache: the image block and prompt are computed once and each step runs one token per row
+    against the key/value cache; False recomputes the whole sequence each step."""
     was_training = model.training
     model.eval()
-    turns = lambda x0: [Turn("user", "image", x0)] + ([Turn("user", "text", prompt)] if prompt else [])  # noqa: E731
-    rows = [build_parts(turns(x0), tokenizer, model.spec) + [("text", role_prefix("assistant", tokenizer), False)]
-            for x0 in images]
-    new, done = [[] for _ in rows], [False] * len(rows)
-    for _ in range(max_new_tokens):
-        items = []
-        for parts, tokens_so_far in zip(rows, new):
-            tokens, blocks, times, targets = assemble(parts + [("text", tokens_so_far, False)])
-            tokens["labels"][-1] = 0  # any label: the model returns logits where there is one, here the last position
-            items.append((tokens, blocks, times, targets, False, 0))
-        batch = {k: v.to(device) for k, v in collate_sequences(items).items()}
-        for i, token in enumerate(model(**batch)[0].argmax(-1).tolist()):  # one labelled position per row
-            done[i] = done[i] or token == tokenizer.eos_token_id
-            if not done[i]:
-                new[i].append(token)
-        if all(done):
+    rows = [build_parts([Turn("user", "image", x0)] +
+                        ([Turn("user", "text", prompt)] if prompt else []), tokenizer, model.spec) +
+            [("text", role_prefix("assistant", tokenizer), False)] for x0 in images]
+    steps = forced.shape[1] if forced is not None else max_new_tokens
+    fed, logits = torch.zeros(len(rows), 0, dtype=torch.long), []
+    if cache:
+        kv, step_logits, lengths, positions = _prefill(model, rows, device)
+        cached, everyone = int(lengths.max()), torch.ones(len(rows), dtype=torch.bool)
+    for step in range(steps):
+        if not cache:
+            items = []
+            for parts, tokens_so_far in zip(rows, fed.tolist()):
+                tokens, blocks, times, targets = assemble(parts + [("text", tokens_so_far, False)])
+                # any label: the model returns logits where there is one, here the last position
+                tokens["labels"][-1] = 0
+                items.append((tokens, blocks, times, targets, False, 0))
+            batch = {k: v.to(device) for k, v in collate_sequences(items).items()}
+            step_logits = model(**batch)[0]  # one labelled position per row
+        logits.append(step_logits.float().cpu())
+        token = forced[:, step] if forced is not None else logits[-1].argmax(-1)
+        fed = torch.cat([fed, token[:, None]], dim=1)
+        ended = (fed == tokenizer.eos_token_id).any(1)
+        if step == steps - 1 or (forced is None and ended.all()):
             break
+        if cache:
+            # the new token sees its row's prompt and every token fed so far, itself included
+            mask = _cached_mask(lengths, cached, everyone, torch.ones(1, step + 1,
+                                                                      dtype=torch.bool))
+            step_logits = model(**{k: v.to(device) for k, v in _token_batch(
+                token, positions + step, mask, model.spec).items()}, past_key_values=kv)[0]
     model.train(was_training)
-    return [tokenizer.decode(tokens) for tokens in new]
+    return fed, torch.stack(logits)
+
+
+def generate_text(model, tokenizer, images, prompt=None, max_new_tokens=32, device="cpu",
+                  cache=True):
+    """Images (patches) -> texts, greedy, each until the end-of-text token; all images in one batch.
+    cache: decode against a key/value cache (False: recompute the whole sequence per token)."""
+    fed, _ = greedy_decode(model, tokenizer, images, prompt, max_new_tokens, device, cache)
+    texts = []
+    for tokens in fed.tolist():
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(tokens))
+    return texts
 
 
 def save_grid(images, path, columns):

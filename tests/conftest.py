@@ -35,7 +35,9 @@ def demo_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_data(demo_dir, tmp_path_factory):
-    """A small mixed subset of the demo: digits (10 classes) and faces (2 classes), odd-sized val sets."""
+    """A small mixed subset of the demo: digits (10 classes) and faces (2 classes), odd-sized val
+    sets.
+    """
     out = tmp_path_factory.mktemp("small")
     files = {}
     for name, n_train, n_val in [("digits", 40, 21), ("faces", 16, 10)]:
@@ -44,7 +46,10 @@ def small_data(demo_dir, tmp_path_factory):
             for row in rows:  # absolute paths: the subset files live in another folder
                 row["image_path"] = str(demo_dir / name / row["image_path"])
             files[f"{name}_{split}"] = write_jsonl(out / f"{name}_{split}.jsonl", rows)
-    registry = {"digits": {"num_classes": 10, "eval_ratio": 0.5}, "faces": {"num_classes": 2, "eval_ratio": 1.0}}
+    registry = {
+        "digits": {"num_classes": 10, "eval_ratio": 0.5},
+        "faces": {"num_classes": 2, "eval_ratio": 1.0}
+    }
     files["registry"] = str(out / "datasets.json")
     with open(files["registry"], "w") as f:
         json.dump(registry, f)
@@ -54,8 +59,8 @@ def small_data(demo_dir, tmp_path_factory):
 def save_tiny_vit(folder, image_size=16):
     from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=image_size, patch_size=4)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, image_size=image_size, patch_size=4)
     ViTModel(config).save_pretrained(folder)
     ViTImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return str(folder)
@@ -68,10 +73,15 @@ def tiny_vit(tmp_path_factory):
 
 
 def train_args(data, model, output_dir, *extra):
-    return [str(a) for a in ["--model", model, "--train_jsonl", data["digits_train"], data["faces_train"],
+    return [
+        str(a) for a in [
+            "--model", model, "--train_jsonl", data["digits_train"], data["faces_train"],
             "--val_jsonl", data["digits_val"], data["faces_val"], "--datasets", data["registry"],
-            "--output_dir", str(output_dir), "--num_workers", "0", "--batch_size", "8", "--lr", "1e-3",
-            "--logging_steps", "2", *extra]]
+            "--output_dir",
+            str(output_dir), "--num_workers", "0", "--batch_size", "8", "--lr", "1e-3",
+            "--logging_steps", "2", *extra
+        ]
+    ]
 
 
 def run_script(script, *args, torchrun=0, timeout=300):
@@ -95,8 +105,30 @@ def load_weights(checkpoint):
     """All weights of a checkpoint (backbone + head), read without the trainer."""
     from safetensors.torch import load_file
     weights = load_file(os.path.join(checkpoint, "model.safetensors"))
-    weights.update({f"head.{k}": v for k, v in load_file(os.path.join(checkpoint, "head.safetensors")).items()})
+    weights.update({
+        f"head.{k}": v
+        for k, v in load_file(os.path.join(checkpoint, "head.safetensors")).items()
+    })
     return weights
+
+
+def assert_same_adam_steps(a, b, lr, steps):
+    """Weights after `steps` AdamW steps from one start on the same data, taken two ways (batch
+    shapes, processes). Adam moves an entry by about lr * sign(g) wherever |g| is far above its
+    eps, so the float summation order of the two ways can flip the sign of a near-zero gradient
+    entry and move that entry by up to 2 * lr per step, on one CPU and not on another: no entry may
+    differ by more than that, and all but a few entries must agree to float precision. A wrong
+    loss scale moves no weight (AdamW is blind to it): compare the logged gradient norms for that.
+    """
+    assert a.keys() == b.keys()
+    bound = 2 * lr * steps * 1.01 + 1e-6
+    differ, total = 0, 0
+    for k in a:
+        diff = (a[k].float() - b[k].float()).abs()
+        assert diff.max().item() <= bound, f"{k}: moved {diff.max().item():.3g} > {bound:.3g}"
+        differ += (diff > 1e-4 * max(lr, 1e-3) + 1e-6).sum().item()
+        total += diff.numel()
+    assert differ <= max(2, 0.002 * total), f"{differ} of {total} weights differ"
 
 
 def assert_same_weights(a, b, atol=1e-6):
@@ -108,29 +140,38 @@ def assert_same_weights(a, b, atol=1e-6):
 # A Qwen2-VL style chat template: a default system turn, the image as
 # <|vision_start|><|image_pad|><|vision_end|>, then the text; the assistant turn opened.
 QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-VISION_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' "
+    "%}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ "
+    "message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}{% else "
+    "%}{% for part in message['content'] %}{% if part['type'] == 'image' "
+    "%}<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ "
+    "part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if "
+    "add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VISION_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>"
+]
 
 
 def train_tokenizer():
-    """A byte-level BPE tokenizer trained here (nothing downloaded) that holds Qwen's vision special tokens."""
+    """A byte-level BPE tokenizer trained here (nothing downloaded) that holds Qwen's vision special
+    tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = ["Classify this digits image.", "Classify this faces image.", "You are a helpful assistant.",
-              "system user assistant", "What is in the picture?"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=VISION_TOKENS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=QWEN_CHAT_TEMPLATE)
+    corpus = [
+        "Classify this digits image.", "Classify this faces image.", "You are a helpful assistant.",
+        "system user assistant", "What is in the picture?"
+    ] * 20
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(vocab_size=320, special_tokens=VISION_TOKENS,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=QWEN_CHAT_TEMPLATE)
 
 
 def save_tiny_vlm(folder, kind, chat_template=True):
@@ -142,21 +183,25 @@ def save_tiny_vlm(folder, kind, chat_template=True):
     if not chat_template:
         tokenizer.chat_template = None
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+                  vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
     if kind == "qwen2_vl":
-        config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2,
-                                                                    mlp_ratio=2), **tokens)
+        config = Qwen2VLConfig(
+            text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2,
+                                                 mlp_ratio=2), **tokens)
         model = Qwen2VLForConditionalGeneration(config)
     else:
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
-            depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1],
-            window_size=56), **tokens)
+        config = Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64,
+                               num_heads=2, fullatt_block_indexes=[1], window_size=56), **tokens)
         model = Qwen2_5_VLForConditionalGeneration(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -175,7 +220,8 @@ def tiny_qwen2_5_vl(tmp_path_factory):
     return save_tiny_vlm(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl")
 
 
-# Reliability tests carry @pytest.mark.fault("class"); the end of the run prints tried / survived per class.
+# Reliability tests carry @pytest.mark.fault("class"); the end of the run prints tried / survived
+# per class.
 FAULTS = {}
 
 
@@ -196,4 +242,25 @@ def pytest_terminal_summary(terminalreporter):
     if FAULTS:
         terminalreporter.section("faults injected")
         for name, (tried, survived) in FAULTS.items():
-            terminalreporter.write_line(f"{name}: {tried} tried, {survived} survived with nothing lost")
+            terminalreporter.write_line(
+                f"{name}: {tried} tried, {survived} survived with nothing lost")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """A tiny random-init Qwen2 causal LM with a byte-level tokenizer, saved as a user's model
+    folder.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from unified import byte_tokenizer
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -4,17 +4,22 @@ import os
 import pytest
 
 from conftest import write_jsonl
-from dataset import (DataError, ImageDataset, count_per_dataset, load_registry, partial_eval_indices, read_jsonl_files, summarize,
-                     train_indices)
+from dataset import (DataError, ImageDataset, count_per_dataset, load_registry,
+                     partial_eval_indices, read_jsonl_files, summarize, train_indices)
 
 
 @pytest.fixture
 def registry():
-    return load_registry({"digits": {"num_classes": 10, "eval_ratio": 0.3}, "faces": {"num_classes": 2, "eval_ratio": 1.0}})
+    return load_registry({
+        "digits": {"num_classes": 10, "eval_ratio": 0.3},
+        "faces": {"num_classes": 2, "eval_ratio": 1.0}
+    })
 
 
 def test_relative_image_paths_resolve_against_the_jsonl_folder(demo_dir, registry):
-    records = read_jsonl_files([str(demo_dir / "digits" / "val.jsonl"), str(demo_dir / "faces" / "val.jsonl")], registry)
+    records = read_jsonl_files(
+        [str(demo_dir / "digits" / "val.jsonl"),
+         str(demo_dir / "faces" / "val.jsonl")], registry)
     assert len(records) == 359 + 40
     assert all(os.path.isabs(r.image_path) and os.path.isfile(r.image_path) for r in records)
     assert {r.dataset_id for r in records} == {0, 1}
@@ -23,11 +28,15 @@ def test_relative_image_paths_resolve_against_the_jsonl_folder(demo_dir, registr
 
 
 def test_registry_from_file_and_flags(tmp_path):
-    (tmp_path / "r.yaml").write_text("food101: {num_classes: 101, eval_ratio: 0.2, description: Food}\n"
-                                     "food2k: {num_classes: 2000, eval_ratio: 0.1}\n")
+    (tmp_path / "r.yaml").write_text(
+        "food101: {num_classes: 101, eval_ratio: 0.2, description: Food}\n"
+        "food2k: {num_classes: 2000, eval_ratio: 0.1}\n")
     reg = load_registry(str(tmp_path / "r.yaml"))
-    assert list(reg) == ["food101", "food2k"] and reg["food2k"].num_classes == 2000 and reg["food101"].description == "Food"
-    (tmp_path / "r.json").write_text(json.dumps({"datasets": {"dataset_configs": {"a": {"num_classes": 3}}}}))
+    assert list(reg) == [
+        "food101", "food2k"
+    ] and reg["food2k"].num_classes == 2000 and reg["food101"].description == "Food"
+    (tmp_path / "r.json").write_text(
+        json.dumps({"datasets": {"dataset_configs": {"a": {"num_classes": 3}}}}))
     assert load_registry(str(tmp_path / "r.json"))["a"].eval_ratio == 1.0
     reg = load_registry(["a=10:0.5", "b=3"])
     assert (reg["a"].num_classes, reg["a"].eval_ratio, reg["b"].eval_ratio) == (10, 0.5, 1.0)
@@ -64,16 +73,25 @@ def image(tmp_path):
     ('[1, 2]', "expected a JSON object"),
     ('{"image_path": "ok.png", "dataset_name": "digits"}', "missing field\\(s\\) 'label'"),
     ('{"label": 1, "dataset_name": "digits"}', "missing field\\(s\\) 'image_path'"),
-    ('{"image_path": "ok.png", "label": "3", "dataset_name": "digits"}', "field 'label': expected an integer, got '3'"),
-    ('{"image_path": "ok.png", "label": 2.0, "dataset_name": "digits"}', "field 'label': expected an integer"),
-    ('{"image_path": "ok.png", "label": 10, "dataset_name": "digits"}', "field 'label': 10 is outside \\[0, 10\\)"),
-    ('{"image_path": "ok.png", "label": -1, "dataset_name": "digits"}', "field 'label': -1 is outside"),
-    ('{"image_path": "ok.png", "label": 2, "dataset_name": "faces"}', "field 'label': 2 is outside \\[0, 2\\)"),
-    ('{"image_path": "ok.png", "label": 0, "dataset_name": "food101"}', "field 'dataset_name': 'food101' is not in"),
-    ('{"image_path": "ok.png", "label": 0, "dataset_name": ["digits"]}', "field 'dataset_name': \\['digits'\\] is not in"),
-    ('{"image_path": "nope.png", "label": 0, "dataset_name": "digits"}', "field 'image_path': image file not found"),
+    ('{"image_path": "ok.png", "label": "3", "dataset_name": "digits"}',
+     "field 'label': expected an integer, got '3'"),
+    ('{"image_path": "ok.png", "label": 2.0, "dataset_name": "digits"}',
+     "field 'label': expected an integer"),
+    ('{"image_path": "ok.png", "label": 10, "dataset_name": "digits"}',
+     "field 'label': 10 is outside \\[0, 10\\)"),
+    ('{"image_path": "ok.png", "label": -1, "dataset_name": "digits"}',
+     "field 'label': -1 is outside"),
+    ('{"image_path": "ok.png", "label": 2, "dataset_name": "faces"}',
+     "field 'label': 2 is outside \\[0, 2\\)"),
+    ('{"image_path": "ok.png", "label": 0, "dataset_name": "food101"}',
+     "field 'dataset_name': 'food101' is not in"),
+    ('{"image_path": "ok.png", "label": 0, "dataset_name": ["digits"]}',
+     "field 'dataset_name': \\['digits'\\] is not in"),
+    ('{"image_path": "nope.png", "label": 0, "dataset_name": "digits"}',
+     "field 'image_path': image file not found"),
 ])
-def test_each_bad_line_is_reported_with_file_line_and_field(tmp_path, image, registry, line, field_message):
+def test_each_bad_line_is_reported_with_file_line_and_field(tmp_path, image, registry, line,
+                                                            field_message):
     good = json.dumps({"image_path": image, "label": 0, "dataset_name": "digits"})
     path = write_jsonl(tmp_path / "data.jsonl", [good, good, line])
     with pytest.raises(DataError, match=f"data.jsonl:3: {field_message}"):
@@ -81,7 +99,9 @@ def test_each_bad_line_is_reported_with_file_line_and_field(tmp_path, image, reg
 
 
 def test_all_problems_are_listed_at_once_and_missing_files_are_named(tmp_path, image, registry):
-    path = write_jsonl(tmp_path / "data.jsonl", ['{"bad json', '{"image_path": "ok.png", "label": 99, "dataset_name": "digits"}'])
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        ['{"bad json', '{"image_path": "ok.png", "label": 99, "dataset_name": "digits"}'])
     with pytest.raises(DataError) as e:
         read_jsonl_files([path, str(tmp_path / "absent.jsonl")], registry)
     text = str(e.value)
@@ -91,14 +111,17 @@ def test_all_problems_are_listed_at_once_and_missing_files_are_named(tmp_path, i
 
 def test_an_undecodable_image_names_its_file(tmp_path, registry):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    path = write_jsonl(tmp_path / "d.jsonl", [{"image_path": "broken.png", "label": 0, "dataset_name": "digits"}])
+    path = write_jsonl(tmp_path / "d.jsonl",
+                       [{"image_path": "broken.png", "label": 0, "dataset_name": "digits"}])
     records = read_jsonl_files([path], registry)
     with pytest.raises(DataError, match="d.jsonl:1: cannot decode image .*broken.png"):
         ImageDataset(records)[0]
 
 
 def test_partial_eval_subset_sizes_and_determinism(demo_dir, registry):
-    records = read_jsonl_files([str(demo_dir / "digits" / "val.jsonl"), str(demo_dir / "faces" / "val.jsonl")], registry)
+    records = read_jsonl_files(
+        [str(demo_dir / "digits" / "val.jsonl"),
+         str(demo_dir / "faces" / "val.jsonl")], registry)
     subset = partial_eval_indices(records, registry, seed=0)
     per_dataset = [sum(1 for i in subset if records[i].dataset_id == d) for d in (0, 1)]
     assert per_dataset == [round(359 * 0.3), 40]
@@ -106,10 +129,13 @@ def test_partial_eval_subset_sizes_and_determinism(demo_dir, registry):
     assert subset != partial_eval_indices(records, registry, seed=1)
     assert len(set(subset)) == len(subset)
     # another dataset in the registry leaves the existing datasets' subsets unchanged
-    bigger = load_registry({"digits": {"num_classes": 10, "eval_ratio": 0.3}, "faces": {"num_classes": 2},
-                            "other": {"num_classes": 4}})
+    bigger = load_registry({
+        "digits": {"num_classes": 10, "eval_ratio": 0.3}, "faces": {"num_classes": 2},
+        "other": {"num_classes": 4}
+    })
     assert partial_eval_indices(records, bigger, seed=0) == subset
-    summary = summarize(count_per_dataset(records, 2, subset), registry, "partial", total=count_per_dataset(records, 2))
+    summary = summarize(count_per_dataset(records, 2, subset), registry, "partial",
+                        total=count_per_dataset(records, 2))
     assert "digits: 359 -> 108 (30%)" in summary and "faces: 40 -> 40 (100%)" in summary
 
 
@@ -121,10 +147,12 @@ def test_tiny_ratio_keeps_at_least_one_sample(demo_dir):
 
 def test_train_order_is_seeded_per_epoch_and_shards_cover_the_global_order():
     a0, a1 = train_indices(50, 0, seed=3, shuffle=True), train_indices(50, 1, seed=3, shuffle=True)
-    assert sorted(a0) == list(range(50)) and a0 != a1 and a0 == train_indices(50, 0, seed=3, shuffle=True)
+    assert sorted(a0) == list(range(50)) and a0 != a1 and a0 == train_indices(
+        50, 0, seed=3, shuffle=True)
     assert train_indices(50, 0, seed=3, shuffle=False) == list(range(50))
     shards = [train_indices(50, 0, seed=3, shuffle=True, rank=r, world_size=3) for r in range(3)]
     assert len({len(s) for s in shards}) == 1  # every rank runs the same number of steps
-    # global micro-batch j (batch 2 per rank) is the same set of samples as a 6-sample batch of one process
+    # global micro-batch j (batch 2 per rank) is the same set of samples as a 6-sample batch of one
+    # process
     for j in range(8):
         assert sorted(x for s in shards for x in s[2 * j:2 * j + 2]) == sorted(a0[6 * j:6 * j + 6])

@@ -1,4 +1,4 @@
-"""Process-group teardown: destroy_process_group must really free the gloo group (and join its threads)."""
+"""Process-group teardown: destroy_process_group must free the gloo group and join its threads."""
 import os
 import socket
 import subprocess
@@ -28,7 +28,9 @@ def test_cleanup_frees_the_gloo_group_and_joins_its_threads():
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = map(int, out.stdout.split()[-2:])
-    assert after == before, f"{after - before} thread(s) of the process group outlived destroy_process_group"
+    assert after == before, (f"{after - before} thread(s) of the process group outlived "
+                             "destroy_process_group")

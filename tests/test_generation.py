@@ -9,27 +9,15 @@ import pytest
 import torch
 
 import train
-from conftest import read_jsonl, run_script, write_jsonl
-from unified import (ImageSpec, Turn, UnifiedModel, assemble, build_attention_mask, build_parts, byte_tokenizer,
-                     collate_sequences, euler_sample, load_image, load_language_model, read_generation_files,
-                     target_counts, unified_losses, GenerationDataset)
+from conftest import assert_same_adam_steps, read_jsonl, run_script, write_jsonl
+from unified import (ImageSpec, Turn, UnifiedModel, assemble, build_attention_mask, build_parts,
+                     collate_sequences, euler_sample, load_image,
+                     load_language_model, read_generation_files, target_counts, unified_losses,
+                     GenerationDataset)
 
 SPEC = ImageSpec(image_size=8, patch_size=2, channels=1)  # 16 tokens of 4 values per digit
 
-
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory):
-    """A tiny random-init Qwen2 causal LM with a byte-level tokenizer, saved as a user's model folder."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+LR = 3e-3  # of every training run here
 
 
 @pytest.fixture(scope="session")
@@ -42,22 +30,30 @@ def gen_data(demo_dir, tmp_path_factory):
         records = []
         for i, row in enumerate(rows):
             path = str(demo_dir / "digits" / row["image_path"])
-            text = f"a handwritten digit {row['label']}" + (" in black ink" * (i % 3))  # uneven text lengths
-            records += [{"text_prompt": text, "image_path": path}, {"image_path": path, "caption": text}]
+            # uneven text lengths
+            text = f"a handwritten digit {row['label']}" + (" in black ink" * (i % 3))
+            records += [{"text_prompt": text, "image_path": path},
+                        {"image_path": path, "caption": text}]
         files[split] = write_jsonl(out / f"{split}.jsonl", records)
     return files
 
 
 def gen_args(data, model, out, *extra):
-    return [str(a) for a in ["--task", "generate", "--model", model, "--train_jsonl", data["train"],
-            "--val_jsonl", data["val"], "--output_dir", out, "--image_size", 8, "--image_channels", 1,
-            "--patch_size", 2, "--num_workers", 0, "--batch_size", 8, "--lr", 3e-3, "--logging_steps", 1, *extra]]
+    return [
+        str(a) for a in [
+            "--task", "generate", "--model", model, "--train_jsonl", data["train"], "--val_jsonl",
+            data["val"], "--output_dir", out, "--image_size", 8, "--image_channels", 1,
+            "--patch_size", 2, "--num_workers", 0, "--batch_size", 8, "--lr", LR,
+            "--logging_steps", 1, *extra
+        ]
+    ]
 
 
 # ----------------------------------------------------------------------------- attention mask
 
 def test_attention_mask_text_causal_image_blocks_full_noised_hidden_and_samples_isolated():
-    # Row: sample 0 = text(2) clean(3) text(1) noised(3) clean copy(3) text(1); sample 1 = text(2); padding(1)
+    # Row: sample 0 = text(2) clean(3) text(1) noised(3) clean copy(3) text(1); sample 1 = text(2);
+    # padding(1)
     kinds = ["t", "t", "c", "c", "c", "t", "n", "n", "n", "c2", "c2", "c2", "t", "s", "s", "p"]
     sample = torch.tensor([0] * 13 + [1, 1, -1])
     block = torch.tensor([{"c": 0, "n": 1, "c2": 2}.get(k, -1) for k in kinds])
@@ -65,12 +61,15 @@ def test_attention_mask_text_causal_image_blocks_full_noised_hidden_and_samples_
     is_text = torch.tensor([k in ("t", "s") for k in kinds])
     mask = build_attention_mask(sample, block, noised, is_text, torch.zeros(16, dtype=torch.bool))
     assert mask[1, 0] and not mask[0, 1]  # text is causal
-    assert mask[2, 4] and mask[4, 2] and mask[3, 0]  # a clean block is bidirectional and sees the text before it
+    # a clean block is bidirectional and sees the text before it
+    assert mask[2, 4] and mask[4, 2] and mask[3, 0]
     assert mask[5, 2] and mask[5, 4]  # text after a clean block sees all of it
-    assert mask[6, 8] and mask[8, 6] and mask[6, 5] and mask[6, 2]  # noised block: full inside, sees everything before
+    # noised block: full inside, sees everything before
+    assert mask[6, 8] and mask[8, 6] and mask[6, 5] and mask[6, 2]
     assert not mask[9:13, 6:9].any()  # ... and nothing after it sees the noised block
     assert mask[12, 9:12].all()  # the clean copy is what later text sees
-    assert not mask[13:15, :13].any() and not mask[:13, 13:15].any()  # packed samples never see each other
+    # packed samples never see each other
+    assert not mask[13:15, :13].any() and not mask[:13, 13:15].any()
     assert mask[14, 13] and not mask[13, 14]
     assert mask[15].sum() == 1 and mask[15, 15]  # padding sees only itself (no empty softmax row)
     # text-condition dropout: the noised block sees no text, everything else is unchanged
@@ -82,19 +81,22 @@ def test_attention_mask_text_causal_image_blocks_full_noised_hidden_and_samples_
 def test_sequence_layout_labels_and_positions(tiny_lm):
     _, tokenizer = load_language_model(tiny_lm)
     x0 = torch.zeros(16, 4)
-    parts = build_parts([Turn("user", "image", x0), Turn("assistant", "text", "seven")], tokenizer, SPEC)
+    parts = build_parts(
+        [Turn("user", "image", x0), Turn("assistant", "text", "seven")], tokenizer, SPEC)
     tokens, images, times, targets = assemble(parts)
     n = len(tokens["input_ids"])
     caption = tokenizer("seven", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     labelled = [(i, y) for i, y in enumerate(tokens["labels"]) if y != -100]
-    assert [y for _, y in labelled] == caption and labelled[-1][0] == n - 2  # next-token targets: caption + eos
-    assert tokens["block"].count(0) == 18 and len(images) == 1 and not targets  # [start] 16 patches [end], clean
+    # next-token targets: caption + eos
+    assert [y for _, y in labelled] == caption and labelled[-1][0] == n - 2
+    # [start] 16 patches [end], clean
+    assert tokens["block"].count(0) == 18 and len(images) == 1 and not targets
     block_positions = {p for p, b in zip(tokens["position_ids"], tokens["block"]) if b == 0}
     assert len(block_positions) == 1  # one position for the whole block; text runs on after it
     assert tokens["position_ids"][-1] == tokens["position_ids"][0] + n - 17 - 1
 
 
-# ----------------------------------------------------------------------------- starting values and sampler
+# ----------------------------------------------------------------------------- starting values and 
 
 def test_starting_losses_with_the_zero_initialised_head(tiny_lm, gen_data):
     lm, tokenizer = load_language_model(tiny_lm)
@@ -124,54 +126,80 @@ def test_sampler_fed_the_true_velocity_recovers_x0(tiny_lm):
 # ----------------------------------------------------------------------------- training
 
 def assert_same_first_step(a, b):
-    la, lb = [[r for r in read_jsonl(d / "metrics.jsonl") if r["event"] == "train"][0] for d in (a, b)]
+    la, lb = [[r for r in read_jsonl(d / "metrics.jsonl") if r["event"] == "train"][0]
+              for d in (a, b)]
     for key in ("train_text_loss", "train_image_loss", "train_total_loss"):
         assert la[key] == pytest.approx(lb[key], rel=1e-5), key
-    assert (la["train_text_tokens"], la["train_image_tokens"]) == (lb["train_text_tokens"], lb["train_image_tokens"])
+    assert (la["train_text_tokens"], la["train_image_tokens"]) == (lb["train_text_tokens"],
+                                                                   lb["train_image_tokens"])
     assert la["grad_norm"] == pytest.approx(lb["grad_norm"], rel=1e-4)
     wa, wb = load_weights_unified(a / "checkpoint-1"), load_weights_unified(b / "checkpoint-1")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=5e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert_same_adam_steps(wa, wb, lr=LR, steps=1)
 
 
 def load_weights_unified(folder):
     from safetensors.torch import load_file
     weights = load_file(os.path.join(folder, "model.safetensors"))
-    weights.update({f"unified.{k}": v for k, v in load_file(os.path.join(folder, "unified.safetensors")).items()})
+    weights.update({
+        f"unified.{k}": v
+        for k, v in load_file(os.path.join(folder, "unified.safetensors")).items()
+    })
     return weights
 
 
 @pytest.mark.parametrize("micro_batch, accum", [(4, 3), (5, 3)])
-def test_loss_is_normalised_over_the_whole_batch_with_uneven_lengths(gen_data, tiny_lm, tmp_path, micro_batch, accum):
-    # One batch, or micro-batches: text lengths differ per sample (prompts of 3 lengths, captions vs images),
-    # so text and image targets fall unevenly into the micro-batches; a per-micro-batch mean would weight them
-    # differently.
+def test_loss_is_normalised_over_the_whole_batch_with_uneven_lengths(gen_data, tiny_lm, tmp_path,
+                                                                     micro_batch, accum):
+    # One batch, or micro-batches: text lengths differ per sample (prompts of 3 lengths, captions vs
+    # images), so text and image targets fall unevenly into the micro-batches; a per-micro-batch
+    # mean would weight them differently.
     common = ["--max_steps", 1, "--skip_evaluation", "--no_shuffle", "--max_grad_norm", 0]
-    train.main(gen_args(gen_data, tiny_lm, tmp_path / "big", *common, "--batch_size", micro_batch * accum))
-    train.main(gen_args(gen_data, tiny_lm, tmp_path / "acc", *common, "--batch_size", micro_batch, "--grad_accum", accum))
+    train.main(
+        gen_args(gen_data, tiny_lm, tmp_path / "big", *common, "--batch_size", micro_batch * accum))
+    train.main(
+        gen_args(gen_data, tiny_lm, tmp_path / "acc", *common, "--batch_size", micro_batch,
+                 "--grad_accum", accum))
     assert_same_first_step(tmp_path / "big", tmp_path / "acc")
+
+
+def test_packed_rows_take_the_same_step_as_padded_rows(gen_data, tiny_lm, tmp_path, capsys):
+    # --pack_tokens puts several samples in a row (about 270 tokens each: 256 image patches); the
+    # step (losses, counts, gradient norm) is the one of one padded sample per row. A row shorter
+    # than a sample is refused up front.
+    common = ["--max_steps", 1, "--skip_evaluation", "--no_shuffle", "--batch_size", 12]
+    train.main(gen_args(gen_data, tiny_lm, tmp_path / "padded", *common))
+    train.main(gen_args(gen_data, tiny_lm, tmp_path / "packed", *common, "--pack_tokens", 1100))
+    assert_same_first_step(tmp_path / "padded", tmp_path / "packed")
+    with pytest.raises(SystemExit):
+        train.main(gen_args(gen_data, tiny_lm, tmp_path / "short", *common, "--pack_tokens", 8))
+    assert "more than --pack_tokens 8" in capsys.readouterr().err
 
 
 def test_two_processes_take_the_same_step_as_one(gen_data, tiny_lm, tmp_path):
     common = ["--max_steps", 1, "--skip_evaluation", "--no_shuffle", "--max_grad_norm", 0]
     train.main(gen_args(gen_data, tiny_lm, tmp_path / "one", *common, "--batch_size", 12))
-    result = run_script("train.py", *gen_args(gen_data, tiny_lm, tmp_path / "two", *common, "--batch_size", 3,
-                                              "--grad_accum", 2, "--dist", "fsdp"), torchrun=2)
+    result = run_script(
+        "train.py",
+        *gen_args(gen_data, tiny_lm, tmp_path / "two", *common, "--batch_size", 3, "--grad_accum",
+                  2, "--dist", "fsdp"), torchrun=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_first_step(tmp_path / "one", tmp_path / "two")
 
 
 def test_short_run_both_losses_fall_and_resume_is_exact(gen_data, tiny_lm, tmp_path):
-    common = ["--max_steps", 30, "--save_steps", 15, "--eval_steps", 15, "--logging_steps", 5, "--warmup_steps", 5,
-              "--save_all_checkpoints", "--sample_prompts", "a handwritten digit 1", "a handwritten digit 2",
-              "--samples_per_prompt", 3, "--sample_steps", 4]
+    common = [
+        "--max_steps", 30, "--save_steps", 15, "--eval_steps", 15, "--logging_steps", 5,
+        "--warmup_steps", 5, "--save_all_checkpoints", "--sample_prompts", "a handwritten digit 1",
+        "a handwritten digit 2", "--samples_per_prompt", 3, "--sample_steps", 4
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train.main(gen_args(gen_data, tiny_lm, full, *common))
     log = [r for r in read_jsonl(full / "metrics.jsonl") if r["event"] == "train"]
     assert log[-1]["train_text_loss"] < 0.7 * log[0]["train_text_loss"]
     assert log[-1]["train_image_loss"] < 0.9 * log[0]["train_image_loss"]
     evals = [r for r in read_jsonl(full / "metrics.jsonl") if r["event"] == "eval"]
-    assert {"eval_text_loss", "eval_text_perplexity", "eval_image_loss", "eval_total_loss"} <= set(evals[0])
+    assert {"eval_text_loss", "eval_text_perplexity", "eval_image_loss",
+            "eval_total_loss"} <= set(evals[0])
     from PIL import Image
     with Image.open(full / "samples.png") as grid:
         assert grid.size == (3 * 8, 2 * 8)  # a row of 3 per prompt
@@ -180,10 +208,16 @@ def test_short_run_both_losses_fall_and_resume_is_exact(gen_data, tiny_lm, tmp_p
     shutil.copytree(full / "checkpoint-15", resumed / "checkpoint-15")
     shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
     train.main(gen_args(gen_data, tiny_lm, resumed, *common, "--resume", "latest"))
-    a, b = load_weights_unified(full / "checkpoint-30"), load_weights_unified(resumed / "checkpoint-30")
+    a, b = load_weights_unified(full / "checkpoint-30"), load_weights_unified(resumed /
+                                                                              "checkpoint-30")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
-    strip = lambda rows: [{k: v for k, v in r.items()  # noqa: E731
-                           if k not in ("samples_per_second", "max_memory_mb") and "checkpoint" not in k} for r in rows]
+    strip = lambda rows: [
+        {
+            k: v
+            for k, v in r.items()  # noqa: E731
+            if k not in ("samples_per_second", "max_memory_mb") and "checkpoint" not in k
+        } for r in rows
+    ]
     assert strip(read_jsonl(resumed / "metrics.jsonl")) == strip(read_jsonl(full / "metrics.jsonl"))
 
 
@@ -191,14 +225,16 @@ def test_short_run_both_losses_fall_and_resume_is_exact(gen_data, tiny_lm, tmp_p
 
 def test_all_three_formats_and_json_arrays_are_read(demo_dir, tmp_path):
     image = str(demo_dir / "digits" / "images" / "00001.png")
-    records = [{"conversations": [{"role": "user", "type": "text", "content": "draw a one"},
-                                  {"role": "assistant", "type": "image", "image_path": image},
-                                  {"role": "user", "type": "text", "content": "and say it"},
-                                  {"role": "assistant", "type": "text", "content": "one"}]},
-               {"text_prompt": "a one", "image_path": image}, {"image_path": image, "caption": "a one"}]
+    records = [{
+        "conversations": [{"role": "user", "type": "text", "content": "draw a one"},
+                          {"role": "assistant", "type": "image", "image_path": image},
+                          {"role": "user", "type": "text", "content": "and say it"},
+                          {"role": "assistant", "type": "text", "content": "one"}]
+    }, {"text_prompt": "a one", "image_path": image}, {"image_path": image, "caption": "a one"}]
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(records))
-    conversations = read_generation_files([str(path), write_jsonl(tmp_path / "more.jsonl", records)])
+    conversations = read_generation_files(
+        [str(path), write_jsonl(tmp_path / "more.jsonl", records)])
     assert len(conversations) == 6 and conversations[3].source.endswith("more.jsonl:1")
     # the conversation's assistant image carries loss and, with a turn after it, also appears clean
     _, tokenizer = load_language_model("preset:qwen2-tiny")
@@ -219,14 +255,18 @@ def test_bad_records_are_reported_with_file_and_line(demo_dir, tmp_path, gen_dat
         {"conversations": [{"role": "assistant", "type": "video", "content": "hi"}]},
         {"label": 3}])
     with pytest.raises(SystemExit) as e:
-        train.main(gen_args({**gen_data, "train": path}, tiny_lm, tmp_path / "out", "--max_steps", 1))
+        train.main(
+            gen_args({**gen_data, "train": path}, tiny_lm, tmp_path / "out", "--max_steps", 1))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "7 problem(s)" in err
-    for line, message in [(2, "malformed JSON"), (3, "field 'text_prompt': expected a non-empty string"),
-                          (4, "field 'image_path': image file not found"), (5, "field 'conversations': no assistant turn"),
-                          (6, "field 'conversations[0].role': expected one of system, user, assistant"),
-                          (7, "field 'conversations[0].type': expected text or image"),
-                          (8, "expected 'conversations', 'text_prompt' + 'image_path', or 'image_path' + 'caption'")]:
+    for line, message in [
+        (2, "malformed JSON"), (3, "field 'text_prompt': expected a non-empty string"),
+        (4, "field 'image_path': image file not found"),
+        (5, "field 'conversations': no assistant turn"),
+        (6, "field 'conversations[0].role': expected one of system, user, assistant"),
+        (7, "field 'conversations[0].type': expected text or image"),
+        (8, "expected 'conversations', 'text_prompt' + 'image_path', or 'image_path' + 'caption'")
+    ]:
         assert f"bad.jsonl:{line}: {message}" in err
     assert not os.path.exists(tmp_path / "out")
 
@@ -236,45 +276,61 @@ def test_sample_data_format_file_is_valid(tmp_path):
                           "sample_data_format.json")
     with open(config) as f:
         records = json.load(f)
-    formats = {"conversations" if "conversations" in r else "text_prompt" if "text_prompt" in r else "caption"
-               for r in records}
+    formats = {
+        "conversations"
+        if "conversations" in r else "text_prompt" if "text_prompt" in r else "caption"
+        for r in records
+    }
     assert formats == {"conversations", "text_prompt", "caption"}
 
 
-# ----------------------------------------------------------------------------- generate.py and eval.py
+# ----------------------------------------------------------------------------- generate.py and eval
 
 def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit, tmp_path):
-    train.main(gen_args(gen_data, tiny_lm, tmp_path / "gen", "--max_steps", 4, "--eval_steps", 4, "--save_steps", 4))
+    train.main(
+        gen_args(gen_data, tiny_lm, tmp_path / "gen", "--max_steps", 4, "--eval_steps", 4,
+                 "--save_steps", 4))
     out = run_script("generate.py", tmp_path / "gen" / "checkpoint-4", "--image", gen_data["val"])
-    assert out.returncode == 2 and f"cannot decode image {gen_data['val']}" in out.stderr  # a clear error
+    # a clear error
+    assert out.returncode == 2 and f"cannot decode image {gen_data['val']}" in out.stderr
     image = read_jsonl(gen_data["val"])[1]["image_path"]
-    out = run_script("generate.py", tmp_path / "gen" / "checkpoint-4", "--prompt", "a handwritten digit 3",
-                     "--num_images", 2, "--steps", 3, "--image", image, "--max_new_tokens", 4,
-                     "--out_dir", tmp_path / "png")
+    out = run_script("generate.py", tmp_path / "gen" / "checkpoint-4", "--prompt",
+                     "a handwritten digit 3", "--num_images", 2, "--steps", 3, "--image", image,
+                     "--max_new_tokens", 4, "--out_dir", tmp_path / "png")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "png")) == ["a_handwritten_digit_3_0.png", "a_handwritten_digit_3_1.png",
-                                                    "grid.png"]
+    assert sorted(os.listdir(tmp_path / "png")) == [
+        "a_handwritten_digit_3_0.png", "a_handwritten_digit_3_1.png", "grid.png"
+    ]
     assert f"{image}: " in out.stdout
 
     # a judge trained by train.py on the digits (10 classes) scores images generated for each class
-    train.main([str(a) for a in ["--model", tiny_vit, "--train_jsonl", small_data["digits_train"], "--val_jsonl",
-                                 small_data["digits_val"], "--datasets", "digits=10", "--output_dir",
-                                 tmp_path / "judge", "--num_workers", 0, "--batch_size", 8, "--max_steps", 2]])
-    result = run_script("eval.py", tmp_path / "gen", "--num_workers", 0, "--judge", tmp_path / "judge" / "checkpoint-2",
-                        "--judge_prompt", "a handwritten digit {label}", "--judge_samples", 2, "--sample_steps", 2,
+    train.main([
+        str(a) for a in [
+            "--model", tiny_vit, "--train_jsonl", small_data["digits_train"], "--val_jsonl",
+            small_data["digits_val"], "--datasets", "digits=10", "--output_dir", tmp_path /
+            "judge", "--num_workers", 0, "--batch_size", 8, "--max_steps", 2
+        ]
+    ])
+    result = run_script("eval.py", tmp_path / "gen", "--num_workers", 0, "--judge",
+                        tmp_path / "judge" / "checkpoint-2", "--judge_prompt",
+                        "a handwritten digit {label}", "--judge_samples", 2, "--sample_steps", 2,
                         "--cfg_scale", 3)
     assert result.returncode == 0, result.stderr[-3000:]
     row = read_jsonl(tmp_path / "gen" / "eval_results.jsonl")[-1]
     assert row["judge_samples"] == 20 and row["judge_chance"] == 0.1
-    assert row["eval_captions"] == 7 and 0 <= row["eval_caption_accuracy"] <= 1  # the 7 image -> text samples
+    # the 7 image -> text samples
+    assert row["eval_captions"] == 7 and 0 <= row["eval_caption_accuracy"] <= 1
     assert 0 <= row["judge_accuracy_cfg1"] <= 1 and 0 <= row["judge_accuracy_cfg3"] <= 1
-    final = [r for r in read_jsonl(tmp_path / "gen" / "metrics.jsonl") if r["event"] == "final_eval"][0]
+    final = [
+        r for r in read_jsonl(tmp_path / "gen" / "metrics.jsonl") if r["event"] == "final_eval"
+    ][0]
     assert row["eval_text_loss"] == pytest.approx(final["final_eval_text_loss"], rel=1e-5)
     assert row["eval_image_loss"] == pytest.approx(final["final_eval_image_loss"], rel=1e-5)
 
 
 def test_a_text_only_batch_still_gives_every_parameter_a_gradient(tiny_lm):
-    # DDP expects each parameter in every backward; a batch of text-only conversations has no image block.
+    # DDP expects each parameter in every backward; a batch of text-only conversations has no image
+    # block.
     lm, tokenizer = load_language_model(tiny_lm)
     model = UnifiedModel(lm, SPEC)
     conversation = [Turn("user", "text", "hi"), Turn("assistant", "text", "hello")]

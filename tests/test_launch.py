@@ -1,4 +1,5 @@
-"""launch.sh: grad_accum from the batch sizes, pre-flight checks, Slurm, resume, and a real torchrun run."""
+"""launch.sh: grad_accum from the batch sizes, pre-flight checks, Slurm, resume, and a real torchrun
+run."""
 import os
 import subprocess
 
@@ -11,12 +12,16 @@ LAUNCH = os.path.join(ROOT, "launch.sh")
 
 def launch(data, tiny_vit, out, **env):
     """bash launch.sh with the variables a user would edit, given through the environment."""
-    variables = {"MODEL": tiny_vit, "TRAIN_JSONL": f"{data['digits_train']} {data['faces_train']}",
-                 "VAL_JSONL": f"{data['digits_val']} {data['faces_val']}", "DATASETS": data["registry"],
-                 "CONFIG": "", "SAVE_CKPT_PATH": str(out), "MAKE_DEMO_DATA": "0", "GPUS_PER_NODE": "1", **env}
+    variables = {
+        "MODEL": tiny_vit, "TRAIN_JSONL": f"{data['digits_train']} {data['faces_train']}",
+        "VAL_JSONL": f"{data['digits_val']} {data['faces_val']}", "DATASETS": data["registry"],
+        "CONFIG": "", "SAVE_CKPT_PATH": str(out), "MAKE_DEMO_DATA": "0", "GPUS_PER_NODE": "1", **env
+    }
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    return subprocess.run(["bash", LAUNCH], capture_output=True, text=True, timeout=300,
-                          env={**clean, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in variables.items()}})
+    return subprocess.run(
+        ["bash", LAUNCH], capture_output=True, text=True, timeout=300,
+        env={**clean, "OMP_NUM_THREADS": "1", **{k: str(v)
+                                                 for k, v in variables.items()}})
 
 
 def torchrun_line(result):
@@ -31,11 +36,12 @@ def flag(line, name):
 @pytest.mark.parametrize("mbs, gbs, gpus, nodes, accum", [
     (32, 32, 1, 1, 1), (4, 64, 8, 1, 2), (2, 64, 8, 2, 2), (1, 8, 8, 1, 1), (3, 96, 4, 2, 4)])
 def test_dry_run_derives_grad_accum(small_data, tiny_vit, tmp_path, mbs, gbs, gpus, nodes, accum):
-    result = launch(small_data, tiny_vit, tmp_path / "run", DRY_RUN=1, MBS=mbs, GBS=gbs, GPUS_PER_NODE=gpus,
-                    NNODES=nodes, NODE_RANK=nodes - 1, MASTER_ADDR="node0", DIST="fsdp")
+    result = launch(small_data, tiny_vit, tmp_path / "run", DRY_RUN=1, MBS=mbs, GBS=gbs,
+                    GPUS_PER_NODE=gpus, NNODES=nodes, NODE_RANK=nodes - 1, MASTER_ADDR="node0",
+                    DIST="fsdp")
     line = torchrun_line(result)
-    assert (flag(line, "--nproc_per_node"), flag(line, "--batch_size"), flag(line, "--grad_accum")) == (
-        str(gpus), str(mbs), str(accum))
+    assert (flag(line, "--nproc_per_node"), flag(line, "--batch_size"),
+            flag(line, "--grad_accum")) == (str(gpus), str(mbs), str(accum))
     assert flag(line, "--dist") == "fsdp" and flag(line, "--output_dir") == str(tmp_path / "run")
     if nodes == 1:
         assert "--standalone" in line and "--master_addr" not in line
@@ -49,13 +55,14 @@ def test_dry_run_derives_grad_accum(small_data, tiny_vit, tmp_path, mbs, gbs, gp
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"MBS": 3, "GBS": 64, "GPUS_PER_NODE": 8}, "GBS=64 is not a multiple of MBS x GPUS_PER_NODE x NNODES = 3 x 8 x 1 = 24"),
+    ({"MBS": 3, "GBS": 64, "GPUS_PER_NODE": 8
+      }, "GBS=64 is not a multiple of MBS x GPUS_PER_NODE x NNODES = 3 x 8 x 1 = 24"),
     ({"MBS": 4, "GBS": 16, "GPUS_PER_NODE": 8}, "GBS=16 is not a multiple of"),
     ({"MBS": 0}, "MBS must be a positive integer, got '0'"),
     ({"NNODES": 2, "NODE_RANK": 2}, "NODE_RANK must be in 0..1, got '2'"),
     ({"DIST": "zero3"}, "DIST must be ddp or fsdp"),
-    ({"MODEL": "/no/such/model", "DATASETS": "/no/registry.json"},
-     "not found: MODEL=/no/such/model\nerror: not found: DATASETS=/no/registry.json"),
+    ({"MODEL": "/no/such/model", "DATASETS": "/no/registry.json"
+      }, "not found: MODEL=/no/such/model\nerror: not found: DATASETS=/no/registry.json"),
 ])
 def test_bad_settings_are_refused_before_launching(small_data, tiny_vit, tmp_path, env, message):
     result = launch(small_data, tiny_vit, tmp_path / "run", DRY_RUN=1, **env)
@@ -64,16 +71,24 @@ def test_bad_settings_are_refused_before_launching(small_data, tiny_vit, tmp_pat
 
 
 def test_slurm_supplies_nodes_and_rank(small_data, tiny_vit, tmp_path):
-    # What srun sets on the second node (MASTER_ADDR given: scontrol, which would name the first node, is absent here).
-    env = {"SLURM_JOB_ID": 7, "SLURM_NODEID": 1, "SLURM_NNODES": 2, "SLURM_NTASKS": 2, "SLURM_GPUS_ON_NODE": 4,
-           "MASTER_ADDR": "gpu01"}
-    result = subprocess.run(["bash", LAUNCH], capture_output=True, text=True, timeout=60, env={
-        **os.environ, **{k: str(v) for k, v in env.items()}, "DRY_RUN": "1", "MAKE_DEMO_DATA": "0", "MBS": "2",
-        "GBS": "32", "MODEL": tiny_vit, "TRAIN_JSONL": small_data["digits_train"], "VAL_JSONL": "",
-        "DATASETS": small_data["registry"], "CONFIG": "", "SAVE_CKPT_PATH": str(tmp_path)})
+    # What srun sets on the second node (MASTER_ADDR given: scontrol, which would name the first
+    # node, is absent here).
+    env = {
+        "SLURM_JOB_ID": 7, "SLURM_NODEID": 1, "SLURM_NNODES": 2, "SLURM_NTASKS": 2,
+        "SLURM_GPUS_ON_NODE": 4, "MASTER_ADDR": "gpu01"
+    }
+    result = subprocess.run(
+        ["bash", LAUNCH], capture_output=True, text=True, timeout=60, env={
+            **os.environ, **{k: str(v)
+                             for k, v in env.items()}, "DRY_RUN": "1", "MAKE_DEMO_DATA": "0",
+            "MBS": "2", "GBS": "32", "MODEL": tiny_vit, "TRAIN_JSONL": small_data["digits_train"],
+            "VAL_JSONL": "", "DATASETS": small_data["registry"], "CONFIG": "",
+            "SAVE_CKPT_PATH": str(tmp_path)
+        })
     line = torchrun_line(result)
     assert (flag(line, "--nnodes"), flag(line, "--node_rank"), flag(line, "--nproc_per_node"),
-            flag(line, "--master_addr"), flag(line, "--grad_accum")) == ("2", "1", "4", "gpu01", "2")
+            flag(line, "--master_addr"), flag(line,
+                                              "--grad_accum")) == ("2", "1", "4", "gpu01", "2")
     # one task per GPU would start a torchrun per GPU: refused
     wrong = subprocess.run(["bash", LAUNCH], capture_output=True, text=True, timeout=60, env={
         **os.environ, **{k: str(v) for k, v in env.items()}, "SLURM_NTASKS": "8", "DRY_RUN": "1"})
@@ -90,7 +105,8 @@ def test_launch_trains_logs_and_resumes_under_torchrun(small_data, tiny_vit, tmp
     logs = [n for n in os.listdir(out) if n.startswith("run_") and n.endswith("_node0.log")]
     assert len(logs) == 1
     with open(out / logs[0]) as f:
-        assert "global batch 8 = micro batch 2 x 2 process(es) x grad_accum 2" in f.read()  # train.py's output, teed
+        # train.py's output, teed
+        assert "global batch 8 = micro batch 2 x 2 process(es) x grad_accum 2" in f.read()
 
     second = launch(small_data, tiny_vit, out, NSTEP=4, **common)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
@@ -100,5 +116,6 @@ def test_launch_trains_logs_and_resumes_under_torchrun(small_data, tiny_vit, tmp
 
 
 def test_a_failed_run_exits_non_zero(small_data, tiny_vit, tmp_path):
-    result = launch(small_data, tiny_vit, tmp_path / "run", NSTEP=2, EXTRA_ARGS="--label_smoothing 2")
+    result = launch(small_data, tiny_vit, tmp_path / "run", NSTEP=2,
+                    EXTRA_ARGS="--label_smoothing 2")
     assert result.returncode != 0 and "--label_smoothing must be in [0, 1)" in result.stdout

@@ -8,7 +8,8 @@ from model import mask_logits
 
 
 def test_label_smoothing_spreads_mass_over_valid_classes_only():
-    logits = torch.tensor([[2.0, 0.5, -1.0, 3.0, 7.0]])  # rows 3, 4 belong to no class of this dataset
+    # rows 3, 4 belong to no class of this dataset
+    logits = torch.tensor([[2.0, 0.5, -1.0, 3.0, 7.0]])
     masked = mask_logits(logits, torch.tensor([3]))
     eps, target = 0.1, 1
     # by hand: softmax over the 3 valid logits, target distribution (1 - eps) one-hot + eps / 3
@@ -42,7 +43,8 @@ def test_without_masking_it_is_torch_cross_entropy():
 
 def test_gradients_are_finite_with_masked_rows():
     logits = torch.randn(3, 6, requires_grad=True)
-    loss = masked_cross_entropy(mask_logits(logits, torch.tensor([2, 4, 6])), torch.tensor([1, 3, 5]), 0.1).sum()
+    loss = masked_cross_entropy(mask_logits(logits, torch.tensor([2, 4, 6])),
+                                torch.tensor([1, 3, 5]), 0.1).sum()
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     assert (logits.grad[0, 2:] == 0).all()  # masked rows get no gradient

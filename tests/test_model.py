@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import LabelSpace, MaskedClassifier, classify, load_backbone, load_classifier, mask_logits, save_classifier
+from model import (LabelSpace, MaskedClassifier, classify, load_backbone, load_classifier,
+                   mask_logits, save_classifier)
 
 
 def test_masked_rows_never_win_argmax_and_get_zero_probability():
@@ -54,26 +55,34 @@ def test_label_space_sizes_and_num_labels_check():
 def test_classify_maps_labels_to_head_rows():
     space = LabelSpace.build(["a", "b"], [3, 2], "disjoint")
     num_classes, offsets = space.tensors("cpu")
-    model = lambda pixel_values: torch.zeros(len(pixel_values), 5)  # noqa: E731 - only the bookkeeping is tested
+    # noqa: E731 - only the bookkeeping is tested
+    model = lambda pixel_values: torch.zeros(len(pixel_values), 5)
     # every key but labels / dataset_ids / indices reaches the model as a keyword argument
-    batch = {"pixel_values": torch.zeros(2, 3, 4, 4), "labels": torch.tensor([2, 1]), "dataset_ids": torch.tensor([0, 1])}
+    batch = {
+        "pixel_values": torch.zeros(2, 3, 4, 4), "labels": torch.tensor([2, 1]),
+        "dataset_ids": torch.tensor([0, 1])
+    }
     logits, targets = classify(model, batch, num_classes, offsets)
     assert targets.tolist() == [2, 4]
     assert torch.isinf(logits[0, 3:]).all() and torch.isinf(logits[1, :3]).all()
 
 
 def _tiny_backbone_configs():
-    from transformers import (CLIPConfig, ConvNextConfig, Dinov2Config, ResNetConfig, SiglipConfig, ViTConfig)
-    tower = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    from transformers import (CLIPConfig, ConvNextConfig, Dinov2Config, ResNetConfig, SiglipConfig,
+                              ViTConfig)
+    tower = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 image_size=32, patch_size=8)
     return {
         "vit": ViTConfig(**tower),
         "dinov2": Dinov2Config(**tower),
         "resnet": ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1]),
         "convnext": ConvNextConfig(hidden_sizes=[16, 24], depths=[1, 1], num_stages=2),
-        "clip": CLIPConfig(vision_config=tower, text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                                 intermediate_size=64)),
-        "siglip": SiglipConfig(vision_config=tower, text_config=dict(hidden_size=32, num_hidden_layers=1,
-                                                                     num_attention_heads=2, intermediate_size=64)),
+        "clip": CLIPConfig(
+            vision_config=tower, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=64)),
+        "siglip": SiglipConfig(
+            vision_config=tower, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=64)),
     }
 
 
@@ -94,7 +103,8 @@ def test_backbones_load_from_a_folder_and_round_trip_through_a_checkpoint(kind, 
         logits = model(pixel_values=pixel_values)
     assert logits.shape == (3, 7) and torch.isfinite(logits).all()
 
-    save_classifier(model, inputs, str(tmp_path / "ckpt"), {"num_labels": 7, "label_space": "shared", "datasets": {}})
+    save_classifier(model, inputs, str(tmp_path / "ckpt"),
+                    {"num_labels": 7, "label_space": "shared", "datasets": {}})
     assert {"config.json", "model.safetensors", "head.safetensors", "classifier.json",
             "preprocessor_config.json"} <= set(os.listdir(tmp_path / "ckpt"))
     reloaded, _, info = load_classifier(str(tmp_path / "ckpt"))
@@ -117,7 +127,9 @@ def test_presets_build_a_backbone_and_its_preprocessing(name):
     from PIL import Image
     backbone, inputs = load_backbone(f"preset:{name}", seed=1)
     again, _ = load_backbone(f"preset:{name}", seed=1)
-    assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), again.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(backbone.state_dict().values(),
+                                          again.state_dict().values()))
     batch = inputs([Image.new("RGB", (8, 8)), Image.new("RGB", (25, 25))], ["digits", "faces"])
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     with torch.no_grad():

@@ -1,6 +1,8 @@
-"""Fault injection with real processes: SIGKILL at several points, SIGTERM under torchrun, NaN losses,
+"""Fault injection with real processes: SIGKILL at several points, SIGTERM under torchrun, NaN
+losses,
 a full disk, corrupt checkpoints and images. Each test carries the class of fault it tries; the
-summary at the end of the run prints, per class, how many were tried and survived with nothing lost."""
+summary at the end of the run prints, per class, how many were tried and survived with nothing
+lost."""
 import json
 import os
 import pickle
@@ -16,8 +18,10 @@ import torch
 import train
 from conftest import ROOT, load_weights, read_jsonl, run_script, train_args, write_jsonl
 
-COMMON = ["--max_steps", 14, "--save_steps", 3, "--eval_steps", 3, "--logging_steps", 1, "--warmup_steps", 3,
-          "--save_all_checkpoints", "--num_workers", 1]
+COMMON = [
+    "--max_steps", 14, "--save_steps", 3, "--eval_steps", 3, "--logging_steps", 1, "--warmup_steps",
+    3, "--save_all_checkpoints", "--num_workers", 1
+]
 TIMING = ("samples_per_second", "max_memory_mb")
 
 
@@ -35,18 +39,21 @@ def reference(small_data, tiny_vit, tmp_path_factory):
 
 
 def assert_same_as_reference(out, reference):
-    """Same final weights (bitwise), same metrics.jsonl (no missing or repeated record), same final evaluation."""
+    """Same final weights (bitwise), same metrics.jsonl (no missing or repeated record), same final
+    evaluation."""
     a, b = load_weights(reference / "checkpoint-14"), load_weights(out / "checkpoint-14")
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ from the uninterrupted run"
-    assert comparable(read_jsonl(out / "metrics.jsonl")) == comparable(read_jsonl(reference / "metrics.jsonl"))
+    assert comparable(read_jsonl(out / "metrics.jsonl")) == comparable(
+        read_jsonl(reference / "metrics.jsonl"))
     with open(reference / "run_summary.json") as f, open(out / "run_summary.json") as g:
         assert json.load(f)["final_eval"] == json.load(g)["final_eval"]
 
 
 def start(argv, env=None):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})})
 
 
 def wait_for_step(out, step, process, timeout=120):
@@ -84,15 +91,18 @@ def test_sigkill_mid_epoch_then_resume_latest(small_data, tiny_vit, tmp_path, re
 
 @pytest.mark.fault("sigkill")
 @pytest.mark.parametrize("point", ["kill_in_save:6", "kill_before_save:9"])
-def test_sigkill_while_writing_a_checkpoint_or_between_evaluation_and_save(small_data, tiny_vit, tmp_path, reference,
-                                                                          point):
-    process = start(train_args(small_data, tiny_vit, tmp_path, *COMMON), env={"MIXTRAIN_FAULT": point})
+def test_sigkill_while_writing_a_checkpoint_or_between_evaluation_and_save(
+        small_data, tiny_vit, tmp_path, reference, point):
+    process = start(train_args(small_data, tiny_vit, tmp_path, *COMMON),
+                    env={"MIXTRAIN_FAULT": point})
     _, err = process.communicate(timeout=120)
     assert process.returncode == -signal.SIGKILL, err[-2000:]
     step = int(point.split(":")[1])
-    assert not os.path.exists(tmp_path / f"checkpoint-{step}")  # never a checkpoint-N that is not whole
+    # never a checkpoint-N that is not whole
+    assert not os.path.exists(tmp_path / f"checkpoint-{step}")
     if point.startswith("kill_in_save"):
-        assert os.path.isdir(tmp_path / f".tmp-checkpoint-{step}")  # the partial write, under its temporary name
+        # the partial write, under its temporary name
+        assert os.path.isdir(tmp_path / f".tmp-checkpoint-{step}")
     events = [(r["event"], r["step"]) for r in read_jsonl_safe(tmp_path / "metrics.jsonl")]
     assert ("eval", step) in events  # evaluated, then killed before the checkpoint was complete
     # eval.py sees only complete checkpoints
@@ -108,15 +118,24 @@ def test_sigkill_while_writing_a_checkpoint_or_between_evaluation_and_save(small
 
 @pytest.mark.fault("sigterm")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_to_a_launch_sh_run_checkpoints_exits_0_and_resumes(small_data, tiny_vit, tmp_path, signum):
-    """As Slurm does, the signal goes to every process of the job: launch.sh, torchrun, tee and both ranks."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "OMP_NUM_THREADS": "1",
-           "MODEL": tiny_vit, "TRAIN_JSONL": f"{small_data['digits_train']} {small_data['faces_train']}",
-           "VAL_JSONL": "", "DATASETS": small_data["registry"], "CONFIG": "", "SAVE_CKPT_PATH": str(tmp_path),
-           "MAKE_DEMO_DATA": "0", "GPUS_PER_NODE": "2", "MBS": "4", "GBS": "8", "NSTEP": "300",
-           "MASTER_PORT": str(free_port()), "EXTRA_ARGS": "--num_workers 1 --logging_steps 1 --save_steps 1000"}
-    launch = lambda: subprocess.Popen(["bash", os.path.join(ROOT, "launch.sh")], stdout=subprocess.PIPE,  # noqa: E731
-                                      stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+def test_preemption_signal_to_a_launch_sh_run_checkpoints_exits_0_and_resumes(
+        small_data, tiny_vit, tmp_path, signum):
+    """As Slurm does, the signal goes to every process of the job: launch.sh, torchrun, tee and both
+    ranks."""
+    env = {
+        **{k: v
+           for k, v in os.environ.items() if not k.startswith("SLURM_")}, "OMP_NUM_THREADS": "1",
+        "MODEL": tiny_vit,
+        "TRAIN_JSONL": f"{small_data['digits_train']} {small_data['faces_train']}", "VAL_JSONL": "",
+        "DATASETS": small_data["registry"], "CONFIG": "", "SAVE_CKPT_PATH": str(tmp_path),
+        "MAKE_DEMO_DATA": "0", "GPUS_PER_NODE": "2", "MBS": "4", "GBS": "8", "NSTEP": "300",
+        "MASTER_PORT": str(free_port()),
+        "EXTRA_ARGS": "--num_workers 1 --logging_steps 1 --save_steps 1000"
+    }
+    # noqa: E731
+    launch = lambda: subprocess.Popen([
+        "bash", os.path.join(ROOT, "launch.sh")
+    ], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     process = launch()
     wait_for_step(tmp_path, 3, process)
     sent = time.time()
@@ -166,26 +185,32 @@ def free_port():
 
 @pytest.mark.fault("non-finite")
 def test_a_nan_loss_skips_the_step_and_training_goes_on(small_data, tiny_vit, tmp_path):
-    process = start(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 6, "--skip_evaluation",
-                               "--logging_steps", 1), env={"MIXTRAIN_FAULT": "nan_loss:3"})
+    process = start(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 6, "--skip_evaluation",
+                   "--logging_steps", 1), env={"MIXTRAIN_FAULT": "nan_loss:3"})
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-2000:]
     log = read_jsonl(tmp_path / "metrics.jsonl")
     skipped = [r for r in log if r["event"] == "skipped_step"]
-    assert [(r["step"], r["consecutive"]) for r in skipped] == [(3, 1)] and "non-finite" in skipped[0]["reason"]
+    assert [(r["step"], r["consecutive"])
+            for r in skipped] == [(3, 1)] and "non-finite" in skipped[0]["reason"]
     weights = load_weights(tmp_path / "checkpoint-6")
     assert all(torch.isfinite(w).all() for w in weights.values())
     train_log = [r for r in log if r["event"] == "train"]
-    assert all(r["train_overall_loss"] == r["train_overall_loss"] for r in train_log)  # no NaN in the logged window
+    # no NaN in the logged window
+    assert all(r["train_overall_loss"] == r["train_overall_loss"] for r in train_log)
 
 
 @pytest.mark.fault("non-finite")
 def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(small_data, tiny_vit, tmp_path):
-    process = start(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 10, "--skip_evaluation", "--save_steps", 2,
-                               "--max_bad_steps", 2), env={"MIXTRAIN_FAULT": "nan_loss:5,nan_loss:6,nan_loss:7"})
+    process = start(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 10, "--skip_evaluation",
+                   "--save_steps", 2, "--max_bad_steps", 2),
+        env={"MIXTRAIN_FAULT": "nan_loss:5,nan_loss:6,nan_loss:7"})
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2
-    assert "3 optimizer steps in a row had non-finite gradients (up to step 7; --max_bad_steps 2)" in err
+    assert ("3 optimizer steps in a row had non-finite gradients (up to step 7; "
+            "--max_bad_steps 2)") in err
     assert "the last good checkpoint is" in err and "checkpoint-6" in err
     # checkpoint-6 holds the weights of step 4 (steps 5 and 6 were skipped): whole and loadable
     a, b = load_weights(tmp_path / "checkpoint-4"), load_weights(tmp_path / "checkpoint-6")
@@ -193,29 +218,41 @@ def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(small_data, tiny_
 
 
 @pytest.mark.fault("disk full")
-def test_a_full_disk_while_saving_leaves_earlier_checkpoints_and_nothing_partial(small_data, tiny_vit, tmp_path):
-    first = run_script("train.py", *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation"))
+def test_a_full_disk_while_saving_leaves_earlier_checkpoints_and_nothing_partial(
+        small_data, tiny_vit, tmp_path):
+    first = run_script(
+        "train.py",
+        *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation"))
     assert first.returncode == 0
     before = load_weights(tmp_path / "checkpoint-2")
     limit = os.path.getsize(tmp_path / "checkpoint-2" / "model.safetensors") // 2
 
-    def small_files():  # every file this process writes is cut at `limit` bytes: EFBIG, like a full disk
+    # every file this process writes is cut at `limit` bytes: EFBIG, like a full disk
+    def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
-           *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, "--skip_evaluation", "--resume", "latest")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, preexec_fn=small_files,
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"), *train_args(small_data, tiny_vit, tmp_path, "--max_steps",
+                                                    4, "--skip_evaluation", "--resume", "latest")
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            preexec_fn=small_files,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"cannot write {tmp_path / 'checkpoint-4'}" in result.stderr and "earlier checkpoints are intact" in result.stderr
+    assert f"cannot write {tmp_path / 'checkpoint-4'}" in result.stderr
+    assert "earlier checkpoints are intact" in result.stderr
     assert sorted(n for n in os.listdir(tmp_path) if "checkpoint" in n) == ["checkpoint-2"]
     after = load_weights(tmp_path / "checkpoint-2")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.fault("corrupt checkpoint")
-@pytest.mark.parametrize("victim", ["model.safetensors", "state", "trainer_state.pt", "training_info.json"])
+@pytest.mark.parametrize("victim",
+                         ["model.safetensors", "state", "trainer_state.pt", "training_info.json"])
 def test_a_truncated_checkpoint_is_a_clear_error(small_data, tiny_vit, tmp_path, victim):
-    first = run_script("train.py", *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation"))
+    first = run_script(
+        "train.py",
+        *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation"))
     assert first.returncode == 0
     folder = tmp_path / "checkpoint-2"
     path = folder / victim
@@ -227,45 +264,60 @@ def test_a_truncated_checkpoint_is_a_clear_error(small_data, tiny_vit, tmp_path,
         result = run_script("eval.py", folder, "--num_workers", 0)
         expected = f"{folder}: cannot load the model weights"
     else:
-        result = run_script("train.py", *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, "--resume", "latest"))
+        result = run_script(
+            "train.py",
+            *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, "--resume", "latest"))
         expected = str(path) if victim != "state" else str(folder / "state")
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.fault("corrupt image")
-def test_a_corrupt_image_stops_with_a_checkpoint_or_is_skipped_and_counted(small_data, tiny_vit, tmp_path):
+def test_a_corrupt_image_stops_with_a_checkpoint_or_is_skipped_and_counted(
+        small_data, tiny_vit, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     rows = read_jsonl(small_data["digits_train"])
     rows[20]["image_path"] = str(tmp_path / "broken.png")  # in the third batch of 8, --no_shuffle
     data = {**small_data, "digits_train": write_jsonl(tmp_path / "digits_train.jsonl", rows)}
-    common = ["--max_steps", 5, "--skip_evaluation", "--no_shuffle", "--num_workers", 1, "--logging_steps", 1]
+    common = [
+        "--max_steps", 5, "--skip_evaluation", "--no_shuffle", "--num_workers", 1,
+        "--logging_steps", 1
+    ]
     stop = run_script("train.py", *train_args(data, tiny_vit, tmp_path / "stop", *common))
     assert stop.returncode == 2 and "digits_train.jsonl:21: cannot decode image" in stop.stderr
     assert "checkpoint-2 holds the last completed step" in stop.stderr
     assert os.path.isfile(tmp_path / "stop" / "checkpoint-2" / "training_info.json")
 
-    skip = run_script("train.py", *train_args(data, tiny_vit, tmp_path / "skip", *common, "--on_bad_image", "skip"))
+    skip = run_script(
+        "train.py", *train_args(data, tiny_vit, tmp_path / "skip", *common, "--on_bad_image",
+                                "skip"))
     assert skip.returncode == 0, skip.stderr[-2000:]
     with open(tmp_path / "skip" / "run_summary.json") as f:
         assert json.load(f)["skipped_images"] == {"digits": 1, "faces": 0}
     log = read_jsonl(tmp_path / "skip" / "metrics.jsonl")
-    assert [r["train_overall_samples"] for r in log if r["event"] == "train"][2] == 7  # the batch went on without it
+    # the batch went on without it
+    assert [r["train_overall_samples"] for r in log if r["event"] == "train"][2] == 7
 
 
 @pytest.mark.fault("unpickling")
 def test_resume_and_eval_never_unpickle(small_data, tiny_vit, tmp_path, monkeypatch):
-    train.main(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation", "--num_workers", 0))
+    train.main(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation",
+                   "--num_workers", 0))
 
     def refuse(*args, **kwargs):
         raise AssertionError("pickle was used to read a file")
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
-    train.main(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, "--resume", "latest", "--num_workers", 0))
+    train.main(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, "--resume", "latest",
+                   "--num_workers", 0))
     import eval as eval_script
     eval_script.main([str(tmp_path), "--num_workers", "0"])
-    assert {r["checkpoint"] for r in read_jsonl(tmp_path / "eval_results.jsonl")} == {"checkpoint-2", "checkpoint-4"}
+    assert {r["checkpoint"]
+            for r in read_jsonl(tmp_path / "eval_results.jsonl")
+            } == {"checkpoint-2", "checkpoint-4"}
 
 
 @pytest.mark.fault("remote code")
@@ -275,9 +327,11 @@ def test_a_model_folder_with_its_own_code_is_refused_unless_trusted(small_data, 
     marker = tmp_path / "code_ran"
     (folder / "config.json").write_text(json.dumps({"model_type": "my-vit", "auto_map": {
         "AutoConfig": "configuration_my.MyConfig", "AutoModel": "modeling_my.MyModel"}}))
-    (folder / "configuration_my.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                                 "from transformers import PretrainedConfig\n"
-                                                 "class MyConfig(PretrainedConfig):\n    model_type = 'my-vit'\n")
-    result = run_script("train.py", *train_args(small_data, str(folder), tmp_path / "out", "--max_steps", 1))
+    (folder / "configuration_my.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PretrainedConfig\n"
+        "class MyConfig(PretrainedConfig):\n    model_type = 'my-vit'\n")
+    result = run_script("train.py",
+                        *train_args(small_data, str(folder), tmp_path / "out", "--max_steps", 1))
     assert result.returncode == 2 and "trust_remote_code" in result.stderr
     assert not marker.exists()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import train
-from conftest import assert_same_weights, load_weights, read_jsonl, run_script, train_args, write_jsonl
+from conftest import (assert_same_adam_steps, load_weights, read_jsonl, run_script, train_args,
+                      write_jsonl)
 
 
 def run_train(argv):
@@ -17,7 +18,8 @@ def run_train(argv):
 
 
 def checkpoints(folder):
-    return sorted((n for n in os.listdir(folder) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+    return sorted((n for n in os.listdir(folder) if n.startswith("checkpoint-")),
+                  key=lambda n: int(n.split("-")[1]))
 
 
 def summary(folder):
@@ -26,38 +28,50 @@ def summary(folder):
 
 
 def first_step_log(folder):
-    return [r for r in read_jsonl(os.path.join(folder, "metrics.jsonl")) if r["event"] == "train"][0]
+    return [r for r in read_jsonl(os.path.join(folder, "metrics.jsonl"))
+            if r["event"] == "train"][0]
 
 
 def assert_same_step(a, b):
-    """Same loss, same gradient norm (catches a wrong loss scale, to which AdamW itself is blind) and
-    same weights. Adam's first update is lr * g / (|g| + eps), so a gradient entry near zero can move
-    by a few 1e-6 at lr 1e-2 from float summation order alone: hence the weight tolerance."""
+    """Same loss, same gradient norm (catches a wrong loss scale, to which AdamW itself is blind)
+    and
+    the same AdamW step (conftest.assert_same_adam_steps)."""
     la, lb = first_step_log(a), first_step_log(b)
     assert la["train_overall_loss"] == pytest.approx(lb["train_overall_loss"], rel=1e-5)
     assert la["grad_norm"] == pytest.approx(lb["grad_norm"], rel=1e-4)
-    assert_same_weights(load_weights(os.path.join(a, "checkpoint-1")), load_weights(os.path.join(b, "checkpoint-1")),
-                        atol=5e-5)
+    assert_same_adam_steps(load_weights(os.path.join(a, "checkpoint-1")),
+                           load_weights(os.path.join(b, "checkpoint-1")), lr=1e-2, steps=1)
 
 
 @pytest.mark.parametrize("micro_batch, accum", [(4, 2), (2, 4)])
-def test_grad_accum_gives_the_same_step_as_one_big_batch(small_data, tiny_vit, tmp_path, micro_batch, accum):
-    common = ["--max_steps", 1, "--skip_evaluation", "--lr", 1e-2, "--warmup_steps", 0, "--logging_steps", 1]
+def test_grad_accum_gives_the_same_step_as_one_big_batch(small_data, tiny_vit, tmp_path,
+                                                         micro_batch, accum):
+    common = [
+        "--max_steps", 1, "--skip_evaluation", "--lr", 1e-2, "--warmup_steps", 0, "--logging_steps",
+        1
+    ]
     run_train(train_args(small_data, tiny_vit, tmp_path / "big", *common, "--batch_size", 8))
-    run_train(train_args(small_data, tiny_vit, tmp_path / "acc", *common, "--batch_size", micro_batch, "--grad_accum", accum))
+    run_train(
+        train_args(small_data, tiny_vit, tmp_path / "acc", *common, "--batch_size", micro_batch,
+                   "--grad_accum", accum))
     assert_same_step(tmp_path / "big", tmp_path / "acc")
     big = load_weights(tmp_path / "big" / "checkpoint-1")
     from safetensors.torch import load_file
     init = load_file(os.path.join(tiny_vit, "model.safetensors"))
-    assert max((big[k] - init[k]).abs().max().item() for k in init) > 1e-3  # the step really moved the weights
+    # the step really moved the weights
+    assert max((big[k] - init[k]).abs().max().item() for k in init) > 1e-3
 
 
-def test_grad_accum_with_unequal_micro_batches_normalises_over_the_whole_batch(small_data, tiny_vit, tmp_path):
-    # 56 training samples: one step of batch 56, or micro-batches 24 + 24 + 8. Averaging per micro-batch
-    # and dividing by grad_accum would weight the 8 samples of the last micro-batch three times as much.
+def test_grad_accum_with_unequal_micro_batches_normalises_over_the_whole_batch(
+        small_data, tiny_vit, tmp_path):
+    # 56 training samples: one step of batch 56, or micro-batches 24 + 24 + 8. Averaging per
+    # micro-batch and dividing by grad_accum would weight the 8 samples of the last micro-batch
+    # three times as much.
     common = ["--max_steps", 1, "--skip_evaluation", "--lr", 1e-2, "--logging_steps", 1]
     run_train(train_args(small_data, tiny_vit, tmp_path / "big", *common, "--batch_size", 56))
-    run_train(train_args(small_data, tiny_vit, tmp_path / "acc", *common, "--batch_size", 24, "--grad_accum", 3))
+    run_train(
+        train_args(small_data, tiny_vit, tmp_path / "acc", *common, "--batch_size", 24,
+                   "--grad_accum", 3))
     assert_same_step(tmp_path / "big", tmp_path / "acc")
     log = [r for r in read_jsonl(tmp_path / "acc" / "metrics.jsonl") if r["event"] == "train"]
     assert log[0]["train_overall_samples"] == 56
@@ -66,31 +80,40 @@ def test_grad_accum_with_unequal_micro_batches_normalises_over_the_whole_batch(s
 def test_resume_mid_epoch_continues_exactly(small_data, tiny_vit, tmp_path):
     # 56 samples / batch 8 = 7 steps per epoch; checkpoint-5 is in the middle of epoch 0.
     # Logging every 3 steps: the train-metric window is open at the checkpoint and must be restored.
-    common = ["--max_steps", 14, "--save_steps", 5, "--eval_steps", 5, "--logging_steps", 3, "--warmup_steps", 3,
-              "--save_all_checkpoints"]
+    common = [
+        "--max_steps", 14, "--save_steps", 5, "--eval_steps", 5, "--logging_steps", 3,
+        "--warmup_steps", 3, "--save_all_checkpoints"
+    ]
     run_train(train_args(small_data, tiny_vit, tmp_path / "full", *common))
     os.makedirs(tmp_path / "resumed")
     shutil.copytree(tmp_path / "full" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
     shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "resumed" / "metrics.jsonl")
-    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # records written after the checkpoint by a killed run
+    # records written after the checkpoint by a killed run
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"event": "train", "step": 6, "epoch": 0.9}) + "\n")
         f.write('{"event": "train", "step": 7, "ep')  # ... the last one torn by the kill
     run_train(train_args(small_data, tiny_vit, tmp_path / "resumed", *common, "--resume", "latest"))
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     for step in (10, 14):
-        a, b = load_weights(full / f"checkpoint-{step}"), load_weights(resumed / f"checkpoint-{step}")
+        a, b = load_weights(full / f"checkpoint-{step}"), load_weights(resumed /
+                                                                       f"checkpoint-{step}")
         assert all(torch.equal(a[k], b[k]) for k in a), f"checkpoint-{step} differs after resume"
     timing = {"samples_per_second", "max_memory_mb"}
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing and "checkpoint" not in k} for r in rows]  # noqa: E731
+    # noqa: E731
+    strip = lambda rows: [{k: v
+                           for k, v in r.items() if k not in timing and "checkpoint" not in k}
+                          for r in rows]
     assert strip(read_jsonl(resumed / "metrics.jsonl")) == strip(read_jsonl(full / "metrics.jsonl"))
     a, b = summary(full), summary(resumed)
-    assert (a["best_step"], a["best_value"], a["final_eval"]) == (b["best_step"], b["best_value"], b["final_eval"])
+    assert (a["best_step"], a["best_value"], a["final_eval"]) == (b["best_step"], b["best_value"],
+                                                                  b["final_eval"])
 
 
 def test_keep_limit_keeps_the_latest_and_the_best(small_data, tiny_vit, tmp_path):
-    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 8, "--save_steps", 2, "--eval_steps", 2,
-                         "--save_total_limit", 1, "--best_metric", "overall_loss"))
+    run_train(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 8, "--save_steps", 2,
+                   "--eval_steps", 2, "--save_total_limit", 1, "--best_metric", "overall_loss"))
     best = os.path.basename(summary(tmp_path)["best_checkpoint"])
     assert set(checkpoints(tmp_path)) == {"checkpoint-8", best}
 
@@ -100,25 +123,30 @@ def test_keep_limit_never_removes_checkpoints_below_the_limit(tmp_path):
     for step in (2, 4):
         os.makedirs(tmp_path / f"checkpoint-{step}")
         (tmp_path / f"checkpoint-{step}" / "training_info.json").write_text("{}")
-    assert prune_checkpoints(str(tmp_path), 3) == [] and checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
+    assert prune_checkpoints(str(tmp_path),
+                             3) == [] and checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
     assert prune_checkpoints(str(tmp_path), 1) == [str(tmp_path / "checkpoint-2")]
 
 
 def test_save_all_checkpoints_keeps_every_one(small_data, tiny_vit, tmp_path):
-    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 7, "--save_steps", 2, "--eval_steps", 3,
-                         "--save_total_limit", 1, "--save_all_checkpoints"))
-    assert checkpoints(tmp_path) == [f"checkpoint-{s}" for s in (2, 3, 4, 6, 7)]  # saves, bests and the final one
+    run_train(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 7, "--save_steps", 2,
+                   "--eval_steps", 3, "--save_total_limit", 1, "--save_all_checkpoints"))
+    # saves, bests and the final one
+    assert checkpoints(tmp_path) == [f"checkpoint-{s}" for s in (2, 3, 4, 6, 7)]
 
 
 def test_save_best_only_keeps_just_the_best(small_data, tiny_vit, tmp_path):
-    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 8, "--save_steps", 1, "--eval_steps", 2,
-                         "--save_best_only", "--best_metric", "digits_loss"))
+    run_train(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 8, "--save_steps", 1,
+                   "--eval_steps", 2, "--save_best_only", "--best_metric", "digits_loss"))
     s = summary(tmp_path)
     assert checkpoints(tmp_path) == [os.path.basename(s["best_checkpoint"])]
     events = read_jsonl(tmp_path / "metrics.jsonl")
     bests = [r for r in events if r["event"] == "best"]
     evals = [r for r in events if r["event"] == "eval"]
-    assert bests[-1]["best_digits_loss"] == min(r["eval_digits_loss"] for r in evals) == s["best_value"]
+    assert bests[-1]["best_digits_loss"] == min(r["eval_digits_loss"]
+                                                for r in evals) == s["best_value"]
     assert bests[-1]["best_model_step"] == s["best_step"]
     final = [r for r in events if r["event"] == "final_eval"][0]
     assert final["checkpoint"] == s["best_checkpoint"]
@@ -127,12 +155,18 @@ def test_save_best_only_keeps_just_the_best(small_data, tiny_vit, tmp_path):
     assert (partial["eval_digits_samples"], partial["eval_faces_samples"]) == (round(21 * 0.5), 10)
 
 
-def test_skip_evaluation_overrides_everything_that_evaluates(small_data, tiny_vit, tmp_path, capsys):
-    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 6, "--save_steps", 2, "--eval_steps", 1,
-                         "--skip_evaluation", "--save_best_only", "--save_total_limit", 1))
+def test_skip_evaluation_overrides_everything_that_evaluates(small_data, tiny_vit, tmp_path,
+                                                             capsys):
+    run_train(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 6, "--save_steps", 2,
+                   "--eval_steps", 1, "--skip_evaluation", "--save_best_only", "--save_total_limit",
+                   1))
     out = capsys.readouterr().out
-    for line in ["save_all_checkpoints: False -> True", "no_best_tracking: False -> True",
-                 "save_best_only: True -> False", "no_partial_eval: False -> True", "no_final_eval: False -> True"]:
+    for line in [
+            "save_all_checkpoints: False -> True", "no_best_tracking: False -> True",
+            "save_best_only: True -> False", "no_partial_eval: False -> True",
+            "no_final_eval: False -> True"
+    ]:
         assert f"override: {line} (--skip_evaluation)" in out
     assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     events = read_jsonl(tmp_path / "metrics.jsonl")
@@ -144,28 +178,41 @@ def test_skip_evaluation_overrides_everything_that_evaluates(small_data, tiny_vi
 
 
 def test_metrics_log_names_and_per_dataset_counts(small_data, tiny_vit, tmp_path):
-    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 7, "--logging_steps", 7, "--eval_steps", 7))
+    run_train(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 7, "--logging_steps", 7,
+                   "--eval_steps", 7))
     events = read_jsonl(tmp_path / "metrics.jsonl")
     train_log = [r for r in events if r["event"] == "train"][0]
     # one epoch: every training sample once
-    assert (train_log["train_digits_samples"], train_log["train_faces_samples"], train_log["train_overall_samples"]) == (40, 16, 56)
-    for key in ["train_digits_loss", "train_digits_accuracy", "train_digits_top5_accuracy", "train_faces_accuracy",
-                "train_overall_accuracy", "lr", "grad_norm", "samples_per_second", "epoch", "step"]:
+    assert (train_log["train_digits_samples"], train_log["train_faces_samples"],
+            train_log["train_overall_samples"]) == (40, 16, 56)
+    for key in [
+            "train_digits_loss", "train_digits_accuracy", "train_digits_top5_accuracy",
+            "train_faces_accuracy", "train_overall_accuracy", "lr", "grad_norm",
+            "samples_per_second", "epoch", "step"
+    ]:
         assert key in train_log, key
     assert "train_faces_top5_accuracy" not in train_log  # 2 classes: top-5 says nothing
     final = [r for r in events if r["event"] == "final_eval"][0]
-    assert {"final_eval_digits_accuracy", "final_eval_faces_accuracy", "final_eval_overall_accuracy",
-            "final_eval_overall_samples"} <= set(final)
+    assert {
+        "final_eval_digits_accuracy", "final_eval_faces_accuracy", "final_eval_overall_accuracy",
+        "final_eval_overall_samples"
+    } <= set(final)
     assert [r["event"] for r in events] == ["train", "eval", "best", "final_eval"]
 
 
 def test_disjoint_layout_end_to_end(small_data, tiny_vit, tmp_path):
     import eval as eval_script
-    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 3, "--eval_steps", 3, "--label_space", "disjoint"))
+    run_train(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 3, "--eval_steps", 3,
+                   "--label_space", "disjoint"))
     with open(tmp_path / "checkpoint-3" / "classifier.json") as f:
         info = json.load(f)
     assert info["num_labels"] == 12 and info["datasets"]["faces"]["offset"] == 10
-    eval_script.main([str(tmp_path / "checkpoint-3"), "--num_workers", "0", "--predictions", str(tmp_path / "p.jsonl")])
+    eval_script.main([
+        str(tmp_path / "checkpoint-3"), "--num_workers", "0", "--predictions",
+        str(tmp_path / "p.jsonl")
+    ])
     preds = read_jsonl(tmp_path / "p.jsonl")
     assert {p["dataset_name"] for p in preds} == {"digits", "faces"}
     assert all(0 <= p["prediction"] < (10 if p["dataset_name"] == "digits" else 2) for p in preds)
@@ -174,14 +221,18 @@ def test_disjoint_layout_end_to_end(small_data, tiny_vit, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_runs(small_data, tiny_vit, tmp_path, precision):
-    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--precision", precision, "--eval_steps", 2))
+    run_train(
+        train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--precision", precision,
+                   "--eval_steps", 2))
     s = summary(tmp_path)
     assert s["final_eval"]["final_eval_overall_samples"] == 31
     assert all(torch.isfinite(v).all() for v in load_weights(tmp_path / "checkpoint-2").values())
 
 
-def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_vit, tmp_path, capsys):
-    args = train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation", "--save_steps", 2)
+def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_vit, tmp_path,
+                                                               capsys):
+    args = train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation",
+                      "--save_steps", 2)
     run_train(args)
     with pytest.raises(SystemExit) as e:
         run_train(args)
@@ -194,15 +245,18 @@ def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_
 
 @pytest.mark.parametrize("case, message", [
     ("label", "digits_train.jsonl:3: field 'label': 12 is outside [0, 10) for dataset 'digits'"),
-    ("name", "digits_train.jsonl:3: field 'dataset_name': 'food101' is not in the dataset registry"),
+    ("name",
+     "digits_train.jsonl:3: field 'dataset_name': 'food101' is not in the dataset registry"),
     ("image", "digits_train.jsonl:3: field 'image_path': image file not found"),
     ("num_labels", "--num_labels 5 is smaller than the 10 head rows"),
     ("eval_ratio", "dataset 'faces': field 'eval_ratio' must be in (0, 1], got 2"),
     ("missing_file", "nowhere.jsonl: cannot read the data file"),
-    ("best_metric", "--best_metric 'faces_top5_accuracy' is not one of overall_loss, overall_accuracy, digits_loss, "
-                    "digits_accuracy, digits_top5_accuracy, faces_loss, faces_accuracy"),
+    ("best_metric",
+     "--best_metric 'faces_top5_accuracy' is not one of overall_loss, overall_accuracy, "
+     "digits_loss, digits_accuracy, digits_top5_accuracy, faces_loss, faces_accuracy"),
 ])
-def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, capsys, case, message):
+def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, capsys, case,
+                                               message):
     rows = read_jsonl(small_data["digits_train"])
     data = dict(small_data)
     extra = []
@@ -226,20 +280,25 @@ def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, c
 
 
 @pytest.mark.parametrize("processes, dist", [(0, "ddp"), (2, "ddp"), (2, "fsdp")])
-def test_undecodable_image_during_training_names_the_file(small_data, tiny_vit, tmp_path, processes, dist):
+def test_undecodable_image_during_training_names_the_file(small_data, tiny_vit, tmp_path, processes,
+                                                          dist):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     rows = read_jsonl(small_data["digits_train"])
-    rows[2]["image_path"] = str(tmp_path / "broken.png")  # met by rank 0 only under torchrun (positions 0, 2, ...)
+    # met by rank 0 only under torchrun (positions 0, 2, ...)
+    rows[2]["image_path"] = str(tmp_path / "broken.png")
     data = {**small_data, "digits_train": write_jsonl(tmp_path / "digits_train.jsonl", rows)}
     # Under torchrun only one rank meets the image while the other waits in a collective (FSDP2: the
     # next all-gather): the whole job must still end, with that rank's error, within a minute.
     start = time.time()
-    result = run_script("train.py", *train_args(data, tiny_vit, tmp_path / "out", "--max_steps", 8, "--num_workers", 1,
-                                                "--no_shuffle", "--batch_size", 2, "--dist", dist),
-                        torchrun=processes, timeout=120)
+    result = run_script(
+        "train.py",
+        *train_args(data, tiny_vit, tmp_path / "out", "--max_steps", 8, "--num_workers", 1,
+                    "--no_shuffle", "--batch_size", 2, "--dist", dist), torchrun=processes,
+        timeout=120)
     assert time.time() - start < 60
     assert result.returncode == (2 if processes == 0 else 1), result.stderr[-2000:]
-    assert "digits_train.jsonl:3: cannot decode image" in result.stderr and "broken.png" in result.stderr
+    assert "digits_train.jsonl:3: cannot decode image" in result.stderr
+    assert "broken.png" in result.stderr
 
 
 def test_config_file_supplies_defaults_and_flags_win(small_data, tiny_vit, tmp_path):
@@ -265,21 +324,24 @@ wandb: {{enabled: true}}
 """)
     args = train.parse_args(["--config", str(config), "--epochs", "3"])
     assert args.model == tiny_vit and args.lr == 1e-5 and args.epochs == 3  # the flag wins
-    assert args.no_shuffle and args.save_best_only and args.no_final_eval and args.label_smoothing == 0.1
+    assert args.no_shuffle and args.save_best_only and args.no_final_eval
+    assert args.label_smoothing == 0.1
     assert args.best_metric == "overall_loss" and args.val_jsonl == [small_data["digits_val"]]
     assert list(args.datasets) == ["digits", "faces"]
     for bad, key in [("training2: {lr: 1}", "training2"), ("evaluation: {lr: 1}", "evaluation"),
                      ("lr: fast", None)]:
         (tmp_path / "bad.yaml").write_text(config.read_text().replace("wandb:", bad + "\nwandb:"))
-        match = f"config key {key} is not a known setting" if key else "key 'lr': cannot read 'fast' as float"
+        match = (f"config key {key} is not a known setting" if key
+                 else "key 'lr': cannot read 'fast' as float")
         with pytest.raises(ValueError, match=match):
             train.parse_args(["--config", str(tmp_path / "bad.yaml")])
 
 
 def test_demo_command_trains_on_real_images(demo_dir, tmp_path):
     data = [str(demo_dir / d / f"{s}.jsonl") for s in ("train", "val") for d in ("digits", "faces")]
-    result = run_script("train.py", "--config", "configs/demo.yaml", "--train_jsonl", *data[:2], "--val_jsonl", *data[2:],
-                        "--output_dir", tmp_path, "--epochs", 3, "--eval_steps", 50, "--save_steps", 50)
+    result = run_script("train.py", "--config", "configs/demo.yaml", "--train_jsonl", *data[:2],
+                        "--val_jsonl", *data[2:], "--output_dir", tmp_path, "--epochs", 3,
+                        "--eval_steps", 50, "--save_steps", 50)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final evaluation of" in result.stdout and "digits: 359 -> 180 (50%)" in result.stdout
     final = summary(tmp_path)["final_eval"]
@@ -287,13 +349,18 @@ def test_demo_command_trains_on_real_images(demo_dir, tmp_path):
     assert final["final_eval_digits_accuracy"] > 0.9
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "multi_datasets_example.yaml", "qwen2_5_vl_food.yaml", "demo_generate.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    ["demo.yaml", "multi_datasets_example.yaml", "qwen2_5_vl_food.yaml", "demo_generate.yaml"])
 def test_shipped_configs_parse(name):
     args = train.parse_args(["--config", os.path.join("configs", name)])
     assert args.model and args.train_jsonl and args.output_dir
     if name == "qwen2_5_vl_food.yaml":
-        assert (args.param_dtype, args.precision, args.gradient_checkpointing) == ("bf16", "bf16", True)
-        assert (args.max_pixels, args.lr, list(args.datasets)) == (200704, 1e-5, ["food101", "food2k", "imagenet"])
+        assert (args.param_dtype, args.precision, args.gradient_checkpointing) == ("bf16", "bf16",
+                                                                                   True)
+        assert (args.max_pixels, args.lr,
+                list(args.datasets)) == (200704, 1e-5, ["food101", "food2k", "imagenet"])
     if name == "demo_generate.yaml":
-        assert (args.task, args.image_size, args.image_channels, args.patch_size) == ("generate", 8, 1, 2)
+        assert (args.task, args.image_size, args.image_channels, args.patch_size) == ("generate", 8,
+                                                                                      1, 2)
         assert len(args.sample_prompts) == 10 and args.cfg_scale == 4.0

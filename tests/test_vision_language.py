@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_same_weights, load_weights, read_jsonl, run_script, save_tiny_vlm, train_args
-from model import MaskedClassifier, enable_activation_checkpointing, fsdp_units, load_backbone, set_trainable
+from conftest import (assert_same_adam_steps, assert_same_weights, load_weights, read_jsonl,
+                      run_script, save_tiny_vlm, train_args)
+from model import (MaskedClassifier, enable_activation_checkpointing, fsdp_units, load_backbone,
+                   set_trainable)
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 
@@ -43,10 +45,13 @@ def test_prompt_placeholders_and_mm_token_type_ids(vlm_folder):
         # as many placeholders as merged patches, contiguous, framed by vision start / end
         assert len(image) == grids[row].prod() // 4
         assert image.tolist() == list(range(image[0], image[0] + len(image)))
-        assert ids[image[0] - 1] == config.vision_start_token_id and ids[image[-1] + 1] == config.vision_end_token_id
+        assert ids[image[0] -
+                   1] == config.vision_start_token_id and ids[image[-1] +
+                                                              1] == config.vision_end_token_id
         assert types.tolist() == (ids == config.image_token_id).long().tolist()
         text = inputs.tokenizer.decode(ids)
-        assert f"Classify this {NAMES[row]} image." in text and text.endswith("<|im_start|>assistant\n")
+        assert f"Classify this {NAMES[row]} image." in text and text.endswith(
+            "<|im_start|>assistant\n")
     assert (batch["mm_token_type_ids"][batch["attention_mask"] == 0] == 0).all()
 
 
@@ -63,7 +68,8 @@ def test_processor_and_its_fallback_build_the_same_batch(tiny_qwen2_vl):
     processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
     processor.image_token_id = backbone.config.image_token_id
     processor.video_token_id = backbone.config.video_token_id
-    with_processor = ImageTextInputs(fallback.image_processor, fallback.tokenizer, backbone.config, processor=processor)
+    with_processor = ImageTextInputs(fallback.image_processor, fallback.tokenizer, backbone.config,
+                                     processor=processor)
     images = random_images(SIZES)
     a, b = fallback(images, NAMES), with_processor(images, NAMES)
     assert a.keys() == b.keys()
@@ -118,7 +124,8 @@ def test_pixel_bounds_reach_the_image_processor(tiny_qwen2_5_vl):
 def test_a_folder_without_chat_template_uses_the_plain_prompt(tmp_path):
     folder = save_tiny_vlm(tmp_path / "plain", "qwen2_vl", chat_template=False)
     _, inputs = load_backbone(folder, prompt="Which {dataset} class?")
-    assert inputs.text("food101") == "<|vision_start|><|image_pad|><|vision_end|>Which food101 class?"
+    assert inputs.text(
+        "food101") == "<|vision_start|><|image_pad|><|vision_end|>Which food101 class?"
 
 
 def test_hub_checkpoint_layout_loads(tiny_qwen2_5_vl, tmp_path):
@@ -129,9 +136,12 @@ def test_hub_checkpoint_layout_loads(tiny_qwen2_5_vl, tmp_path):
     legacy = tmp_path / "legacy"
     shutil.copytree(tiny_qwen2_5_vl, legacy)
     weights = load_file(legacy / "model.safetensors")
-    renamed = {re.sub(r"^model\.visual\.", "visual.", re.sub(r"^model\.language_model\.", "model.", k)): v
-               for k, v in weights.items()}
-    assert "model.layers.0.mlp.up_proj.weight" in renamed and "visual.merger.mlp.0.weight" in renamed
+    renamed = {
+        re.sub(r"^model\.visual\.", "visual.", re.sub(r"^model\.language_model\.", "model.", k)): v
+        for k, v in weights.items()
+    }
+    assert "model.layers.0.mlp.up_proj.weight" in renamed
+    assert "visual.merger.mlp.0.weight" in renamed
     save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
     a, _ = load_backbone(tiny_qwen2_5_vl)
     b, _ = load_backbone(str(legacy))
@@ -140,10 +150,13 @@ def test_hub_checkpoint_layout_loads(tiny_qwen2_5_vl, tmp_path):
 
 def test_freeze_choices_and_fsdp_units(tiny_qwen2_vl, tiny_vit):
     def trainable(model):
-        return {n.split(".")[0] if n.startswith("head") else n.split(".")[1] for n, p in model.named_parameters()
-                if p.requires_grad}
-    for freeze, expected in [("none", {"visual", "language_model", "head"}), ("vision", {"language_model", "head"}),
-                             ("llm", {"visual", "head"})]:
+        return {
+            n.split(".")[0] if n.startswith("head") else n.split(".")[1]
+            for n, p in model.named_parameters() if p.requires_grad
+        }
+
+    for freeze, expected in [("none", {"visual", "language_model", "head"}),
+                             ("vision", {"language_model", "head"}), ("llm", {"visual", "head"})]:
         model = MaskedClassifier(load_backbone(tiny_qwen2_vl)[0], 10)
         set_trainable(model, freeze)
         assert trainable(model) == expected, freeze
@@ -155,7 +168,8 @@ def test_freeze_choices_and_fsdp_units(tiny_qwen2_vl, tiny_vit):
     assert units[0] is model.backbone.visual  # the vision tower as one unit
     assert units[1:] == list(model.backbone.language_model.layers)
     vit = load_backbone(tiny_vit)[0]
-    assert fsdp_units(vit) == [m for m in vit.modules() if type(m).__name__ == "ViTLayer"] and len(fsdp_units(vit)) == 2
+    assert fsdp_units(vit) == [m for m in vit.modules() if type(m).__name__ == "ViTLayer"] and len(
+        fsdp_units(vit)) == 2
     with pytest.raises(ValueError, match="has no language model"):
         set_trainable(MaskedClassifier(vit, 10), "llm")
 
@@ -181,7 +195,7 @@ def test_pooling_choices_are_checked(tiny_qwen2_vl, tiny_vit):
         MaskedClassifier(load_backbone(tiny_vit)[0], 10, "last")
 
 
-# ----------------------------------------------------------------------------- train.py / eval.py command lines
+# ----------------------------------------------------------------------------- train.py / eval.py c
 
 def train(*argv, torchrun=0):
     result = run_script("train.py", *argv, torchrun=torchrun)
@@ -192,8 +206,10 @@ def train(*argv, torchrun=0):
 def test_train_resume_and_eval_a_qwen2_5_vl_classifier(small_data, tiny_qwen2_5_vl, tmp_path):
     """Two datasets (10 and 2 classes) in one head with masking; resume from the middle is exact;
     eval.py evaluates every checkpoint of the run; the checkpoint is a plain HF folder."""
-    common = ["--max_steps", 6, "--save_steps", 3, "--eval_steps", 3, "--logging_steps", 2, "--warmup_steps", 2,
-              "--save_all_checkpoints", "--gradient_checkpointing"]
+    common = [
+        "--max_steps", 6, "--save_steps", 3, "--eval_steps", 3, "--logging_steps", 2,
+        "--warmup_steps", 2, "--save_all_checkpoints", "--gradient_checkpointing"
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     out = train(*train_args(small_data, tiny_qwen2_5_vl, full, *common))
     assert "Qwen2_5_VLModel:" in out.stdout and "100.0%)" in out.stdout  # all parameters trainable
@@ -208,16 +224,20 @@ def test_train_resume_and_eval_a_qwen2_5_vl_classifier(small_data, tiny_qwen2_5_
     log = read_jsonl(full / "metrics.jsonl")
     final = [r for r in log if r["event"] == "final_eval"][0]
     assert (final["final_eval_digits_samples"], final["final_eval_faces_samples"]) == (21, 10)
-    assert "final_eval_digits_top5_accuracy" in final and "final_eval_faces_top5_accuracy" not in final
+    assert "final_eval_digits_top5_accuracy" in final
+    assert "final_eval_faces_top5_accuracy" not in final
 
     checkpoint = full / "checkpoint-6"
-    assert {"config.json", "model.safetensors", "head.safetensors", "classifier.json", "tokenizer.json",
-            "preprocessor_config.json"} <= set(os.listdir(checkpoint))
+    assert {
+        "config.json", "model.safetensors", "head.safetensors", "classifier.json", "tokenizer.json",
+        "preprocessor_config.json"
+    } <= set(os.listdir(checkpoint))
     with open(checkpoint / "classifier.json") as f:
         info = json.load(f)
     assert (info["pooling"], info["prompt"]) == ("last", "Classify this {dataset} image.")
     from transformers import AutoModel, AutoTokenizer
-    plain = AutoModel.from_pretrained(checkpoint)  # the fine-tuned backbone, usable without this code
+    # the fine-tuned backbone, usable without this code
+    plain = AutoModel.from_pretrained(checkpoint)
     assert type(plain).__name__ == "Qwen2_5_VLModel"
     assert AutoTokenizer.from_pretrained(checkpoint).chat_template
 
@@ -225,7 +245,8 @@ def test_train_resume_and_eval_a_qwen2_5_vl_classifier(small_data, tiny_qwen2_5_
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_jsonl(full / "eval_results.jsonl")
     assert [r["checkpoint"] for r in rows] == ["checkpoint-3", "checkpoint-6"]
-    same = [r for r in rows if r["checkpoint"] == os.path.basename(final["checkpoint"])][0]  # the best one
+    # the best one
+    same = [r for r in rows if r["checkpoint"] == os.path.basename(final["checkpoint"])][0]
     assert same["eval_overall_accuracy"] == pytest.approx(final["final_eval_overall_accuracy"])
     assert same["eval_overall_loss"] == pytest.approx(final["final_eval_overall_loss"], rel=1e-5)
 
@@ -234,11 +255,12 @@ def test_qwen2_vl_linear_probe_and_frozen_vision_in_bf16(small_data, tiny_qwen2_
     from safetensors.torch import load_file
     original = load_backbone(tiny_qwen2_vl)[0].state_dict()
     runs = [(["--train_only_head"], ("visual", "language_model"), torch.float32),
-            (["--freeze", "vision", "--param_dtype", "bf16", "--precision", "bf16"], ("visual",), torch.bfloat16)]
+            (["--freeze", "vision", "--param_dtype", "bf16", "--precision",
+              "bf16"], ("visual", ), torch.bfloat16)]
     for options, frozen, dtype in runs:
         out = tmp_path / options[0].strip("-")
-        train(*train_args(small_data, tiny_qwen2_vl, out, "--max_steps", 2, "--skip_evaluation", "--lr", 1e-2, *options,
-                          "--prompt", "What {dataset} class is this?"))
+        train(*train_args(small_data, tiny_qwen2_vl, out, "--max_steps", 2, "--skip_evaluation",
+                          "--lr", 1e-2, *options, "--prompt", "What {dataset} class is this?"))
         saved = load_file(out / "checkpoint-2" / "model.safetensors")
         assert {v.dtype for v in saved.values()} == {dtype}
         for name, value in saved.items():
@@ -258,17 +280,22 @@ def test_qwen2_vl_linear_probe_and_frozen_vision_in_bf16(small_data, tiny_qwen2_
 
 @pytest.mark.parametrize("dist", ["ddp", "fsdp"])
 def test_two_process_vlm_training_matches_one_process(small_data, tiny_qwen2_vl, tmp_path, dist):
-    # FSDP2 units: the vision tower whole, then each decoder layer; the root holds embeddings, norm and head.
-    common = ["--max_steps", 2, "--eval_steps", 2, "--save_steps", 2, "--lr", 1e-3, "--logging_steps", 1,
-              "--pooling", "mean", "--no_final_eval"]
+    # FSDP2 units: the vision tower whole, then each decoder layer; the root holds embeddings, norm
+    # and head.
+    common = [
+        "--max_steps", 2, "--eval_steps", 2, "--save_steps", 2, "--lr", 1e-3, "--logging_steps", 1,
+        "--pooling", "mean", "--no_final_eval"
+    ]
     train(*train_args(small_data, tiny_qwen2_vl, tmp_path / "one", *common, "--batch_size", 8))
-    two = train(*train_args(small_data, tiny_qwen2_vl, tmp_path / "two", *common, "--batch_size", 4, "--dist", dist),
-                torchrun=2)
+    two = train(
+        *train_args(small_data, tiny_qwen2_vl, tmp_path / "two", *common, "--batch_size", 4,
+                    "--dist", dist), torchrun=2)
     if dist == "fsdp":
         assert "FSDP2 over 2 processes: 3 block(s) + the root sharded" in two.stdout
-    assert_same_weights(load_weights(tmp_path / "one" / "checkpoint-2"), load_weights(tmp_path / "two" / "checkpoint-2"),
-                        atol=1e-4)
-    evals = [[r for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["event"] == "eval"][0] for run in ("one", "two")]
+    assert_same_adam_steps(load_weights(tmp_path / "one" / "checkpoint-2"),
+                           load_weights(tmp_path / "two" / "checkpoint-2"), lr=1e-3, steps=2)
+    evals = [[r for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["event"] == "eval"][0]
+             for run in ("one", "two")]
     assert evals[0]["eval_overall_samples"] == evals[1]["eval_overall_samples"]
     assert evals[0]["eval_overall_loss"] == pytest.approx(evals[1]["eval_overall_loss"], rel=1e-4)
 
@@ -276,10 +303,12 @@ def test_two_process_vlm_training_matches_one_process(small_data, tiny_qwen2_vl,
 @pytest.mark.parametrize("extra, message", [
     (["--pooling", "cls"], "use --pooling last or mean"),
     (["--freeze", "llm", "--model", "preset:resnet-tiny"], "has no language model"),
-    (["--max_pixels", "3136", "--model", "preset:resnet-tiny"], "preset:resnet-tiny takes a fixed input size"),
+    (["--max_pixels", "3136", "--model", "preset:resnet-tiny"
+      ], "preset:resnet-tiny takes a fixed input size"),
     (["--min_pixels", "0"], "--min_pixels must be a positive number of pixels"),
 ])
-def test_bad_vision_language_options_are_clear_errors(small_data, tiny_qwen2_vl, tmp_path, extra, message, capsys):
+def test_bad_vision_language_options_are_clear_errors(small_data, tiny_qwen2_vl, tmp_path, extra,
+                                                      message, capsys):
     import train as train_script
     with pytest.raises(SystemExit) as e:
         train_script.main(train_args(small_data, tiny_qwen2_vl, tmp_path, "--max_steps", 1, *extra))
@@ -287,7 +316,9 @@ def test_bad_vision_language_options_are_clear_errors(small_data, tiny_qwen2_vl,
 
 
 def save_tiny_llava(folder):
-    """LLaVA (CLIP vision tower + Llama): its AutoProcessor loads here, so the processor path runs for real."""
+    """LLaVA (CLIP vision tower + Llama): its AutoProcessor loads here, so the processor path runs
+    for
+    real."""
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
     from conftest import train_tokenizer
@@ -295,16 +326,19 @@ def save_tiny_llava(folder):
     tokenizer.chat_template = None
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=28, patch_size=14),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                pad_token_id=tokenizer.pad_token_id),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14, image_token="<image>",
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28},
+                                            crop_size={"height": 28, "width": 28})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                   image_token="<image>", vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(folder)
     return str(folder)
 
 
@@ -327,17 +361,20 @@ def test_other_image_text_to_text_models_go_through_their_processor(tmp_path):
     assert units[0] is backbone.vision_tower and units[1:] == list(backbone.language_model.layers)
     with torch.no_grad():
         logits = model(**right)
-    save_classifier(model, inputs, str(tmp_path / "ckpt"), {"num_labels": 10, "prompt": inputs.prompt})
+    save_classifier(model, inputs, str(tmp_path / "ckpt"),
+                    {"num_labels": 10, "prompt": inputs.prompt})
     reloaded, reloaded_inputs, _ = load_classifier(str(tmp_path / "ckpt"))
     assert reloaded_inputs.processor is not None
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.eval()(**reloaded_inputs(images, ["digits", "food101"])), logits)
+        torch.testing.assert_close(
+            reloaded.eval()(**reloaded_inputs(images, ["digits", "food101"])), logits)
     with pytest.raises(ValueError, match="has no pixel-count bounds"):
         load_backbone(folder, max_pixels=3136)
 
 
 def test_benchmark_script_reports_its_figures():
-    result = run_script("benchmark.py", "--shape", "tiny", "--steps", 1, "--batch_size", 2, "--image_size", 56)
+    result = run_script("benchmark.py", "--shape", "tiny", "--steps", 1, "--batch_size", 2,
+                        "--image_size", 56)
     assert result.returncode == 0, result.stderr[-3000:]
     for figure in ("step time", "tokens/s", "images/s", "model TFLOP/s", "(4 image tokens each)"):
         assert figure in result.stdout

@@ -1,0 +1,104 @@
+"""Exponential moving average of the model's weights (--ema_decay, --ema_every).
+
+After every `every`-th optimizer step, for each parameter w of the model (trainable or not):
+
+    ema = decay * ema + (1 - decay) * w
+
+computed in float32 whatever the parameters' dtype. The shadow is a dict {parameter name:
+tensor} holding one float32 tensor per parameter *as the model holds it*: under FSDP2 the
+parameters are DTensor shards and so is the shadow (same mesh and placements), so each process
+keeps and updates only its own shard. Buffers (BatchNorm statistics) are not averaged: the
+model's current ones are used with the EMA weights.
+
+The shadow is a flat dict of tensors, so torch.distributed.checkpoint saves and loads it as it
+does the model (save_ema_state / load_ema_state: the same safetensors layout as the trainer's
+sharded state, readable on any world size). `swapped_in(model, shadow)` puts the EMA weights
+into the model for evaluation or for writing `checkpoint-N/ema/`, and restores the trained
+weights bit for bit on exit.
+"""
+import os
+import warnings
+from contextlib import contextmanager
+
+import torch
+
+EMA_DIR = "ema_state"
+
+
+def check_ema_args(decay, every):
+    """Refuse --ema_decay outside [0, 1) and --ema_every below 1."""
+    if not 0 <= decay < 1:
+        raise ValueError(f"--ema_decay must be in [0, 1) (0 = off), got {decay}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"--ema_every must be a whole number of steps >= 1, got {every!r}")
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def make_ema(model):
+    """The shadow: a float32 copy of every parameter, sharded as the parameter is (call after
+    the model is sharded or moved to its device, so the shadow lives where the weights do)."""
+    return {name: p.detach().to(torch.float32, copy=True) for name, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def update_ema(shadow, model, decay):
+    """ema = decay * ema + (1 - decay) * w for every parameter, on each process's own shards."""
+    params = dict(model.named_parameters())
+    if params.keys() != shadow.keys():
+        raise ValueError("the EMA shadow does not fit the model's parameters")
+    emas = [_local(shadow[n]) for n in params]
+    weights = [_local(p.detach()).float() for p in params.values()]
+    torch._foreach_mul_(emas, decay)
+    torch._foreach_add_(emas, weights, alpha=1 - decay)
+
+
+def ema_due(step, every):
+    """Whether the EMA is updated after optimizer step `step` (1-based count of steps done)."""
+    return step % every == 0
+
+
+@contextmanager
+def swapped_in(model, shadow):
+    """Within the block the model holds the EMA weights (cast to its dtype); on exit its own
+    weights come back exactly. Costs one copy of the (local) weights."""
+    params = dict(model.named_parameters())
+    kept = {n: _local(p.detach()).clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            _local(p.detach()).copy_(_local(shadow[n]))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                _local(p.detach()).copy_(kept[n])
+
+
+def save_ema_state(folder, shadow):
+    """Every process writes its shards of the shadow to folder/ema_state (safetensors, DCP)."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single")
+        dcp.save({"ema": shadow}, storage_writer=dcp.HuggingFaceStorageWriter(
+            os.path.join(folder, EMA_DIR), save_distributed=True))
+
+
+def load_ema_state(folder, shadow):
+    """Read folder/ema_state into `shadow` in place, on any world size and sharding."""
+    import torch.distributed.checkpoint as dcp
+    path = os.path.join(folder, EMA_DIR)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is missing: this checkpoint was written without "
+                                "--ema_decay, so its EMA cannot be resumed")
+    reader = dcp.HuggingFaceStorageReader(path)
+    saved = reader.read_metadata().state_dict_metadata
+    missing = [n for n in shadow if f"ema.{n}" not in saved]
+    if missing:
+        raise ValueError(f"{path} does not fit this model: {len(missing)} EMA tensor(s) are "
+                         f"missing, e.g. {missing[:3]}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
+        dcp.load({"ema": shadow}, storage_reader=reader)

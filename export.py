@@ -1,0 +1,232 @@
+"""Export one dataset of a classifier checkpoint as a standard Hugging Face image classifier.
+
+    python export.py runs/food/checkpoint-5000 --dataset food101 exported/food101
+
+The folder OUT loads with no code from this project:
+
+    from transformers import AutoModelForImageClassification, pipeline
+    classify = pipeline("image-classification", model="exported/food101")
+    classify("dish.jpg")  # [{"label": "ramen", "score": 0.93}, ...]
+
+It holds the backbone's weights in the layout of the family's *ForImageClassification class
+(ViTForImageClassification, Dinov2ForImageClassification, ConvNextForImageClassification,
+ResNetForImageClassification, SwinForImageClassification, SiglipForImageClassification, ...),
+a classifier made of only that dataset's head rows (offset .. offset + num_classes), id2label /
+label2id from the dataset's class names (the class index where it has none) and the image
+processor. Its logits are the checkpoint's masked logits of that dataset, so its top-1 is
+eval.py's prediction; this is checked on a test image before anything is written.
+
+Each *ForImageClassification class pools the backbone output its own way; a checkpoint whose
+pooling it cannot express is refused with the reason (e.g. ViTForImageClassification reads the
+CLS token after the final layernorm, so a ViT trained on its pooler output, `--pooling auto`,
+cannot be exported: train with `--pooling cls`). Vision-language checkpoints (Qwen2-VL, ...) are
+refused: their inputs are a prompt plus image tokens, which no image-classification class takes.
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from model import is_vision_language, load_classifier, read_classifier_info
+
+# What each target class feeds its classifier, as the source pooling it equals. Source poolings:
+# "pooler" (the backbone's pooler_output), "cls" / "mean" (first token / mean of all tokens of
+# last_hidden_state), "map_mean" (mean of a convolutional feature map).
+TARGET_POOLINGS = {
+    "ViTForImageClassification": ({"cls"}, "the CLS token after the final layernorm "
+                                   "(last_hidden_state[:, 0]); it has no pooler"),
+    "DeiTForImageClassification": ({"cls"}, "the CLS token after the final layernorm "
+                                    "(last_hidden_state[:, 0]); it has no pooler"),
+    "Dinov2ForImageClassification": ({"cls", "pooler"}, "the CLS token concatenated with the "
+                                     "mean of the patch tokens"),
+    "Dinov2WithRegistersForImageClassification": ({"cls", "pooler"}, "the CLS token "
+                                                  "concatenated with the mean of the patch tokens"),
+    "ConvNextForImageClassification": ({"pooler"}, "the pooler output (the final layernorm of "
+                                       "the averaged feature map)"),
+    "ConvNextV2ForImageClassification": ({"pooler"}, "the pooler output (the final layernorm "
+                                         "of the averaged feature map)"),
+    "ResNetForImageClassification": ({"pooler", "map_mean"}, "the averaged final feature map"),
+    "RegNetForImageClassification": ({"pooler", "map_mean"}, "the averaged final feature map"),
+    "SwinForImageClassification": ({"pooler", "mean"}, "the mean of the final tokens"),
+    "Swinv2ForImageClassification": ({"pooler", "mean"}, "the mean of the final tokens"),
+    "SiglipForImageClassification": ({"mean"}, "the mean of last_hidden_state over all tokens "
+                                     "(not the attention-pooling head)"),
+    "CLIPForImageClassification": (set(), "the mean of the patch tokens before post_layernorm, "
+                                   "which no --pooling computes"),
+}
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be expressed as a standard image classifier; the message says why."""
+
+
+def source_pooling(model, outputs):
+    """The pooling the checkpoint's MaskedClassifier applied: pooler, cls, mean or map_mean."""
+    if model.pooling in ("auto", "pooler") and getattr(outputs, "pooler_output", None) is not None:
+        return "pooler"
+    return "map_mean" if outputs.last_hidden_state.dim() == 4 else (
+        "cls" if model.pooling == "cls" else "mean")
+
+
+def target_config(config, num_classes, names):
+    """The backbone config turned into the config of its *ForImageClassification class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+    config_class = type(config)
+    if config_class in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+        target = config_class.from_dict(config.to_dict())
+    else:  # a vision tower (SiglipVisionConfig): its two-tower config holds it as vision_config
+        outer = [c for c in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING.keys()
+                 if getattr(c, "sub_configs", {}).get("vision_config") is config_class]
+        if not outer:
+            raise ExportError(f"transformers has no image-classification class for "
+                              f"{config_class.__name__} (model_type {config.model_type!r})")
+        target = outer[0](vision_config=config.to_dict())
+    target.num_labels = num_classes
+    target.id2label = dict(enumerate(names))
+    target.label2id = {name: i for i, name in enumerate(names)}
+    target.problem_type = "single_label_classification"  # softmax in the pipeline, even for 1 class
+    target.architectures = [MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(target)].__name__]
+    return target
+
+
+def class_names(info, dataset):
+    entry = info["datasets"][dataset]
+    names = [str(n) for n in (entry.get("labels") or range(entry["num_classes"]))]
+    if len(names) != entry["num_classes"]:
+        raise ExportError(f"classifier.json: dataset {dataset!r} has {len(names)} class names "
+                          f"for {entry['num_classes']} classes")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ExportError(f"dataset {dataset!r}: class names must be unique for label2id, "
+                          f"repeated: {repeated[:5]}")
+    return names
+
+
+def copy_backbone(backbone, target):
+    """Load the backbone's weights into the submodule of `target` of the same class; every weight
+    of that submodule must come from the backbone (its unused pooler may be left out)."""
+    inner = next((m for m in target.modules() if type(m) is type(backbone)), None)
+    if inner is None:
+        raise ExportError(f"{type(target).__name__} holds no {type(backbone).__name__}")
+    weights = backbone.state_dict()
+    wanted = inner.state_dict()
+    missing = [k for k in wanted if k not in weights or weights[k].shape != wanted[k].shape]
+    if missing:
+        raise ExportError(f"{type(target).__name__} expects weights the backbone does not have "
+                          f"or has in another shape: {missing[:5]}")
+    inner.load_state_dict({k: weights[k] for k in wanted})
+
+
+def set_classifier(target, weight, bias):
+    """Write the dataset's head rows into the target's classifier (the last Linear of it)."""
+    linears = [m for m in getattr(target, "classifier", nn.Identity()).modules()
+               if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ExportError(f"{type(target).__name__} has no linear classifier to hold the head")
+    linear = linears[-1]
+    d = weight.shape[1]
+    if linear.in_features == 2 * d and "Dinov2" in type(target).__name__:
+        # [CLS, mean of patches] -> the head reads the CLS half only
+        weight = torch.cat([weight, torch.zeros_like(weight)], dim=1)
+    if linear.weight.shape != weight.shape:
+        raise ExportError(f"{type(target).__name__}'s classifier is {tuple(linear.weight.shape)}, "
+                          f"the head rows are {tuple(weight.shape)}")
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(linear.weight.dtype))
+        linear.bias.copy_(bias.to(linear.bias.dtype))
+
+
+def random_image(seed=0, size=64):
+    """A random RGB image; the image processor resizes it to the model's input."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@torch.no_grad()
+def export(checkpoint, dataset, out):
+    """Write `dataset`'s classifier of `checkpoint` to the folder `out`; returns the model."""
+    from transformers import AutoConfig, AutoImageProcessor
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+
+    info = read_classifier_info(checkpoint)
+    if dataset not in info["datasets"]:
+        raise ExportError(f"--dataset {dataset}: {checkpoint} knows {', '.join(info['datasets'])}")
+    if is_vision_language(AutoConfig.from_pretrained(checkpoint)):
+        raise ExportError(f"{checkpoint} is a vision-language checkpoint: its inputs are a prompt "
+                          "plus image tokens, which no *ForImageClassification class takes; use "
+                          "eval.py or model.load_classifier")
+    model, inputs, info = load_classifier(checkpoint)
+    model.eval()
+    entry = info["datasets"][dataset]
+    rows = slice(entry["offset"], entry["offset"] + entry["num_classes"])
+    names = class_names(info, dataset)
+    config = target_config(model.backbone.config, entry["num_classes"], names)
+    target_class = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)]
+    name = target_class.__name__
+
+    image = random_image()
+    pixel_values = inputs([image], [dataset])["pixel_values"].to(model.head.weight.dtype)
+    outputs = model.backbone(pixel_values=pixel_values)
+    pooling = source_pooling(model, outputs)
+    expressible, reads = TARGET_POOLINGS.get(name, (None, None))
+    if expressible is not None and pooling not in expressible:
+        raise ExportError(f"{checkpoint} pools the backbone output as {pooling!r} (--pooling "
+                          f"{info.get('pooling', 'auto')}), but {name} classifies {reads}; it "
+                          f"can express {sorted(expressible) or 'none of them'}")
+
+    target = target_class(config).to(model.head.weight.dtype).eval()
+    copy_backbone(model.backbone, target)
+    set_classifier(target, model.head.weight[rows], model.head.bias[rows])
+
+    expected = model.head(model.pool(outputs))[:, rows].float()
+    got = target(pixel_values=pixel_values).logits.float()
+    scale = max(1.0, expected.abs().max().item())
+    tolerance = (1e-4 if pixel_values.dtype == torch.float32 else 3e-2) * scale
+    if not torch.allclose(got, expected, atol=tolerance, rtol=0):
+        gap = (got - expected).abs().max().item()
+        raise ExportError(f"{name} does not reproduce the checkpoint's logits (max difference "
+                          f"{gap:.3g} > {tolerance:.3g}): it pools the backbone output "
+                          f"differently from --pooling {info.get('pooling', 'auto')}")
+
+    # written under a temporary name and renamed, so OUT is never half-written
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        target.save_pretrained(tmp)
+        AutoImageProcessor.from_pretrained(checkpoint).save_pretrained(tmp)
+        with open(os.path.join(tmp, "export_info.json"), "w") as f:
+            json.dump({"checkpoint": os.path.abspath(checkpoint), "dataset": dataset,
+                       "rows": [rows.start, rows.stop], "pooling": pooling,
+                       "class": name}, f, indent=2)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a classifier checkpoint-* folder")
+    p.add_argument("out", help="the folder to write (replaced if it exists)")
+    p.add_argument("--dataset", required=True, help="which of the checkpoint's datasets to export")
+    args = p.parse_args(argv)
+    try:
+        target = export(args.checkpoint, args.dataset, args.out)
+    except (ExportError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {args.out}: {type(target).__name__}, {target.config.num_labels} classes of "
+          f"{args.dataset}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""What stops a run from outside: stop signals (preemption), non-finite training, and the fault
+injection hook the reliability tests use."""
+import os
+import signal
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. gradients stay non-finite); the last good checkpoint is kept."""
+
+
+def injected_fault(point, step):
+    """MIXTRAIN_FAULT="nan_loss:3,kill_in_save:4" makes the loss of step 3 NaN and SIGKILLs the
+    process while checkpoint-4 is being written. Off when unset."""
+    wanted = f"{point}:{step}"
+    if wanted not in os.environ.get("MIXTRAIN_FAULT", "").split(","):
+        return False
+    if point.startswith("kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def catch_stop_signals():
+    """SIGTERM and SIGUSR1 (Slurm's warning before a time limit) only record their name: the loop
+    finishes the current step on every rank, writes a checkpoint and ends with exit code 0.
+    Returns (the names received, a function that puts the previous handlers back)."""
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(
+        signal.Signals(signum).name)) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    return received, lambda: [signal.signal(s, handler) for s, handler in previous.items()]

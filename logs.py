@@ -1,0 +1,50 @@
+"""metrics.jsonl: one JSON object per event (train, eval, best, final_eval, ...) on rank 0."""
+import json
+import os
+
+import torch
+
+from reporting import close_reporters, report
+
+
+def readable(line):
+    try:
+        return line.endswith("\n") and isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+class JsonlLog:
+    """metrics.jsonl on rank 0, flushed at every record."""
+
+    def __init__(self, path, rank, keep_through_step=None, reporters=()):
+        self.file, self.reporters = None, list(reporters)  # reporting.py: TensorBoard, wandb
+        if rank != 0:
+            return
+        if keep_through_step is not None and os.path.isfile(path):
+            # Resuming: drop records written after the checkpoint, they will be written again. A
+            # record torn by a kill mid-write is dropped with them.
+            with open(path) as f:
+                kept = [line for line in f
+                        if readable(line) and json.loads(line).get("step", 0) <= keep_through_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self.file = open(path, "a")
+
+    def write(self, event, step, epoch, **values):
+        if self.file:
+            record = {"event": event, "step": step, "epoch": round(epoch, 4), **values}
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            report(self.reporters, event, step, {"epoch": round(epoch, 4), **values})
+
+    def close(self):
+        close_reporters(self.reporters)
+
+
+def memory_mb(device):
+    """Peak memory: allocated on a GPU, the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,162 @@
+"""AdamW over parameter groups and the learning-rate schedule.
+
+Each group carries an `lr_scale`: the schedule gives the peak-relative learning rate of a step,
+and every group runs at that rate times its scale. Groups split the parameters by part of the
+model (--layer_decay for vision backbones; --vision_lr / --merger_lr for vision-language ones)
+and by weight decay (none on biases and norm weights).
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+
+def lr_at(step, args, total_steps):
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then the decay."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_scheduler == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    if args.lr_scheduler == "linear":
+        return args.lr * max(0.0, 1 - progress)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def check_lr_args(args, token_inputs, model_name=""):
+    """Refuse part learning rates that are out of range or cannot apply to this backbone."""
+    decay = getattr(args, "layer_decay", None)
+    vision_lr, merger_lr = getattr(args, "vision_lr", None), getattr(args, "merger_lr", None)
+    if decay is not None and not 0 < decay <= 1:
+        raise ValueError(f"--layer_decay must be in (0, 1], got {decay}")
+    for flag, value in (("--vision_lr", vision_lr), ("--merger_lr", merger_lr)):
+        if value is not None and not 0 <= value < float("inf"):
+            raise ValueError(f"{flag} must be a learning rate >= 0, got {value}")
+        if value is not None and not token_inputs:
+            raise ValueError(f"{flag} is for vision-language backbones; {model_name or 'this'} is "
+                             "a vision backbone (use --layer_decay)")
+    if decay is not None and token_inputs:
+        raise ValueError(f"--layer_decay is for vision backbones; {model_name or 'this'} is a "
+                         "vision-language model: give --vision_lr / --merger_lr beside --lr")
+
+
+def layer_blocks(backbone):
+    """The backbone's blocks in order, as (name, module): the members of its own layer lists
+    whose class is in its `_no_split_modules` (the discovery of model.fsdp_units; a block inside
+    another goes with the outer one). A model whose lists hold no such class (ResNet) gets the
+    members of its first layer list (its stages)."""
+    kinds = set(backbone._no_split_modules or ())
+    # noqa: E731 FSDP2 subclasses
+    is_block = lambda m: any(c.__name__ in kinds for c in type(m).__mro__)
+    lists = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.ModuleList)]
+    blocks, inside = [], set()
+    for name, modules in lists:
+        if modules in inside:
+            continue
+        for i, block in enumerate(modules):
+            if is_block(block) and block not in inside:
+                blocks.append((f"{name}.{i}", block))
+                inside.update(block.modules())
+    if not blocks and lists:
+        name, modules = lists[0]
+        blocks = [(f"{name}.{i}", m) for i, m in enumerate(modules)]
+    return blocks
+
+
+def merger_of(backbone, vision):
+    """The projector between a vision-language model's vision tower and its LLM, or None:
+    Qwen2-VL's visual.merger, LLaVA's multi_modal_projector."""
+    for owner, name in ((vision, "merger"), (backbone, "multi_modal_projector")):
+        if isinstance(getattr(owner, name, None), nn.Module):
+            return getattr(owner, name)
+    return None
+
+
+def parameter_parts(model, args):
+    """[(part name, lr scale, [(parameter name, parameter)])], every trainable parameter of the
+    MaskedClassifier `model` in exactly one part.
+
+    --layer_decay D (vision backbones): block i of n (1-based) runs at lr * D^(n + 1 - i); what
+    comes before the first block (patch and position embeddings, cls / register / mask tokens)
+    at lr * D^(n + 1); a parameter between two blocks (ConvNeXt's downsampling) with the block
+    after it; the head and what follows the last block (final norm, pooler) at lr.
+    --vision_lr / --merger_lr (vision-language backbones): the vision tower without its merger,
+    and the merger, at their own rates; the language model and the head at --lr.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone, decay = getattr(model, "backbone", model), getattr(args, "layer_decay", None)
+    vision_lr, merger_lr = getattr(args, "vision_lr", None), getattr(args, "merger_lr", None)
+    if decay is not None and decay != 1:
+        blocks = layer_blocks(backbone)
+        if not blocks:
+            raise ValueError(f"--layer_decay: {type(backbone).__name__} has no layer list to "
+                             "take blocks from")
+        depth = len(blocks) + 1
+        owner = {id(p): i for i, (_, b) in enumerate(blocks, 1) for p in b.parameters()}
+        layer_of = {n: owner[id(p)] for n, p in named if id(p) in owner}
+        pending = []  # parameters outside blocks, placed once the next block (or the end) is known
+        layers = []
+        for name, p in named:
+            if name in layer_of:
+                layers += [(n, q, layer_of[name] if seen_any else 0) for n, q, seen_any in pending]
+                pending = []
+                layers.append((name, p, layer_of[name]))
+            else:
+                pending.append((name, p, bool(layers)))
+        layers += [(n, q, depth) for n, q, _ in pending]
+        titles = ["embeddings", *(f"backbone.{n}" for n, _ in blocks), "head and final layers"]
+        parts = [(titles[i], decay ** (depth - i), [(n, q) for n, q, j in layers if j == i])
+                 for i in range(depth + 1)]
+        return [part for part in parts if part[2]]
+    if vision_lr is not None or merger_lr is not None:
+        from model import vision_language_parts
+        vision = vision_language_parts(backbone)[0]
+        merger = merger_of(backbone, vision)
+        if merger_lr is not None and merger is None:
+            raise ValueError(f"--merger_lr: cannot find the projector of {type(backbone).__name__} "
+                             "(visual.merger or multi_modal_projector)")
+        in_merger = {id(p) for p in merger.parameters()} if merger is not None else set()
+        in_vision = {id(p) for p in vision.parameters()} - in_merger
+        scale = lambda lr: 1.0 if lr is None else lr / args.lr  # noqa: E731
+        parts = [("vision tower", scale(vision_lr),
+                  [(n, p) for n, p in named if id(p) in in_vision]),
+                 ("merger", scale(merger_lr if merger_lr is not None else args.lr),
+                  [(n, p) for n, p in named if id(p) in in_merger]),
+                 ("language model and head", 1.0,
+                  [(n, p) for n, p in named if id(p) not in in_vision | in_merger])]
+        return [part for part in parts if part[2]]
+    return [("all", 1.0, named)]
+
+
+def parameter_groups(model, args):
+    """Optimizer groups: each part split into weight decay (dim >= 2) and none (biases, norms)."""
+    groups = []
+    for title, scale, params in parameter_parts(model, args):
+        for decayed in (True, False):
+            chosen = [p for _, p in params if (p.dim() >= 2) == decayed]
+            if chosen:
+                groups.append({"params": chosen, "name": title, "lr_scale": scale,
+                               "weight_decay": args.weight_decay if decayed else 0.0})
+    return groups
+
+
+def format_groups(groups, lr):
+    """The table of optimizer groups printed at start: name, parameters, peak lr, weight decay."""
+    rows = [(g["name"], f"{sum(p.numel() for p in g['params']):,}", f"{lr * g['lr_scale']:.3g}",
+             f"{g['weight_decay']:g}") for g in groups]
+    header = ("group", "parameters", "lr", "weight decay")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    line = lambda r: "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join(["optimizer groups:", line(header), *map(line, rows)])
+
+
+def make_optimizer(model, args, device):
+    """AdamW over parameter_groups (the part learning rates, no weight decay below 2 dims)."""
+    return torch.optim.AdamW(parameter_groups(model, args), lr=args.lr,
+                             fused=device.type == "cuda")

@@ -1,0 +1,303 @@
+"""--task classify: one masked classifier over several mixed image datasets.
+
+A task module exposes the functions listed in tasks.py; train.py's loop and eval.py call only
+those, so neither branches on the task. Here a batch's target count is its number of samples,
+and the step loss is the sum of per-sample masked cross-entropies over the global sample count.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from augment import AUGMENTS, augment_config
+from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
+                     mixture_shares, partial_eval_indices, read_jsonl_files, summarize,
+                     summarize_mixture)
+from mixup import check_mix_args, mix_batch
+from optimizer import check_lr_args
+from losses import masked_cross_entropy
+from metrics import (ClassificationMetrics, PerClassMetrics, class_name, format_per_class,
+                     format_table)
+from model import (CLASSIFIER_FILE, LabelSpace, MaskedClassifier, classify, load_backbone,
+                   load_classifier, read_classifier_info, save_classifier, say, set_trainable)
+
+NAME = "classify"
+MODEL_FILE = CLASSIFIER_FILE  # the file that marks a checkpoint of this task
+DEFAULT_BEST_METRIC = "overall_accuracy"
+COUNTS = ("samples",)  # the targets a batch's loss is divided by, summed over the whole step
+
+
+@dataclass
+class Data:
+    """The records, the label layout and the loss options: what a step needs beside the model."""
+    registry: dict
+    label_space: LabelSpace
+    train: object  # dataset.RecordTable, or None in eval.py
+    val: object  # dataset.RecordTable, or None without validation files
+    partial_indices: list
+    masking: bool = True
+    label_smoothing: float = 0.0
+    skip_bad_images: bool = False
+    augment: object = None  # augment.AugmentConfig of training batches (None: none)
+    shares: list = None  # dataset shares of each epoch (None: by size, as the files come)
+    mix: tuple = None  # (mixup, cutmix, mix_prob, seed): same-dataset Mixup / CutMix
+    rows: dict = field(default_factory=dict)  # device -> (num_classes, offsets) tensors
+
+    @property
+    def names(self):
+        """Dataset names, in registry order (per-dataset counts are kept in this order)."""
+        return self.label_space.names
+
+    def head_rows(self, device):
+        if device not in self.rows:
+            self.rows[device] = self.label_space.tensors(device)
+        return self.rows[device]
+
+
+def add_flags(parser):
+    """Flags only this task reads (its model and loss flags are train.py's shared ones)."""
+    a = parser.add_argument
+    a("--augment", choices=AUGMENTS,
+      help="classify: training augmentation on the fast image path (default: crop_flip for "
+           "vision backbones, none for vision-language ones); a registry entry's augment / "
+           "hflip overrides it per dataset. Evaluation keeps the processor's resize / crop")
+    a("--crop_scale", nargs=2, type=float, default=[0.08, 1.0], metavar=("MIN", "MAX"),
+      help="classify: area range of the random-resized crop")
+    a("--randaugment_n", type=int, default=2, help="classify: RandAugment ops per image")
+    a("--randaugment_m", type=float, default=9, help="classify: RandAugment magnitude (0-10)")
+    a("--mixup", type=float, default=0.0,
+      help="classify: Mixup alpha, lambda ~ Beta(alpha, alpha); a sample is mixed only with a "
+           "sample of its own dataset in the micro-batch; 0 = off")
+    a("--cutmix", type=float, default=0.0,
+      help="classify: CutMix alpha, same-dataset pairs; with --mixup one of the two per batch")
+    a("--mix_prob", type=float, default=1.0,
+      help="classify: probability that a micro-batch is mixed (with --mixup / --cutmix)")
+    a("--layer_decay", type=float,
+      help="classify, vision backbones: block i of n at lr * D^(n + 1 - i), embeddings (cls / "
+           "register / position tokens too) at lr * D^(n + 1), final norm and head at lr")
+    a("--vision_lr", type=float,
+      help="classify, vision-language backbones: lr of the vision tower without its merger")
+    a("--merger_lr", type=float,
+      help="classify, vision-language backbones: lr of the projector between vision tower and "
+           "LLM")
+    a("--mix_temperature", type=float,
+      help="classify: dataset share per epoch proportional to n^(1/T) (1: by size, large: "
+           "uniform); or give sampling_weight in the registry")
+
+
+def check_flags(args, label_space, val_records):
+    for name in ("min_pixels", "max_pixels"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive number of pixels, "
+                             f"got {getattr(args, name)}")
+    if not 0 <= args.label_smoothing < 1:
+        raise ValueError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.no_best_tracking:
+        return
+    # The names metrics.ClassificationMetrics.compute will report on this validation data.
+    counts = count_per_dataset(val_records, len(label_space.names))
+    present = [(n, k) for n, k, c in zip(label_space.names, label_space.num_classes, counts) if c]
+    groups = [("overall", all(k > 5 for _, k in present))] + [(n, k > 5) for n, k in present]
+    valid = [f"{d}_{m}" for d, top5 in groups
+             for m in ("loss", "accuracy") + (("top5_accuracy",) if top5 else ())]
+    if args.best_metric not in valid:
+        raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)}")
+
+
+def load_data(args, say):
+    """Read and check every record before the first step; print the per-dataset summary."""
+    registry = load_registry(args.datasets)
+    label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
+                                   args.label_space, args.num_labels)
+    train = read_jsonl_files(args.train_jsonl, registry)
+    val = read_jsonl_files(args.val_jsonl, registry) if args.val_jsonl else None
+    check_flags(args, label_space, val)
+    partial = partial_eval_indices(val, registry, args.seed) if val else []
+    counts = count_per_dataset(train, len(registry))
+    shares = mixture_shares(registry, counts, args.mix_temperature)
+    if shares is not None and args.no_shuffle:
+        raise ValueError("--no_shuffle keeps the files' order; a weighted mixture "
+                         "(sampling_weight, --mix_temperature) draws a seeded schedule")
+    say(summarize(counts, registry, "training data"))
+    if shares is not None:
+        say(summarize_mixture(counts, registry, shares))
+    if val:
+        say(summarize(count_per_dataset(val, len(registry), partial), registry,
+                      "partial evaluation subset", total=count_per_dataset(val, len(registry))))
+    mix = (args.mixup, args.cutmix, args.mix_prob, args.seed) if args.mixup or args.cutmix else None
+    return Data(registry, label_space, train, val, partial, not args.no_logits_masking,
+                args.label_smoothing, args.on_bad_image == "skip", shares=shares, mix=mix)
+
+
+def build_model(args, data, dtype):
+    """(model, backbone, inputs): the classifier, its Hugging Face backbone, and the callable that
+    turns PIL images into the backbone's forward arguments."""
+    backbone, inputs = load_backbone(args.model, args.seed, dtype, args.prompt, args.min_pixels,
+                                     args.max_pixels)
+    model = MaskedClassifier(backbone, data.label_space.num_labels, args.pooling,
+                             getattr(inputs, "pixel_normalize", None)).to(dtype=dtype)
+    set_trainable(model, args.freeze, args.train_only_head)
+    check_mix_args(args.mixup, args.cutmix, args.mix_prob, NAME, model.token_inputs,
+                   type(backbone).__name__)
+    check_lr_args(args, model.token_inputs, type(backbone).__name__)
+    data.augment = augment_config(args.augment, data.registry, inputs, args.crop_scale,
+                                  args.randaugment_n, args.randaugment_m, args.seed)
+    modes = data.augment.modes if data.augment else ["none"] * len(data.names)
+    say("augmentation: " + ", ".join(f"{n} {m}" for n, m in zip(data.names, modes)) +
+        (" (uint8 fast image path, normalised on the device)"
+         if getattr(inputs, "recipe", None) else " (the model's own processor)"))
+    return model, backbone, inputs
+
+
+def has_unused_parameters(args, model):
+    """DDP must look for them: with --pooling cls/mean a vision backbone's pooler gets no gradient.
+    """
+    return not model.token_inputs and args.pooling in ("cls", "mean")
+
+
+def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed=0, epoch=0):
+    """Batches of data.train (train=True) or data.val at `indices`, in that order."""
+    records = data.train if train else data.val
+    return make_loader(records, indices, inputs, data.names, batch_size, num_workers, pin_memory,
+                       skip_bad_images=train and data.skip_bad_images, fast_path=True,
+                       augment=data.augment if train else None, epoch=epoch)
+
+
+def epoch_order(data, epoch, args, rank, world_size):
+    """This rank's sample order of one epoch: by size, or drawn with the mixture's shares."""
+    return mixture_indices(data.train.dataset_ids, data.shares, epoch, args.seed,
+                           not args.no_shuffle, rank, world_size)
+
+
+def prepare(batch, data, step, micro_index):
+    """A training micro-batch on the device, before the forward: same-dataset Mixup / CutMix,
+    drawn from (seed, step, micro-batch, sample indices) so resume stays exact."""
+    if data.mix is None:
+        return batch
+    mixup, cutmix, mix_prob, seed = data.mix
+    _, offsets = data.head_rows(batch["labels"].device)
+    batch, soft = mix_batch(batch, offsets, data.label_space.num_labels, mixup, cutmix, mix_prob,
+                            seed, step, micro_index)
+    return {**batch, "soft_targets": soft}
+
+
+def count_targets(batch):
+    return {"samples": len(batch["indices"])}
+
+
+def forward(model, batch, data, train):
+    """Per-sample losses and masked logits; the batch's contribution to the metrics."""
+    num_classes, offsets = data.head_rows(batch["labels"].device)
+    logits, targets = classify(model, batch, num_classes, offsets, data.masking)
+    # Mixed batches learn soft targets; their metrics stay on the original labels.
+    losses = masked_cross_entropy(logits, batch.get("soft_targets", targets),
+                                  data.label_smoothing if train else 0.0)
+    return {"losses": losses, "logits": logits.float(), "targets": targets,
+            "dataset_ids": batch["dataset_ids"]}
+
+
+def step_loss(outputs, totals, args):
+    """Sum over the micro-batch / samples of the whole step on all ranks."""
+    return outputs["losses"].sum() / totals["samples"]
+
+
+def new_metrics(data, args, device):
+    return ClassificationMetrics(data.names, data.label_space.num_classes, device)
+
+
+def report(metrics, prefix, title, data):
+    return format_table(metrics, prefix, data.names, title)
+
+
+def progress(metrics, prefix):
+    """What the progress bar shows."""
+    return {"loss": f"{metrics[f'{prefix}_overall_loss']:.4f}",
+            "acc": f"{metrics[f'{prefix}_overall_accuracy']:.3f}"}
+
+
+def predictions(outputs, batch, data):
+    """One dict per sample: the class in its own dataset, and its probability."""
+    _, offsets = data.head_rows(batch["labels"].device)
+    probability, row = F.softmax(outputs["logits"], dim=-1).max(dim=-1)
+    local = row - offsets[batch["dataset_ids"]]
+    out = []
+    for index, label, prediction, p in zip(batch["indices"].tolist(), batch["labels"].tolist(),
+                                           local.tolist(), probability.tolist()):
+        record = data.val[index]
+        names = data.registry[data.names[record.dataset_id]].labels
+        out.append({"index": index, "image_path": record.image_path,
+                    "dataset_name": data.names[record.dataset_id], "label": label,
+                    "label_name": class_name(names, label), "prediction": prediction,
+                    "prediction_name": class_name(names, prediction), "probability": p})
+    return out
+
+
+def per_class(predictions, data):
+    """Per-class accuracy / precision / recall / support and confusion pairs per dataset, from
+    the predictions of every sample (complete on rank 0). Returns (JSON-able dict, text)."""
+    metrics = PerClassMetrics(data.names, data.label_space.num_classes,
+                              [data.registry[n].labels for n in data.names])
+    if predictions:
+        ids = {n: i for i, n in enumerate(data.names)}
+        metrics.update(*(torch.tensor(column) for column in zip(*[
+            (ids[p["dataset_name"]], p["label"], p["prediction"]) for p in predictions])))
+    result = metrics.compute()
+    return result, format_per_class(result)
+
+
+# ----------------------------------------------------------------------------- model files
+
+def save_model(folder, model, inputs, full_weights, data, args):
+    """The backbone in its own format, processor files, head.safetensors and classifier.json."""
+    info = {"num_labels": data.label_space.num_labels, "label_space": data.label_space.layout,
+            "pooling": model.pooling, "prompt": inputs.prompt,
+            "no_logits_masking": not data.masking,
+            "datasets": {n: {"num_classes": s.num_classes, "eval_ratio": s.eval_ratio,
+                             "description": s.description, "offset": o,
+                             **({"labels": s.labels} if s.labels else {})}
+                         for (n, s), o in zip(data.registry.items(), data.label_space.offsets)}}
+    save_classifier(model, inputs, folder, info, state_dict=full_weights)
+
+
+def load_model(folder):
+    """(model, inputs, info) of a checkpoint folder."""
+    return load_classifier(folder)
+
+
+def eval_data(args, folder, trained_args, world_size):
+    """Data for eval.py from a checkpoint's classifier.json and the flags that override it.
+
+    Returns (data, indices, what the results depend on beside the files)."""
+    info = read_classifier_info(folder)
+    saved = {n: {k: v for k, v in d.items() if k != "offset"} for n, d in info["datasets"].items()}
+    registry = load_registry(args.datasets or saved)
+    label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
+                                   args.label_space or info["label_space"],
+                                   args.num_labels or info["num_labels"])
+    if label_space.num_labels != info["num_labels"]:
+        raise ValueError(f"--num_labels {label_space.num_labels} does not match the saved head "
+                         f"({info['num_labels']} rows)")
+    masking = not (args.no_logits_masking or info.get("no_logits_masking", False))
+    seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
+    val = read_jsonl_files(args.val_files, registry)
+    indices = (partial_eval_indices(val, registry, seed) if args.partial
+               else list(range(len(val))))
+    data = Data(registry, label_space, None, val, indices, masking)
+    summary = summarize(count_per_dataset(val, len(registry), indices), registry,
+                        "evaluation data")
+    key = [{n: vars(s) for n, s in registry.items()}, vars(label_space), masking, args.partial,
+           seed]
+    return data, indices, key, summary
+
+
+def eval_extras(args, device):
+    """What eval.py loads once per run beside the checkpoints: nothing for a classifier."""
+    return None
+
+
+def extra_metrics(model, inputs, data, args, extras, rank, world_size, device):
+    return {}
+
+
+def finish(args, model, inputs, data, device, main_process):
+    """Nothing to write at the end of a classifier run beyond the final evaluation."""

@@ -1,0 +1,290 @@
+"""--task generate: one unified text + image generation model with a joint loss (unified.py).
+
+The same functions as every task module (see tasks.py). A batch's targets are its samples, its
+target text tokens and its noised image tokens; the step loss is
+  text_loss_weight * (CE summed over target text tokens / their global count)
+  + image_loss_weight * (patch-mean MSE summed over noised image tokens / their global count).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dataset import train_indices
+from distributed import all_reduce_sum
+from metrics import GenerationMetrics, format_generation
+from model import load_classifier
+from unified import (SPEC_FILE, ImageSpec, UnifiedModel, check_pack_tokens, generate_images,
+                     generate_text, load_image, load_language_model, load_unified,
+                     make_generation_loader, read_generation_files, read_unified_info, save_grid,
+                     save_unified, target_counts, to_pil, unified_losses)
+
+NAME = "generate"
+MODEL_FILE = SPEC_FILE
+DEFAULT_BEST_METRIC = "total_loss"
+COUNTS = ("samples", "text_tokens", "image_tokens")
+BEST_METRICS = ("total_loss", "text_loss", "image_loss", "text_perplexity")
+
+
+@dataclass
+class Data:
+    train: list  # unified.Conversation records, or None in eval.py
+    val: list
+    partial_indices: list  # the partial evaluation uses every validation sample
+    spec: ImageSpec
+    text_weight: float = 1.0
+    image_weight: float = 1.0
+    shift: float = 1.0
+    cond_dropout: float = 0.0
+    pack_tokens: int = None  # tokens per packed row (None: one padded sample per row)
+    names = ()  # no per-dataset counts
+
+
+def add_flags(parser):
+    a = parser.add_argument
+    a("--text_loss_weight", type=float, default=1.0,
+      help="generate: weight of the text cross-entropy")
+    a("--image_loss_weight", type=float, default=1.0,
+      help="generate: weight of the image flow-matching MSE")
+    a("--image_size", type=int, default=32, help="generate: images are resized to this square size")
+    a("--patch_size", type=int, default=4, help="generate: pixels per image token side")
+    a("--image_channels", type=int, choices=[1, 3], default=3,
+      help="generate: 1 (grayscale) or 3 (RGB)")
+    a("--timestep_shift", type=float, default=1.0,
+      help="generate: shift s of t -> s t / (1 + (s - 1) t), > 1 noisier")
+    a("--cond_dropout", type=float, default=0.1,
+      help="generate: share of samples whose images do not see the text")
+    a("--sample_prompts", nargs="+",
+      help="generate: at the end, write samples.png with a row of images per prompt")
+    a("--samples_per_prompt", type=int, default=8,
+      help="generate: images per prompt in samples.png")
+    a("--sample_steps", type=int, default=50, help="generate: Euler steps from noise to image")
+    a("--pack_tokens", type=int,
+      help="generate: pack several samples into each row of at most this many tokens (attention "
+           "stays within a sample) instead of one padded sample per row")
+    a("--cfg_scale", type=float, default=4.0,
+      help="generate: classifier-free guidance scale of samples.png (1: none)")
+
+
+def check_flags(args):
+    if not args.no_best_tracking and args.best_metric not in BEST_METRICS:
+        raise ValueError(f"--best_metric {args.best_metric!r} is not one of "
+                         f"{', '.join(BEST_METRICS)}")
+    if args.freeze != "none" or args.train_only_head:
+        raise ValueError("--freeze / --train_only_head are for --task classify")
+    if not 0 <= args.cond_dropout < 1:
+        raise ValueError(f"--cond_dropout must be in [0, 1), got {args.cond_dropout}")
+    if args.on_bad_image == "skip":
+        raise ValueError("--on_bad_image skip is for --task classify")
+    classify_only = {"--mixup": args.mixup, "--cutmix": args.cutmix, "--augment": args.augment,
+                     "--layer_decay": args.layer_decay, "--vision_lr": args.vision_lr,
+                     "--merger_lr": args.merger_lr, "--mix_temperature": args.mix_temperature}
+    given = [flag for flag, value in classify_only.items() if value]
+    if given:
+        raise ValueError(f"{', '.join(given)}: for --task classify")
+
+
+def load_data(args, say):
+    """Read and check every record of every file before the first step."""
+    train = read_generation_files(args.train_jsonl)
+    val = read_generation_files(args.val_jsonl) if args.val_jsonl else None
+    check_flags(args)
+    say(f"training data: {len(train):,} samples" +
+        (f"; validation: {len(val):,}" if val else ""))
+    spec = ImageSpec(args.image_size, args.patch_size, args.image_channels)
+    return Data(train, val, list(range(len(val))) if val else [], spec, args.text_loss_weight,
+                args.image_loss_weight, args.timestep_shift, args.cond_dropout)
+
+
+def build_model(args, data, dtype):
+    """(model, backbone, inputs): the unified model, its causal LM, and the LM's tokenizer."""
+    lm, tokenizer = load_language_model(args.model, args.seed, dtype)
+    if args.pack_tokens is not None:  # a sample longer than a row is named before the first step
+        for records in (data.train, data.val or []):
+            check_pack_tokens(records, tokenizer, data.spec, args.pack_tokens)
+        data.pack_tokens = args.pack_tokens
+    return UnifiedModel(lm, data.spec).to(dtype=dtype), lm, tokenizer
+
+
+def has_unused_parameters(args, model):
+    return False  # a text-only batch still runs the image layers (on nothing)
+
+
+def loader(data, tokenizer, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
+           epoch=0):
+    """Training batches draw noise, t and condition dropout from (seed, epoch, sample index);
+    evaluation batches use the fixed t values of unified.EVAL_TIMES."""
+    if train:
+        return make_generation_loader(data.train, indices, tokenizer, data.spec, batch_size,
+                                      num_workers, pin_memory, data.pack_tokens, seed=seed,
+                                      epoch=epoch, shift=data.shift,
+                                      cond_dropout=data.cond_dropout)
+    return make_generation_loader(data.val, indices, tokenizer, data.spec, batch_size, num_workers,
+                                  pin_memory, data.pack_tokens, train=False, seed=0)
+
+
+def epoch_order(data, epoch, args, rank, world_size):
+    return train_indices(len(data.train), epoch, args.seed, not args.no_shuffle, rank, world_size)
+
+
+def prepare(batch, data, step, micro_index):
+    return batch
+
+
+def count_targets(batch):
+    text_tokens, image_tokens = target_counts(batch)
+    return {"samples": len(batch["indices"]), "text_tokens": text_tokens,
+            "image_tokens": image_tokens}
+
+
+def forward(model, batch, data, train):
+    """Summed text cross-entropy and image MSE, with the counts they are sums over."""
+    text, image = unified_losses(model, batch)
+    text_tokens, image_tokens = target_counts(batch)
+    return {"text_sum": text, "text_count": text_tokens, "image_sum": image,
+            "image_count": image_tokens}
+
+
+def step_loss(outputs, totals, args):
+    return (args.text_loss_weight * outputs["text_sum"] / max(totals["text_tokens"], 1) +
+            args.image_loss_weight * outputs["image_sum"] / max(totals["image_tokens"], 1))
+
+
+def new_metrics(data, args, device):
+    return GenerationMetrics(data.text_weight, data.image_weight, device)
+
+
+def report(metrics, prefix, title, data):
+    lines = [format_generation(metrics, prefix, title)]
+    if metrics.get(f"{prefix}_captions"):
+        lines.append(f"  captions: {100 * metrics[f'{prefix}_caption_accuracy']:.1f}% exactly "
+                     f"right ({metrics[f'{prefix}_captions']} image -> text samples, greedy)")
+    judged = {k: v for k, v in metrics.items() if k.startswith("judge_accuracy_")}
+    if judged:
+        lines.append("  judge accuracy: " + ", ".join(
+            f"{k[len('judge_accuracy_'):]} {100 * v:.1f}%" for k, v in judged.items()) +
+            f" (chance {100 * metrics['judge_chance']:.1f}%)")
+    return "\n".join(lines)
+
+
+def progress(metrics, prefix):
+    return {"loss": f"{metrics[f'{prefix}_total_loss']:.4f}"}
+
+
+def predictions(outputs, batch, data):
+    raise ValueError("--predictions is for classifier checkpoints")
+
+
+def per_class(predictions, data):
+    raise ValueError("--per_class is for classifier checkpoints")
+
+
+# ----------------------------------------------------------------------------- model files
+
+def save_model(folder, model, tokenizer, full_weights, data, args):
+    """The LM in its own format + tokenizer, the image parts, unified.json."""
+    save_unified(model, tokenizer, folder, {"text_loss_weight": data.text_weight,
+                                            "image_loss_weight": data.image_weight}, full_weights)
+
+
+def load_model(folder):
+    return load_unified(folder)
+
+
+def eval_data(args, folder, trained_args, world_size):
+    """Data for eval.py: every validation conversation; the loss weights and image size saved
+    with the checkpoint. Returns (data, indices, what results depend on, summary)."""
+    if args.dist == "fsdp" and world_size > 1:
+        raise ValueError("--dist fsdp: generation checkpoints are evaluated with a full model per "
+                         "process")
+    if args.judge and not args.judge_prompt:
+        raise ValueError("--judge needs --judge_prompt, e.g. 'a handwritten digit {label}'")
+    if args.predictions or args.per_class:
+        raise ValueError("--predictions / --per_class are for classifier checkpoints")
+    info = read_unified_info(folder)
+    val = read_generation_files(args.val_files)
+    indices = list(range(len(val)))
+    data = Data(None, val, indices, ImageSpec(**info["image"]), info.get("text_loss_weight", 1.0),
+                info.get("image_loss_weight", 1.0))
+    judged = ((args.judge, args.judge_prompt, args.judge_dataset, args.judge_samples,
+               args.sample_steps, args.cfg_scale) if args.judge else None)
+    return data, indices, ["generate", judged], f"evaluation data: {len(val):,} samples"
+
+
+def eval_extras(args, device):
+    """The judge classifier, loaded once for every checkpoint and guidance scale."""
+    if not args.judge:
+        return None
+    judge, inputs, info = load_classifier(args.judge)
+    judge.to(device).eval()
+    return judge, inputs, info
+
+
+def extra_metrics(model, tokenizer, data, args, judge, rank, world_size, device):
+    """Caption accuracy, and the judge's accuracy on generated images with and without CFG."""
+    out = caption_accuracy(model, tokenizer, data.val, args.batch_size, rank, world_size, device)
+    if judge is not None:
+        for scale in dict.fromkeys([1.0, args.cfg_scale]):
+            out.update(judge_generated_images(model, tokenizer, judge, args, scale, rank,
+                                              world_size, device))
+    return out
+
+
+def finish(args, model, tokenizer, data, device, main_process):
+    """samples.png: a row of images per --sample_prompts prompt from the evaluated weights."""
+    if not args.sample_prompts:
+        return
+    prompts = [p for p in args.sample_prompts for _ in range(args.samples_per_prompt)]
+    images = generate_images(model, tokenizer, prompts, args.sample_steps, args.cfg_scale,
+                             args.seed, args.timestep_shift, device)
+    if main_process:
+        path = os.path.join(args.output_dir, "samples.png")
+        save_grid(images, path, args.samples_per_prompt)
+        print(f"samples written to {path} (a row per prompt, cfg scale {args.cfg_scale}, "
+              f"{args.sample_steps} steps)")
+
+
+def caption_accuracy(model, tokenizer, conversations, batch_size, rank, world_size, device):
+    """Share of image -> text samples (one user image, then the assistant's text) whose greedy
+    caption equals the reference exactly: eval_caption_accuracy over eval_captions samples."""
+    pairs = [(c.turns[0].value, c.turns[1].value.strip()) for c in conversations
+             if [(t.role, t.kind) for t in c.turns] == [("user", "image"), ("assistant", "text")]]
+    pairs = pairs[rank::world_size]
+    correct = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        images = [load_image(path, model.spec) for path, _ in chunk]
+        longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                      for _, text in chunk)
+        captions = generate_text(model, tokenizer, images, max_new_tokens=longest + 1,
+                                 device=device)
+        correct += sum(caption.strip() == text for caption, (_, text) in zip(captions, chunk))
+    correct, total = all_reduce_sum([correct, len(pairs)], device)
+    return {"eval_caption_accuracy": correct / total if total else 0.0, "eval_captions": int(total)}
+
+
+@torch.no_grad()
+def judge_generated_images(model, tokenizer, judge, args, cfg_scale, rank, world_size, device):
+    """Generate judge_samples images per class of the judge's dataset and classify them with the
+    judge (model, inputs, info of a classifier checkpoint).
+
+    Returns judge_accuracy_cfg{scale}, judge_samples and judge_chance (1 / number of classes)."""
+    judge, inputs, info = judge
+    dataset = args.judge_dataset or next(iter(info["datasets"]))
+    if dataset not in info["datasets"]:
+        raise ValueError(
+            f"--judge_dataset {dataset}: the judge knows {', '.join(info['datasets'])}")
+    k, offset = info["datasets"][dataset]["num_classes"], info["datasets"][dataset]["offset"]
+    labels = [c for c in range(k) for _ in range(args.judge_samples)][rank::world_size]
+    correct = 0
+    for start in range(0, len(labels), 100):
+        chunk = labels[start:start + 100]
+        prompts = [args.judge_prompt.format(label=c) for c in chunk]
+        images = generate_images(model, tokenizer, prompts, args.sample_steps, cfg_scale,
+                                 seed=rank * 100_003 + start, device=device)
+        batch = inputs([to_pil(x).convert("RGB") for x in images], [dataset] * len(chunk))
+        logits = judge(**{n: v.to(device) for n, v in batch.items()})[:, offset:offset + k]
+        correct += (logits.argmax(-1).cpu() == torch.tensor(chunk)).sum().item()
+    correct, total = all_reduce_sum([correct, len(labels)], device)
+    return {f"judge_accuracy_cfg{cfg_scale:g}": correct / total, "judge_samples": int(total),
+            "judge_chance": 1 / k}
