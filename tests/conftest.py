@@ -234,8 +234,15 @@ def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
     marker = item.get_closest_marker("fault")
     if marker and report.when == "call":
-        tried, survived = FAULTS.get(marker.args[0], (0, 0))
-        FAULTS[marker.args[0]] = (tried + 1, survived + report.passed)
+        report.user_properties.append(("fault", marker.args[0]))
+
+
+def pytest_runtest_logreport(report):
+    # Reports reach here in the process that prints the summary, also under pytest-xdist.
+    for key, name in report.user_properties:
+        if key == "fault" and report.when == "call":
+            tried, survived = FAULTS.get(name, (0, 0))
+            FAULTS[name] = (tried + 1, survived + report.passed)
 
 
 def pytest_terminal_summary(terminalreporter):
