@@ -269,8 +269,8 @@ def save_model(folder, model, inputs, full_weights, data, args):
         info["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
                         "dropout": args.lora_dropout or 0.0, "targets": model.lora_targets,
                         "train": args.lora_train or [], "file": ADAPTER_FILE}
-        save_file({k: v.contiguous() for k, v in adapter_state(full_weights,
-                                                                args.lora_train or ()).items()},
+        adapters = adapter_state(full_weights, args.lora_train or ())
+        save_file({k: v.contiguous() for k, v in adapters.items()},
                   os.path.join(folder, ADAPTER_FILE))
         full_weights = merged_state_dict(full_weights, scaling(args.lora_rank, args.lora_alpha))
     save_classifier(model, inputs, folder, info, state_dict=full_weights)
