@@ -8,6 +8,7 @@ import os
 
 from model import DEFAULT_PROMPT, POOLINGS
 from dataset import auto_num_workers
+from lora import check_lora_flags
 from reporting import check_report_to
 from tasks import TASKS
 
@@ -77,6 +78,16 @@ def build_parser(description=None):
       help="recompute activations in backward (less memory)")
     a("--param_dtype", choices=["fp32", "bf16"], default="fp32",
       help="dtype of the weights and optimizer state; bf16 halves memory for large backbones")
+    a("--lora_rank", type=int, default=0,
+      help="classify: LoRA adapters of this rank on the backbone's linear layers, the rest of the "
+           "backbone frozen (needs peft: pip install -e '.[lora]'); 0 = off")
+    a("--lora_alpha", type=float, help="LoRA scaling alpha / rank (default: alpha = rank)")
+    a("--lora_dropout", type=float, help="dropout on the LoRA input (default: 0)")
+    a("--lora_targets", nargs="+",
+      help="linear layers to adapt: full names or last parts (q_proj) (default: the attention and "
+           "MLP linears of a vision-language model's LLM, or of a vision backbone's blocks)")
+    a("--lora_train", nargs="+",
+      help="backbone modules trained fully beside the adapters and the head, e.g. visual.merger")
     # several processes (torchrun)
     a(
         "--dist", choices=["ddp", "fsdp"], default="ddp", help=
@@ -323,4 +334,5 @@ def check_args(args):
         raise ValueError("--cpu_offload needs --dist fsdp")
     if args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
+    check_lora_flags(args)
     check_report_to(args.report_to)  # a missing package is an error before the first step

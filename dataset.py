@@ -531,7 +531,9 @@ def make_loader(records, indices, inputs, dataset_names, batch_size, num_workers
         ImageDataset(records, skip_bad_images, pixels), batch_size=batch_size,
         sampler=EpochSampler(indices, epoch), collate_fn=Collate(inputs, dataset_names),
         num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
-        **workers)
+        # Its own generator: each iter() draws the workers' base seed, which taken from the global
+        # RNG would shift the model's dropout draws after a mid-epoch resume.
+        generator=torch.Generator().manual_seed(epoch), **workers)
 
 
 def auto_num_workers(cap=16):

@@ -13,6 +13,7 @@ import re
 
 import torch.nn as nn
 
+ADAPTER_FILE = "adapter.safetensors"  # a checkpoint's adapters, beside the merged model
 LORA_KEY = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
 
 
@@ -34,6 +35,32 @@ def check_lora_args(rank, alpha, dropout):
         raise ValueError(f"--lora_alpha must be a positive number, got {alpha}")
     if not 0 <= dropout < 1:
         raise ValueError(f"--lora_dropout must be in [0, 1), got {dropout}")
+
+
+def check_lora_flags(args):
+    """train.py's LoRA flags, before the data is read: in range, peft installed, and no --lora_*
+    flag or freezing flag that LoRA would ignore."""
+    check_lora_args(args.lora_rank, args.lora_alpha, args.lora_dropout or 0.0)
+    options = {"--lora_alpha": args.lora_alpha, "--lora_dropout": args.lora_dropout,
+               "--lora_targets": args.lora_targets, "--lora_train": args.lora_train}
+    given = [flag for flag, value in options.items() if value is not None]
+    if not args.lora_rank:
+        if given:
+            raise ValueError(f"{', '.join(given)}: LoRA is off (--lora_rank 0); give --lora_rank R")
+        return
+    if args.freeze != "none" or args.train_only_head:
+        raise ValueError("--freeze / --train_only_head cannot be combined with --lora_rank: LoRA "
+                         "freezes the backbone itself (choose what adapts with --lora_targets and "
+                         "what trains fully with --lora_train)")
+    try:
+        require_peft()
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+
+
+def scaling(rank, alpha=None):
+    """What LoRA multiplies B A by: alpha / rank (alpha defaults to the rank)."""
+    return (alpha or rank) / rank
 
 
 def linear_names(module):

@@ -84,9 +84,11 @@ def parameter_parts(model, args):
     --layer_decay D (vision backbones): block i of n (1-based) runs at lr * D^(n + 1 - i); what
     comes before the first block (patch and position embeddings, cls / register / mask tokens)
     at lr * D^(n + 1); a parameter between two blocks (ConvNeXt's downsampling) with the block
-    after it; the head and what follows the last block (final norm, pooler) at lr.
+    after it; the head and what follows the last block (final norm, pooler) at lr. Only trainable
+    parameters are grouped: with LoRA the adapters, each at the rate of the block it sits in.
     --vision_lr / --merger_lr (vision-language backbones): the vision tower without its merger,
-    and the merger, at their own rates; the language model and the head at --lr.
+    and the merger, at their own rates; the language model and the head at --lr. A rate given for
+    a part with nothing trainable (frozen, or LoRA elsewhere) is an error.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     backbone, decay = getattr(model, "backbone", model), getattr(args, "layer_decay", None)
@@ -129,6 +131,12 @@ def parameter_parts(model, args):
                   [(n, p) for n, p in named if id(p) in in_merger]),
                  ("language model and head", 1.0,
                   [(n, p) for n, p in named if id(p) not in in_vision | in_merger])]
+        for flag, value, (title, _, params) in zip(("--vision_lr", "--merger_lr"),
+                                                   (vision_lr, merger_lr), parts):
+            if value is not None and not params:  # frozen (--freeze, LoRA): the rate cannot act
+                raise ValueError(f"{flag}: nothing in the {title} of {type(backbone).__name__} "
+                                 "trains (frozen by --freeze or --lora_rank; train it with "
+                                 "--lora_targets / --lora_train)")
         return [part for part in parts if part[2]]
     return [("all", 1.0, named)]
 

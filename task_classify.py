@@ -4,15 +4,19 @@ A task module exposes the functions listed in tasks.py; train.py's loop and eval
 those, so neither branches on the task. Here a batch's target count is its number of samples,
 and the step loss is the sum of per-sample masked cross-entropies over the global sample count.
 """
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from augment import AUGMENTS, augment_config
 from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
                      mixture_shares, partial_eval_indices, read_jsonl_files, summarize,
                      summarize_mixture)
+from lora import (ADAPTER_FILE, add_lora, adapter_state, merged_state_dict, scaling,
+                  trainable_summary)
 from mixup import check_mix_args, mix_batch
 from optimizer import check_lr_args
 from losses import masked_cross_entropy
@@ -137,6 +141,11 @@ def build_model(args, data, dtype):
     model = MaskedClassifier(backbone, data.label_space.num_labels, args.pooling,
                              getattr(inputs, "pixel_normalize", None)).to(dtype=dtype)
     set_trainable(model, args.freeze, args.train_only_head)
+    if args.lora_rank:  # before gradient checkpointing and sharding: both see the adapters
+        model.lora_targets = add_lora(model, args.lora_rank, args.lora_alpha,
+                                      args.lora_dropout or 0.0, args.lora_targets,
+                                      args.lora_train or ())
+        say(trainable_summary(model, model.lora_targets))
     check_mix_args(args.mixup, args.cutmix, args.mix_prob, NAME, model.token_inputs,
                    type(backbone).__name__)
     check_lr_args(args, model.token_inputs, type(backbone).__name__)
@@ -256,6 +265,14 @@ def save_model(folder, model, inputs, full_weights, data, args):
                              "description": s.description, "offset": o,
                              **({"labels": s.labels} if s.labels else {})}
                          for (n, s), o in zip(data.registry.items(), data.label_space.offsets)}}
+    if args.lora_rank:  # the adapters, and the backbone with them merged in: loads without peft
+        info["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
+                        "dropout": args.lora_dropout or 0.0, "targets": model.lora_targets,
+                        "train": args.lora_train or [], "file": ADAPTER_FILE}
+        adapters = adapter_state(full_weights, args.lora_train or ())
+        save_file({k: v.contiguous() for k, v in adapters.items()},
+                  os.path.join(folder, ADAPTER_FILE))
+        full_weights = merged_state_dict(full_weights, scaling(args.lora_rank, args.lora_alpha))
     save_classifier(model, inputs, folder, info, state_dict=full_weights)
 
 

@@ -78,7 +78,8 @@ def check_flags(args):
         raise ValueError("--on_bad_image skip is for --task classify")
     classify_only = {"--mixup": args.mixup, "--cutmix": args.cutmix, "--augment": args.augment,
                      "--layer_decay": args.layer_decay, "--vision_lr": args.vision_lr,
-                     "--merger_lr": args.merger_lr, "--mix_temperature": args.mix_temperature}
+                     "--merger_lr": args.merger_lr, "--mix_temperature": args.mix_temperature,
+                     "--lora_rank": args.lora_rank}
     given = [flag for flag, value in classify_only.items() if value]
     if given:
         raise ValueError(f"{', '.join(given)}: for --task classify")
