@@ -13,6 +13,7 @@ from augment import AUGMENTS, augment_config
 from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
                      mixture_shares, partial_eval_indices, read_jsonl_files, summarize,
                      summarize_mixture)
+from ema import plain_metric
 from mixup import check_mix_args, mix_batch
 from optimizer import check_lr_args
 from losses import masked_cross_entropy
@@ -100,8 +101,9 @@ def check_flags(args, label_space, val_records):
     groups = [("overall", all(k > 5 for _, k in present))] + [(n, k > 5) for n, k in present]
     valid = [f"{d}_{m}" for d, top5 in groups
              for m in ("loss", "accuracy") + (("top5_accuracy",) if top5 else ())]
-    if args.best_metric not in valid:
-        raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)}")
+    if plain_metric(args.best_metric) not in valid:  # ema_ + a metric: that of the EMA weights
+        raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)} "
+                         "(or ema_ + one of them, with --ema_decay)")
 
 
 def load_data(args, say):
