@@ -224,13 +224,13 @@ def start_state(run):
     folder = resolve_resume(args.resume, args.output_dir)
     info = read_info(folder)
     trainer_state = load_trainer_state(folder)
-    # Any world size and --dist the checkpoint was written with.
-    load_sharded_state(folder, run.model, run.optimizer)
     if run.ema is not None:
         ema.load_ema_state(folder, run.ema)  # refuses a checkpoint written without an EMA
     elif os.path.isdir(os.path.join(folder, ema.EMA_DIR)):
         raise ValueError(f"--resume {folder}: that run kept an EMA of the weights (--ema_decay "
                          f"{info['args'].get('ema_decay')}); resume it with --ema_decay too")
+    # Any world size and --dist the checkpoint was written with.
+    load_sharded_state(folder, run.model, run.optimizer)
     run.scaler.load_state_dict(trainer_state["scaler"])
     ranks = trainer_state["ranks"]
     if run.rank < len(ranks):  # another world size starts with fresh RNG and an empty window
@@ -438,7 +438,7 @@ def finish(run, state, log):
         if state.best["checkpoint"]:
             load_sharded_state(state.best["checkpoint"], run.model)
             if args.best_metric.startswith(ema.METRIC_PREFIX):  # the EMA weights won
-                ema.load_ema_state(evaluated, run.ema)
+                ema.load_ema_state(state.best["checkpoint"], run.ema)
                 ema.copy_into(run.raw_model, run.ema)  # for good: training is over
                 evaluated = os.path.join(evaluated, ema.MODEL_DIR)
         run.say(f"full evaluation of {evaluated} on all {len(run.data.val):,} validation samples")

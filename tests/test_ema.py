@@ -9,7 +9,7 @@ import torch
 
 import train
 from checkpoint import INFO_FILE
-from conftest import ROOT, _free_port, read_jsonl, train_args
+from conftest import ROOT, _free_port, load_weights, read_jsonl, train_args
 from ema import (check_ema_args, ema_due, load_ema_state, make_ema, save_ema_state, swapped_in,
                  update_ema)
 from eval import main as eval_main
@@ -231,3 +231,13 @@ def test_training_evaluates_saves_resumes_and_picks_the_ema(small_data, tiny_vit
         train.main(train_args(small_data, tiny_vit, plain, "--max_steps", 2, "--skip_evaluation",
                               "--ema_decay", 0.5, "--resume", "latest"))
     assert "written without --ema_decay, so its EMA cannot be resumed" in capsys.readouterr().err
+
+
+def test_a_step_the_fp16_scaler_skips_leaves_the_ema_as_it_was(small_data, tiny_vit, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("MIXTRAIN_FAULT", "nan_loss:3")  # the scaler finds inf and skips step 3
+    train.main(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 3, "--save_steps", 2,
+                          "--skip_evaluation", "--precision", "fp16", "--ema_decay", 0.5))
+    for weights in ("", "ema"):
+        a, b = (load_weights(tmp_path / f"checkpoint-{n}" / weights) for n in (2, 3))
+        assert all(torch.equal(a[k], b[k]) for k in a), weights
