@@ -9,6 +9,9 @@ A checkpoint is `OUTPUT_DIR/checkpoint-{step}/` holding
                                      processes, sharded or not: what resuming loads
   trainer_state.pt                   GradScaler and per-rank RNG states (tensors only)
   training_info.json                 step, epoch, args, metrics at that step, best so far
+  ema_state/, ema/                   with --ema_decay: the EMA shadow as each rank holds it (what
+                                     resuming loads), and the EMA model in the same files as the
+                                     model above (eval.py evaluates checkpoint-N/ema)
 It is written under `.tmp-checkpoint-{step}` and renamed into place by rank 0 only when complete,
 so a folder named checkpoint-* is always whole. Nothing here unpickles: the sharded state is
 safetensors whose shard offsets are JSON in the file headers (DCP's default format pickles
@@ -30,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from distributed import all_gather_objects, barrier
+from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
 
 INFO_FILE = "training_info.json"
@@ -45,6 +49,16 @@ class CheckpointError(ValueError):
 def checkpoint_step(path):
     m = _NAME.match(os.path.basename(os.path.normpath(path)))
     return int(m.group(1)) if m else None
+
+
+def checkpoint_folder(path):
+    """The checkpoint-N folder a model folder belongs to: itself, or for the EMA model
+    (checkpoint-N/ema) its parent, which holds training_info.json."""
+    path = os.path.normpath(path)
+    parent = os.path.dirname(path)
+    if os.path.basename(path) == EMA_MODEL_DIR and checkpoint_step(parent) is not None:
+        return parent
+    return path
 
 
 def list_checkpoints(output_dir):
@@ -232,21 +246,37 @@ def load_sharded_state(folder, model, optimizer=None):
             optim_state_dict={"state": state["optim"], "param_groups": optim_state["param_groups"]})
 
 
-def save_checkpoint(path, model, write_model, optimizer, scaler, info, rank, train_window):
+def full_model_state(model):
+    """The whole model's state in CPU memory on rank 0 (an empty dict elsewhere); under FSDP a
+    collective."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
+def save_checkpoint(path, model, write_model, optimizer, scaler, info, rank, train_window,
+                    ema=None, raw_model=None):
     """Atomic checkpoint: every rank writes its share of the model and optimizer state; rank 0 adds
     the whole model gathered in CPU memory (write_model(folder, weights): for eval.py and
     inference), the scaler, every rank's RNG state and unlogged train-metric sums
     (`train_window`), so a resumed run goes on exactly as an uninterrupted one would, its logs
-    included. training_info.json (`info`) is written last: it marks the folder complete."""
+    included. training_info.json (`info`) is written last: it marks the folder complete.
+    With an EMA (ema.py): every rank writes its shards of the shadow `ema`, and the EMA model
+    goes through write_model into ema/, gathered like the model with the shadow swapped into
+    `raw_model` (the model itself, not its DDP wrapper: the shadow's names are its own)."""
     per_rank = all_gather_objects({"rng": rng_state(), "train_metrics": train_window.cpu()})
-    # Full tensors on rank 0 only (an empty dict elsewhere); under FSDP a collective.
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    full = full_model_state(model)
 
     def write(tmp):
         save_sharded_state(tmp, model, optimizer)
         if rank == 0:
             write_model(tmp, full)
+        if ema is not None:
+            save_ema_state(tmp, ema)
+            with swapped_in(raw_model, ema):  # written inside: the gathered tensors may be views
+                ema_full = full_model_state(model)
+                if rank == 0:
+                    write_model(os.path.join(tmp, EMA_MODEL_DIR), ema_full)
+        if rank == 0:
             torch.save({"scaler": scaler.state_dict(), "ranks": per_rank},
                        os.path.join(tmp, STATE_FILE))
             injected_fault("kill_in_save", info["step"])

@@ -9,6 +9,7 @@ import os
 from model import DEFAULT_PROMPT, POOLINGS
 from dataset import auto_num_workers
 from lora import check_lora_flags
+from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
 from tasks import TASKS
 
@@ -139,6 +140,10 @@ def build_parser(description=None):
     )
     a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
       help="autocast dtype (fp16 adds a GradScaler)")
+    a("--ema_decay", type=float, default=0,
+      help="also keep an exponential moving average of the weights, ema = d * ema + (1 - d) * w "
+           "(0: off; e.g. 0.9998); evaluated as eval_ema_*, saved under checkpoint-N/ema/")
+    a("--ema_every", type=int, default=1, help="update the EMA after every N optimizer steps")
     a("--label_smoothing", type=float, default=0.0,
       help="spread over each sample's valid classes only")
     a("--no_logits_masking", action="store_true", help="let every sample predict every head row")
@@ -161,7 +166,8 @@ def build_parser(description=None):
     a("--save_total_limit", type=int, default=3,
       help="keep this many latest checkpoints (the best is always kept)")
     a("--best_metric", default="overall_accuracy",
-      help="overall_accuracy, overall_loss, DATASET_accuracy, ...")
+      help="overall_accuracy, overall_loss, DATASET_accuracy, ...; ema_ + any of these (with "
+           "--ema_decay) ranks the EMA weights")
     a("--best_mode", choices=["max", "min"], help="default: min for *_loss, max otherwise")
     a("--no_best_tracking", action="store_true",
       help="evaluate, but do not track or keep a best checkpoint")
@@ -336,3 +342,10 @@ def check_args(args):
         raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
     check_lora_flags(args)
     check_report_to(args.report_to)  # a missing package is an error before the first step
+    check_ema_args(args.ema_decay, args.ema_every)
+    if not args.ema_decay:
+        if args.ema_every != 1:
+            raise ValueError("--ema_every needs --ema_decay > 0 (there is no EMA to update)")
+        if args.best_metric.startswith(METRIC_PREFIX):
+            raise ValueError(f"--best_metric {args.best_metric}: the ema_ metrics are of the EMA "
+                             "weights, which need --ema_decay > 0")

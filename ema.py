@@ -15,6 +15,10 @@ does the model (save_ema_state / load_ema_state: the same safetensors layout as 
 sharded state, readable on any world size). `swapped_in(model, shadow)` puts the EMA weights
 into the model for evaluation or for writing `checkpoint-N/ema/`, and restores the trained
 weights bit for bit on exit.
+
+In train.py: metrics of the EMA weights are named `eval_ema_*` (`--best_metric ema_*` picks the
+best checkpoint by them); a checkpoint holds the shadow in ema_state/ (what resuming reads) and
+the EMA model under ema/ in the model's own files (what eval.py reads).
 """
 import os
 import warnings
@@ -23,6 +27,8 @@ from contextlib import contextmanager
 import torch
 
 EMA_DIR = "ema_state"
+MODEL_DIR = "ema"  # checkpoint-N/ema: the EMA model, loadable as a checkpoint of its task
+METRIC_PREFIX = "ema_"  # eval_ema_overall_accuracy, --best_metric ema_overall_accuracy
 
 
 def check_ema_args(decay, every):
@@ -37,6 +43,17 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _parameters(model):
+    """{name: parameter} as this process holds them. Under FSDP2 every unit is resharded first:
+    the root keeps its weights gathered after a forward without backward (an evaluation), and a
+    later forward would reuse that stale gathered copy instead of the shards written here."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return dict(model.named_parameters())
+
+
 def make_ema(model):
     """The shadow: a float32 copy of every parameter, sharded as the parameter is (call after
     the model is sharded or moved to its device, so the shadow lives where the weights do)."""
@@ -46,13 +63,18 @@ def make_ema(model):
 @torch.no_grad()
 def update_ema(shadow, model, decay):
     """ema = decay * ema + (1 - decay) * w for every parameter, on each process's own shards."""
-    params = dict(model.named_parameters())
+    params = _parameters(model)
     if params.keys() != shadow.keys():
         raise ValueError("the EMA shadow does not fit the model's parameters")
     emas = [_local(shadow[n]) for n in params]
     weights = [_local(p.detach()).float() for p in params.values()]
     torch._foreach_mul_(emas, decay)
     torch._foreach_add_(emas, weights, alpha=1 - decay)
+
+
+def plain_metric(name):
+    """The metric a --best_metric names, without the ema_ prefix that picks the EMA weights."""
+    return name.removeprefix(METRIC_PREFIX)
 
 
 def ema_due(step, every):
@@ -64,17 +86,20 @@ def ema_due(step, every):
 def swapped_in(model, shadow):
     """Within the block the model holds the EMA weights (cast to its dtype); on exit its own
     weights come back exactly. Costs one copy of the (local) weights."""
-    params = dict(model.named_parameters())
-    kept = {n: _local(p.detach()).clone() for n, p in params.items()}
-    with torch.no_grad():
-        for n, p in params.items():
-            _local(p.detach()).copy_(_local(shadow[n]))
+    kept = {n: _local(p.detach()).clone() for n, p in _parameters(model).items()}
+    copy_into(model, shadow)
     try:
         yield model
     finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                _local(p.detach()).copy_(kept[n])
+        copy_into(model, kept)
+
+
+@torch.no_grad()
+def copy_into(model, weights):
+    """Put `weights` ({parameter name: tensor, as the model holds it}) into the model's
+    parameters, cast to their dtype; for good at the end of training, when the EMA won."""
+    for n, p in _parameters(model).items():
+        _local(p.detach()).copy_(_local(weights[n]))
 
 
 def save_ema_state(folder, shadow):

@@ -16,6 +16,10 @@ dataset registry, head size, label layout and image preprocessing come from the 
 flags below override them. Results are appended to RUN_DIR/eval_results.jsonl, and a checkpoint
 already evaluated on the same data is skipped unless --force is given. `evaluate` is the one
 evaluation function that training uses too.
+
+A run trained with --ema_decay holds the EMA model in checkpoint-N/ema: `python eval.py
+RUN_DIR/checkpoint-N/ema` evaluates it (recorded as checkpoint "checkpoint-N/ema" in RUN_DIR);
+a RUN_DIR evaluates each checkpoint's trained weights only, not the ema/ folders.
 """
 import argparse
 import datetime
@@ -26,7 +30,7 @@ import os
 
 import torch
 
-from checkpoint import checkpoint_step, list_checkpoints, read_info
+from checkpoint import checkpoint_folder, checkpoint_step, list_checkpoints, read_info
 from config import num_workers, workers_per_rank
 from dataset import DataError
 import distributed
@@ -90,10 +94,11 @@ def data_key(val_files, options):
 
 
 def find_targets(path):
-    """(run_dir, [checkpoint folders]) for a checkpoint folder or a run directory."""
+    """(run_dir, [checkpoint folders]) for a checkpoint folder (or its ema/ model) or a run
+    directory."""
     path = os.path.normpath(path)
     if task_of_checkpoint(path):
-        return os.path.dirname(path) or ".", [path]
+        return os.path.dirname(checkpoint_folder(path)) or ".", [path]
     found = [p for p in list_checkpoints(path) if task_of_checkpoint(p)]
     if not found:
         files = " or ".join(task.MODEL_FILE for task in TASKS.values())
@@ -105,14 +110,14 @@ def find_targets(path):
 def still_to_evaluate(run_dir, targets, key, force, rank):
     """The checkpoint folders not yet evaluated on this data (all with --force), on every rank."""
     done = already_evaluated(run_dir) if rank == 0 else set()
-    skip = all_gather_objects(sorted(os.path.basename(t) for t in targets
-                                     if (os.path.basename(t), key) in done))[0]
+    skip = all_gather_objects(sorted(os.path.relpath(t, run_dir) for t in targets
+                                     if (os.path.relpath(t, run_dir), key) in done))[0]
     if force:
         return targets
     if rank == 0:
         for name in skip:
             print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); --force to redo")
-    return [t for t in targets if os.path.basename(t) not in skip]
+    return [t for t in targets if os.path.relpath(t, run_dir) not in skip]
 
 
 def already_evaluated(run_dir):
@@ -179,7 +184,7 @@ def main(argv=None):
 def run(args, rank, world_size, device):
     run_dir, targets = find_targets(args.path)
     task = task_of_checkpoint(targets[-1])
-    trained_args = read_info(targets[-1]).get("args", {})
+    trained_args = read_info(checkpoint_folder(targets[-1])).get("args", {})
     args.val_files = args.val_jsonl or trained_args.get("val_jsonl")
     if not args.val_files:
         raise ValueError("no validation data: give --val_jsonl (the run was trained without any)")
@@ -192,7 +197,7 @@ def run(args, rank, world_size, device):
     if args.predictions and rank == 0:
         open(args.predictions, "w").close()
     for folder in still_to_evaluate(run_dir, targets, key, args.force, rank):
-        name = os.path.basename(folder)
+        name = os.path.relpath(folder, run_dir)  # checkpoint-N, or checkpoint-N/ema
         model, inputs, _ = task.load_model(folder)
         if args.dist == "fsdp" and world_size > 1:
             shard_model(model, fsdp_units(model.backbone), device,
@@ -209,7 +214,8 @@ def run(args, rank, world_size, device):
             continue
         scope = " (partial evaluation)" if args.partial else " (full evaluation)"
         print(task.report(metrics, "eval", name + scope, data))
-        record = {"checkpoint": name, "step": checkpoint_step(folder), "data_key": key,
+        step = checkpoint_step(checkpoint_folder(folder))
+        record = {"checkpoint": name, "step": step, "data_key": key,
                   "val_jsonl": [os.path.abspath(p) for p in args.val_files],
                   "partial": args.partial,
                   "time": datetime.datetime.now().isoformat(timespec="seconds"), **metrics}
@@ -217,9 +223,10 @@ def run(args, rank, world_size, device):
             f.write(json.dumps(record) + "\n")
         if args.per_class:  # the predictions of every sample: exact counts under torchrun
             result, text = task.per_class(predictions, data)
-            os.makedirs(os.path.join(run_dir, "per_class"), exist_ok=True)
-            with open(os.path.join(run_dir, "per_class", f"{name}.json"), "w") as f:
-                json.dump({"checkpoint": name, "step": checkpoint_step(folder), "data_key": key,
+            path = os.path.join(run_dir, "per_class", f"{name}.json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump({"checkpoint": name, "step": step, "data_key": key,
                            "partial": args.partial, "datasets": result}, f, indent=2)
             print(text)
         if args.predictions:

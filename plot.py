@@ -113,8 +113,9 @@ def plot_run(run_dir, out_dir=None, smoothing=0.9):
     bests = [r for r in records if r.get("event") == "best" and "best_model_step" in r]
     best_step = bests[-1]["best_model_step"] if bests else None
     by_step = {}
-    for r in checkpoints:  # the latest evaluation of each checkpoint
-        by_step[r.get("step")] = r
+    for r in checkpoints:  # the latest evaluation of each checkpoint (not its EMA model's)
+        if not str(r.get("checkpoint", "")).endswith("/ema"):
+            by_step[r.get("step")] = r
     checkpoints = [by_step[s] for s in sorted(s for s in by_step if s is not None)]
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     written = []

@@ -17,6 +17,7 @@ from dataset import (count_per_dataset, load_registry, make_loader, mixture_indi
                      summarize_mixture)
 from lora import (ADAPTER_FILE, add_lora, adapter_state, merged_state_dict, scaling,
                   trainable_summary)
+from ema import plain_metric
 from mixup import check_mix_args, mix_batch
 from optimizer import check_lr_args
 from losses import masked_cross_entropy
@@ -104,8 +105,9 @@ def check_flags(args, label_space, val_records):
     groups = [("overall", all(k > 5 for _, k in present))] + [(n, k > 5) for n, k in present]
     valid = [f"{d}_{m}" for d, top5 in groups
              for m in ("loss", "accuracy") + (("top5_accuracy",) if top5 else ())]
-    if args.best_metric not in valid:
-        raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)}")
+    if plain_metric(args.best_metric) not in valid:  # ema_ + a metric: that of the EMA weights
+        raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)} "
+                         "(or ema_ + one of them, with --ema_decay)")
 
 
 def load_data(args, say):

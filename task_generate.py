@@ -12,6 +12,7 @@ import torch
 
 from dataset import train_indices
 from distributed import all_reduce_sum
+from ema import plain_metric
 from metrics import GenerationMetrics, format_generation
 from model import load_classifier
 from unified import (SPEC_FILE, ImageSpec, UnifiedModel, check_pack_tokens, generate_images,
@@ -67,9 +68,9 @@ def add_flags(parser):
 
 
 def check_flags(args):
-    if not args.no_best_tracking and args.best_metric not in BEST_METRICS:
+    if not args.no_best_tracking and plain_metric(args.best_metric) not in BEST_METRICS:
         raise ValueError(f"--best_metric {args.best_metric!r} is not one of "
-                         f"{', '.join(BEST_METRICS)}")
+                         f"{', '.join(BEST_METRICS)} (or ema_ + one of them, with --ema_decay)")
     if args.freeze != "none" or args.train_only_head:
         raise ValueError("--freeze / --train_only_head are for --task classify")
     if not 0 <= args.cond_dropout < 1:

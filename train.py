@@ -11,7 +11,7 @@ Every flag can also be a key of the --config file (YAML/JSON); flags on the comm
 win over the file. One optimizer step, top to bottom:
   fetch grad_accum micro-batches -> count their targets on all ranks -> forward -> summed loss /
   global count -> backward (gradient sync on the last micro-batch only) -> clip -> AdamW step ->
-  log / evaluate / track best / save.
+  EMA update (--ema_decay) -> log / evaluate / track best / save.
 Under torchrun the model is replicated (--dist ddp) or sharded per transformer block with
 FSDP2 (--dist fsdp); the loop is the same for every task (tasks.py): the classifier divides the
 sum of per-sample losses by the global sample count, the generator its text CE and image MSE by
@@ -36,6 +36,7 @@ from config import apply_overrides, check_args, parse_args, workers_per_rank
 from dataset import DataError
 import distributed
 from distributed import all_reduce_sum, barrier
+import ema
 from eval import evaluate
 from faults import TrainingError, catch_stop_signals, injected_fault
 from logs import JsonlLog, memory_mb
@@ -62,6 +63,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     overrides: list
+    ema: dict = None  # --ema_decay: the EMA shadow of raw_model's parameters (ema.py)
 
     @property
     def main_process(self):
@@ -176,8 +178,10 @@ def build_run(args, rank, world_size, device):
     say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch "
         f"{args.batch_size} x {world_size} process(es) x grad_accum {args.grad_accum}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
+    # After placing: the shadow lives where the weights do (FSDP2: sharded like them).
+    shadow = ema.make_ema(raw_model) if args.ema_decay else None
     return Run(args, task, data, model, raw_model, inputs, optimizer, scaler, device, rank,
-               world_size, steps_per_epoch, total_steps, overrides)
+               world_size, steps_per_epoch, total_steps, overrides, shadow)
 
 
 def place_model(args, task, raw_model, backbone, device, world_size, say):
@@ -220,6 +224,11 @@ def start_state(run):
     folder = resolve_resume(args.resume, args.output_dir)
     info = read_info(folder)
     trainer_state = load_trainer_state(folder)
+    if run.ema is not None:
+        ema.load_ema_state(folder, run.ema)  # refuses a checkpoint written without an EMA
+    elif os.path.isdir(os.path.join(folder, ema.EMA_DIR)):
+        raise ValueError(f"--resume {folder}: that run kept an EMA of the weights (--ema_decay "
+                         f"{info['args'].get('ema_decay')}); resume it with --ema_decay too")
     # Any world size and --dist the checkpoint was written with.
     load_sharded_state(folder, run.model, run.optimizer)
     run.scaler.load_state_dict(trainer_state["scaler"])
@@ -282,10 +291,13 @@ def train_step(run, state, loader, log):
         grad_norm = grad_norm.full_tensor()
     # Taken after the gradient all-reduce, so every rank decides alike. Under fp16 the scaler skips
     # overflowing steps itself (and lowers its scale): that is not a bad step.
-    if math.isfinite(grad_norm.item()) or run.scaler.is_enabled():
+    finite = math.isfinite(grad_norm.item())
+    if finite or run.scaler.is_enabled():
         run.scaler.step(run.optimizer)
         run.scaler.update()
         state.bad_steps = 0
+        if finite and run.ema is not None and ema.ema_due(step + 1, args.ema_every):
+            ema.update_ema(run.ema, run.raw_model, args.ema_decay)  # not after a skipped step
     else:
         skip_bad_step(run, state, log, grad_norm, window_before)
     run.optimizer.zero_grad(set_to_none=True)
@@ -344,9 +356,15 @@ def after_step(run, state, log, progress, stop):
     eval_metrics, new_best = {}, False
     if not args.no_partial_eval and (step % args.eval_steps == 0 or step == run.total_steps):
         eval_metrics = run_evaluation(run, run.data.partial_indices, "eval")
+        if run.ema is not None:  # the same evaluation of the EMA weights: eval_ema_*
+            with ema.swapped_in(run.raw_model, run.ema):
+                eval_metrics.update(run_evaluation(run, run.data.partial_indices, "eval_ema"))
         log.write("eval", step, run.epoch_of(step), **eval_metrics)
         run.say(run.task.report(eval_metrics, "eval", f"partial evaluation at step {step}",
                                 run.data))
+        if run.ema is not None:
+            run.say(run.task.report(eval_metrics, "eval_ema", f"partial evaluation at step {step}"
+                                    " of the EMA weights", run.data))
         new_best = not args.no_best_tracking and track_best(run, state, log, eval_metrics)
     due = step % args.save_steps == 0 or step == run.total_steps
     injected_fault("kill_before_save", step)
@@ -394,7 +412,7 @@ def save(run, state, metrics):
         run.task.save_model(folder, run.raw_model, run.inputs, full_weights, run.data, args)
 
     save_checkpoint(path, run.model, write_model, run.optimizer, run.scaler, info, run.rank,
-                    state.train_metrics.sums)
+                    state.train_metrics.sums, run.ema, run.raw_model)
     state.last_saved = path
     if run.main_process and not args.save_all_checkpoints:
         keep = 0 if args.save_best_only else args.save_total_limit
@@ -419,6 +437,10 @@ def finish(run, state, log):
         evaluated = state.best["checkpoint"] or state.last_saved
         if state.best["checkpoint"]:
             load_sharded_state(state.best["checkpoint"], run.model)
+            if args.best_metric.startswith(ema.METRIC_PREFIX):  # the EMA weights won
+                ema.load_ema_state(state.best["checkpoint"], run.ema)
+                ema.copy_into(run.raw_model, run.ema)  # for good: training is over
+                evaluated = os.path.join(evaluated, ema.MODEL_DIR)
         run.say(f"full evaluation of {evaluated} on all {len(run.data.val):,} validation samples")
         final_metrics = run_evaluation(run, list(range(len(run.data.val))), "final_eval")
         log.write("final_eval", step, run.epoch_of(step), checkpoint=evaluated, **final_metrics)

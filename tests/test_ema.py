@@ -1,4 +1,5 @@
 """EMA of weights: the update formula, swapping in and out, checkpoint state, FSDP2 shards."""
+import json
 import os
 import subprocess
 import sys
@@ -6,10 +7,13 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, _free_port
+import train
+from checkpoint import INFO_FILE
+from conftest import ROOT, _free_port, load_weights, read_jsonl, train_args
 from ema import (check_ema_args, ema_due, load_ema_state, make_ema, save_ema_state, swapped_in,
                  update_ema)
-from model import MaskedClassifier, build_preset
+from eval import main as eval_main
+from model import MaskedClassifier, build_preset, load_classifier
 
 
 def tiny_model(dtype=torch.float32):
@@ -168,3 +172,72 @@ def test_ema_is_sharded_like_the_model_under_fsdp2(tmp_path):
     assert reference.keys() == shadow.keys()
     for n in shadow:
         torch.testing.assert_close(shadow[n], reference[n], rtol=1e-6, atol=1e-7)
+
+
+def test_training_evaluates_saves_resumes_and_picks_the_ema(small_data, tiny_vit, tmp_path,
+                                                            capsys):
+    """--ema_decay through train.py: eval_ema_* beside eval_*, --best_metric ema_*, the EMA model
+    under checkpoint-N/ema evaluated by eval.py, and the final evaluation of the EMA weights."""
+    out = tmp_path / "run"
+    common = ["--eval_steps", 2, "--save_steps", 2, "--lr", 1e-2, "--save_all_checkpoints"]
+    train.main(train_args(small_data, tiny_vit, out, *common, "--max_steps", 4, "--ema_decay", 0.5,
+                          "--best_metric", "ema_overall_accuracy"))
+    records = read_jsonl(out / "metrics.jsonl")
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:  # the same partial subset, two sets of weights
+        assert r["eval_ema_overall_samples"] == r["eval_overall_samples"] == 20
+        assert r["eval_ema_overall_loss"] != r["eval_overall_loss"]
+    best = [r for r in records if r["event"] == "best"][-1]
+    with open(out / "run_summary.json") as f:
+        summary = json.load(f)
+    step = best["best_model_step"]
+    assert summary["best_metric"] == "ema_overall_accuracy"
+    assert summary["best_value"] == best["best_ema_overall_accuracy"] == max(
+        r["eval_ema_overall_accuracy"] for r in evals)
+    checkpoint = out / f"checkpoint-{step}"
+    assert summary["final_eval_checkpoint"] == str(checkpoint / "ema")
+
+    # checkpoint-N/ema holds the shadow of ema_state/ in the model's own files, no trainer state
+    assert not (checkpoint / "ema" / INFO_FILE).exists()
+    model, _, _ = load_classifier(str(checkpoint / "ema"))
+    shadow = make_ema(model)
+    load_ema_state(str(checkpoint), shadow)
+    assert all(torch.equal(p, shadow[n]) for n, p in model.named_parameters())
+    trained = dict(load_classifier(str(checkpoint))[0].named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters())
+
+    # eval.py takes checkpoint-N/ema as a checkpoint of the run: the final evaluation's numbers
+    eval_main([str(checkpoint / "ema"), "--num_workers", "0", "--batch_size", "8"])
+    record = read_jsonl(out / "eval_results.jsonl")[-1]
+    assert (record["checkpoint"], record["step"]) == (f"checkpoint-{step}/ema", step)
+    final = summary["final_eval"]
+    assert record["eval_overall_samples"] == final["final_eval_overall_samples"] == 31
+    assert record["eval_overall_correct"] == final["final_eval_overall_correct"]
+    assert record["eval_overall_loss"] == pytest.approx(final["final_eval_overall_loss"], rel=1e-6)
+    # a run directory evaluates each checkpoint's trained weights, not its ema/ folder again
+    eval_main([str(out), "--num_workers", "0"])
+    assert [r["checkpoint"] for r in read_jsonl(out / "eval_results.jsonl")] == [
+        f"checkpoint-{step}/ema", "checkpoint-2", "checkpoint-4"]
+
+    # resuming needs the EMA on exactly when the checkpoint has one
+    with pytest.raises(SystemExit):
+        train.main(train_args(small_data, tiny_vit, out, *common, "--max_steps", 5,
+                              "--resume", "latest"))
+    assert "that run kept an EMA of the weights (--ema_decay 0.5)" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    train.main(train_args(small_data, tiny_vit, plain, "--max_steps", 1, "--skip_evaluation"))
+    with pytest.raises(SystemExit):
+        train.main(train_args(small_data, tiny_vit, plain, "--max_steps", 2, "--skip_evaluation",
+                              "--ema_decay", 0.5, "--resume", "latest"))
+    assert "written without --ema_decay, so its EMA cannot be resumed" in capsys.readouterr().err
+
+
+def test_a_step_the_fp16_scaler_skips_leaves_the_ema_as_it_was(small_data, tiny_vit, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("MIXTRAIN_FAULT", "nan_loss:3")  # the scaler finds inf and skips step 3
+    train.main(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 3, "--save_steps", 2,
+                          "--skip_evaluation", "--precision", "fp16", "--ema_decay", 0.5))
+    for weights in ("", "ema"):
+        a, b = (load_weights(tmp_path / f"checkpoint-{n}" / weights) for n in (2, 3))
+        assert all(torch.equal(a[k], b[k]) for k in a), weights

@@ -205,16 +205,18 @@ def test_a_nan_loss_skips_the_step_and_training_goes_on(small_data, tiny_vit, tm
 def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(small_data, tiny_vit, tmp_path):
     process = start(
         train_args(small_data, tiny_vit, tmp_path, "--max_steps", 10, "--skip_evaluation",
-                   "--save_steps", 2, "--max_bad_steps", 2),
+                   "--save_steps", 2, "--max_bad_steps", 2, "--ema_decay", 0.5),
         env={"MIXTRAIN_FAULT": "nan_loss:5,nan_loss:6,nan_loss:7"})
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2
     assert ("3 optimizer steps in a row had non-finite gradients (up to step 7; "
             "--max_bad_steps 2)") in err
     assert "the last good checkpoint is" in err and "checkpoint-6" in err
-    # checkpoint-6 holds the weights of step 4 (steps 5 and 6 were skipped): whole and loadable
-    a, b = load_weights(tmp_path / "checkpoint-4"), load_weights(tmp_path / "checkpoint-6")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # checkpoint-6 holds the weights of step 4 (steps 5 and 6 were skipped): whole and loadable;
+    # a skipped step does not update the EMA either
+    for weights in ("", "ema"):
+        a, b = (load_weights(tmp_path / f"checkpoint-{n}" / weights) for n in (4, 6))
+        assert all(torch.equal(a[k], b[k]) for k in a), weights
 
 
 @pytest.mark.fault("disk full")

@@ -29,12 +29,16 @@ def train_log(out):
 
 
 def assert_same_training(runs):
-    """Same weights after the last step, and the same global loss, sample count and gradient norm at
-    every step."""
+    """Same weights (and EMA weights, where kept) after the last step, and the same global loss,
+    sample count and gradient norm at every step."""
     first, *others = runs
+    kept = ["checkpoint-3"] + ["checkpoint-3/ema"] * (first / "checkpoint-3" / "ema").exists()
     for other in others:
-        assert_same_adam_steps(load_weights(first / "checkpoint-3"),
-                               load_weights(other / "checkpoint-3"), lr=1e-2, steps=3)
+        for weights in kept:
+            # An EMA entry is a weighted mean of the entry after each step: float-level sign flips
+            # move it within the same bound as the weights.
+            assert_same_adam_steps(load_weights(first / weights), load_weights(other / weights),
+                                   lr=1e-2, steps=3)
         for a, b in zip(train_log(first), train_log(other), strict=True):
             assert a["train_overall_samples"] == b["train_overall_samples"], other.name
             assert a["train_overall_loss"] == pytest.approx(b["train_overall_loss"],
@@ -44,12 +48,13 @@ def assert_same_training(runs):
 
 def test_one_process_accumulation_ddp_and_fsdp_take_the_same_steps(small_data, tiny_vit, tmp_path):
     # Global batch 8 for 3 steps: 1 x 8; 1 x 2 x accum 4; 2 processes x 4 (DDP); 2 processes x 2 x
-    # accum 2 (FSDP2).
+    # accum 2 (FSDP2). Augmented, with an EMA of the weights (sharded like them under FSDP2).
     runs = {"one": (1, "--batch_size", 8), "accum": (1, "--batch_size", 2, "--grad_accum", 4),
             "ddp": (2, "--batch_size", 4, "--dist", "ddp"),
             "fsdp": (2, "--batch_size", 2, "--grad_accum", 2, "--dist", "fsdp")}
     for name, (processes, *extra) in runs.items():
-        run(small_data, tiny_vit, tmp_path / name, processes, *extra)
+        run(small_data, tiny_vit, tmp_path / name, processes, *extra, "--augment", "crop_flip",
+            "--ema_decay", 0.5)
     assert [r["train_overall_samples"] for r in train_log(tmp_path / "fsdp")] == [8, 8, 8]
     assert_same_training([tmp_path / name for name in runs])
 
@@ -74,11 +79,11 @@ def test_uneven_micro_batches_are_normalised_over_the_global_batch(small_data, t
 def test_fsdp_checkpoint_resumes_on_one_process_and_evaluates_exactly(small_data, tiny_vit,
                                                                       tmp_path):
     """2 FSDP2 processes write checkpoint-3; one process resumes from it and ends where the
-    2-process run
-    ends. The evaluation under FSDP counts every validation sample once (21 + 10: odd sizes)."""
+    2-process run ends, its EMA included (eval_ema_* and checkpoint-6/ema). The evaluation under
+    FSDP counts every validation sample once (21 + 10: odd sizes)."""
     common = [
         "--max_steps", 6, "--save_steps", 3, "--eval_steps", 3, "--logging_steps", 1, "--lr", 1e-2,
-        "--pooling", "mean", "--save_all_checkpoints"
+        "--pooling", "mean", "--save_all_checkpoints", "--ema_decay", 0.5
     ]
     sharded, resumed = tmp_path / "fsdp", tmp_path / "resumed"
     result = run_script(
@@ -89,14 +94,17 @@ def test_fsdp_checkpoint_resumes_on_one_process_and_evaluates_exactly(small_data
     assert "FSDP2 over 2 processes: 2 block(s) + the root sharded" in result.stdout
     shards = sorted(os.listdir(sharded / "checkpoint-3" / "state"))
     assert len(shards) == 2 and all(s.endswith(".safetensors") for s in shards)  # one file per rank
+    assert len(os.listdir(sharded / "checkpoint-3" / "ema_state")) == len(os.listdir(
+        sharded / "checkpoint-3" / "state"))  # the EMA is sharded like the model
 
     os.makedirs(resumed)
     shutil.copytree(sharded / "checkpoint-3", resumed / "checkpoint-3")
     shutil.copy(sharded / "metrics.jsonl", resumed / "metrics.jsonl")
     train.main(
         train_args(small_data, tiny_vit, resumed, *common, "--batch_size", 8, "--resume", "latest"))
-    assert_same_adam_steps(load_weights(sharded / "checkpoint-6"),
-                           load_weights(resumed / "checkpoint-6"), lr=1e-2, steps=3)
+    for weights in ("checkpoint-6", "checkpoint-6/ema"):
+        assert_same_adam_steps(load_weights(sharded / weights), load_weights(resumed / weights),
+                               lr=1e-2, steps=3)
     a, b = read_jsonl(sharded / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
     assert [r["event"] for r in a] == [r["event"] for r in b]
     for ra, rb in zip(a, b):

@@ -80,9 +80,11 @@ def test_grad_accum_with_unequal_micro_batches_normalises_over_the_whole_batch(
 def test_resume_mid_epoch_continues_exactly(small_data, tiny_vit, tmp_path):
     # 56 samples / batch 8 = 7 steps per epoch; checkpoint-5 is in the middle of epoch 0.
     # Logging every 3 steps: the train-metric window is open at the checkpoint and must be restored.
+    # The EMA (updated every 2nd step) is restored too, and picks the best checkpoint.
     common = [
         "--max_steps", 14, "--save_steps", 5, "--eval_steps", 5, "--logging_steps", 3,
-        "--warmup_steps", 3, "--save_all_checkpoints"
+        "--warmup_steps", 3, "--save_all_checkpoints", "--ema_decay", 0.9, "--ema_every", 2,
+        "--best_metric", "ema_overall_accuracy"
     ]
     run_train(train_args(small_data, tiny_vit, tmp_path / "full", *common))
     os.makedirs(tmp_path / "resumed")
@@ -96,9 +98,9 @@ def test_resume_mid_epoch_continues_exactly(small_data, tiny_vit, tmp_path):
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     for step in (10, 14):
-        a, b = load_weights(full / f"checkpoint-{step}"), load_weights(resumed /
-                                                                       f"checkpoint-{step}")
-        assert all(torch.equal(a[k], b[k]) for k in a), f"checkpoint-{step} differs after resume"
+        for weights in (f"checkpoint-{step}", f"checkpoint-{step}/ema"):
+            a, b = load_weights(full / weights), load_weights(resumed / weights)
+            assert all(torch.equal(a[k], b[k]) for k in a), f"{weights} differs after resume"
     timing = {"samples_per_second", "max_memory_mb"}
     # noqa: E731
     strip = lambda rows: [{k: v
@@ -254,6 +256,9 @@ def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_
     ("best_metric",
      "--best_metric 'faces_top5_accuracy' is not one of overall_loss, overall_accuracy, "
      "digits_loss, digits_accuracy, digits_top5_accuracy, faces_loss, faces_accuracy"),
+    ("ema_decay", "--ema_decay must be in [0, 1) (0 = off), got 1.0"),
+    ("ema_every", "--ema_every needs --ema_decay > 0"),
+    ("ema_metric", "--best_metric ema_overall_accuracy: the ema_ metrics are of the EMA weights"),
 ])
 def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, capsys, case,
                                                message):
@@ -272,6 +277,9 @@ def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, c
         data["faces_val"] = str(tmp_path / "nowhere.jsonl")
     elif case == "best_metric":  # two classes: no top-5 is reported for faces
         extra = ["--best_metric", "faces_top5_accuracy"]
+    elif case.startswith("ema_"):
+        extra = {"ema_decay": ["--ema_decay", 1], "ema_every": ["--ema_every", 2],
+                 "ema_metric": ["--best_metric", "ema_overall_accuracy"]}[case]
     with pytest.raises(SystemExit) as e:
         run_train(train_args(data, tiny_vit, tmp_path / "out", "--max_steps", 2, *extra))
     assert e.value.code == 2
