@@ -77,14 +77,17 @@ def test_grad_accum_with_unequal_micro_batches_normalises_over_the_whole_batch(
     assert log[0]["train_overall_samples"] == 56
 
 
-def test_resume_mid_epoch_continues_exactly(small_data, tiny_vit, tmp_path):
+def test_resume_mid_epoch_with_the_whole_recipe_continues_exactly(small_data, tiny_vit, tmp_path):
     # 56 samples / batch 8 = 7 steps per epoch; checkpoint-5 is in the middle of epoch 0.
     # Logging every 3 steps: the train-metric window is open at the checkpoint and must be restored.
-    # The EMA (updated every 2nd step) is restored too, and picks the best checkpoint.
+    # The EMA (updated every 2nd step) is restored too, and picks the best checkpoint. Every
+    # random part of the recipe is on: RandAugment, mixup / cutmix, weighted mixing.
     common = [
         "--max_steps", 14, "--save_steps", 5, "--eval_steps", 5, "--logging_steps", 3,
         "--warmup_steps", 3, "--save_all_checkpoints", "--ema_decay", 0.9, "--ema_every", 2,
-        "--best_metric", "ema_overall_accuracy"
+        "--best_metric", "ema_overall_accuracy", "--augment", "randaugment", "--mixup", 0.8,
+        "--cutmix", 1.0, "--mix_prob", 0.7, "--layer_decay", 0.75, "--label_smoothing", 0.1,
+        "--mix_temperature", 3
     ]
     run_train(train_args(small_data, tiny_vit, tmp_path / "full", *common))
     os.makedirs(tmp_path / "resumed")
