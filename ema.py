@@ -1,14 +1,16 @@
 """Exponential moving average of the model's weights (--ema_decay, --ema_every).
 
-After every `every`-th optimizer step, for each parameter w of the model (trainable or not):
+After every `every`-th optimizer step, for each parameter w of the model (trainable or not) and
+each floating-point buffer it saves (BatchNorm's running mean and variance):
 
     ema = decay * ema + (1 - decay) * w
 
-computed in float32 whatever the parameters' dtype. The shadow is a dict {parameter name:
-tensor} holding one float32 tensor per parameter *as the model holds it*: under FSDP2 the
-parameters are DTensor shards and so is the shadow (same mesh and placements), so each process
-keeps and updates only its own shard. Buffers (BatchNorm statistics) are not averaged: the
-model's current ones are used with the EMA weights.
+computed in float32 whatever the parameters' dtype. The statistics are averaged with the weights,
+as timm's ModelEmaV2/V3 do: the current statistics belong to the current weights, and using them
+with the averaged weights cost a ResNet 10 points of digits accuracy here. The shadow is a dict
+{name: tensor} holding one float32 tensor per parameter or buffer *as the model holds it*: under
+FSDP2 the parameters are DTensor shards and so is the shadow (same mesh and placements), so each
+process keeps and updates only its own shard.
 
 The shadow is a flat dict of tensors, so torch.distributed.checkpoint saves and loads it as it
 does the model (save_ema_state / load_ema_state: the same safetensors layout as the trainer's
@@ -43,27 +45,36 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _parameters(model):
-    """{name: parameter} as this process holds them. Under FSDP2 every unit is resharded first:
-    the root keeps its weights gathered after a forward without backward (an evaluation), and a
-    later forward would reuse that stale gathered copy instead of the shards written here."""
+def _averaged(model):
+    """{name: tensor} of what the EMA averages, as this process holds them: the parameters and
+    the floating-point buffers that are saved (not constants such as rotary frequencies).
+    Under FSDP2 every unit is resharded first: the root keeps its weights gathered after a
+    forward without backward (an evaluation), and a later forward would reuse that stale
+    gathered copy instead of the shards written here."""
     from torch.distributed.fsdp import FSDPModule
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-    return dict(model.named_parameters())
+    averaged = dict(model.named_parameters())
+    for prefix, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                averaged[f"{prefix}.{name}" if prefix else name] = buffer
+    return averaged
 
 
 def make_ema(model):
-    """The shadow: a float32 copy of every parameter, sharded as the parameter is (call after
-    the model is sharded or moved to its device, so the shadow lives where the weights do)."""
-    return {name: p.detach().to(torch.float32, copy=True) for name, p in model.named_parameters()}
+    """The shadow: a float32 copy of every averaged tensor, sharded as it is (call after the model
+    is sharded or moved to its device, so the shadow lives where the weights do)."""
+    return {name: p.detach().to(torch.float32, copy=True)
+            for name, p in _averaged(model).items()}
 
 
 @torch.no_grad()
 def update_ema(shadow, model, decay):
-    """ema = decay * ema + (1 - decay) * w for every parameter, on each process's own shards."""
-    params = _parameters(model)
+    """ema = decay * ema + (1 - decay) * w for every averaged tensor, on each process's own
+    shards."""
+    params = _averaged(model)
     if params.keys() != shadow.keys():
         raise ValueError("the EMA shadow does not fit the model's parameters")
     emas = [_local(shadow[n]) for n in params]
@@ -86,7 +97,7 @@ def ema_due(step, every):
 def swapped_in(model, shadow):
     """Within the block the model holds the EMA weights (cast to its dtype); on exit its own
     weights come back exactly. Costs one copy of the (local) weights."""
-    kept = {n: _local(p.detach()).clone() for n, p in _parameters(model).items()}
+    kept = {n: _local(p.detach()).clone() for n, p in _averaged(model).items()}
     copy_into(model, shadow)
     try:
         yield model
@@ -98,7 +109,7 @@ def swapped_in(model, shadow):
 def copy_into(model, weights):
     """Put `weights` ({parameter name: tensor, as the model holds it}) into the model's
     parameters, cast to their dtype; for good at the end of training, when the EMA won."""
-    for n, p in _parameters(model).items():
+    for n, p in _averaged(model).items():
         _local(p.detach()).copy_(_local(weights[n]))
 
 

@@ -80,6 +80,27 @@ def test_swapped_in_evaluates_the_ema_and_restores_the_weights_exactly():
     torch.testing.assert_close(ema_logits, reference(pixel_values=x))
 
 
+def test_batchnorm_statistics_are_averaged_with_the_weights_and_swapped_in():
+    torch.manual_seed(0)
+    backbone, _ = build_preset("resnet-tiny")
+    model, d = MaskedClassifier(backbone, 3), 0.8
+    shadow = make_ema(model)
+    stats = [n for n in shadow if n.endswith(("running_mean", "running_var"))]
+    assert stats and not any(n.endswith("num_batches_tracked") for n in shadow)
+    before = {n: shadow[n].clone() for n in stats}
+    model.train()
+    model(pixel_values=torch.randn(4, 3, 32, 32) * 3 + 1)  # moves the running statistics
+    buffers = dict(model.named_buffers())
+    assert any(not torch.equal(buffers[n], before[n]) for n in stats)
+    update_ema(shadow, model, d)
+    for n in stats:
+        torch.testing.assert_close(shadow[n], d * before[n] + (1 - d) * buffers[n])
+    current = {n: buffers[n].clone() for n in stats}
+    with swapped_in(model, shadow):
+        assert all(torch.equal(buffers[n], shadow[n]) for n in stats)
+    assert all(torch.equal(buffers[n], current[n]) for n in stats)
+
+
 def test_state_round_trips_through_distributed_checkpoint(tmp_path):
     model = tiny_model()
     shadow = make_ema(model)
