@@ -253,7 +253,8 @@ class Autoencoder(nn.Module):
                                      posterior.mean.double().pow(2).mean()])
                 m[1:] += rate * (batch - m[1:])
                 m[0] += 1
-        return self.vae.decode(z).sample, posterior.mean, posterior.logvar
+        # copies, not views of the encoder's output: FSDP2 warns about views it returns
+        return self.vae.decode(z).sample, posterior.mean.clone(), posterior.logvar.clone()
 
     def latent_scaling(self, moments=None):
         """(scaling_factor, shift_factor) = (1 / std, mean) of the running averages; the VAE's

@@ -926,7 +926,8 @@ def greedy_decode(model, tokenizer, images, prompt=None, max_new_tokens=32, devi
 
 def generate_text(model, tokenizer, images, prompt=None, max_new_tokens=32, device="cpu",
                   cache=True):
-    """Images (load_image's patches) -> texts, greedy, each until the end-of-text token; all images in one batch.
+    """Images (load_image's patches) -> texts, greedy, each until the end-of-text token; all
+    images in one batch.
     cache: decode against a key/value cache (False: recompute the whole sequence per token)."""
     fed, _ = greedy_decode(model, tokenizer, images, prompt, max_new_tokens, device, cache)
     texts = []
