@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from dataset import (DataError, DatasetSpec, RecordTable, count_per_dataset, ignore_stop_signals,
                      load_registry, mixture_indices, mixture_shares, partial_eval_indices,
                      raise_data_errors, read_data_file, summarize)
+from ema import plain_metric
 from latent import autoencoder_class, downsampling, load_autoencoder
 from unified import read_image, save_grid
 
@@ -39,6 +40,7 @@ DEFAULT_BEST_METRIC = "overall_psnr"
 COUNTS = ("samples",)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # the name AutoencoderKL.from_pretrained reads
 DEFAULT_DATASET = "images"  # the dataset of records without a dataset_name
+DEFAULT_RECON_LOSS, DEFAULT_KL_WEIGHT = "l1", 1e-6  # flags default to None: other tasks refuse them
 RUNNING_MOMENTUM = 0.01  # of the latent mean / square averages, after a plain mean at the start
 METRICS = ("loss", "recon_loss", "kl", "psnr")
 PRESETS = {
@@ -77,10 +79,11 @@ class Data:
 
 def add_flags(parser):
     a = parser.add_argument
-    a("--recon_loss", choices=["l1", "mse"], default="l1",
-      help="autoencoder: reconstruction loss, a mean over pixel values")
-    a("--kl_weight", type=float, default=1e-6,
-      help="autoencoder: weight of the KL to N(0, I), summed over latent values / pixel values")
+    a("--recon_loss", choices=["l1", "mse"],
+      help="autoencoder: reconstruction loss, a mean over pixel values (default: l1)")
+    a("--kl_weight", type=float,
+      help="autoencoder: weight of the KL to N(0, I), summed over latent values / pixel values "
+           "(default: 1e-6)")
     a("--vae_channels", type=int, nargs="+",
       help="autoencoder, --model preset:vae-*: channels of each encoder level (each level after "
            "the first halves the image)")
@@ -88,6 +91,8 @@ def add_flags(parser):
 
 
 def check_flags(args):
+    args.recon_loss = args.recon_loss or DEFAULT_RECON_LOSS
+    args.kl_weight = DEFAULT_KL_WEIGHT if args.kl_weight is None else args.kl_weight
     if not 0 <= args.kl_weight < float("inf"):
         raise ValueError(f"--kl_weight must be a number >= 0, got {args.kl_weight}")
     if args.image_size < 1:
@@ -100,7 +105,8 @@ def check_flags(args):
              "--layer_decay": args.layer_decay, "--vision_lr": args.vision_lr,
              "--merger_lr": args.merger_lr, "--label_smoothing": args.label_smoothing,
              "--no_logits_masking": args.no_logits_masking, "--vae": args.vae,
-             "--sample_prompts": args.sample_prompts, "--pack_tokens": args.pack_tokens}
+             "--sample_prompts": args.sample_prompts, "--pack_tokens": args.pack_tokens,
+             "--lora_rank": args.lora_rank}
     given = [flag for flag, value in other.items() if value]
     if given:
         raise ValueError(f"{', '.join(given)}: not for --task autoencoder")
@@ -114,8 +120,9 @@ def check_best_metric(args, names):
     if args.no_best_tracking:
         return
     valid = [f"{d}_{m}" for d in ["overall", *names] for m in METRICS]
-    if args.best_metric not in valid:
-        raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)}")
+    if plain_metric(args.best_metric) not in valid:  # ema_ + a metric: that of the EMA weights
+        raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)} "
+                         "(or ema_ + one of them, with --ema_decay)")
 
 
 # ----------------------------------------------------------------------------- records

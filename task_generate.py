@@ -94,6 +94,12 @@ def check_flags(args):
     given = [flag for flag, value in classify_only.items() if value]
     if given:
         raise ValueError(f"{', '.join(given)}: for --task classify")
+    autoencoder_only = {"--recon_loss": args.recon_loss, "--kl_weight": args.kl_weight,
+                        "--vae_channels": args.vae_channels,
+                        "--latent_channels": args.latent_channels}
+    given = [flag for flag, value in autoencoder_only.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: for --task autoencoder")
 
 
 def load_data(args, say):

@@ -162,6 +162,7 @@ def test_bad_vae_folders_and_shapes_are_refused_before_the_first_step(vae, digit
     # the images the VAE takes, latents the patches divide, the patch projection of a checkpoint
     assert "--image_channels 3" in error(vae, "--image_channels", 3)
     assert "into 4x4 latents, not a multiple of --patch_size 3" in error(vae, "--patch_size", 3)
+    assert "--kl_weight: for --task autoencoder" in error(vae, "--kl_weight", 0.1)
     train.main(gen_args(records, tiny_lm, vae, tmp_path / "run", "--max_steps", 1,
                         "--skip_evaluation"))
     wide = save_tiny_vae(tmp_path / "wide", latent_channels=8)
