@@ -620,7 +620,8 @@ def encode_latent_batch(batch, codec, spec):
     z = patchify(z, spec.patch_size)[inverse]
     noised = batch["image_noised"]
     t = batch["timesteps"][noised].to(z.dtype)[:, None, None]
-    noise = batch["velocity_targets"].to(z.dtype)
+    # (0, ...) in the pixel patches' shape when no image carries loss (captions only)
+    noise = batch["velocity_targets"].to(z.dtype).reshape(-1, *z.shape[1:])
     images = z.clone()
     images[noised] = (1 - t) * z[noised] + t * noise
     return {**batch, "images": images, "velocity_targets": noise - z[noised]}

@@ -113,6 +113,13 @@ def test_each_distinct_image_is_encoded_once_and_noised_in_latent_space(vae, dig
     torch.testing.assert_close(out["images"][1], z)
     torch.testing.assert_close(out["images"][0], (1 - t) * z + t * eps)
     torch.testing.assert_close(out["velocity_targets"][0], eps - z)
+    # image -> caption only: images to encode, none noised (a rank's share of evaluation)
+    lm, _ = load_language_model(tiny_lm)
+    captions = read_generation_files([write_jsonl(tmp_path / "captions.jsonl", [
+        {"image_path": path, "caption": str(label)} for path, label in digits[:3]])])
+    batch = next(iter(make_generation_loader(captions, [0, 1, 2], tokenizer, spec, 3, 0)))
+    text, image = unified_losses(UnifiedModel(lm, spec, codec), batch)
+    assert image.item() == 0 and text.item() > 0
 
 
 def gen_args(records, lm, vae, out, *extra):
