@@ -50,7 +50,8 @@ def build_parser(description=None):
     a(
         "--task", choices=list(TASKS), default="classify", help=
         "classify: the masked classifier; generate: unified text + image generation (JSON/JSONL "
-        "conversations, text_prompt + image_path, image_path + caption)")
+        "conversations, text_prompt + image_path, image_path + caption); autoencoder: a VAE for "
+        "--vae on the images of either kind of record")
     # model and data
     a("--model",
       help="local Hugging Face model folder, or preset:NAME (a fresh random-init backbone)")

@@ -450,6 +450,12 @@ class MaskedClassifier(nn.Module):
 def enable_activation_checkpointing(backbone):
     """Recompute each block's activations in backward (non-reentrant: frozen inputs need no grad
     hooks)."""
+    if hasattr(backbone, "enable_gradient_checkpointing"):  # diffusers models (non-reentrant)
+        if not backbone._supports_gradient_checkpointing:
+            raise ValueError(f"--gradient_checkpointing: {type(backbone).__name__} does not "
+                             "support it")
+        backbone.enable_gradient_checkpointing()
+        return
     if not backbone.supports_gradient_checkpointing:
         raise ValueError(f"--gradient_checkpointing: {type(backbone).__name__} does not support it")
     if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x name

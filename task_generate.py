@@ -4,19 +4,22 @@ The same functions as every task module (see tasks.py). A batch's targets are it
 target text tokens and its noised image tokens; the step loss is
   text_loss_weight * (CE summed over target text tokens / their global count)
   + image_loss_weight * (patch-mean MSE summed over noised image tokens / their global count).
+With --vae the image tokens are patches of the frozen VAE's latents (unified.encode_latent_batch).
 """
 import os
 from dataclasses import dataclass
 
 import torch
 
+from checkpoint import resolve_resume
 from dataset import train_indices
 from distributed import all_reduce_sum
 from ema import plain_metric
+from latent import load_codec
 from metrics import GenerationMetrics, format_generation
 from model import load_classifier
-from unified import (SPEC_FILE, ImageSpec, UnifiedModel, check_pack_tokens, generate_images,
-                     generate_text, load_image, load_language_model, load_unified,
+from unified import (SPEC_FILE, ImageSpec, UnifiedModel, check_image_spec, check_pack_tokens,
+                     generate_images, generate_text, load_image, load_language_model, load_unified,
                      make_generation_loader, read_generation_files, read_unified_info, save_grid,
                      save_unified, target_counts, to_pil, unified_losses)
 
@@ -38,6 +41,7 @@ class Data:
     shift: float = 1.0
     cond_dropout: float = 0.0
     pack_tokens: int = None  # tokens per packed row (None: one padded sample per row)
+    codec: object = None  # latent.LatentCodec of --vae (None: pixel space)
     names = ()  # no per-dataset counts
 
 
@@ -47,10 +51,16 @@ def add_flags(parser):
       help="generate: weight of the text cross-entropy")
     a("--image_loss_weight", type=float, default=1.0,
       help="generate: weight of the image flow-matching MSE")
-    a("--image_size", type=int, default=32, help="generate: images are resized to this square size")
-    a("--patch_size", type=int, default=4, help="generate: pixels per image token side")
+    a("--image_size", type=int, default=32,
+      help="generate, autoencoder: images are resized to this square size")
+    a("--patch_size", type=int, default=4,
+      help="generate: pixels per image token side (with --vae: latent pixels)")
     a("--image_channels", type=int, choices=[1, 3], default=3,
-      help="generate: 1 (grayscale) or 3 (RGB)")
+      help="generate, autoencoder: 1 (grayscale) or 3 (RGB)")
+    a("--vae",
+      help="generate: a local diffusers AutoencoderKL folder (e.g. a --task autoencoder "
+           "checkpoint): images become patches of its scaled latents, samples are decoded by it; "
+           "frozen (pip install -e '.[vae]')")
     a("--timestep_shift", type=float, default=1.0,
       help="generate: shift s of t -> s t / (1 + (s - 1) t), > 1 noisier")
     a("--cond_dropout", type=float, default=0.1,
@@ -84,6 +94,12 @@ def check_flags(args):
     given = [flag for flag, value in classify_only.items() if value]
     if given:
         raise ValueError(f"{', '.join(given)}: for --task classify")
+    autoencoder_only = {"--recon_loss": args.recon_loss, "--kl_weight": args.kl_weight,
+                        "--vae_channels": args.vae_channels,
+                        "--latent_channels": args.latent_channels}
+    given = [flag for flag, value in autoencoder_only.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: for --task autoencoder")
 
 
 def load_data(args, say):
@@ -93,9 +109,31 @@ def load_data(args, say):
     check_flags(args)
     say(f"training data: {len(train):,} samples" +
         (f"; validation: {len(val):,}" if val else ""))
-    spec = ImageSpec(args.image_size, args.patch_size, args.image_channels)
+    codec = load_codec(args.vae) if args.vae else None
+    spec = ImageSpec(args.image_size, args.patch_size, args.image_channels,
+                     codec.latent_channels if codec else 0, codec.downsample if codec else 1)
+    check_image_spec(spec, codec)
+    check_resume_spec(args, spec)
+    if codec:
+        size = args.image_size // codec.downsample
+        say(f"latent space: --vae {args.vae} encodes {args.image_size}x{args.image_size} images "
+            f"into {codec.latent_channels}x{size}x{size} latents (scaled (z - {codec.shift:g}) x "
+            f"{codec.scale:g}), frozen; {spec.grid ** 2} tokens of {spec.patch_dim} values each")
     return Data(train, val, list(range(len(val))) if val else [], spec, args.text_loss_weight,
-                args.image_loss_weight, args.timestep_shift, args.cond_dropout)
+                args.image_loss_weight, args.timestep_shift, args.cond_dropout, codec=codec)
+
+
+def check_resume_spec(args, spec):
+    """--resume a checkpoint whose image layers were built for other tokens: refused before any
+    weight is read."""
+    if not args.resume:
+        return
+    folder = resolve_resume(args.resume, args.output_dir)
+    saved = ImageSpec(**read_unified_info(folder)["image"])
+    if saved != spec:
+        raise ValueError(
+            f"--resume {folder}: its patch projection takes {saved.patch_dim} values per token "
+            f"({saved}); these flags give {spec.patch_dim} ({spec})")
 
 
 def build_model(args, data, dtype):
@@ -105,7 +143,7 @@ def build_model(args, data, dtype):
         for records in (data.train, data.val or []):
             check_pack_tokens(records, tokenizer, data.spec, args.pack_tokens)
         data.pack_tokens = args.pack_tokens
-    return UnifiedModel(lm, data.spec).to(dtype=dtype), lm, tokenizer
+    return UnifiedModel(lm, data.spec, data.codec).to(dtype=dtype), lm, tokenizer
 
 
 def has_unused_parameters(args, model):

@@ -5,6 +5,7 @@ Each task is a flat module with the same functions; the loop and the evaluation 
   counts of a batch: what the step loss is divided by, summed over the step on all ranks)
   add_flags(parser)                                   flags only this task reads
   load_data(args, say) -> data                        every record read and checked up front
+                                                      (data.names: datasets, data.train / .val)
   build_model(args, data, dtype) -> (model, backbone, inputs)
   has_unused_parameters(args, model)                  what DDP must be told
   loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed, epoch)
@@ -24,10 +25,11 @@ A new task is one module added to TASKS.
 """
 import os
 
+import task_autoencoder
 import task_classify
 import task_generate
 
-TASKS = {task.NAME: task for task in (task_classify, task_generate)}
+TASKS = {task.NAME: task for task in (task_classify, task_generate, task_autoencoder)}
 
 
 def task_of_checkpoint(folder):

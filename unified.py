@@ -11,6 +11,8 @@ image block that carries loss is invisible to every later token (a clean copy fo
 later turns must see the image); samples packed into one row never see each other; with
 text-condition dropout a noised block does not see the text before it (classifier-free guidance).
 Every block shares one RoPE position; text positions run on after it.
+Latent space (a VAE, latent.py): the same, with patches cut from the frozen VAE's scaled latents
+(encoded on the device per batch, each distinct image once) and samples decoded through it.
 
 Data (JSON or JSONL, mixed freely): {"conversations": [{role, type: text|image,
 content|image_path}]},
@@ -31,10 +33,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dataset import DataError, ignore_stop_signals, raise_data_errors, read_data_file
+from latent import load_codec
 from model import LOADING, from_pretrained, say
 
 SPEC_FILE = "unified.json"
 WEIGHTS_FILE = "unified.safetensors"
+VAE_DIR = "vae"  # with --vae: the VAE's own folder inside a checkpoint
 ROLES = ("system", "user", "assistant")
 # evaluation noise levels, cycled over samples: low-variance image MSE
 EVAL_TIMES = (0.25, 0.5, 0.75)
@@ -150,44 +154,72 @@ def read_generation_files(paths):
 
 @dataclass
 class ImageSpec:
+    """How an image becomes tokens. It is resized to image_size (channels 1 or 3) and cut into
+    patch_size patches: of its pixels, or with a VAE (latent_channels > 0) of its latents, whose
+    pixels each cover `downsample` image pixels a side (patch_size then counts latent pixels)."""
     image_size: int = 32
     patch_size: int = 4
     channels: int = 3
+    latent_channels: int = 0
+    downsample: int = 1
+
+    @property
+    def latent(self):
+        return self.latent_channels > 0
+
+    @property
+    def pixel_patch(self):
+        """Image pixels per token side."""
+        return self.patch_size * self.downsample
 
     @property
     def grid(self):
-        return self.image_size // self.patch_size
+        return self.image_size // self.pixel_patch
+
+    @property
+    def token_channels(self):
+        """Channels of what the patches are cut from: the image's, or the VAE latent's."""
+        return self.latent_channels or self.channels
 
     @property
     def patch_dim(self):
-        return self.channels * self.patch_size ** 2
+        return self.token_channels * self.patch_size ** 2
+
+
+def read_image(path, size, channels):
+    """(channels, size, size) pixels in [-1, 1]; an image that cannot be read is a DataError."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
+    except Exception as e:
+        raise DataError(f"cannot decode image {path}: {e}") from None
+    pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1)
+    return pixels.reshape(size, size, -1).permute(2, 0, 1)
 
 
 def load_image(path, spec):
-    """Pixels in [-1, 1] as (num_patches, patch_dim)."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if spec.channels == 1 else "RGB").resize((spec.image_size, ) * 2,
-                                                                         Image.BICUBIC)
-    except Exception as e:
-        raise DataError(f"cannot decode image {path}: {e}") from None
-    pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).reshape(
-        spec.image_size, spec.image_size, -1)
-    return patchify(pixels.permute(2, 0, 1), spec)
+    """Pixels in [-1, 1] as (grid * grid, channels * pixel_patch^2): the pixels of each token
+    (with a VAE, the area its latent patch covers; the VAE encodes them on the device)."""
+    return patchify(read_image(path, spec.image_size, spec.channels), spec.pixel_patch)
 
 
-def patchify(image, spec):
-    """(C, H, W) -> (grid * grid, C * p * p), patches in row-major order."""
-    c, p, g = spec.channels, spec.patch_size, spec.grid
-    return image.reshape(c, g, p, g, p).permute(1, 3, 0, 2, 4).reshape(g * g, c * p * p)
+def patchify(image, patch):
+    """(..., C, H, W) -> (..., (H / p) * (W / p), C * p * p), patches in row-major order."""
+    *lead, c, h, w = image.shape
+    x = image.reshape(*lead, c, h // patch, patch, w // patch, patch)
+    n = len(lead)
+    x = x.permute(*range(n), n + 1, n + 3, n, n + 2, n + 4)
+    return x.reshape(*lead, (h // patch) * (w // patch), c * patch * patch)
 
 
-def unpatchify(patches, spec):
-    """(..., grid * grid, C * p * p) -> (..., C, H, W)."""
-    c, p, g = spec.channels, spec.patch_size, spec.grid
-    lead = patches.shape[:-2]
-    x = patches.reshape(*lead, g, g, c, p, p)
-    return x.permute(*range(len(lead)), -3, -5, -2, -4, -1).reshape(*lead, c, g * p, g * p)
+def unpatchify(patches, patch, channels):
+    """(..., g * g, C * p * p) -> (..., C, g * p, g * p): patchify's inverse for square images."""
+    *lead, tokens, _ = patches.shape
+    g = math.isqrt(tokens)
+    x = patches.reshape(*lead, g, g, channels, patch, patch)
+    n = len(lead)
+    x = x.permute(*range(n), n + 2, n, n + 3, n + 1, n + 4)
+    return x.reshape(*lead, channels, g * patch, g * patch)
 
 
 def to_pil(image):
@@ -325,7 +357,9 @@ class GenerationDataset(torch.utils.data.Dataset):
         def draw(x0):
             t = sample_timestep(g, self.shift) if self.train else EVAL_TIMES[index %
                                                                              len(EVAL_TIMES)]
-            noise = torch.randn(x0.shape, generator=g)
+            noise = torch.randn(self.spec.grid ** 2, self.spec.patch_dim, generator=g)
+            if self.spec.latent:  # x0 is pixels: encode_latent_batch noises its latent
+                return x0, t, noise
             return (1 - t) * x0 + t * noise, t, noise - x0
 
         try:
@@ -343,12 +377,16 @@ PAD = {"input_ids": 0, "is_text": False, "block": -1, "noised": False, "marker":
 def collate_rows(rows):
     """Samples -> a batch: each row holds one or more samples (packed side by side, each with its
     own positions, blocks renumbered per row) and is padded to the longest row. Images, timesteps
-    and velocity targets follow the tokens' row-major order, as the model reads them."""
-    merged, images, times, targets, indices = [], [], [], [], []
+    and velocity targets follow the tokens' row-major order, as the model reads them;
+    image_noised marks the images that carry loss. With a VAE, images are pixel patches and
+    velocity_targets the noise until encode_latent_batch makes them latents and velocities."""
+    merged, images, times, targets, indices, noised = [], [], [], [], [], []
     for row in rows:
         tokens = {k: [] for k in PAD}
         sample, drop_text, blocks = [], [], 0
         for s, (t, sample_images, sample_times, sample_targets, drop, index) in enumerate(row):
+            noised_blocks = {b for b, n in zip(t["block"], t["noised"]) if n}
+            noised += [b in noised_blocks for b in range(len(sample_images))]
             for k in PAD:
                 tokens[k] += ([b + blocks if b >= 0 else -1 for b in t[k]] if k == "block"
                               else t[k])
@@ -379,6 +417,7 @@ def collate_rows(rows):
     batch["images"] = torch.stack(images) if images else torch.zeros(0, *patches)
     batch["timesteps"] = torch.tensor(times, dtype=torch.float32)
     batch["velocity_targets"] = torch.stack(targets) if targets else torch.zeros(0, *patches)
+    batch["image_noised"] = torch.tensor(noised, dtype=torch.bool)
     batch["indices"] = torch.tensor(indices)
     return batch
 
@@ -484,21 +523,47 @@ def sincos_2d(grid, dim):
     return torch.cat(out, dim=1)
 
 
+def check_image_spec(spec, codec=None):
+    """A ValueError when the images cannot be cut into whole patches, or when the VAE does not
+    give the latents the patch projection is built for."""
+    if not spec.latent:
+        if spec.image_size % spec.patch_size:
+            raise ValueError(f"--image_size {spec.image_size} is not a multiple of --patch_size "
+                             f"{spec.patch_size}")
+        return
+    where = f"--vae {codec.folder}" if codec is not None and codec.folder else "the VAE"
+    if spec.image_size % spec.downsample:
+        raise ValueError(f"--image_size {spec.image_size} is not a multiple of {spec.downsample}, "
+                         f"the downsampling of {where}")
+    size = spec.image_size // spec.downsample
+    if size % spec.patch_size:
+        raise ValueError(f"{where} encodes {spec.image_size}-pixel images into {size}x{size} "
+                         f"latents, not a multiple of --patch_size {spec.patch_size} (which counts "
+                         f"latent pixels)")
+    if codec is None:
+        raise ValueError("latent image tokens need the VAE that encodes them")
+    if codec.image_channels != spec.channels:
+        raise ValueError(f"--image_channels {spec.channels}: {where} takes "
+                         f"{codec.image_channels}-channel images")
+    if (codec.latent_channels, codec.downsample) != (spec.latent_channels, spec.downsample):
+        raise ValueError(
+            f"{where} gives {codec.latent_channels}-channel latents at 1/{codec.downsample} size; "
+            f"the patch projection takes {spec.latent_channels} channels at 1/{spec.downsample} "
+            f"({spec.patch_dim} values per token)")
+
+
 class UnifiedModel(nn.Module):
     """A causal LM plus the image input projection, timestep embedding and velocity head."""
 
-    def __init__(self, lm, spec):
+    def __init__(self, lm, spec, codec=None):
         super().__init__()
         d = lm.config.hidden_size
         if d % 4:
             raise ValueError(
                 f"the language model's hidden size ({d}) must be divisible by 4 for 2D positions")
-        if spec.image_size % spec.patch_size:
-            raise ValueError(
-                f"--image_size {spec.image_size} is not a multiple of --patch_size "
-                f"{spec.patch_size}"
-            )
+        check_image_spec(spec, codec)
         self.lm, self.spec = lm, spec
+        self.codec = codec  # latent.LatentCodec (frozen VAE), a plain attribute: not a submodule
         dtype = lm.dtype
         self.patch_embed = nn.Linear(spec.patch_dim, d, dtype=dtype)
         self.time_embed = nn.Sequential(nn.Linear(256, d, dtype=dtype), nn.SiLU(),
@@ -539,8 +604,35 @@ class UnifiedModel(nn.Module):
         return logits, velocity
 
 
+@torch.no_grad()
+def encode_latent_batch(batch, codec, spec):
+    """A batch whose images are pixel patches and whose velocity_targets are the noise of its
+    noised images (GenerationDataset with a VAE) -> the same batch in latent space: each distinct
+    image of the batch encoded once by the frozen VAE, noised images x_t = (1 - t) z + t eps,
+    velocity targets eps - z."""
+    pixels = batch["images"]
+    if not pixels.shape[0]:
+        return batch  # text only: the model runs its image layers on nothing
+    # a clean copy after a noised image, or one image in two samples: one encoder pass
+    distinct, inverse = torch.unique(pixels.flatten(1), dim=0, return_inverse=True)
+    z = codec.encode(unpatchify(distinct.reshape(-1, *pixels.shape[1:]), spec.pixel_patch,
+                                spec.channels))
+    z = patchify(z, spec.patch_size)[inverse]
+    noised = batch["image_noised"]
+    t = batch["timesteps"][noised].to(z.dtype)[:, None, None]
+    # (0, ...) in the pixel patches' shape when no image carries loss (captions only)
+    noise = batch["velocity_targets"].to(z.dtype).reshape(-1, *z.shape[1:])
+    images = z.clone()
+    images[noised] = (1 - t) * z[noised] + t * noise
+    return {**batch, "images": images, "velocity_targets": noise - z[noised]}
+
+
 def unified_losses(model, batch):
-    """(sum of text cross-entropy, sum over noised image tokens of the patch-mean squared error)."""
+    """(sum of text cross-entropy, sum over noised image tokens of the patch-mean squared error).
+    With a VAE the batch's pixels are encoded first (encode_latent_batch)."""
+    core = getattr(model, "module", model)  # under DDP, the model it wraps
+    if core.codec is not None:
+        batch = encode_latent_batch(batch, core.codec, core.spec)
     logits, velocity = model(**batch)
     text = F.cross_entropy(logits.float(), batch["labels"][batch["labels"] != -100],
                            reduction="sum")
@@ -602,7 +694,7 @@ def load_language_model(name_or_path, seed=0, dtype=None):
 
 def save_unified(model, tokenizer, folder, info, state_dict=None):
     """The LM in its own HF format + tokenizer, the image parts in unified.safetensors,
-    unified.json.
+    unified.json; with a VAE, the VAE as it was given in vae/ (the checkpoint stands alone).
     """
     weights = state_dict if state_dict is not None else model.state_dict()
     lm = {
@@ -615,6 +707,8 @@ def save_unified(model, tokenizer, folder, info, state_dict=None):
         {k: v.detach().contiguous().cpu()
          for k, v in weights.items() if not k.startswith("lm.")},
         os.path.join(folder, WEIGHTS_FILE))
+    if model.codec is not None:
+        model.codec.save(os.path.join(folder, VAE_DIR))
     with open(os.path.join(folder, SPEC_FILE), "w") as f:
         json.dump({**info, "image": vars(model.spec)}, f, indent=2)
 
@@ -627,8 +721,10 @@ def read_unified_info(folder):
 def load_unified(folder):
     """(UnifiedModel, tokenizer, info) from a checkpoint folder (safetensors + JSON, no pickle)."""
     info = read_unified_info(folder)
+    spec = ImageSpec(**info["image"])
+    codec = load_codec(os.path.join(folder, VAE_DIR), f"{folder}:") if spec.latent else None
     lm, tokenizer = load_language_model(folder)
-    model = UnifiedModel(lm, ImageSpec(**info["image"]))
+    model = UnifiedModel(lm, spec, codec)
     path = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing")
@@ -716,9 +812,9 @@ def _token_batch(token, positions, mask, spec):
 @torch.no_grad()
 def generate_images(model, tokenizer, prompts, steps=50, cfg_scale=1.0, seed=0, shift=1.0,
                     device="cpu", cache=True):
-    """Text -> image: one image per prompt, (N, C, H, W) in [-1, 1]. cfg_scale 1 is plain
-    conditional
-    sampling; above 1, v = v_uncond + scale (v_cond - v_uncond) with the text hidden for v_uncond.
+    """Text -> image: one image per prompt, (N, C, H, W) in [-1, 1] (with a VAE, the sampled
+    latents decoded). cfg_scale 1 is plain conditional sampling; above 1,
+    v = v_uncond + scale (v_cond - v_uncond) with the text hidden for v_uncond.
 
     cache: compute each prompt's keys and values once and recompute only the image block at each
     Euler step (the block sees the cached prompt; the unconditional rows share the layout with the
@@ -759,14 +855,34 @@ def generate_images(model, tokenizer, prompts, steps=50, cfg_scale=1.0, seed=0, 
     was_training = model.training
     model.eval()
     x = euler_sample(cached_velocity if cache else uncached_velocity, noise, steps, shift)
+    images = tokens_to_images(model, x, device)
     model.train(was_training)
-    return unpatchify(x, spec)
+    return images
+
+
+def tokens_to_images(model, tokens, device="cpu"):
+    """(N, grid^2, patch_dim) image tokens -> (N, C, H, W) pixels in [-1, 1] on the CPU; latent
+    tokens go through the VAE's decoder on `device`."""
+    spec = model.spec
+    x = unpatchify(tokens, spec.patch_size, spec.token_channels)
+    return model.codec.decode(x.to(device)).cpu() if spec.latent else x
+
+
+def image_tokens(model, images, device="cpu"):
+    """Images as load_image gives them (pixel patches) -> what the model reads: the same, or
+    with a VAE their latent patches (encoded on `device`, returned on the CPU)."""
+    spec = model.spec
+    if not spec.latent or not len(images):
+        return list(images)
+    pixels = unpatchify(torch.stack(list(images)), spec.pixel_patch, spec.channels)
+    return list(patchify(model.codec.encode(pixels.to(device)), spec.patch_size).cpu())
 
 
 @torch.no_grad()
 def greedy_decode(model, tokenizer, images, prompt=None, max_new_tokens=32, device="cpu",
                   cache=True, forced=None):
-    """Images (patches) -> (fed tokens (rows, steps), logits (steps, rows, vocab)), greedy.
+    """Images (load_image's patches) -> (fed tokens (rows, steps), logits (steps, rows, vocab)),
+    greedy.
 
     Each step feeds every row the argmax of its logits (rows that ended keep going until all have
     ended or max_new_tokens); forced (rows, steps) feeds those tokens instead, for all its steps.
@@ -774,6 +890,7 @@ def greedy_decode(model, tokenizer, images, prompt=None, max_new_tokens=32, devi
     against the key/value cache; False recomputes the whole sequence each step."""
     was_training = model.training
     model.eval()
+    images = image_tokens(model, images, device)
     rows = [build_parts([Turn("user", "image", x0)] +
                         ([Turn("user", "text", prompt)] if prompt else []), tokenizer, model.spec) +
             [("text", role_prefix("assistant", tokenizer), False)] for x0 in images]
@@ -810,7 +927,8 @@ def greedy_decode(model, tokenizer, images, prompt=None, max_new_tokens=32, devi
 
 def generate_text(model, tokenizer, images, prompt=None, max_new_tokens=32, device="cpu",
                   cache=True):
-    """Images (patches) -> texts, greedy, each until the end-of-text token; all images in one batch.
+    """Images (load_image's patches) -> texts, greedy, each until the end-of-text token; all
+    images in one batch.
     cache: decode against a key/value cache (False: recompute the whole sequence per token)."""
     fed, _ = greedy_decode(model, tokenizer, images, prompt, max_new_tokens, device, cache)
     texts = []

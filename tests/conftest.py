@@ -271,3 +271,16 @@ def tiny_lm(tmp_path_factory):
     Qwen2ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def save_tiny_vae(folder, channels=1, latent_channels=4, scaling_factor=1.0, shift_factor=None):
+    """A random-init diffusers AutoencoderKL (two levels of 8 channels: latents at 1/2 size),
+    saved with save_pretrained as a user's VAE folder."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=channels, out_channels=channels,
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                  latent_channels=latent_channels, norm_num_groups=4, sample_size=8,
+                  scaling_factor=scaling_factor, shift_factor=shift_factor).save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,101 @@
+"""The VAE of latent-space generation (--task generate --vae DIR) and of --task autoencoder: a
+diffusers AutoencoderKL read from a local folder (optional extra: pip install -e '.[vae]').
+
+A generator sees scaled latents z = (mean - shift_factor) * scaling_factor, where mean is the
+posterior mean of the encoder (deterministic: the same image always gives the same latent) and
+the two factors come from the VAE's config.json; decoding inverts the scaling first. The VAE of a
+generator is frozen: it is held beside the model, never as a submodule, so it is in no optimizer,
+no gradient and no sharded state.
+"""
+import json
+import os
+
+import torch
+
+CONFIG_FILE = "config.json"
+CLASS_NAME = "AutoencoderKL"
+
+
+def autoencoder_class(flag):
+    """diffusers' AutoencoderKL, or a ValueError naming `flag` and the extra to install."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ValueError(f"{flag} needs diffusers: pip install -e '.[vae]' (or pip install "
+                         "diffusers)") from None
+    return AutoencoderKL
+
+
+def load_autoencoder(folder, flag="--vae"):
+    """The AutoencoderKL of a local folder (config.json + weights, as save_pretrained writes it);
+    a ValueError naming the folder when it holds something else."""
+    AutoencoderKL = autoencoder_class(flag)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag} {folder}: no such folder")
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        hint = (f" (a diffusers pipeline folder: give its VAE, {os.path.join(folder, 'vae')})"
+                if os.path.isdir(os.path.join(folder, "vae")) else "")
+        raise ValueError(f"{flag} {folder}: not an {CLASS_NAME} folder, {CONFIG_FILE} is "
+                         f"missing{hint}")
+    try:
+        with open(path) as f:
+            name = json.load(f).get("_class_name")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{flag} {folder}: cannot read {path} ({e})") from None
+    if name != CLASS_NAME:
+        raise ValueError(f"{flag} {folder}: not an {CLASS_NAME} folder ({path} describes "
+                         f"{name or 'no diffusers model'})")
+    try:
+        return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{flag} {folder}: cannot load the {CLASS_NAME} "
+                         f"({type(e).__name__}: {str(e)[:500]})") from None
+
+
+def downsampling(config):
+    """Pixels per latent pixel side: each encoder level but the last halves the image."""
+    return 2 ** (len(config.block_out_channels) - 1)
+
+
+class LatentCodec:
+    """A frozen AutoencoderKL and its latent scaling: pixels in [-1, 1] <-> scaled latents."""
+
+    def __init__(self, vae, folder=None):
+        self.vae = vae.requires_grad_(False).eval()
+        config = vae.config
+        self.scale = float(config.scaling_factor)
+        self.shift = float(config.shift_factor or 0.0)
+        self.latent_channels = int(config.latent_channels)
+        self.image_channels = int(config.in_channels)
+        self.downsample = downsampling(config)
+        self.folder = folder
+
+    def _follow(self, x):
+        """The VAE goes to the device of its input the first time it meets one (it is not a
+        submodule, so model.to(device) does not move it)."""
+        weight = next(self.vae.parameters())
+        if weight.device != x.device:
+            self.vae.to(x.device)
+        return x.to(weight.dtype)
+
+    @torch.no_grad()
+    def encode(self, pixels):
+        """(N, C, H, W) pixels in [-1, 1] -> (N, latent_channels, H / f, W / f) scaled latents,
+        float32."""
+        mean = self.vae.encode(self._follow(pixels)).latent_dist.mean
+        return (mean.float() - self.shift) * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Scaled latents -> pixels in [-1, 1], float32."""
+        pixels = self.vae.decode(self._follow(latents / self.scale + self.shift)).sample
+        return pixels.float().clamp(-1, 1)
+
+    def save(self, folder):
+        """The VAE as it was loaded, in its own format (what load_codec reads back)."""
+        self.vae.save_pretrained(folder, safe_serialization=True)
+
+
+def load_codec(folder, flag="--vae"):
+    return LatentCodec(load_autoencoder(folder, flag), folder)

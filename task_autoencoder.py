@@ -1,0 +1,556 @@
+"""--task autoencoder: train a diffusers AutoencoderKL (optional extra: pip install -e '.[vae]'),
+built from a preset or fine-tuned from a folder, on the images of the classifier's or the
+generator's record files; its checkpoints are AutoencoderKL folders that --vae takes.
+
+The same functions as every task module (see tasks.py). A batch's targets are its samples; the
+loss of a sample is
+  recon + kl_weight * KL
+  recon: mean over its pixel values of |x - x_hat| (--recon_loss l1) or (x - x_hat)^2 (mse)
+  KL:    KL(q(z | x) || N(0, I)) summed over its latent values, divided by its number of pixel
+         values (the per-value weighting of latent diffusion's VAEs: --kl_weight 1e-6 means what
+         it means there)
+and the step loss is their sum over the global sample count. Training decodes z = mean + std *
+eps, with eps drawn per sample from (seed, epoch, sample index); evaluation decodes the posterior
+mean and reports PSNR (pixels in [-1, 1], peak-to-peak 2) per dataset. Running averages of the
+latents' mean and square give the scaling_factor (1 / std) and shift_factor (mean) written into
+each checkpoint's config.json, so a generator on its latents sees them at unit scale.
+"""
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from dataset import (DataError, DatasetSpec, RecordTable, count_per_dataset, ignore_stop_signals,
+                     load_registry, mixture_indices, mixture_shares, partial_eval_indices,
+                     raise_data_errors, read_data_file, summarize)
+from ema import plain_metric
+from latent import autoencoder_class, downsampling, load_autoencoder
+from unified import read_image, save_grid
+
+NAME = "autoencoder"
+MODEL_FILE = "autoencoder.json"
+DEFAULT_BEST_METRIC = "overall_psnr"
+COUNTS = ("samples",)
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # the name AutoencoderKL.from_pretrained reads
+DEFAULT_DATASET = "images"  # the dataset of records without a dataset_name
+DEFAULT_RECON_LOSS, DEFAULT_KL_WEIGHT = "l1", 1e-6  # flags default to None: other tasks refuse them
+RUNNING_MOMENTUM = 0.01  # of the latent mean / square averages, after a plain mean at the start
+METRICS = ("loss", "recon_loss", "kl", "psnr")
+PRESETS = {
+    # 0.24M parameters: the demo digits
+    "vae-tiny": dict(block_out_channels=(16, 32, 32), latent_channels=4, layers_per_block=1),
+    # the shape of FLUX's VAE (84M parameters, 16 latent channels, 1/8 size), random init
+    "vae-flux": dict(block_out_channels=(128, 256, 512, 512), latent_channels=16,
+                     layers_per_block=2),
+}
+
+
+@dataclass
+class ImageShape:
+    """What a batch holds: images of size x size pixels, channels 1 or 3, and (training) noise of
+    the latent's shape."""
+    size: int
+    channels: int
+    latent_channels: int
+    latent_size: int
+
+
+@dataclass
+class Data:
+    registry: dict  # dataset name -> dataset.DatasetSpec (eval_ratio, sampling_weight)
+    train: object  # dataset.RecordTable (label 0), or None in eval.py
+    val: object
+    partial_indices: list
+    recon_loss: str = "l1"
+    kl_weight: float = 1e-6
+    shares: list = None  # dataset shares of each epoch (None: by size)
+
+    @property
+    def names(self):
+        return list(self.registry)
+
+
+def add_flags(parser):
+    a = parser.add_argument
+    a("--recon_loss", choices=["l1", "mse"],
+      help="autoencoder: reconstruction loss, a mean over pixel values (default: l1)")
+    a("--kl_weight", type=float,
+      help="autoencoder: weight of the KL to N(0, I), summed over latent values / pixel values "
+           "(default: 1e-6)")
+    a("--vae_channels", type=int, nargs="+",
+      help="autoencoder, --model preset:vae-*: channels of each encoder level (each level after "
+           "the first halves the image)")
+    a("--latent_channels", type=int, help="autoencoder, --model preset:vae-*: latent channels")
+
+
+def check_flags(args):
+    args.recon_loss = args.recon_loss or DEFAULT_RECON_LOSS
+    args.kl_weight = DEFAULT_KL_WEIGHT if args.kl_weight is None else args.kl_weight
+    if not 0 <= args.kl_weight < float("inf"):
+        raise ValueError(f"--kl_weight must be a number >= 0, got {args.kl_weight}")
+    if args.image_size < 1:
+        raise ValueError(f"--image_size must be positive, got {args.image_size}")
+    if args.freeze != "none" or args.train_only_head:
+        raise ValueError("--freeze / --train_only_head are for --task classify")
+    if args.on_bad_image == "skip":
+        raise ValueError("--on_bad_image skip is for --task classify")
+    other = {"--mixup": args.mixup, "--cutmix": args.cutmix, "--augment": args.augment,
+             "--layer_decay": args.layer_decay, "--vision_lr": args.vision_lr,
+             "--merger_lr": args.merger_lr, "--label_smoothing": args.label_smoothing,
+             "--no_logits_masking": args.no_logits_masking, "--vae": args.vae,
+             "--sample_prompts": args.sample_prompts, "--pack_tokens": args.pack_tokens,
+             "--lora_rank": args.lora_rank}
+    given = [flag for flag, value in other.items() if value]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not for --task autoencoder")
+    preset = args.model.startswith("preset:")
+    if not preset and (args.vae_channels or args.latent_channels):
+        raise ValueError("--vae_channels / --latent_channels shape a new VAE (--model "
+                         f"preset:{'|preset:'.join(PRESETS)}); {args.model} has its own")
+
+
+def check_best_metric(args, names):
+    if args.no_best_tracking:
+        return
+    valid = [f"{d}_{m}" for d in ["overall", *names] for m in METRICS]
+    if plain_metric(args.best_metric) not in valid:  # ema_ + a metric: that of the EMA weights
+        raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)} "
+                         "(or ema_ + one of them, with --ema_decay)")
+
+
+# ----------------------------------------------------------------------------- records
+
+def _record_images(item):
+    """The image paths of one record: its image_path, or the image turns of its conversations."""
+    if "conversations" in item:
+        turns = item["conversations"]
+        if not isinstance(turns, list):
+            raise ValueError("field 'conversations': expected a list of turns")
+        paths = [(t.get("image_path"), f"conversations[{i}].image_path")
+                 for i, t in enumerate(turns) if isinstance(t, dict) and t.get("type") == "image"]
+    elif "image_path" in item:
+        paths = [(item["image_path"], "image_path")]
+    else:
+        paths = []
+    if not paths:
+        raise ValueError("a text-only record (no 'image_path', no image turn): --task autoencoder "
+                         "trains on images")
+    for path, field in paths:
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"field '{field}': expected a non-empty string, got {path!r}")
+    return [path for path, _ in paths]
+
+
+def _items(path, text, errors):
+    """(line number or array index, where, item) of a JSONL file or a JSON array."""
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            errors.append(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
+            return []
+        data = data if isinstance(data, list) else [data]
+        return [(i, f"{path}: record {i}", item) for i, item in enumerate(data)]
+    items = []
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 in strings
+        if line.strip():
+            try:
+                items.append((lineno, f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                errors.append(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
+    return items
+
+
+def read_image_records(paths, registry, fixed):
+    """Every image of every record -> a dataset.RecordTable (labels 0). Records are the
+    classifier's lines ({"image_path", "dataset_name", ...}) or the generator's records (their
+    images); a record without dataset_name belongs to DEFAULT_DATASET. fixed: names outside
+    `registry` are errors; else they are added to it. One DataError lists every problem."""
+    columns = {"image_paths": [], "labels": [], "dataset_ids": [], "file_ids": [], "lines": []}
+    errors = []
+    for file_id, path in enumerate(paths):
+        text = read_data_file(path, errors)
+        if text is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        for line, where, item in _items(path, text, errors):
+            if not isinstance(item, dict):
+                errors.append(f"{where}: expected a JSON object, got {type(item).__name__}")
+                continue
+            name = item.get("dataset_name", DEFAULT_DATASET)
+            try:
+                images = _record_images(item)
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"field 'dataset_name': expected a name, got {name!r}")
+                if name not in registry:
+                    if fixed:
+                        raise ValueError(f"field 'dataset_name': {name!r} is not in the dataset "
+                                         f"registry (known: {', '.join(registry)})")
+                    registry[name] = DatasetSpec(name, 1)
+            except ValueError as e:
+                errors.append(f"{where}: {e}")
+                continue
+            for image in images:
+                for key, value in zip(columns, (os.path.join(folder, image), 0,
+                                                list(registry).index(name), file_id, line)):
+                    columns[key].append(value)
+    records = RecordTable(files=paths, **columns)
+    with ThreadPoolExecutor(16) as pool:  # stat calls are slow on network filesystems
+        exists = list(pool.map(os.path.isfile, columns["image_paths"]))
+    errors += [f"{records[i].source}: image file not found: {records[i].image_path}"
+               for i, ok in enumerate(exists) if not ok]
+    raise_data_errors(errors, len(records), paths)
+    return records
+
+
+def load_data(args, say):
+    """Read and check every record before the first step; print the per-dataset summary."""
+    check_flags(args)
+    registry = load_registry(args.datasets) if args.datasets else {}
+    train = read_image_records(args.train_jsonl, registry, fixed=bool(args.datasets))
+    val = (read_image_records(args.val_jsonl, registry, fixed=bool(args.datasets))
+           if args.val_jsonl else None)
+    check_best_metric(args, list(registry))
+    partial = partial_eval_indices(val, registry, args.seed) if val else []
+    counts = count_per_dataset(train, len(registry))
+    shares = mixture_shares(registry, counts, args.mix_temperature)
+    if shares is not None and args.no_shuffle:
+        raise ValueError("--no_shuffle keeps the files' order; a weighted mixture "
+                         "(sampling_weight, --mix_temperature) draws a seeded schedule")
+    say(summarize(counts, registry, "training images"))
+    if val:
+        say(summarize(count_per_dataset(val, len(registry), partial), registry,
+                      "partial evaluation subset", total=count_per_dataset(val, len(registry))))
+    return Data(registry, train, val, partial, args.recon_loss, args.kl_weight, shares)
+
+
+# ----------------------------------------------------------------------------- model
+
+class Autoencoder(nn.Module):
+    """An AutoencoderKL and running averages of its latents (posterior means) over training
+    batches: [batches seen, mean, mean of squares], the scaling written with each checkpoint."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.register_buffer("latent_moments", torch.tensor([0.0, 0.0, 1.0],
+                                                            dtype=torch.float64))
+
+    @property
+    def backbone(self):  # what eval.py shards under --dist fsdp
+        return self.vae
+
+    def forward(self, pixel_values, noise=None):
+        """(reconstruction, posterior mean, posterior log-variance); the decoder reads
+        mean + std * noise, or the mean without noise."""
+        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        z = posterior.mean if noise is None else posterior.mean + posterior.std * noise
+        if self.training:
+            with torch.no_grad():
+                m = self.latent_moments
+                rate = max(RUNNING_MOMENTUM, 1 / (m[0].item() + 1))
+                batch = torch.stack([posterior.mean.double().mean(),
+                                     posterior.mean.double().pow(2).mean()])
+                m[1:] += rate * (batch - m[1:])
+                m[0] += 1
+        # copies, not views of the encoder's output: FSDP2 warns about views it returns
+        return self.vae.decode(z).sample, posterior.mean.clone(), posterior.logvar.clone()
+
+    def latent_scaling(self, moments=None):
+        """(scaling_factor, shift_factor) = (1 / std, mean) of the running averages; the VAE's
+        own before any training batch."""
+        seen, mean, square = (self.latent_moments if moments is None else moments).tolist()
+        if not seen:
+            return float(self.vae.config.scaling_factor), self.vae.config.shift_factor
+        return 1 / math.sqrt(max(square - mean * mean, 1e-12)), mean
+
+
+def vae_config(args):
+    """The AutoencoderKL arguments of --model preset:NAME, --vae_channels, --latent_channels."""
+    name = args.model.split(":", 1)[1]
+    if name not in PRESETS:
+        raise ValueError(f"--model {args.model}: unknown preset (known: "
+                         f"{', '.join('preset:' + p for p in PRESETS)})")
+    config = dict(PRESETS[name])
+    if args.vae_channels:
+        config["block_out_channels"] = tuple(args.vae_channels)
+    if args.latent_channels:
+        config["latent_channels"] = args.latent_channels
+    channels = config["block_out_channels"]
+    if min(channels) < 1 or config["latent_channels"] < 1:
+        raise ValueError("--vae_channels / --latent_channels must be positive")
+    levels = len(channels)
+    return dict(config, in_channels=args.image_channels, out_channels=args.image_channels,
+                down_block_types=("DownEncoderBlock2D",) * levels,
+                up_block_types=("UpDecoderBlock2D",) * levels,
+                norm_num_groups=math.gcd(32, *channels), sample_size=args.image_size,
+                scaling_factor=1.0, shift_factor=0.0)
+
+
+def build_model(args, data, dtype):
+    """(model, backbone, inputs): the Autoencoder, its AutoencoderKL, and the batch's shape."""
+    if args.model.startswith("preset:"):
+        vae = autoencoder_class("--task autoencoder")(**vae_config(args))
+    else:
+        vae = load_autoencoder(args.model, "--model")
+    vae = (vae if vae.dtype == dtype else vae.to(dtype)).train()
+    f, config = downsampling(vae.config), vae.config
+    if config.in_channels != args.image_channels or config.out_channels != args.image_channels:
+        raise ValueError(f"--image_channels {args.image_channels}: --model {args.model} takes "
+                         f"{config.in_channels}-channel images")
+    if args.image_size % f:
+        raise ValueError(f"--image_size {args.image_size} is not a multiple of {f}, the "
+                         f"downsampling of --model {args.model}")
+    shape = ImageShape(args.image_size, args.image_channels, config.latent_channels,
+                       args.image_size // f)
+    return Autoencoder(vae), vae, shape
+
+
+def has_unused_parameters(args, model):
+    return False
+
+
+class ImageNoiseDataset(torch.utils.data.Dataset):
+    """One image in [-1, 1] (and, for training, the noise of its latent, drawn from (seed, epoch,
+    index): the same for any batch size, world size or resume point)."""
+
+    def __init__(self, records, shape, seed=0, epoch=0, train=True):
+        self.records, self.shape = records, shape
+        self.seed, self.epoch, self.train = seed, epoch, train
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        try:
+            pixels = read_image(record.image_path, self.shape.size, self.shape.channels)
+        except DataError as e:
+            raise DataError(f"{record.source}: {e}") from None
+        item = {"pixel_values": pixels, "dataset_ids": record.dataset_id, "indices": index}
+        if self.train:
+            g = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+            s = self.shape
+            item["noise"] = torch.randn(s.latent_channels, s.latent_size, s.latent_size,
+                                        generator=g)
+        return item
+
+
+def loader(data, shape, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
+           epoch=0):
+    records = data.train if train else data.val
+    return torch.utils.data.DataLoader(
+        ImageNoiseDataset(records, shape, seed, epoch, train), batch_size=batch_size,
+        sampler=list(indices), num_workers=num_workers, pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals)
+
+
+def epoch_order(data, epoch, args, rank, world_size):
+    return mixture_indices(data.train.dataset_ids, data.shares, epoch, args.seed,
+                           not args.no_shuffle, rank, world_size)
+
+
+def prepare(batch, data, step, micro_index):
+    return batch
+
+
+def count_targets(batch):
+    return {"samples": len(batch["indices"])}
+
+
+def forward(model, batch, data, train):
+    """Per-sample loss, reconstruction loss, KL and PSNR; the latents for their statistics."""
+    x = batch["pixel_values"]
+    recon, mean, logvar = model(x, batch["noise"] if train else None)
+    error = recon.float() - x.float()
+    recon_loss = (error.abs() if data.recon_loss == "l1" else error.pow(2)).flatten(1).mean(1)
+    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float())
+    kl = kl.flatten(1).sum(1) / x[0].numel()
+    mse = (recon.float().clamp(-1, 1) - x.float()).pow(2).flatten(1).mean(1)
+    psnr = 10 * torch.log10(4 / mse.clamp_min(1e-10))
+    return {"losses": recon_loss + data.kl_weight * kl, "recon": recon_loss, "kl": kl,
+            "psnr": psnr, "latents": mean, "dataset_ids": batch["dataset_ids"]}
+
+
+def step_loss(outputs, totals, args):
+    return outputs["losses"].sum() / totals["samples"]
+
+
+class AutoencoderMetrics:
+    """Per-dataset sums of loss, reconstruction loss, KL, PSNR and samples, and of the latents'
+    values, squares and count: all-reducible exactly, means taken when reported."""
+
+    def __init__(self, names, device="cpu"):
+        self.names = list(names)
+        self.sums = torch.zeros(len(self.names), 8, dtype=torch.float64, device=device)
+
+    def update(self, losses, recon, kl, psnr, latents, dataset_ids):
+        with torch.no_grad():
+            z = latents.double().flatten(1)
+            values = torch.stack([losses.double(), recon.double(), kl.double(), psnr.double(),
+                                  torch.ones_like(losses, dtype=torch.float64), z.sum(1),
+                                  z.pow(2).sum(1), torch.full_like(z[:, 0], z.shape[1])], 1)
+            self.sums.index_add_(0, dataset_ids.to(self.sums.device), values.to(self.sums.device))
+
+    def all_reduce(self):
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
+        return self
+
+    def reset(self):
+        self.sums.zero_()
+
+    def compute(self, prefix):
+        """{prefix}_{dataset}_loss|recon_loss|kl|psnr|samples, the same for overall, and
+        {prefix}_overall_latent_mean|latent_std."""
+        out = {}
+        rows = self.sums.cpu().tolist()
+        for name, row in [*zip(self.names, rows), ("overall", self.sums.sum(0).cpu().tolist())]:
+            count = row[4]
+            if not count:
+                continue
+            out.update({f"{prefix}_{name}_{m}": v / count for m, v in zip(METRICS, row)})
+            out[f"{prefix}_{name}_samples"] = int(count)
+        total = self.sums.sum(0).cpu().tolist()
+        if total[7]:
+            mean = total[5] / total[7]
+            out[f"{prefix}_overall_latent_mean"] = mean
+            out[f"{prefix}_overall_latent_std"] = math.sqrt(max(total[6] / total[7] - mean ** 2,
+                                                                0.0))
+        return out
+
+
+def new_metrics(data, args, device):
+    return AutoencoderMetrics(data.names, device)
+
+
+def report(metrics, prefix, title, data):
+    rows = [n for n in [*data.names, "overall"] if f"{prefix}_{n}_samples" in metrics]
+    width = max(len(r) for r in rows + ["dataset"])
+    lines = [title, f"  {'dataset':<{width}}  {'loss':>8}  {'recon':>8}  {'kl':>8}  "
+                    f"{'psnr (dB)':>9}  {'samples':>9}"]
+    for n in rows:
+        lines.append(f"  {n:<{width}}  {metrics[f'{prefix}_{n}_loss']:8.4f}  "
+                     f"{metrics[f'{prefix}_{n}_recon_loss']:8.4f}  "
+                     f"{metrics[f'{prefix}_{n}_kl']:8.4f}  {metrics[f'{prefix}_{n}_psnr']:9.2f}  "
+                     f"{metrics[f'{prefix}_{n}_samples']:9,}")
+    if f"{prefix}_overall_latent_std" in metrics:
+        mean, std = (metrics[f"{prefix}_overall_latent_{m}"] for m in ("mean", "std"))
+        lines.append(f"  latents (posterior means): mean {mean:.4f}, std {std:.4f}")
+    return "\n".join(lines)
+
+
+def progress(metrics, prefix):
+    return {"loss": f"{metrics[f'{prefix}_overall_loss']:.4f}",
+            "psnr": f"{metrics[f'{prefix}_overall_psnr']:.2f}"}
+
+
+def predictions(outputs, batch, data):
+    raise ValueError("--predictions is for classifier checkpoints")
+
+
+def per_class(predictions, data):
+    raise ValueError("--per_class is for classifier checkpoints")
+
+
+# ----------------------------------------------------------------------------- model files
+
+def save_model(folder, model, shape, full_weights, data, args):
+    """The AutoencoderKL as save_pretrained writes it (config.json with the measured latent
+    scaling, diffusion_pytorch_model.safetensors): a folder --vae and from_pretrained take; and
+    autoencoder.json."""
+    scale, shift = model.latent_scaling(full_weights["latent_moments"])
+    model.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    model.vae.save_config(folder)
+    save_file({k[len("vae."):]: v.detach().contiguous().cpu() for k, v in full_weights.items()
+               if k.startswith("vae.")}, os.path.join(folder, WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    info = {"image_size": shape.size, "image_channels": shape.channels,
+            "recon_loss": data.recon_loss, "kl_weight": data.kl_weight,
+            "datasets": {n: {"eval_ratio": s.eval_ratio} for n, s in data.registry.items()}}
+    with open(os.path.join(folder, MODEL_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def read_info(folder):
+    path = os.path.join(folder, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} is not an autoencoder checkpoint: {MODEL_FILE} is "
+                                "missing")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_model(folder):
+    """(Autoencoder, ImageShape, info) of a checkpoint folder; the running averages start from
+    its config's scaling."""
+    info = read_info(folder)
+    vae = load_autoencoder(folder, "checkpoint")
+    model = Autoencoder(vae)
+    config = vae.config
+    std, mean = 1 / config.scaling_factor, config.shift_factor or 0.0
+    model.latent_moments.copy_(torch.tensor([1.0, mean, std ** 2 + mean ** 2]))
+    f = downsampling(config)
+    shape = ImageShape(info["image_size"], info["image_channels"], config.latent_channels,
+                       info["image_size"] // f)
+    return model, shape, info
+
+
+def eval_data(args, folder, trained_args, world_size):
+    """Data for eval.py: the checkpoint's datasets (or --datasets) and loss settings."""
+    if args.predictions or args.per_class:
+        raise ValueError("--predictions / --per_class are for classifier checkpoints")
+    if args.judge:
+        raise ValueError("--judge is for generation checkpoints")
+    info = read_info(folder)
+    fixed = bool(args.datasets)
+    registry = (load_registry(args.datasets) if fixed else
+                {n: DatasetSpec(n, 1, d["eval_ratio"]) for n, d in info["datasets"].items()})
+    val = read_image_records(args.val_files, registry, fixed)
+    seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
+    indices = (partial_eval_indices(val, registry, seed) if args.partial
+               else list(range(len(val))))
+    data = Data(registry, None, val, indices, info["recon_loss"], info["kl_weight"])
+    summary = summarize(count_per_dataset(val, len(registry), indices), registry,
+                        "evaluation images")
+    key = ["autoencoder", {n: s.eval_ratio for n, s in registry.items()}, info["recon_loss"],
+           info["kl_weight"], args.partial, seed]
+    return data, indices, key, summary
+
+
+def eval_extras(args, device):
+    return None
+
+
+def extra_metrics(model, shape, data, args, extras, rank, world_size, device):
+    return {}
+
+
+@torch.no_grad()
+def finish(args, model, shape, data, device, main_process):
+    """reconstructions.png: up to 8 validation images over their reconstructions (posterior
+    mean) by the evaluated weights; and the latent scaling the checkpoints carry."""
+    scale, shift = model.latent_scaling()
+    if main_process:
+        print(f"latent scaling of the last weights: scaling_factor {scale:.4f}, shift_factor "
+              f"{shift:.4f} (written into each checkpoint's config.json)")
+    if not data.val:
+        return
+    dataset = ImageNoiseDataset(data.val, shape, train=False)
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(min(8, len(data.val)))])
+    was_training = model.training
+    model.eval()
+    recon = model(images.to(device))[0].float().clamp(-1, 1).cpu()
+    model.train(was_training)
+    if main_process:
+        path = os.path.join(args.output_dir, "reconstructions.png")
+        save_grid(torch.cat([images, recon]), path, len(images))
+        print(f"reconstructions written to {path} (top: validation images, bottom: decoded)")
