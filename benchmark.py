@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from losses import masked_cross_entropy
-from model import MaskedClassifier, enable_activation_checkpointing, mask_logits
+from model import (ATTN_IMPLEMENTATIONS, MaskedClassifier, check_attn_implementation,
+                   enable_activation_checkpointing, mask_logits)
 
 SHAPES = {
     "qwen2_5_vl_3b": dict(
@@ -155,6 +156,8 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps, after 2 warm-up steps")
     p.add_argument("--num_labels", type=int, default=2000)
     p.add_argument("--no_checkpointing", action="store_true")
+    p.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default="sdpa",
+                   help="attention kernels (default: sdpa)")
     p.add_argument("--peak_tflops", type=float,
                    help="device peak for MFU (default: from the GPU's name)")
     args = p.parse_args()
@@ -169,8 +172,10 @@ def main():
     config = Qwen2_5_VLConfig(text_config=shape["text"], vision_config=shape["vision"],
                               **shape.get("tokens", {}))
     torch.manual_seed(0)
+    check_attn_implementation(args.attn_implementation)
     with torch.device(device):
-        backbone = Qwen2_5_VLModel(config).to(torch.bfloat16)
+        backbone = Qwen2_5_VLModel._from_config(
+            config, attn_implementation=args.attn_implementation).to(torch.bfloat16)
     model = MaskedClassifier(backbone, args.num_labels).to(device, torch.bfloat16).train()
     if not args.no_checkpointing:
         enable_activation_checkpointing(backbone)
@@ -209,7 +214,8 @@ def main():
     print(
         f"device: {name}; shape {args.shape}: {language_params / 1e6:,.1f}M language + "
         f"{vision_params / 1e6:,.1f}M vision parameters, bf16, activation checkpointing "
-        f"{'off' if args.no_checkpointing else 'on'}")
+        f"{'off' if args.no_checkpointing else 'on'}, attention "
+        f"{backbone.config._attn_implementation}")
     print(
         f"batch {args.batch_size} images of {args.image_size}x{args.image_size} ({per_image} image "
         f"tokens each), {tokens // args.batch_size} tokens per sample")

@@ -6,7 +6,7 @@ mapped onto the same flags, and the checks that need no data.
 import argparse
 import os
 
-from model import DEFAULT_PROMPT, POOLINGS
+from model import ATTN_IMPLEMENTATIONS, DEFAULT_PROMPT, POOLINGS, check_attn_implementation
 from dataset import auto_num_workers
 from reporting import check_report_to
 from tasks import TASKS
@@ -75,6 +75,9 @@ def build_parser(description=None):
     a("--train_only_head", action="store_true", help="linear probe: freeze the whole backbone")
     a("--gradient_checkpointing", action="store_true",
       help="recompute activations in backward (less memory)")
+    a("--attn_implementation", choices=ATTN_IMPLEMENTATIONS,
+      help="attention kernels of the backbone (default: sdpa; eager for a model without sdpa, "
+           "e.g. one with no attention layers); flash_attention_2 needs flash-attn and a GPU")
     a("--param_dtype", choices=["fp32", "bf16"], default="fp32",
       help="dtype of the weights and optimizer state; bf16 halves memory for large backbones")
     # several processes (torchrun)
@@ -323,4 +326,5 @@ def check_args(args):
         raise ValueError("--cpu_offload needs --dist fsdp")
     if args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
+    check_attn_implementation(args.attn_implementation)
     check_report_to(args.report_to)  # a missing package is an error before the first step

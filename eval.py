@@ -31,7 +31,8 @@ from config import num_workers, workers_per_rank
 from dataset import DataError
 import distributed
 from distributed import all_gather_objects, is_sharded, shard_model
-from model import autocast, fsdp_units
+from model import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implementation,
+                   fsdp_units)
 from tasks import TASKS, task_of_checkpoint
 
 RESULTS_FILE = "eval_results.jsonl"
@@ -155,6 +156,9 @@ def build_parser():
       help="per checkpoint and dataset: per-class accuracy / precision / recall / support and the "
            "confusion pairs to RUN_DIR/per_class/CHECKPOINT.json; the worst classes and most "
            "confused pairs printed")
+    a("--attn_implementation", choices=ATTN_IMPLEMENTATIONS,
+      help="attention kernels of the backbone (default: sdpa; eager for a model without sdpa); "
+           "flash_attention_2 needs flash-attn and a GPU")
     a("--dist", choices=["ddp", "fsdp"], default="ddp",
       help="under torchrun: a full model per process, or FSDP2-sharded per block (default: ddp)")
     g = p.add_argument_group("generation checkpoints (--task generate)").add_argument
@@ -177,6 +181,8 @@ def main(argv=None):
 
 
 def run(args, rank, world_size, device):
+    check_attn_implementation(args.attn_implementation)
+    LOADING.attn_implementation = args.attn_implementation
     run_dir, targets = find_targets(args.path)
     task = task_of_checkpoint(targets[-1])
     trained_args = read_info(targets[-1]).get("args", {})

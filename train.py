@@ -141,6 +141,7 @@ def build_run(args, rank, world_size, device):
     """Data (every record checked), the model on its devices, the optimizer and the schedule."""
     say = print if rank == 0 else (lambda *a, **k: None)
     LOADING.trust_remote_code = args.trust_remote_code
+    LOADING.attn_implementation = args.attn_implementation
     task = TASKS[args.task]
     overrides = apply_overrides(args)
     for change in overrides:

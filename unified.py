@@ -569,6 +569,11 @@ def load_language_model(name_or_path, seed=0, dtype=None):
     """
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config,
                           Qwen2ForCausalLM)
+    # The explicit 4D attention mask (image blocks, packed samples) needs sdpa or eager.
+    attention = LOADING.attn_implementation or "sdpa"
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"--attn_implementation {attention}: the generation model's attention "
+                         "mask (bidirectional image blocks, packed samples) needs sdpa or eager")
     if name_or_path.startswith("preset:"):
         name = name_or_path.split(":", 1)[1]
         if name not in PRESETS:
@@ -581,7 +586,7 @@ def load_language_model(name_or_path, seed=0, dtype=None):
         config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
                              **PRESETS[name])
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = attention
         lm = Qwen2ForCausalLM(config)
         return (lm.to(dtype) if dtype else lm), tokenizer
     if not os.path.isdir(name_or_path):
@@ -590,8 +595,7 @@ def load_language_model(name_or_path, seed=0, dtype=None):
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise ValueError(
             f"--model {name_or_path}: {type(config).__name__} is not a causal language model")
-    # sdpa takes the explicit 4D boolean mask; flash attention cannot.
-    lm = from_pretrained(AutoModelForCausalLM, name_or_path, attn_implementation="sdpa",
+    lm = from_pretrained(AutoModelForCausalLM, name_or_path, attn_implementation=attention,
                          **({"dtype": dtype} if dtype else {}))
     tokenizer = AutoTokenizer.from_pretrained(name_or_path,
                                               trust_remote_code=LOADING.trust_remote_code)
