@@ -149,6 +149,9 @@ def build_parser(description=None):
     a("--logging_steps", type=int, default=10, help="train metrics every N steps")
     a("--eval_steps", type=int, default=500,
       help="partial evaluation every N steps (and at the last)")
+    a("--eval_cache_mb", type=float, default=2048,
+      help="per process: keep the partial evaluation's preprocessed batches in memory up to this "
+           "size for the next evaluations; 0: decode them every time")
     a("--save_steps", type=int, default=500, help="checkpoint every N steps (and at the last)")
     a("--save_total_limit", type=int, default=3,
       help="keep this many latest checkpoints (the best is always kept)")
@@ -324,6 +327,8 @@ def check_args(args):
         )
     if args.cpu_offload and args.dist != "fsdp":
         raise ValueError("--cpu_offload needs --dist fsdp")
+    if args.eval_cache_mb < 0:
+        raise ValueError(f"--eval_cache_mb must be 0 (off) or more, got {args.eval_cache_mb}")
     if args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
     check_attn_implementation(args.attn_implementation)

@@ -204,13 +204,15 @@ def from_pretrained(model_class, folder, **kwargs):
 
 
 def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_pixels=None,
-                  max_pixels=None):
+                  max_pixels=None, meta=False):
     """Return (backbone, inputs) from a local model folder or a `preset:NAME`.
 
     `inputs` turns PIL images into the backbone's forward arguments (ImageInputs or
     ImageTextInputs). A vision-language folder loads through AutoModel, which is the model
     without its LM head (Qwen2VLModel: vision tower + language trunk); for two-tower
     checkpoints (CLIP, SigLIP) only the vision tower is loaded, through its own model class.
+    meta: a folder's backbone gets its parameters on the meta device, nothing read (FSDP2 shards
+    it, then each rank reads its shards: weights.read_weights); a preset is built whole.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -233,8 +235,11 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
     model_class = AutoModel
     if getattr(config, "vision_config", None) is not None and not vision_language:
         model_class = MODEL_MAPPING[type(config.vision_config)]
-    backbone = from_pretrained(model_class, name_or_path, **attn_options(model_class, config),
-                               **({"dtype": dtype} if dtype else {}))
+    if meta:
+        backbone = build_empty(model_class, name_or_path, config, dtype)
+    else:
+        backbone = from_pretrained(model_class, name_or_path, **attn_options(model_class, config),
+                                   **({"dtype": dtype} if dtype else {}))
     say(f"attention: {backbone.config._attn_implementation}")
     if vision_language:
         return backbone, ImageTextInputs.from_folder(name_or_path, config, prompt, min_pixels,
@@ -242,6 +247,27 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
     return backbone, ImageInputs(
         AutoImageProcessor.from_pretrained(name_or_path,
                                            trust_remote_code=LOADING.trust_remote_code))
+
+
+def build_empty(model_class, folder, config, dtype=None, attention=None):
+    """What from_pretrained(model_class, folder) builds, with its parameters on the meta device
+    and nothing read: the same config, dtype (the folder's own where none is given), attention
+    (`attention`, else --attn_implementation) and evaluation mode."""
+    from weights import parameters_on_meta
+    if getattr(model_class, "_model_mapping", None) is None:  # e.g. CLIP's vision tower class
+        config = model_class.config_class.from_pretrained(
+            folder, trust_remote_code=LOADING.trust_remote_code)
+    dtype = dtype or config.dtype or torch.get_default_dtype()
+    options = {"dtype": getattr(torch, dtype) if isinstance(dtype, str) else dtype,
+               **({"attn_implementation": attention} if attention
+                  else attn_options(model_class, config))}
+    with parameters_on_meta():
+        if getattr(model_class, "_model_mapping", None) is not None:
+            model = model_class.from_config(config, trust_remote_code=LOADING.trust_remote_code,
+                                            **options)
+        else:
+            model = model_class._from_config(config, **options)
+    return model.eval()  # as from_pretrained returns it
 
 
 def with_pixel_bounds(image_processor, min_pixels=None, max_pixels=None):
@@ -583,11 +609,11 @@ def read_classifier_info(folder):
         return json.load(f)
 
 
-def load_classifier(folder, pooling=None):
+def load_classifier(folder, pooling=None, meta=False):
     """Rebuild a MaskedClassifier and its inputs from a checkpoint folder (no pickle: safetensors +
-    JSON)."""
+    JSON). meta: the backbone's parameters on the meta device (see load_backbone)."""
     info = read_classifier_info(folder)
-    backbone, inputs = load_backbone(folder, prompt=info.get("prompt"))
+    backbone, inputs = load_backbone(folder, prompt=info.get("prompt"), meta=meta)
     model = MaskedClassifier(backbone, info["num_labels"], pooling or info.get("pooling", "auto"),
                              getattr(inputs, "pixel_normalize", None))
     load_head(model, folder)

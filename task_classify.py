@@ -4,6 +4,7 @@ A task module exposes the functions listed in tasks.py; train.py's loop and eval
 those, so neither branches on the task. Here a batch's target count is its number of samples,
 and the step loss is the sum of per-sample masked cross-entropies over the global sample count.
 """
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +19,10 @@ from optimizer import check_lr_args
 from losses import masked_cross_entropy
 from metrics import (ClassificationMetrics, PerClassMetrics, class_name, format_per_class,
                      format_table)
-from model import (CLASSIFIER_FILE, LabelSpace, MaskedClassifier, classify, load_backbone,
-                   load_classifier, read_classifier_info, save_classifier, say, set_trainable)
+from model import (CLASSIFIER_FILE, HEAD_FILE, LabelSpace, MaskedClassifier, classify,
+                   load_backbone, load_classifier, read_classifier_info, save_classifier, say,
+                   set_trainable)
+from weights import file_map, folder_map
 
 NAME = "classify"
 MODEL_FILE = CLASSIFIER_FILE  # the file that marks a checkpoint of this task
@@ -129,11 +132,12 @@ def load_data(args, say):
                 args.label_smoothing, args.on_bad_image == "skip", shares=shares, mix=mix)
 
 
-def build_model(args, data, dtype):
+def build_model(args, data, dtype, meta=False):
     """(model, backbone, inputs): the classifier, its Hugging Face backbone, and the callable that
-    turns PIL images into the backbone's forward arguments."""
+    turns PIL images into the backbone's forward arguments. meta: the backbone of a model folder
+    with its parameters on the meta device (weight_sources says where they are)."""
     backbone, inputs = load_backbone(args.model, args.seed, dtype, args.prompt, args.min_pixels,
-                                     args.max_pixels)
+                                     args.max_pixels, meta=meta)
     model = MaskedClassifier(backbone, data.label_space.num_labels, args.pooling,
                              getattr(inputs, "pixel_normalize", None)).to(dtype=dtype)
     set_trainable(model, args.freeze, args.train_only_head)
@@ -259,9 +263,19 @@ def save_model(folder, model, inputs, full_weights, data, args):
     save_classifier(model, inputs, folder, info, state_dict=full_weights)
 
 
-def load_model(folder):
-    """(model, inputs, info) of a checkpoint folder."""
-    return load_classifier(folder)
+def load_model(folder, meta=False):
+    """(model, inputs, info) of a checkpoint folder; meta: the backbone's parameters on the meta
+    device."""
+    return load_classifier(folder, meta=meta)
+
+
+def weight_sources(model, folder, checkpoint):
+    """Where each entry of the model is stored (weights.py): the backbone's in a model folder; with
+    checkpoint, the head's too, in a checkpoint folder of this task."""
+    found = folder_map(model.backbone, folder, "backbone.")
+    if checkpoint:
+        found.update(file_map(os.path.join(folder, HEAD_FILE), model.head.state_dict(), "head."))
+    return found
 
 
 def eval_data(args, folder, trained_args, world_size):

@@ -14,10 +14,11 @@ from dataset import train_indices
 from distributed import all_reduce_sum
 from metrics import GenerationMetrics, format_generation
 from model import load_classifier
-from unified import (SPEC_FILE, ImageSpec, UnifiedModel, check_pack_tokens, generate_images,
-                     generate_text, load_image, load_language_model, load_unified,
+from unified import (SPEC_FILE, WEIGHTS_FILE, ImageSpec, UnifiedModel, check_pack_tokens,
+                     generate_images, generate_text, load_image, load_language_model, load_unified,
                      make_generation_loader, read_generation_files, read_unified_info, save_grid,
                      save_unified, target_counts, to_pil, unified_losses)
+from weights import file_map, folder_map
 
 NAME = "generate"
 MODEL_FILE = SPEC_FILE
@@ -96,9 +97,10 @@ def load_data(args, say):
                 args.image_loss_weight, args.timestep_shift, args.cond_dropout)
 
 
-def build_model(args, data, dtype):
-    """(model, backbone, inputs): the unified model, its causal LM, and the LM's tokenizer."""
-    lm, tokenizer = load_language_model(args.model, args.seed, dtype)
+def build_model(args, data, dtype, meta=False):
+    """(model, backbone, inputs): the unified model, its causal LM, and the LM's tokenizer.
+    meta: the LM of a model folder with its parameters on the meta device."""
+    lm, tokenizer = load_language_model(args.model, args.seed, dtype, meta=meta)
     if args.pack_tokens is not None:  # a sample longer than a row is named before the first step
         for records in (data.train, data.val or []):
             check_pack_tokens(records, tokenizer, data.spec, args.pack_tokens)
@@ -187,8 +189,18 @@ def save_model(folder, model, tokenizer, full_weights, data, args):
                                             "image_loss_weight": data.image_weight}, full_weights)
 
 
-def load_model(folder):
-    return load_unified(folder)
+def load_model(folder, meta=False):
+    return load_unified(folder, meta=meta)
+
+
+def weight_sources(model, folder, checkpoint):
+    """Where each entry of the model is stored: the LM's in a model folder; with checkpoint, the
+    image parts' too (unified.safetensors)."""
+    found = folder_map(model.lm, folder, "lm.")
+    if checkpoint:
+        keys = [k for k in model.state_dict() if not k.startswith("lm.")]
+        found.update(file_map(os.path.join(folder, WEIGHTS_FILE), keys))
+    return found
 
 
 def eval_data(args, folder, trained_args, world_size):

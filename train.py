@@ -36,13 +36,14 @@ from config import apply_overrides, check_args, parse_args, workers_per_rank
 from dataset import DataError
 import distributed
 from distributed import all_reduce_sum, barrier
-from eval import evaluate
+from eval import EvalCache, evaluate
 from faults import TrainingError, catch_stop_signals, injected_fault
 from logs import JsonlLog, memory_mb
 from model import LOADING, autocast, enable_activation_checkpointing, fsdp_units
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
 from reporting import build_reporters
 from tasks import TASKS
+from weights import WeightsMismatch
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     overrides: list
+    eval_cache: object  # eval.EvalCache of the partial evaluation's batches
 
     @property
     def main_process(self):
@@ -151,10 +153,9 @@ def build_run(args, rank, world_size, device):
     data = task.load_data(args, say)
     prepare_output_dir(args, rank)
 
-    # Identical init on every rank (DDP also broadcasts rank 0's weights).
-    torch.manual_seed(args.seed)
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
-    raw_model, backbone, inputs = task.build_model(args, data, param_dtype)
+    raw_model, backbone, inputs, sources = build_model(args, task, data, param_dtype, world_size,
+                                                       say)
     params = list(raw_model.parameters())
     total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params
                                                            if p.requires_grad)
@@ -162,7 +163,7 @@ def build_run(args, rank, world_size, device):
         f"({100 * trainable / total:.1f}%)")
     if args.gradient_checkpointing:
         enable_activation_checkpointing(backbone)
-    model = place_model(args, task, raw_model, backbone, device, world_size, say)
+    model = place_model(args, task, raw_model, backbone, device, world_size, say, sources)
     optimizer = make_optimizer(raw_model, args, device)  # after sharding: FSDP2 swaps parameters
     say(format_groups(optimizer.param_groups, args.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -178,11 +179,31 @@ def build_run(args, rank, world_size, device):
         f"{args.batch_size} x {world_size} process(es) x grad_accum {args.grad_accum}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
     return Run(args, task, data, model, raw_model, inputs, optimizer, scaler, device, rank,
-               world_size, steps_per_epoch, total_steps, overrides)
+               world_size, steps_per_epoch, total_steps, overrides,
+               EvalCache(args.eval_cache_mb, say))
 
 
-def place_model(args, task, raw_model, backbone, device, world_size, say):
-    """The model the step runs: FSDP2-sharded in place, wrapped in DDP, or just moved."""
+def build_model(args, task, data, dtype, world_size, say):
+    """(model, backbone, inputs, sources). Under --dist fsdp the backbone of a model folder is
+    built with its parameters on the meta device, and sources says where each rank reads its
+    shards after sharding (a preset, or a folder whose weights need more than renaming, is built
+    whole on every rank: sources None)."""
+    if args.dist == "fsdp" and world_size > 1 and not args.model.startswith("preset:"):
+        torch.manual_seed(args.seed)  # identical init of what the folder lacks (the head)
+        model, backbone, inputs = task.build_model(args, data, dtype, meta=True)
+        try:
+            return model, backbone, inputs, task.weight_sources(model, args.model,
+                                                                checkpoint=False)
+        except WeightsMismatch as e:
+            say(f"note: {e}; every process reads the whole model")
+    # Identical init on every rank (DDP also broadcasts rank 0's weights).
+    torch.manual_seed(args.seed)
+    return (*task.build_model(args, data, dtype), None)
+
+
+def place_model(args, task, raw_model, backbone, device, world_size, say, sources=None):
+    """The model the step runs: FSDP2-sharded in place (each rank then reads its shards of the
+    meta-device backbone from `sources`), wrapped in DDP, or just moved."""
     if args.sync_batchnorm:
         if args.dist != "ddp" or world_size == 1:
             raise ValueError("--sync_batchnorm needs several processes (torchrun) with --dist ddp")
@@ -197,10 +218,11 @@ def place_model(args, task, raw_model, backbone, device, world_size, say):
     if args.dist == "fsdp" and world_size > 1:
         # raw_model is now the sharded model, each shard on the device (or in CPU memory with
         # --cpu_offload); the optimizer holds the shards.
-        say(f"FSDP2 over {world_size} processes: {len(units)} block(s) + the root sharded")
+        say(f"FSDP2 over {world_size} processes: {len(units)} block(s) + the root sharded" +
+            ("; each process reads only its shards of the weights" if sources else ""))
         return distributed.shard_model(
             raw_model, units, device, cpu_offload=args.cpu_offload,
-            param_dtype=torch.bfloat16 if args.precision == "bf16" else None)
+            param_dtype=torch.bfloat16 if args.precision == "bf16" else None, sources=sources)
     if world_size > 1:
         return DDP(raw_model.to(device), device_ids=[device.index] if device.type == "cuda" else
                    None, find_unused_parameters=task.has_unused_parameters(args, raw_model))
@@ -344,7 +366,7 @@ def after_step(run, state, log, progress, stop):
 
     eval_metrics, new_best = {}, False
     if not args.no_partial_eval and (step % args.eval_steps == 0 or step == run.total_steps):
-        eval_metrics = run_evaluation(run, run.data.partial_indices, "eval")
+        eval_metrics = run_evaluation(run, run.data.partial_indices, "eval", run.eval_cache)
         log.write("eval", step, run.epoch_of(step), **eval_metrics)
         run.say(run.task.report(eval_metrics, "eval", f"partial evaluation at step {step}",
                                 run.data))
@@ -404,11 +426,12 @@ def save(run, state, metrics):
     barrier()
 
 
-def run_evaluation(run, indices, prefix):
+def run_evaluation(run, indices, prefix, cache=None):
+    """cache: the partial evaluation's subset is the same every time; the final one runs once."""
     return evaluate(run.task, run.raw_model, run.data, indices, run.inputs,
                     batch_size=run.args.batch_size, device=run.device,
                     precision=run.args.precision, num_workers=run.args.num_workers,
-                    prefix=prefix, rank=run.rank, world_size=run.world_size)[0]
+                    prefix=prefix, rank=run.rank, world_size=run.world_size, cache=cache)[0]
 
 
 def finish(run, state, log):

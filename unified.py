@@ -31,7 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dataset import DataError, ignore_stop_signals, raise_data_errors, read_data_file
-from model import LOADING, from_pretrained, say
+from model import LOADING, build_empty, from_pretrained, say
 
 SPEC_FILE = "unified.json"
 WEIGHTS_FILE = "unified.safetensors"
@@ -563,9 +563,10 @@ def byte_tokenizer():
                                    pad_token="<|endoftext|>")
 
 
-def load_language_model(name_or_path, seed=0, dtype=None):
+def load_language_model(name_or_path, seed=0, dtype=None, meta=False):
     """(causal LM, tokenizer) from a local folder, or preset:NAME (random init, byte-level
-    tokenizer).
+    tokenizer). meta: a folder's LM gets its parameters on the meta device, nothing read
+    (weights.read_weights fills them after sharding); a preset is built whole.
     """
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config,
                           Qwen2ForCausalLM)
@@ -595,8 +596,11 @@ def load_language_model(name_or_path, seed=0, dtype=None):
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise ValueError(
             f"--model {name_or_path}: {type(config).__name__} is not a causal language model")
-    lm = from_pretrained(AutoModelForCausalLM, name_or_path, attn_implementation=attention,
-                         **({"dtype": dtype} if dtype else {}))
+    if meta:
+        lm = build_empty(AutoModelForCausalLM, name_or_path, config, dtype, attention)
+    else:
+        lm = from_pretrained(AutoModelForCausalLM, name_or_path, attn_implementation=attention,
+                             **({"dtype": dtype} if dtype else {}))
     tokenizer = AutoTokenizer.from_pretrained(name_or_path,
                                               trust_remote_code=LOADING.trust_remote_code)
     if tokenizer.eos_token_id is None:
@@ -628,10 +632,11 @@ def read_unified_info(folder):
         return json.load(f)
 
 
-def load_unified(folder):
-    """(UnifiedModel, tokenizer, info) from a checkpoint folder (safetensors + JSON, no pickle)."""
+def load_unified(folder, meta=False):
+    """(UnifiedModel, tokenizer, info) from a checkpoint folder (safetensors + JSON, no pickle).
+    meta: the LM's parameters on the meta device (see load_language_model)."""
     info = read_unified_info(folder)
-    lm, tokenizer = load_language_model(folder)
+    lm, tokenizer = load_language_model(folder, meta=meta)
     model = UnifiedModel(lm, ImageSpec(**info["image"]))
     path = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(path):
