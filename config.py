@@ -7,7 +7,7 @@ import argparse
 import os
 
 from model import ATTN_IMPLEMENTATIONS, DEFAULT_PROMPT, POOLINGS, check_attn_implementation
-from dataset import auto_num_workers
+from dataset import PREFETCH_FACTOR, auto_num_workers
 from reporting import check_report_to
 from tasks import TASKS
 
@@ -31,13 +31,20 @@ def num_workers(value):
     return int(value)
 
 
-def workers_per_rank(value, say):
-    """The DataLoader processes of --num_workers, with auto resolved and the choice printed."""
+def loader_workers(args, say, kept):
+    """Resolve --num_workers (auto) and --prefetch_factor into args and print the choice; `kept`
+    says what the workers outlive (train.py: epochs)."""
+    value = args.num_workers
     workers = auto_num_workers() if value == "auto" else value
+    if args.prefetch_factor is not None and (args.prefetch_factor < 1 or not workers):
+        raise ValueError(f"--prefetch_factor {args.prefetch_factor}: needs a count of at least 1 "
+                         f"and worker processes (--num_workers resolves to {workers})")
+    args.num_workers, args.prefetch_factor = workers, args.prefetch_factor or PREFETCH_FACTOR
     say(f"data loading: {workers} worker process(es) per rank" +
         (" (--num_workers auto: usable CPUs / local processes - 1, at most 16)"
-         if value == "auto" else ""))
-    return workers
+         if value == "auto" else "") +
+        (f", {args.prefetch_factor} batches prefetched per worker, workers kept across {kept}"
+         if workers else ""))
 
 
 def build_parser(description=None):
@@ -142,6 +149,8 @@ def build_parser(description=None):
     a("--num_workers", type=num_workers, default="auto",
       help="DataLoader processes per rank; auto: the CPUs this process may use / local processes "
            "- 1, at most 16")
+    a("--prefetch_factor", type=int,
+      help=f"batches each DataLoader worker prepares ahead (default: {PREFETCH_FACTOR})")
     # schedule of logging, evaluation and checkpoints
     a("--report_to", nargs="+", default=["none"], choices=["none", "tensorboard", "wandb"],
       help="also send the metrics.jsonl records to TensorBoard (OUTPUT_DIR/tensorboard) and/or "

@@ -27,8 +27,8 @@ import os
 import torch
 
 from checkpoint import checkpoint_step, list_checkpoints, model_signature, read_info
-from config import num_workers, workers_per_rank
-from dataset import DataError
+from config import loader_workers, num_workers
+from dataset import PREFETCH_FACTOR, DataError
 import distributed
 from distributed import all_gather_objects, is_sharded, shard_model
 from model import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implementation,
@@ -40,21 +40,25 @@ RESULTS_FILE = "eval_results.jsonl"
 
 
 class EvalCache:
-    """Evaluation batches kept in this process's memory after their first pass, up to limit_mb:
-    a later evaluation of the same samples (same preprocessing: the caller keeps one cache per
-    preprocessing) takes them instead of decoding the images again. A pass that would go over
-    the limit keeps nothing, and those samples are decoded every time."""
+    """What evaluation keeps between evaluations of the same samples with the same preprocessing
+    (the caller keeps one cache per preprocessing): their batches in this process's memory after
+    the first pass, up to limit_mb, so later evaluations skip decoding; where they do not fit,
+    their loader, whose worker processes then serve every evaluation."""
 
     def __init__(self, limit_mb, say=lambda message: None):
         self.limit, self.say = limit_mb * 2 ** 20, say
-        self.kept, self.too_large, self.used = {}, set(), 0
+        self.kept, self.streams, self.used = {}, {}, 0
 
-    def batches(self, key, loader):
+    def batches(self, key, make_loader):
+        """The batches of `key`: kept ones, or a pass of make_loader(persistent=True)'s loader."""
         if key in self.kept:
             return self.kept[key]
-        if key in self.too_large or self.limit <= 0:
-            return loader
-        return self.fill(key, loader)
+        if key not in self.streams:
+            loader = make_loader(persistent=True)
+            if self.limit > 0:
+                return self.fill(key, loader)
+            self.streams[key] = loader
+        return self.streams[key]
 
     def fill(self, key, loader):
         kept, size = [], 0
@@ -64,7 +68,7 @@ class EvalCache:
                 kept.append(batch)
                 if self.used + size > self.limit:
                     kept = None
-                    self.too_large.add(key)
+                    self.streams[key] = loader
                     self.say(f"evaluation cache: over --eval_cache_mb {self.limit / 2 ** 20:g}; "
                              "these samples are decoded again at every evaluation")
             yield batch
@@ -77,8 +81,8 @@ class EvalCache:
 
 @torch.no_grad()
 def evaluate(task, model, data, indices, inputs, *, batch_size, device, precision="fp32",
-             num_workers=0, prefix="eval", rank=0, world_size=1, with_predictions=False,
-             cache=None):
+             num_workers=0, prefetch_factor=None, prefix="eval", rank=0, world_size=1,
+             with_predictions=False, cache=None):
     """The task's metrics over its validation records at `indices`, exact under torchrun: rank r
     takes indices[r::world_size] (no padding, no duplicates) and the sums are all-reduced. An
     FSDP2-sharded model gathers its weights in every forward, so there a rank with fewer batches
@@ -93,22 +97,25 @@ def evaluate(task, model, data, indices, inputs, *, batch_size, device, precisio
     predictions = []
     options = dict(train=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     share = indices[rank::world_size]
-    loader = task.loader(data, inputs, share, batch_size=batch_size, **options)
-    batches = loader if cache is None else cache.batches((tuple(share), batch_size), loader)
+
+    def make_loader(persistent=False):
+        return task.loader(data, inputs, share, batch_size=batch_size, persistent=persistent,
+                           prefetch_factor=prefetch_factor, **options)
+
+    batches = make_loader() if cache is None else cache.batches((tuple(share), batch_size),
+                                                                 make_loader)
     filler = task.loader(data, inputs, indices[:1], batch_size=1, **{**options, "num_workers": 0})
-    # A loader draws its workers' seed from the global RNG: evaluating, from the cache or not,
-    # leaves the training's random stream as it was (exact resume).
-    with torch.random.fork_rng(devices=[]):
-        for batch in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(device, precision):
-                outputs = task.forward(model, batch, data, train=False)
-            metrics.update(**outputs)
-            if with_predictions:
-                predictions += task.predictions(outputs, batch, data)
-        for batch in missing_forwards(model, loader, filler, len(indices), world_size, batch_size):
-            with autocast(device, precision):
-                task.forward(model, {k: v.to(device) for k, v in batch.items()}, data, train=False)
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, precision):
+            outputs = task.forward(model, batch, data, train=False)
+        metrics.update(**outputs)
+        if with_predictions:
+            predictions += task.predictions(outputs, batch, data)
+    for batch in missing_forwards(model, math.ceil(len(share) / batch_size), filler,
+                                  len(indices), world_size, batch_size):
+        with autocast(device, precision):
+            task.forward(model, {k: v.to(device) for k, v in batch.items()}, data, train=False)
     model.train(was_training)
     result = metrics.all_reduce().compute(prefix)
     if with_predictions and world_size > 1:
@@ -118,13 +125,13 @@ def evaluate(task, model, data, indices, inputs, *, batch_size, device, precisio
     return result, predictions
 
 
-def missing_forwards(model, loader, filler, num_indices, world_size, batch_size):
+def missing_forwards(model, num_batches, filler, num_indices, world_size, batch_size):
     """Under FSDP2 every forward gathers weights with all ranks: a rank with fewer batches than
     rank 0 (which holds the largest share) runs the filler batch that many more times."""
     if not is_sharded(model) or not num_indices:
         return []
     most = math.ceil(math.ceil(num_indices / world_size) / batch_size)
-    return [next(iter(filler))] * (most - len(loader))
+    return [next(iter(filler))] * (most - num_batches)
 
 
 def load_placed(task, folder, args, device, world_size, say):
@@ -224,6 +231,8 @@ def build_parser():
       help="autocast dtype (default: fp32)")
     a("--num_workers", type=num_workers, default="auto",
       help="DataLoader processes per rank (default: auto, as train.py)")
+    a("--prefetch_factor", type=int,
+      help=f"batches each DataLoader worker prepares ahead (default: {PREFETCH_FACTOR})")
     a("--seed", type=int, help="seed of the partial subset (default: the run's)")
     a("--eval_cache_mb", type=float, default=2048,
       help="per process: keep the preprocessed evaluation batches in memory up to this size, "
@@ -274,7 +283,7 @@ def run(args, rank, world_size, device):
     data, indices, options, summary = task.eval_data(args, targets[-1], trained_args, world_size)
     say = print if rank == 0 else (lambda message: None)
     say(summary)
-    args.num_workers = workers_per_rank(args.num_workers, say)
+    loader_workers(args, say, "checkpoints (where the evaluation cache cannot hold the batches)")
     key = data_key(args.val_files, options)
     extras = task.eval_extras(args, device)  # e.g. the judge, loaded once for every checkpoint
     if args.predictions and rank == 0:
@@ -290,7 +299,8 @@ def run(args, rank, world_size, device):
         _, model, inputs, cache = built
         metrics, predictions = evaluate(
             task, model, data, indices, inputs, batch_size=args.batch_size, device=device,
-            precision=args.precision, num_workers=args.num_workers, rank=rank,
+            precision=args.precision, num_workers=args.num_workers,
+            prefetch_factor=args.prefetch_factor, rank=rank,
             world_size=world_size, with_predictions=bool(args.predictions or args.per_class),
             cache=cache)
         metrics.update(task.extra_metrics(model, inputs, data, args, extras, rank, world_size,

@@ -159,12 +159,14 @@ def has_unused_parameters(args, model):
     return not model.token_inputs and args.pooling in ("cls", "mean")
 
 
-def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed=0, epoch=0):
+def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed=0, epoch=0,
+           persistent=False, prefetch_factor=None):
     """Batches of data.train (train=True) or data.val at `indices`, in that order."""
     records = data.train if train else data.val
     return make_loader(records, indices, inputs, data.names, batch_size, num_workers, pin_memory,
                        skip_bad_images=train and data.skip_bad_images, fast_path=True,
-                       augment=data.augment if train else None, epoch=epoch)
+                       augment=data.augment if train else None, epoch=epoch,
+                       persistent_workers=persistent, prefetch_factor=prefetch_factor)
 
 
 def epoch_order(data, epoch, args, rank, world_size):

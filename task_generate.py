@@ -113,16 +113,17 @@ def has_unused_parameters(args, model):
 
 
 def loader(data, tokenizer, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
-           epoch=0):
+           epoch=0, persistent=False, prefetch_factor=None):
     """Training batches draw noise, t and condition dropout from (seed, epoch, sample index);
     evaluation batches use the fixed t values of unified.EVAL_TIMES."""
+    workers = dict(persistent_workers=persistent, prefetch_factor=prefetch_factor)
     if train:
         return make_generation_loader(data.train, indices, tokenizer, data.spec, batch_size,
-                                      num_workers, pin_memory, data.pack_tokens, seed=seed,
-                                      epoch=epoch, shift=data.shift,
-                                      cond_dropout=data.cond_dropout)
+                                      num_workers, pin_memory, data.pack_tokens, epoch=epoch,
+                                      seed=seed, shift=data.shift,
+                                      cond_dropout=data.cond_dropout, **workers)
     return make_generation_loader(data.val, indices, tokenizer, data.spec, batch_size, num_workers,
-                                  pin_memory, data.pack_tokens, train=False, seed=0)
+                                  pin_memory, data.pack_tokens, train=False, seed=0, **workers)
 
 
 def epoch_order(data, epoch, args, rank, world_size):

@@ -7,7 +7,8 @@ Each task is a flat module with the same functions; the loop and the evaluation 
   load_data(args, say) -> data                        every record read and checked up front
   build_model(args, data, dtype, meta) -> (model, backbone, inputs)   meta: see weight_sources
   has_unused_parameters(args, model)                  what DDP must be told
-  loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed, epoch)
+  loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed, epoch,
+         persistent, prefetch_factor)   re-aimed with loader.sampler.set(indices, epoch)
   epoch_order(data, epoch, args, rank, world_size)   this rank's samples of one epoch
   prepare(batch, data, step, micro_index) -> batch    a training micro-batch on the device
   count_targets(batch) -> {name: count}

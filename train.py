@@ -32,7 +32,7 @@ from tqdm import tqdm
 from checkpoint import (load_sharded_state, load_trainer_state, prepare_output_dir,
                         prune_checkpoints, read_info, resolve_resume, save_checkpoint,
                         set_rng_state, write_json)
-from config import apply_overrides, check_args, parse_args, workers_per_rank
+from config import apply_overrides, check_args, loader_workers, parse_args
 from dataset import DataError
 import distributed
 from distributed import all_reduce_sum, barrier
@@ -116,17 +116,23 @@ def train(args, rank, world_size, device):
     progress = tqdm(total=run.total_steps, initial=state.step, disable=not run.main_process,
                     desc="train", dynamic_ncols=True)
     state.stop_signals, restore_signals = catch_stop_signals()
+    loader = None  # one for the whole run: its worker processes serve every epoch
     try:
         while state.step < run.total_steps:
             epoch, first_micro = divmod(state.step, run.steps_per_epoch)
             order = run.task.epoch_order(run.data, epoch, args, rank, world_size)
             start = first_micro * args.grad_accum * args.batch_size
-            loader = iter(run.task.loader(run.data, run.inputs, order[start:], train=True,
-                                          batch_size=args.batch_size, seed=args.seed,
-                                          epoch=epoch, num_workers=args.num_workers,
-                                          pin_memory=device.type == "cuda"))
+            if loader is None:
+                loader = run.task.loader(run.data, run.inputs, order[start:], train=True,
+                                         batch_size=args.batch_size, seed=args.seed, epoch=epoch,
+                                         num_workers=args.num_workers, persistent=True,
+                                         prefetch_factor=args.prefetch_factor,
+                                         pin_memory=device.type == "cuda")
+            else:  # the epoch travels with each sample's key: workers hold no state of their own
+                loader.sampler.set(order[start:], epoch)
+            batches = iter(loader)
             for _ in range(state.step % run.steps_per_epoch, run.steps_per_epoch):
-                stop = train_step(run, state, loader, log)
+                stop = train_step(run, state, batches, log)
                 progress.update(1)
                 if after_step(run, state, log, progress, stop) or state.step >= run.total_steps:
                     break
@@ -149,7 +155,7 @@ def build_run(args, rank, world_size, device):
     for change in overrides:
         say(f"override: {change}")
     check_args(args)
-    args.num_workers = workers_per_rank(args.num_workers, say)
+    loader_workers(args, say, "epochs (and evaluations the evaluation cache cannot hold)")
     data = task.load_data(args, say)
     prepare_output_dir(args, rank)
 
@@ -260,14 +266,14 @@ def start_state(run):
     return state
 
 
-def train_step(run, state, loader, log):
+def train_step(run, state, batches, log):
     """One optimizer step. Returns whether any rank was asked to stop (SIGTERM / SIGUSR1)."""
     args, task, step = run.args, run.task, state.step
     step_start = time.time()
     # The whole accumulated batch first: the loss is normalised by its global target counts. The
     # same all-reduce tells every rank whether any rank was asked to stop or could not read.
     try:
-        micro_batches, data_error = list(islice(loader, args.grad_accum)), None
+        micro_batches, data_error = list(islice(batches, args.grad_accum)), None
     except DataError as e:
         micro_batches, data_error = [], e
     for batch in micro_batches:
@@ -431,7 +437,8 @@ def run_evaluation(run, indices, prefix, cache=None):
     return evaluate(run.task, run.raw_model, run.data, indices, run.inputs,
                     batch_size=run.args.batch_size, device=run.device,
                     precision=run.args.precision, num_workers=run.args.num_workers,
-                    prefix=prefix, rank=run.rank, world_size=run.world_size, cache=cache)[0]
+                    prefetch_factor=run.args.prefetch_factor, prefix=prefix, rank=run.rank,
+                    world_size=run.world_size, cache=cache)[0]
 
 
 def finish(run, state, log):

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dataset import DataError, ignore_stop_signals, raise_data_errors, read_data_file
+from dataset import (DataError, EpochSampler, ignore_stop_signals, raise_data_errors,
+                     read_data_file, worker_options)
 from model import LOADING, build_empty, from_pretrained, say
 
 SPEC_FILE = "unified.json"
@@ -317,10 +318,12 @@ class GenerationDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.conversations)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        # a key of dataset.EpochSampler carries its epoch (a persistent worker serves every epoch)
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         conv = self.conversations[index]
         g = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+            int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
 
         def draw(x0):
             t = sample_timestep(g, self.shift) if self.train else EVAL_TIMES[index %
@@ -445,14 +448,18 @@ def padding_share(loader):
 
 
 def make_generation_loader(conversations, indices, tokenizer, spec, batch_size, num_workers,
-                           pin_memory=False, pack_tokens=None, **options):
+                           pin_memory=False, pack_tokens=None, epoch=0, persistent_workers=False,
+                           prefetch_factor=None, **options):
     """batch_size samples per batch, padded one per row, or packed into rows of at most
-    pack_tokens tokens (check_pack_tokens first: it names a sample too long for a row)."""
+    pack_tokens tokens (check_pack_tokens first: it names a sample too long for a row).
+    Re-aim a loader with persistent workers with `loader.sampler.set(indices, epoch)`."""
     collate = partial(collate_packed, pack_tokens=pack_tokens) if pack_tokens else collate_sequences
     return torch.utils.data.DataLoader(GenerationDataset(conversations, tokenizer, spec, **options),
-                                       batch_size=batch_size, sampler=indices,
+                                       batch_size=batch_size, sampler=EpochSampler(indices, epoch),
                                        collate_fn=collate, num_workers=num_workers,
-                                       pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
+                                       pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+                                       **worker_options(num_workers, persistent_workers,
+                                                        prefetch_factor))
 
 
 def target_counts(batch):
