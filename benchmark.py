@@ -1,9 +1,18 @@
 """Throughput and memory of one masked-classifier training step on a random-init Qwen2.5-VL,
-or (with --data) images/s of one DataLoader worker on JPEG files.
+or (with --data) images/s of one DataLoader worker on JPEG files, or (--eval_run) eval.py over
+one checkpoint against several, or (--fsdp_memory) peak host memory of sharded loading.
 
     python benchmark.py --shape qwen2_5_vl_3b --batch_size 8 --steps 10     # on a GPU
     python benchmark.py --shape tiny --steps 3                               # smoke run on a CPU
     python benchmark.py --data /tmp/jpegs --make_jpegs 256                  # the image path
+    python benchmark.py --eval_run runs/demo --checkpoints 5                # eval.py: 5 vs 1
+    python benchmark.py --fsdp_memory /tmp/vit_large                        # RSS: 2 ranks vs 1
+
+--eval_run: wall time of eval.py processes over the run's first checkpoint, over its first
+--checkpoints with the evaluation cache, and without it (--eval_cache_mb 0); the ratio to one.
+--fsdp_memory: peak RSS of loading the folder's classifier whole in one process, and in each of
+2 gloo processes with --dist fsdp's meta-device loading (and without it); an empty or absent
+folder first gets preset:vit-large (ViT-L/16, 304M parameters, random init, fp32).
 
 --data: the same JPEG files through the processor path (ViTImageProcessorPil at 224, float32
 batches) and through the fast path (uint8 batches, preprocess.py) without and with draft, with
@@ -186,10 +195,12 @@ def benchmark_eval(args):
 
 
 def benchmark_fsdp_memory(args):
-    """Peak resident memory per process while the classifier of a model folder is loaded: one
-    process reading the whole model, against 2 gloo processes that build it on the meta device,
-    shard it (FSDP2) and read only their shards, and 2 that read it whole before sharding (the
-    path without meta loading). Each case is a fresh process (ru_maxrss)."""
+    """Peak resident memory per process while the classifier of a model folder is loaded and its
+    weights touched once (as a first step would): one process reading the whole model, against 2
+    gloo processes that build it on the meta device, shard it (FSDP2) and read only their
+    shards, and 2 that read it whole before sharding (the path without meta loading). Each case
+    is a fresh process (ru_maxrss)."""
+    import re
     import subprocess
     import sys
     folder = args.fsdp_memory
@@ -207,8 +218,7 @@ def benchmark_fsdp_memory(args):
                              text=True)
         if out.returncode:
             raise SystemExit(out.stderr[-3000:])
-        return [float(line.split()[-2]) for line in out.stdout.splitlines()
-                if line.startswith("peak RSS")]
+        return [float(mb) for mb in re.findall(r"peak RSS rank \d+: (\d+) MB", out.stdout)]
 
     weights_mb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
                      if f.endswith(".safetensors")) / 2 ** 20
@@ -245,6 +255,10 @@ def load_for_memory(folder, how):
     if world_size > 1:
         sources = folder_map(model.backbone, folder, "backbone.") if sharded else None
         distributed.shard_model(model, fsdp_units(model.backbone), device, sources=sources)
+    # from_pretrained may leave tensors on a memory map of the file until they are first used
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            getattr(tensor, "_local_tensor", tensor).sum()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS rank {rank}: {peak:.0f} MB", flush=True)
     distributed.cleanup()

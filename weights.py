@@ -12,11 +12,11 @@ eval.py build the backbone with its parameters on the meta device, shard it, the
 """
 import contextlib
 import json
+import math
 import os
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -59,12 +59,29 @@ def folder_files(folder):
     return {k: path for k in file_keys(path)}
 
 
-def file_keys(path):
+# safetensors dtype names -> torch dtypes
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_header(path):
+    """(offset of the data, {key: {"dtype", "shape", "data_offsets"}}) of a safetensors file: an
+    8-byte little-endian length, then that many bytes of JSON."""
     try:
-        with safe_open(path, "pt") as f:
-            return list(f.keys())
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        return 8 + size, header
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it as safetensors ({type(e).__name__}: {e})"
+                         ) from None
+
+
+def file_keys(path):
+    return list(read_header(path)[1])
 
 
 def folder_map(module, folder, prefix=""):
@@ -131,29 +148,43 @@ def read_weights(model, key_map, device):
         by_file.setdefault(path, []).append((key, file_key))
     with torch.no_grad():
         for path, pairs in by_file.items():
-            with safe_open(path, "pt") as f:
+            start, header = read_header(path)
+            with open(path, "rb", buffering=0) as f:
                 for key, file_key in pairs:
-                    read_entry(entries[key], f, file_key, f"{path}:{file_key}")
+                    read_entry(entries[key], f, start, header[file_key], f"{path}:{file_key}")
 
 
 def same_tensor(entries, tensor):
     return [k for k, t in entries.items() if t is tensor]
 
 
-def read_entry(target, f, key, where):
-    """Copy the part of tensor `key` of the open file `f` that `target` holds into it."""
+def read_entry(target, f, start, stored, where):
+    """Read the part of a stored tensor (its header entry) that `target` holds into it: the whole
+    tensor, or the rows of a DTensor shard. Plain reads into the tensor's memory, not a memory
+    map: the file's pages never count as this process's memory."""
     from torch.distributed.tensor import DTensor
-    stored = f.get_slice(key)
-    shape = tuple(stored.get_shape())
+    shape, dtype = tuple(stored["shape"]), DTYPES.get(stored["dtype"])
     if shape != tuple(target.shape):
         raise WeightsMismatch(f"{where}: shape {shape}, the model's is {tuple(target.shape)}")
-    if not isinstance(target, DTensor):
-        target.copy_(f.get_tensor(key))
+    if dtype is None:
+        raise WeightsMismatch(f"{where}: dtype {stored['dtype']} is not supported")
+    rows, local = (0, shape[0] if shape else 1), target
+    if isinstance(target, DTensor):
+        # FSDP2 shards dim 0: this rank holds rows [offset, offset + local rows)
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        local_shape, offset = compute_local_shape_and_global_offset(
+            target.shape, target.device_mesh, target.placements)
+        if tuple(local_shape[1:]) != shape[1:]:
+            raise WeightsMismatch(f"{where}: only shards of dim 0 can be read")
+        rows, local = (offset[0], offset[0] + local_shape[0]), target.to_local()
+    if not local.numel():
         return
-    # only the ranges of the global tensor this rank holds (FSDP2: its rows)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    local_shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
-                                                                target.placements)
-    local = target.to_local()
-    if local.numel():
-        local.copy_(stored[tuple(slice(o, o + n) for o, n in zip(offset, local_shape))])
+    row_bytes = dtype.itemsize * math.prod(shape[1:])
+    f.seek(start + stored["data_offsets"][0] + rows[0] * row_bytes)
+    direct = local.device.type == "cpu" and local.dtype == dtype and local.is_contiguous()
+    buffer = local if direct else torch.empty(local.shape, dtype=dtype)
+    view = buffer.view(-1).view(torch.uint8).numpy()
+    if f.readinto(view) != view.nbytes:
+        raise ValueError(f"{where}: the file ends early (truncated?)")
+    if not direct:
+        local.copy_(buffer)

@@ -7,16 +7,18 @@ import train
 from conftest import run_script, train_args
 
 
-@pytest.mark.parametrize("model", ["tiny_vit", "tiny_qwen2_5_vl"])
-def test_sharded_loading_equals_whole_loading_on_every_rank(small_data, model, request, tmp_path):
+@pytest.mark.parametrize("model, dtype", [("tiny_vit", "fp32"), ("tiny_qwen2_5_vl", "bf16")])
+def test_sharded_loading_equals_whole_loading_on_every_rank(small_data, model, dtype, request,
+                                                            tmp_path):
     # The Qwen2.5-VL folder holds keys that transformers renames on loading and rotary inv_freq
-    # buffers that are not in any file.
+    # buffers that are not in any file; its fp32 weights are read into bf16 parameters.
     folder = request.getfixturevalue(model)
+    common = ["--param_dtype", dtype]
     train.main(train_args(small_data, folder, tmp_path / "one", "--max_steps", 1,
-                          "--skip_evaluation", "--lr", 1e-2))
+                          "--skip_evaluation", "--lr", 1e-2, *common))
     result = run_script("tests/sharded_loading.py", tmp_path / "one" / "checkpoint-1",
-                        *train_args(small_data, folder, tmp_path / "two", "--dist", "fsdp"),
-                        torchrun=2, timeout=240)
+                        *train_args(small_data, folder, tmp_path / "two", "--dist", "fsdp",
+                                    *common), torchrun=2, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "each process reads only its shards of the weights" in result.stdout
     assert "rank 0: equal" in result.stdout and "rank 1: equal" in result.stdout
