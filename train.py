@@ -89,7 +89,10 @@ class LoopState:
     window_time: float = 0.0  # training time of the window: evaluation and saving not counted
     window_samples: int = 0
     lr: float = 0.0  # of the last step
-    grad_norm: object = None  # of the last step, a tensor
+    grad_norm: object = None  # of the last step, a tensor on the device (read when logged)
+    # steps a fused AdamW skipped or took on the device: (step, finite, grad_norm, samples),
+    # counted when the loop next reads the device anyway (settle_steps)
+    unsettled: list = field(default_factory=list)
     stop_signals: list = field(default_factory=list)  # SIGTERM / SIGUSR1 received
     stopped: bool = False  # by a signal: a checkpoint is written, no final evaluation
 
@@ -285,6 +288,7 @@ def train_step(run, state, batches, log):
     *reduced, stop, failed = all_reduce_sum(
         [*local, len(state.stop_signals), data_error is not None], run.device)
     totals = dict(zip(task.COUNTS, reduced))
+    settle_steps(run, state, log)  # the all-reduce has just waited for the device
     if failed:
         stop_on_data_error(run, state, data_error)
 
@@ -311,18 +315,43 @@ def train_step(run, state, batches, log):
         grad_norm = grad_norm.full_tensor()
     # Taken after the gradient all-reduce, so every rank decides alike. Under fp16 the scaler skips
     # overflowing steps itself (and lowers its scale): that is not a bad step.
-    if math.isfinite(grad_norm.item()) or run.scaler.is_enabled():
+    state.window_samples += totals["samples"]
+    if run.scaler.is_enabled():
         run.scaler.step(run.optimizer)
         run.scaler.update()
         state.bad_steps = 0
+    elif run.optimizer.defaults.get("fused"):
+        # No host sync: a fused AdamW takes found_inf and skips the whole update on the device
+        # (weights, moments, step count); the window of train metrics is restored there too.
+        finite = torch.isfinite(grad_norm)
+        run.optimizer.found_inf = (~finite).float()
+        run.optimizer.step()
+        del run.optimizer.found_inf
+        state.train_metrics.sums.copy_(torch.where(finite, state.train_metrics.sums,
+                                                   window_before))
+        state.unsettled.append((step + 1, finite, grad_norm, totals["samples"]))
+    elif math.isfinite(grad_norm.item()):
+        run.optimizer.step()
+        state.bad_steps = 0
     else:
-        skip_bad_step(run, state, log, grad_norm, window_before)
+        state.train_metrics.sums.copy_(window_before)
+        count_bad_step(run, state, log, step + 1, grad_norm, totals["samples"])
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    state.window_samples += totals["samples"] if not state.bad_steps else 0
     state.window_time += time.time() - step_start
     state.lr, state.grad_norm = lr, grad_norm
     return bool(stop)
+
+
+def settle_steps(run, state, log):
+    """Count the steps a fused AdamW decided on the device, as the synchronous path counts them:
+    a finite one ends a run of bad steps, a skipped one is logged and counted."""
+    for step, finite, grad_norm, samples in state.unsettled:
+        if finite.item():
+            state.bad_steps = 0
+        else:
+            count_bad_step(run, state, log, step, grad_norm, samples)
+    state.unsettled.clear()
 
 
 def set_gradient_sync(run, last):
@@ -343,10 +372,10 @@ def stop_on_data_error(run, state, data_error):
                     f"another process could not read its data (its error names the file); {kept}")
 
 
-def skip_bad_step(run, state, log, grad_norm, window_before):
+def count_bad_step(run, state, log, step, grad_norm, samples):
+    """A skipped step (its train metrics already taken out of the window): logged, counted."""
     state.bad_steps += 1
-    state.train_metrics.sums.copy_(window_before)
-    step = state.step + 1
+    state.window_samples -= samples
     log.write("skipped_step", step, run.epoch_of(step), consecutive=state.bad_steps,
               reason=f"non-finite gradient norm ({grad_norm.item()})")
     if run.main_process:
@@ -360,7 +389,13 @@ def skip_bad_step(run, state, log, grad_norm, window_before):
 def after_step(run, state, log, progress, stop):
     """Log, evaluate, track the best, save; on a stop signal write a checkpoint and end."""
     args, step = run.args, state.step
-    if (step % args.logging_steps == 0 or step == run.total_steps) and state.window_samples:
+    log_due = step % args.logging_steps == 0 or step == run.total_steps
+    eval_due = not args.no_partial_eval and (step % args.eval_steps == 0
+                                             or step == run.total_steps)
+    save_due = step % args.save_steps == 0 or step == run.total_steps
+    if log_due or eval_due or save_due or stop:  # records follow the skipped steps before them
+        settle_steps(run, state, log)
+    if log_due and state.window_samples:
         metrics = state.train_metrics.all_reduce().compute("train")
         state.train_metrics.reset()
         log.write("train", step, run.epoch_of(step), **metrics, lr=state.lr,
@@ -371,15 +406,14 @@ def after_step(run, state, log, progress, stop):
         state.window_time, state.window_samples = 0.0, 0
 
     eval_metrics, new_best = {}, False
-    if not args.no_partial_eval and (step % args.eval_steps == 0 or step == run.total_steps):
+    if eval_due:
         eval_metrics = run_evaluation(run, run.data.partial_indices, "eval", run.eval_cache)
         log.write("eval", step, run.epoch_of(step), **eval_metrics)
         run.say(run.task.report(eval_metrics, "eval", f"partial evaluation at step {step}",
                                 run.data))
         new_best = not args.no_best_tracking and track_best(run, state, log, eval_metrics)
-    due = step % args.save_steps == 0 or step == run.total_steps
     injected_fault("kill_before_save", step)
-    if new_best or (due and not args.save_best_only):
+    if new_best or (save_due and not args.save_best_only):
         save(run, state, eval_metrics)
     if not stop:
         return False
