@@ -189,7 +189,7 @@ def build_run(args, rank, world_size, device):
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
     return Run(args, task, data, model, raw_model, inputs, optimizer, scaler, device, rank,
                world_size, steps_per_epoch, total_steps, overrides,
-               EvalCache(args.eval_cache_mb, say))
+               EvalCache(args.eval_cache_mb, tqdm.write if rank == 0 else say))
 
 
 def build_model(args, task, data, dtype, world_size, say):
