@@ -151,13 +151,13 @@ def train(args, rank, world_size, device):
 def build_run(args, rank, world_size, device):
     """Data (every record checked), the model on its devices, the optimizer and the schedule."""
     say = print if rank == 0 else (lambda *a, **k: None)
-    LOADING.trust_remote_code = args.trust_remote_code
-    LOADING.attn_implementation = args.attn_implementation
     task = TASKS[args.task]
     overrides = apply_overrides(args)
     for change in overrides:
         say(f"override: {change}")
     check_args(args)
+    LOADING.trust_remote_code = args.trust_remote_code
+    LOADING.attn_implementation = args.attn_implementation
     loader_workers(args, say, "epochs (and evaluations the evaluation cache cannot hold)")
     data = task.load_data(args, say)
     prepare_output_dir(args, rank)
