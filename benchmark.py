@@ -1,9 +1,18 @@
 """Throughput and memory of one masked-classifier training step on a random-init Qwen2.5-VL,
-or (with --data) images/s of one DataLoader worker on JPEG files.
+or (with --data) images/s of one DataLoader worker on JPEG files, or (--eval_run) eval.py over
+one checkpoint against several, or (--fsdp_memory) peak host memory of sharded loading.
 
     python benchmark.py --shape qwen2_5_vl_3b --batch_size 8 --steps 10     # on a GPU
     python benchmark.py --shape tiny --steps 3                               # smoke run on a CPU
     python benchmark.py --data /tmp/jpegs --make_jpegs 256                  # the image path
+    python benchmark.py --eval_run runs/demo --checkpoints 5                # eval.py: 5 vs 1
+    python benchmark.py --fsdp_memory /tmp/vit_large                        # RSS: 2 ranks vs 1
+
+--eval_run: wall time of eval.py processes over the run's first checkpoint, over its first
+--checkpoints with the evaluation cache, and without it (--eval_cache_mb 0); the ratio to one.
+--fsdp_memory: peak RSS of loading the folder's classifier whole in one process, and in each of
+2 gloo processes with --dist fsdp's meta-device loading (and without it); an empty or absent
+folder first gets preset:vit-large (ViT-L/16, 304M parameters, random init, fp32).
 
 --data: the same JPEG files through the processor path (ViTImageProcessorPil at 224, float32
 batches) and through the fast path (uint8 batches, preprocess.py) without and with draft, with
@@ -26,7 +35,8 @@ import torch
 from PIL import Image
 
 from losses import masked_cross_entropy
-from model import MaskedClassifier, enable_activation_checkpointing, mask_logits
+from model import (ATTN_IMPLEMENTATIONS, MaskedClassifier, check_attn_implementation,
+                   enable_activation_checkpointing, mask_logits)
 
 SHAPES = {
     "qwen2_5_vl_3b": dict(
@@ -141,13 +151,127 @@ def benchmark_image_path(args):
         print(f"{name:<50} {rate:8.1f} images/s  {rate / rates[0]:5.2f}x")
 
 
+def benchmark_eval(args):
+    """Wall time of eval.py (a fresh process, as a user runs it) over the first checkpoint of a
+    run, and over its first --checkpoints checkpoints with and without the evaluation cache."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from checkpoint import list_checkpoints
+    found = list_checkpoints(args.eval_run)
+    if len(found) < args.checkpoints:
+        raise SystemExit(f"--eval_run {args.eval_run}: {len(found)} checkpoint(s), "
+                         f"--checkpoints {args.checkpoints} asked for")
+    root = os.path.dirname(os.path.abspath(__file__))
+    work = tempfile.mkdtemp(prefix="eval-bench-")
+    runs = {}
+    for name, count in (("one", 1), ("many", args.checkpoints)):
+        os.makedirs(os.path.join(work, name))
+        for folder in found[:count]:  # links: eval.py writes its results beside them
+            os.symlink(os.path.abspath(folder),
+                       os.path.join(work, name, os.path.basename(folder)))
+        runs[name] = os.path.join(work, name)
+    cases = [("1 checkpoint", runs["one"], []),
+             (f"{args.checkpoints} checkpoints", runs["many"], []),
+             (f"{args.checkpoints} checkpoints, --eval_cache_mb 0", runs["many"],
+              ["--eval_cache_mb", "0"])]
+    extra = ["--num_workers", str(args.num_workers)] if args.num_workers is not None else []
+    print(f"eval.py over {args.eval_run} ({os.cpu_count()} CPUs, best of {args.rounds} "
+          "interleaved rounds, each a fresh process)")
+    seconds = [float("inf")] * len(cases)
+    try:
+        for _ in range(args.rounds):
+            for i, (_, run_dir, flags) in enumerate(cases):
+                start = time.perf_counter()
+                subprocess.run([sys.executable, os.path.join(root, "eval.py"), run_dir, "--force",
+                                *extra, *flags], check=True, cwd=root, capture_output=True)
+                seconds[i] = min(seconds[i], time.perf_counter() - start)
+    finally:
+        shutil.rmtree(work)
+    for (name, _, _), value in zip(cases, seconds):
+        print(f"{name:<40} {value:7.2f} s  {value / seconds[0]:5.2f}x the time of one")
+
+
+def benchmark_fsdp_memory(args):
+    """Peak resident memory per process while the classifier of a model folder is loaded and its
+    weights touched once (as a first step would): one process reading the whole model, against 2
+    gloo processes that build it on the meta device, shard it (FSDP2) and read only their
+    shards, and 2 that read it whole before sharding (the path without meta loading). Each case
+    is a fresh process (ru_maxrss)."""
+    import re
+    import subprocess
+    import sys
+    folder = args.fsdp_memory
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        save_vit_large(folder)
+    root, me = os.path.dirname(os.path.abspath(__file__)), os.path.abspath(__file__)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+
+    def peaks(processes, how):
+        cmd = [me, "--fsdp_memory", folder, "--load", how]
+        if processes > 1:
+            cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(29500 + os.getpid() % 1000)] + cmd
+        out = subprocess.run([sys.executable, *cmd], env=env, cwd=root, capture_output=True,
+                             text=True)
+        if out.returncode:
+            raise SystemExit(out.stderr[-3000:])
+        return [float(mb) for mb in re.findall(r"peak RSS rank \d+: (\d+) MB", out.stdout)]
+
+    weights_mb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                     if f.endswith(".safetensors")) / 2 ** 20
+    one = peaks(1, "whole")[0]
+    sharded, whole_then_shard = peaks(2, "sharded"), peaks(2, "whole")
+    print(f"{folder}: {weights_mb:,.0f} MB of weights; peak RSS while loading, MB "
+          f"({os.cpu_count()} CPUs, gloo)")
+    print(f"{'1 process, whole model':<52} {one:8,.0f}")
+    for name, values in (("2 processes, meta + shard + read own shards", sharded),
+                         ("2 processes, whole model read, then sharded", whole_then_shard)):
+        print(f"{name:<52} " + " ".join(f"{v:8,.0f}" for v in values) +
+              f"   max/one {max(values) / one:.2f}")
+
+
+def save_vit_large(folder):
+    """preset:vit-large (ViT-L/16, 304M parameters, random init) as a model folder, fp32."""
+    from model import build_preset
+    backbone, inputs = build_preset("vit-large")
+    backbone.save_pretrained(folder)
+    inputs.save_pretrained(folder)
+
+
+def load_for_memory(folder, how):
+    """One process of benchmark_fsdp_memory: load the classifier, print this rank's peak RSS."""
+    import resource
+
+    import distributed
+    from model import fsdp_units, load_backbone
+    from weights import folder_map
+    rank, world_size, _, device = distributed.setup_distributed()
+    sharded = how == "sharded"
+    backbone, _ = load_backbone(folder, meta=sharded)
+    model = MaskedClassifier(backbone, 1000)
+    if world_size > 1:
+        sources = folder_map(model.backbone, folder, "backbone.") if sharded else None
+        distributed.shard_model(model, fsdp_units(model.backbone), device, sources=sources)
+    # from_pretrained may leave tensors on a memory map of the file until they are first used
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            getattr(tensor, "_local_tensor", tensor).sum()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS rank {rank}: {peak:.0f} MB", flush=True)
+    distributed.cleanup()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="DIR", help="benchmark the image path on the JPEGs in DIR")
     p.add_argument("--make_jpegs", type=int, metavar="N",
                    help="with --data: first write N JPEGs into DIR (when it is empty or absent)")
-    p.add_argument("--rounds", type=int, default=3, help="with --data: rounds per mode (best of)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="with --data or --eval_run: rounds per mode (best of)")
     p.add_argument("--shape", choices=SHAPES, default="qwen2_5_vl_3b")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--image_size", type=int, default=448,
@@ -155,11 +279,28 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps, after 2 warm-up steps")
     p.add_argument("--num_labels", type=int, default=2000)
     p.add_argument("--no_checkpointing", action="store_true")
+    p.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default="sdpa",
+                   help="attention kernels (default: sdpa)")
     p.add_argument("--peak_tflops", type=float,
                    help="device peak for MFU (default: from the GPU's name)")
+    p.add_argument("--eval_run", metavar="DIR",
+                   help="time eval.py over the first checkpoint of the run in DIR and over its "
+                        "first --checkpoints")
+    p.add_argument("--checkpoints", type=int, default=5, help="with --eval_run (default: 5)")
+    p.add_argument("--num_workers", help="with --eval_run: eval.py's --num_workers")
+    p.add_argument("--fsdp_memory", metavar="DIR",
+                   help="peak RSS per process loading the model folder DIR whole (1 process) "
+                        "and sharded (2 gloo processes); an empty DIR gets ViT-L/16 (random init)")
+    p.add_argument("--load", choices=["whole", "sharded"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.fsdp_memory and args.load:
+        return load_for_memory(args.fsdp_memory, args.load)
+    if args.fsdp_memory:
+        return benchmark_fsdp_memory(args)
     if args.data:
         return benchmark_image_path(args)
+    if args.eval_run:
+        return benchmark_eval(args)
     if args.make_jpegs:
         p.error("--make_jpegs needs --data DIR")
 
@@ -169,8 +310,10 @@ def main():
     config = Qwen2_5_VLConfig(text_config=shape["text"], vision_config=shape["vision"],
                               **shape.get("tokens", {}))
     torch.manual_seed(0)
+    check_attn_implementation(args.attn_implementation)
     with torch.device(device):
-        backbone = Qwen2_5_VLModel(config).to(torch.bfloat16)
+        backbone = Qwen2_5_VLModel._from_config(
+            config, attn_implementation=args.attn_implementation).to(torch.bfloat16)
     model = MaskedClassifier(backbone, args.num_labels).to(device, torch.bfloat16).train()
     if not args.no_checkpointing:
         enable_activation_checkpointing(backbone)
@@ -209,7 +352,8 @@ def main():
     print(
         f"device: {name}; shape {args.shape}: {language_params / 1e6:,.1f}M language + "
         f"{vision_params / 1e6:,.1f}M vision parameters, bf16, activation checkpointing "
-        f"{'off' if args.no_checkpointing else 'on'}")
+        f"{'off' if args.no_checkpointing else 'on'}, attention "
+        f"{backbone.config._attn_implementation}")
     print(
         f"batch {args.batch_size} images of {args.image_size}x{args.image_size} ({per_image} image "
         f"tokens each), {tokens // args.batch_size} tokens per sample")

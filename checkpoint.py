@@ -17,6 +17,7 @@ so a folder named checkpoint-* is always whole. Nothing here unpickles: the shar
 safetensors whose shard offsets are JSON in the file headers (DCP's default format pickles
 its metadata file, so it is not used).
 """
+import hashlib
 import json
 import os
 import random
@@ -134,6 +135,21 @@ def read_info(folder):
             return json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read it ({e})") from None
+
+
+def model_signature(folder):
+    """Fingerprint of what a checkpoint folder holds beside weights and training state: configs,
+    processor and tokenizer files, the task's own JSON. Checkpoints with the same one build the
+    same model and preprocess their inputs alike (eval.py reuses both)."""
+    digest = hashlib.sha1()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+                or name in (INFO_FILE, STATE_FILE) or not os.path.isfile(path)):
+            continue
+        with open(path, "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read() + b"\0")
+    return digest.hexdigest()
 
 
 def prune_checkpoints(output_dir, keep_last, protect=()):

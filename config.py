@@ -6,8 +6,8 @@ mapped onto the same flags, and the checks that need no data.
 import argparse
 import os
 
-from model import DEFAULT_PROMPT, POOLINGS
-from dataset import auto_num_workers
+from model import ATTN_IMPLEMENTATIONS, DEFAULT_PROMPT, POOLINGS, check_attn_implementation
+from dataset import PREFETCH_FACTOR, auto_num_workers
 from lora import check_lora_flags
 from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
@@ -33,13 +33,20 @@ def num_workers(value):
     return int(value)
 
 
-def workers_per_rank(value, say):
-    """The DataLoader processes of --num_workers, with auto resolved and the choice printed."""
+def loader_workers(args, say, kept):
+    """Resolve --num_workers (auto) and --prefetch_factor into args and print the choice; `kept`
+    says what the workers outlive (train.py: epochs)."""
+    value = args.num_workers
     workers = auto_num_workers() if value == "auto" else value
+    if args.prefetch_factor is not None and (args.prefetch_factor < 1 or not workers):
+        raise ValueError(f"--prefetch_factor {args.prefetch_factor}: needs a count of at least 1 "
+                         f"and worker processes (--num_workers resolves to {workers})")
+    args.num_workers, args.prefetch_factor = workers, args.prefetch_factor or PREFETCH_FACTOR
     say(f"data loading: {workers} worker process(es) per rank" +
         (" (--num_workers auto: usable CPUs / local processes - 1, at most 16)"
-         if value == "auto" else ""))
-    return workers
+         if value == "auto" else "") +
+        (f", {args.prefetch_factor} batches prefetched per worker, workers kept across {kept}"
+         if workers else ""))
 
 
 def build_parser(description=None):
@@ -78,6 +85,9 @@ def build_parser(description=None):
     a("--train_only_head", action="store_true", help="linear probe: freeze the whole backbone")
     a("--gradient_checkpointing", action="store_true",
       help="recompute activations in backward (less memory)")
+    a("--attn_implementation", choices=ATTN_IMPLEMENTATIONS,
+      help="attention kernels of the backbone (default: sdpa; eager for a model without sdpa, "
+           "e.g. one with no attention layers); flash_attention_2 needs flash-attn and a GPU")
     a("--param_dtype", choices=["fp32", "bf16"], default="fp32",
       help="dtype of the weights and optimizer state; bf16 halves memory for large backbones")
     a("--lora_rank", type=int, default=0,
@@ -156,6 +166,8 @@ def build_parser(description=None):
     a("--num_workers", type=num_workers, default="auto",
       help="DataLoader processes per rank; auto: the CPUs this process may use / local processes "
            "- 1, at most 16")
+    a("--prefetch_factor", type=int,
+      help=f"batches each DataLoader worker prepares ahead (default: {PREFETCH_FACTOR})")
     # schedule of logging, evaluation and checkpoints
     a("--report_to", nargs="+", default=["none"], choices=["none", "tensorboard", "wandb"],
       help="also send the metrics.jsonl records to TensorBoard (OUTPUT_DIR/tensorboard) and/or "
@@ -163,6 +175,9 @@ def build_parser(description=None):
     a("--logging_steps", type=int, default=10, help="train metrics every N steps")
     a("--eval_steps", type=int, default=500,
       help="partial evaluation every N steps (and at the last)")
+    a("--eval_cache_mb", type=float, default=2048,
+      help="per process: keep the partial evaluation's preprocessed batches in memory up to this "
+           "size for the next evaluations; 0: decode them every time")
     a("--save_steps", type=int, default=500, help="checkpoint every N steps (and at the last)")
     a("--save_total_limit", type=int, default=3,
       help="keep this many latest checkpoints (the best is always kept)")
@@ -339,9 +354,12 @@ def check_args(args):
         )
     if args.cpu_offload and args.dist != "fsdp":
         raise ValueError("--cpu_offload needs --dist fsdp")
+    if args.eval_cache_mb < 0:
+        raise ValueError(f"--eval_cache_mb must be 0 (off) or more, got {args.eval_cache_mb}")
     if args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
     check_lora_flags(args)
+    check_attn_implementation(args.attn_implementation)
     check_report_to(args.report_to)  # a missing package is an error before the first step
     check_ema_args(args.ema_decay, args.ema_every)
     if not args.ema_decay:

@@ -503,9 +503,24 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+PREFETCH_FACTOR = 4  # batches each worker prepares ahead (--prefetch_factor)
+
+
+def worker_options(num_workers, persistent=False, prefetch_factor=None):
+    """DataLoader keywords of the worker processes. Each iterator draws its workers' base seed
+    from the loader's own generator, not the global RNG: building or iterating a loader (once per
+    run with persistent workers, or per epoch; evaluation's, from the cache or not) leaves the
+    training's random stream as it was, so a resumed run draws what an uninterrupted one does."""
+    options = {"generator": torch.Generator().manual_seed(0)}
+    if num_workers:
+        options.update(persistent_workers=persistent,
+                       prefetch_factor=prefetch_factor or PREFETCH_FACTOR)
+    return options
+
+
 def make_loader(records, indices, inputs, dataset_names, batch_size, num_workers, pin_memory=False,
                 skip_bad_images=False, fast_path=False, augment=None, epoch=0, draft=None,
-                persistent_workers=False, prefetch_factor=4):
+                persistent_workers=False, prefetch_factor=None):
     """The DataLoader of a classification run: batches of the backbone's inputs + labels,
     dataset_ids, indices (and "skipped" with skip_bad_images).
 
@@ -516,8 +531,8 @@ def make_loader(records, indices, inputs, dataset_names, batch_size, num_workers
     for evaluation); epoch seeds its draws. draft: let JPEGs decode at reduced scale
     (preprocess.py states the difference); default: with augmentation only, so evaluation
     equals the processor's output within float rounding. persistent_workers keeps the workers for
-    the next
-    `iter()`; re-aim the same loader with `loader.sampler.set(indices, epoch)`.
+    the next `iter()`; re-aim the same loader with `loader.sampler.set(indices, epoch)` (the
+    workers hold no state of an epoch: exact resume is unchanged).
     """
     recipe = getattr(inputs, "recipe", None) if fast_path else None
     if augment is not None and recipe is None:
@@ -525,15 +540,11 @@ def make_loader(records, indices, inputs, dataset_names, batch_size, num_workers
                          "none (see augment.augment_config)")
     draft = augment is not None if draft is None else draft
     pixels = FastPixels(recipe, augment, draft) if recipe is not None else None
-    workers = dict(persistent_workers=persistent_workers,
-                   prefetch_factor=prefetch_factor) if num_workers > 0 else {}
     return torch.utils.data.DataLoader(
         ImageDataset(records, skip_bad_images, pixels), batch_size=batch_size,
         sampler=EpochSampler(indices, epoch), collate_fn=Collate(inputs, dataset_names),
         num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
-        # Its own generator: each iter() draws the workers' base seed, which taken from the global
-        # RNG would shift the model's dropout draws after a mid-epoch resume.
-        generator=torch.Generator().manual_seed(epoch), **workers)
+        **worker_options(num_workers, persistent_workers, prefetch_factor))
 
 
 def auto_num_workers(cap=16):

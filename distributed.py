@@ -67,11 +67,13 @@ def all_gather_objects(obj):
     return out
 
 
-def shard_model(model, units, device, param_dtype=None, cpu_offload=False):
+def shard_model(model, units, device, param_dtype=None, cpu_offload=False, sources=None):
     """FSDP2: `fully_shard` each unit (a transformer block, a VLM's vision tower), then the root.
 
     param_dtype: compute dtype of the gathered weights (bf16), gradients reduced in fp32.
-    cpu_offload: sharded weights, gradients and optimizer state live in CPU memory."""
+    cpu_offload: sharded weights, gradients and optimizer state live in CPU memory.
+    sources: where the weights of the model's meta-device entries are stored
+    (weights.read_weights): after sharding each rank reads only its shards of them."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     options = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
@@ -83,6 +85,9 @@ def shard_model(model, units, device, param_dtype=None, cpu_offload=False):
     for unit in units:
         fully_shard(unit, **options)
     fully_shard(model, **options)  # the root: what no unit holds (embeddings, final norm, head)
+    if sources is not None:
+        from weights import read_weights
+        read_weights(model, sources, torch.device("cpu") if cpu_offload else device)
     return model
 
 

@@ -71,16 +71,23 @@ def make_ema(model):
 
 
 @torch.no_grad()
-def update_ema(shadow, model, decay):
+def update_ema(shadow, model, decay, taken=True):
     """ema = decay * ema + (1 - decay) * w for every averaged tensor, on each process's own
-    shards."""
+    shards. taken: a 0-dim bool tensor on the device where the optimizer decided there whether
+    it stepped (fp16's scaler, a fused AdamW); where false the shadow stays as it was, and no
+    host sync is needed to know."""
     params = _averaged(model)
     if params.keys() != shadow.keys():
         raise ValueError("the EMA shadow does not fit the model's parameters")
     emas = [_local(shadow[n]) for n in params]
     weights = [_local(p.detach()).float() for p in params.values()]
-    torch._foreach_mul_(emas, decay)
-    torch._foreach_add_(emas, weights, alpha=1 - decay)
+    if taken is True:
+        torch._foreach_mul_(emas, decay)
+        torch._foreach_add_(emas, weights, alpha=1 - decay)
+        return
+    kept = torch.where(taken, decay, 1.0).to(emas[0].device)  # 1: the step was skipped
+    torch._foreach_mul_(emas, kept)
+    torch._foreach_add_(emas, torch._foreach_mul(weights, 1 - kept))
 
 
 def plain_metric(name):

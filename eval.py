@@ -30,24 +30,69 @@ import os
 
 import torch
 
-from checkpoint import checkpoint_folder, checkpoint_step, list_checkpoints, read_info
-from config import num_workers, workers_per_rank
-from dataset import DataError
+from checkpoint import (checkpoint_folder, checkpoint_step, list_checkpoints, model_signature,
+                        read_info)
+from config import loader_workers, num_workers
+from dataset import PREFETCH_FACTOR, DataError
 import distributed
 from distributed import all_gather_objects, is_sharded, shard_model
-from model import autocast, fsdp_units
+from model import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implementation,
+                   fsdp_units)
 from tasks import TASKS, task_of_checkpoint
+from weights import WeightsMismatch, read_weights
 
 RESULTS_FILE = "eval_results.jsonl"
 
 
+class EvalCache:
+    """What evaluation keeps between evaluations of the same samples with the same preprocessing
+    (the caller keeps one cache per preprocessing): their batches in this process's memory after
+    the first pass, up to limit_mb, so later evaluations skip decoding; where they do not fit,
+    their loader, whose worker processes then serve every evaluation."""
+
+    def __init__(self, limit_mb, say=lambda message: None):
+        self.limit, self.say = limit_mb * 2 ** 20, say
+        self.kept, self.streams, self.used = {}, {}, 0
+
+    def batches(self, key, make_loader):
+        """The batches of `key`: kept ones, or a pass of make_loader(persistent=True)'s loader."""
+        if key in self.kept:
+            return self.kept[key]
+        if key not in self.streams:
+            loader = make_loader(persistent=True)
+            if self.limit > 0:
+                return self.fill(key, loader)
+            self.streams[key] = loader
+        return self.streams[key]
+
+    def fill(self, key, loader):
+        kept, size = [], 0
+        for batch in loader:
+            if kept is not None:
+                size += sum(v.nbytes for v in batch.values() if torch.is_tensor(v))
+                kept.append(batch)
+                if self.used + size > self.limit:
+                    kept = None
+                    self.streams[key] = loader
+                    self.say(f"evaluation cache: over --eval_cache_mb {self.limit / 2 ** 20:g}; "
+                             "these samples are decoded again at every evaluation")
+            yield batch
+        if kept is not None:  # a whole pass (an interrupted one keeps nothing)
+            self.kept[key] = kept
+            self.used += size
+            self.say(f"evaluation cache: {sum(len(b['indices']) for b in kept):,} samples "
+                     f"({size / 2 ** 20:.1f} MB) kept in memory for the next evaluations")
+
+
 @torch.no_grad()
 def evaluate(task, model, data, indices, inputs, *, batch_size, device, precision="fp32",
-             num_workers=0, prefix="eval", rank=0, world_size=1, with_predictions=False):
+             num_workers=0, prefetch_factor=None, prefix="eval", rank=0, world_size=1,
+             with_predictions=False, cache=None):
     """The task's metrics over its validation records at `indices`, exact under torchrun: rank r
     takes indices[r::world_size] (no padding, no duplicates) and the sums are all-reduced. An
     FSDP2-sharded model gathers its weights in every forward, so there a rank with fewer batches
-    runs throw-away forwards until every rank has run as many.
+    runs throw-away forwards until every rank has run as many. cache: an EvalCache for inputs
+    that preprocess alike every time (the batches of evaluation are deterministic).
 
     Returns (metrics dict, predictions); predictions (complete on rank 0, in `indices` order)
     only with `with_predictions`."""
@@ -56,16 +101,24 @@ def evaluate(task, model, data, indices, inputs, *, batch_size, device, precisio
     metrics = task.new_metrics(data, None, device)
     predictions = []
     options = dict(train=False, num_workers=num_workers, pin_memory=device.type == "cuda")
-    loader = task.loader(data, inputs, indices[rank::world_size], batch_size=batch_size, **options)
-    for batch in loader:
+    share = indices[rank::world_size]
+
+    def make_loader(persistent=False):
+        return task.loader(data, inputs, share, batch_size=batch_size, persistent=persistent,
+                           prefetch_factor=prefetch_factor, **options)
+
+    batches = make_loader() if cache is None else cache.batches((tuple(share), batch_size),
+                                                                 make_loader)
+    filler = task.loader(data, inputs, indices[:1], batch_size=1, **{**options, "num_workers": 0})
+    for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, precision):
             outputs = task.forward(model, batch, data, train=False)
         metrics.update(**outputs)
         if with_predictions:
             predictions += task.predictions(outputs, batch, data)
-    filler = task.loader(data, inputs, indices[:1], batch_size=1, **{**options, "num_workers": 0})
-    for batch in missing_forwards(model, loader, filler, len(indices), world_size, batch_size):
+    for batch in missing_forwards(model, math.ceil(len(share) / batch_size), filler,
+                                  len(indices), world_size, batch_size):
         with autocast(device, precision):
             task.forward(model, {k: v.to(device) for k, v in batch.items()}, data, train=False)
     model.train(was_training)
@@ -77,13 +130,45 @@ def evaluate(task, model, data, indices, inputs, *, batch_size, device, precisio
     return result, predictions
 
 
-def missing_forwards(model, loader, filler, num_indices, world_size, batch_size):
+def missing_forwards(model, num_batches, filler, num_indices, world_size, batch_size):
     """Under FSDP2 every forward gathers weights with all ranks: a rank with fewer batches than
     rank 0 (which holds the largest share) runs the filler batch that many more times."""
     if not is_sharded(model) or not num_indices:
         return []
     most = math.ceil(math.ceil(num_indices / world_size) / batch_size)
-    return [next(iter(filler))] * (most - len(loader))
+    return [next(iter(filler))] * (most - num_batches)
+
+
+def load_placed(task, folder, args, device, world_size, say):
+    """(model, inputs) of a checkpoint on its devices. Under --dist fsdp the backbone is built
+    with its parameters on the meta device, sharded, and each process reads only its shards."""
+    sharded = args.dist == "fsdp" and world_size > 1
+    param_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    if sharded:
+        model, inputs, _ = task.load_model(folder, meta=True)
+        try:
+            sources = task.weight_sources(model, folder, checkpoint=True)
+        except WeightsMismatch as e:
+            say(f"note: {e}; every process reads the whole model")
+        else:
+            shard_model(model, fsdp_units(model.backbone), device, param_dtype, sources=sources)
+            return model, inputs
+    model, inputs, _ = task.load_model(folder)
+    if sharded:
+        shard_model(model, fsdp_units(model.backbone), device, param_dtype)
+    else:
+        model.to(device)
+    return model, inputs
+
+
+def read_checkpoint(task, model, folder, device):
+    """Read a checkpoint's weights into a model built for another checkpoint of the same
+    signature (sharded or not); False where they do not map one to one (build it anew)."""
+    try:
+        read_weights(model, task.weight_sources(model, folder, checkpoint=True), device)
+    except WeightsMismatch:
+        return False
+    return True
 
 
 def data_key(val_files, options):
@@ -152,7 +237,13 @@ def build_parser():
       help="autocast dtype (default: fp32)")
     a("--num_workers", type=num_workers, default="auto",
       help="DataLoader processes per rank (default: auto, as train.py)")
+    a("--prefetch_factor", type=int,
+      help=f"batches each DataLoader worker prepares ahead (default: {PREFETCH_FACTOR})")
     a("--seed", type=int, help="seed of the partial subset (default: the run's)")
+    a("--eval_cache_mb", type=float, default=2048,
+      help="per process: keep the preprocessed evaluation batches in memory up to this size, "
+           "for the next checkpoints that preprocess alike; 0: decode for every checkpoint "
+           "(default: 2048)")
     a("--force", action="store_true",
       help="evaluate again checkpoints already evaluated on this data")
     a("--predictions", metavar="FILE", help="write one JSON line per sample and checkpoint")
@@ -160,6 +251,9 @@ def build_parser():
       help="per checkpoint and dataset: per-class accuracy / precision / recall / support and the "
            "confusion pairs to RUN_DIR/per_class/CHECKPOINT.json; the worst classes and most "
            "confused pairs printed")
+    a("--attn_implementation", choices=ATTN_IMPLEMENTATIONS,
+      help="attention kernels of the backbone (default: sdpa; eager for a model without sdpa); "
+           "flash_attention_2 needs flash-attn and a GPU")
     a("--dist", choices=["ddp", "fsdp"], default="ddp",
       help="under torchrun: a full model per process, or FSDP2-sharded per block (default: ddp)")
     g = p.add_argument_group("generation checkpoints (--task generate)").add_argument
@@ -182,6 +276,10 @@ def main(argv=None):
 
 
 def run(args, rank, world_size, device):
+    check_attn_implementation(args.attn_implementation)
+    LOADING.attn_implementation = args.attn_implementation
+    if args.eval_cache_mb < 0:
+        raise ValueError(f"--eval_cache_mb must be 0 (off) or more, got {args.eval_cache_mb}")
     run_dir, targets = find_targets(args.path)
     task = task_of_checkpoint(targets[-1])
     trained_args = read_info(checkpoint_folder(targets[-1])).get("args", {})
@@ -191,23 +289,26 @@ def run(args, rank, world_size, device):
     data, indices, options, summary = task.eval_data(args, targets[-1], trained_args, world_size)
     say = print if rank == 0 else (lambda message: None)
     say(summary)
-    args.num_workers = workers_per_rank(args.num_workers, say)
+    loader_workers(args, say, "checkpoints (where the evaluation cache cannot hold the batches)")
     key = data_key(args.val_files, options)
     extras = task.eval_extras(args, device)  # e.g. the judge, loaded once for every checkpoint
     if args.predictions and rank == 0:
         open(args.predictions, "w").close()
+    built = None  # (signature, model, inputs, cache) of the checkpoints that share them
     for folder in still_to_evaluate(run_dir, targets, key, args.force, rank):
         name = os.path.relpath(folder, run_dir)  # checkpoint-N, or checkpoint-N/ema
-        model, inputs, _ = task.load_model(folder)
-        if args.dist == "fsdp" and world_size > 1:
-            shard_model(model, fsdp_units(model.backbone), device,
-                        param_dtype=torch.bfloat16 if args.precision == "bf16" else None)
-        else:
-            model.to(device)
+        signature = model_signature(folder)
+        if built is None or built[0] != signature or not read_checkpoint(task, built[1], folder,
+                                                                         device):
+            model, inputs = load_placed(task, folder, args, device, world_size, say)
+            built = (signature, model, inputs, EvalCache(args.eval_cache_mb, say))
+        _, model, inputs, cache = built
         metrics, predictions = evaluate(
             task, model, data, indices, inputs, batch_size=args.batch_size, device=device,
-            precision=args.precision, num_workers=args.num_workers, rank=rank,
-            world_size=world_size, with_predictions=bool(args.predictions or args.per_class))
+            precision=args.precision, num_workers=args.num_workers,
+            prefetch_factor=args.prefetch_factor, rank=rank,
+            world_size=world_size, with_predictions=bool(args.predictions or args.per_class),
+            cache=cache)
         metrics.update(task.extra_metrics(model, inputs, data, args, extras, rank, world_size,
                                           device))
         if rank != 0:

@@ -31,6 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 class LoadingOptions:
     """How model folders are loaded; set once per process from the command line."""
     trust_remote_code: bool = False  # may a folder run its own Python code (auto_map)
+    # --attn_implementation; None: transformers' default, sdpa where the model has it, else eager
+    attn_implementation: str = None
 
 
 LOADING = LoadingOptions()
@@ -129,6 +131,47 @@ def backbone_feature_dim(config):
     )
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
+
+def check_attn_implementation(value):
+    """--attn_implementation before anything loads: flash_attention_2 needs its package and a GPU.
+    """
+    if value is None:
+        return
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)},"
+                         f" got {value!r}")
+    if value != "flash_attention_2":
+        return
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn_implementation flash_attention_2 needs the flash-attn package, "
+                         "which is not installed (pip install flash-attn --no-build-isolation); "
+                         "use sdpa or eager")
+    if not torch.cuda.is_available():
+        raise ValueError("--attn_implementation flash_attention_2 needs a CUDA GPU and none is "
+                         "visible; use sdpa or eager")
+
+
+def attn_options(model_class, config):
+    """The from_pretrained / from_config keyword of --attn_implementation ({}: transformers'
+    default). A model class that lacks the implementation asked for is named here, before loading.
+    """
+    asked = LOADING.attn_implementation
+    if asked is None:
+        return {}
+    mapping = getattr(model_class, "_model_mapping", None)  # an Auto class: the concrete class
+    if mapping is not None:
+        model_class = mapping[type(config)] if type(config) in mapping else None
+    supported = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+    if model_class is not None and asked in supported and not getattr(model_class,
+                                                                       supported[asked], False):
+        raise ValueError(f"--attn_implementation {asked}: {model_class.__name__} does not support "
+                         f"it (a model without attention layers takes only eager)")
+    return {"attn_implementation": asked}
+
+
 def say(message):
     """Print once per job: loading happens on every rank."""
     if os.environ.get("RANK", "0") == "0":
@@ -161,13 +204,15 @@ def from_pretrained(model_class, folder, **kwargs):
 
 
 def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_pixels=None,
-                  max_pixels=None):
+                  max_pixels=None, meta=False):
     """Return (backbone, inputs) from a local model folder or a `preset:NAME`.
 
     `inputs` turns PIL images into the backbone's forward arguments (ImageInputs or
     ImageTextInputs). A vision-language folder loads through AutoModel, which is the model
     without its LM head (Qwen2VLModel: vision tower + language trunk); for two-tower
     checkpoints (CLIP, SigLIP) only the vision tower is loaded, through its own model class.
+    meta: a folder's backbone gets its parameters on the meta device, nothing read (FSDP2 shards
+    it, then each rank reads its shards: weights.read_weights); a preset is built whole.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -185,17 +230,44 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
                          f"{name_or_path} takes a fixed input size")
     if preset:
         backbone, inputs = build_preset(name_or_path.split(":", 1)[1], seed)
+        say(f"attention: {backbone.config._attn_implementation}")
         return backbone.to(dtype) if dtype else backbone, inputs
     model_class = AutoModel
     if getattr(config, "vision_config", None) is not None and not vision_language:
         model_class = MODEL_MAPPING[type(config.vision_config)]
-    backbone = from_pretrained(model_class, name_or_path, **({"dtype": dtype} if dtype else {}))
+    if meta:
+        backbone = build_empty(model_class, name_or_path, config, dtype)
+    else:
+        backbone = from_pretrained(model_class, name_or_path, **attn_options(model_class, config),
+                                   **({"dtype": dtype} if dtype else {}))
+    say(f"attention: {backbone.config._attn_implementation}")
     if vision_language:
         return backbone, ImageTextInputs.from_folder(name_or_path, config, prompt, min_pixels,
                                                      max_pixels)
     return backbone, ImageInputs(
         AutoImageProcessor.from_pretrained(name_or_path,
                                            trust_remote_code=LOADING.trust_remote_code))
+
+
+def build_empty(model_class, folder, config, dtype=None, attention=None):
+    """What from_pretrained(model_class, folder) builds, with its parameters on the meta device
+    and nothing read: the same config, dtype (the folder's own where none is given), attention
+    (`attention`, else --attn_implementation) and evaluation mode."""
+    from weights import parameters_on_meta
+    if getattr(model_class, "_model_mapping", None) is None:  # e.g. CLIP's vision tower class
+        config = model_class.config_class.from_pretrained(
+            folder, trust_remote_code=LOADING.trust_remote_code)
+    dtype = dtype or config.dtype or torch.get_default_dtype()
+    options = {"dtype": getattr(torch, dtype) if isinstance(dtype, str) else dtype,
+               **({"attn_implementation": attention} if attention
+                  else attn_options(model_class, config))}
+    with parameters_on_meta():
+        if getattr(model_class, "_model_mapping", None) is not None:
+            model = model_class.from_config(config, trust_remote_code=LOADING.trust_remote_code,
+                                            **options)
+        else:
+            model = model_class._from_config(config, **options)
+    return model.eval()  # as from_pretrained returns it
 
 
 def with_pixel_bounds(image_processor, min_pixels=None, max_pixels=None):
@@ -226,7 +298,7 @@ def build_preset(name, seed=0):
     config = getattr(transformers, config_class)(**kwargs)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        backbone = AutoModel.from_config(config)
+        backbone = AutoModel.from_config(config, **attn_options(AutoModel, config))
     # Plain resize + [-1, 1] scaling; the PIL backend needs no torchvision.
     image_processor = ViTImageProcessorPil(size={"height": size, "width": size},
                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -543,11 +615,11 @@ def read_classifier_info(folder):
         return json.load(f)
 
 
-def load_classifier(folder, pooling=None):
+def load_classifier(folder, pooling=None, meta=False):
     """Rebuild a MaskedClassifier and its inputs from a checkpoint folder (no pickle: safetensors +
-    JSON)."""
+    JSON). meta: the backbone's parameters on the meta device (see load_backbone)."""
     info = read_classifier_info(folder)
-    backbone, inputs = load_backbone(folder, prompt=info.get("prompt"))
+    backbone, inputs = load_backbone(folder, prompt=info.get("prompt"), meta=meta)
     model = MaskedClassifier(backbone, info["num_labels"], pooling or info.get("pooling", "auto"),
                              getattr(inputs, "pixel_normalize", None))
     load_head(model, folder)

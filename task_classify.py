@@ -23,8 +23,10 @@ from optimizer import check_lr_args
 from losses import masked_cross_entropy
 from metrics import (ClassificationMetrics, PerClassMetrics, class_name, format_per_class,
                      format_table)
-from model import (CLASSIFIER_FILE, LabelSpace, MaskedClassifier, classify, load_backbone,
-                   load_classifier, read_classifier_info, save_classifier, say, set_trainable)
+from model import (CLASSIFIER_FILE, HEAD_FILE, LabelSpace, MaskedClassifier, classify,
+                   load_backbone, load_classifier, read_classifier_info, save_classifier, say,
+                   set_trainable)
+from weights import file_map, folder_map
 
 NAME = "classify"
 MODEL_FILE = CLASSIFIER_FILE  # the file that marks a checkpoint of this task
@@ -135,11 +137,12 @@ def load_data(args, say):
                 args.label_smoothing, args.on_bad_image == "skip", shares=shares, mix=mix)
 
 
-def build_model(args, data, dtype):
+def build_model(args, data, dtype, meta=False):
     """(model, backbone, inputs): the classifier, its Hugging Face backbone, and the callable that
-    turns PIL images into the backbone's forward arguments."""
+    turns PIL images into the backbone's forward arguments. meta: the backbone of a model folder
+    with its parameters on the meta device (weight_sources says where they are)."""
     backbone, inputs = load_backbone(args.model, args.seed, dtype, args.prompt, args.min_pixels,
-                                     args.max_pixels)
+                                     args.max_pixels, meta=meta)
     model = MaskedClassifier(backbone, data.label_space.num_labels, args.pooling,
                              getattr(inputs, "pixel_normalize", None)).to(dtype=dtype)
     set_trainable(model, args.freeze, args.train_only_head)
@@ -166,12 +169,14 @@ def has_unused_parameters(args, model):
     return not model.token_inputs and args.pooling in ("cls", "mean")
 
 
-def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed=0, epoch=0):
+def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed=0, epoch=0,
+           persistent=False, prefetch_factor=None):
     """Batches of data.train (train=True) or data.val at `indices`, in that order."""
     records = data.train if train else data.val
     return make_loader(records, indices, inputs, data.names, batch_size, num_workers, pin_memory,
                        skip_bad_images=train and data.skip_bad_images, fast_path=True,
-                       augment=data.augment if train else None, epoch=epoch)
+                       augment=data.augment if train else None, epoch=epoch,
+                       persistent_workers=persistent, prefetch_factor=prefetch_factor)
 
 
 def epoch_order(data, epoch, args, rank, world_size):
@@ -278,9 +283,19 @@ def save_model(folder, model, inputs, full_weights, data, args):
     save_classifier(model, inputs, folder, info, state_dict=full_weights)
 
 
-def load_model(folder):
-    """(model, inputs, info) of a checkpoint folder."""
-    return load_classifier(folder)
+def load_model(folder, meta=False):
+    """(model, inputs, info) of a checkpoint folder; meta: the backbone's parameters on the meta
+    device."""
+    return load_classifier(folder, meta=meta)
+
+
+def weight_sources(model, folder, checkpoint):
+    """Where each entry of the model is stored (weights.py): the backbone's in a model folder; with
+    checkpoint, the head's too, in a checkpoint folder of this task."""
+    found = folder_map(model.backbone, folder, "backbone.")
+    if checkpoint:
+        found.update(file_map(os.path.join(folder, HEAD_FILE), model.head.state_dict(), "head."))
+    return found
 
 
 def eval_data(args, folder, trained_args, world_size):

@@ -18,10 +18,12 @@ from ema import plain_metric
 from latent import load_codec
 from metrics import GenerationMetrics, format_generation
 from model import load_classifier
-from unified import (SPEC_FILE, ImageSpec, UnifiedModel, check_image_spec, check_pack_tokens,
-                     generate_images, generate_text, load_image, load_language_model, load_unified,
-                     make_generation_loader, read_generation_files, read_unified_info, save_grid,
-                     save_unified, target_counts, to_pil, unified_losses)
+from unified import (SPEC_FILE, WEIGHTS_FILE, ImageSpec, UnifiedModel, check_image_spec,
+                     check_pack_tokens, generate_images, generate_text, load_image,
+                     load_language_model, load_unified, make_generation_loader,
+                     read_generation_files, read_unified_info, save_grid, save_unified,
+                     target_counts, to_pil, unified_losses)
+from weights import file_map, folder_map
 
 NAME = "generate"
 MODEL_FILE = SPEC_FILE
@@ -136,9 +138,10 @@ def check_resume_spec(args, spec):
             f"({saved}); these flags give {spec.patch_dim} ({spec})")
 
 
-def build_model(args, data, dtype):
-    """(model, backbone, inputs): the unified model, its causal LM, and the LM's tokenizer."""
-    lm, tokenizer = load_language_model(args.model, args.seed, dtype)
+def build_model(args, data, dtype, meta=False):
+    """(model, backbone, inputs): the unified model, its causal LM, and the LM's tokenizer.
+    meta: the LM of a model folder with its parameters on the meta device."""
+    lm, tokenizer = load_language_model(args.model, args.seed, dtype, meta=meta)
     if args.pack_tokens is not None:  # a sample longer than a row is named before the first step
         for records in (data.train, data.val or []):
             check_pack_tokens(records, tokenizer, data.spec, args.pack_tokens)
@@ -151,16 +154,17 @@ def has_unused_parameters(args, model):
 
 
 def loader(data, tokenizer, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
-           epoch=0):
+           epoch=0, persistent=False, prefetch_factor=None):
     """Training batches draw noise, t and condition dropout from (seed, epoch, sample index);
     evaluation batches use the fixed t values of unified.EVAL_TIMES."""
+    workers = dict(persistent_workers=persistent, prefetch_factor=prefetch_factor)
     if train:
         return make_generation_loader(data.train, indices, tokenizer, data.spec, batch_size,
-                                      num_workers, pin_memory, data.pack_tokens, seed=seed,
-                                      epoch=epoch, shift=data.shift,
-                                      cond_dropout=data.cond_dropout)
+                                      num_workers, pin_memory, data.pack_tokens, epoch=epoch,
+                                      seed=seed, shift=data.shift,
+                                      cond_dropout=data.cond_dropout, **workers)
     return make_generation_loader(data.val, indices, tokenizer, data.spec, batch_size, num_workers,
-                                  pin_memory, data.pack_tokens, train=False, seed=0)
+                                  pin_memory, data.pack_tokens, train=False, seed=0, **workers)
 
 
 def epoch_order(data, epoch, args, rank, world_size):
@@ -227,8 +231,18 @@ def save_model(folder, model, tokenizer, full_weights, data, args):
                                             "image_loss_weight": data.image_weight}, full_weights)
 
 
-def load_model(folder):
-    return load_unified(folder)
+def load_model(folder, meta=False):
+    return load_unified(folder, meta=meta)
+
+
+def weight_sources(model, folder, checkpoint):
+    """Where each entry of the model is stored: the LM's in a model folder; with checkpoint, the
+    image parts' too (unified.safetensors)."""
+    found = folder_map(model.lm, folder, "lm.")
+    if checkpoint:
+        keys = [k for k in model.state_dict() if not k.startswith("lm.")]
+        found.update(file_map(os.path.join(folder, WEIGHTS_FILE), keys))
+    return found
 
 
 def eval_data(args, folder, trained_args, world_size):

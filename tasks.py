@@ -6,9 +6,10 @@ Each task is a flat module with the same functions; the loop and the evaluation 
   add_flags(parser)                                   flags only this task reads
   load_data(args, say) -> data                        every record read and checked up front
                                                       (data.names: datasets, data.train / .val)
-  build_model(args, data, dtype) -> (model, backbone, inputs)
+  build_model(args, data, dtype, meta) -> (model, backbone, inputs)   meta: see weight_sources
   has_unused_parameters(args, model)                  what DDP must be told
-  loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed, epoch)
+  loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed, epoch,
+         persistent, prefetch_factor)   re-aimed with loader.sampler.set(indices, epoch)
   epoch_order(data, epoch, args, rank, world_size)   this rank's samples of one epoch
   prepare(batch, data, step, micro_index) -> batch    a training micro-batch on the device
   count_targets(batch) -> {name: count}
@@ -17,7 +18,8 @@ Each task is a flat module with the same functions; the loop and the evaluation 
   new_metrics(data, args, device), report(metrics, prefix, title, data), progress(metrics, prefix)
   predictions(outputs, batch, data) -> [dict]         eval.py --predictions
   per_class(predictions, data) -> (dict, text)         eval.py --per_class
-  save_model(folder, model, inputs, full_weights, data, args), load_model(folder)
+  save_model(folder, model, inputs, full_weights, data, args), load_model(folder, meta)
+  weight_sources(model, folder, checkpoint) -> {state-dict key: (file, key)}   (weights.py)
   eval_data(args, folder, trained_args, world_size) -> (data, indices, key, summary)
   eval_extras(args, device), extra_metrics(model, inputs, data, args, extras, rank, world, device)
   finish(args, model, inputs, data, device, main_process)   after the final evaluation

@@ -32,18 +32,19 @@ from tqdm import tqdm
 from checkpoint import (load_sharded_state, load_trainer_state, prepare_output_dir,
                         prune_checkpoints, read_info, resolve_resume, save_checkpoint,
                         set_rng_state, write_json)
-from config import apply_overrides, check_args, parse_args, workers_per_rank
+from config import apply_overrides, check_args, loader_workers, parse_args
 from dataset import DataError
 import distributed
 from distributed import all_reduce_sum, barrier
 import ema
-from eval import evaluate
+from eval import EvalCache, evaluate
 from faults import TrainingError, catch_stop_signals, injected_fault
 from logs import JsonlLog, memory_mb
 from model import LOADING, autocast, enable_activation_checkpointing, fsdp_units
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
 from reporting import build_reporters
 from tasks import TASKS
+from weights import WeightsMismatch
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     overrides: list
+    eval_cache: object  # eval.EvalCache of the partial evaluation's batches
     ema: dict = None  # --ema_decay: the EMA shadow of raw_model's parameters (ema.py)
 
     @property
@@ -89,7 +91,10 @@ class LoopState:
     window_time: float = 0.0  # training time of the window: evaluation and saving not counted
     window_samples: int = 0
     lr: float = 0.0  # of the last step
-    grad_norm: object = None  # of the last step, a tensor
+    grad_norm: object = None  # of the last step, a tensor on the device (read when logged)
+    # steps a fused AdamW skipped or took on the device: (step, finite, grad_norm, samples),
+    # counted when the loop next reads the device anyway (settle_steps)
+    unsettled: list = field(default_factory=list)
     stop_signals: list = field(default_factory=list)  # SIGTERM / SIGUSR1 received
     stopped: bool = False  # by a signal: a checkpoint is written, no final evaluation
 
@@ -116,17 +121,23 @@ def train(args, rank, world_size, device):
     progress = tqdm(total=run.total_steps, initial=state.step, disable=not run.main_process,
                     desc="train", dynamic_ncols=True)
     state.stop_signals, restore_signals = catch_stop_signals()
+    loader = None  # one for the whole run: its worker processes serve every epoch
     try:
         while state.step < run.total_steps:
             epoch, first_micro = divmod(state.step, run.steps_per_epoch)
             order = run.task.epoch_order(run.data, epoch, args, rank, world_size)
             start = first_micro * args.grad_accum * args.batch_size
-            loader = iter(run.task.loader(run.data, run.inputs, order[start:], train=True,
-                                          batch_size=args.batch_size, seed=args.seed,
-                                          epoch=epoch, num_workers=args.num_workers,
-                                          pin_memory=device.type == "cuda"))
+            if loader is None:
+                loader = run.task.loader(run.data, run.inputs, order[start:], train=True,
+                                         batch_size=args.batch_size, seed=args.seed, epoch=epoch,
+                                         num_workers=args.num_workers, persistent=True,
+                                         prefetch_factor=args.prefetch_factor,
+                                         pin_memory=device.type == "cuda")
+            else:  # the epoch travels with each sample's key: workers hold no state of their own
+                loader.sampler.set(order[start:], epoch)
+            batches = iter(loader)
             for _ in range(state.step % run.steps_per_epoch, run.steps_per_epoch):
-                stop = train_step(run, state, loader, log)
+                stop = train_step(run, state, batches, log)
                 progress.update(1)
                 if after_step(run, state, log, progress, stop) or state.step >= run.total_steps:
                     break
@@ -142,20 +153,20 @@ def train(args, rank, world_size, device):
 def build_run(args, rank, world_size, device):
     """Data (every record checked), the model on its devices, the optimizer and the schedule."""
     say = print if rank == 0 else (lambda *a, **k: None)
-    LOADING.trust_remote_code = args.trust_remote_code
     task = TASKS[args.task]
     overrides = apply_overrides(args)
     for change in overrides:
         say(f"override: {change}")
     check_args(args)
-    args.num_workers = workers_per_rank(args.num_workers, say)
+    LOADING.trust_remote_code = args.trust_remote_code
+    LOADING.attn_implementation = args.attn_implementation
+    loader_workers(args, say, "epochs (and evaluations the evaluation cache cannot hold)")
     data = task.load_data(args, say)
     prepare_output_dir(args, rank)
 
-    # Identical init on every rank (DDP also broadcasts rank 0's weights).
-    torch.manual_seed(args.seed)
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
-    raw_model, backbone, inputs = task.build_model(args, data, param_dtype)
+    raw_model, backbone, inputs, sources = build_model(args, task, data, param_dtype, world_size,
+                                                       say)
     params = list(raw_model.parameters())
     total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params
                                                            if p.requires_grad)
@@ -163,7 +174,7 @@ def build_run(args, rank, world_size, device):
         f"({100 * trainable / total:.1f}%)")
     if args.gradient_checkpointing:
         enable_activation_checkpointing(backbone)
-    model = place_model(args, task, raw_model, backbone, device, world_size, say)
+    model = place_model(args, task, raw_model, backbone, device, world_size, say, sources)
     optimizer = make_optimizer(raw_model, args, device)  # after sharding: FSDP2 swaps parameters
     say(format_groups(optimizer.param_groups, args.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -181,11 +192,31 @@ def build_run(args, rank, world_size, device):
     # After placing: the shadow lives where the weights do (FSDP2: sharded like them).
     shadow = ema.make_ema(raw_model) if args.ema_decay else None
     return Run(args, task, data, model, raw_model, inputs, optimizer, scaler, device, rank,
-               world_size, steps_per_epoch, total_steps, overrides, shadow)
+               world_size, steps_per_epoch, total_steps, overrides,
+               EvalCache(args.eval_cache_mb, tqdm.write if rank == 0 else say), shadow)
 
 
-def place_model(args, task, raw_model, backbone, device, world_size, say):
-    """The model the step runs: FSDP2-sharded in place, wrapped in DDP, or just moved."""
+def build_model(args, task, data, dtype, world_size, say):
+    """(model, backbone, inputs, sources). Under --dist fsdp the backbone of a model folder is
+    built with its parameters on the meta device, and sources says where each rank reads its
+    shards after sharding (a preset, or a folder whose weights need more than renaming, is built
+    whole on every rank: sources None)."""
+    if args.dist == "fsdp" and world_size > 1 and not args.model.startswith("preset:"):
+        torch.manual_seed(args.seed)  # identical init of what the folder lacks (the head)
+        model, backbone, inputs = task.build_model(args, data, dtype, meta=True)
+        try:
+            return model, backbone, inputs, task.weight_sources(model, args.model,
+                                                                checkpoint=False)
+        except WeightsMismatch as e:
+            say(f"note: {e}; every process reads the whole model")
+    # Identical init on every rank (DDP also broadcasts rank 0's weights).
+    torch.manual_seed(args.seed)
+    return (*task.build_model(args, data, dtype), None)
+
+
+def place_model(args, task, raw_model, backbone, device, world_size, say, sources=None):
+    """The model the step runs: FSDP2-sharded in place (each rank then reads its shards of the
+    meta-device backbone from `sources`), wrapped in DDP, or just moved."""
     if args.sync_batchnorm:
         if args.dist != "ddp" or world_size == 1:
             raise ValueError("--sync_batchnorm needs several processes (torchrun) with --dist ddp")
@@ -200,10 +231,11 @@ def place_model(args, task, raw_model, backbone, device, world_size, say):
     if args.dist == "fsdp" and world_size > 1:
         # raw_model is now the sharded model, each shard on the device (or in CPU memory with
         # --cpu_offload); the optimizer holds the shards.
-        say(f"FSDP2 over {world_size} processes: {len(units)} block(s) + the root sharded")
+        say(f"FSDP2 over {world_size} processes: {len(units)} block(s) + the root sharded" +
+            ("; each process reads only its shards of the weights" if sources else ""))
         return distributed.shard_model(
             raw_model, units, device, cpu_offload=args.cpu_offload,
-            param_dtype=torch.bfloat16 if args.precision == "bf16" else None)
+            param_dtype=torch.bfloat16 if args.precision == "bf16" else None, sources=sources)
     if world_size > 1:
         return DDP(raw_model.to(device), device_ids=[device.index] if device.type == "cuda" else
                    None, find_unused_parameters=task.has_unused_parameters(args, raw_model))
@@ -246,14 +278,14 @@ def start_state(run):
     return state
 
 
-def train_step(run, state, loader, log):
+def train_step(run, state, batches, log):
     """One optimizer step. Returns whether any rank was asked to stop (SIGTERM / SIGUSR1)."""
     args, task, step = run.args, run.task, state.step
     step_start = time.time()
     # The whole accumulated batch first: the loss is normalised by its global target counts. The
     # same all-reduce tells every rank whether any rank was asked to stop or could not read.
     try:
-        micro_batches, data_error = list(islice(loader, args.grad_accum)), None
+        micro_batches, data_error = list(islice(batches, args.grad_accum)), None
     except DataError as e:
         micro_batches, data_error = [], e
     for batch in micro_batches:
@@ -265,6 +297,7 @@ def train_step(run, state, loader, log):
     *reduced, stop, failed = all_reduce_sum(
         [*local, len(state.stop_signals), data_error is not None], run.device)
     totals = dict(zip(task.COUNTS, reduced))
+    settle_steps(run, state, log)  # the all-reduce has just waited for the device
     if failed:
         stop_on_data_error(run, state, data_error)
 
@@ -291,21 +324,48 @@ def train_step(run, state, loader, log):
         grad_norm = grad_norm.full_tensor()
     # Taken after the gradient all-reduce, so every rank decides alike. Under fp16 the scaler skips
     # overflowing steps itself (and lowers its scale): that is not a bad step.
-    finite = math.isfinite(grad_norm.item())
-    if finite or run.scaler.is_enabled():
+    state.window_samples += totals["samples"]
+    taken = None  # whether the step updated the weights: True, or a device tensor (no host sync)
+    if run.scaler.is_enabled():
         run.scaler.step(run.optimizer)
         run.scaler.update()
         state.bad_steps = 0
-        if finite and run.ema is not None and ema.ema_due(step + 1, args.ema_every):
-            ema.update_ema(run.ema, run.raw_model, args.ema_decay)  # not after a skipped step
+        taken = torch.isfinite(grad_norm)  # where it is not, the scaler skipped the step
+    elif run.optimizer.defaults.get("fused"):
+        # No host sync: a fused AdamW takes found_inf and skips the whole update on the device
+        # (weights, moments, step count); the window of train metrics is restored there too.
+        taken = torch.isfinite(grad_norm)
+        run.optimizer.found_inf = (~taken).float()
+        run.optimizer.step()
+        del run.optimizer.found_inf
+        state.train_metrics.sums.copy_(torch.where(taken, state.train_metrics.sums,
+                                                   window_before))
+        state.unsettled.append((step + 1, taken, grad_norm, totals["samples"]))
+    elif math.isfinite(grad_norm.item()):
+        run.optimizer.step()
+        state.bad_steps = 0
+        taken = True
     else:
-        skip_bad_step(run, state, log, grad_norm, window_before)
+        state.train_metrics.sums.copy_(window_before)
+        count_bad_step(run, state, log, step + 1, grad_norm, totals["samples"])
+    if taken is not None and run.ema is not None and ema.ema_due(step + 1, args.ema_every):
+        ema.update_ema(run.ema, run.raw_model, args.ema_decay, taken)  # not after a skipped step
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    state.window_samples += totals["samples"] if not state.bad_steps else 0
     state.window_time += time.time() - step_start
     state.lr, state.grad_norm = lr, grad_norm
     return bool(stop)
+
+
+def settle_steps(run, state, log):
+    """Count the steps a fused AdamW decided on the device, as the synchronous path counts them:
+    a finite one ends a run of bad steps, a skipped one is logged and counted."""
+    for step, finite, grad_norm, samples in state.unsettled:
+        if finite.item():
+            state.bad_steps = 0
+        else:
+            count_bad_step(run, state, log, step, grad_norm, samples)
+    state.unsettled.clear()
 
 
 def set_gradient_sync(run, last):
@@ -326,10 +386,10 @@ def stop_on_data_error(run, state, data_error):
                     f"another process could not read its data (its error names the file); {kept}")
 
 
-def skip_bad_step(run, state, log, grad_norm, window_before):
+def count_bad_step(run, state, log, step, grad_norm, samples):
+    """A skipped step (its train metrics already taken out of the window): logged, counted."""
     state.bad_steps += 1
-    state.train_metrics.sums.copy_(window_before)
-    step = state.step + 1
+    state.window_samples -= samples
     log.write("skipped_step", step, run.epoch_of(step), consecutive=state.bad_steps,
               reason=f"non-finite gradient norm ({grad_norm.item()})")
     if run.main_process:
@@ -343,7 +403,13 @@ def skip_bad_step(run, state, log, grad_norm, window_before):
 def after_step(run, state, log, progress, stop):
     """Log, evaluate, track the best, save; on a stop signal write a checkpoint and end."""
     args, step = run.args, state.step
-    if (step % args.logging_steps == 0 or step == run.total_steps) and state.window_samples:
+    log_due = step % args.logging_steps == 0 or step == run.total_steps
+    eval_due = not args.no_partial_eval and (step % args.eval_steps == 0
+                                             or step == run.total_steps)
+    save_due = step % args.save_steps == 0 or step == run.total_steps
+    if log_due or eval_due or save_due or stop:  # records follow the skipped steps before them
+        settle_steps(run, state, log)
+    if log_due and state.window_samples:
         metrics = state.train_metrics.all_reduce().compute("train")
         state.train_metrics.reset()
         log.write("train", step, run.epoch_of(step), **metrics, lr=state.lr,
@@ -354,11 +420,12 @@ def after_step(run, state, log, progress, stop):
         state.window_time, state.window_samples = 0.0, 0
 
     eval_metrics, new_best = {}, False
-    if not args.no_partial_eval and (step % args.eval_steps == 0 or step == run.total_steps):
-        eval_metrics = run_evaluation(run, run.data.partial_indices, "eval")
+    if eval_due:
+        eval_metrics = run_evaluation(run, run.data.partial_indices, "eval", run.eval_cache)
         if run.ema is not None:  # the same evaluation of the EMA weights: eval_ema_*
             with ema.swapped_in(run.raw_model, run.ema):
-                eval_metrics.update(run_evaluation(run, run.data.partial_indices, "eval_ema"))
+                eval_metrics.update(run_evaluation(run, run.data.partial_indices, "eval_ema",
+                                                   run.eval_cache))
         log.write("eval", step, run.epoch_of(step), **eval_metrics)
         run.say(run.task.report(eval_metrics, "eval", f"partial evaluation at step {step}",
                                 run.data))
@@ -366,9 +433,8 @@ def after_step(run, state, log, progress, stop):
             run.say(run.task.report(eval_metrics, "eval_ema", f"partial evaluation at step {step}"
                                     " of the EMA weights", run.data))
         new_best = not args.no_best_tracking and track_best(run, state, log, eval_metrics)
-    due = step % args.save_steps == 0 or step == run.total_steps
     injected_fault("kill_before_save", step)
-    if new_best or (due and not args.save_best_only):
+    if new_best or (save_due and not args.save_best_only):
         save(run, state, eval_metrics)
     if not stop:
         return False
@@ -421,11 +487,13 @@ def save(run, state, metrics):
     barrier()
 
 
-def run_evaluation(run, indices, prefix):
+def run_evaluation(run, indices, prefix, cache=None):
+    """cache: the partial evaluation's subset is the same every time; the final one runs once."""
     return evaluate(run.task, run.raw_model, run.data, indices, run.inputs,
                     batch_size=run.args.batch_size, device=run.device,
                     precision=run.args.precision, num_workers=run.args.num_workers,
-                    prefix=prefix, rank=run.rank, world_size=run.world_size)[0]
+                    prefetch_factor=run.args.prefetch_factor, prefix=prefix, rank=run.rank,
+                    world_size=run.world_size, cache=cache)[0]
 
 
 def finish(run, state, log):

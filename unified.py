@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dataset import DataError, ignore_stop_signals, raise_data_errors, read_data_file
+from dataset import (DataError, EpochSampler, ignore_stop_signals, raise_data_errors,
+                     read_data_file, worker_options)
 from latent import load_codec
-from model import LOADING, from_pretrained, say
+from model import LOADING, build_empty, from_pretrained, say
 
 SPEC_FILE = "unified.json"
 WEIGHTS_FILE = "unified.safetensors"
@@ -349,10 +350,12 @@ class GenerationDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.conversations)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        # a key of dataset.EpochSampler carries its epoch (a persistent worker serves every epoch)
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         conv = self.conversations[index]
         g = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+            int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
 
         def draw(x0):
             t = sample_timestep(g, self.shift) if self.train else EVAL_TIMES[index %
@@ -484,14 +487,18 @@ def padding_share(loader):
 
 
 def make_generation_loader(conversations, indices, tokenizer, spec, batch_size, num_workers,
-                           pin_memory=False, pack_tokens=None, **options):
+                           pin_memory=False, pack_tokens=None, epoch=0, persistent_workers=False,
+                           prefetch_factor=None, **options):
     """batch_size samples per batch, padded one per row, or packed into rows of at most
-    pack_tokens tokens (check_pack_tokens first: it names a sample too long for a row)."""
+    pack_tokens tokens (check_pack_tokens first: it names a sample too long for a row).
+    Re-aim a loader with persistent workers with `loader.sampler.set(indices, epoch)`."""
     collate = partial(collate_packed, pack_tokens=pack_tokens) if pack_tokens else collate_sequences
     return torch.utils.data.DataLoader(GenerationDataset(conversations, tokenizer, spec, **options),
-                                       batch_size=batch_size, sampler=indices,
+                                       batch_size=batch_size, sampler=EpochSampler(indices, epoch),
                                        collate_fn=collate, num_workers=num_workers,
-                                       pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
+                                       pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+                                       **worker_options(num_workers, persistent_workers,
+                                                        prefetch_factor))
 
 
 def target_counts(batch):
@@ -655,12 +662,18 @@ def byte_tokenizer():
                                    pad_token="<|endoftext|>")
 
 
-def load_language_model(name_or_path, seed=0, dtype=None):
+def load_language_model(name_or_path, seed=0, dtype=None, meta=False):
     """(causal LM, tokenizer) from a local folder, or preset:NAME (random init, byte-level
-    tokenizer).
+    tokenizer). meta: a folder's LM gets its parameters on the meta device, nothing read
+    (weights.read_weights fills them after sharding); a preset is built whole.
     """
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config,
                           Qwen2ForCausalLM)
+    # The explicit 4D attention mask (image blocks, packed samples) needs sdpa or eager.
+    attention = LOADING.attn_implementation or "sdpa"
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"--attn_implementation {attention}: the generation model's attention "
+                         "mask (bidirectional image blocks, packed samples) needs sdpa or eager")
     if name_or_path.startswith("preset:"):
         name = name_or_path.split(":", 1)[1]
         if name not in PRESETS:
@@ -673,7 +686,7 @@ def load_language_model(name_or_path, seed=0, dtype=None):
         config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
                              **PRESETS[name])
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = attention
         lm = Qwen2ForCausalLM(config)
         return (lm.to(dtype) if dtype else lm), tokenizer
     if not os.path.isdir(name_or_path):
@@ -682,9 +695,11 @@ def load_language_model(name_or_path, seed=0, dtype=None):
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise ValueError(
             f"--model {name_or_path}: {type(config).__name__} is not a causal language model")
-    # sdpa takes the explicit 4D boolean mask; flash attention cannot.
-    lm = from_pretrained(AutoModelForCausalLM, name_or_path, attn_implementation="sdpa",
-                         **({"dtype": dtype} if dtype else {}))
+    if meta:
+        lm = build_empty(AutoModelForCausalLM, name_or_path, config, dtype, attention)
+    else:
+        lm = from_pretrained(AutoModelForCausalLM, name_or_path, attn_implementation=attention,
+                             **({"dtype": dtype} if dtype else {}))
     tokenizer = AutoTokenizer.from_pretrained(name_or_path,
                                               trust_remote_code=LOADING.trust_remote_code)
     if tokenizer.eos_token_id is None:
@@ -718,12 +733,13 @@ def read_unified_info(folder):
         return json.load(f)
 
 
-def load_unified(folder):
-    """(UnifiedModel, tokenizer, info) from a checkpoint folder (safetensors + JSON, no pickle)."""
+def load_unified(folder, meta=False):
+    """(UnifiedModel, tokenizer, info) from a checkpoint folder (safetensors + JSON, no pickle).
+    meta: the LM's parameters on the meta device (see load_language_model)."""
     info = read_unified_info(folder)
     spec = ImageSpec(**info["image"])
     codec = load_codec(os.path.join(folder, VAE_DIR), f"{folder}:") if spec.latent else None
-    lm, tokenizer = load_language_model(folder)
+    lm, tokenizer = load_language_model(folder, meta=meta)
     model = UnifiedModel(lm, spec, codec)
     path = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(path):

@@ -337,3 +337,36 @@ def test_a_model_folder_with_its_own_code_is_refused_unless_trusted(small_data, 
                         *train_args(small_data, str(folder), tmp_path / "out", "--max_steps", 1))
     assert result.returncode == 2 and "trust_remote_code" in result.stderr
     assert not marker.exists()
+
+
+@pytest.mark.fault("non-finite")
+def test_a_fused_optimizer_skips_bad_steps_on_the_device_and_counts_them_alike(
+        small_data, tiny_vit, tmp_path, monkeypatch, capsys):
+    """A fused AdamW (what GPUs get) is told of a non-finite gradient norm on the device, with no
+    host sync in the step; the steps are counted later, as the synchronous path counts them: the
+    same skipped_step records, train records and stop."""
+    monkeypatch.setenv("MIXTRAIN_FAULT", "nan_loss:2,nan_loss:5,nan_loss:6,nan_loss:7")
+    argv = ["--max_steps", 10, "--skip_evaluation", "--logging_steps", 3, "--save_steps", 4,
+            "--max_bad_steps", 2]
+    errors, logs = {}, {}
+    for name in ("synced", "fused"):
+        if name == "fused":
+            adamw = torch.optim.AdamW
+            monkeypatch.setattr(torch.optim, "AdamW",
+                                lambda params, **kw: adamw(params, **{**kw, "fused": True}))
+        with pytest.raises(SystemExit) as e:
+            train.main(train_args(small_data, tiny_vit, tmp_path / name, *argv))
+        assert e.value.code == 2
+        errors[name] = capsys.readouterr().err.strip().splitlines()[-1]
+        logs[name] = read_jsonl(tmp_path / name / "metrics.jsonl")
+    assert errors["fused"] == errors["synced"].replace("/synced/", "/fused/")
+    assert "(up to step 7; --max_bad_steps 2)" in errors["fused"] and "checkpoint-4" in errors[
+        "fused"]
+    for a, b in zip(logs["synced"], logs["fused"], strict=True):
+        assert (a["event"], a["step"]) == (b["event"], b["step"])
+        for key in ("consecutive", "train_overall_samples"):
+            assert a.get(key) == b.get(key), (a["event"], a["step"], key)
+        for key in ("train_overall_loss", "grad_norm"):  # fused and foreach AdamW round apart
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-3, nan_ok=True), key
+    assert [(r["step"], r["consecutive"]) for r in logs["fused"] if r["event"] == "skipped_step"
+            ] == [(2, 1), (5, 1), (6, 2), (7, 3)]
