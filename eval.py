@@ -37,7 +37,7 @@ from dataset import PREFETCH_FACTOR, DataError
 import distributed
 from distributed import all_gather_objects, is_sharded, shard_model
 from model import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implementation,
-                   fsdp_units)
+                   eval_mode, fsdp_units, restore_modes)
 from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
 
@@ -96,8 +96,7 @@ def evaluate(task, model, data, indices, inputs, *, batch_size, device, precisio
 
     Returns (metrics dict, predictions); predictions (complete on rank 0, in `indices` order)
     only with `with_predictions`."""
-    was_training = model.training
-    model.eval()
+    modes = eval_mode(model)
     metrics = task.new_metrics(data, None, device)
     predictions = []
     options = dict(train=False, num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -121,7 +120,7 @@ def evaluate(task, model, data, indices, inputs, *, batch_size, device, precisio
                                   len(indices), world_size, batch_size):
         with autocast(device, precision):
             task.forward(model, {k: v.to(device) for k, v in batch.items()}, data, train=False)
-    model.train(was_training)
+    restore_modes(modes)
     result = metrics.all_reduce().compute(prefix)
     if with_predictions and world_size > 1:
         order = {index: position for position, index in enumerate(indices)}

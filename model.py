@@ -654,3 +654,28 @@ def autocast(device, precision):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=precision
                           != "fp32")
+
+
+def train_mode(model):
+    """Training mode for what trains. from_pretrained returns a model in eval mode: without this a
+    folder's backbone would train with dropout off and BatchNorm on its running statistics (and
+    Hugging Face layers skip gradient checkpointing). Modules whose parameters are all frozen (a
+    frozen vision tower, a linear probe's backbone) stay in eval mode: their BatchNorm statistics
+    and dropout do not move."""
+    model.train()
+    for module in model.modules():
+        flags = [p.requires_grad for p in module.parameters()]
+        if flags and not any(flags):
+            module.eval()
+
+
+def eval_mode(model):
+    """Put the model in eval mode; returns every module's mode for restore_modes."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    return modes
+
+
+def restore_modes(modes):
+    for module, training in modes:
+        module.training = training

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -32,6 +32,7 @@ from dataset import (DataError, DatasetSpec, RecordTable, count_per_dataset, ign
                      raise_data_errors, read_data_file, summarize)
 from ema import plain_metric
 from latent import autoencoder_class, downsampling, load_autoencoder
+from model import eval_mode, restore_modes
 from unified import read_image, save_grid
 
 NAME = "autoencoder"
@@ -546,10 +547,9 @@ def finish(args, model, shape, data, device, main_process):
         return
     dataset = ImageNoiseDataset(data.val, shape, train=False)
     images = torch.stack([dataset[i]["pixel_values"] for i in range(min(8, len(data.val)))])
-    was_training = model.training
-    model.eval()
+    modes = eval_mode(model)
     recon = model(images.to(device))[0].float().clamp(-1, 1).cpu()
-    model.train(was_training)
+    restore_modes(modes)
     if main_process:
         path = os.path.join(args.output_dir, "reconstructions.png")
         save_grid(torch.cat([images, recon]), path, len(images))

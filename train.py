@@ -40,7 +40,7 @@ import ema
 from eval import EvalCache, evaluate
 from faults import TrainingError, catch_stop_signals, injected_fault
 from logs import JsonlLog, memory_mb
-from model import LOADING, autocast, enable_activation_checkpointing, fsdp_units
+from model import LOADING, autocast, enable_activation_checkpointing, fsdp_units, train_mode
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
 from reporting import build_reporters
 from tasks import TASKS
@@ -111,6 +111,7 @@ def main(argv=None):
 
 def train(args, rank, world_size, device):
     run = build_run(args, rank, world_size, device)
+    train_mode(run.model)
     state = start_state(run)
     reporters = build_reporters(args.report_to, args.output_dir, run.data.names, rank,
                                 os.path.basename(os.path.normpath(args.output_dir)), vars(args))

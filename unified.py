@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from dataset import (DataError, EpochSampler, ignore_stop_signals, raise_data_errors,
                      read_data_file, worker_options)
 from latent import load_codec
-from model import LOADING, build_empty, from_pretrained, say
+from model import LOADING, build_empty, eval_mode, from_pretrained, restore_modes, say
 
 SPEC_FILE = "unified.json"
 WEIGHTS_FILE = "unified.safetensors"
@@ -868,11 +868,10 @@ def generate_images(model, tokenizer, prompts, steps=50, cfg_scale=1.0, seed=0, 
         kv.crop(-n)  # drop this step's block: the cache holds the prompts only
         return guide(v.float().cpu().reshape(rows.shape))
 
-    was_training = model.training
-    model.eval()
+    modes = eval_mode(model)
     x = euler_sample(cached_velocity if cache else uncached_velocity, noise, steps, shift)
     images = tokens_to_images(model, x, device)
-    model.train(was_training)
+    restore_modes(modes)
     return images
 
 
@@ -904,8 +903,7 @@ def greedy_decode(model, tokenizer, images, prompt=None, max_new_tokens=32, devi
     ended or max_new_tokens); forced (rows, steps) feeds those tokens instead, for all its steps.
     cache: the image block and prompt are computed once and each step runs one token per row
     against the key/value cache; False recomputes the whole sequence each step."""
-    was_training = model.training
-    model.eval()
+    modes = eval_mode(model)
     images = image_tokens(model, images, device)
     rows = [build_parts([Turn("user", "image", x0)] +
                         ([Turn("user", "text", prompt)] if prompt else []), tokenizer, model.spec) +
@@ -937,7 +935,7 @@ def greedy_decode(model, tokenizer, images, prompt=None, max_new_tokens=32, devi
                                                                       dtype=torch.bool))
             step_logits = model(**{k: v.to(device) for k, v in _token_batch(
                 token, positions + step, mask, model.spec).items()}, past_key_values=kv)[0]
-    model.train(was_training)
+    restore_modes(modes)
     return fed, torch.stack(logits)
 
 

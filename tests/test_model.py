@@ -134,3 +134,21 @@ def test_presets_build_a_backbone_and_its_preprocessing(name):
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     with torch.no_grad():
         assert MaskedClassifier(backbone, 10).eval()(**batch).shape == (2, 10)
+
+
+def test_a_folder_backbone_trains_in_train_mode_and_frozen_parts_stay_in_eval_mode(
+        tiny_qwen2_5_vl):
+    from model import (MaskedClassifier, eval_mode, load_backbone, restore_modes, set_trainable,
+                       train_mode, vision_language_parts)
+    backbone, _ = load_backbone(tiny_qwen2_5_vl)
+    assert not backbone.training  # from_pretrained hands it over in eval mode
+    model = MaskedClassifier(backbone, 3)
+    set_trainable(model, freeze="vision")
+    train_mode(model)
+    vision, language = vision_language_parts(backbone)
+    assert model.training and model.head.training and language.training
+    assert not any(m.training for m in vision.modules())  # frozen: statistics and dropout still
+    modes = eval_mode(model)
+    assert not any(m.training for m in model.modules())
+    restore_modes(modes)
+    assert language.training and not vision.training
