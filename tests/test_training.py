@@ -262,6 +262,7 @@ def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_
     ("ema_decay", "--ema_decay must be in [0, 1) (0 = off), got 1.0"),
     ("ema_every", "--ema_every needs --ema_decay > 0"),
     ("ema_metric", "--best_metric ema_overall_accuracy: the ema_ metrics are of the EMA weights"),
+    ("other_task", "--vae, --kl_weight: for --task generate / autoencoder, not classify"),
 ])
 def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, capsys, case,
                                                message):
@@ -280,6 +281,8 @@ def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, c
         data["faces_val"] = str(tmp_path / "nowhere.jsonl")
     elif case == "best_metric":  # two classes: no top-5 is reported for faces
         extra = ["--best_metric", "faces_top5_accuracy"]
+    elif case == "other_task":
+        extra = ["--vae", tmp_path, "--kl_weight", 0.1]
     elif case.startswith("ema_"):
         extra = {"ema_decay": ["--ema_decay", 1], "ema_every": ["--ema_every", 2],
                  "ema_metric": ["--best_metric", "ema_overall_accuracy"]}[case]
