@@ -136,6 +136,13 @@ def cleanup():
     if is_distributed():
         dist.barrier()  # tear down together: gloo aborts a rank whose peer has already left
         dist.destroy_process_group()
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: its work is done and saved
+            # Skip the interpreter's teardown: a C++ thread of the communication stack destroyed
+            # there while still joinable aborts the rank now and then ("terminate called without
+            # an active exception", exit -6) after every file has been written.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):

@@ -27,13 +27,15 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from dataset import (DataError, DatasetSpec, RecordTable, count_per_dataset, ignore_stop_signals,
-                     load_registry, mixture_indices, mixture_shares, partial_eval_indices,
-                     raise_data_errors, read_data_file, summarize)
+from dataset import (DataError, DatasetSpec, EpochSampler, RecordTable, count_per_dataset,
+                     ignore_stop_signals, load_registry, mixture_indices, mixture_shares,
+                     partial_eval_indices, raise_data_errors, read_data_file, summarize,
+                     worker_options)
 from ema import plain_metric
 from latent import autoencoder_class, downsampling, load_autoencoder
 from model import eval_mode, restore_modes
 from unified import read_image, save_grid
+from weights import WeightsMismatch
 
 NAME = "autoencoder"
 MODEL_FILE = "autoencoder.json"
@@ -295,8 +297,9 @@ def vae_config(args):
                 scaling_factor=1.0, shift_factor=0.0)
 
 
-def build_model(args, data, dtype):
-    """(model, backbone, inputs): the Autoencoder, its AutoencoderKL, and the batch's shape."""
+def build_model(args, data, dtype, meta=False):
+    """(model, backbone, inputs): the Autoencoder, its AutoencoderKL, and the batch's shape.
+    Built whole even with meta: weight_sources says its files are read whole."""
     if args.model.startswith("preset:"):
         vae = autoencoder_class("--task autoencoder")(**vae_config(args))
     else:
@@ -320,16 +323,18 @@ def has_unused_parameters(args, model):
 
 class ImageNoiseDataset(torch.utils.data.Dataset):
     """One image in [-1, 1] (and, for training, the noise of its latent, drawn from (seed, epoch,
-    index): the same for any batch size, world size or resume point)."""
+    index): the same for any batch size, world size or resume point). Keys are (index, epoch)
+    (dataset.EpochSampler), so persistent workers serve every epoch."""
 
-    def __init__(self, records, shape, seed=0, epoch=0, train=True):
+    def __init__(self, records, shape, seed=0, train=True):
         self.records, self.shape = records, shape
-        self.seed, self.epoch, self.train = seed, epoch, train
+        self.seed, self.train = seed, train
 
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         record = self.records[index]
         try:
             pixels = read_image(record.image_path, self.shape.size, self.shape.channels)
@@ -338,7 +343,7 @@ class ImageNoiseDataset(torch.utils.data.Dataset):
         item = {"pixel_values": pixels, "dataset_ids": record.dataset_id, "indices": index}
         if self.train:
             g = torch.Generator().manual_seed(
-                int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+                int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
             s = self.shape
             item["noise"] = torch.randn(s.latent_channels, s.latent_size, s.latent_size,
                                         generator=g)
@@ -346,12 +351,13 @@ class ImageNoiseDataset(torch.utils.data.Dataset):
 
 
 def loader(data, shape, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
-           epoch=0):
+           epoch=0, persistent=False, prefetch_factor=None):
     records = data.train if train else data.val
     return torch.utils.data.DataLoader(
-        ImageNoiseDataset(records, shape, seed, epoch, train), batch_size=batch_size,
-        sampler=list(indices), num_workers=num_workers, pin_memory=pin_memory,
-        worker_init_fn=ignore_stop_signals)
+        ImageNoiseDataset(records, shape, seed, train), batch_size=batch_size,
+        sampler=EpochSampler(indices, epoch), num_workers=num_workers, pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals,
+        **worker_options(num_workers, persistent, prefetch_factor))
 
 
 def epoch_order(data, epoch, args, rank, world_size):
@@ -490,7 +496,7 @@ def read_info(folder):
         return json.load(f)
 
 
-def load_model(folder):
+def load_model(folder, meta=False):
     """(Autoencoder, ImageShape, info) of a checkpoint folder; the running averages start from
     its config's scaling."""
     info = read_info(folder)
@@ -503,6 +509,11 @@ def load_model(folder):
     shape = ImageShape(info["image_size"], info["image_channels"], config.latent_channels,
                        info["image_size"] // f)
     return model, shape, info
+
+
+def weight_sources(model, folder, checkpoint):
+    """The diffusers files are read whole on every process (--dist fsdp shards them after)."""
+    raise WeightsMismatch(f"{folder}: an AutoencoderKL is read whole")
 
 
 def eval_data(args, folder, trained_args, world_size):
