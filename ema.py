@@ -7,10 +7,10 @@ each floating-point buffer it saves (BatchNorm's running mean and variance):
 
 computed in float32 whatever the parameters' dtype. The statistics are averaged with the weights,
 as timm's ModelEmaV2/V3 do: the current statistics belong to the current weights, and using them
-with the averaged weights cost a ResNet 10 points of digits accuracy here. The shadow is a dict
-{name: tensor} holding one float32 tensor per parameter or buffer *as the model holds it*: under
-FSDP2 the parameters are DTensor shards and so is the shadow (same mesh and placements), so each
-process keeps and updates only its own shard.
+with the averaged weights cost a ResNet 7 points (demo digits, 3 seeds: 87.7% against 94.9%).
+The shadow is a dict {name: tensor} holding one float32 tensor per parameter or buffer *as the
+model holds it*: under FSDP2 the parameters are DTensor shards and so is the shadow (same mesh
+and placements), so each process keeps and updates only its own shard.
 
 The shadow is a flat dict of tensors, so torch.distributed.checkpoint saves and loads it as it
 does the model (save_ema_state / load_ema_state: the same safetensors layout as the trainer's
