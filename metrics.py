@@ -13,7 +13,19 @@ import torch.distributed as dist
 LOSS, CORRECT, TOP5, COUNT = range(4)
 
 
-class ClassificationMetrics:
+class PerDatasetSums:
+    """Metrics kept as a float64 tensor of sums, `self.sums`: all-reduced exactly."""
+
+    def all_reduce(self):
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
+        return self
+
+    def reset(self):
+        self.sums.zero_()
+
+
+class ClassificationMetrics(PerDatasetSums):
     def __init__(self, dataset_names, num_classes, device="cpu"):
         self.names = list(dataset_names)
         self.num_classes = list(num_classes)
@@ -34,14 +46,6 @@ class ClassificationMetrics:
                 torch.ones_like(losses, dtype=torch.float64)
             ], 1)
             self.sums.index_add_(0, dataset_ids.to(self.sums.device), values.to(self.sums.device))
-
-    def all_reduce(self):
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
-        return self
-
-    def reset(self):
-        self.sums.zero_()
 
     def compute(self, prefix):
         """Named metrics: {prefix}_{dataset}_loss|accuracy|top5_accuracy|samples|correct and
@@ -68,10 +72,9 @@ class ClassificationMetrics:
         return out
 
 
-class GenerationMetrics:
+class GenerationMetrics(PerDatasetSums):
     """Text cross-entropy and image MSE of the generation task: sums over target text tokens and
-    noised
-    image tokens, and their counts (same interface as ClassificationMetrics)."""
+    noised image tokens, and their counts (same interface as ClassificationMetrics)."""
 
     def __init__(self, text_weight=1.0, image_weight=1.0, device="cpu"):
         self.weights = (text_weight, image_weight)
@@ -81,9 +84,6 @@ class GenerationMetrics:
     def update(self, text_sum, text_count, image_sum, image_count):
         values = [float(text_sum), text_count, float(image_sum), image_count]
         self.sums += torch.tensor(values, dtype=torch.float64, device=self.sums.device)
-
-    all_reduce = ClassificationMetrics.all_reduce
-    reset = ClassificationMetrics.reset
 
     def compute(self, prefix):
         """{prefix}_text_loss, _text_perplexity, _text_tokens, _image_loss, _image_tokens and

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import save_file
 
@@ -33,6 +32,7 @@ from dataset import (DataError, DatasetSpec, EpochSampler, RecordTable, count_pe
                      worker_options)
 from ema import plain_metric
 from latent import autoencoder_class, downsampling, load_autoencoder
+from metrics import PerDatasetSums
 from model import eval_mode, restore_modes
 from unified import read_image, save_grid
 from weights import WeightsMismatch
@@ -391,7 +391,7 @@ def step_loss(outputs, totals, args):
     return outputs["losses"].sum() / totals["samples"]
 
 
-class AutoencoderMetrics:
+class AutoencoderMetrics(PerDatasetSums):
     """Per-dataset sums of loss, reconstruction loss, KL, PSNR and samples, and of the latents'
     values, squares and count: all-reducible exactly, means taken when reported."""
 
@@ -406,14 +406,6 @@ class AutoencoderMetrics:
                                   torch.ones_like(losses, dtype=torch.float64), z.sum(1),
                                   z.pow(2).sum(1), torch.full_like(z[:, 0], z.shape[1])], 1)
             self.sums.index_add_(0, dataset_ids.to(self.sums.device), values.to(self.sums.device))
-
-    def all_reduce(self):
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
-        return self
-
-    def reset(self):
-        self.sums.zero_()
 
     def compute(self, prefix):
         """{prefix}_{dataset}_loss|recon_loss|kl|psnr|samples, the same for overall, and
