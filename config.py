@@ -116,8 +116,12 @@ def build_parser(description=None):
         "a collective waiting longer than this on another process fails (a dead rank cannot hang "
         "the job)"
     )
+    p.task_flags = {}  # flag -> the task that registered it (check_task_flags)
     for task in TASKS.values():  # each task's own flags
+        known = {action.dest for action in p._actions}
         task.add_flags(p)
+        p.task_flags.update({action.dest: task.NAME for action in p._actions
+                             if action.dest not in known})
     a("--train_jsonl", nargs="+",
       help="one or more training JSONL files (--task generate: JSON too)")
     a("--val_jsonl", nargs="+", help="one or more validation JSONL files")
@@ -303,6 +307,9 @@ def parse_args(argv=None, description=None):
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))
     args = parser.parse_args(argv)
+    given = check_task_flags(args, parser)
+    if given:
+        parser.error(given)
     missing = [f"--{n}" for n in ("model", "train_jsonl", "output_dir") if not getattr(args, n)]
     if missing:
         parser.error(f"missing {', '.join(missing)} (on the command line or in --config)")
@@ -311,6 +318,22 @@ def parse_args(argv=None, description=None):
     args.train_jsonl = [os.path.abspath(p) for p in args.train_jsonl]
     args.val_jsonl = [os.path.abspath(p) for p in args.val_jsonl] if args.val_jsonl else None
     return args
+
+
+def check_task_flags(args, parser):
+    """The error for flags another task registered and --task does not read (its BORROWED_FLAGS),
+    set away from their defaults on the command line or in --config; None if there are none."""
+    task = TASKS[args.task]
+    defaults = build_parser()
+    given = {}
+    for name, owner in parser.task_flags.items():
+        if owner != task.NAME and name not in task.BORROWED_FLAGS and \
+                getattr(args, name) != defaults.get_default(name):
+            given.setdefault(owner, []).append(f"--{name}")
+    if not given:
+        return None
+    return "; ".join(f"{', '.join(flags)}: for --task {owner}, not {task.NAME}"
+                     for owner, flags in given.items())
 
 
 def apply_overrides(args):

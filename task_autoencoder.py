@@ -40,6 +40,8 @@ from weights import WeightsMismatch
 NAME = "autoencoder"
 MODEL_FILE = "autoencoder.json"
 DEFAULT_BEST_METRIC = "overall_psnr"
+# Flags another task registers that this one reads too (the rest of theirs it refuses).
+BORROWED_FLAGS = ("image_size", "image_channels", "mix_temperature")
 COUNTS = ("samples",)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # the name AutoencoderKL.from_pretrained reads
 DEFAULT_DATASET = "images"  # the dataset of records without a dataset_name
@@ -104,12 +106,8 @@ def check_flags(args):
         raise ValueError("--freeze / --train_only_head are for --task classify")
     if args.on_bad_image == "skip":
         raise ValueError("--on_bad_image skip is for --task classify")
-    other = {"--mixup": args.mixup, "--cutmix": args.cutmix, "--augment": args.augment,
-             "--layer_decay": args.layer_decay, "--vision_lr": args.vision_lr,
-             "--merger_lr": args.merger_lr, "--label_smoothing": args.label_smoothing,
-             "--no_logits_masking": args.no_logits_masking, "--vae": args.vae,
-             "--sample_prompts": args.sample_prompts, "--pack_tokens": args.pack_tokens,
-             "--lora_rank": args.lora_rank}
+    other = {"--label_smoothing": args.label_smoothing,
+             "--no_logits_masking": args.no_logits_masking, "--lora_rank": args.lora_rank}
     given = [flag for flag, value in other.items() if value]
     if given:
         raise ValueError(f"{', '.join(given)}: not for --task autoencoder")

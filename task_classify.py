@@ -31,6 +31,7 @@ from weights import file_map, folder_map
 NAME = "classify"
 MODEL_FILE = CLASSIFIER_FILE  # the file that marks a checkpoint of this task
 DEFAULT_BEST_METRIC = "overall_accuracy"
+BORROWED_FLAGS = ()  # flags another task registers that this one reads too (tasks.py)
 COUNTS = ("samples",)  # the targets a batch's loss is divided by, summed over the whole step
 
 
@@ -92,21 +93,6 @@ def add_flags(parser):
            "uniform); or give sampling_weight in the registry")
 
 
-# Flags the classifier does not read: given to it, they are an error, not a no-op.
-OTHER_TASKS_FLAGS = ("text_loss_weight", "image_loss_weight", "image_size", "patch_size",
-                     "image_channels", "vae", "timestep_shift", "cond_dropout", "sample_prompts",
-                     "samples_per_prompt", "sample_steps", "pack_tokens", "cfg_scale", "recon_loss",
-                     "kl_weight", "vae_channels", "latent_channels")
-
-
-def check_other_tasks_flags(args):
-    from config import build_parser  # config imports the task modules
-    parser = build_parser()
-    given = [f"--{n}" for n in OTHER_TASKS_FLAGS if getattr(args, n) != parser.get_default(n)]
-    if given:
-        raise ValueError(f"{', '.join(given)}: for --task generate / autoencoder, not classify")
-
-
 def check_flags(args, label_space, val_records):
     for name in ("min_pixels", "max_pixels"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -129,7 +115,6 @@ def check_flags(args, label_space, val_records):
 
 def load_data(args, say):
     """Read and check every record before the first step; print the per-dataset summary."""
-    check_other_tasks_flags(args)
     registry = load_registry(args.datasets)
     label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
                                    args.label_space, args.num_labels)

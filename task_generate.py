@@ -28,6 +28,7 @@ from weights import file_map, folder_map
 NAME = "generate"
 MODEL_FILE = SPEC_FILE
 DEFAULT_BEST_METRIC = "total_loss"
+BORROWED_FLAGS = ()  # flags another task registers that this one reads too (tasks.py)
 COUNTS = ("samples", "text_tokens", "image_tokens")
 BEST_METRICS = ("total_loss", "text_loss", "image_loss", "text_perplexity")
 
@@ -89,19 +90,8 @@ def check_flags(args):
         raise ValueError(f"--cond_dropout must be in [0, 1), got {args.cond_dropout}")
     if args.on_bad_image == "skip":
         raise ValueError("--on_bad_image skip is for --task classify")
-    classify_only = {"--mixup": args.mixup, "--cutmix": args.cutmix, "--augment": args.augment,
-                     "--layer_decay": args.layer_decay, "--vision_lr": args.vision_lr,
-                     "--merger_lr": args.merger_lr, "--mix_temperature": args.mix_temperature,
-                     "--lora_rank": args.lora_rank}
-    given = [flag for flag, value in classify_only.items() if value]
-    if given:
-        raise ValueError(f"{', '.join(given)}: for --task classify")
-    autoencoder_only = {"--recon_loss": args.recon_loss, "--kl_weight": args.kl_weight,
-                        "--vae_channels": args.vae_channels,
-                        "--latent_channels": args.latent_channels}
-    given = [flag for flag, value in autoencoder_only.items() if value is not None]
-    if given:
-        raise ValueError(f"{', '.join(given)}: for --task autoencoder")
+    if args.lora_rank:
+        raise ValueError("--lora_rank: for --task classify")
 
 
 def load_data(args, say):

@@ -3,7 +3,8 @@
 Each task is a flat module with the same functions; the loop and the evaluation call only these:
   NAME, MODEL_FILE (marks a checkpoint of the task), DEFAULT_BEST_METRIC, COUNTS (named target
   counts of a batch: what the step loss is divided by, summed over the step on all ranks)
-  add_flags(parser)                                   flags only this task reads
+  add_flags(parser)                                   flags only this task reads; another task's
+                                                      flag is refused unless in BORROWED_FLAGS
   load_data(args, say) -> data                        every record read and checked up front
                                                       (data.names: datasets, data.train / .val)
   build_model(args, data, dtype, meta) -> (model, backbone, inputs)   meta: see weight_sources

@@ -133,7 +133,8 @@ def test_bad_records_and_flags_are_refused_before_the_first_step(small_data, dem
     assert "--image_channels 3: --model" in error(*args, "--model", vae)
     assert "--image_size 9 is not a multiple of 2" in error(
         *args, "--model", vae, "--image_channels", 1, "--image_size", 9)
-    assert "--mixup: not for --task autoencoder" in error(*args, "--model", vae, "--mixup", 0.2)
+    assert "--mixup: for --task classify, not autoencoder" in error(
+        *args, "--model", vae, "--mixup", 0.2)
 
 
 def test_latent_demo_end_to_end(demo_dir, tmp_path, capsys):

@@ -262,7 +262,8 @@ def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_
     ("ema_decay", "--ema_decay must be in [0, 1) (0 = off), got 1.0"),
     ("ema_every", "--ema_every needs --ema_decay > 0"),
     ("ema_metric", "--best_metric ema_overall_accuracy: the ema_ metrics are of the EMA weights"),
-    ("other_task", "--vae, --kl_weight: for --task generate / autoencoder, not classify"),
+    ("other_task",
+     "--vae: for --task generate, not classify; --kl_weight: for --task autoencoder, not classify"),
 ])
 def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, capsys, case,
                                                message):
