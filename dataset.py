@@ -411,6 +411,24 @@ def summarize(counts, registry, title, total=None):
     return "\n".join(lines)
 
 
+def plan_epochs(registry, train, val, args, say, noun="data"):
+    """(partial evaluation subset, mixture shares or None) of a run, with their summary printed:
+    samples per dataset, the target shares beside the natural ones, the partial subset."""
+    partial = partial_eval_indices(val, registry, args.seed) if val else []
+    counts = count_per_dataset(train, len(registry))
+    shares = mixture_shares(registry, counts, args.mix_temperature)
+    if shares is not None and args.no_shuffle:
+        raise ValueError("--no_shuffle keeps the files' order; a weighted mixture "
+                         "(sampling_weight, --mix_temperature) draws a seeded schedule")
+    say(summarize(counts, registry, f"training {noun}"))
+    if shares is not None:
+        say(summarize_mixture(counts, registry, shares))
+    if val:
+        say(summarize(count_per_dataset(val, len(registry), partial), registry,
+                      "partial evaluation subset", total=count_per_dataset(val, len(registry))))
+    return partial, shares
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes one image: a PIL RGB image for the processor path (preprocessing happens per batch
     in `collate`), or with `pixels` (a FastPixels) a (3, H, W) uint8 array, already resized,

@@ -27,9 +27,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from dataset import (DataError, DatasetSpec, EpochSampler, RecordTable, count_per_dataset,
-                     ignore_stop_signals, load_registry, mixture_indices, mixture_shares,
-                     partial_eval_indices, raise_data_errors, read_data_file, summarize,
-                     worker_options)
+                     ignore_stop_signals, load_registry, mixture_indices, partial_eval_indices,
+                     plan_epochs, raise_data_errors, read_data_file, summarize, worker_options)
 from ema import plain_metric
 from latent import autoencoder_class, downsampling, load_autoencoder
 from metrics import PerDatasetSums
@@ -219,16 +218,7 @@ def load_data(args, say):
     val = (read_image_records(args.val_jsonl, registry, fixed=bool(args.datasets))
            if args.val_jsonl else None)
     check_best_metric(args, list(registry))
-    partial = partial_eval_indices(val, registry, args.seed) if val else []
-    counts = count_per_dataset(train, len(registry))
-    shares = mixture_shares(registry, counts, args.mix_temperature)
-    if shares is not None and args.no_shuffle:
-        raise ValueError("--no_shuffle keeps the files' order; a weighted mixture "
-                         "(sampling_weight, --mix_temperature) draws a seeded schedule")
-    say(summarize(counts, registry, "training images"))
-    if val:
-        say(summarize(count_per_dataset(val, len(registry), partial), registry,
-                      "partial evaluation subset", total=count_per_dataset(val, len(registry))))
+    partial, shares = plan_epochs(registry, train, val, args, say, "images")
     return Data(registry, train, val, partial, args.recon_loss, args.kl_weight, shares)
 
 

@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 
 from augment import AUGMENTS, augment_config
 from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
-                     mixture_shares, partial_eval_indices, read_jsonl_files, summarize,
-                     summarize_mixture)
+                     partial_eval_indices, plan_epochs, read_jsonl_files, summarize)
 from lora import (ADAPTER_FILE, add_lora, adapter_state, merged_state_dict, scaling,
                   trainable_summary)
 from ema import plain_metric
@@ -121,18 +120,7 @@ def load_data(args, say):
     train = read_jsonl_files(args.train_jsonl, registry)
     val = read_jsonl_files(args.val_jsonl, registry) if args.val_jsonl else None
     check_flags(args, label_space, val)
-    partial = partial_eval_indices(val, registry, args.seed) if val else []
-    counts = count_per_dataset(train, len(registry))
-    shares = mixture_shares(registry, counts, args.mix_temperature)
-    if shares is not None and args.no_shuffle:
-        raise ValueError("--no_shuffle keeps the files' order; a weighted mixture "
-                         "(sampling_weight, --mix_temperature) draws a seeded schedule")
-    say(summarize(counts, registry, "training data"))
-    if shares is not None:
-        say(summarize_mixture(counts, registry, shares))
-    if val:
-        say(summarize(count_per_dataset(val, len(registry), partial), registry,
-                      "partial evaluation subset", total=count_per_dataset(val, len(registry))))
+    partial, shares = plan_epochs(registry, train, val, args, say)
     mix = (args.mixup, args.cutmix, args.mix_prob, args.seed) if args.mixup or args.cutmix else None
     return Data(registry, label_space, train, val, partial, not args.no_logits_masking,
                 args.label_smoothing, args.on_bad_image == "skip", shares=shares, mix=mix)
