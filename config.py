@@ -6,7 +6,8 @@ mapped onto the same flags, and the checks that need no data.
 import argparse
 import os
 
-from model import ATTN_IMPLEMENTATIONS, DEFAULT_PROMPT, POOLINGS, check_attn_implementation
+from backbone import ATTN_IMPLEMENTATIONS, DEFAULT_PROMPT, check_attn_implementation
+from model import POOLINGS
 from dataset import PREFETCH_FACTOR, auto_num_workers
 from lora import check_lora_flags
 from ema import METRIC_PREFIX, check_ema_args

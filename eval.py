@@ -36,8 +36,8 @@ from config import loader_workers, num_workers
 from dataset import PREFETCH_FACTOR, DataError
 import distributed
 from distributed import all_gather_objects, is_sharded, shard_model
-from model import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implementation,
-                   eval_mode, fsdp_units, restore_modes)
+from backbone import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implementation, eval_mode,
+                      fsdp_units, restore_modes)
 from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
 

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from model import is_vision_language, load_classifier, read_classifier_info
+from backbone import is_vision_language
+from model import load_classifier, read_classifier_info
 
 # What each target class feeds its classifier, as the source pooling it equals. Source poolings:
 # "pooler" (the backbone's pooler_output), "cls" / "mean" (first token / mean of all tokens of

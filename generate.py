@@ -17,8 +17,8 @@ import torch
 
 from checkpoint import resolve_resume
 from dataset import DataError
-from unified import (SPEC_FILE, generate_images, generate_text, load_image, load_unified, save_grid,
-                     to_pil)
+from tasks.unified import (SPEC_FILE, generate_images, generate_text, load_image, load_unified,
+                           save_grid, to_pil)
 
 
 def main(argv=None):

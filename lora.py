@@ -71,7 +71,7 @@ def linear_names(module):
 def default_targets(backbone):
     """Full names of the linears LoRA adapts by default: the attention and MLP linears of a
     vision-language model's language model, or of a vision backbone's blocks."""
-    from model import fsdp_units, is_vision_language, vision_language_parts
+    from backbone import fsdp_units, is_vision_language, vision_language_parts
     from optimizer import layer_blocks
     if is_vision_language(backbone.config):
         vision = vision_language_parts(backbone)[0]

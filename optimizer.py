@@ -116,7 +116,7 @@ def parameter_parts(model, args):
                  for i in range(depth + 1)]
         return [part for part in parts if part[2]]
     if vision_lr is not None or merger_lr is not None:
-        from model import vision_language_parts
+        from backbone import vision_language_parts
         vision = vision_language_parts(backbone)[0]
         merger = merger_of(backbone, vision)
         if merger_lr is not None and merger is None:

@@ -40,7 +40,7 @@ import ema
 from eval import EvalCache, evaluate
 from faults import TrainingError, catch_stop_signals, injected_fault
 from logs import JsonlLog, memory_mb
-from model import LOADING, autocast, enable_activation_checkpointing, fsdp_units, train_mode
+from backbone import LOADING, autocast, enable_activation_checkpointing, fsdp_units, train_mode
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
 from reporting import build_reporters
 from tasks import TASKS

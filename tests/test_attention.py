@@ -7,9 +7,9 @@ import torch
 
 import train
 from conftest import train_args
-from model import LOADING, check_attn_implementation, load_backbone
-from unified import (GenerationDataset, ImageSpec, UnifiedModel, collate_sequences,
-                     load_language_model, read_generation_files, unified_losses)
+from backbone import LOADING, check_attn_implementation, load_backbone
+from tasks.unified import (GenerationDataset, ImageSpec, UnifiedModel, collate_sequences,
+                           load_language_model, read_generation_files, unified_losses)
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from conftest import ROOT, _free_port, load_weights, read_jsonl, train_args
 from ema import (check_ema_args, ema_due, load_ema_state, make_ema, save_ema_state, swapped_in,
                  update_ema)
 from eval import main as eval_main
-from model import MaskedClassifier, build_preset, load_classifier
+from backbone import build_preset
+from model import MaskedClassifier, load_classifier
 
 
 def tiny_model(dtype=torch.float32):
@@ -130,7 +131,8 @@ import os, sys
 import torch
 import distributed
 from ema import make_ema, update_ema, swapped_in, save_ema_state, load_ema_state
-from model import MaskedClassifier, build_preset, fsdp_units
+from backbone import build_preset, fsdp_units
+from model import MaskedClassifier
 from torch.distributed.tensor import DTensor, Replicate
 sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "tests"))
 from test_ema import perturb

@@ -9,7 +9,8 @@ from PIL import Image
 
 from dataset import load_registry, make_loader, read_jsonl_files
 from export import ExportError, export
-from model import LabelSpace, MaskedClassifier, classify, load_backbone, save_classifier
+from backbone import load_backbone
+from model import LabelSpace, MaskedClassifier, classify, save_classifier
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -10,10 +10,10 @@ import torch
 
 import train
 from conftest import assert_same_adam_steps, read_jsonl, run_script, write_jsonl
-from unified import (ImageSpec, Turn, UnifiedModel, assemble, build_attention_mask, build_parts,
-                     collate_sequences, euler_sample, load_image,
-                     load_language_model, read_generation_files, target_counts, unified_losses,
-                     GenerationDataset)
+from tasks.unified import (ImageSpec, Turn, UnifiedModel, assemble, build_attention_mask,
+                           build_parts, collate_sequences, euler_sample, load_image,
+                           load_language_model, read_generation_files, target_counts,
+                           unified_losses, GenerationDataset)
 
 SPEC = ImageSpec(image_size=8, patch_size=2, channels=1)  # 16 tokens of 4 values per digit
 

@@ -8,11 +8,11 @@ import torch
 
 from conftest import read_jsonl, write_jsonl
 from dataset import DataError
-from unified import (GenerationDataset, ImageSpec, UnifiedModel, assemble, build_parts,
-                     check_pack_tokens, collate_packed, collate_sequences, generate_images,
-                     generate_text, greedy_decode, load_image, load_language_model, pack_rows,
-                     padding_share, make_generation_loader, read_generation_files, sample_length,
-                     target_counts, unified_losses)
+from tasks.unified import (GenerationDataset, ImageSpec, UnifiedModel, assemble, build_parts,
+                           check_pack_tokens, collate_packed, collate_sequences, generate_images,
+                           generate_text, greedy_decode, load_image, load_language_model, pack_rows,
+                           padding_share, make_generation_loader, read_generation_files,
+                           sample_length, target_counts, unified_losses)
 
 SPEC = ImageSpec(image_size=8, patch_size=2, channels=1)  # 16 tokens of 4 values per digit
 FP32_EPS = torch.finfo(torch.float32).eps

@@ -11,10 +11,10 @@ pytest.importorskip("diffusers")
 
 import train  # noqa: E402
 from conftest import read_jsonl, save_tiny_vae, write_jsonl  # noqa: E402
-from latent import load_codec  # noqa: E402
-from unified import (ImageSpec, UnifiedModel, encode_latent_batch, load_image,  # noqa: E402
-                     load_language_model, make_generation_loader, patchify,
-                     read_generation_files, read_image, unified_losses, unpatchify)
+from tasks.latent import load_codec  # noqa: E402
+from tasks.unified import (ImageSpec, UnifiedModel, encode_latent_batch, load_image,  # noqa: E402
+                           load_language_model, make_generation_loader, patchify,
+                           read_generation_files, read_image, unified_losses, unpatchify)
 
 SCALE, SHIFT = 2.0, -0.5  # far from 1 and 0: a latent left unscaled shows in every check
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import save_tiny_vlm
-from model import MaskedClassifier, load_backbone
+from backbone import load_backbone
+from model import MaskedClassifier
 from optimizer import (check_lr_args, format_groups, layer_blocks, make_optimizer,
                        parameter_groups, set_lr)
 

@@ -9,7 +9,7 @@ from augment import augment_config
 from conftest import read_jsonl
 from config import loader_workers
 from dataset import DatasetSpec, RecordTable, make_loader
-from model import load_backbone
+from backbone import load_backbone
 
 
 @pytest.fixture(scope="module")

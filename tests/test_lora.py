@@ -17,7 +17,8 @@ from conftest import (ROOT, assert_same_adam_steps, read_jsonl, run_script, save
                       train_args)
 from lora import (add_lora, adapter_state, check_lora_args, default_targets, merged_state_dict,
                   require_peft, trainable_summary)
-from model import MaskedClassifier, load_backbone
+from backbone import load_backbone
+from model import MaskedClassifier
 from optimizer import parameter_parts
 
 # The refusals that need no peft run without it; the rest need the optional extra.

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (LabelSpace, MaskedClassifier, classify, load_backbone, load_classifier,
-                   mask_logits, save_classifier)
+from backbone import load_backbone
+from model import (LabelSpace, MaskedClassifier, classify, load_classifier, mask_logits,
+                   save_classifier)
 
 
 def test_masked_rows_never_win_argmax_and_get_zero_probability():
@@ -138,8 +139,8 @@ def test_presets_build_a_backbone_and_its_preprocessing(name):
 
 def test_a_folder_backbone_trains_in_train_mode_and_frozen_parts_stay_in_eval_mode(
         tiny_qwen2_5_vl):
-    from model import (MaskedClassifier, eval_mode, load_backbone, restore_modes, set_trainable,
-                       train_mode, vision_language_parts)
+    from backbone import eval_mode, load_backbone, restore_modes, train_mode, vision_language_parts
+    from model import MaskedClassifier, set_trainable
     backbone, _ = load_backbone(tiny_qwen2_5_vl)
     assert not backbone.training  # from_pretrained hands it over in eval mode
     model = MaskedClassifier(backbone, 3)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import ROOT, read_jsonl
 from dataset import RecordTable, auto_num_workers, make_loader
-from model import ImageInputs, MaskedClassifier, load_backbone
+from backbone import load_backbone, ImageInputs
+from model import MaskedClassifier
 from preprocess import PixelNormalize, load_pixels, pixel_recipe
 
 PROCESSORS = {  # the Pillow backends of the processors vision folders ship

@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import (assert_same_adam_steps, assert_same_weights, load_weights, read_jsonl,
                       run_script, save_tiny_vlm, train_args)
-from model import (MaskedClassifier, enable_activation_checkpointing, fsdp_units, load_backbone,
-                   set_trainable)
+from backbone import enable_activation_checkpointing, fsdp_units, load_backbone
+from model import MaskedClassifier, set_trainable
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 
@@ -59,7 +59,7 @@ def test_processor_and_its_fallback_build_the_same_batch(tiny_qwen2_vl):
     """AutoProcessor cannot load here (its video processor needs torchvision), so the real
     Qwen2VLProcessor.__call__ is run on an instance built around that constructor check."""
     from transformers import Qwen2VLProcessor
-    from model import ImageTextInputs
+    from backbone import ImageTextInputs
     backbone, fallback = load_backbone(tiny_qwen2_vl)
     assert fallback.processor is None
     processor = object.__new__(Qwen2VLProcessor)
@@ -373,7 +373,7 @@ def test_other_image_text_to_text_models_go_through_their_processor(tmp_path):
 
 
 def test_benchmark_script_reports_its_figures():
-    result = run_script("benchmark.py", "--shape", "tiny", "--steps", 1, "--batch_size", 2,
+    result = run_script("tools/benchmark.py", "--shape", "tiny", "--steps", 1, "--batch_size", 2,
                         "--image_size", 56)
     assert result.returncode == 0, result.stderr[-3000:]
     for figure in ("step time", "tokens/s", "images/s", "model TFLOP/s", "(4 image tokens each)"):

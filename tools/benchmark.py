@@ -2,11 +2,11 @@
 or (with --data) images/s of one DataLoader worker on JPEG files, or (--eval_run) eval.py over
 one checkpoint against several, or (--fsdp_memory) peak host memory of sharded loading.
 
-    python benchmark.py --shape qwen2_5_vl_3b --batch_size 8 --steps 10     # on a GPU
-    python benchmark.py --shape tiny --steps 3                               # smoke run on a CPU
-    python benchmark.py --data /tmp/jpegs --make_jpegs 256                  # the image path
-    python benchmark.py --eval_run runs/demo --checkpoints 5                # eval.py: 5 vs 1
-    python benchmark.py --fsdp_memory /tmp/vit_large                        # RSS: 2 ranks vs 1
+    python tools/benchmark.py --shape qwen2_5_vl_3b --batch_size 8 --steps 10  # on a GPU
+    python tools/benchmark.py --shape tiny --steps 3                           # CPU smoke run
+    python tools/benchmark.py --data /tmp/jpegs --make_jpegs 256               # the image path
+    python tools/benchmark.py --eval_run runs/demo --checkpoints 5             # eval.py: 5 vs 1
+    python tools/benchmark.py --fsdp_memory /tmp/vit_large                     # 2 ranks vs 1
 
 --eval_run: wall time of eval.py processes over the run's first checkpoint, over its first
 --checkpoints with the evaluation cache, and without it (--eval_cache_mb 0); the ratio to one.
@@ -29,14 +29,19 @@ model and the vision tower, attention excluded; peak from --peak_tflops or the G
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
 from PIL import Image
 
-from losses import masked_cross_entropy
-from model import (ATTN_IMPLEMENTATIONS, MaskedClassifier, check_attn_implementation,
-                   enable_activation_checkpointing, mask_logits)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+sys.path.insert(0, ROOT)  # the project's modules sit at its top level
+
+from backbone import (ATTN_IMPLEMENTATIONS, check_attn_implementation,  # noqa: E402
+                      enable_activation_checkpointing)
+from losses import masked_cross_entropy  # noqa: E402
+from model import MaskedClassifier, mask_logits  # noqa: E402
 
 SHAPES = {
     "qwen2_5_vl_3b": dict(
@@ -111,7 +116,7 @@ def benchmark_image_path(args):
 
     from augment import augment_config
     from dataset import DatasetSpec, RecordTable, make_loader
-    from model import ImageInputs
+    from backbone import ImageInputs
     if not os.path.isdir(args.data) or not os.listdir(args.data):
         make_jpegs(args.data, args.make_jpegs or 256)
     elif args.make_jpegs:
@@ -156,7 +161,6 @@ def benchmark_eval(args):
     run, and over its first --checkpoints checkpoints with and without the evaluation cache."""
     import shutil
     import subprocess
-    import sys
     import tempfile
 
     from checkpoint import list_checkpoints
@@ -164,7 +168,6 @@ def benchmark_eval(args):
     if len(found) < args.checkpoints:
         raise SystemExit(f"--eval_run {args.eval_run}: {len(found)} checkpoint(s), "
                          f"--checkpoints {args.checkpoints} asked for")
-    root = os.path.dirname(os.path.abspath(__file__))
     work = tempfile.mkdtemp(prefix="eval-bench-")
     runs = {}
     for name, count in (("one", 1), ("many", args.checkpoints)):
@@ -185,8 +188,8 @@ def benchmark_eval(args):
         for _ in range(args.rounds):
             for i, (_, run_dir, flags) in enumerate(cases):
                 start = time.perf_counter()
-                subprocess.run([sys.executable, os.path.join(root, "eval.py"), run_dir, "--force",
-                                *extra, *flags], check=True, cwd=root, capture_output=True)
+                subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), run_dir, "--force",
+                                *extra, *flags], check=True, cwd=ROOT, capture_output=True)
                 seconds[i] = min(seconds[i], time.perf_counter() - start)
     finally:
         shutil.rmtree(work)
@@ -202,19 +205,18 @@ def benchmark_fsdp_memory(args):
     is a fresh process (ru_maxrss)."""
     import re
     import subprocess
-    import sys
     folder = args.fsdp_memory
     if not os.path.isdir(folder) or not os.listdir(folder):
         save_vit_large(folder)
-    root, me = os.path.dirname(os.path.abspath(__file__)), os.path.abspath(__file__)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    me = os.path.abspath(__file__)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
     def peaks(processes, how):
         cmd = [me, "--fsdp_memory", folder, "--load", how]
         if processes > 1:
             cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "--master_port", str(29500 + os.getpid() % 1000)] + cmd
-        out = subprocess.run([sys.executable, *cmd], env=env, cwd=root, capture_output=True,
+        out = subprocess.run([sys.executable, *cmd], env=env, cwd=ROOT, capture_output=True,
                              text=True)
         if out.returncode:
             raise SystemExit(out.stderr[-3000:])
@@ -235,7 +237,7 @@ def benchmark_fsdp_memory(args):
 
 def save_vit_large(folder):
     """preset:vit-large (ViT-L/16, 304M parameters, random init) as a model folder, fp32."""
-    from model import build_preset
+    from backbone import build_preset
     backbone, inputs = build_preset("vit-large")
     backbone.save_pretrained(folder)
     inputs.save_pretrained(folder)
@@ -246,7 +248,7 @@ def load_for_memory(folder, how):
     import resource
 
     import distributed
-    from model import fsdp_units, load_backbone
+    from backbone import fsdp_units, load_backbone
     from weights import folder_map
     rank, world_size, _, device = distributed.setup_distributed()
     sharded = how == "sharded"

@@ -30,10 +30,10 @@ from dataset import (DataError, DatasetSpec, EpochSampler, RecordTable, count_pe
                      ignore_stop_signals, load_registry, mixture_indices, partial_eval_indices,
                      plan_epochs, raise_data_errors, read_data_file, summarize, worker_options)
 from ema import plain_metric
-from latent import autoencoder_class, downsampling, load_autoencoder
+from tasks.latent import autoencoder_class, downsampling, load_autoencoder
 from metrics import PerDatasetSums
-from model import eval_mode, restore_modes
-from unified import read_image, save_grid
+from backbone import eval_mode, restore_modes
+from tasks.unified import read_image, save_grid
 from weights import WeightsMismatch
 
 NAME = "autoencoder"

@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from dataset import (DataError, EpochSampler, ignore_stop_signals, raise_data_errors,
                      read_data_file, worker_options)
-from latent import load_codec
-from model import LOADING, build_empty, eval_mode, from_pretrained, restore_modes, say
+from tasks.latent import load_codec
+from backbone import LOADING, build_empty, eval_mode, from_pretrained, restore_modes, say
 
 SPEC_FILE = "unified.json"
 WEIGHTS_FILE = "unified.safetensors"

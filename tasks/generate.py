@@ -15,14 +15,14 @@ from checkpoint import resolve_resume
 from dataset import train_indices
 from distributed import all_reduce_sum
 from ema import plain_metric
-from latent import load_codec
+from tasks.latent import load_codec
 from metrics import GenerationMetrics, format_generation
 from model import load_classifier
-from unified import (SPEC_FILE, WEIGHTS_FILE, ImageSpec, UnifiedModel, check_image_spec,
-                     check_pack_tokens, generate_images, generate_text, load_image,
-                     load_language_model, load_unified, make_generation_loader,
-                     read_generation_files, read_unified_info, save_grid, save_unified,
-                     target_counts, to_pil, unified_losses)
+from tasks.unified import (SPEC_FILE, WEIGHTS_FILE, ImageSpec, UnifiedModel, check_image_spec,
+                           check_pack_tokens, generate_images, generate_text, load_image,
+                           load_language_model, load_unified, make_generation_loader,
+                           read_generation_files, read_unified_info, save_grid, save_unified,
+                           target_counts, to_pil, unified_losses)
 from weights import file_map, folder_map
 
 NAME = "generate"

@@ -1,8 +1,8 @@
 """Final accuracy per dataset for each recipe setting, over several seeds: the README's table.
 
-    python recipe_table.py --data recipe_data --make_data          # demo + textures, once
-    python recipe_table.py --data recipe_data --suite demo --seeds 0 1 2
-    python recipe_table.py --data recipe_data --suite hard --seeds 0 1 2
+    python tools/recipe_table.py --data recipe_data --make_data          # demo + textures, once
+    python tools/recipe_table.py --data recipe_data --suite demo --seeds 0 1 2
+    python tools/recipe_table.py --data recipe_data --suite hard --seeds 0 1 2
 
 Each (setting, seed) is one `python train.py --config configs/demo.yaml ...` run from scratch
 (preset:resnet-tiny) into OUT/SUITE/SETTING/seedN; runs that already wrote run_summary.json are
@@ -25,7 +25,7 @@ import time
 
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 TEXTURE_SOURCES = ["astronaut", "brick", "camera", "coffee", "coins", "grass", "gravel",
                    "hubble_deep_field", "immunohistochemistry", "moon", "rocket", "retina"]
 # EMA decay for runs of a few hundred steps (0.9998 averages over ~5,000 steps).

@@ -22,9 +22,9 @@ from optimizer import check_lr_args
 from losses import masked_cross_entropy
 from metrics import (ClassificationMetrics, PerClassMetrics, class_name, format_per_class,
                      format_table)
+from backbone import load_backbone, say
 from model import (CLASSIFIER_FILE, HEAD_FILE, LabelSpace, MaskedClassifier, classify,
-                   load_backbone, load_classifier, read_classifier_info, save_classifier, say,
-                   set_trainable)
+                   load_classifier, read_classifier_info, save_classifier, set_trainable)
 from weights import file_map, folder_map
 
 NAME = "classify"

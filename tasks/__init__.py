@@ -28,9 +28,9 @@ A new task is one module added to TASKS.
 """
 import os
 
-import task_autoencoder
-import task_classify
-import task_generate
+from tasks import autoencoder as task_autoencoder
+from tasks import classify as task_classify
+from tasks import generate as task_generate
 
 TASKS = {task.NAME: task for task in (task_classify, task_generate, task_autoencoder)}
 
