@@ -424,6 +424,38 @@ def vision_language_parts(backbone):
     return vision, language
 
 
+def layer_blocks(backbone):
+    """The backbone's blocks in order, as (name, module): the members of its own layer lists
+    whose class is in its `_no_split_modules` (the discovery of fsdp_units; a block inside
+    another goes with the outer one). A model whose lists hold no such class (ResNet) gets the
+    members of its first layer list (its stages)."""
+    kinds = set(backbone._no_split_modules or ())
+    # noqa: E731 FSDP2 subclasses
+    is_block = lambda m: any(c.__name__ in kinds for c in type(m).__mro__)
+    lists = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.ModuleList)]
+    blocks, inside = [], set()
+    for name, modules in lists:
+        if modules in inside:
+            continue
+        for i, block in enumerate(modules):
+            if is_block(block) and block not in inside:
+                blocks.append((f"{name}.{i}", block))
+                inside.update(block.modules())
+    if not blocks and lists:
+        name, modules = lists[0]
+        blocks = [(f"{name}.{i}", m) for i, m in enumerate(modules)]
+    return blocks
+
+
+def merger_of(backbone, vision):
+    """The projector between a vision-language model's vision tower and its LLM, or None:
+    Qwen2-VL's visual.merger, LLaVA's multi_modal_projector."""
+    for owner, name in ((vision, "merger"), (backbone, "multi_modal_projector")):
+        if isinstance(getattr(owner, name, None), nn.Module):
+            return getattr(owner, name)
+    return None
+
+
 def fsdp_units(backbone):
     """Modules to shard one at a time before the root (FSDP2 `fully_shard`), in order.
 

@@ -6,10 +6,8 @@ mapped onto the same flags, and the checks that need no data.
 import argparse
 import os
 
-from backbone import ATTN_IMPLEMENTATIONS, DEFAULT_PROMPT, check_attn_implementation
-from model import POOLINGS
+from backbone import ATTN_IMPLEMENTATIONS, check_attn_implementation
 from dataset import PREFETCH_FACTOR, auto_num_workers
-from lora import check_lora_flags
 from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
 from tasks import TASKS
@@ -50,6 +48,66 @@ def loader_workers(args, say, kept):
          if workers else ""))
 
 
+def add_task_flags(parser, hook, title="--task {}"):
+    """Each task's own flags (its `hook`: add_flags for train.py, add_eval_flags for eval.py), in
+    a help section per task; parser.task_flags records which task registered each flag."""
+    parser.task_flags = {}
+    for task in TASKS.values():
+        known = {action.dest for action in parser._actions}
+        getattr(task, hook)(parser.add_argument_group(title.format(task.NAME)))
+        parser.task_flags.update({action.dest: task.NAME for action in parser._actions
+                                  if action.dest not in known})
+
+
+def given_flags(args, defaults):
+    """The flags whose value differs from `defaults` (a parser): set on the command line or in a
+    --config file."""
+    return {action.dest for action in defaults._actions if action.dest != "help" and
+            getattr(args, action.dest, None) != defaults.get_default(action.dest)}
+
+
+def flag_errors(args, parser, task, given, needs):
+    """One check of the flags given, for train.py and eval.py alike: none registered by another
+    task (unless `task` borrows it), and none that cannot act under the other flags (`needs`:
+    flag -> (what it needs, test of args), the general table and the task's). Returns the error
+    text, or None."""
+    foreign = {}  # owner -> its flags given
+    for name in sorted(given):
+        owner = parser.task_flags.get(name)
+        if owner not in (None, task.NAME) and name not in task.BORROWED_FLAGS:
+            foreign.setdefault(owner, []).append(name)
+    errors = [f"{', '.join('--' + n for n in names)}: for --task {owner}, not {task.NAME}"
+              for owner, names in foreign.items()]
+    inert = {}  # what is missing -> the flags given that need it
+    for name, (what, holds) in needs.items():
+        if name in given and parser.task_flags.get(name) in (None, task.NAME) and not holds(args):
+            inert.setdefault(what, []).append(name)
+    errors += [f"{', '.join('--' + n for n in names)}: no effect without {what}"
+               for what, names in inert.items()]
+    return "; ".join(errors) or None
+
+
+# A flag given that cannot act under the other flags is an error, never a no-op: flag -> (what it
+# needs, test of the flags). Each task keeps such a table for its own flags (FLAG_NEEDS).
+FLAG_NEEDS = {
+    "ema_every": ("--ema_decay > 0", lambda a: a.ema_decay),
+    "cpu_offload": ("--dist fsdp", lambda a: a.dist == "fsdp"),
+    "save_total_limit": ("a keep limit (not --save_all_checkpoints, --save_best_only, "
+                         "--skip_evaluation)", lambda a: not (a.save_all_checkpoints or
+                                                              a.save_best_only or
+                                                              a.skip_evaluation)),
+    **{name: ("evaluation during training (--val_jsonl, not --no_partial_eval or "
+              "--skip_evaluation)", lambda a: a.val_jsonl and not (a.no_partial_eval or
+                                                                  a.skip_evaluation))
+       for name in ("eval_steps", "eval_cache_mb")},
+    **{name: ("best-model tracking (evaluation during training, not --no_best_tracking)",
+              lambda a: a.val_jsonl and not (a.no_partial_eval or a.skip_evaluation or
+                                             a.no_best_tracking))
+       for name in ("best_metric", "best_mode")},
+    "overwrite": ("a new run (--resume continues the one there)", lambda a: not a.resume),
+}
+
+
 def build_parser(description=None):
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument
@@ -63,27 +121,6 @@ def build_parser(description=None):
     # model and data
     a("--model",
       help="local Hugging Face model folder, or preset:NAME (a fresh random-init backbone)")
-    a("--num_labels", type=int, help="head size (default: what --label_space needs)")
-    a(
-        "--label_space", choices=["shared", "disjoint"], default="shared", help=
-        "shared: one max(num_classes) head, class i of every dataset on row i; disjoint: a slice "
-        "per dataset"
-    )
-    a(
-        "--pooling", choices=POOLINGS, default="auto", help=
-        "pooled feature. Vision backbones: pooler, cls or mean (auto: the pooler if it has one, "
-        "else mean); vision-language: last (valid token) or mean (over valid tokens), auto = last")
-    a(
-        "--prompt", default=DEFAULT_PROMPT, help=
-        "vision-language backbones: the text after the image; {dataset} becomes the sample's "
-        "dataset name"
-    )
-    a("--min_pixels", type=int,
-      help="vision-language image processors: resize images to at least this many pixels")
-    a("--max_pixels", type=int, help="... and at most this many (fewer image tokens, less memory)")
-    a("--freeze", choices=["none", "vision", "llm"], default="none",
-      help="freeze the vision tower (of a vision backbone: all of it) or the language model")
-    a("--train_only_head", action="store_true", help="linear probe: freeze the whole backbone")
     a("--gradient_checkpointing", action="store_true",
       help="recompute activations in backward (less memory)")
     a("--attn_implementation", choices=ATTN_IMPLEMENTATIONS,
@@ -91,16 +128,6 @@ def build_parser(description=None):
            "e.g. one with no attention layers); flash_attention_2 needs flash-attn and a GPU")
     a("--param_dtype", choices=["fp32", "bf16"], default="fp32",
       help="dtype of the weights and optimizer state; bf16 halves memory for large backbones")
-    a("--lora_rank", type=int, default=0,
-      help="classify: LoRA adapters of this rank on the backbone's linear layers, the rest of the "
-           "backbone frozen (needs peft: pip install -e '.[lora]'); 0 = off")
-    a("--lora_alpha", type=float, help="LoRA scaling alpha / rank (default: alpha = rank)")
-    a("--lora_dropout", type=float, help="dropout on the LoRA input (default: 0)")
-    a("--lora_targets", nargs="+",
-      help="linear layers to adapt: full names or last parts (q_proj) (default: the attention and "
-           "MLP linears of a vision-language model's LLM, or of a vision backbone's blocks)")
-    a("--lora_train", nargs="+",
-      help="backbone modules trained fully beside the adapters and the head, e.g. visual.merger")
     # several processes (torchrun)
     a(
         "--dist", choices=["ddp", "fsdp"], default="ddp", help=
@@ -117,17 +144,10 @@ def build_parser(description=None):
         "a collective waiting longer than this on another process fails (a dead rank cannot hang "
         "the job)"
     )
-    p.task_flags = {}  # flag -> the task that registered it (check_task_flags)
-    for task in TASKS.values():  # each task's own flags
-        known = {action.dest for action in p._actions}
-        task.add_flags(p)
-        p.task_flags.update({action.dest: task.NAME for action in p._actions
-                             if action.dest not in known})
+    add_task_flags(p, "add_flags")
     a("--train_jsonl", nargs="+",
       help="one or more training JSONL files (--task generate: JSON too)")
     a("--val_jsonl", nargs="+", help="one or more validation JSONL files")
-    a("--datasets", nargs="+",
-      help="registry: FILE.yaml/json, or name=num_classes[:eval_ratio] ...")
     a("--output_dir", help="checkpoints, metrics.jsonl and run_summary.json go here")
     a("--overwrite", action="store_true",
       help="delete checkpoints and logs of an earlier run in --output_dir")
@@ -149,20 +169,12 @@ def build_parser(description=None):
         "skip an optimizer step whose gradients are not finite; stop after more than this many in "
         "a row"
     )
-    a(
-        "--on_bad_image", choices=["stop", "skip"], default="stop", help=
-        "an image that fails to decode during training: stop (with a checkpoint) or skip it and "
-        "count it"
-    )
     a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
       help="autocast dtype (fp16 adds a GradScaler)")
     a("--ema_decay", type=float, default=0,
       help="also keep an exponential moving average of the weights, ema = d * ema + (1 - d) * w "
            "(0: off; e.g. 0.9998); evaluated as eval_ema_*, saved under checkpoint-N/ema/")
     a("--ema_every", type=int, default=1, help="update the EMA after every N optimizer steps")
-    a("--label_smoothing", type=float, default=0.0,
-      help="spread over each sample's valid classes only")
-    a("--no_logits_masking", action="store_true", help="let every sample predict every head row")
     a("--no_shuffle", action="store_true",
       help="keep the files' order instead of a seeded shuffle per epoch")
     a("--seed", type=int, default=42, help="init, data order and partial-eval subsets")
@@ -308,9 +320,11 @@ def parse_args(argv=None, description=None):
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))
     args = parser.parse_args(argv)
-    given = check_task_flags(args, parser)
-    if given:
-        parser.error(given)
+    task = TASKS[args.task]
+    error = flag_errors(args, parser, task, given_flags(args, build_parser()),
+                        {**FLAG_NEEDS, **task.FLAG_NEEDS})
+    if error:
+        parser.error(error)
     missing = [f"--{n}" for n in ("model", "train_jsonl", "output_dir") if not getattr(args, n)]
     if missing:
         parser.error(f"missing {', '.join(missing)} (on the command line or in --config)")
@@ -319,22 +333,6 @@ def parse_args(argv=None, description=None):
     args.train_jsonl = [os.path.abspath(p) for p in args.train_jsonl]
     args.val_jsonl = [os.path.abspath(p) for p in args.val_jsonl] if args.val_jsonl else None
     return args
-
-
-def check_task_flags(args, parser):
-    """The error for flags another task registered and --task does not read (its BORROWED_FLAGS),
-    set away from their defaults on the command line or in --config; None if there are none."""
-    task = TASKS[args.task]
-    defaults = build_parser()
-    given = {}
-    for name, owner in parser.task_flags.items():
-        if owner != task.NAME and name not in task.BORROWED_FLAGS and \
-                getattr(args, name) != defaults.get_default(name):
-            given.setdefault(owner, []).append(f"--{name}")
-    if not given:
-        return None
-    return "; ".join(f"{', '.join(flags)}: for --task {owner}, not {task.NAME}"
-                     for owner, flags in given.items())
 
 
 def apply_overrides(args):
@@ -376,19 +374,13 @@ def check_args(args):
             "--dist fsdp takes --precision bf16 or fp32 (fp16 needs a gradient scaler FSDP2 does "
             "not have)"
         )
-    if args.cpu_offload and args.dist != "fsdp":
-        raise ValueError("--cpu_offload needs --dist fsdp")
     if args.eval_cache_mb < 0:
         raise ValueError(f"--eval_cache_mb must be 0 (off) or more, got {args.eval_cache_mb}")
     if args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be at least 1, got {args.save_total_limit}")
-    check_lora_flags(args)
     check_attn_implementation(args.attn_implementation)
     check_report_to(args.report_to)  # a missing package is an error before the first step
     check_ema_args(args.ema_decay, args.ema_every)
-    if not args.ema_decay:
-        if args.ema_every != 1:
-            raise ValueError("--ema_every needs --ema_decay > 0 (there is no EMA to update)")
-        if args.best_metric.startswith(METRIC_PREFIX):
-            raise ValueError(f"--best_metric {args.best_metric}: the ema_ metrics are of the EMA "
-                             "weights, which need --ema_decay > 0")
+    if not args.ema_decay and args.best_metric.startswith(METRIC_PREFIX):
+        raise ValueError(f"--best_metric {args.best_metric}: the ema_ metrics are of the EMA "
+                         "weights, which need --ema_decay > 0")

@@ -32,7 +32,8 @@ import torch
 
 from checkpoint import (checkpoint_folder, checkpoint_step, list_checkpoints, model_signature,
                         read_info)
-from config import loader_workers, num_workers
+from config import (HelpFormatter, add_task_flags, flag_errors, given_flags, loader_workers,
+                    num_workers)
 from dataset import PREFETCH_FACTOR, DataError
 import distributed
 from distributed import all_gather_objects, is_sharded, shard_model
@@ -219,58 +220,39 @@ def already_evaluated(run_dir):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("path", help="a checkpoint-* folder or a run directory holding them")
     a("--val_jsonl", nargs="+", help="validation files (default: those the run was trained with)")
-    a("--datasets", nargs="+",
-      help="registry override: FILE.yaml/json or name=num_classes[:eval_ratio] ...")
-    a("--num_labels", type=int, help="head size override (must match the saved head)")
-    a("--label_space", choices=["shared", "disjoint"], help="label layout override")
-    a("--no_logits_masking", action="store_true",
-      help="score all head rows (default: as trained)")
-    a("--partial", action="store_true", help="evaluate only each dataset's eval_ratio subset")
-    a("--batch_size", type=int, default=64, help="per process (default: 64)")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-      help="autocast dtype (default: fp32)")
+    a("--batch_size", type=int, default=64, help="per process")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
     a("--num_workers", type=num_workers, default="auto",
-      help="DataLoader processes per rank (default: auto, as train.py)")
+      help="DataLoader processes per rank (auto: as train.py)")
     a("--prefetch_factor", type=int,
       help=f"batches each DataLoader worker prepares ahead (default: {PREFETCH_FACTOR})")
-    a("--seed", type=int, help="seed of the partial subset (default: the run's)")
+    a("--seed", type=int, help="seed of the --partial subset (default: the run's)")
     a("--eval_cache_mb", type=float, default=2048,
       help="per process: keep the preprocessed evaluation batches in memory up to this size, "
-           "for the next checkpoints that preprocess alike; 0: decode for every checkpoint "
-           "(default: 2048)")
+           "for the next checkpoints that preprocess alike; 0: decode for every checkpoint")
     a("--force", action="store_true",
       help="evaluate again checkpoints already evaluated on this data")
-    a("--predictions", metavar="FILE", help="write one JSON line per sample and checkpoint")
-    a("--per_class", action="store_true",
-      help="per checkpoint and dataset: per-class accuracy / precision / recall / support and the "
-           "confusion pairs to RUN_DIR/per_class/CHECKPOINT.json; the worst classes and most "
-           "confused pairs printed")
     a("--attn_implementation", choices=ATTN_IMPLEMENTATIONS,
       help="attention kernels of the backbone (default: sdpa; eager for a model without sdpa); "
            "flash_attention_2 needs flash-attn and a GPU")
     a("--dist", choices=["ddp", "fsdp"], default="ddp",
-      help="under torchrun: a full model per process, or FSDP2-sharded per block (default: ddp)")
-    g = p.add_argument_group("generation checkpoints (--task generate)").add_argument
-    g("--judge", metavar="CLASSIFIER",
-      help="a classifier checkpoint of this codebase: its accuracy on images generated from "
-           "--judge_prompt for each of its classes, with and without guidance")
-    g("--judge_prompt",
-      help="prompt per class, {label} is the class index, e.g. 'a handwritten digit {label}'")
-    g("--judge_dataset", help="which of the judge's datasets (default: its first)")
-    g("--judge_samples", type=int, default=10, help="images per class (default: 10)")
-    g("--sample_steps", type=int, default=50, help="Euler steps per image (default: 50)")
-    g("--cfg_scale", type=float, default=4.0,
-      help="guidance scale compared with no guidance (default: 4)")
+      help="under torchrun: a full model per process, or FSDP2-sharded per block")
+    add_task_flags(p, "add_eval_flags", "{} checkpoints")
     return p
 
 
+# eval.py's flags that cannot act under the others (config.flag_errors; each task adds its own).
+FLAG_NEEDS = {"seed": ("--partial", lambda a: getattr(a, "partial", False))}
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = given_flags(args, parser)  # the task, which decides what is allowed, comes later
     distributed.run(run, args, (DataError, FileNotFoundError, ValueError))
 
 
@@ -281,6 +263,11 @@ def run(args, rank, world_size, device):
         raise ValueError(f"--eval_cache_mb must be 0 (off) or more, got {args.eval_cache_mb}")
     run_dir, targets = find_targets(args.path)
     task = task_of_checkpoint(targets[-1])
+    error = flag_errors(args, build_parser(), task, args.given,
+                        {**FLAG_NEEDS, **task.EVAL_FLAG_NEEDS})
+    if error:
+        raise ValueError(f"{error} ({os.path.basename(targets[-1])} is a {task.NAME} "
+                         "checkpoint)")
     trained_args = read_info(checkpoint_folder(targets[-1])).get("args", {})
     args.val_files = args.val_jsonl or trained_args.get("val_jsonl")
     if not args.val_files:

@@ -38,15 +38,11 @@ def check_lora_args(rank, alpha, dropout):
 
 
 def check_lora_flags(args):
-    """train.py's LoRA flags, before the data is read: in range, peft installed, and no --lora_*
-    flag or freezing flag that LoRA would ignore."""
+    """train.py's LoRA flags, before the data is read: in range, peft installed, and no freezing
+    flag that LoRA would override (the --lora_* flags without --lora_rank are refused with the
+    classifier's other flags, tasks/classify.py FLAG_NEEDS)."""
     check_lora_args(args.lora_rank, args.lora_alpha, args.lora_dropout or 0.0)
-    options = {"--lora_alpha": args.lora_alpha, "--lora_dropout": args.lora_dropout,
-               "--lora_targets": args.lora_targets, "--lora_train": args.lora_train}
-    given = [flag for flag, value in options.items() if value is not None]
     if not args.lora_rank:
-        if given:
-            raise ValueError(f"{', '.join(given)}: LoRA is off (--lora_rank 0); give --lora_rank R")
         return
     if args.freeze != "none" or args.train_only_head:
         raise ValueError("--freeze / --train_only_head cannot be combined with --lora_rank: LoRA "
@@ -71,8 +67,7 @@ def linear_names(module):
 def default_targets(backbone):
     """Full names of the linears LoRA adapts by default: the attention and MLP linears of a
     vision-language model's language model, or of a vision backbone's blocks."""
-    from backbone import fsdp_units, is_vision_language, vision_language_parts
-    from optimizer import layer_blocks
+    from backbone import fsdp_units, is_vision_language, layer_blocks, vision_language_parts
     if is_vision_language(backbone.config):
         vision = vision_language_parts(backbone)[0]
         blocks = [b for b in fsdp_units(backbone) if b is not vision]

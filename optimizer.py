@@ -8,7 +8,8 @@ and by weight decay (none on biases and norm weights).
 import math
 
 import torch
-import torch.nn as nn
+
+from backbone import layer_blocks, merger_of, vision_language_parts
 
 
 def lr_at(step, args, total_steps):
@@ -45,100 +46,74 @@ def check_lr_args(args, token_inputs, model_name=""):
                          "vision-language model: give --vision_lr / --merger_lr beside --lr")
 
 
-def layer_blocks(backbone):
-    """The backbone's blocks in order, as (name, module): the members of its own layer lists
-    whose class is in its `_no_split_modules` (the discovery of model.fsdp_units; a block inside
-    another goes with the outer one). A model whose lists hold no such class (ResNet) gets the
-    members of its first layer list (its stages)."""
-    kinds = set(backbone._no_split_modules or ())
-    # noqa: E731 FSDP2 subclasses
-    is_block = lambda m: any(c.__name__ in kinds for c in type(m).__mro__)
-    lists = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.ModuleList)]
-    blocks, inside = [], set()
-    for name, modules in lists:
-        if modules in inside:
-            continue
-        for i, block in enumerate(modules):
-            if is_block(block) and block not in inside:
-                blocks.append((f"{name}.{i}", block))
-                inside.update(block.modules())
-    if not blocks and lists:
-        name, modules = lists[0]
-        blocks = [(f"{name}.{i}", m) for i, m in enumerate(modules)]
-    return blocks
-
-
-def merger_of(backbone, vision):
-    """The projector between a vision-language model's vision tower and its LLM, or None:
-    Qwen2-VL's visual.merger, LLaVA's multi_modal_projector."""
-    for owner, name in ((vision, "merger"), (backbone, "multi_modal_projector")):
-        if isinstance(getattr(owner, name, None), nn.Module):
-            return getattr(owner, name)
-    return None
-
-
 def parameter_parts(model, args):
     """[(part name, lr scale, [(parameter name, parameter)])], every trainable parameter of the
-    MaskedClassifier `model` in exactly one part.
-
-    --layer_decay D (vision backbones): block i of n (1-based) runs at lr * D^(n + 1 - i); what
-    comes before the first block (patch and position embeddings, cls / register / mask tokens)
-    at lr * D^(n + 1); a parameter between two blocks (ConvNeXt's downsampling) with the block
-    after it; the head and what follows the last block (final norm, pooler) at lr. Only trainable
-    parameters are grouped: with LoRA the adapters, each at the rate of the block it sits in.
-    --vision_lr / --merger_lr (vision-language backbones): the vision tower without its merger,
-    and the merger, at their own rates; the language model and the head at --lr. A rate given for
-    a part with nothing trainable (frozen, or LoRA elsewhere) is an error.
-    """
+    MaskedClassifier `model` in exactly one part: by --layer_decay (vision backbones), by
+    --vision_lr / --merger_lr (vision-language backbones), or all in one part. Only trainable
+    parameters are grouped: with LoRA the adapters, each in the part of the layer it sits in."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     backbone, decay = getattr(model, "backbone", model), getattr(args, "layer_decay", None)
     vision_lr, merger_lr = getattr(args, "vision_lr", None), getattr(args, "merger_lr", None)
     if decay is not None and decay != 1:
-        blocks = layer_blocks(backbone)
-        if not blocks:
-            raise ValueError(f"--layer_decay: {type(backbone).__name__} has no layer list to "
-                             "take blocks from")
-        depth = len(blocks) + 1
-        owner = {id(p): i for i, (_, b) in enumerate(blocks, 1) for p in b.parameters()}
-        layer_of = {n: owner[id(p)] for n, p in named if id(p) in owner}
-        pending = []  # parameters outside blocks, placed once the next block (or the end) is known
-        layers = []
-        for name, p in named:
-            if name in layer_of:
-                layers += [(n, q, layer_of[name] if seen_any else 0) for n, q, seen_any in pending]
-                pending = []
-                layers.append((name, p, layer_of[name]))
-            else:
-                pending.append((name, p, bool(layers)))
-        layers += [(n, q, depth) for n, q, _ in pending]
-        titles = ["embeddings", *(f"backbone.{n}" for n, _ in blocks), "head and final layers"]
-        parts = [(titles[i], decay ** (depth - i), [(n, q) for n, q, j in layers if j == i])
-                 for i in range(depth + 1)]
-        return [part for part in parts if part[2]]
+        return layer_decay_parts(backbone, named, decay)
     if vision_lr is not None or merger_lr is not None:
-        from backbone import vision_language_parts
-        vision = vision_language_parts(backbone)[0]
-        merger = merger_of(backbone, vision)
-        if merger_lr is not None and merger is None:
-            raise ValueError(f"--merger_lr: cannot find the projector of {type(backbone).__name__} "
-                             "(visual.merger or multi_modal_projector)")
-        in_merger = {id(p) for p in merger.parameters()} if merger is not None else set()
-        in_vision = {id(p) for p in vision.parameters()} - in_merger
-        scale = lambda lr: 1.0 if lr is None else lr / args.lr  # noqa: E731
-        parts = [("vision tower", scale(vision_lr),
-                  [(n, p) for n, p in named if id(p) in in_vision]),
-                 ("merger", scale(merger_lr if merger_lr is not None else args.lr),
-                  [(n, p) for n, p in named if id(p) in in_merger]),
-                 ("language model and head", 1.0,
-                  [(n, p) for n, p in named if id(p) not in in_vision | in_merger])]
-        for flag, value, (title, _, params) in zip(("--vision_lr", "--merger_lr"),
-                                                   (vision_lr, merger_lr), parts):
-            if value is not None and not params:  # frozen (--freeze, LoRA): the rate cannot act
-                raise ValueError(f"{flag}: nothing in the {title} of {type(backbone).__name__} "
-                                 "trains (frozen by --freeze or --lora_rank; train it with "
-                                 "--lora_targets / --lora_train)")
-        return [part for part in parts if part[2]]
+        return vision_language_lr_parts(backbone, named, args.lr, vision_lr, merger_lr)
     return [("all", 1.0, named)]
+
+
+def layer_decay_parts(backbone, named, decay):
+    """--layer_decay D: block i of n (1-based) runs at lr * D^(n + 1 - i); what comes before the
+    first block (patch and position embeddings, cls / register / mask tokens) at lr * D^(n + 1);
+    a parameter between two blocks (ConvNeXt's downsampling) with the block after it; the head
+    and what follows the last block (final norm, pooler) at lr."""
+    blocks = layer_blocks(backbone)
+    if not blocks:
+        raise ValueError(f"--layer_decay: {type(backbone).__name__} has no layer list to "
+                         "take blocks from")
+    depth = len(blocks) + 1
+    owner = {id(p): i for i, (_, b) in enumerate(blocks, 1) for p in b.parameters()}
+    layer_of = {n: owner[id(p)] for n, p in named if id(p) in owner}
+    pending = []  # parameters outside blocks, placed once the next block (or the end) is known
+    layers = []
+    for name, p in named:
+        if name in layer_of:
+            layers += [(n, q, layer_of[name] if seen_any else 0) for n, q, seen_any in pending]
+            pending = []
+            layers.append((name, p, layer_of[name]))
+        else:
+            pending.append((name, p, bool(layers)))
+    layers += [(n, q, depth) for n, q, _ in pending]
+    titles = ["embeddings", *(f"backbone.{n}" for n, _ in blocks), "head and final layers"]
+    parts = [(titles[i], decay ** (depth - i), [(n, q) for n, q, j in layers if j == i])
+             for i in range(depth + 1)]
+    return [part for part in parts if part[2]]
+
+
+def vision_language_lr_parts(backbone, named, lr, vision_lr, merger_lr):
+    """--vision_lr / --merger_lr: the vision tower without its merger, and the merger, at their
+    own rates; the language model and the head at --lr. A rate given for a part with nothing
+    trainable (frozen, or LoRA elsewhere) is an error."""
+    vision = vision_language_parts(backbone)[0]
+    merger = merger_of(backbone, vision)
+    if merger_lr is not None and merger is None:
+        raise ValueError(f"--merger_lr: cannot find the projector of {type(backbone).__name__} "
+                         "(visual.merger or multi_modal_projector)")
+    in_merger = {id(p) for p in merger.parameters()} if merger is not None else set()
+    in_vision = {id(p) for p in vision.parameters()} - in_merger
+    scale = lambda rate: 1.0 if rate is None else rate / lr  # noqa: E731
+    parts = [("vision tower", scale(vision_lr),
+              [(n, p) for n, p in named if id(p) in in_vision]),
+             ("merger", scale(merger_lr if merger_lr is not None else lr),
+              [(n, p) for n, p in named if id(p) in in_merger]),
+             ("language model and head", 1.0,
+              [(n, p) for n, p in named if id(p) not in in_vision | in_merger])]
+    for flag, value, (title, _, params) in zip(("--vision_lr", "--merger_lr"),
+                                               (vision_lr, merger_lr), parts):
+        if value is not None and not params:  # frozen (--freeze, LoRA): the rate cannot act
+            raise ValueError(f"{flag}: nothing in the {title} of {type(backbone).__name__} "
+                             "trains (frozen by --freeze or --lora_rank; train it with "
+                             "--lora_targets / --lora_train)")
+    return [part for part in parts if part[2]]
 
 
 def parameter_groups(model, args):

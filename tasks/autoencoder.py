@@ -34,17 +34,14 @@ from tasks.latent import autoencoder_class, downsampling, load_autoencoder
 from metrics import PerDatasetSums
 from backbone import eval_mode, restore_modes
 from tasks.unified import read_image, save_grid
-from weights import WeightsMismatch
 
 NAME = "autoencoder"
 MODEL_FILE = "autoencoder.json"
 DEFAULT_BEST_METRIC = "overall_psnr"
 # Flags another task registers that this one reads too (the rest of theirs it refuses).
-BORROWED_FLAGS = ("image_size", "image_channels", "mix_temperature")
-COUNTS = ("samples",)
+BORROWED_FLAGS = ("image_size", "image_channels", "mix_temperature", "datasets", "partial")
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # the name AutoencoderKL.from_pretrained reads
 DEFAULT_DATASET = "images"  # the dataset of records without a dataset_name
-DEFAULT_RECON_LOSS, DEFAULT_KL_WEIGHT = "l1", 1e-6  # flags default to None: other tasks refuse them
 RUNNING_MOMENTUM = 0.01  # of the latent mean / square averages, after a plain mean at the start
 METRICS = ("loss", "recon_loss", "kl", "psnr")
 PRESETS = {
@@ -83,33 +80,21 @@ class Data:
 
 def add_flags(parser):
     a = parser.add_argument
-    a("--recon_loss", choices=["l1", "mse"],
-      help="autoencoder: reconstruction loss, a mean over pixel values (default: l1)")
-    a("--kl_weight", type=float,
-      help="autoencoder: weight of the KL to N(0, I), summed over latent values / pixel values "
-           "(default: 1e-6)")
+    a("--recon_loss", choices=["l1", "mse"], default="l1",
+      help="reconstruction loss, a mean over pixel values")
+    a("--kl_weight", type=float, default=1e-6,
+      help="weight of the KL to N(0, I), summed over latent values / pixel values")
     a("--vae_channels", type=int, nargs="+",
-      help="autoencoder, --model preset:vae-*: channels of each encoder level (each level after "
-           "the first halves the image)")
-    a("--latent_channels", type=int, help="autoencoder, --model preset:vae-*: latent channels")
+      help="--model preset:vae-*: channels of each encoder level (each level after the first "
+           "halves the image)")
+    a("--latent_channels", type=int, help="--model preset:vae-*: latent channels")
 
 
 def check_flags(args):
-    args.recon_loss = args.recon_loss or DEFAULT_RECON_LOSS
-    args.kl_weight = DEFAULT_KL_WEIGHT if args.kl_weight is None else args.kl_weight
     if not 0 <= args.kl_weight < float("inf"):
         raise ValueError(f"--kl_weight must be a number >= 0, got {args.kl_weight}")
     if args.image_size < 1:
         raise ValueError(f"--image_size must be positive, got {args.image_size}")
-    if args.freeze != "none" or args.train_only_head:
-        raise ValueError("--freeze / --train_only_head are for --task classify")
-    if args.on_bad_image == "skip":
-        raise ValueError("--on_bad_image skip is for --task classify")
-    other = {"--label_smoothing": args.label_smoothing,
-             "--no_logits_masking": args.no_logits_masking, "--lora_rank": args.lora_rank}
-    given = [flag for flag, value in other.items() if value]
-    if given:
-        raise ValueError(f"{', '.join(given)}: not for --task autoencoder")
     preset = args.model.startswith("preset:")
     if not preset and (args.vae_channels or args.latent_channels):
         raise ValueError("--vae_channels / --latent_channels shape a new VAE (--model "
@@ -305,10 +290,6 @@ def build_model(args, data, dtype, meta=False):
     return Autoencoder(vae), vae, shape
 
 
-def has_unused_parameters(args, model):
-    return False
-
-
 class ImageNoiseDataset(torch.utils.data.Dataset):
     """One image in [-1, 1] (and, for training, the noise of its latent, drawn from (seed, epoch,
     index): the same for any batch size, world size or resume point). Keys are (index, epoch)
@@ -351,14 +332,6 @@ def loader(data, shape, indices, *, train, batch_size, num_workers, pin_memory, 
 def epoch_order(data, epoch, args, rank, world_size):
     return mixture_indices(data.train.dataset_ids, data.shares, epoch, args.seed,
                            not args.no_shuffle, rank, world_size)
-
-
-def prepare(batch, data, step, micro_index):
-    return batch
-
-
-def count_targets(batch):
-    return {"samples": len(batch["indices"])}
 
 
 def forward(model, batch, data, train):
@@ -440,14 +413,6 @@ def progress(metrics, prefix):
             "psnr": f"{metrics[f'{prefix}_overall_psnr']:.2f}"}
 
 
-def predictions(outputs, batch, data):
-    raise ValueError("--predictions is for classifier checkpoints")
-
-
-def per_class(predictions, data):
-    raise ValueError("--per_class is for classifier checkpoints")
-
-
 # ----------------------------------------------------------------------------- model files
 
 def save_model(folder, model, shape, full_weights, data, args):
@@ -491,17 +456,8 @@ def load_model(folder, meta=False):
     return model, shape, info
 
 
-def weight_sources(model, folder, checkpoint):
-    """The diffusers files are read whole on every process (--dist fsdp shards them after)."""
-    raise WeightsMismatch(f"{folder}: an AutoencoderKL is read whole")
-
-
 def eval_data(args, folder, trained_args, world_size):
     """Data for eval.py: the checkpoint's datasets (or --datasets) and loss settings."""
-    if args.predictions or args.per_class:
-        raise ValueError("--predictions / --per_class are for classifier checkpoints")
-    if args.judge:
-        raise ValueError("--judge is for generation checkpoints")
     info = read_info(folder)
     fixed = bool(args.datasets)
     registry = (load_registry(args.datasets) if fixed else
@@ -516,14 +472,6 @@ def eval_data(args, folder, trained_args, world_size):
     key = ["autoencoder", {n: s.eval_ratio for n, s in registry.items()}, info["recon_loss"],
            info["kl_weight"], args.partial, seed]
     return data, indices, key, summary
-
-
-def eval_extras(args, device):
-    return None
-
-
-def extra_metrics(model, shape, data, args, extras, rank, world_size, device):
-    return {}
 
 
 @torch.no_grad()

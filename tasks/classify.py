@@ -14,24 +14,23 @@ from safetensors.torch import save_file
 from augment import AUGMENTS, augment_config
 from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
                      partial_eval_indices, plan_epochs, read_jsonl_files, summarize)
-from lora import (ADAPTER_FILE, add_lora, adapter_state, merged_state_dict, scaling,
-                  trainable_summary)
+from lora import (ADAPTER_FILE, add_lora, adapter_state, check_lora_flags, merged_state_dict,
+                  scaling, trainable_summary)
 from ema import plain_metric
 from mixup import check_mix_args, mix_batch
 from optimizer import check_lr_args
 from losses import masked_cross_entropy
 from metrics import (ClassificationMetrics, PerClassMetrics, class_name, format_per_class,
                      format_table)
-from backbone import load_backbone, say
-from model import (CLASSIFIER_FILE, HEAD_FILE, LabelSpace, MaskedClassifier, classify,
-                   load_classifier, read_classifier_info, save_classifier, set_trainable)
+from backbone import DEFAULT_PROMPT, load_backbone, say
+from model import (CLASSIFIER_FILE, HEAD_FILE, POOLINGS, LabelSpace, MaskedClassifier,
+                   classify, load_classifier, read_classifier_info, save_classifier,
+                   set_trainable)
 from weights import file_map, folder_map
 
 NAME = "classify"
 MODEL_FILE = CLASSIFIER_FILE  # the file that marks a checkpoint of this task
 DEFAULT_BEST_METRIC = "overall_accuracy"
-BORROWED_FLAGS = ()  # flags another task registers that this one reads too (tasks.py)
-COUNTS = ("samples",)  # the targets a batch's loss is divided by, summed over the whole step
 
 
 @dataclass
@@ -62,37 +61,97 @@ class Data:
 
 
 def add_flags(parser):
-    """Flags only this task reads (its model and loss flags are train.py's shared ones)."""
+    """train.py's flags of the classifier: data, model, head, loss, recipe."""
     a = parser.add_argument
+    a("--datasets", nargs="+",
+      help="registry: FILE.yaml/json, or name=num_classes[:eval_ratio] ...")
+    a("--num_labels", type=int, help="head size (default: what --label_space needs)")
+    a("--label_space", choices=["shared", "disjoint"], default="shared",
+      help="shared: one max(num_classes) head, class i of every dataset on row i; disjoint: a "
+           "slice per dataset")
+    a("--pooling", choices=POOLINGS, default="auto",
+      help="pooled feature. Vision backbones: pooler, cls or mean (auto: the pooler if it has "
+           "one, else mean); vision-language: last (valid token) or mean (over valid tokens), "
+           "auto = last")
+    a("--prompt", default=DEFAULT_PROMPT,
+      help="vision-language backbones: the text after the image; {dataset} becomes the sample's "
+           "dataset name")
+    a("--min_pixels", type=int,
+      help="vision-language image processors: resize images to at least this many pixels")
+    a("--max_pixels", type=int, help="... and at most this many (fewer image tokens, less memory)")
+    a("--freeze", choices=["none", "vision", "llm"], default="none",
+      help="freeze the vision tower (of a vision backbone: all of it) or the language model")
+    a("--train_only_head", action="store_true", help="linear probe: freeze the whole backbone")
+    a("--lora_rank", type=int, default=0,
+      help="LoRA adapters of this rank on the backbone's linear layers, the rest of the "
+           "backbone frozen (needs peft: pip install -e '.[lora]'); 0 = off")
+    a("--lora_alpha", type=float, help="LoRA scaling alpha / rank (default: alpha = rank)")
+    a("--lora_dropout", type=float, help="dropout on the LoRA input (default: 0)")
+    a("--lora_targets", nargs="+",
+      help="linear layers to adapt: full names or last parts (q_proj) (default: the attention and "
+           "MLP linears of a vision-language model's LLM, or of a vision backbone's blocks)")
+    a("--lora_train", nargs="+",
+      help="backbone modules trained fully beside the adapters and the head, e.g. visual.merger")
+    a("--label_smoothing", type=float, default=0.0,
+      help="spread over each sample's valid classes only")
+    a("--no_logits_masking", action="store_true", help="let every sample predict every head row")
+    a("--on_bad_image", choices=["stop", "skip"], default="stop",
+      help="an image that fails to decode during training: stop (with a checkpoint) or skip it "
+           "and count it")
     a("--augment", choices=AUGMENTS,
-      help="classify: training augmentation on the fast image path (default: crop_flip for "
-           "vision backbones, none for vision-language ones); a registry entry's augment / "
-           "hflip overrides it per dataset. Evaluation keeps the processor's resize / crop")
+      help="training augmentation on the fast image path (default: crop_flip for vision "
+           "backbones, none for vision-language ones); a registry entry's augment / hflip "
+           "overrides it per dataset. Evaluation keeps the processor's resize / crop")
     a("--crop_scale", nargs=2, type=float, default=[0.08, 1.0], metavar=("MIN", "MAX"),
-      help="classify: area range of the random-resized crop")
-    a("--randaugment_n", type=int, default=2, help="classify: RandAugment ops per image")
-    a("--randaugment_m", type=float, default=9, help="classify: RandAugment magnitude (0-10)")
+      help="area range of the random-resized crop")
+    a("--randaugment_n", type=int, default=2, help="RandAugment ops per image")
+    a("--randaugment_m", type=float, default=9, help="RandAugment magnitude (0-10)")
     a("--mixup", type=float, default=0.0,
-      help="classify: Mixup alpha, lambda ~ Beta(alpha, alpha); a sample is mixed only with a "
-           "sample of its own dataset in the micro-batch; 0 = off")
+      help="Mixup alpha, lambda ~ Beta(alpha, alpha); a sample is mixed only with a sample of "
+           "its own dataset in the micro-batch; 0 = off")
     a("--cutmix", type=float, default=0.0,
-      help="classify: CutMix alpha, same-dataset pairs; with --mixup one of the two per batch")
+      help="CutMix alpha, same-dataset pairs; with --mixup one of the two per batch")
     a("--mix_prob", type=float, default=1.0,
-      help="classify: probability that a micro-batch is mixed (with --mixup / --cutmix)")
+      help="probability that a micro-batch is mixed (with --mixup / --cutmix)")
     a("--layer_decay", type=float,
-      help="classify, vision backbones: block i of n at lr * D^(n + 1 - i), embeddings (cls / "
-           "register / position tokens too) at lr * D^(n + 1), final norm and head at lr")
+      help="vision backbones: block i of n at lr * D^(n + 1 - i), embeddings (cls / register / "
+           "position tokens too) at lr * D^(n + 1), final norm and head at lr")
     a("--vision_lr", type=float,
-      help="classify, vision-language backbones: lr of the vision tower without its merger")
+      help="vision-language backbones: lr of the vision tower without its merger")
     a("--merger_lr", type=float,
-      help="classify, vision-language backbones: lr of the projector between vision tower and "
-           "LLM")
+      help="vision-language backbones: lr of the projector between vision tower and LLM")
     a("--mix_temperature", type=float,
-      help="classify: dataset share per epoch proportional to n^(1/T) (1: by size, large: "
-           "uniform); or give sampling_weight in the registry")
+      help="dataset share per epoch proportional to n^(1/T) (1: by size, large: uniform); or "
+           "give sampling_weight in the registry")
+
+
+# A flag given that cannot act under the others is an error (config.check_flags_act).
+FLAG_NEEDS = {
+    "mix_prob": ("--mixup or --cutmix", lambda a: a.mixup or a.cutmix),
+    **{name: ("--lora_rank", lambda a: a.lora_rank)
+       for name in ("lora_alpha", "lora_dropout", "lora_targets", "lora_train")},
+}
+
+
+def add_eval_flags(parser):
+    """eval.py's flags of classifier checkpoints: what overrides the saved layout, and outputs."""
+    a = parser.add_argument
+    a("--datasets", nargs="+",
+      help="registry override: FILE.yaml/json or name=num_classes[:eval_ratio] ...")
+    a("--num_labels", type=int, help="head size override (must match the saved head)")
+    a("--label_space", choices=["shared", "disjoint"], help="label layout override")
+    a("--no_logits_masking", action="store_true",
+      help="score all head rows (default: as trained)")
+    a("--partial", action="store_true", help="evaluate only each dataset's eval_ratio subset")
+    a("--predictions", metavar="FILE", help="write one JSON line per sample and checkpoint")
+    a("--per_class", action="store_true",
+      help="per checkpoint and dataset: per-class accuracy / precision / recall / support and the "
+           "confusion pairs to RUN_DIR/per_class/CHECKPOINT.json; the worst classes and most "
+           "confused pairs printed")
 
 
 def check_flags(args, label_space, val_records):
+    """The classifier's flags against its data (their ranges, and --best_metric)."""
     for name in ("min_pixels", "max_pixels"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive number of pixels, "
@@ -114,6 +173,7 @@ def check_flags(args, label_space, val_records):
 
 def load_data(args, say):
     """Read and check every record before the first step; print the per-dataset summary."""
+    check_lora_flags(args)
     registry = load_registry(args.datasets)
     label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
                                    args.label_space, args.num_labels)
@@ -184,10 +244,6 @@ def prepare(batch, data, step, micro_index):
     batch, soft = mix_batch(batch, offsets, data.label_space.num_labels, mixup, cutmix, mix_prob,
                             seed, step, micro_index)
     return {**batch, "soft_targets": soft}
-
-
-def count_targets(batch):
-    return {"samples": len(batch["indices"])}
 
 
 def forward(model, batch, data, train):
@@ -311,16 +367,3 @@ def eval_data(args, folder, trained_args, world_size):
     key = [{n: vars(s) for n, s in registry.items()}, vars(label_space), masking, args.partial,
            seed]
     return data, indices, key, summary
-
-
-def eval_extras(args, device):
-    """What eval.py loads once per run beside the checkpoints: nothing for a classifier."""
-    return None
-
-
-def extra_metrics(model, inputs, data, args, extras, rank, world_size, device):
-    return {}
-
-
-def finish(args, model, inputs, data, device, main_process):
-    """Nothing to write at the end of a classifier run beyond the final evaluation."""

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import resolve_resume
-from dataset import train_indices
 from distributed import all_reduce_sum
 from ema import plain_metric
 from tasks.latent import load_codec
@@ -28,7 +27,6 @@ from weights import file_map, folder_map
 NAME = "generate"
 MODEL_FILE = SPEC_FILE
 DEFAULT_BEST_METRIC = "total_loss"
-BORROWED_FLAGS = ()  # flags another task registers that this one reads too (tasks.py)
 COUNTS = ("samples", "text_tokens", "image_tokens")
 BEST_METRICS = ("total_loss", "text_loss", "image_loss", "text_perplexity")
 
@@ -51,47 +49,65 @@ class Data:
 def add_flags(parser):
     a = parser.add_argument
     a("--text_loss_weight", type=float, default=1.0,
-      help="generate: weight of the text cross-entropy")
+      help="weight of the text cross-entropy")
     a("--image_loss_weight", type=float, default=1.0,
-      help="generate: weight of the image flow-matching MSE")
+      help="weight of the image flow-matching MSE")
     a("--image_size", type=int, default=32,
-      help="generate, autoencoder: images are resized to this square size")
+      help="images are resized to this square size")
     a("--patch_size", type=int, default=4,
-      help="generate: pixels per image token side (with --vae: latent pixels)")
+      help="pixels per image token side (with --vae: latent pixels)")
     a("--image_channels", type=int, choices=[1, 3], default=3,
-      help="generate, autoencoder: 1 (grayscale) or 3 (RGB)")
+      help="1 (grayscale) or 3 (RGB)")
     a("--vae",
-      help="generate: a local diffusers AutoencoderKL folder (e.g. a --task autoencoder "
+      help="a local diffusers AutoencoderKL folder (e.g. a --task autoencoder "
            "checkpoint): images become patches of its scaled latents, samples are decoded by it; "
            "frozen (pip install -e '.[vae]')")
     a("--timestep_shift", type=float, default=1.0,
-      help="generate: shift s of t -> s t / (1 + (s - 1) t), > 1 noisier")
+      help="shift s of t -> s t / (1 + (s - 1) t), > 1 noisier")
     a("--cond_dropout", type=float, default=0.1,
-      help="generate: share of samples whose images do not see the text")
+      help="share of samples whose images do not see the text")
     a("--sample_prompts", nargs="+",
-      help="generate: at the end, write samples.png with a row of images per prompt")
+      help="at the end, write samples.png with a row of images per prompt")
     a("--samples_per_prompt", type=int, default=8,
-      help="generate: images per prompt in samples.png")
-    a("--sample_steps", type=int, default=50, help="generate: Euler steps from noise to image")
+      help="images per prompt in samples.png")
+    a("--sample_steps", type=int, default=50, help="Euler steps from noise to image")
     a("--pack_tokens", type=int,
-      help="generate: pack several samples into each row of at most this many tokens (attention "
+      help="pack several samples into each row of at most this many tokens (attention "
            "stays within a sample) instead of one padded sample per row")
     a("--cfg_scale", type=float, default=4.0,
-      help="generate: classifier-free guidance scale of samples.png (1: none)")
+      help="classifier-free guidance scale of samples.png (1: none)")
+
+
+# A flag given that cannot act under the others is an error (config.flag_errors).
+FLAG_NEEDS = {name: ("--sample_prompts", lambda a: a.sample_prompts)
+              for name in ("samples_per_prompt", "sample_steps", "cfg_scale")}
+
+
+def add_eval_flags(parser):
+    """eval.py's flags of generation checkpoints: the judge of generated images."""
+    a = parser.add_argument
+    a("--judge", metavar="CLASSIFIER",
+      help="a classifier checkpoint of this codebase: its accuracy on images generated from "
+           "--judge_prompt for each of its classes, with and without guidance")
+    a("--judge_prompt",
+      help="prompt per class, {label} is the class index, e.g. 'a handwritten digit {label}'")
+    a("--judge_dataset", help="which of the judge's datasets (default: its first)")
+    a("--judge_samples", type=int, default=10, help="images per class")
+    a("--sample_steps", type=int, default=50, help="Euler steps per image")
+    a("--cfg_scale", type=float, default=4.0, help="guidance scale compared with no guidance")
+
+
+EVAL_FLAG_NEEDS = {name: ("--judge", lambda a: a.judge)
+                   for name in ("judge_prompt", "judge_dataset", "judge_samples", "sample_steps",
+                                "cfg_scale")}
 
 
 def check_flags(args):
     if not args.no_best_tracking and plain_metric(args.best_metric) not in BEST_METRICS:
         raise ValueError(f"--best_metric {args.best_metric!r} is not one of "
                          f"{', '.join(BEST_METRICS)} (or ema_ + one of them, with --ema_decay)")
-    if args.freeze != "none" or args.train_only_head:
-        raise ValueError("--freeze / --train_only_head are for --task classify")
     if not 0 <= args.cond_dropout < 1:
         raise ValueError(f"--cond_dropout must be in [0, 1), got {args.cond_dropout}")
-    if args.on_bad_image == "skip":
-        raise ValueError("--on_bad_image skip is for --task classify")
-    if args.lora_rank:
-        raise ValueError("--lora_rank: for --task classify")
 
 
 def load_data(args, say):
@@ -139,10 +155,6 @@ def build_model(args, data, dtype, meta=False):
     return UnifiedModel(lm, data.spec, data.codec).to(dtype=dtype), lm, tokenizer
 
 
-def has_unused_parameters(args, model):
-    return False  # a text-only batch still runs the image layers (on nothing)
-
-
 def loader(data, tokenizer, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
            epoch=0, persistent=False, prefetch_factor=None):
     """Training batches draw noise, t and condition dropout from (seed, epoch, sample index);
@@ -155,14 +167,6 @@ def loader(data, tokenizer, indices, *, train, batch_size, num_workers, pin_memo
                                       cond_dropout=data.cond_dropout, **workers)
     return make_generation_loader(data.val, indices, tokenizer, data.spec, batch_size, num_workers,
                                   pin_memory, data.pack_tokens, train=False, seed=0, **workers)
-
-
-def epoch_order(data, epoch, args, rank, world_size):
-    return train_indices(len(data.train), epoch, args.seed, not args.no_shuffle, rank, world_size)
-
-
-def prepare(batch, data, step, micro_index):
-    return batch
 
 
 def count_targets(batch):
@@ -205,14 +209,6 @@ def progress(metrics, prefix):
     return {"loss": f"{metrics[f'{prefix}_total_loss']:.4f}"}
 
 
-def predictions(outputs, batch, data):
-    raise ValueError("--predictions is for classifier checkpoints")
-
-
-def per_class(predictions, data):
-    raise ValueError("--per_class is for classifier checkpoints")
-
-
 # ----------------------------------------------------------------------------- model files
 
 def save_model(folder, model, tokenizer, full_weights, data, args):
@@ -243,8 +239,6 @@ def eval_data(args, folder, trained_args, world_size):
                          "process")
     if args.judge and not args.judge_prompt:
         raise ValueError("--judge needs --judge_prompt, e.g. 'a handwritten digit {label}'")
-    if args.predictions or args.per_class:
-        raise ValueError("--predictions / --per_class are for classifier checkpoints")
     info = read_unified_info(folder)
     val = read_generation_files(args.val_files)
     indices = list(range(len(val)))

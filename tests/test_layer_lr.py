@@ -8,8 +8,8 @@ import torch
 from conftest import save_tiny_vlm
 from backbone import load_backbone
 from model import MaskedClassifier
-from optimizer import (check_lr_args, format_groups, layer_blocks, make_optimizer,
-                       parameter_groups, set_lr)
+from backbone import layer_blocks
+from optimizer import check_lr_args, format_groups, make_optimizer, parameter_groups, set_lr
 
 
 def args_of(**kw):

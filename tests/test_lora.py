@@ -262,7 +262,7 @@ def test_lora_on_qwen2_5_vl_under_fsdp2_and_ddp_takes_the_steps_of_one_process(
 
 @pytest.mark.parametrize("extra, message", [
     (["--lora_alpha", 8, "--lora_targets", "q_proj"],
-     "--lora_alpha, --lora_targets: LoRA is off (--lora_rank 0)"),
+     "--lora_alpha, --lora_targets: no effect without --lora_rank"),
     (["--lora_rank", -1], "--lora_rank must be a whole number >= 0"),
     (["--lora_rank", 2, "--lora_dropout", 1], "--lora_dropout must be in [0, 1)"),
     (["--lora_rank", 2, "--train_only_head"], "cannot be combined with --lora_rank"),
