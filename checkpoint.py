@@ -269,7 +269,7 @@ def full_model_state(model):
                                                                 cpu_offload=True))
 
 
-def save_checkpoint(path, model, write_model, optimizer, scaler, info, rank, train_window,
+def save_checkpoint(path, *, model, write_model, optimizer, scaler, info, rank, train_window,
                     ema=None, raw_model=None):
     """Atomic checkpoint: every rank writes its share of the model and optimizer state; rank 0 adds
     the whole model gathered in CPU memory (write_model(folder, weights): for eval.py and

@@ -336,7 +336,7 @@ def mixture_shares(registry, counts, temperature=None):
     return [w / total for w in raw]
 
 
-def mixture_indices(dataset_ids, shares, epoch, seed, shuffle=True, rank=0, world_size=1):
+def mixture_indices(dataset_ids, shares, epoch, seed, *, shuffle=True, rank=0, world_size=1):
     """This rank's sample order for one epoch of a weighted mixture (train_indices when
     `shares` is None).
 
@@ -536,9 +536,9 @@ def worker_options(num_workers, persistent=False, prefetch_factor=None):
     return options
 
 
-def make_loader(records, indices, inputs, dataset_names, batch_size, num_workers, pin_memory=False,
-                skip_bad_images=False, fast_path=False, augment=None, epoch=0, draft=None,
-                persistent_workers=False, prefetch_factor=None):
+def make_loader(records, indices, inputs, dataset_names, *, batch_size, num_workers,
+                pin_memory=False, skip_bad_images=False, fast_path=False, augment=None, epoch=0,
+                draft=None, persistent_workers=False, prefetch_factor=None):
     """The DataLoader of a classification run: batches of the backbone's inputs + labels,
     dataset_ids, indices (and "skipped" with skip_bad_images).
 

@@ -192,9 +192,11 @@ def build_run(args, rank, world_size, device):
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
     # After placing: the shadow lives where the weights do (FSDP2: sharded like them).
     shadow = ema.make_ema(raw_model) if args.ema_decay else None
-    return Run(args, task, data, model, raw_model, inputs, optimizer, scaler, device, rank,
-               world_size, steps_per_epoch, total_steps, overrides,
-               EvalCache(args.eval_cache_mb, tqdm.write if rank == 0 else say), shadow)
+    return Run(args=args, task=task, data=data, model=model, raw_model=raw_model, inputs=inputs,
+               optimizer=optimizer, scaler=scaler, device=device, rank=rank,
+               world_size=world_size, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               overrides=overrides, ema=shadow,
+               eval_cache=EvalCache(args.eval_cache_mb, tqdm.write if rank == 0 else say))
 
 
 def build_model(args, task, data, dtype, world_size, say):
@@ -478,8 +480,9 @@ def save(run, state, metrics):
     def write_model(folder, full_weights):
         run.task.save_model(folder, run.raw_model, run.inputs, full_weights, run.data, args)
 
-    save_checkpoint(path, run.model, write_model, run.optimizer, run.scaler, info, run.rank,
-                    state.train_metrics.sums, run.ema, run.raw_model)
+    save_checkpoint(path, model=run.model, write_model=write_model, optimizer=run.optimizer,
+                    scaler=run.scaler, info=info, rank=run.rank,
+                    train_window=state.train_metrics.sums, ema=run.ema, raw_model=run.raw_model)
     state.last_saved = path
     if run.main_process and not args.save_all_checkpoints:
         keep = 0 if args.save_best_only else args.save_total_limit

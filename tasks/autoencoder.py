@@ -331,7 +331,7 @@ def loader(data, shape, indices, *, train, batch_size, num_workers, pin_memory, 
 
 def epoch_order(data, epoch, args, rank, world_size):
     return mixture_indices(data.train.dataset_ids, data.shares, epoch, args.seed,
-                           not args.no_shuffle, rank, world_size)
+                           shuffle=not args.no_shuffle, rank=rank, world_size=world_size)
 
 
 def forward(model, batch, data, train):

@@ -222,7 +222,8 @@ def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory,
            persistent=False, prefetch_factor=None):
     """Batches of data.train (train=True) or data.val at `indices`, in that order."""
     records = data.train if train else data.val
-    return make_loader(records, indices, inputs, data.names, batch_size, num_workers, pin_memory,
+    return make_loader(records, indices, inputs, data.names, batch_size=batch_size,
+                       num_workers=num_workers, pin_memory=pin_memory,
                        skip_bad_images=train and data.skip_bad_images, fast_path=True,
                        augment=data.augment if train else None, epoch=epoch,
                        persistent_workers=persistent, prefetch_factor=prefetch_factor)
@@ -231,7 +232,7 @@ def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory,
 def epoch_order(data, epoch, args, rank, world_size):
     """This rank's sample order of one epoch: by size, or drawn with the mixture's shares."""
     return mixture_indices(data.train.dataset_ids, data.shares, epoch, args.seed,
-                           not args.no_shuffle, rank, world_size)
+                           shuffle=not args.no_shuffle, rank=rank, world_size=world_size)
 
 
 def prepare(batch, data, step, micro_index):

@@ -139,14 +139,14 @@ def test_loader_draws_depend_on_sample_not_worker_or_batch(halves):
 
     def pixels(workers, batch, epoch, loader=None):
         if loader is None:
-            loader = make_loader(records, order, inputs, ["a", "b"], batch, workers,
-                                 fast_path=True, augment=config, epoch=epoch)
+            loader = make_loader(records, order, inputs, ["a", "b"], batch_size=batch,
+                                 num_workers=workers, fast_path=True, augment=config, epoch=epoch)
         return torch.cat([b["pixel_values"] for b in loader]), loader
 
     reference, _ = pixels(0, 3, 1)
     assert torch.equal(pixels(2, 4, 1)[0], reference)
-    persistent = make_loader(records, order, inputs, ["a", "b"], 4, 1, fast_path=True,
-                             augment=config, epoch=0, persistent_workers=True)
+    persistent = make_loader(records, order, inputs, ["a", "b"], batch_size=4, num_workers=1,
+                             fast_path=True, augment=config, epoch=0, persistent_workers=True)
     first, _ = pixels(None, None, 0, persistent)
     persistent.sampler.set(order, 1)
     assert torch.equal(pixels(None, None, 1, persistent)[0], reference)
@@ -167,7 +167,7 @@ def test_augment_is_refused_on_the_processor_path(tiny_qwen2_vl, small_data):
     with pytest.raises(ValueError, match="dataset 'faces'"):
         augment_config(None, registry, inputs)
     with pytest.raises(ValueError, match="augmentation needs the fast image path"):
-        make_loader(None, [], inputs, ["digits", "faces"], 2, 0,
+        make_loader(None, [], inputs, ["digits", "faces"], batch_size=2, num_workers=0,
                     augment=AugmentConfig(("crop_flip",) * 2, (True, True)))
 
 

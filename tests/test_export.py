@@ -66,7 +66,8 @@ def masked_predictions(model, inputs, small_data):
     num_classes, offsets = space.tensors("cpu")
     logits = []
     with torch.no_grad():
-        for batch in make_loader(records, list(range(len(records))), inputs, space.names, 16, 0):
+        for batch in make_loader(records, list(range(len(records))), inputs, space.names,
+                                 batch_size=16, num_workers=0):
             logits.append(classify(model, batch, num_classes, offsets)[0])
     return records, torch.cat(logits)
 

@@ -50,7 +50,8 @@ def test_building_and_iterating_loaders_leaves_the_global_rng_alone(records):
     _, inputs = load_backbone("preset:vit-tiny")
     before = torch.get_rng_state()
     for _ in range(2):
-        batches(make_loader(records, range(6), inputs, ["faces"], 4, 0, fast_path=True))
+        batches(make_loader(records, range(6), inputs, ["faces"], batch_size=4, num_workers=0,
+                            fast_path=True))
     assert torch.equal(torch.get_rng_state(), before)
 
 

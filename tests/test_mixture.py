@@ -26,9 +26,9 @@ def test_natural_mixture_is_exactly_todays_order():
         assert mixture_shares(reg, [10, 30], temperature) is None
     ids = [0] * 10 + [1] * 30
     for epoch, rank, world in [(0, 0, 1), (3, 1, 3), (1, 0, 2)]:
-        assert mixture_indices(ids, None, epoch, 7, True, rank, world) == train_indices(
-            40, epoch, 7, True, rank, world)
-    assert mixture_indices(ids, None, 0, 7, False) == list(range(40))
+        assert mixture_indices(ids, None, epoch, 7, shuffle=True, rank=rank,
+                               world_size=world) == train_indices(40, epoch, 7, True, rank, world)
+    assert mixture_indices(ids, None, 0, 7, shuffle=False) == list(range(40))
 
 
 def test_shares_hold_per_epoch_and_within_sampling_noise_over_a_window(small_data):
@@ -72,7 +72,8 @@ def test_global_order_is_the_same_for_any_world_size():
     ids = np.array([0] * 7 + [1] * 20 + [2] * 3)
     full = mixture_indices(ids, [0.2, 0.3, 0.5], 2, 5)
     for world in (2, 3, 4):
-        parts = [mixture_indices(ids, [0.2, 0.3, 0.5], 2, 5, True, r, world) for r in range(world)]
+        parts = [mixture_indices(ids, [0.2, 0.3, 0.5], 2, 5, rank=r, world_size=world)
+                 for r in range(world)]
         interleaved = [parts[r][i] for i in range(len(parts[0])) for r in range(world)]
         assert interleaved == full[:len(interleaved)]
     assert mixture_indices(ids, [0.2, 0.3, 0.5], 2, 5) == full  # resume: the same order

@@ -133,8 +133,9 @@ def test_fast_loader_gives_the_model_what_the_processor_gives(tiny_vit, small_da
     model = MaskedClassifier(backbone, 10, pixel_normalize=inputs.pixel_normalize).eval()
     records = records_of(small_data["digits_val"], small_data["faces_val"])
     order = list(range(len(records)))[::-1]
-    old = list(make_loader(records, order, inputs, ["digits", "faces"], 8, 0))
-    new = list(make_loader(records, order, inputs, ["digits", "faces"], 8, 0, fast_path=True))
+    options = dict(batch_size=8, num_workers=0)
+    old = list(make_loader(records, order, inputs, ["digits", "faces"], **options))
+    new = list(make_loader(records, order, inputs, ["digits", "faces"], fast_path=True, **options))
     assert len(old) == len(new)
     for a, b in zip(old, new):
         assert b["pixel_values"].dtype == torch.uint8 and b["pixel_values"].shape[1] == 3

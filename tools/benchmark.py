@@ -131,8 +131,8 @@ def benchmark_image_path(args):
     registry = {"bench": DatasetSpec("bench", 1)}
 
     def images_per_second(**kwargs):
-        loader = make_loader(records, range(len(files)), inputs, ["bench"], args.batch_size, 1,
-                             **kwargs)
+        loader = make_loader(records, range(len(files)), inputs, ["bench"],
+                             batch_size=args.batch_size, num_workers=1, **kwargs)
         start, seen = None, 0
         for i, batch in enumerate(loader):
             if i == 1:  # the first batch includes the worker's start
