@@ -348,10 +348,6 @@ def forward(model, batch, data, train):
             "psnr": psnr, "latents": mean, "dataset_ids": batch["dataset_ids"]}
 
 
-def step_loss(outputs, totals, args):
-    return outputs["losses"].sum() / totals["samples"]
-
-
 class AutoencoderMetrics(PerDatasetSums):
     """Per-dataset sums of loss, reconstruction loss, KL, PSNR and samples, and of the latents'
     values, squares and count: all-reducible exactly, means taken when reported."""

@@ -258,11 +258,6 @@ def forward(model, batch, data, train):
             "dataset_ids": batch["dataset_ids"]}
 
 
-def step_loss(outputs, totals, args):
-    """Sum over the micro-batch / samples of the whole step on all ranks."""
-    return outputs["losses"].sum() / totals["samples"]
-
-
 def new_metrics(data, args, device):
     return ClassificationMetrics(data.names, data.label_space.num_classes, device)
 
