@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from augment import AUGMENTS, augment_config
+from augment import AUGMENTS, CROP_SCALE, RANDAUGMENT_M, RANDAUGMENT_N, augment_config
 from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
                      partial_eval_indices, plan_epochs, read_jsonl_files, summarize)
 from lora import (ADAPTER_FILE, add_lora, adapter_state, check_lora_flags, merged_state_dict,
@@ -102,10 +102,10 @@ def add_flags(parser):
       help="training augmentation on the fast image path (default: crop_flip for vision "
            "backbones, none for vision-language ones); a registry entry's augment / hflip "
            "overrides it per dataset. Evaluation keeps the processor's resize / crop")
-    a("--crop_scale", nargs=2, type=float, default=[0.08, 1.0], metavar=("MIN", "MAX"),
+    a("--crop_scale", nargs=2, type=float, default=list(CROP_SCALE), metavar=("MIN", "MAX"),
       help="area range of the random-resized crop")
-    a("--randaugment_n", type=int, default=2, help="RandAugment ops per image")
-    a("--randaugment_m", type=float, default=9, help="RandAugment magnitude (0-10)")
+    a("--randaugment_n", type=int, default=RANDAUGMENT_N, help="RandAugment ops per image")
+    a("--randaugment_m", type=float, default=RANDAUGMENT_M, help="RandAugment magnitude (0-10)")
     a("--mixup", type=float, default=0.0,
       help="Mixup alpha, lambda ~ Beta(alpha, alpha); a sample is mixed only with a sample of "
            "its own dataset in the micro-batch; 0 = off")
@@ -194,6 +194,9 @@ def build_model(args, data, dtype, meta=False):
                                      args.max_pixels, meta=meta)
     model = MaskedClassifier(backbone, data.label_space.num_labels, args.pooling,
                              getattr(inputs, "pixel_normalize", None)).to(dtype=dtype)
+    if args.prompt != DEFAULT_PROMPT and not model.token_inputs:
+        raise ValueError(f"--prompt is for vision-language backbones; {type(backbone).__name__} "
+                         "takes images only")
     set_trainable(model, args.freeze, args.train_only_head)
     if args.lora_rank:  # before gradient checkpointing and sharding: both see the adapters
         model.lora_targets = add_lora(model, args.lora_rank, args.lora_alpha,
