@@ -1,5 +1,5 @@
 """Train one masked classifier over several mixed image datasets (--task classify), or one
-unified text + image generation model with a joint loss (--task generate, see unified.py).
+unified text + image generation model with a joint loss (--task generate, see tasks/unified.py).
 
     python train.py --config configs/demo.yaml
     python train.py --config configs/demo_generate.yaml
@@ -13,7 +13,7 @@ win over the file. One optimizer step, top to bottom:
   global count -> backward (gradient sync on the last micro-batch only) -> clip -> AdamW step ->
   EMA update (--ema_decay) -> log / evaluate / track best / save.
 Under torchrun the model is replicated (--dist ddp) or sharded per transformer block with
-FSDP2 (--dist fsdp); the loop is the same for every task (tasks.py): the classifier divides the
+FSDP2 (--dist fsdp); the loop is the same for every task (tasks/base.py): the classifier divides the
 sum of per-sample losses by the global sample count, the generator its text CE and image MSE by
 the global counts of target text tokens and noised image tokens.
 """
@@ -51,7 +51,7 @@ from weights import WeightsMismatch
 class Run:
     """What the loop reads, built once before the first step."""
     args: object
-    task: object  # the task module (tasks.py)
+    task: object  # the task module (tasks/base.py)
     data: object  # the task's records and options
     model: object  # what the step runs: the DDP wrapper, or the FSDP2-sharded model
     raw_model: object  # the model itself (under FSDP2 the same module): evaluation runs it

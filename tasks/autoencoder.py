@@ -2,7 +2,7 @@
 built from a preset or fine-tuned from a folder, on the images of the classifier's or the
 generator's record files; its checkpoints are AutoencoderKL folders that --vae takes.
 
-The same functions as every task module (see tasks.py). A batch's targets are its samples; the
+The functions of every task module (tasks/base.py). A batch's targets are its samples; the
 loss of a sample is
   recon + kl_weight * KL
   recon: mean over its pixel values of |x - x_hat| (--recon_loss l1) or (x - x_hat)^2 (mse)

@@ -1,6 +1,6 @@
 """--task classify: one masked classifier over several mixed image datasets.
 
-A task module exposes the functions listed in tasks.py; train.py's loop and eval.py call only
+A task module exposes the functions of tasks/base.py; train.py's loop and eval.py call only
 those, so neither branches on the task. Here a batch's target count is its number of samples,
 and the step loss is the sum of per-sample masked cross-entropies over the global sample count.
 """
