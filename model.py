@@ -611,8 +611,14 @@ def read_classifier_info(folder):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{folder} is not a classifier checkpoint: {CLASSIFIER_FILE} is missing")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:  # a truncated or corrupt file: name it
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("datasets"), dict):
+        raise ValueError(f"{path}: not a classifier description (no 'datasets' mapping)")
+    return info
 
 
 def load_classifier(folder, pooling=None, meta=False):
