@@ -37,8 +37,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from safetensors import SafetensorError
 
 from checkpoint import CheckpointError
+from faults import injected_fault
 from files import OutputError, reason, recover_folder, swap_in, temporary
 from model import is_vision_language, load_classifier, read_classifier_info
 
@@ -247,8 +249,9 @@ def export(checkpoint, dataset, out):
                        "files": sorted(os.listdir(tmp)) + [EXPORT_INFO]}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
+        injected_fault("kill_in_export", 1)
         swap_in(tmp, out)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         recover_folder(out)
         kept = "the earlier export is kept" if os.path.isdir(out) else "nothing was written"
         raise OutputError(f"cannot write the export {out} ({reason(e)}); {kept}") from None

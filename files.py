@@ -192,6 +192,15 @@ def swap_in(tmp, path):
     shutil.rmtree(old)
 
 
+def sync(path):
+    """Flush a written file to the disk, so the rename never publishes a file the disk lacks."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove(path):
     try:
         if os.path.isdir(path) and not os.path.islink(path):
