@@ -107,7 +107,11 @@ class FileWriter:
             raise OutputError(not_written(self.path, self.what, e)) from None
 
     def write(self, text):
-        self._do(lambda: self.file.write(text))
+        """Append `text` and flush it: a full disk is known here, not at publish()."""
+        def write():
+            self.file.write(text)
+            self.file.flush()
+        self._do(write)
 
     def publish(self):
         def done():
