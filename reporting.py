@@ -21,6 +21,7 @@ TensorBoard events starts its curves afresh too, and gets a new W&B run.
 import importlib.util
 import math
 import secrets
+import time
 import os
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -94,8 +95,18 @@ class WandbReporter:
         if run_id is None:
             run_id = secrets.token_hex(6)  # a W&B run id: lowercase letters and digits
             write_text(id_file, run_id + "\n")
-        self.run = wandb.init(dir=output_dir, id=run_id, name=run_name, config=config or {},
-                              project=os.environ.get("WANDB_PROJECT", "mixtrain"), resume="allow")
+        for attempt in range(30):
+            try:
+                self.run = wandb.init(dir=output_dir, id=run_id, name=run_name,
+                                      config=config or {}, resume="allow",
+                                      project=os.environ.get("WANDB_PROJECT", "mixtrain"))
+                break
+            except Exception as e:
+                # the W&B service of a killed process of this run holds its id until it notices
+                # (a second or two)
+                if "in use" not in str(e) or attempt == 29:
+                    raise
+                time.sleep(1)
 
     def log(self, tags, step):
         self.run.log(tags, step=step)
