@@ -703,4 +703,11 @@ if __name__ == "__main__":
                         help="write the demo data into DIR")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    make_demo(args.make_demo, args.seed)
+    try:
+        make_demo(args.make_demo, args.seed)
+    except OSError as e:  # a user-given folder that cannot be written: one line, exit code 2
+        import sys
+        from files import reason
+        print(f"error: --make-demo {args.make_demo}: cannot write the demo ({reason(e)})",
+              file=sys.stderr)
+        sys.exit(2)

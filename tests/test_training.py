@@ -296,6 +296,16 @@ def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_
     assert len([r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["event"] == "train"]) == 1
 
 
+def test_an_output_dir_that_is_a_file_is_a_one_line_error(small_data, tiny_vit, tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        run_train(train_args(small_data, tiny_vit, tmp_path / "taken", "--max_steps", 1))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: --output_dir {tmp_path / 'taken'}: is a file, not a folder\n")
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
 @pytest.mark.parametrize("case, message", [
     ("label", "digits_train.jsonl:3: field 'label': 12 is outside [0, 10) for dataset 'digits'"),
     ("name",
