@@ -173,22 +173,19 @@ def _read_labels(name, labels, num_classes, where, folder):
     return labels
 
 
-def load_registry(value):
+def load_registry(value, where="config 'datasets'"):
     """The dataset registry, in order: name -> DatasetSpec.
 
-    `value` is a mapping (from a config file), a YAML/JSON file path, or a list of
-    `name=num_classes[:eval_ratio]` items given on the command line.
+    `value` is a mapping (from a config file, or `where` says which file), a YAML/JSON file path,
+    or a list of `name=num_classes[:eval_ratio]` items given on the command line.
     """
     if value is None or value == []:
         raise DataError(
             "no dataset registry: give --datasets FILE.yaml (name: {num_classes, eval_ratio}) "
             "or --datasets name=num_classes[:eval_ratio] ...")
     if isinstance(value, dict):
-        check_dataset_names(value, "config 'datasets'")
-        return {
-            name: _check_spec(name, entry, "config 'datasets'")
-            for name, entry in value.items()
-        }
+        check_dataset_names(value, where)
+        return {name: _check_spec(name, entry, where) for name, entry in value.items()}
     items = [value] if isinstance(value, str) else list(value)
     if len(items) == 1 and "=" not in items[0]:
         path = items[0]

@@ -186,6 +186,7 @@ def export(checkpoint, dataset, out):
     from transformers import AutoConfig, AutoImageProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
+    out = os.path.normpath(out)
     note = recover_folder(out)  # a swap a kill interrupted: the earlier export back
     if note:
         print(f"note: {note}")

@@ -293,8 +293,9 @@ def eval_data(args, folder, trained_args, world_size):
     Returns (data, indices, what the results depend on beside the files)."""
     info = read_classifier_info(folder)
     saved = {n: {k: v for k, v in d.items() if k != "offset"} for n, d in info["datasets"].items()}
-    registry = load_registry(args.datasets or saved)
-    label_space = saved_label_space(info, registry, args, os.path.join(folder, CLASSIFIER_FILE))
+    path = os.path.join(folder, CLASSIFIER_FILE)
+    registry = load_registry(args.datasets or saved, path)
+    label_space = saved_label_space(info, registry, args, path)
     masking = not (args.no_logits_masking or info.get("no_logits_masking", False))
     seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
     val = read_jsonl_files(args.val_files, registry)

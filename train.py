@@ -215,7 +215,8 @@ def check_resume_flags(args, world_size, fingerprint, say):
     kept_ema = os.path.isdir(os.path.join(folder, ema.EMA_DIR))
     if kept_ema and not args.ema_decay:
         raise ValueError(f"--resume {folder}: that run kept an EMA of the weights (--ema_decay "
-                         f"{info['args'].get('ema_decay')}); resume it with --ema_decay too")
+                         f"{info.get('args', {}).get('ema_decay')}); resume it with "
+                         "--ema_decay too")
     if args.ema_decay and not kept_ema:
         raise FileNotFoundError(f"{os.path.join(folder, ema.EMA_DIR)} is missing: this "
                                 "checkpoint was written without --ema_decay, so its EMA cannot "

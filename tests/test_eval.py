@@ -231,8 +231,15 @@ def test_a_torn_last_line_of_eval_results_does_not_swallow_the_next_record(
 
 
 def results_readable(run):
-    from files import read_jsonl_records
-    return read_jsonl_records(run / "eval_results.jsonl")
+    """The records of eval_results.jsonl that parse (a line torn by a kill does not)."""
+    records = []
+    with open(run / "eval_results.jsonl") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def test_per_class_on_an_already_evaluated_checkpoint_still_writes_its_file(

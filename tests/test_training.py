@@ -344,8 +344,10 @@ def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, c
     elif case == "other_task":
         extra = ["--vae", tmp_path, "--kl_weight", 0.1]
     elif case == "overall":  # its metrics would be overwritten by the aggregate's
-        rows = [{**r, "dataset_name": "overall"} for r in read_jsonl(small_data["faces_train"])]
-        data["faces_train"] = write_jsonl(tmp_path / "faces_train.jsonl", rows)
+        for split in ("train", "val"):
+            rows = [{**r, "dataset_name": "overall"}
+                    for r in read_jsonl(small_data[f"faces_{split}"])]
+            data[f"faces_{split}"] = write_jsonl(tmp_path / f"faces_{split}.jsonl", rows)
         extra = ["--datasets", "digits=10", "overall=2"]
     elif case.startswith("ema_"):
         extra = {"ema_decay": ["--ema_decay", 1], "ema_every": ["--ema_every", 2],
