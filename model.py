@@ -616,8 +616,8 @@ def read_classifier_info(folder):
             info = json.load(f)
     except (OSError, ValueError) as e:  # a truncated or corrupt file: name it
         raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("datasets"), dict):
-        raise ValueError(f"{path}: not a classifier description (no 'datasets' mapping)")
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: not a classifier description (a JSON object)")
     return info
 
 
