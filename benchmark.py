@@ -29,6 +29,7 @@ model and the vision tower, attention excluded; peak from --peak_tflops or the G
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -61,6 +62,12 @@ SHAPES = {
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 PROMPT_TOKENS = 30  # system turn + "Classify this food101 image." + assistant turn, roughly
+
+
+def user_error(message):
+    """A user error, as in every script: one line, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def build_batch(config, batch_size, image_size, num_classes, device):
@@ -119,7 +126,7 @@ def benchmark_image_path(args):
     files = sorted(os.path.join(args.data, f) for f in os.listdir(args.data)
                    if f.lower().endswith((".jpg", ".jpeg")))
     if not files:
-        raise SystemExit(f"--data {args.data}: no JPEG files (add --make_jpegs N)")
+        user_error(f"--data {args.data}: no JPEG files (add --make_jpegs N)")
     records = RecordTable(files, [0] * len(files), [0] * len(files), ["bench"],
                           [0] * len(files), list(range(1, len(files) + 1)))
     inputs = ImageInputs(ViTImageProcessorPil(size={"height": 224, "width": 224}))
@@ -162,8 +169,8 @@ def benchmark_eval(args):
     from checkpoint import list_checkpoints
     found = list_checkpoints(args.eval_run)
     if len(found) < args.checkpoints:
-        raise SystemExit(f"--eval_run {args.eval_run}: {len(found)} checkpoint(s), "
-                         f"--checkpoints {args.checkpoints} asked for")
+        user_error(f"--eval_run {args.eval_run}: {len(found)} checkpoint(s), "
+                   f"--checkpoints {args.checkpoints} asked for")
     root = os.path.dirname(os.path.abspath(__file__))
     work = tempfile.mkdtemp(prefix="eval-bench-")
     runs = {}
