@@ -13,8 +13,11 @@ for each of its classes, with and without classifier-free guidance:
 
 The task comes from the checkpoint's files (tasks.task_of_checkpoint). For classifiers, the
 dataset registry, head size, label layout and image preprocessing come from the checkpoint; the
-flags below override them. Results are appended to RUN_DIR/eval_results.jsonl, and a checkpoint
-already evaluated on the same data is skipped unless --force is given. `evaluate` is the one
+flags below override them (the head rows of each dataset always come from the checkpoint's
+classifier.json). Results are appended to RUN_DIR/eval_results.jsonl, and a checkpoint already
+evaluated on the same data is skipped unless --force is given, or evaluated again without a
+second record where --predictions or a missing --per_class file asks for its outputs. Predictions
+go to a temporary file renamed over --predictions once complete. `evaluate` is the one
 evaluation function that training uses too.
 
 A run trained with --ema_decay holds the EMA model in checkpoint-N/ema: `python eval.py
@@ -261,7 +264,8 @@ def build_parser():
            "(default: 2048)")
     a("--force", action="store_true",
       help="evaluate again checkpoints already evaluated on this data")
-    a("--predictions", metavar="FILE", help="write one JSON line per sample and checkpoint")
+    a("--predictions", metavar="FILE",
+      help="write one JSON line per sample and checkpoint (FILE is replaced once all are done)")
     a("--per_class", action="store_true",
       help="per checkpoint and dataset: per-class accuracy / precision / recall / support and the "
            "confusion pairs to RUN_DIR/per_class/CHECKPOINT.json; the worst classes and most "
