@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from distributed import all_gather_objects, barrier
 from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
+from files import OutputError, reason, recover_folder, swap_in
 
 INFO_FILE = "training_info.json"
 STATE_FILE = "trainer_state.pt"
@@ -88,6 +89,86 @@ def resolve_resume(resume, output_dir):
     return resume
 
 
+# Flags a resumed run may change: they schedule logging, evaluation and saving, choose loaders,
+# kernels and the placement on processes, or shape what is written at the end, not the steps the
+# run takes. Every other flag defines the run (README: Outputs, resuming). The global micro-batch
+# and the schedule's length are compared on their own (changed_run_flags).
+RESUME_MAY_CHANGE = frozenset({
+    "config", "resume", "overwrite", "allow_changed_flags", "output_dir", "batch_size", "epochs",
+    "max_steps", "num_workers", "prefetch_factor", "dist", "cpu_offload", "compile",
+    "gradient_checkpointing", "attn_implementation", "dist_timeout_minutes", "trust_remote_code",
+    "report_to", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+    "save_best_only", "save_all_checkpoints", "skip_evaluation", "no_partial_eval",
+    "no_final_eval", "no_best_tracking", "eval_cache_mb", "max_bad_steps", "on_bad_image",
+    "sample_prompts", "samples_per_prompt", "sample_steps", "cfg_scale"})
+# registry fields that name things rather than change the data or the sampling
+REGISTRY_NAMES = ("description", "labels")
+
+
+def run_fingerprint(args, data):
+    """What defines a run beside its flags' text, kept in training_info.json: the sizes of its
+    data files and the registry as loaded (a registry file can change under the same name)."""
+    files = {flag: [[p, os.path.getsize(p)] for p in getattr(args, flag) or []]
+             for flag in ("train_jsonl", "val_jsonl")}
+    registry = getattr(data, "registry", None) or None
+    return {"files": files, "registry": registry and {
+        name: {k: v for k, v in vars(spec).items() if k not in REGISTRY_NAMES}
+        for name, spec in registry.items()}}
+
+
+def changed_run_flags(info, args, world_size, fingerprint):
+    """Each difference between the run a checkpoint's training_info.json (`info`) describes and
+    the one these flags define, as "--lr 0.001 -> 0.002"; flags the checkpoint does not record
+    (older versions) are not compared."""
+    saved, now = info.get("args", {}), vars(args)
+    changes, skip = [], set(RESUME_MAY_CHANGE)
+    before = info.get("fingerprint") or {}
+    if before.get("registry") and fingerprint.get("registry"):
+        skip.add("datasets")  # compared as loaded: the same registry may be written two ways
+        old, new = plain(before["registry"]), plain(fingerprint["registry"])
+        if list(old) != list(new):
+            changes.append(f"--datasets {short(list(old))} -> {short(list(new))}")
+        else:
+            changes += [f"--datasets {name}.{key} {short(old[name].get(key))} -> "
+                        f"{short(new[name].get(key))}" for name in old
+                        for key in sorted(set(old[name]) | set(new[name]))
+                        if old[name].get(key) != new[name].get(key)]
+    for name in sorted(now):
+        if name not in skip and name in saved and plain(saved[name]) != plain(now[name]):
+            changes.append(f"--{name} {short(saved[name])} -> {short(now[name])}")
+    for flag, files in (before.get("files") or {}).items():  # same paths, other contents
+        sizes = dict(map(tuple, fingerprint["files"].get(flag) or []))
+        changes += [f"--{flag} {path}: {size} bytes -> {sizes[path]}" for path, size in files
+                    if path in sizes and sizes[path] != size]
+    if "batch_size" in saved:  # any split of the same global micro-batch takes the same steps
+        was = (saved["batch_size"], info.get("world_size", 1))
+        if was[0] * was[1] != args.batch_size * world_size:
+            changes.append(f"--batch_size x processes {was[0]} x {was[1]} -> {args.batch_size} x "
+                           f"{world_size} (the global micro-batch)")
+    # the schedule's length sets every step's learning rate, unless it is constant
+    was, will = schedule_length(saved), schedule_length(now)
+    if "epochs" in saved and args.lr_scheduler != "constant" and was != will:
+        changes.append(f"--{was[0]} {was[1]} -> --{will[0]} {will[1]} (the length of the "
+                       f"--lr_scheduler {args.lr_scheduler} schedule)")
+    return changes
+
+
+def schedule_length(args):
+    """The flag that sets a run's length, and its value: --max_steps wins over --epochs."""
+    return ("max_steps", args["max_steps"]) if args.get("max_steps") else ("epochs",
+                                                                           args.get("epochs"))
+
+
+def plain(value):
+    """A value as JSON holds it (tuples as lists), so saved and current values compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def short(value, width=60):
+    text = json.dumps(plain(value))
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def write_atomically(final_path, write_fn, rank=0):
     """Every rank calls write_fn(tmp_folder); then rank 0 renames it to final_path in one step."""
     parent, name = os.path.split(os.path.normpath(final_path))
@@ -95,28 +176,18 @@ def write_atomically(final_path, write_fn, rank=0):
     # a full disk or an unwritable folder: remove the partial folder, keep every earlier checkpoint
     try:
         if rank == 0:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp)  # left by a process killed while writing it
+            recover_folder(final_path)  # what a process killed while writing it left
             os.makedirs(tmp)
         barrier()
         write_fn(tmp)
         barrier()
-        if rank == 0:
-            if os.path.exists(final_path):  # re-saving the same step: replace the old folder whole
-                old = os.path.join(parent, f".old-{name}")
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final_path, old)
-                os.rename(tmp, final_path)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, final_path)
+        if rank == 0:  # re-saving the same step replaces the old folder whole
+            swap_in(tmp, final_path)
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = f"{e.strerror}: {e.filename}" if isinstance(
-            e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
         raise CheckpointError(
-            f"cannot write {final_path} ({reason}); nothing of it was kept, earlier "
+            f"cannot write {final_path} ({reason(e)}); nothing of it was kept, earlier "
             f"checkpoints are intact") from None
     barrier()
 
@@ -225,22 +296,12 @@ def load_sharded_state(folder, model, optimizer=None):
     path = os.path.join(folder, SHARDED_DIR)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is missing: this checkpoint cannot be resumed from")
-    reader = dcp.HuggingFaceStorageReader(path)
-    try:
-        saved = reader.read_metadata().state_dict_metadata
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}: cannot read the sharded state ({type(e).__name__}: {e})") from None
+    reader, saved = sharded_reader(path)
     if optimizer is None:
         model_state, optim_state = get_model_state_dict(model), None
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
-    missing = [k for k in model_state if f"model.{k}" not in saved]
-    if missing:
-        raise CheckpointError(
-            f"{path} does not fit this model: {len(missing)} tensor(s) are missing, e.g. "
-            f"{missing[:3]}"
-        )
+    check_fits(path, saved, model_state, "model", "this model")
     state = {"model": model_state}
     if optim_state is not None:
         state["optim"] = optim_state["state"]
@@ -252,14 +313,50 @@ def load_sharded_state(folder, model, optimizer=None):
                      planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         # a truncated shard file, a shape that does not fit
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(
-                f"{path}: cannot load the sharded state ({type(e).__name__}: {e})"[:2000]) from None
+            raise CheckpointError(f"{path}: cannot load the sharded state ({reason(e)})") from None
     if optim_state is None:
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(
             model, optimizer, model_state_dict=state["model"],
             optim_state_dict={"state": state["optim"], "param_groups": optim_state["param_groups"]})
+
+
+def sharded_reader(path):
+    """(DCP reader, saved tensors' metadata) of a folder of safetensors shards; a truncated or
+    unreadable shard is an error naming the file, before torch reads any of it."""
+    from weights import read_header
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            file = os.path.join(path, name)
+            start, header = read_header(file)  # ValueError naming the file
+            need = start + max([e["data_offsets"][1] for e in header.values()
+                                if isinstance(e, dict) and "data_offsets" in e], default=0)
+            if os.path.getsize(file) < need:
+                raise CheckpointError(f"{file}: truncated ({os.path.getsize(file)} bytes, its "
+                                      f"header needs {need})")
+    reader = dcp.HuggingFaceStorageReader(path)
+    try:
+        return reader, reader.read_metadata().state_dict_metadata
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{path}: cannot read the sharded state ({reason(e)})") from None
+
+
+def check_fits(path, saved, state, prefix, what):
+    """Refuse, in one line, a saved state that lacks a tensor of `state` or holds it in another
+    shape (a changed --label_space, --num_labels, model, ...)."""
+    missing = [k for k in state if f"{prefix}.{k}" not in saved]
+    if missing:
+        raise CheckpointError(f"{path} does not fit {what}: {len(missing)} tensor(s) are "
+                              f"missing, e.g. {missing[:3]}")
+    wrong = [f"{k} {list(saved[f'{prefix}.{k}'].size)} saved, {list(v.shape)} here"
+             for k, v in state.items() if hasattr(v, "shape") and
+             hasattr(saved[f"{prefix}.{k}"], "size") and
+             list(saved[f"{prefix}.{k}"].size) != list(v.shape)]
+    if wrong:
+        raise CheckpointError(f"{path} does not fit {what}: {len(wrong)} tensor(s) have another "
+                              f"shape, e.g. {'; '.join(wrong[:2])} (a changed --label_space, "
+                              "--num_labels or model?)")
 
 
 def full_model_state(model):
@@ -290,7 +387,8 @@ def save_checkpoint(path, *, model, write_model, optimizer, scaler, info, rank, 
             save_ema_state(tmp, ema)
             with swapped_in(raw_model, ema):  # written inside: the gathered tensors may be views
                 ema_full = full_model_state(model)
-                if rank == 0:
+                if rank == 0:  # the folder first: a model writer may add its own files
+                    os.makedirs(os.path.join(tmp, EMA_MODEL_DIR), exist_ok=True)
                     write_model(os.path.join(tmp, EMA_MODEL_DIR), ema_full)
         if rank == 0:
             torch.save({"scaler": scaler.state_dict(), "ranks": per_rank},
@@ -301,7 +399,10 @@ def save_checkpoint(path, *, model, write_model, optimizer, scaler, info, rank, 
 
 
 def check_output_dir(args):
-    """Refuse to mix two runs in one folder (before anything is loaded)."""
+    """Refuse to mix two runs in one folder, or a file as the folder (before anything is loaded).
+    """
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise OutputError(f"--output_dir {args.output_dir}: is a file, not a folder")
     existing = list_checkpoints(args.output_dir)
     if existing and not args.resume and not args.overwrite:
         raise ValueError(f"--output_dir {args.output_dir} already holds {len(existing)} "
@@ -320,5 +421,9 @@ def prepare_output_dir(args, rank):
             for name in ("metrics.jsonl", "run_summary.json", "eval_results.jsonl"):
                 if os.path.exists(os.path.join(args.output_dir, name)):
                     os.remove(os.path.join(args.output_dir, name))
-        os.makedirs(args.output_dir, exist_ok=True)
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"--output_dir {args.output_dir}: cannot create it ({reason(e)})"
+                              ) from None
     barrier()

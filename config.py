@@ -152,6 +152,9 @@ def build_parser(description=None):
     a("--overwrite", action="store_true",
       help="delete checkpoints and logs of an earlier run in --output_dir")
     a("--resume", help="'latest' or a checkpoint folder")
+    a("--allow_changed_flags", action="store_true",
+      help="--resume: continue although flags that define the run differ from the checkpoint's "
+           "(each is named); without it such a resume is refused")
     # optimisation
     a("--epochs", type=float, default=3, help="passes over the mixed training data")
     a("--max_steps", type=int, help="optimizer steps; wins over --epochs")
@@ -294,6 +297,12 @@ def load_config(path, parser):
             )
     actions = {a.dest: a for a in parser._actions}
     flat = flatten_config(tree, (), set(actions) - {"help", "config"})
+    if isinstance(flat.get("datasets"), dict):  # a registry written in this file
+        folder = os.path.dirname(os.path.abspath(path))
+        for entry in flat["datasets"].values():
+            # a class-names file lies beside the registry that names it, as for a registry file
+            if isinstance(entry, dict) and isinstance(entry.get("labels"), str):
+                entry["labels"] = os.path.join(folder, entry["labels"])
     # YAML reads 1e-5 as a string: convert like the command line does
     for name, value in flat.items():
         action = actions[name]

@@ -74,6 +74,35 @@ REGISTRY_FIELDS = ("num_classes", "eval_ratio", "description", "sampling_weight"
                    "hflip", "labels")
 
 
+def dataset_name_problem(name, others=()):
+    """Why `name` cannot name a dataset (None: it can). Metrics are named
+    {prefix}_{dataset}_{metric}: a name must not be empty nor collide with the aggregate's
+    (overall), another dataset's top-5 or EMA metrics."""
+    if not isinstance(name, str):
+        return f"a dataset name must be text, got {name!r} (quote it in YAML)"
+    if not name.strip():
+        return "a dataset name must not be empty"
+    if name == "overall":
+        return ("'overall' names the aggregate over all datasets in every metric "
+                "(eval_overall_accuracy, ...); rename the dataset")
+    for other in [*others, "overall"]:
+        for longer, shorter in ((name, other), (other, name)):
+            if other != name and longer in (f"ema_{shorter}", f"{shorter}_top5"):
+                return (f"the metrics of {longer!r} (eval_{longer}_accuracy) collide with the "
+                        f"{'EMA' if longer.startswith('ema_') else 'top-5'} metrics of "
+                        f"{shorter!r}; rename one of them")
+    return None
+
+
+def check_dataset_names(names, where):
+    """A DataError for the first name of the registry that cannot name a dataset."""
+    names = list(names)
+    for name in names:
+        problem = dataset_name_problem(name, names)
+        if problem:
+            raise DataError(f"{where}: dataset {name!r}: {problem}")
+
+
 def _check_spec(name, entry, where, folder="."):
     """One registry entry -> DatasetSpec; `folder` resolves a relative `labels` file."""
     if not isinstance(entry, dict):
@@ -117,43 +146,55 @@ def _read_labels(name, labels, num_classes, where, folder):
     if isinstance(labels, str):
         path = os.path.join(folder, labels)
         try:
-            with open(path, encoding="utf-8") as f:
-                labels = [line.strip() for line in f.read().split("\n") if line.strip()]
+            with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no name
+                lines = [line.strip() for line in f.read().splitlines()]
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{source}: cannot read {path} ({getattr(e, 'strerror', None) or e})"
                             ) from None
         source += f" ({path})"
-    if not isinstance(labels, list) or not all(isinstance(n, (str, int)) for n in labels):
-        raise DataError(f"{source}: expected a list of names or a text file, got {labels!r}")
+        while lines and not lines[-1]:
+            lines.pop()
+        if "" in lines:  # a blank line would shift every later name by one class
+            raise DataError(f"{source}: line {lines.index('') + 1} is empty; one name per line")
+        labels = lines
+    # YAML reads yes / no / on / off as booleans: a class named "no" must be quoted
+    if not isinstance(labels, list) or not all(
+            isinstance(n, (str, int)) and not isinstance(n, bool) for n in labels):
+        raise DataError(f"{source}: expected a list of names (text; quote yes / no / true in "
+                        f"YAML) or a text file, got {labels!r}")
     if len(labels) != num_classes:
         raise DataError(f"{source}: {len(labels)} names for {num_classes} classes")
-    return [str(n) for n in labels]
+    labels = [str(n).strip() for n in labels]
+    if "" in labels:
+        raise DataError(f"{source}: name {labels.index('')} is empty")
+    repeated = sorted({n for n in labels if labels.count(n) > 1})
+    if repeated:
+        raise DataError(f"{source}: each class needs its own name, repeated: {repeated[:5]}")
+    return labels
 
 
-def load_registry(value):
+def load_registry(value, where="config 'datasets'"):
     """The dataset registry, in order: name -> DatasetSpec.
 
-    `value` is a mapping (from a config file), a YAML/JSON file path, or a list of
-    `name=num_classes[:eval_ratio]` items given on the command line.
+    `value` is a mapping (from a config file, or `where` says which file), a YAML/JSON file path,
+    or a list of `name=num_classes[:eval_ratio]` items given on the command line.
     """
     if value is None or value == []:
         raise DataError(
             "no dataset registry: give --datasets FILE.yaml (name: {num_classes, eval_ratio}) "
             "or --datasets name=num_classes[:eval_ratio] ...")
     if isinstance(value, dict):
-        return {
-            name: _check_spec(name, entry, "config 'datasets'")
-            for name, entry in value.items()
-        }
+        check_dataset_names(value, where)
+        return {name: _check_spec(name, entry, where) for name, entry in value.items()}
     items = [value] if isinstance(value, str) else list(value)
     if len(items) == 1 and "=" not in items[0]:
         path = items[0]
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8-sig") as f:
                 text = f.read()
-        except OSError as e:
-            raise DataError(
-                f"--datasets {path}: cannot read the registry file ({e.strerror})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"--datasets {path}: cannot read the registry file "
+                            f"({getattr(e, 'strerror', None) or e})") from None
         try:
             import yaml
             data = yaml.safe_load(text)
@@ -169,6 +210,7 @@ def load_registry(value):
                 f"{{num_classes, eval_ratio, description}}"
             )
         folder = os.path.dirname(os.path.abspath(path))
+        check_dataset_names(data, path)
         return {name: _check_spec(name, entry, path, folder) for name, entry in data.items()}
     registry = {}
     for item in items:
@@ -182,7 +224,10 @@ def load_registry(value):
             raise DataError(
                 f"--datasets {item!r}: expected name=num_classes[:eval_ratio], e.g. food101=101:0.2"
             ) from None
+        if name in registry:
+            raise DataError(f"--datasets {item}: dataset {name!r} is given twice")
         registry[name] = _check_spec(name, entry, f"--datasets {item}")
+    check_dataset_names(registry, "--datasets")
     return registry
 
 
@@ -655,4 +700,11 @@ if __name__ == "__main__":
                         help="write the demo data into DIR")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    make_demo(args.make_demo, args.seed)
+    try:
+        make_demo(args.make_demo, args.seed)
+    except OSError as e:  # a user-given folder that cannot be written: one line, exit code 2
+        import sys
+        from files import reason
+        print(f"error: --make-demo {args.make_demo}: cannot write the demo ({reason(e)})",
+              file=sys.stderr)
+        sys.exit(2)

@@ -136,12 +136,15 @@ def load_ema_state(folder, shadow):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is missing: this checkpoint was written without "
                                 "--ema_decay, so its EMA cannot be resumed")
-    reader = dcp.HuggingFaceStorageReader(path)
-    saved = reader.read_metadata().state_dict_metadata
-    missing = [n for n in shadow if f"ema.{n}" not in saved]
-    if missing:
-        raise ValueError(f"{path} does not fit this model: {len(missing)} EMA tensor(s) are "
-                         f"missing, e.g. {missing[:3]}")
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from checkpoint import CheckpointError, check_fits, sharded_reader
+    from files import reason
+    reader, saved = sharded_reader(path)  # a truncated shard: an error naming the file
+    check_fits(path, saved, shadow, "ema", "this model's EMA")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
-        dcp.load({"ema": shadow}, storage_reader=reader)
+        try:
+            dcp.load({"ema": shadow}, storage_reader=reader)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"{path}: cannot load the EMA ({reason(e)})") from None

@@ -13,8 +13,11 @@ for each of its classes, with and without classifier-free guidance:
 
 The task comes from the checkpoint's files (tasks.task_of_checkpoint). For classifiers, the
 dataset registry, head size, label layout and image preprocessing come from the checkpoint; the
-flags below override them. Results are appended to RUN_DIR/eval_results.jsonl, and a checkpoint
-already evaluated on the same data is skipped unless --force is given. `evaluate` is the one
+flags below override them (the head rows of each dataset always come from the checkpoint's
+classifier.json). Results are appended to RUN_DIR/eval_results.jsonl, and a checkpoint already
+evaluated on the same data is skipped unless --force is given, or evaluated again without a
+second record where --predictions or a missing --per_class file asks for its outputs. Predictions
+go to a temporary file renamed over --predictions once complete. `evaluate` is the one
 evaluation function that training uses too.
 
 A run trained with --ema_decay holds the EMA model in checkpoint-N/ema: `python eval.py
@@ -39,6 +42,8 @@ import distributed
 from distributed import all_gather_objects, is_sharded, shard_model
 from backbone import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implementation, eval_mode,
                       fsdp_units, restore_modes)
+from faults import injected_fault
+from files import FileWriter, append_line, check_file_path, read_jsonl_records, write_json
 from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
 
@@ -192,31 +197,45 @@ def find_targets(path):
     return path, found
 
 
-def still_to_evaluate(run_dir, targets, key, force, rank):
-    """The checkpoint folders not yet evaluated on this data (all with --force), on every rank."""
-    done = already_evaluated(run_dir) if rank == 0 else set()
-    skip = all_gather_objects(sorted(os.path.relpath(t, run_dir) for t in targets
-                                     if (os.path.relpath(t, run_dir), key) in done))[0]
-    if force:
-        return targets
-    if rank == 0:
-        for name in skip:
-            print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); --force to redo")
-    return [t for t in targets if os.path.relpath(t, run_dir) not in skip]
+def still_to_evaluate(run_dir, targets, key, args, rank):
+    """[(checkpoint folder, whether to append its record)] on every rank: those not yet
+    evaluated on this data (all with --force), and those already evaluated whose outputs asked
+    for here are not there: --predictions (a new file each time), a missing --per_class file.
+    These are evaluated again without a second record."""
+    todo = []
+    if rank == 0:  # decided by rank 0 alone, so every rank evaluates the same checkpoints
+        done = already_evaluated(run_dir)
+        for i, target in enumerate(targets):
+            name = os.path.relpath(target, run_dir)
+            if args.force or (name, key) not in done:
+                todo.append((i, True))
+            elif args.predictions or (args.per_class and not has_per_class(run_dir, name, key)):
+                todo.append((i, False))
+                print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); evaluated "
+                      "again for --predictions / --per_class, without a second record")
+            else:
+                print(f"{name}: already evaluated on this data (see {RESULTS_FILE}); --force to "
+                      "redo")
+    return [(targets[i], record) for i, record in all_gather_objects(todo)[0]]
 
 
 def already_evaluated(run_dir):
-    done = set()
-    path = os.path.join(run_dir, RESULTS_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                    done.add((record["checkpoint"], record["data_key"]))
-                except (json.JSONDecodeError, KeyError):
-                    continue
-    return done
+    """(checkpoint, data key) of every record; a line torn by a kill is skipped."""
+    return {(r["checkpoint"], r["data_key"]) for r in read_jsonl_records(
+        os.path.join(run_dir, RESULTS_FILE)) if "checkpoint" in r and "data_key" in r}
+
+
+def per_class_path(run_dir, name):
+    return os.path.join(run_dir, "per_class", f"{name}.json")
+
+
+def has_per_class(run_dir, name, key):
+    """Whether --per_class already wrote this checkpoint's file for this data."""
+    try:
+        with open(per_class_path(run_dir, name)) as f:
+            return json.load(f).get("data_key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def build_parser():
@@ -261,6 +280,8 @@ def run(args, rank, world_size, device):
     LOADING.attn_implementation = args.attn_implementation
     if args.eval_cache_mb < 0:
         raise ValueError(f"--eval_cache_mb must be 0 (off) or more, got {args.eval_cache_mb}")
+    if args.predictions:
+        check_file_path(args.predictions, "--predictions")  # before any work, on every rank
     run_dir, targets = find_targets(args.path)
     task = task_of_checkpoint(targets[-1])
     error = flag_errors(args, build_parser(), task, args.given,
@@ -277,11 +298,32 @@ def run(args, rank, world_size, device):
     say(summary)
     loader_workers(args, say, "checkpoints (where the evaluation cache cannot hold the batches)")
     key = data_key(args.val_files, options)
+    todo = still_to_evaluate(run_dir, targets, key, args, rank)
+    if not todo:
+        say("nothing to evaluate" + (f"; {args.predictions} is left as it was"
+                                     if args.predictions else ""))
+        return
     extras = task.eval_extras(args, device)  # e.g. the judge, loaded once for every checkpoint
-    if args.predictions and rank == 0:
-        open(args.predictions, "w").close()
+    # predictions go to a temporary file renamed over --predictions once complete: the file there
+    # stays whole whatever happens before
+    writer = FileWriter(args.predictions, "--predictions") if args.predictions and rank == 0 \
+        else None
+    try:
+        evaluate_checkpoints(args, task, run_dir, todo, data, indices, key, extras, writer, rank,
+                             world_size, device, say)
+        if writer:
+            writer.publish()
+    finally:
+        if writer:
+            writer.discard()
+
+
+def evaluate_checkpoints(args, task, run_dir, todo, data, indices, key, extras, writer, rank,
+                         world_size, device, say):
+    """Evaluate each checkpoint; rank 0 writes its predictions and per-class file, then appends
+    its record: a record is never there before the outputs it stands for."""
     built = None  # (signature, model, inputs, cache) of the checkpoints that share them
-    for folder in still_to_evaluate(run_dir, targets, key, args.force, rank):
+    for folder, new_record in todo:
         name = os.path.relpath(folder, run_dir)  # checkpoint-N, or checkpoint-N/ema
         signature = model_signature(folder)
         if built is None or built[0] != signature or not read_checkpoint(task, built[1], folder,
@@ -306,21 +348,18 @@ def run(args, rank, world_size, device):
                   "val_jsonl": [os.path.abspath(p) for p in args.val_files],
                   "partial": args.partial,
                   "time": datetime.datetime.now().isoformat(timespec="seconds"), **metrics}
-        with open(os.path.join(run_dir, RESULTS_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if writer:
+            writer.write("".join(json.dumps({"checkpoint": name, **{
+                k: v for k, v in p.items() if k != "index"}}) + "\n" for p in predictions))
         if args.per_class:  # the predictions of every sample: exact counts under torchrun
             result, text = task.per_class(predictions, data)
-            path = os.path.join(run_dir, "per_class", f"{name}.json")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump({"checkpoint": name, "step": step, "data_key": key,
-                           "partial": args.partial, "datasets": result}, f, indent=2)
+            write_json(per_class_path(run_dir, name),
+                       {"checkpoint": name, "step": step, "data_key": key,
+                        "partial": args.partial, "datasets": result})
             print(text)
-        if args.predictions:
-            with open(args.predictions, "a") as f:
-                for p in predictions:
-                    f.write(json.dumps({"checkpoint": name, **{k: v for k, v in p.items()
-                                                              if k != "index"}}) + "\n")
+        if new_record:
+            append_line(os.path.join(run_dir, RESULTS_FILE), json.dumps(record))
+        injected_fault("kill_after_record", step)
 
 
 if __name__ == "__main__":

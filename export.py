@@ -21,20 +21,33 @@ pooling it cannot express is refused with the reason (e.g. ViTForImageClassifica
 CLS token after the final layernorm, so a ViT trained on its pooler output, `--pooling auto`,
 cannot be exported: train with `--pooling cls`). Vision-language checkpoints (Qwen2-VL, ...) are
 refused: their inputs are a prompt plus image tokens, which no image-classification class takes.
+A checkpoint trained with --no_logits_masking predicts over every head row (eval.py does too), so
+its export keeps every row; rows of other datasets are named "dataset:class".
+
+OUT must be new, empty or an earlier export (export_info.json lists what it wrote); anything else
+is refused, never deleted. The new export is written beside OUT and swapped in (files.py), so a
+kill at any point leaves the earlier export or the new one.
 """
 import argparse
 import json
 import os
-import shutil
-import tempfile
+import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from safetensors import SafetensorError
 
 from backbone import is_vision_language
+from checkpoint import CheckpointError
+from faults import injected_fault
+from files import OutputError, reason, recover_folder, swap_in, temporary
 from model import load_classifier, read_classifier_info
+
+EXPORT_INFO = "export_info.json"  # marks a folder export.py wrote, and lists its files
+# what an export wrote before export_info.json listed it
+EARLIER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 # What each target class feeds its classifier, as the source pooling it equals. Source poolings:
 # "pooler" (the backbone's pooler_output), "cls" / "mean" (first token / mean of all tokens of
@@ -96,12 +109,31 @@ def target_config(config, num_classes, names):
     return target
 
 
-def class_names(info, dataset):
+def dataset_names(info, dataset):
     entry = info["datasets"][dataset]
     names = [str(n) for n in (entry.get("labels") or range(entry["num_classes"]))]
     if len(names) != entry["num_classes"]:
         raise ExportError(f"classifier.json: dataset {dataset!r} has {len(names)} class names "
                           f"for {entry['num_classes']} classes")
+    return names
+
+
+def class_names(info, dataset, masked=True):
+    """The names of the exported rows: the dataset's classes; without logits masking every head
+    row, a row of another dataset named "other:class" ("a:x|b:y" where datasets share it)."""
+    names = dataset_names(info, dataset)
+    if not masked:
+        own = info["datasets"][dataset]["offset"]
+        rows = []
+        for row in range(info["num_labels"]):
+            if own <= row < own + len(names):
+                rows.append(names[row - own])
+                continue
+            owners = [f"{d}:{dataset_names(info, d)[row - e['offset']]}"
+                      for d, e in info["datasets"].items()
+                      if e["offset"] <= row < e["offset"] + e["num_classes"]]
+            rows.append("|".join(owners) or f"row {row}")
+        names = rows
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ExportError(f"dataset {dataset!r}: class names must be unique for label2id, "
@@ -155,6 +187,13 @@ def export(checkpoint, dataset, out):
     from transformers import AutoConfig, AutoImageProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
+    out = os.path.normpath(out)
+    note = recover_folder(out)  # a swap a kill interrupted: the earlier export back
+    if note:
+        print(f"note: {note}")
+    refused = not_replaceable(out)
+    if refused:
+        raise OutputError(refused)
     info = read_classifier_info(checkpoint)
     if dataset not in info["datasets"]:
         raise ExportError(f"--dataset {dataset}: {checkpoint} knows {', '.join(info['datasets'])}")
@@ -165,9 +204,12 @@ def export(checkpoint, dataset, out):
     model, inputs, info = load_classifier(checkpoint)
     model.eval()
     entry = info["datasets"][dataset]
-    rows = slice(entry["offset"], entry["offset"] + entry["num_classes"])
-    names = class_names(info, dataset)
-    config = target_config(model.backbone.config, entry["num_classes"], names)
+    # eval.py's prediction is the argmax over the dataset's rows, or over all rows unmasked
+    masked = not info.get("no_logits_masking", False)
+    rows = (slice(entry["offset"], entry["offset"] + entry["num_classes"]) if masked
+            else slice(0, info["num_labels"]))
+    names = class_names(info, dataset, masked)
+    config = target_config(model.backbone.config, len(names), names)
     target_class = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)]
     name = target_class.__name__
 
@@ -195,36 +237,71 @@ def export(checkpoint, dataset, out):
                           f"{gap:.3g} > {tolerance:.3g}): it pools the backbone output "
                           f"differently from --pooling {info.get('pooling', 'auto')}")
 
-    # written under a temporary name and renamed, so OUT is never half-written
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    # written beside OUT and swapped in: OUT is never half-written, and an earlier export is
+    # deleted only once the new one is in place
+    tmp = temporary(out)
     try:
+        os.makedirs(tmp)
         target.save_pretrained(tmp)
         AutoImageProcessor.from_pretrained(checkpoint).save_pretrained(tmp)
-        with open(os.path.join(tmp, "export_info.json"), "w") as f:
+        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:  # last: the folder is complete
             json.dump({"checkpoint": os.path.abspath(checkpoint), "dataset": dataset,
-                       "rows": [rows.start, rows.stop], "pooling": pooling,
-                       "class": name}, f, indent=2)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                       "rows": [rows.start, rows.stop], "logits_masking": masked,
+                       "pooling": pooling, "class": name,
+                       "files": sorted(os.listdir(tmp)) + [EXPORT_INFO]}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        injected_fault("kill_in_export", 1)
+        swap_in(tmp, out)
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        recover_folder(out)
+        kept = "the earlier export is kept" if os.path.isdir(out) else "nothing was written"
+        raise OutputError(f"cannot write the export {out} ({reason(e)}); {kept}") from None
     return target
+
+
+def not_replaceable(out):
+    """Why export.py may not write `out` (None: it may). A folder is replaced only if it is empty
+    or an earlier export holding nothing but what export.py wrote."""
+    if not os.path.exists(out):
+        return None
+    if not os.path.isdir(out):
+        return f"OUT {out} is a file, not a folder"
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return None
+    try:
+        with open(os.path.join(out, EXPORT_INFO)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict) or not {"checkpoint", "dataset"} <= set(info):
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        return (f"OUT {out} is not an earlier export (no {EXPORT_INFO}; it holds {shown}); "
+                "export.py replaces only its own exports: give a new or empty folder")
+    extra = [e for e in entries if e not in set(info.get("files") or EARLIER_FILES) |
+             {EXPORT_INFO}]
+    if extra:
+        return (f"OUT {out} is an earlier export but also holds {', '.join(extra[:4])}, which "
+                "export.py did not write; move them or give another folder")
+    return None
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a classifier checkpoint-* folder")
-    p.add_argument("out", help="the folder to write (replaced if it exists)")
+    p.add_argument("out", help="the folder to write: new, empty, or an earlier export (then "
+                   "replaced; a folder holding anything else is refused)")
     p.add_argument("--dataset", required=True, help="which of the checkpoint's datasets to export")
     args = p.parse_args(argv)
     try:
         target = export(args.checkpoint, args.dataset, args.out)
-    except (ExportError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ExportError, OutputError, CheckpointError, ValueError, OSError) as e:
+        # user errors, as in train.py and eval.py: one line, exit code 2
+        text = reason(e) if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"error: {text}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {args.out}: {type(target).__name__}, {target.config.num_labels} classes of "
           f"{args.dataset}")
 

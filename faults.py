@@ -10,7 +10,11 @@ class TrainingError(RuntimeError):
 
 def injected_fault(point, step):
     """MIXTRAIN_FAULT="nan_loss:3,kill_in_save:4" makes the loss of step 3 NaN and SIGKILLs the
-    process while checkpoint-4 is being written. Off when unset."""
+    process while checkpoint-4 is being written. Off when unset. Other kill points:
+    kill_before_save:STEP (train.py), kill_after_record:STEP (eval.py, after a record),
+    kill_in_export:1 (export.py, the new export written), kill_in_swap:1 / :2 (after the old
+    folder is moved aside / the new one moved in), kill_before_rename:1 (a file written whole,
+    not yet renamed into place)."""
     wanted = f"{point}:{step}"
     if wanted not in os.environ.get("MIXTRAIN_FAULT", "").split(","):
         return False

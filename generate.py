@@ -17,6 +17,7 @@ import torch
 
 from checkpoint import resolve_resume
 from dataset import DataError
+from files import OutputError, reason, write_file
 from tasks.unified import (SPEC_FILE, generate_images, generate_text, load_image, load_unified,
                            save_grid, to_pil)
 
@@ -55,20 +56,30 @@ def main(argv=None):
     model.to(device)
 
     if args.prompt:
-        os.makedirs(args.out_dir, exist_ok=True)
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+        except OSError as e:  # a user error: one line, exit code 2
+            print(f"error: --out_dir {args.out_dir}: cannot create it ({reason(e)})",
+                  file=sys.stderr)
+            sys.exit(2)
         prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]
         images = generate_images(model, tokenizer, prompts, args.steps, args.cfg_scale, args.seed,
                                  device=device)
-        for prompt in args.prompt:
-            slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60] or "prompt"
-            for i in range(args.num_images):
-                path = os.path.join(args.out_dir, f"{slug}_{i}.png")
-                to_pil(images[prompts.index(prompt) + i]).save(path)
-            print(
-                f"{prompt!r}: {args.num_images} image(s) -> "
-                f"{os.path.join(args.out_dir, slug)}_*.png"
-            )
-        save_grid(images, os.path.join(args.out_dir, "grid.png"), args.num_images)
+        try:
+            for prompt in args.prompt:
+                slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60] or "prompt"
+                for i in range(args.num_images):
+                    image = to_pil(images[prompts.index(prompt) + i])
+                    write_file(os.path.join(args.out_dir, f"{slug}_{i}.png"),
+                               lambda tmp: image.save(tmp, format="PNG"), "--out_dir")
+                print(
+                    f"{prompt!r}: {args.num_images} image(s) -> "
+                    f"{os.path.join(args.out_dir, slug)}_*.png"
+                )
+            save_grid(images, os.path.join(args.out_dir, "grid.png"), args.num_images)
+        except OutputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     for path in args.image:
         try:
             image = load_image(path, model.spec)

@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from files import write_text
 from reporting import close_reporters, report
 
 
@@ -27,8 +28,7 @@ class JsonlLog:
             with open(path) as f:
                 kept = [line for line in f
                         if readable(line) and json.loads(line).get("step", 0) <= keep_through_step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+            write_text(path, "".join(kept))  # a kill here leaves the old file or the new one
         self.file = open(path, "a")
 
     def write(self, event, step, epoch, **values):

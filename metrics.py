@@ -241,9 +241,18 @@ class PerClassMetrics:
         return out
 
 
+NAME_WIDTH = 24  # columns of a class name in the per-class report
+
+
+def shorten(name, width=NAME_WIDTH):
+    """`name` cut to `width` characters, the cut marked with "...", so columns stay aligned."""
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
 def format_per_class(per_class, worst=5, pairs=5):
     """Text report of `PerClassMetrics.compute()`: per dataset, the `worst` classes by accuracy
-    (recall) and the `pairs` most frequent (label -> prediction) confusions, by class name."""
+    (recall) and the `pairs` most frequent (label -> prediction) confusions, by class name (cut
+    to NAME_WIDTH characters; the JSON keeps the whole names)."""
     lines = []
     for name, result in per_class.items():
         lines.append(f"{name}: {result['correct']:,}/{result['samples']:,} correct "
@@ -254,7 +263,7 @@ def format_per_class(per_class, worst=5, pairs=5):
             lines.append("  worst classes (accuracy, correct/support, precision):")
         for c in seen[:worst]:
             precision = "-" if c["precision"] is None else f"{100 * c['precision']:.1f}%"
-            lines.append(f"    {c['name']:<24} {100 * c['accuracy']:6.1f}%  "
+            lines.append(f"    {shorten(c['name']):<{NAME_WIDTH}} {100 * c['accuracy']:6.1f}%  "
                          f"{c['correct']:>6}/{c['support']:<6}  {precision}")
         names = {c["index"]: c["name"] for c in result["classes"]}
         confused = sorted((t for t in result["confusion"] if t[0] != t[1]),
@@ -262,5 +271,5 @@ def format_per_class(per_class, worst=5, pairs=5):
         if confused:
             lines.append("  most confused (label -> prediction: count):")
         for y, p, c in confused[:pairs]:
-            lines.append(f"    {names[y]} -> {names[p]}: {c}")
+            lines.append(f"    {shorten(names[y])} -> {shorten(names[p])}: {c}")
     return "\n".join(lines)

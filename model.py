@@ -190,8 +190,14 @@ def read_classifier_info(folder):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{folder} is not a classifier checkpoint: {CLASSIFIER_FILE} is missing")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:  # a truncated or corrupt file: name it
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: not a classifier description (a JSON object)")
+    return info
 
 
 def load_classifier(folder, pooling=None, meta=False):

@@ -7,14 +7,20 @@ writes into RUN_DIR/plots/:
                           during training, best step marked), checkpoint_accuracy.png (eval.py)
   generation runs         train_generation_loss.png, eval_generation_loss.png (text, image,
                           total), checkpoint_loss.png (eval.py)
-  both                    lr.png, grad_norm.png, throughput.png
-A run still going can be plotted: a line torn by a write in progress is skipped. Needs
-matplotlib (`pip install -e '.[plot]'`); each figure is 1000 x 600 pixels.
+  autoencoder runs        train_loss.png, train_psnr.png (per dataset and overall, raw and
+                          smoothed), eval_loss.png, eval_psnr.png (best step marked),
+                          checkpoint_psnr.png (eval.py)
+  every run               lr.png, grad_norm.png, throughput.png
+A run still going can be plotted: a line torn by a write in progress is skipped. Each PNG is
+written under a temporary name and renamed into place. Needs matplotlib
+(`pip install -e '.[plot]'`); each figure is 1000 x 600 pixels.
 """
 import argparse
-import json
 import os
 import re
+import sys
+
+from files import OutputError, read_jsonl_records, reason, write_file
 
 FIGSIZE, DPI = (10, 6), 100  # 1000 x 600 pixels
 GENERATION_LOSSES = ("text_loss", "image_loss", "total_loss")
@@ -22,18 +28,7 @@ GENERATION_LOSSES = ("text_loss", "image_loss", "total_loss")
 
 def read_jsonl(path):
     """The records of a JSONL file; lines that do not parse (a torn last line) are skipped."""
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    return read_jsonl_records(path)
 
 
 def smooth(values, weight):
@@ -52,16 +47,17 @@ def series(records, key):
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def dataset_names(records, prefix):
-    """Datasets in records' `{prefix}_{name}_accuracy` keys, in first-seen order, overall last."""
+def dataset_names(records, prefix, metric="accuracy"):
+    """Datasets in records' `{prefix}_{name}_{metric}` keys, in first-seen order, overall last."""
     names = {}
     for r in records:
         for key in r:
-            m = re.fullmatch(rf"{prefix}_(.+)_accuracy", key)
+            m = re.fullmatch(rf"{prefix}_(.+)_{metric}", key)
             if m and not m.group(1).endswith("_top5"):
                 names[m.group(1)] = None
     names = [n for n in names if n != "overall"]
-    return names + (["overall"] if any(f"{prefix}_overall_accuracy" in r for r in records) else [])
+    return names + (["overall"] if any(f"{prefix}_overall_{metric}" in r for r in records)
+                    else [])
 
 
 def draw(plt, path, title, ylabel, curves, smoothing=0.0, best_step=None, markers=False):
@@ -88,8 +84,10 @@ def draw(plt, path, title, ylabel, curves, smoothing=0.0, best_step=None, marker
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, format="png"), "--out_dir")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -105,9 +103,14 @@ def plot_run(run_dir, out_dir=None, smoothing=0.9):
     records = read_jsonl(metrics_path)
     checkpoints = read_jsonl(os.path.join(run_dir, "eval_results.jsonl"))
     if not records and not checkpoints:
-        raise SystemExit(f"{run_dir}: no metrics.jsonl or eval_results.jsonl records to plot")
+        raise ValueError(f"{run_dir}: no metrics.jsonl or eval_results.jsonl records to plot")
     out_dir = out_dir or os.path.join(run_dir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"--out_dir {out_dir}: is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out_dir {out_dir}: cannot create it ({reason(e)})") from None
     train = [r for r in records if r.get("event") == "train"]
     evals = [r for r in records if r.get("event") == "eval"]
     bests = [r for r in records if r.get("event") == "best" and "best_model_step" in r]
@@ -120,7 +123,23 @@ def plot_run(run_dir, out_dir=None, smoothing=0.9):
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     written = []
     generation = any("train_text_loss" in r or "eval_text_loss" in r for r in records + checkpoints)
-    if generation:
+    autoencoder = any(k.endswith("_overall_psnr") for r in records + checkpoints for k in r)
+    if autoencoder:
+        for metric in ("loss", "psnr"):
+            names = dataset_names(train, "train", "psnr")
+            curves = {n: series(train, f"train_{n}_{metric}") for n in names}
+            written.append(draw(plt, path(f"train_{metric}.png"), f"training {metric}",
+                                "PSNR (dB)" if metric == "psnr" else metric, curves, smoothing))
+            names = dataset_names(evals, "eval", "psnr")
+            curves = {n: series(evals, f"eval_{n}_{metric}") for n in names}
+            written.append(draw(plt, path(f"eval_{metric}.png"), f"partial evaluation {metric}",
+                                "PSNR (dB)" if metric == "psnr" else metric, curves,
+                                best_step=best_step, markers=True))
+        names = dataset_names(checkpoints, "eval", "psnr")
+        curves = {n: series(checkpoints, f"eval_{n}_psnr") for n in names}
+        written.append(draw(plt, path("checkpoint_psnr.png"), "PSNR per checkpoint (eval.py)",
+                            "PSNR (dB)", curves, markers=True))
+    elif generation:
         loss = {k: series(train, f"train_{k}") for k in GENERATION_LOSSES}
         written.append(draw(plt, path("train_generation_loss.png"), "training loss", "loss",
                             loss, smoothing))
@@ -162,11 +181,16 @@ def main(argv=None):
                    help="moving-average weight of the smoothed training curves, in [0, 1) "
                    "(default: 0.9)")
     args = p.parse_args(argv)
-    if not 0 <= args.smoothing < 1:
-        raise SystemExit(f"--smoothing {args.smoothing}: must be in [0, 1)")
-    if not os.path.isdir(args.run_dir):
-        raise SystemExit(f"{args.run_dir}: no such folder")
-    for path in plot_run(args.run_dir, args.out_dir, args.smoothing):
+    try:
+        if not 0 <= args.smoothing < 1:
+            raise ValueError(f"--smoothing {args.smoothing}: must be in [0, 1)")
+        if not os.path.isdir(args.run_dir):
+            raise ValueError(f"{args.run_dir}: no such folder")
+        written = plot_run(args.run_dir, args.out_dir, args.smoothing)
+    except ValueError as e:  # user errors, as in train.py and eval.py: one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for path in written:
         print(path)
 
 

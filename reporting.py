@@ -12,9 +12,16 @@ Non-numeric values (paths, signal names) are skipped. tensorboard and wandb are 
 (`pip install -e '.[tensorboard]'`, `'.[wandb]'`), imported only when asked for. wandb runs in
 offline mode unless WANDB_MODE says otherwise, with its files in OUTPUT_DIR/wandb; `wandb sync`
 uploads them later.
+
+A resumed run (resume_step: the checkpoint's step) continues the same curves: TensorBoard drops
+its events after that step (purge_step; metrics.jsonl drops the same records), and W&B resumes
+the run whose id OUTPUT_DIR/wandb/run_id holds. A run started afresh in a folder that has
+TensorBoard events starts its curves afresh too, and gets a new W&B run.
 """
 import importlib.util
 import math
+import secrets
+import time
 import os
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -58,9 +65,13 @@ def scalar_tags(event, values, dataset_names):
 
 
 class TensorBoardReporter:
-    def __init__(self, output_dir):
+    def __init__(self, output_dir, resume_step=None):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+        folder = os.path.join(output_dir, "tensorboard")
+        # events of steps the resumed run writes again (or of an earlier run) are dropped
+        purge = resume_step + 1 if resume_step is not None else (0 if os.path.isdir(folder)
+                                                                 else None)
+        self.writer = SummaryWriter(log_dir=folder, purge_step=purge)
 
     def log(self, tags, step):
         for tag, value in tags.items():
@@ -72,11 +83,30 @@ class TensorBoardReporter:
 
 
 class WandbReporter:
-    def __init__(self, output_dir, run_name=None, config=None):
+    def __init__(self, output_dir, run_name=None, config=None, resume_step=None):
         import wandb
+        from files import write_text
         os.environ.setdefault("WANDB_MODE", "offline")
-        self.run = wandb.init(dir=output_dir, name=run_name, config=config or {},
-                              project=os.environ.get("WANDB_PROJECT", "mixtrain"), resume="allow")
+        id_file = os.path.join(output_dir, "wandb", "run_id")
+        run_id = None
+        if resume_step is not None and os.path.isfile(id_file):  # the run this one continues
+            with open(id_file) as f:
+                run_id = f.read().strip() or None
+        if run_id is None:
+            run_id = secrets.token_hex(6)  # a W&B run id: lowercase letters and digits
+            write_text(id_file, run_id + "\n")
+        for attempt in range(30):
+            try:
+                self.run = wandb.init(dir=output_dir, id=run_id, name=run_name,
+                                      config=config or {}, resume="allow",
+                                      project=os.environ.get("WANDB_PROJECT", "mixtrain"))
+                break
+            except Exception as e:
+                # the W&B service of a killed process of this run holds its id until it notices
+                # (a second or two)
+                if "in use" not in str(e) or attempt == 29:
+                    raise
+                time.sleep(1)
 
     def log(self, tags, step):
         self.run.log(tags, step=step)
@@ -85,17 +115,19 @@ class WandbReporter:
         self.run.finish()
 
 
-def build_reporters(report_to, output_dir, dataset_names, rank=0, run_name=None, config=None):
-    """The reporters of --report_to on rank 0 (an empty list elsewhere or for 'none')."""
+def build_reporters(report_to, output_dir, dataset_names, rank=0, run_name=None, config=None,
+                    resume_step=None):
+    """The reporters of --report_to on rank 0 (an empty list elsewhere or for 'none');
+    resume_step: the step of the checkpoint a resumed run starts from."""
     tools = check_report_to(report_to)
     if rank != 0:
         return []
     reporters = []
     for tool in tools:
         if tool == "tensorboard":
-            reporters.append(TensorBoardReporter(output_dir))
+            reporters.append(TensorBoardReporter(output_dir, resume_step))
         else:
-            reporters.append(WandbReporter(output_dir, run_name, config))
+            reporters.append(WandbReporter(output_dir, run_name, config, resume_step))
     for reporter in reporters:
         reporter.dataset_names = list(dataset_names)
     return reporters

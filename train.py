@@ -29,9 +29,9 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (check_output_dir, load_sharded_state, load_trainer_state,
-                        prepare_output_dir, prune_checkpoints, read_info, resolve_resume,
-                        save_checkpoint, set_rng_state, write_json)
+from checkpoint import (changed_run_flags, check_output_dir, load_sharded_state,
+                        load_trainer_state, prepare_output_dir, prune_checkpoints, read_info,
+                        resolve_resume, run_fingerprint, save_checkpoint, set_rng_state)
 from config import apply_overrides, check_args, loader_workers, parse_args
 from dataset import DataError
 import distributed
@@ -39,6 +39,7 @@ from distributed import all_reduce_sum, barrier
 import ema
 from eval import EvalCache, evaluate
 from faults import TrainingError, catch_stop_signals, injected_fault
+from files import write_json
 from logs import JsonlLog, memory_mb
 from backbone import LOADING, autocast, enable_activation_checkpointing, fsdp_units, train_mode
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
@@ -66,6 +67,8 @@ class Run:
     overrides: list
     eval_cache: object  # eval.EvalCache of the partial evaluation's batches
     ema: dict = None  # --ema_decay: the EMA shadow of raw_model's parameters (ema.py)
+    fingerprint: dict = None  # data file sizes and registry, for resume checks (checkpoint.py)
+    changed_flags: list = None  # --resume --allow_changed_flags: what differs from the checkpoint
 
     @property
     def main_process(self):
@@ -114,11 +117,14 @@ def train(args, rank, world_size, device):
     train_mode(run.model)
     state = start_state(run)
     reporters = build_reporters(args.report_to, args.output_dir, run.data.names, rank,
-                                os.path.basename(os.path.normpath(args.output_dir)), vars(args))
+                                os.path.basename(os.path.normpath(args.output_dir)), vars(args),
+                                resume_step=state.step if args.resume else None)
     log = JsonlLog(os.path.join(args.output_dir, "metrics.jsonl"), rank,
                    keep_through_step=state.step if args.resume else None, reporters=reporters)
     if run.overrides and not args.resume:
         log.write("config", 0, 0.0, overrides=run.overrides)
+    if run.changed_flags:
+        log.write("changed_flags", state.step, run.epoch_of(state.step), changes=run.changed_flags)
     progress = tqdm(total=run.total_steps, initial=state.step, disable=not run.main_process,
                     desc="train", dynamic_ncols=True)
     state.stop_signals, restore_signals = catch_stop_signals()
@@ -164,6 +170,8 @@ def build_run(args, rank, world_size, device):
     loader_workers(args, say, "epochs (and evaluations the evaluation cache cannot hold)")
     check_output_dir(args)
     data = task.load_data(args, say)
+    fingerprint = run_fingerprint(args, data)
+    changed = check_resume_flags(args, world_size, fingerprint, say) if args.resume else []
 
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
     raw_model, backbone, inputs, sources = build_model(args, task, data, param_dtype, world_size,
@@ -196,8 +204,35 @@ def build_run(args, rank, world_size, device):
     return Run(args=args, task=task, data=data, model=model, raw_model=raw_model, inputs=inputs,
                optimizer=optimizer, scaler=scaler, device=device, rank=rank,
                world_size=world_size, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               overrides=overrides, ema=shadow,
+               overrides=overrides, ema=shadow, fingerprint=fingerprint, changed_flags=changed,
                eval_cache=EvalCache(args.eval_cache_mb, tqdm.write if rank == 0 else say))
+
+
+def check_resume_flags(args, world_size, fingerprint, say):
+    """--resume continues the run a checkpoint belongs to: an EMA on exactly when it kept one,
+    and the flags that define the run as its training_info.json records them. A difference is
+    refused, each named, unless --allow_changed_flags (then they are named and returned)."""
+    folder = resolve_resume(args.resume, args.output_dir)
+    info = read_info(folder)
+    kept_ema = os.path.isdir(os.path.join(folder, ema.EMA_DIR))
+    if kept_ema and not args.ema_decay:
+        raise ValueError(f"--resume {folder}: that run kept an EMA of the weights (--ema_decay "
+                         f"{info.get('args', {}).get('ema_decay')}); resume it with "
+                         "--ema_decay too")
+    if args.ema_decay and not kept_ema:
+        raise FileNotFoundError(f"{os.path.join(folder, ema.EMA_DIR)} is missing: this "
+                                "checkpoint was written without --ema_decay, so its EMA cannot "
+                                "be resumed")
+    changes = changed_run_flags(info, args, world_size, fingerprint)
+    if changes and not args.allow_changed_flags:
+        raise ValueError(f"--resume {folder}: flags that define the run differ from its "
+                         f"{os.path.basename(folder)}/training_info.json, so this would not "
+                         f"continue it exactly: {'; '.join(changes)}. Give the checkpoint's "
+                         "values, or --allow_changed_flags to continue with the new ones")
+    if changes:
+        say(f"note: --allow_changed_flags: {folder} continues with changed flags: "
+            f"{'; '.join(changes)}")
+    return changes
 
 
 def build_model(args, task, data, dtype, world_size, say):
@@ -260,11 +295,8 @@ def start_state(run):
     folder = resolve_resume(args.resume, args.output_dir)
     info = read_info(folder)
     trainer_state = load_trainer_state(folder)
-    if run.ema is not None:
-        ema.load_ema_state(folder, run.ema)  # refuses a checkpoint written without an EMA
-    elif os.path.isdir(os.path.join(folder, ema.EMA_DIR)):
-        raise ValueError(f"--resume {folder}: that run kept an EMA of the weights (--ema_decay "
-                         f"{info['args'].get('ema_decay')}); resume it with --ema_decay too")
+    if run.ema is not None:  # an EMA on exactly when the checkpoint has one: check_resume_flags
+        ema.load_ema_state(folder, run.ema)
     # Any world size and --dist the checkpoint was written with.
     load_sharded_state(folder, run.model, run.optimizer)
     run.scaler.load_state_dict(trainer_state["scaler"])
@@ -475,6 +507,7 @@ def save(run, state, metrics):
     if state.last_saved == path:
         return
     info = {"step": state.step, "epoch": run.epoch_of(state.step), "args": vars(args),
+            "fingerprint": run.fingerprint,
             "metrics": metrics, "best": state.best, "world_size": run.world_size,
             "skipped_images": [int(n) for n in all_reduce_sum(state.skipped_images, run.device)]}
 

@@ -27,8 +27,9 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from dataset import (DataError, DatasetSpec, EpochSampler, RecordTable, count_per_dataset,
-                     ignore_stop_signals, load_registry, mixture_indices, partial_eval_indices,
-                     plan_epochs, raise_data_errors, read_data_file, summarize, worker_options)
+                     dataset_name_problem, ignore_stop_signals, load_registry, mixture_indices,
+                     partial_eval_indices, plan_epochs, raise_data_errors, read_data_file,
+                     summarize, worker_options)
 from ema import plain_metric
 from tasks.latent import autoencoder_class, downsampling, load_autoencoder
 from metrics import PerDatasetSums
@@ -178,6 +179,9 @@ def read_image_records(paths, registry, fixed):
                     if fixed:
                         raise ValueError(f"field 'dataset_name': {name!r} is not in the dataset "
                                          f"registry (known: {', '.join(registry)})")
+                    problem = dataset_name_problem(name, [*registry, name])
+                    if problem:
+                        raise ValueError(f"field 'dataset_name': {problem}")
                     registry[name] = DatasetSpec(name, 1)
             except ValueError as e:
                 errors.append(f"{where}: {e}")

@@ -143,7 +143,8 @@ def add_eval_flags(parser):
     a("--no_logits_masking", action="store_true",
       help="score all head rows (default: as trained)")
     a("--partial", action="store_true", help="evaluate only each dataset's eval_ratio subset")
-    a("--predictions", metavar="FILE", help="write one JSON line per sample and checkpoint")
+    a("--predictions", metavar="FILE",
+      help="write one JSON line per sample and checkpoint (FILE is replaced once all are done)")
     a("--per_class", action="store_true",
       help="per checkpoint and dataset: per-class accuracy / precision / recall / support and the "
            "confusion pairs to RUN_DIR/per_class/CHECKPOINT.json; the worst classes and most "
@@ -348,13 +349,9 @@ def eval_data(args, folder, trained_args, world_size):
     Returns (data, indices, what the results depend on beside the files)."""
     info = read_classifier_info(folder)
     saved = {n: {k: v for k, v in d.items() if k != "offset"} for n, d in info["datasets"].items()}
-    registry = load_registry(args.datasets or saved)
-    label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
-                                   args.label_space or info["label_space"],
-                                   args.num_labels or info["num_labels"])
-    if label_space.num_labels != info["num_labels"]:
-        raise ValueError(f"--num_labels {label_space.num_labels} does not match the saved head "
-                         f"({info['num_labels']} rows)")
+    path = os.path.join(folder, CLASSIFIER_FILE)
+    registry = load_registry(args.datasets or saved, path)
+    label_space = saved_label_space(info, registry, args, path)
     masking = not (args.no_logits_masking or info.get("no_logits_masking", False))
     seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
     val = read_jsonl_files(args.val_files, registry)
@@ -366,3 +363,33 @@ def eval_data(args, folder, trained_args, world_size):
     key = [{n: vars(s) for n, s in registry.items()}, vars(label_space), masking, args.partial,
            seed]
     return data, indices, key, summary
+
+
+def saved_label_space(info, registry, args, path):
+    """The head rows of each dataset of `registry` where the checkpoint's classifier.json (`path`)
+    puts them: the offsets training used, in whatever order --datasets names the datasets. A
+    flag or registry entry that disagrees with the saved head is refused."""
+    for flag, value, kept in (("--num_labels", args.num_labels, info["num_labels"]),
+                              ("--label_space", args.label_space, info["label_space"])):
+        if value is not None and value != kept:
+            raise ValueError(f"{flag} {value} does not match the saved head ({path}: "
+                             f"{flag[2:]} {kept})")
+    datasets, layout = info["datasets"], info["label_space"]
+    trained = LabelSpace.build(list(datasets), [d["num_classes"] for d in datasets.values()],
+                               layout, info["num_labels"])  # offsets of files that lack them
+    offsets = []
+    for name, spec in registry.items():
+        entry = datasets.get(name)
+        if entry is None and layout == "shared" and spec.num_classes <= info["num_labels"]:
+            offsets.append(0)  # shared rows: class i of any dataset is row i
+            continue
+        if entry is None:
+            raise ValueError(f"--datasets: dataset {name!r} has no rows in the checkpoint's "
+                             f"{layout} head ({path} holds {', '.join(datasets)})")
+        if spec.num_classes != entry["num_classes"]:
+            raise ValueError(f"--datasets: dataset {name!r} has {spec.num_classes} classes, the "
+                             f"checkpoint's head {entry['num_classes']} rows for it ({path})")
+        offsets.append(entry.get("offset", trained.offsets[list(datasets).index(name)]))
+    return LabelSpace(list(registry), [s.num_classes for s in registry.values()], offsets,
+                      info["num_labels"], layout)
+

@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 
 from dataset import (DataError, EpochSampler, ignore_stop_signals, raise_data_errors,
                      read_data_file, worker_options)
-from tasks.latent import load_codec
 from backbone import LOADING, build_empty, eval_mode, from_pretrained, restore_modes, say
+from files import write_file
+from tasks.latent import load_codec
 
 SPEC_FILE = "unified.json"
 WEIGHTS_FILE = "unified.safetensors"
@@ -961,4 +962,4 @@ def save_grid(images, path, columns):
     grid = Image.new(tiles[0].mode, (columns * w, rows * h))
     for i, tile in enumerate(tiles):
         grid.paste(tile, ((i % columns) * w, (i // columns) * h))
-    grid.save(path)
+    write_file(path, lambda tmp: grid.save(tmp, format="PNG"))

@@ -156,3 +156,56 @@ def test_train_order_is_seeded_per_epoch_and_shards_cover_the_global_order():
     # process
     for j in range(8):
         assert sorted(x for s in shards for x in s[2 * j:2 * j + 2]) == sorted(a0[6 * j:6 * j + 6])
+
+
+@pytest.mark.parametrize("names, message", [
+    (["overall", "faces"], "dataset 'overall': 'overall' names the aggregate"),
+    (["", "faces"], "dataset '': a dataset name must not be empty"),
+    (["digits", "ema_digits"], "collide with the EMA metrics of 'digits'"),
+    (["digits", "digits_top5"], "collide with the top-5 metrics of 'digits'"),
+    (["ema_overall"], "collide with the EMA metrics of 'overall'"),
+])
+def test_dataset_names_that_collide_with_metric_names_are_refused(tmp_path, names, message):
+    """Metrics are named {prefix}_{dataset}_{metric}: such a dataset's numbers would be
+    overwritten by the aggregate's or another dataset's."""
+    entries = {name: {"num_classes": 2} for name in names}
+    (tmp_path / "r.json").write_text(json.dumps(entries))
+    for value in (entries, str(tmp_path / "r.json"), [f"{n}=2" for n in names]):
+        with pytest.raises(DataError, match=message):
+            load_registry(value)
+    (tmp_path / "n.yaml").write_text("1: {num_classes: 2}\n")
+    with pytest.raises(DataError, match="a dataset name must be text, got 1"):
+        load_registry(str(tmp_path / "n.yaml"))
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["cat", "cat", "dog"], r"each class needs its own name, repeated: \['cat'\]"),
+    (["cat", "", "dog"], "name 1 is empty"),
+    (["cat", True, "dog"], "expected a list of names"),
+])
+def test_class_names_must_be_distinct_non_empty_text(labels, message):
+    with pytest.raises(DataError, match=message):
+        load_registry({"a": {"num_classes": 3, "labels": labels}})
+
+
+def test_a_class_names_file_with_a_byte_order_mark_or_a_blank_line(tmp_path):
+    (tmp_path / "names.txt").write_bytes("\ufeffcat\ndog\r\nfox\n\n".encode("utf-8"))
+    (tmp_path / "r.json").write_text(json.dumps({"a": {"num_classes": 3, "labels": "names.txt"}}))
+    assert load_registry(str(tmp_path / "r.json"))["a"].labels == ["cat", "dog", "fox"]
+    (tmp_path / "names.txt").write_text("cat\n\ndog\nfox\n")  # would shift dog and fox
+    with pytest.raises(DataError, match=r"names.txt\): line 2 is empty"):
+        load_registry(str(tmp_path / "r.json"))
+
+
+def test_a_labels_file_named_in_a_config_file_resolves_against_the_config_folder(
+        tmp_path, monkeypatch):
+    from config import parse_args
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "names.txt").write_text("not a face\nface\n")
+    (folder / "run.yaml").write_text(
+        "datasets:\n  faces: {num_classes: 2, labels: names.txt}\n")
+    monkeypatch.chdir(tmp_path)  # another folder than the config's
+    args = parse_args(["--config", str(folder / "run.yaml"), "--model", "preset:resnet-tiny",
+                       "--train_jsonl", "t.jsonl", "--output_dir", "out"])
+    assert load_registry(args.datasets)["faces"].labels == ["not a face", "face"]

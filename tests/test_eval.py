@@ -147,3 +147,153 @@ def test_eval_flags_that_cannot_act_on_the_checkpoint_are_refused(run_dir, flags
         eval_script.main([str(run_dir / "checkpoint-6"), "--num_workers", "0", *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert len(results(run_dir)) == before  # nothing recorded
+
+
+def fresh_run(run_dir, tmp_path):
+    """A copy of the module's run with no evaluation recorded yet."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval_results.jsonl",
+                                                                "per_class"))
+    return run
+
+
+def run_eval(*args, fault=None, file_limit=None):
+    """eval.py as a user runs it; fault: MIXTRAIN_FAULT (a SIGKILL at that point); file_limit:
+    no file this process writes may grow past that many bytes (EFBIG, as a full disk)."""
+    import resource
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
+           **({"MIXTRAIN_FAULT": fault} if fault else {})}
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+             ) if file_limit else None
+    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *map(str, args),
+                           "--num_workers", "0"], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=ROOT, preexec_fn=limit)
+
+
+def test_a_second_run_with_predictions_rewrites_them_instead_of_emptying_the_file(
+        run_dir, tmp_path, capsys):
+    run, preds = fresh_run(run_dir, tmp_path), tmp_path / "preds.jsonl"
+    eval_script.main([str(run), "--num_workers", "0", "--predictions", str(preds)])
+    first = read_jsonl(preds)
+    assert len(first) == 3 * 31
+    eval_script.main([str(run), "--num_workers", "0", "--predictions", str(preds)])
+    assert "evaluated again for --predictions / --per_class" in capsys.readouterr().out
+    again = read_jsonl(preds)
+    assert [(p["checkpoint"], p["image_path"], p["prediction"]) for p in again] == [
+        (p["checkpoint"], p["image_path"], p["prediction"]) for p in first]
+    assert [r["checkpoint"] for r in results(run)] == ["checkpoint-2", "checkpoint-4",
+                                                       "checkpoint-6"]  # no second records
+
+
+@pytest.mark.fault("sigkill")
+@pytest.mark.parametrize("point", ["kill_after_record:2", "kill_before_rename:1"])
+def test_a_kill_during_eval_leaves_the_predictions_file_whole_and_a_rerun_completes_it(
+        run_dir, tmp_path, point):
+    run, preds = fresh_run(run_dir, tmp_path), tmp_path / "preds.jsonl"
+    preds.write_text('{"checkpoint": "an earlier evaluation"}\n')
+    killed = run_eval(run, "--predictions", preds, fault=point)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert preds.read_text() == '{"checkpoint": "an earlier evaluation"}\n'
+    recorded = [r["checkpoint"] for r in results(run)]
+    assert recorded == (["checkpoint-2"] if point.startswith("kill_after") else
+                        ["checkpoint-2", "checkpoint-4", "checkpoint-6"])
+    rerun = run_eval(run, "--predictions", preds)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    lines = read_jsonl(preds)
+    assert len(lines) == 3 * 31 and {p["checkpoint"] for p in lines} == {
+        "checkpoint-2", "checkpoint-4", "checkpoint-6"}
+    assert [r["checkpoint"] for r in results(run)] == ["checkpoint-2", "checkpoint-4",
+                                                       "checkpoint-6"]
+    assert sorted(os.listdir(tmp_path)) == ["preds.jsonl", "run"]  # no temporary file left
+
+
+def test_predictions_that_name_a_folder_are_a_one_line_error(run_dir, tmp_path):
+    run = fresh_run(run_dir, tmp_path)
+    result = run_eval(run, "--predictions", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == f"error: --predictions {tmp_path}: is a folder; give a file name\n"
+    assert results(run) == []
+
+
+@pytest.mark.fault("disk full")
+def test_a_full_disk_while_writing_predictions_keeps_the_file_and_adds_no_record(
+        run_dir, tmp_path):
+    run, preds = fresh_run(run_dir, tmp_path), tmp_path / "preds.jsonl"
+    preds.write_text('{"checkpoint": "an earlier evaluation"}\n')
+    result = run_eval(run / "checkpoint-2", "--predictions", preds, file_limit=2000)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: cannot write --predictions {preds} (File too large")
+    assert result.stderr.endswith("it is left as it was\n")
+    assert preds.read_text() == '{"checkpoint": "an earlier evaluation"}\n'
+    assert results(run) == []  # a rerun evaluates it: no record stands for missing predictions
+    assert sorted(os.listdir(tmp_path)) == ["preds.jsonl", "run"]
+
+
+def test_a_torn_last_line_of_eval_results_does_not_swallow_the_next_record(
+        run_dir, tmp_path, capsys):
+    run = fresh_run(run_dir, tmp_path)
+    (run / "eval_results.jsonl").write_text('{"checkpoint": "checkpoint-4", "data_k')  # killed
+    eval_script.main([str(run / "checkpoint-2"), "--num_workers", "0"])
+    assert [r["checkpoint"] for r in results_readable(run)] == ["checkpoint-2"]
+    eval_script.main([str(run / "checkpoint-2"), "--num_workers", "0"])
+    assert "already evaluated on this data" in capsys.readouterr().out
+    assert len(results_readable(run)) == 1
+
+
+def results_readable(run):
+    """The records of eval_results.jsonl that parse (a line torn by a kill does not)."""
+    records = []
+    with open(run / "eval_results.jsonl") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def test_per_class_on_an_already_evaluated_checkpoint_still_writes_its_file(
+        run_dir, tmp_path, capsys):
+    run = fresh_run(run_dir, tmp_path)
+    eval_script.main([str(run / "checkpoint-2"), "--num_workers", "0"])
+    eval_script.main([str(run / "checkpoint-2"), "--num_workers", "0", "--per_class"])
+    with open(run / "per_class" / "checkpoint-2.json") as f:
+        assert sum(d["samples"] for d in json.load(f)["datasets"].values()) == 31
+    assert len(results(run)) == 1
+    capsys.readouterr()
+    eval_script.main([str(run / "checkpoint-2"), "--num_workers", "0", "--per_class"])
+    assert "--force to redo" in capsys.readouterr().out  # its file is there: nothing to do
+    assert len(results(run)) == 1
+
+
+def test_datasets_in_another_order_score_the_rows_the_checkpoint_gave_them(
+        small_data, tiny_vit, tmp_path, capsys):
+    run = tmp_path / "disjoint"
+    train.main(train_args(small_data, tiny_vit, run, "--max_steps", 2, "--skip_evaluation",
+                          "--label_space", "disjoint", "--lr", 1e-2))
+    checkpoint = str(run / "checkpoint-2")
+    eval_script.main([checkpoint, "--num_workers", "0"])
+    eval_script.main([checkpoint, "--num_workers", "0", "--datasets", "faces=2", "digits=10"])
+    trained, reordered = results(run)
+    assert reordered["data_key"] != trained["data_key"]
+    for name in ("digits", "faces", "overall"):
+        assert reordered[f"eval_{name}_correct"] == trained[f"eval_{name}_correct"]
+        assert reordered[f"eval_{name}_loss"] == pytest.approx(trained[f"eval_{name}_loss"],
+                                                               rel=1e-6)
+    capsys.readouterr()
+    for flags, message in [
+            (["--datasets", "digits=10", "faces=3"],
+             "dataset 'faces' has 3 classes, the checkpoint's head 2 rows for it"),
+            (["--datasets", "cats=2"], "dataset 'cats' has no rows in the checkpoint's disjoint"),
+            (["--label_space", "shared"], "--label_space shared does not match the saved head"),
+            (["--datasets", "overall=2"], "'overall' names the aggregate")]:
+        with pytest.raises(SystemExit) as e:
+            eval_script.main([checkpoint, "--num_workers", "0", *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert len(results(run)) == 2

@@ -2,6 +2,7 @@
 transformers.pipeline against the checkpoint's own masked predictions."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -170,3 +171,135 @@ def test_two_tower_vision_towers(tmp_path, family):
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, model(pixel_values=pixels),
                                    atol=1e-5, rtol=1e-4)
+
+
+def run_export(*args, fault=None, file_limit=None):
+    """export.py as a user runs it; fault: MIXTRAIN_FAULT (a SIGKILL at that point); file_limit:
+    no file this process writes may grow past that many bytes (EFBIG, as a full disk)."""
+    import resource
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
+           **({"MIXTRAIN_FAULT": fault} if fault else {})}
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+             ) if file_limit else None
+    return subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+                          preexec_fn=limit)
+
+
+def exported(out):
+    """(dataset, id2label) of a whole export folder, loaded as a user would."""
+    from transformers import AutoModelForImageClassification
+    with open(os.path.join(out, "export_info.json")) as f:
+        info = json.load(f)
+    model = AutoModelForImageClassification.from_pretrained(str(out))
+    return info["dataset"], [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
+def test_an_out_folder_that_is_not_an_export_is_refused_and_left_whole(tmp_path, small_data):
+    checkpoint, _, _ = save_checkpoint(tmp_path, "resnet", "auto", small_data)
+    run = tmp_path / "run"  # e.g. the run folder itself, given as OUT by mistake
+    (run / "checkpoint-6").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"event": "train"}\n')
+    result = run_export(checkpoint, run, "--dataset", "faces")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: OUT {run} is not "
+                                                                       "an earlier export")
+    assert sorted(os.listdir(run)) == ["checkpoint-6", "metrics.jsonl"]
+    (run / "extra.txt").write_text("mine")  # an earlier export the user added a file to
+    shutil.rmtree(run / "checkpoint-6")
+    os.remove(run / "metrics.jsonl")
+    (run / "export_info.json").write_text(json.dumps({"checkpoint": "c", "dataset": "faces",
+                                                      "files": ["export_info.json"]}))
+    result = run_export(checkpoint, run, "--dataset", "faces")
+    assert result.returncode == 2 and "also holds extra.txt" in result.stderr
+    assert (run / "extra.txt").read_text() == "mine"
+
+    (tmp_path / "file").write_text("mine")
+    result = run_export(checkpoint, tmp_path / "file", "--dataset", "faces")
+    assert result.returncode == 2
+    assert result.stderr == f"error: OUT {tmp_path / 'file'} is a file, not a folder\n"
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.fault("sigkill")
+@pytest.mark.parametrize("point", ["kill_in_export:1", "kill_in_swap:1", "kill_in_swap:2"])
+def test_an_earlier_export_survives_a_kill_at_any_point_of_its_replacement(tmp_path, small_data,
+                                                                           point):
+    """Killed while writing the new export, after moving the old one aside, or after moving the
+    new one in: OUT (or its aside copy, put back by the next run) is always a whole export."""
+    checkpoint, _, _ = save_checkpoint(tmp_path, "resnet", "auto", small_data)
+    out = tmp_path / "exported"
+    assert run_export(checkpoint, out, "--dataset", "digits").returncode == 0
+    killed = run_export(checkpoint, out, "--dataset", "faces", fault=point)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    whole = out if out.exists() else tmp_path / ".old-exported"
+    assert exported(whole)[0] == ("faces" if point == "kill_in_swap:2" else "digits")
+    refused = run_export(checkpoint, out, "--dataset", "cats")  # fails, after the recovery
+    assert refused.returncode == 2 and "--dataset cats" in refused.stderr
+    assert exported(out)[0] == ("faces" if point == "kill_in_swap:2" else "digits")
+    assert sorted(os.listdir(tmp_path)) == ["exported", "resnet_backbone", "resnet_checkpoint"]
+    assert run_export(checkpoint, out, "--dataset", "faces").returncode == 0
+    assert exported(out) == ("faces", ["0", "1"])
+
+
+@pytest.mark.fault("disk full")
+def test_a_full_disk_during_export_keeps_the_earlier_export(tmp_path, small_data):
+    checkpoint, _, _ = save_checkpoint(tmp_path, "resnet", "auto", small_data)
+    out = tmp_path / "exported"
+    assert run_export(checkpoint, out, "--dataset", "digits").returncode == 0
+    size = os.path.getsize(out / "model.safetensors")
+    result = run_export(checkpoint, out, "--dataset", "faces", file_limit=size // 2)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: cannot write the export {out} (")
+    assert "File too large" in result.stderr
+    assert result.stderr.endswith("the earlier export is kept\n")
+    assert exported(out)[0] == "digits"
+    assert sorted(os.listdir(tmp_path)) == ["exported", "resnet_backbone", "resnet_checkpoint"]
+
+
+def test_export_errors_exit_2_and_a_corrupt_classifier_json_is_named(tmp_path, small_data):
+    checkpoint, _, _ = save_checkpoint(tmp_path, "vit", "auto", small_data)
+    refused = run_export(checkpoint, tmp_path / "out", "--dataset", "digits")  # a ViT's pooler
+    assert refused.returncode == 2 and "ViTForImageClassification" in refused.stderr
+    with open(os.path.join(checkpoint, "classifier.json"), "r+") as f:
+        f.truncate(40)
+    result = run_export(checkpoint, tmp_path / "out", "--dataset", "digits")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {os.path.join(checkpoint, 'classifier.json')}: "
+                                    "cannot read it")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_checkpoint_without_logits_masking_exports_every_row_and_agrees_with_eval_py(
+        tmp_path, small_data, tiny_vit):
+    """Unmasked, eval.py's prediction for a faces image may be any of the 12 head rows; the
+    export keeps them all, so its top-1 is eval.py's."""
+    from transformers import pipeline
+    import eval as eval_script
+    import train
+    from conftest import read_jsonl, train_args
+    run = tmp_path / "run"
+    train.main(train_args(small_data, tiny_vit, run, "--max_steps", 2, "--skip_evaluation",
+                          "--label_space", "disjoint", "--no_logits_masking", "--pooling", "cls",
+                          "--lr", 1e-6))  # the head stays near its random start
+    eval_script.main([str(run / "checkpoint-2"), "--num_workers", "0", "--predictions",
+                      str(tmp_path / "preds.jsonl")])
+    faces = [p for p in read_jsonl(tmp_path / "preds.jsonl") if p["dataset_name"] == "faces"]
+    assert any(not 0 <= p["prediction"] < 2 for p in faces)  # outside the faces rows
+    out = tmp_path / "faces"
+    export(str(run / "checkpoint-2"), "faces", str(out))
+    dataset, names = exported(out)
+    assert len(names) == 12 and names[:3] == ["digits:0", "digits:1", "digits:2"]
+    assert names[10:] == ["0", "1"]
+    results = pipeline("image-classification", model=str(out))([p["image_path"] for p in faces],
+                                                               top_k=2)
+    compared = 0
+    for p, result in zip(faces, results):
+        if result[0]["score"] - result[1]["score"] > 1e-4:  # never the argmax of a near-tie
+            assert result[0]["label"] == names[10 + p["prediction"]]
+            compared += 1
+    assert compared >= len(faces) - 1

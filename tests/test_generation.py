@@ -302,6 +302,12 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
         "a_handwritten_digit_3_0.png", "a_handwritten_digit_3_1.png", "grid.png"
     ]
     assert f"{image}: " in out.stdout
+    (tmp_path / "taken").write_text("mine")  # an --out_dir that is a file: one line, exit 2
+    out = run_script("generate.py", tmp_path / "gen" / "checkpoint-4", "--prompt", "a digit",
+                     "--num_images", 1, "--steps", 1, "--out_dir", tmp_path / "taken")
+    assert out.returncode == 2 and out.stderr == (
+        f"error: --out_dir {tmp_path / 'taken'}: cannot create it (File exists: "
+        f"{tmp_path / 'taken'})\n")
 
     # a judge trained by train.py on the digits (10 classes) scores images generated for each class
     train.main([

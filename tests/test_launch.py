@@ -108,9 +108,12 @@ def test_launch_trains_logs_and_resumes_under_torchrun(small_data, tiny_vit, tmp
         # train.py's output, teed
         assert "global batch 8 = micro batch 2 x 2 process(es) x grad_accum 2" in f.read()
 
-    second = launch(small_data, tiny_vit, out, NSTEP=4, **common)
+    # a longer run than the checkpoint's changes its learning-rate schedule: said, and allowed
+    longer = {**common, "EXTRA_ARGS": common["EXTRA_ARGS"] + " --allow_changed_flags"}
+    second = launch(small_data, tiny_vit, out, NSTEP=4, **longer)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "--resume latest" in second.stdout and "resumed from" in second.stdout
+    assert "continues with changed flags: --max_steps 2 -> --max_steps 4" in second.stdout
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "train"]
     assert steps == [1, 2, 3, 4]
 

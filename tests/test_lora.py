@@ -296,3 +296,17 @@ def test_lora_refusals_stop_before_the_first_step(small_data, tiny_vit, tiny_qwe
         train.main(argv + [str(a) for a in extra])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "checkpoint-1")
+
+
+@needs_peft
+def test_lora_with_an_ema_writes_checkpoints_with_the_ema_adapters(small_data, tiny_vit, tmp_path):
+    """checkpoint-N/ema holds the EMA model in the same files, adapters included; eval.py reads
+    it."""
+    import eval as eval_script
+    train.main(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--save_steps", 2,
+                          "--skip_evaluation", "--pooling", "mean", "--ema_decay", 0.5, *LORA))
+    ema = tmp_path / "checkpoint-2" / "ema"
+    assert (load_file(ema / "adapter.safetensors").keys() ==
+            load_file(tmp_path / "checkpoint-2" / "adapter.safetensors").keys())
+    eval_script.main([str(ema), "--num_workers", "0"])
+    assert read_jsonl(tmp_path / "eval_results.jsonl")[0]["checkpoint"] == "checkpoint-2/ema"

@@ -54,6 +54,20 @@ def test_counts_by_hand():
     assert class_name(None, 4) == "4" and class_name(["x"], 3) == "3"
 
 
+def test_long_class_names_keep_the_per_class_table_aligned():
+    long = "a very long class name that goes on and on " * 3
+    names = [long + "one", "dog", long + "two"]
+    m = PerClassMetrics(["a"], [3], [names])
+    m.update(torch.tensor([0] * 6), torch.tensor([0, 0, 1, 1, 2, 2]),
+             torch.tensor([0, 2, 1, 1, 2, 0]))
+    lines = format_per_class(m.compute()).splitlines()
+    rows = lines[lines.index("  worst classes (accuracy, correct/support, precision):") + 1:][:3]
+    assert len({row.index("%") for row in rows}) == 1  # every accuracy in one column
+    assert all(len(row) < 80 for row in lines)
+    assert (long + "one")[:21] + "..." in lines[2] and "dog" in "".join(rows)
+    assert m.compute()["a"]["classes"][0]["name"] == long + "one"  # the JSON keeps it whole
+
+
 def test_sparse_for_many_classes_and_json():
     data = random_samples()
     m = PerClassMetrics(["digits", "food2k"], [10, 2000])

@@ -50,6 +50,20 @@ def generate_run(folder):
     write_records(folder / "metrics.jsonl", train + evals)
 
 
+def autoencoder_run(folder):
+    """Records as --task autoencoder writes them: loss, recon_loss, kl, psnr per dataset."""
+    def values(prefix, s):
+        return {f"{prefix}_{n}_{m}": v for n in ("digits", "faces", "overall")
+                for m, v in (("loss", 1 / s), ("recon_loss", 0.9 / s), ("kl", 2.0),
+                             ("psnr", 10 + s / 5), ("samples", 8))}
+    train = [{"event": "train", "step": s, "epoch": s / 40, **values("train", s), "lr": 1e-3,
+              "grad_norm": 1.0, "samples_per_second": 100.0} for s in range(10, 101, 10)]
+    evals = [{"event": "eval", "step": s, "epoch": s / 40, **values("eval", s)} for s in (50, 100)]
+    write_records(folder / "metrics.jsonl", train + evals)
+    write_records(folder / "eval_results.jsonl", [{"checkpoint": f"checkpoint-{s}", "step": s,
+                                                    **values("eval", s)} for s in (50, 100)])
+
+
 def check_png(path):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (1000, 600)
@@ -94,3 +108,25 @@ def test_missing_matplotlib_is_a_clear_message(tmp_path):
                             cwd=ROOT)
     assert result.returncode != 0
     assert "pip install -e '.[plot]'" in result.stderr
+
+
+def test_autoencoder_run_draws_its_loss_and_psnr_curves(tmp_path):
+    autoencoder_run(tmp_path)
+    result = run_script("plot.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = ["train_loss", "train_psnr", "eval_loss", "eval_psnr", "checkpoint_psnr", "lr",
+             "grad_norm", "throughput"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
+        n + ".png" for n in names)
+    for name in names:
+        check_png(tmp_path / "plots" / f"{name}.png")
+
+
+def test_an_out_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    classify_run(tmp_path)
+    (tmp_path / "taken").write_text("mine")
+    result = run_script("plot.py", tmp_path, "--out_dir", tmp_path / "taken")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: --out_dir {tmp_path / 'taken'}: is a file, not a "
+                                     "folder")
+    assert (tmp_path / "taken").read_text() == "mine"

@@ -235,14 +235,17 @@ def test_a_full_disk_while_saving_leaves_earlier_checkpoints_and_nothing_partial
     cmd = [
         sys.executable,
         os.path.join(ROOT, "train.py"), *train_args(small_data, tiny_vit, tmp_path, "--max_steps",
-                                                    4, "--skip_evaluation", "--resume", "latest")
+                                                    4, "--skip_evaluation", "--resume", "latest",
+                                                    "--allow_changed_flags")
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
                             preexec_fn=small_files,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"cannot write {tmp_path / 'checkpoint-4'}" in result.stderr
-    assert "earlier checkpoints are intact" in result.stderr
+    error = result.stderr[result.stderr.index("error: "):]  # one line: no torch exception text
+    assert error.count("\n") == 1 and "CheckpointException" not in error, error
+    assert f"cannot write {tmp_path / 'checkpoint-4'}" in error
+    assert "earlier checkpoints are intact" in error
     assert sorted(n for n in os.listdir(tmp_path) if "checkpoint" in n) == ["checkpoint-2"]
     after = load_weights(tmp_path / "checkpoint-2")
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -268,10 +271,36 @@ def test_a_truncated_checkpoint_is_a_clear_error(small_data, tiny_vit, tmp_path,
     else:
         result = run_script(
             "train.py",
-            *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, "--resume", "latest"))
-        expected = str(path) if victim != "state" else str(folder / "state")
+            *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, "--resume", "latest",
+                        "--allow_changed_flags"))
+        expected = str(path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.fault("corrupt checkpoint")
+@pytest.mark.parametrize("case", ["truncated EMA shard", "label space with EMA", "label space"])
+def test_a_resume_that_cannot_load_is_one_line_naming_the_file(small_data, tiny_vit, tmp_path,
+                                                               case):
+    ema = ["--ema_decay", 0.5] if "EMA" in case else []
+    common = ["--max_steps", 2, "--skip_evaluation", *ema]
+    first = run_script("train.py", *train_args(small_data, tiny_vit, tmp_path, *common))
+    assert first.returncode == 0, first.stderr[-2000:]
+    folder = tmp_path / "checkpoint-2"
+    if case == "truncated EMA shard":
+        shard = next(folder / "ema_state" / n for n in sorted(os.listdir(folder / "ema_state"))
+                     if n.endswith(".safetensors"))
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) - 100)
+        extra, expected = [], f"{shard}: truncated"
+    else:  # the head has 12 rows instead of 10: the saved state does not fit
+        extra = ["--label_space", "disjoint", "--allow_changed_flags"]
+        expected = f"{folder / ('ema_state' if ema else 'state')} does not fit"
+    result = run_script("train.py", *train_args(small_data, tiny_vit, tmp_path, *common, *extra,
+                                                "--resume", "latest"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr[result.stderr.index("error: "):]
+    assert error.count("\n") == 1 and expected in error and "Traceback" not in result.stderr, error
 
 
 @pytest.mark.fault("corrupt image")
@@ -314,7 +343,7 @@ def test_resume_and_eval_never_unpickle(small_data, tiny_vit, tmp_path, monkeypa
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     train.main(
         train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, "--resume", "latest",
-                   "--num_workers", 0))
+                   "--num_workers", 0, "--allow_changed_flags"))
     import eval as eval_script
     eval_script.main([str(tmp_path), "--num_workers", "0"])
     assert {r["checkpoint"]

@@ -73,3 +73,36 @@ def test_wandb_offline_writes_the_run(tmp_path, monkeypatch):
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1
     assert any(f.endswith(".wandb") for f in os.listdir(tmp_path / "wandb" / runs[0]))
+
+
+def test_a_resumed_run_continues_its_tensorboard_curves_and_its_wandb_run(small_data, tiny_vit,
+                                                                          tmp_path):
+    """Killed after logging steps 3 and 4 but before checkpoint-4, the run resumes from
+    checkpoint-2 and logs them again: TensorBoard holds each step once, and W&B gets the same
+    run id (offline mode: a second offline-run folder of that id, which `wandb sync` merges)."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb", reason="wandb is not installed (the '.[wandb]' extra)")
+    import subprocess
+    import sys
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from conftest import ROOT, train_args
+    argv = train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, "--save_steps", 2,
+                      "--skip_evaluation", "--logging_steps", 1, "--report_to", "tensorboard",
+                      "wandb")
+    # each process starts its own W&B service (not one an earlier test left in this process)
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "WANDB_MODE": "offline",
+           "WANDB_SILENT": "true"}
+    train = [sys.executable, os.path.join(ROOT, "train.py"), *argv]
+    killed = subprocess.run(train, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**env, "MIXTRAIN_FAULT": "kill_before_save:4"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = subprocess.run(train + ["--resume", "latest"], capture_output=True, text=True,
+                             timeout=300, cwd=ROOT, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("train/overall/loss")] == [1, 2, 3, 4]
+    run_id = (tmp_path / "wandb" / "run_id").read_text().strip()
+    runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
+    assert len(runs) == 2 and all(d.endswith(f"-{run_id}") for d in runs)

@@ -166,7 +166,7 @@ def test_fsdp_with_cpu_offload_and_compiled_blocks_takes_the_same_steps(
 
 @pytest.mark.parametrize("extra, message", [
     (["--dist", "fsdp", "--precision", "fp16"], "--dist fsdp takes --precision bf16 or fp32"),
-    (["--cpu_offload"], "--cpu_offload needs --dist fsdp"),
+    (["--cpu_offload"], "--cpu_offload: no effect without --dist fsdp"),
 ])
 def test_bad_distributed_options_are_clear_errors(small_data, tiny_vit, tmp_path, extra, message,
                                                   capsys):

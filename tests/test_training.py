@@ -115,6 +115,54 @@ def test_resume_mid_epoch_with_the_whole_recipe_continues_exactly(small_data, ti
                                                                   b["final_eval"])
 
 
+def test_resume_refuses_flags_that_change_the_run_naming_each_unless_allowed(
+        small_data, tiny_vit, tmp_path, capsys):
+    """A resume continues the run its checkpoint belongs to: a changed learning rate, seed,
+    global batch, pooling, schedule length, registry or data file is refused, each named in one
+    line; --allow_changed_flags names them and goes on."""
+    registry, digits = tmp_path / "datasets.json", tmp_path / "digits_train.jsonl"
+    shutil.copy(small_data["registry"], registry)
+    shutil.copy(small_data["digits_train"], digits)
+    data = {**small_data, "registry": str(registry), "digits_train": str(digits)}
+    out = tmp_path / "run"
+    common = ["--max_steps", 4, "--save_steps", 2, "--skip_evaluation"]
+    run_train(train_args(data, tiny_vit, out, *common))
+    shutil.rmtree(out / "checkpoint-4")  # as if killed after step 3: resume from checkpoint-2
+    capsys.readouterr()
+    with open(registry) as f:
+        entries = json.load(f)
+    entries["digits"]["eval_ratio"] = 0.25
+    registry.write_text(json.dumps(entries))
+    size = os.path.getsize(digits)
+    with open(digits, "a") as f:
+        f.write(json.dumps(read_jsonl(digits)[0]) + "\n")
+    changed = ["--lr", 2e-3, "--seed", 1, "--batch_size", 4, "--pooling", "mean", "--max_steps", 6]
+    with pytest.raises(SystemExit) as e:
+        run_train(train_args(data, tiny_vit, out, *common, *changed, "--resume", "latest"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    for change in ["--datasets digits.eval_ratio 0.5 -> 0.25", "--lr 0.001 -> 0.002",
+                   '--pooling "auto" -> "mean"', "--seed 42 -> 1",
+                   f"--train_jsonl {digits}: {size} bytes -> {os.path.getsize(digits)}",
+                   "--batch_size x processes 8 x 1 -> 4 x 1 (the global micro-batch)",
+                   "--max_steps 4 -> --max_steps 6 (the length of the --lr_scheduler cosine"]:
+        assert change in err, change
+    assert checkpoints(out) == ["checkpoint-2"]  # refused before anything was written
+    # what only schedules logs and saving, or picks loaders, may change
+    registry.write_text(json.dumps({**entries, "digits": {**entries["digits"],
+                                                          "eval_ratio": 0.5}}))
+    shutil.copy(small_data["digits_train"], digits)
+    run_train(train_args(data, tiny_vit, out, *common, "--logging_steps", 1, "--num_workers", 1,
+                         "--resume", "latest"))
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    shutil.rmtree(out / "checkpoint-4")
+    run_train(train_args(data, tiny_vit, out, *common, "--lr", 2e-3, "--resume", "latest",
+                         "--allow_changed_flags"))
+    assert "continues with changed flags: --lr 0.001 -> 0.002" in capsys.readouterr().out
+    logged = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "changed_flags"]
+    assert [(r["step"], r["changes"]) for r in logged][-1] == (2, ["--lr 0.001 -> 0.002"])
+
+
 def test_keep_limit_keeps_the_latest_and_the_best(small_data, tiny_vit, tmp_path):
     run_train(
         train_args(small_data, tiny_vit, tmp_path, "--max_steps", 8, "--save_steps", 2,
@@ -247,6 +295,16 @@ def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_
     assert len([r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["event"] == "train"]) == 1
 
 
+def test_an_output_dir_that_is_a_file_is_a_one_line_error(small_data, tiny_vit, tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        run_train(train_args(small_data, tiny_vit, tmp_path / "taken", "--max_steps", 1))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: --output_dir {tmp_path / 'taken'}: is a file, not a folder\n")
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
 FLAGS_WITHOUT_EFFECT = {
     "mix_prob": ["--mix_prob", 0.5],
     "crop_scale": ["--augment", "none", "--crop_scale", 0.5, 1.0],
@@ -285,6 +343,7 @@ FLAGS_WITHOUT_EFFECT = {
     ("eval_steps", "--eval_steps: no effect without evaluation during training"),
     ("best_mode", "--best_metric, --best_mode: no effect without best-model tracking"),
     ("overwrite", "--overwrite: no effect without a new run"),
+    ("overall", "dataset 'overall': 'overall' names the aggregate over all datasets"),
 ])
 def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, capsys, case,
                                                message):
@@ -307,6 +366,12 @@ def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, c
         extra = ["--vae", tmp_path, "--kl_weight", 0.1]
     elif case in FLAGS_WITHOUT_EFFECT:
         extra = FLAGS_WITHOUT_EFFECT[case]
+    elif case == "overall":  # its metrics would be overwritten by the aggregate's
+        for split in ("train", "val"):
+            rows = [{**r, "dataset_name": "overall"}
+                    for r in read_jsonl(small_data[f"faces_{split}"])]
+            data[f"faces_{split}"] = write_jsonl(tmp_path / f"faces_{split}.jsonl", rows)
+        extra = ["--datasets", "digits=10", "overall=2"]
     elif case.startswith("ema_"):
         extra = {"ema_decay": ["--ema_decay", 1], "ema_every": ["--ema_every", 2],
                  "ema_metric": ["--best_metric", "ema_overall_accuracy"]}[case]

@@ -68,6 +68,12 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 PROMPT_TOKENS = 30  # system turn + "Classify this food101 image." + assistant turn, roughly
 
 
+def user_error(message):
+    """A user error, as in every script: one line, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def build_batch(config, batch_size, image_size, num_classes, device):
     """One image per sample: Qwen2-VL image processor output and input_ids with its placeholders."""
     from transformers import Qwen2VLImageProcessorPil
@@ -124,7 +130,7 @@ def benchmark_image_path(args):
     files = sorted(os.path.join(args.data, f) for f in os.listdir(args.data)
                    if f.lower().endswith((".jpg", ".jpeg")))
     if not files:
-        raise SystemExit(f"--data {args.data}: no JPEG files (add --make_jpegs N)")
+        user_error(f"--data {args.data}: no JPEG files (add --make_jpegs N)")
     records = RecordTable(files, [0] * len(files), [0] * len(files), ["bench"],
                           [0] * len(files), list(range(1, len(files) + 1)))
     inputs = ImageInputs(ViTImageProcessorPil(size={"height": 224, "width": 224}))
@@ -166,8 +172,8 @@ def benchmark_eval(args):
     from checkpoint import list_checkpoints
     found = list_checkpoints(args.eval_run)
     if len(found) < args.checkpoints:
-        raise SystemExit(f"--eval_run {args.eval_run}: {len(found)} checkpoint(s), "
-                         f"--checkpoints {args.checkpoints} asked for")
+        user_error(f"--eval_run {args.eval_run}: {len(found)} checkpoint(s), "
+                   f"--checkpoints {args.checkpoints} asked for")
     work = tempfile.mkdtemp(prefix="eval-bench-")
     runs = {}
     for name, count in (("one", 1), ("many", args.checkpoints)):
