@@ -193,7 +193,7 @@ def build_model(args, data, dtype, meta=False):
     backbone, inputs = load_backbone(args.model, args.seed, dtype, args.prompt, args.min_pixels,
                                      args.max_pixels, meta=meta)
     model = MaskedClassifier(backbone, data.label_space.num_labels, args.pooling,
-                             getattr(inputs, "pixel_normalize", None)).to(dtype=dtype)
+                             inputs=inputs).to(dtype=dtype)
     set_trainable(model, args.freeze, args.train_only_head)
     if args.lora_rank:  # before gradient checkpointing and sharding: both see the adapters
         model.lora_targets = add_lora(model, args.lora_rank, args.lora_alpha,
