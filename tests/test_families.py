@@ -50,7 +50,7 @@ REFUSALS = {  # the words of export.py's refusal each "refused:" cell stands for
     "refused: a vision-language checkpoint": "is a vision-language checkpoint",
 }
 TABLE = os.path.join(ROOT, "docs", "backbones.md")
-COLUMNS = ("family", "class", "FSDP units", "--pooling", "export")
+COLUMNS = ("family", "class", "kind", "FSDP units", "--pooling", "export")
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +93,8 @@ def test_family_trains_resumes_evaluates_and_exports(name, family_folder, small_
     assert 0 <= row["eval_overall_accuracy"] <= 1 and row["eval_overall_loss"] > 0
 
     check_export(checkpoint, tmp_path / "exported", exported, small_data)
-    assert table_row(name, folder, exported) == documented_rows()[name]
+    cell = exported if exported.startswith("refused: ") else f"{exported} (--pooling {pooling})"
+    assert table_row(name, folder, cell) == documented_rows()[name]
 
 
 def check_export(checkpoint, out, exported, small_data):
@@ -119,17 +120,18 @@ def check_export(checkpoint, out, exported, small_data):
 
 def table_row(name, folder, exported):
     """The family's row of docs/backbones.md, from the model: its class, FSDP units, the
-    --pooling choices it takes (a refused `cls` names the class) and export's result."""
+    --pooling choices it takes (a refusal names the class) and export's result."""
     backbone, inputs = load_backbone(folder)
-    kind = type(backbone).__name__
+    model_class = type(backbone).__name__
     takes = []
     for pooling in POOLINGS:
         try:
             MaskedClassifier(backbone, 2, pooling, inputs=inputs)
             takes.append(pooling)
         except ValueError as e:
-            assert kind in str(e), e
-    return [name, kind, describe_units(backbone), ", ".join(takes), exported]
+            assert model_class in str(e), e
+    kind = "vision-language" if is_vision_language(backbone.config) else "vision"
+    return [name, model_class, kind, describe_units(backbone), ", ".join(takes), exported]
 
 
 def describe_units(backbone):
