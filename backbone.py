@@ -266,9 +266,15 @@ def load_image_processor(folder):
     try:
         return AutoImageProcessor.from_pretrained(folder,
                                                   trust_remote_code=LOADING.trust_remote_code)
-    except ImportError as e:
-        raise ValueError(f"{folder}: cannot load its image processor ({first_line(e)}); "
-                         "install torchvision (pip install torchvision)") from None
+    except (ImportError, ValueError) as e:
+        if "torchvision" not in str(e).lower():
+            raise
+        path, name = os.path.join(folder, "preprocessor_config.json"), "its image processor"
+        if os.path.isfile(path):
+            with open(path) as f:
+                name = json.load(f).get("image_processor_type", name)
+        raise ValueError(f"{folder}: {name} runs on torchvision only, which is not installed: "
+                         "pip install torchvision") from None
 
 
 def first_line(error):

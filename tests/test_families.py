@@ -156,3 +156,47 @@ def documented_rows():
         cells = [re.sub(r"`", "", c.strip()) for c in line.strip("|").split("|")]
         rows[cells[0]] = cells
     return rows
+
+
+@pytest.mark.parametrize("name", ["resnet", "convnext", "swin", "siglip"])
+def test_pooling_cls_without_a_class_token_is_refused_naming_the_model(name, family_folder,
+                                                                        small_data, tmp_path,
+                                                                        capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(small_data, family_folder(name), tmp_path, "--max_steps", 1,
+                              "--pooling", "cls"))
+    error = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(error) == 1
+    model_class = documented_rows()[name][1]
+    assert error[0].startswith(f"error: --pooling cls: {model_class} has no CLS token")
+
+
+def test_an_image_text_model_without_a_vision_tower_is_refused_when_it_loads(tmp_path,
+                                                                             small_data, capsys):
+    """Fuyu feeds image patches straight into its language model: nothing to freeze, shard or
+    give its own learning rate as a vision tower."""
+    import transformers
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2)
+    transformers.FuyuForCausalLM(transformers.FuyuConfig(
+        text_config=text, image_size=30, patch_size=15, image_token_id=63)).save_pretrained(
+            tmp_path / "fuyu")
+    with pytest.raises(ValueError, match="FuyuModel: cannot find its vision tower"):
+        load_backbone(str(tmp_path / "fuyu"))
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(small_data, tmp_path / "fuyu", tmp_path / "out", "--max_steps", 1))
+    assert e.value.code == 2 and "FuyuModel: cannot find" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
+def test_an_image_processor_that_needs_torchvision_says_so(family_folder, tmp_path):
+    """Hub DINOv3 folders name DINOv3ViTImageProcessor, which runs on torchvision only."""
+    import json
+    folder = tmp_path / "dinov3"
+    shutil.copytree(family_folder("dinov3"), folder)
+    with open(folder / "preprocessor_config.json", "w") as f:
+        json.dump({"image_processor_type": "DINOv3ViTImageProcessor",
+                   "size": {"height": 32, "width": 32}}, f)
+    with pytest.raises(ValueError, match=r"DINOv3ViTImageProcessor.*pip install torchvision"):
+        load_backbone(str(folder))
