@@ -213,9 +213,10 @@ def build_model(args, data, dtype, meta=False):
 
 
 def has_unused_parameters(args, model):
-    """DDP must look for them: with --pooling cls/mean a vision backbone's pooler gets no gradient.
-    """
-    return not model.token_inputs and args.pooling in ("cls", "mean")
+    """DDP must look for them: with --pooling cls/mean a vision backbone's pooler gets no gradient;
+    a vision-language model's vision tower often holds layers its language model never reads
+    (those after the feature layer it takes, SigLIP's attention-pooling head)."""
+    return model.token_inputs or args.pooling in ("cls", "mean")
 
 
 def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed=0, epoch=0,
