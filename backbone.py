@@ -278,45 +278,46 @@ def load_image_processor(folder):
 
 
 def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """The first sentence of an exception's message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
 
 
 def load_processor(folder, config):
-    """(processor, names of the folder's files it did not load) for a vision-language folder.
+    """(processor, names of the folder's files it did not load) of a vision-language folder.
 
-    The folder's AutoProcessor where it loads. Where it cannot because its video processor needs
-    torchvision (Qwen-VL, InternVL, LLaVA-OneVision, SmolVLM), the same processor class is built
-    from the image processor and tokenizer alone: images go through the processor's own code, so
-    the inputs are the ones the whole processor builds (the user is told once; a checkpoint saved
-    so has no video processor file either). Any other failure is an error naming the package to
-    install.
+    The folder's AutoProcessor where it loads. Where it does not (a video processor needs
+    torchvision: Qwen-VL, InternVL, LLaVA-OneVision, SmolVLM; a checkpoint saved without one has
+    no video processor file), the same processor class is built from the image processor and
+    tokenizer alone: images go through the processor's own code, so the inputs are those the
+    whole processor builds (the user is told once). Otherwise the error says what is missing.
     """
     from transformers import AutoProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
     try:
         return AutoProcessor.from_pretrained(folder,
                                              trust_remote_code=LOADING.trust_remote_code), []
-    except Exception as e:  # noqa: BLE001 - the route below names what is missing
+    except Exception as e:  # noqa: BLE001 - the processor built below, or an error that says why
         reason = first_line(e)
     processor_class = PROCESSOR_MAPPING[type(config)] if type(config) in PROCESSOR_MAPPING else None
     parts = processor_class.get_attributes() if processor_class is not None else []
-    kept = parts[:2]
-    if kept != ["image_processor", "tokenizer"] or not all("video" in p for p in parts[2:]):
-        raise ValueError(f"{folder}: cannot load its processor ({reason}); install the package it "
-                         "names (e.g. pip install torchvision)")
-    image_processor = load_image_processor(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=LOADING.trust_remote_code)
-    # the class itself, told that its parts are the image processor and tokenizer
-    images_only = type(processor_class.__name__, (processor_class,),
-                       {"get_attributes": classmethod(lambda cls: list(kept))})
-    settings, _ = processor_class.get_processor_dict(folder)
+    kept, left_out = parts[:2], parts[2:]
+    image_processor = load_image_processor(folder)  # one that runs on torchvision only says so
+    if kept != ["image_processor", "tokenizer"] or not all("video" in p for p in left_out):
+        install = "; pip install torchvision" if "torchvision" in reason.lower() else ""
+        raise ValueError(f"{folder}: cannot load its processor ({reason}){install}")
     try:
+        tokenizer = AutoTokenizer.from_pretrained(folder,
+                                                  trust_remote_code=LOADING.trust_remote_code)
+        # the class itself, told that its parts are the image processor and tokenizer
+        images_only = type(processor_class.__name__, (processor_class,),
+                           {"get_attributes": classmethod(lambda cls: list(kept))})
+        settings, _ = processor_class.get_processor_dict(folder)
         processor = images_only.from_args_and_dict(
-            [image_processor, tokenizer] + [None] * len(parts[2:]), settings)
-    except ImportError as e:  # SmolVLM's processor needs num2words
+            [image_processor, tokenizer] + [None] * len(left_out), settings)
+    except Exception as e:  # noqa: BLE001 - e.g. SmolVLM's processor needs num2words
         raise ValueError(f"{folder}: cannot build {processor_class.__name__} ({first_line(e)})"
                          ) from None
-    say_once(f"note: {folder}: its {', '.join(parts[2:])} cannot load ({reason}); images go "
+    say_once(f"note: {folder}: its {', '.join(left_out)} cannot load ({reason}); images go "
              f"through {processor_class.__name__} without it, which builds the same inputs")
     unloaded = [name for name in ("video_preprocessor_config.json",)
                 if os.path.isfile(os.path.join(folder, name))]

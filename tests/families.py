@@ -10,7 +10,7 @@ import transformers
 
 from conftest import VISION_TOKENS, train_tokenizer
 
-SIZE = 32  # input pixels of the vision families (LeViT needs 64)
+SIZE = 32  # input pixels of the vision families (LeViT takes 64, MobileNetV2 16)
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
@@ -87,9 +87,9 @@ VISION_FAMILIES = {
         expand_ratios=[1, 2], hidden_dim=320),
     "mobilenet_v2": vision(
         T.MobileNetV2Model, T.MobileNetV2Config,
-        lambda: T.MobileNetV2ImageProcessorPil(size={"shortest_edge": SIZE},
-                                               crop_size={"height": SIZE, "width": SIZE}),
-        image_size=SIZE, depth_multiplier=0.25, finegrained_output=False),
+        lambda: T.MobileNetV2ImageProcessorPil(size={"shortest_edge": 16},
+                                               crop_size={"height": 16, "width": 16}),
+        image_size=16, depth_multiplier=0.25, expand_ratio=2.0, finegrained_output=False),
     "mobilevit": vision(
         T.MobileViTModel, T.MobileViTConfig,
         lambda: T.MobileViTImageProcessorPil(size={"shortest_edge": SIZE},

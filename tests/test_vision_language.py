@@ -55,12 +55,16 @@ def test_prompt_placeholders_and_mm_token_type_ids(vlm_folder):
     assert (batch["mm_token_type_ids"][batch["attention_mask"] == 0] == 0).all()
 
 
-def test_without_torchvision_the_processor_runs_without_its_video_processor(tiny_qwen2_vl):
+def test_without_torchvision_the_processor_runs_without_its_video_processor(tiny_qwen2_vl,
+                                                                            tmp_path, capsys):
     """AutoProcessor cannot load here (Qwen2VLProcessor's video processor needs torchvision), so
-    the same class is built from the image processor and tokenizer alone. Its batch is the one
-    built here by hand: each image's placeholder repeated grid_t * grid_h * grid_w / merge_size^2
-    times, and mm_token_type_ids marking those tokens."""
-    _, inputs = load_backbone(tiny_qwen2_vl)
+    the same class is built from the image processor and tokenizer alone (said once). Its batch
+    is the one built here by hand: each image's placeholder repeated
+    grid_t * grid_h * grid_w / merge_size^2 times, and mm_token_type_ids marking those tokens."""
+    folder = shutil.copytree(tiny_qwen2_vl, tmp_path / "qwen2_vl")
+    for _ in range(2):
+        _, inputs = load_backbone(str(folder))
+    assert capsys.readouterr().out.count("images go through Qwen2VLProcessor without it") == 1
     assert type(inputs.processor).__name__ == "Qwen2VLProcessor"
     assert not hasattr(inputs.processor, "video_processor")
     images = random_images(SIZES)
