@@ -223,3 +223,18 @@ def test_two_processes_train_a_new_family(name, dist, family_folder, small_data,
     last_block = [names[id(p)] for p in fsdp_units(start)[-1].parameters()]
     assert last_block and all(not torch.equal(trained[k], start.state_dict()[k])
                               for k in last_block)  # gradients reached the deepest block
+
+
+def test_export_names_a_part_the_backbone_was_built_without():
+    """BeitForImageClassification classifies BEiT's pooler output; a BeitModel built without its
+    pooler cannot fill it."""
+    import transformers
+    from export import copy_backbone
+    config = transformers.BeitConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=16, patch_size=8,
+                                     use_mean_pooling=True)
+    target = transformers.BeitForImageClassification(config)
+    with pytest.raises(ExportError, match="BeitForImageClassification needs parts the backbone "
+                       "was built without or in another shape: pooler"):
+        copy_backbone(transformers.BeitModel(config, add_pooling_layer=False), target)
+    copy_backbone(transformers.BeitModel(config), target)
