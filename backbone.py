@@ -340,8 +340,8 @@ class ImageInputs:
         self.image_processor, self.accepted = image_processor, tuple(accepted)
         keys = set(self.example())
         if "pixel_values" not in keys:
-            raise ValueError(f"{type(image_processor).__name__} returns none of the inputs the "
-                             f"backbone takes ({', '.join(self.accepted)})")
+            raise ValueError(f"{type(image_processor).__name__} gives no pixel_values that the "
+                             f"backbone takes (its forward takes {', '.join(self.accepted)})")
         self.recipe = pixel_recipe(image_processor) if keys == {"pixel_values"} else None
         self.pixel_normalize = PixelNormalize(self.recipe) if self.recipe is not None else None
 

@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import (assert_same_adam_steps, assert_same_weights, load_weights, read_jsonl,
                       run_script, save_tiny_vlm, train_args)
 from backbone import enable_activation_checkpointing, fsdp_units, load_backbone
+from families import llava
 from model import MaskedClassifier, set_trainable
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
@@ -322,36 +323,9 @@ def test_bad_vision_language_options_are_clear_errors(small_data, tiny_qwen2_vl,
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def save_tiny_llava(folder):
-    """LLaVA (CLIP vision tower + Llama): its AutoProcessor loads here, so the processor path runs
-    for
-    real."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-    from conftest import train_tokenizer
-    tokenizer = train_tokenizer()
-    tokenizer.chat_template = None
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=28, patch_size=14),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                pad_token_id=tokenizer.pad_token_id),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28},
-                                            crop_size={"height": 28, "width": 28})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                   image_token="<image>", vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1).save_pretrained(folder)
-    return str(folder)
-
-
 def test_other_image_text_to_text_models_go_through_their_processor(tmp_path):
     from model import load_classifier, save_classifier
-    folder = save_tiny_llava(tmp_path / "llava")
+    folder = llava(tmp_path / "llava")  # CLIP vision tower + Llama; its AutoProcessor loads here
     backbone, inputs = load_backbone(folder, prompt="Which {dataset}?")
     assert type(backbone).__name__ == "LlavaModel" and inputs.processor is not None
     assert inputs.text("digits") == "<image>Which digits?"
