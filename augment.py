@@ -30,6 +30,7 @@ RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", 
                    "ShearY", "TranslateXRel", "TranslateYRel")
 SIGNED_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 RESAMPLES = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+CROP_SCALE, RANDAUGMENT_N, RANDAUGMENT_M = (0.08, 1.0), 2, 9  # the flags' defaults (timm's)
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,9 @@ class AugmentConfig:
     """Training augmentation of one run; modes and hflip are per dataset id (registry order)."""
     modes: tuple
     hflip: tuple
-    crop_scale: tuple = (0.08, 1.0)
-    randaugment_n: int = 2
-    randaugment_m: float = 9
+    crop_scale: tuple = CROP_SCALE
+    randaugment_n: int = RANDAUGMENT_N
+    randaugment_m: float = RANDAUGMENT_M
     seed: int = 0
 
 
@@ -55,20 +56,31 @@ def check_augment_flags(crop_scale, randaugment_n, randaugment_m):
                          f"got {randaugment_m!r}")
 
 
-def augment_config(mode, registry, inputs, crop_scale=(0.08, 1.0), randaugment_n=2,
-                   randaugment_m=9, seed=0):
+def augment_config(mode, registry, inputs, crop_scale=CROP_SCALE, randaugment_n=RANDAUGMENT_N,
+                   randaugment_m=RANDAUGMENT_M, seed=0):
     """The run's AugmentConfig, or None when no dataset is augmented.
 
     mode: --augment (None: crop_flip where the fast image path applies, else none); a
     registry entry's `augment` overrides it for that dataset. Augmentation needs the fast
     path (a vision backbone with a processor pixel_recipe understands); elsewhere (Qwen2-VL
-    and other processor-path backbones) asking for it is an error, not a silent no-op.
+    and other processor-path backbones) asking for it is an error, not a silent no-op. So is
+    --crop_scale or --randaugment_n / _m where no dataset is augmented with it.
     """
     fast = getattr(inputs, "recipe", None) is not None
     if mode is not None and mode not in AUGMENTS:
         raise ValueError(f"--augment must be one of {', '.join(AUGMENTS)}, got {mode!r}")
     default = mode if mode is not None else ("crop_flip" if fast else "none")
     modes = tuple(spec.augment or default for spec in registry.values())
+    used = {m for m in modes if fast}
+    inert = [flag for flag, given, uses in (
+        ("--crop_scale", tuple(crop_scale) != CROP_SCALE, {"crop_flip", "randaugment"}),
+        ("--randaugment_n", randaugment_n != RANDAUGMENT_N, {"randaugment"}),
+        ("--randaugment_m", randaugment_m != RANDAUGMENT_M, {"randaugment"})) if given and
+        not used & uses]
+    if inert:
+        per_dataset = ", ".join(f"{n} {m if fast else 'none'}" for n, m in zip(registry, modes))
+        raise ValueError(f"{', '.join(inert)}: no dataset is augmented with it (augmentation: "
+                         f"{per_dataset}; set --augment or the registry's augment)")
     if not fast:
         asked = [f"--augment {mode}"] if mode not in (None, "none") else []
         asked += [f"dataset {name!r} (registry augment: {spec.augment})"

@@ -537,11 +537,13 @@ def fsdp_units(backbone):
     every other unit is a transformer block: a member of one of the model's own layer lists
     whose class is in its `_no_split_modules`. A block inside another (ConvNeXt's layers in
     its stages) goes with the outer one. A model without such lists (ResNet) has no units:
-    it is sharded whole, as the root.
+    it is sharded whole, as the root, and so is a module that is no Hugging Face model.
     """
-    vision = vision_language_parts(backbone)[0] if is_vision_language(backbone.config) else None
+    config = getattr(backbone, "config", None)
+    vision = (vision_language_parts(backbone)[0]
+              if config is not None and is_vision_language(config) else None)
     inside = set(vision.modules()) if vision is not None else set()
-    blocks = set(backbone._no_split_modules or ())
+    blocks = set(getattr(backbone, "_no_split_modules", None) or ())
     units = [vision] if vision is not None else []
     for module in backbone.modules():
         if isinstance(module, nn.ModuleList) and module not in inside:

@@ -300,13 +300,19 @@ def save_checkpoint(path, *, model, write_model, optimizer, scaler, info, rank, 
     write_atomically(path, write, rank)
 
 
-def prepare_output_dir(args, rank):
-    """Refuse to mix two runs in one folder; --overwrite clears the earlier one's files."""
+def check_output_dir(args):
+    """Refuse to mix two runs in one folder (before anything is loaded)."""
     existing = list_checkpoints(args.output_dir)
     if existing and not args.resume and not args.overwrite:
         raise ValueError(f"--output_dir {args.output_dir} already holds {len(existing)} "
                          f"checkpoint(s) (newest {os.path.basename(existing[-1])}); pass --resume "
                          f"latest to continue or --overwrite to start over")
+
+
+def prepare_output_dir(args, rank):
+    """The output folder, once every check has passed; --overwrite clears the earlier run's
+    files."""
+    existing = list_checkpoints(args.output_dir)
     if rank == 0:
         if args.overwrite and not args.resume:
             for path in existing:

@@ -25,6 +25,31 @@ class PerDatasetSums:
         self.sums.zero_()
 
 
+class PerDatasetLoss(PerDatasetSums):
+    """The mean per-sample loss of each dataset and overall: what a task without metrics of its
+    own reports (tasks/base.py)."""
+
+    def __init__(self, dataset_names, device="cpu"):
+        self.names = list(dataset_names)
+        self.sums = torch.zeros(len(self.names), 2, dtype=torch.float64, device=device)
+
+    def update(self, losses, dataset_ids, **_):
+        with torch.no_grad():
+            values = torch.stack([losses.double(), torch.ones_like(losses, dtype=torch.float64)], 1)
+            self.sums.index_add_(0, dataset_ids.to(self.sums.device), values.to(self.sums.device))
+
+    def compute(self, prefix):
+        """{prefix}_{dataset}_loss|samples, and the same for overall."""
+        rows = [*zip(self.names, self.sums.cpu().tolist()), ("overall",
+                                                              self.sums.sum(0).cpu().tolist())]
+        out = {}
+        for name, (loss, count) in rows:
+            if count:
+                out[f"{prefix}_{name}_loss"], out[f"{prefix}_{name}_samples"] = loss / count, int(
+                    count)
+        return out
+
+
 class ClassificationMetrics(PerDatasetSums):
     def __init__(self, dataset_names, num_classes, device="cpu"):
         self.names = list(dataset_names)

@@ -1,5 +1,5 @@
 """Train one masked classifier over several mixed image datasets (--task classify), or one
-unified text + image generation model with a joint loss (--task generate, see unified.py).
+unified text + image generation model with a joint loss (--task generate, see tasks/unified.py).
 
     python train.py --config configs/demo.yaml
     python train.py --config configs/demo_generate.yaml
@@ -13,7 +13,7 @@ win over the file. One optimizer step, top to bottom:
   global count -> backward (gradient sync on the last micro-batch only) -> clip -> AdamW step ->
   EMA update (--ema_decay) -> log / evaluate / track best / save.
 Under torchrun the model is replicated (--dist ddp) or sharded per transformer block with
-FSDP2 (--dist fsdp); the loop is the same for every task (tasks.py): the classifier divides the
+FSDP2 (--dist fsdp); the loop is the same for every task (tasks/base.py): the classifier divides the
 sum of per-sample losses by the global sample count, the generator its text CE and image MSE by
 the global counts of target text tokens and noised image tokens.
 """
@@ -29,9 +29,9 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (load_sharded_state, load_trainer_state, prepare_output_dir,
-                        prune_checkpoints, read_info, resolve_resume, save_checkpoint,
-                        set_rng_state, write_json)
+from checkpoint import (check_output_dir, load_sharded_state, load_trainer_state,
+                        prepare_output_dir, prune_checkpoints, read_info, resolve_resume,
+                        save_checkpoint, set_rng_state, write_json)
 from config import apply_overrides, check_args, loader_workers, parse_args
 from dataset import DataError
 import distributed
@@ -51,7 +51,7 @@ from weights import WeightsMismatch
 class Run:
     """What the loop reads, built once before the first step."""
     args: object
-    task: object  # the task module (tasks.py)
+    task: object  # the task module (tasks/base.py)
     data: object  # the task's records and options
     model: object  # what the step runs: the DDP wrapper, or the FSDP2-sharded model
     raw_model: object  # the model itself (under FSDP2 the same module): evaluation runs it
@@ -162,8 +162,8 @@ def build_run(args, rank, world_size, device):
     LOADING.trust_remote_code = args.trust_remote_code
     LOADING.attn_implementation = args.attn_implementation
     loader_workers(args, say, "epochs (and evaluations the evaluation cache cannot hold)")
+    check_output_dir(args)
     data = task.load_data(args, say)
-    prepare_output_dir(args, rank)
 
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
     raw_model, backbone, inputs, sources = build_model(args, task, data, param_dtype, world_size,
@@ -190,6 +190,7 @@ def build_run(args, rank, world_size, device):
     say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch "
         f"{args.batch_size} x {world_size} process(es) x grad_accum {args.grad_accum}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
+    prepare_output_dir(args, rank)  # every check has passed: only now is anything written
     # After placing: the shadow lives where the weights do (FSDP2: sharded like them).
     shadow = ema.make_ema(raw_model) if args.ema_decay else None
     return Run(args=args, task=task, data=data, model=model, raw_model=raw_model, inputs=inputs,

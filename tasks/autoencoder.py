@@ -2,7 +2,7 @@
 built from a preset or fine-tuned from a folder, on the images of the classifier's or the
 generator's record files; its checkpoints are AutoencoderKL folders that --vae takes.
 
-The same functions as every task module (see tasks.py). A batch's targets are its samples; the
+The functions of every task module (tasks/base.py). A batch's targets are its samples; the
 loss of a sample is
   recon + kl_weight * KL
   recon: mean over its pixel values of |x - x_hat| (--recon_loss l1) or (x - x_hat)^2 (mse)
@@ -346,10 +346,6 @@ def forward(model, batch, data, train):
     psnr = 10 * torch.log10(4 / mse.clamp_min(1e-10))
     return {"losses": recon_loss + data.kl_weight * kl, "recon": recon_loss, "kl": kl,
             "psnr": psnr, "latents": mean, "dataset_ids": batch["dataset_ids"]}
-
-
-def step_loss(outputs, totals, args):
-    return outputs["losses"].sum() / totals["samples"]
 
 
 class AutoencoderMetrics(PerDatasetSums):

@@ -3,7 +3,7 @@ task may leave out. A task is a module; tasks.register checks that it defines ev
 REQUIRED and gives it the defaults below for the rest, so a new task writes only what differs.
 
 Required:
-  NAME, MODEL_FILE (the file that marks a checkpoint of the task), DEFAULT_BEST_METRIC
+  NAME, MODEL_FILE (the file that marks a checkpoint of the task)
   load_data(args, say) -> data          every record read and checked before the first step;
                                         data.names (datasets, for per-dataset counts), data.train,
                                         data.val (None without validation files),
@@ -17,24 +17,28 @@ Required:
          persistent, prefetch_factor)   batches of data.train / data.val at `indices`, each a
                                         dict of tensors with "indices"; re-aimed with
                                         loader.sampler.set(indices, epoch)
-  forward(model, batch, data, train) -> outputs   what the metrics take (update(**outputs))
-  step_loss(outputs, totals, args) -> loss        normalised by the step's global COUNTS
-  new_metrics(data, args, device)       sums all-reducible exactly (metrics.PerDatasetSums)
+  forward(model, batch, data, train) -> outputs   what the metrics take (update(**outputs));
+                                        by default per-sample "losses" and "dataset_ids"
   save_model(folder, model, inputs, full_weights, data, args); load_model(folder, meta)
                                         -> (model, inputs, info)
   eval_data(args, folder, trained_args, world_size) -> (data, indices, key, summary)
                                         eval.py's data; key: what the results depend on
+Everything else below has a default: the step loss (step_loss over the global COUNTS), the
+metrics (new_metrics, report, progress, DEFAULT_BEST_METRIC), the epoch order, flags, and the
+hooks of eval.py and of the end of a run.
 """
 from dataset import train_indices
+from metrics import PerDatasetLoss
 from weights import WeightsMismatch
 
-REQUIRED = ("NAME", "MODEL_FILE", "DEFAULT_BEST_METRIC", "load_data", "build_model", "loader",
-            "forward", "step_loss", "new_metrics", "save_model", "load_model", "eval_data")
-OPTIONAL = ("COUNTS", "BORROWED_FLAGS", "FLAG_NEEDS", "EVAL_FLAG_NEEDS", "add_flags",
-            "add_eval_flags", "has_unused_parameters", "epoch_order", "prepare", "count_targets",
-            "report", "progress", "predictions", "per_class", "weight_sources", "eval_extras",
-            "extra_metrics", "finish")
+REQUIRED = ("NAME", "MODEL_FILE", "load_data", "build_model", "loader", "forward", "save_model",
+            "load_model", "eval_data")
+OPTIONAL = ("DEFAULT_BEST_METRIC", "COUNTS", "BORROWED_FLAGS", "FLAG_NEEDS", "EVAL_FLAG_NEEDS",
+            "add_flags", "add_eval_flags", "has_unused_parameters", "epoch_order", "prepare",
+            "count_targets", "step_loss", "new_metrics", "report", "progress", "predictions",
+            "per_class", "weight_sources", "eval_extras", "extra_metrics", "finish")
 
+DEFAULT_BEST_METRIC = "overall_loss"
 # The named target counts of a batch: what the step's loss is divided by, summed over the whole
 # step on all ranks (count_targets).
 COUNTS = ("samples",)
@@ -72,6 +76,17 @@ def prepare(batch, data, step, micro_index):
 
 def count_targets(batch):
     return {"samples": len(batch["indices"])}
+
+
+def step_loss(outputs, totals, args):
+    """The sum of the micro-batch's per-sample losses over the samples of the whole step on all
+    ranks (not a mean of micro-batch means: exact under accumulation and uneven batches)."""
+    return outputs["losses"].sum() / totals["samples"]
+
+
+def new_metrics(data, args, device):
+    """Sums all-reducible exactly: here the per-dataset mean of forward's per-sample `losses`."""
+    return PerDatasetLoss(data.names, device)
 
 
 def report(metrics, prefix, title, data):

@@ -1,6 +1,6 @@
 """--task classify: one masked classifier over several mixed image datasets.
 
-A task module exposes the functions listed in tasks.py; train.py's loop and eval.py call only
+A task module exposes the functions of tasks/base.py; train.py's loop and eval.py call only
 those, so neither branches on the task. Here a batch's target count is its number of samples,
 and the step loss is the sum of per-sample masked cross-entropies over the global sample count.
 """
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from augment import AUGMENTS, augment_config
+from augment import AUGMENTS, CROP_SCALE, RANDAUGMENT_M, RANDAUGMENT_N, augment_config
 from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
                      partial_eval_indices, plan_epochs, read_jsonl_files, summarize)
 from lora import (ADAPTER_FILE, add_lora, adapter_state, check_lora_flags, merged_state_dict,
@@ -102,10 +102,10 @@ def add_flags(parser):
       help="training augmentation on the fast image path (default: crop_flip for vision "
            "backbones, none for vision-language ones); a registry entry's augment / hflip "
            "overrides it per dataset. Evaluation keeps the processor's resize / crop")
-    a("--crop_scale", nargs=2, type=float, default=[0.08, 1.0], metavar=("MIN", "MAX"),
+    a("--crop_scale", nargs=2, type=float, default=list(CROP_SCALE), metavar=("MIN", "MAX"),
       help="area range of the random-resized crop")
-    a("--randaugment_n", type=int, default=2, help="RandAugment ops per image")
-    a("--randaugment_m", type=float, default=9, help="RandAugment magnitude (0-10)")
+    a("--randaugment_n", type=int, default=RANDAUGMENT_N, help="RandAugment ops per image")
+    a("--randaugment_m", type=float, default=RANDAUGMENT_M, help="RandAugment magnitude (0-10)")
     a("--mixup", type=float, default=0.0,
       help="Mixup alpha, lambda ~ Beta(alpha, alpha); a sample is mixed only with a sample of "
            "its own dataset in the micro-batch; 0 = off")
@@ -194,6 +194,9 @@ def build_model(args, data, dtype, meta=False):
                                      args.max_pixels, meta=meta)
     model = MaskedClassifier(backbone, data.label_space.num_labels, args.pooling,
                              inputs=inputs).to(dtype=dtype)
+    if args.prompt != DEFAULT_PROMPT and not model.token_inputs:
+        raise ValueError(f"--prompt is for vision-language backbones; {type(backbone).__name__} "
+                         "takes images only")
     set_trainable(model, args.freeze, args.train_only_head)
     if args.lora_rank:  # before gradient checkpointing and sharding: both see the adapters
         model.lora_targets = add_lora(model, args.lora_rank, args.lora_alpha,
@@ -257,11 +260,6 @@ def forward(model, batch, data, train):
                                   data.label_smoothing if train else 0.0)
     return {"losses": losses, "logits": logits.float(), "targets": targets,
             "dataset_ids": batch["dataset_ids"]}
-
-
-def step_loss(outputs, totals, args):
-    """Sum over the micro-batch / samples of the whole step on all ranks."""
-    return outputs["losses"].sum() / totals["samples"]
 
 
 def new_metrics(data, args, device):

@@ -1,6 +1,6 @@
-"""--task generate: one unified text + image generation model with a joint loss (unified.py).
+"""--task generate: one unified text + image generation model with a joint loss (tasks/unified.py).
 
-The same functions as every task module (see tasks.py). A batch's targets are its samples, its
+The functions of every task module (tasks/base.py). A batch's targets are its samples, its
 target text tokens and its noised image tokens; the step loss is
   text_loss_weight * (CE summed over target text tokens / their global count)
   + image_loss_weight * (patch-mean MSE summed over noised image tokens / their global count).

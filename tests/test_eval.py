@@ -132,3 +132,18 @@ def test_two_process_ddp_training_matches_one_process(small_data, tiny_vit, tmp_
             assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-3)
     final = [r for r in log2 if r["event"] == "final_eval"][0]
     assert (final["final_eval_digits_samples"], final["final_eval_faces_samples"]) == (21, 10)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--judge", "x", "--cfg_scale", "2"],
+     "--cfg_scale, --judge: for --task generate, not classify (checkpoint-6 is a classify "
+     "checkpoint)"),
+    (["--seed", "3"], "--seed: no effect without --partial"),
+])
+def test_eval_flags_that_cannot_act_on_the_checkpoint_are_refused(run_dir, flags, message,
+                                                                  capsys):
+    before = len(results(run_dir))
+    with pytest.raises(SystemExit) as e:
+        eval_script.main([str(run_dir / "checkpoint-6"), "--num_workers", "0", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert len(results(run_dir)) == before  # nothing recorded

@@ -326,6 +326,11 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
     ][0]
     assert row["eval_text_loss"] == pytest.approx(final["final_eval_text_loss"], rel=1e-5)
     assert row["eval_image_loss"] == pytest.approx(final["final_eval_image_loss"], rel=1e-5)
+    # a classifier's eval.py flag on a generation checkpoint: refused, nothing recorded
+    result = run_script("eval.py", tmp_path / "gen", "--num_workers", 0, "--partial")
+    assert result.returncode == 2
+    assert "--partial: for --task classify, not generate" in result.stderr
+    assert read_jsonl(tmp_path / "gen" / "eval_results.jsonl")[-1] == row
 
 
 def test_a_text_only_batch_still_gives_every_parameter_a_gradient(tiny_lm):

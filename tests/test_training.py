@@ -247,6 +247,18 @@ def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_
     assert len([r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["event"] == "train"]) == 1
 
 
+FLAGS_WITHOUT_EFFECT = {
+    "mix_prob": ["--mix_prob", 0.5],
+    "crop_scale": ["--augment", "none", "--crop_scale", 0.5, 1.0],
+    "randaugment": ["--augment", "crop_flip", "--randaugment_n", 3, "--randaugment_m", 5],
+    "prompt": ["--prompt", "Which {dataset} is it?"],
+    "keep_limit": ["--save_all_checkpoints", "--save_total_limit", 2],
+    "eval_steps": ["--no_partial_eval", "--eval_steps", 5],
+    "best_mode": ["--no_best_tracking", "--best_metric", "digits_loss", "--best_mode", "min"],
+    "overwrite": ["--resume", "latest", "--overwrite"],
+}
+
+
 @pytest.mark.parametrize("case, message", [
     ("label", "digits_train.jsonl:3: field 'label': 12 is outside [0, 10) for dataset 'digits'"),
     ("name",
@@ -263,6 +275,16 @@ def test_output_dir_with_checkpoints_needs_resume_or_overwrite(small_data, tiny_
     ("ema_metric", "--best_metric ema_overall_accuracy: the ema_ metrics are of the EMA weights"),
     ("other_task",
      "--kl_weight: for --task autoencoder, not classify; --vae: for --task generate, not classify"),
+    # a flag that cannot act under the others is an error, never a no-op
+    ("mix_prob", "--mix_prob: no effect without --mixup or --cutmix"),
+    ("crop_scale", "--crop_scale: no dataset is augmented with it (augmentation: digits none, "
+                   "faces none"),
+    ("randaugment", "--randaugment_n, --randaugment_m: no dataset is augmented with it"),
+    ("prompt", "--prompt is for vision-language backbones; ViTModel takes images only"),
+    ("keep_limit", "--save_total_limit: no effect without a keep limit"),
+    ("eval_steps", "--eval_steps: no effect without evaluation during training"),
+    ("best_mode", "--best_metric, --best_mode: no effect without best-model tracking"),
+    ("overwrite", "--overwrite: no effect without a new run"),
 ])
 def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, capsys, case,
                                                message):
@@ -283,6 +305,8 @@ def test_bad_input_stops_before_the_first_step(small_data, tiny_vit, tmp_path, c
         extra = ["--best_metric", "faces_top5_accuracy"]
     elif case == "other_task":
         extra = ["--vae", tmp_path, "--kl_weight", 0.1]
+    elif case in FLAGS_WITHOUT_EFFECT:
+        extra = FLAGS_WITHOUT_EFFECT[case]
     elif case.startswith("ema_"):
         extra = {"ema_decay": ["--ema_decay", 1], "ema_every": ["--ema_every", 2],
                  "ema_metric": ["--best_metric", "ema_overall_accuracy"]}[case]
@@ -378,3 +402,22 @@ def test_shipped_configs_parse(name):
         assert (args.task, args.image_size, args.image_channels, args.patch_size) == ("generate", 8,
                                                                                       1, 2)
         assert len(args.sample_prompts) == 10 and args.cfg_scale == 4.0
+
+
+@pytest.mark.parametrize("task, flags", [
+    ("generate", ["--pooling", "cls", "--prompt", "x", "--label_smoothing", 0.1,
+                  "--label_space", "disjoint", "--num_labels", 20, "--no_logits_masking",
+                  "--max_pixels", 1000]),
+    ("autoencoder", ["--pooling", "cls", "--label_smoothing", 0.1, "--no_logits_masking",
+                     "--freeze", "vision", "--on_bad_image", "skip", "--mixup", 0.2]),
+])
+def test_classifier_flags_are_refused_under_other_tasks(demo_dir, tmp_path, capsys, task, flags):
+    data = str(demo_dir / "digits" / "generate_train.jsonl")
+    with pytest.raises(SystemExit) as e:
+        run_train(["--task", task, "--model", "preset:qwen2-tiny", "--train_jsonl", data,
+                   "--output_dir", str(tmp_path), *map(str, flags)])
+    assert e.value.code == 2
+    names = sorted(f.lstrip("-") for f in flags if str(f).startswith("--"))
+    assert (f"{', '.join('--' + n for n in names)}: for --task classify, not {task}"
+            in capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
