@@ -430,6 +430,8 @@ class ImageTextInputs:
 
     def save_pretrained(self, folder):
         self.processor.save_pretrained(folder)
+        # transformers 5 folds the image processor into processor_config.json; its own file too
+        self.image_processor.save_pretrained(folder)
         for name in self.unloaded:  # with torchvision the checkpoint's processor loads whole
             shutil.copy(os.path.join(self.source, name), os.path.join(folder, name))
 
