@@ -5,26 +5,29 @@ tokenizer trained here, the processor files and a chat template). Nothing is dow
 FAMILIES maps a family name to its builder; tests/test_families.py trains, evaluates and exports
 each one, and docs/backbones.md lists them.
 """
+import json
+import os
+
 import torch
 import transformers
 
-from conftest import VISION_TOKENS, train_tokenizer
+from conftest import VISION_TOKENS, save_tiny_vlm, train_tokenizer
 
 SIZE = 32  # input pixels of the vision families (LeViT takes 64, MobileNetV2 16)
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
-def vit_processor(size=SIZE):
-    return transformers.ViTImageProcessorPil(size={"height": size, "width": size})
+def vit_processor():
+    return transformers.ViTImageProcessorPil(size={"height": SIZE, "width": SIZE})
 
 
-def convnext_processor(size=SIZE):
-    return transformers.ConvNextImageProcessorPil(size={"shortest_edge": size})
+def convnext_processor():
+    return transformers.ConvNextImageProcessorPil(size={"shortest_edge": SIZE})
 
 
-def bit_processor(size=SIZE):
-    return transformers.BitImageProcessorPil(size={"shortest_edge": size},
-                                             crop_size={"height": size, "width": size})
+def bit_processor():
+    return transformers.BitImageProcessorPil(size={"shortest_edge": SIZE},
+                                             crop_size={"height": SIZE, "width": SIZE})
 
 
 def save(folder, model, *processors):
@@ -131,8 +134,9 @@ def chat_template(image, user, end, opening, start=""):
 
 
 CHATML = dict(user="<|im_start|>{role}\n", end="<|im_end|>\n", opening="<|im_start|>assistant\n")
-LLAMA = dict(vocab_size=None, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
+CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
 
 
 def text_config(tokenizer, **extra):
@@ -140,8 +144,6 @@ def text_config(tokenizer, **extra):
 
 
 def write_json(folder, name, content):
-    import json
-    import os
     with open(os.path.join(folder, name), "w") as f:
         json.dump(content, f, indent=2)
 
@@ -160,7 +162,7 @@ def save_vlm(folder, model, tokenizer, image_processor, processor=None, processo
     if processor_config is not None:
         write_json(folder, "processor_config.json", processor_config)
         if tokenizer.chat_template:
-            with open(f"{folder}/chat_template.jinja", "w") as f:
+            with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
                 f.write(tokenizer.chat_template)
     if video_processor is not None:
         write_json(folder, "video_preprocessor_config.json", video_processor)
@@ -168,7 +170,6 @@ def save_vlm(folder, model, tokenizer, image_processor, processor=None, processo
 
 
 def qwen_vl(kind):
-    from conftest import save_tiny_vlm
     return lambda folder: save_tiny_vlm(folder, kind)
 
 
@@ -207,7 +208,7 @@ def llava(folder):
 
 
 def llava_onevision(folder):
-    tokenizer = train_tokenizer(VISION_TOKENS_CHATML + ["<image>", "<video>"],
+    tokenizer = train_tokenizer(CHATML_TOKENS + ["<image>", "<video>"],
                                 chat_template(image="<image>", **CHATML))
     pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
     config = T.LlavaOnevisionConfig(
@@ -227,13 +228,10 @@ def llava_onevision(folder):
                                      "size": {"height": 28, "width": 28}})
 
 
-VISION_TOKENS_CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
 def internvl(folder):
     named = {"start_image_token": "<img>", "end_image_token": "</img>",
              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
-    tokenizer = train_tokenizer(VISION_TOKENS_CHATML + list(named.values()),
+    tokenizer = train_tokenizer(CHATML_TOKENS + list(named.values()),
                                 chat_template(image="<IMG_CONTEXT>\n", **CHATML),
                                 extra_special_tokens=named)
     config = T.InternVLConfig(
