@@ -135,6 +135,11 @@ class MaskedClassifier(nn.Module):
         modes = eval_mode(self.backbone)  # BatchNorm in training mode refuses a batch of one
         try:
             outputs = meta_forward(self.backbone, example)
+        except Exception as e:  # noqa: BLE001 - a family whose forward needs values
+            raise ValueError(f"{type(self.backbone).__name__}: its forward does not run on the "
+                             f"meta device ({type(e).__name__}: {str(e)[:200]}), so its feature "
+                             "width cannot be measured (docs/backbones.md lists the families "
+                             "tested)") from None
         finally:
             restore_modes(modes)
         return self.pool(outputs, {k: v.to("meta") for k, v in example.items()}).shape[-1]
