@@ -4,12 +4,16 @@ structure (blocks, a vision-language model's vision tower and language model, FS
 activation checkpointing) and the train / eval modes and autocast every task's model runs in.
 
 Backbones are vision models (ViT, ResNet, ConvNeXt, the vision tower of CLIP/SigLIP) fed
-pixel_values, or vision-language models (Qwen2-VL, Qwen2.5-VL and other image-text-to-text
-models) fed a short prompt with the image's placeholder tokens.
+what their image processor returns, or vision-language models (Qwen2-VL, LLaVA, Gemma3 and other
+image-text-to-text models) fed a short prompt with the image's placeholder, through their
+processor. docs/backbones.md lists the families tested.
 """
+import inspect
 import json
 import os
+import shutil
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 import torch.nn as nn
@@ -64,20 +68,6 @@ def is_vision_language(config):
     return type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 
-def backbone_feature_dim(config):
-    if is_vision_language(config):
-        config = config.get_text_config()
-    for name in ("hidden_size", "embed_dim"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    if getattr(config, "hidden_sizes", None):
-        return config.hidden_sizes[-1]
-    raise ValueError(
-        f"cannot tell the feature size of a {type(config).__name__}: it has no hidden_size or "
-        "hidden_sizes"
-    )
-
-
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 
 
@@ -125,6 +115,16 @@ def say(message):
         print(message)
 
 
+TOLD = set()
+
+
+def say_once(message):
+    """say() a note once per process, however many folders load (eval.py's checkpoints)."""
+    if message not in TOLD:
+        TOLD.add(message)
+        say(message)
+
+
 def from_pretrained(model_class, folder, **kwargs):
     """model_class.from_pretrained without transformers' load report; missing weights are reported
     here.
@@ -161,7 +161,7 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
     meta: a folder's backbone gets its parameters on the meta device, nothing read (FSDP2 shards
     it, then each rank reads its shards: weights.read_weights); a preset is built whole.
     """
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     preset = name_or_path.startswith("preset:")
@@ -189,11 +189,10 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
                                    **({"dtype": dtype} if dtype else {}))
     say(f"attention: {backbone.config._attn_implementation}")
     if vision_language:
-        return backbone, ImageTextInputs.from_folder(name_or_path, config, prompt, min_pixels,
+        vision_language_parts(backbone)  # a family whose parts cannot be found stops here
+        return backbone, ImageTextInputs.from_folder(name_or_path, backbone, prompt, min_pixels,
                                                      max_pixels)
-    return backbone, ImageInputs(
-        AutoImageProcessor.from_pretrained(name_or_path,
-                                           trust_remote_code=LOADING.trust_remote_code))
+    return backbone, ImageInputs(load_image_processor(name_or_path), forward_names(backbone))
 
 
 def build_empty(model_class, folder, config, dtype=None, attention=None):
@@ -249,96 +248,161 @@ def build_preset(name, seed=0):
     # Plain resize + [-1, 1] scaling; the PIL backend needs no torchvision.
     image_processor = ViTImageProcessorPil(size={"height": size, "width": size},
                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return backbone, ImageInputs(image_processor)
+    return backbone, ImageInputs(image_processor, forward_names(backbone))
+
+
+def forward_names(backbone):
+    """The arguments the backbone's forward takes by name: which processor outputs reach it
+    (never `labels`, which PaliGemma's processor returns: the labels are the classifier's)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(name for name, p in inspect.signature(backbone.forward).parameters.items()
+                 if p.kind in kinds and name != "labels")
+
+
+def load_image_processor(folder):
+    """The folder's image processor; one that only runs on torchvision (DINOv3's) is an error that
+    says to install it."""
+    from transformers import AutoImageProcessor
+    try:
+        return AutoImageProcessor.from_pretrained(folder,
+                                                  trust_remote_code=LOADING.trust_remote_code)
+    except (ImportError, ValueError) as e:
+        if "torchvision" not in str(e).lower():
+            raise
+        path, name = os.path.join(folder, "preprocessor_config.json"), "its image processor"
+        if os.path.isfile(path):
+            with open(path) as f:
+                name = json.load(f).get("image_processor_type", name)
+        raise ValueError(f"{folder}: {name} runs on torchvision only, which is not installed: "
+                         "pip install torchvision") from None
+
+
+def first_line(error):
+    """The first sentence of an exception's message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
+
+
+def load_processor(folder, config):
+    """(processor, names of the folder's files it did not load) of a vision-language folder.
+
+    The folder's AutoProcessor where it loads. Where it does not (a video processor needs
+    torchvision: Qwen-VL, InternVL, LLaVA-OneVision, SmolVLM; a checkpoint saved without one has
+    no video processor file), the same processor class is built from the image processor and
+    tokenizer alone: images go through the processor's own code, so the inputs are those the
+    whole processor builds (the user is told once). Otherwise the error says what is missing.
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    try:
+        return AutoProcessor.from_pretrained(folder,
+                                             trust_remote_code=LOADING.trust_remote_code), []
+    except Exception as e:  # noqa: BLE001 - the processor built below, or an error that says why
+        reason = first_line(e)
+    processor_class = PROCESSOR_MAPPING[type(config)] if type(config) in PROCESSOR_MAPPING else None
+    parts = processor_class.get_attributes() if processor_class is not None else []
+    kept, left_out = parts[:2], parts[2:]
+    image_processor = load_image_processor(folder)  # one that runs on torchvision only says so
+    if kept != ["image_processor", "tokenizer"] or not all("video" in p for p in left_out):
+        install = "; pip install torchvision" if "torchvision" in reason.lower() else ""
+        raise ValueError(f"{folder}: cannot load its processor ({reason}){install}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder,
+                                                  trust_remote_code=LOADING.trust_remote_code)
+        # the class itself, told that its parts are the image processor and tokenizer
+        images_only = type(processor_class.__name__, (processor_class,),
+                           {"get_attributes": classmethod(lambda cls: list(kept))})
+        settings, _ = processor_class.get_processor_dict(folder)
+        processor = images_only.from_args_and_dict(
+            [image_processor, tokenizer] + [None] * len(left_out), settings)
+    except Exception as e:  # noqa: BLE001 - e.g. SmolVLM's processor needs num2words
+        raise ValueError(f"{folder}: cannot build {processor_class.__name__} ({first_line(e)})"
+                         ) from None
+    say_once(f"note: {folder}: its {', '.join(left_out)} cannot load ({reason}); images go "
+             f"through {processor_class.__name__} without it, which builds the same inputs")
+    unloaded = [name for name in ("video_preprocessor_config.json",)
+                if os.path.isfile(os.path.join(folder, name))]
+    return processor, unloaded
 
 
 class ImageInputs:
-    """Vision backbones: PIL images -> {"pixel_values"} with the model's image processor.
+    """Vision backbones: PIL images -> what the image processor returns that the backbone's forward
+    takes (pixel_values; SigLIP2's pixel_attention_mask and spatial_shapes too).
 
-    recipe: the processor in the fast image path's terms (preprocess.pixel_recipe; None where
-    the path cannot reproduce it); pixel_normalize: the matching on-device normalisation to
-    give MaskedClassifier.
+    recipe: the processor in the fast image path's terms (preprocess.pixel_recipe; None where the
+    path cannot reproduce it, or where the processor gives more than pixel_values);
+    pixel_normalize: the matching on-device normalisation, which MaskedClassifier takes from here.
     """
 
     prompt = None
 
-    def __init__(self, image_processor):
+    def __init__(self, image_processor, accepted=("pixel_values",)):
         from preprocess import PixelNormalize, pixel_recipe
-        self.image_processor = image_processor
-        self.recipe = pixel_recipe(image_processor)
+        self.image_processor, self.accepted = image_processor, tuple(accepted)
+        keys = set(self.example())
+        if "pixel_values" not in keys:
+            raise ValueError(f"{type(image_processor).__name__} gives no pixel_values that the "
+                             f"backbone takes (its forward takes {', '.join(self.accepted)})")
+        self.recipe = pixel_recipe(image_processor) if keys == {"pixel_values"} else None
         self.pixel_normalize = PixelNormalize(self.recipe) if self.recipe is not None else None
 
     def __call__(self, images, dataset_names):
-        return {
-            "pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        }
+        batch = self.image_processor(images=images, return_tensors="pt")
+        return {k: v for k, v in batch.items() if k in self.accepted}
+
+    def example(self):
+        """The inputs of one blank image, for measuring what the backbone returns."""
+        from PIL import Image
+        return self([Image.new("RGB", (64, 64))], ["example"])
 
     def save_pretrained(self, folder):
         self.image_processor.save_pretrained(folder)
 
 
 class ImageTextInputs:
-    """Vision-language backbones: PIL images + a prompt per sample -> the model's forward arguments.
+    """Vision-language backbones: PIL images + a prompt per sample -> the model's forward arguments,
+    built by the folder's processor (see load_processor).
 
-    The text is the folder's chat template applied to one user turn (the image, then the
-    prompt, with {dataset} replaced by the sample's dataset name) and the assistant turn
-    opened, or `<vision_start><image><vision_end>prompt` without a template. The folder's
-    AutoProcessor builds the batch where it loads; where it cannot (its video processor needs
-    torchvision), the image processor + tokenizer do the same: the one image placeholder is
-    repeated grid_t * grid_h * grid_w / merge_size**2 times, and mm_token_type_ids marks those
-    tokens with 1 (Qwen2-VL's multimodal RoPE is built from it).
+    The text is the folder's chat template applied to one user turn (the image, then the prompt,
+    with {dataset} replaced by the sample's dataset name) and the assistant turn opened; without
+    a template, the image placeholder (between the model's vision start / end tokens where it has
+    them), then the prompt. The placeholder is the processor's own (`image_token`; Gemma3's is
+    <start_of_image>), which the processor expands into the image's tokens. Each image goes to the
+    processor as a list of its own: one image per sample for every family (Mllama, Gemma3 and
+    Idefics3 read a flat list as one sample's images). What reaches the backbone is what the
+    processor returns and its forward takes (mm_token_type_ids, token_type_ids, image grids, ...).
     """
 
-    def __init__(self, image_processor, tokenizer, config, prompt=DEFAULT_PROMPT, processor=None,
-                 chat_template=None):
-        self.image_processor, self.tokenizer, self.processor = image_processor, tokenizer, processor
+    def __init__(self, processor, config, accepted, prompt=DEFAULT_PROMPT, chat_template=None,
+                 source=None, unloaded=()):
+        self.processor, self.accepted = processor, tuple(accepted)
+        self.image_processor, self.tokenizer = processor.image_processor, processor.tokenizer
         self.prompt = prompt or DEFAULT_PROMPT
-        self.image_token_id = config.image_token_id
-        self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
-        if self.image_token is None or tokenizer.convert_tokens_to_ids(
-                self.image_token) != config.image_token_id:
-            raise ValueError(
-                f"the tokenizer has no token for the model's image_token_id {config.image_token_id}"
-            )
+        self.source, self.unloaded = source, list(unloaded)  # files carried into checkpoints
+        tokenizer = self.tokenizer
+        self.image_token = getattr(processor, "image_token", None)
+        if self.image_token is None or tokenizer.convert_tokens_to_ids(self.image_token) in (
+                None, tokenizer.unk_token_id):
+            raise ValueError(f"{type(processor).__name__}: its tokenizer has no image placeholder "
+                             f"token ({self.image_token!r})")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if chat_template and not tokenizer.chat_template:
             tokenizer.chat_template = chat_template
-        markers = [getattr(config, "vision_start_token_id", None), config.image_token_id,
-                   getattr(config, "vision_end_token_id", None)]
-        self.image_marker = "".join(
-            tokenizer.convert_ids_to_tokens(i) for i in markers if i is not None)
-        if processor is None and getattr(image_processor, "merge_size", None) is None:
-            raise ValueError(
-                f"{type(image_processor).__name__} returns no image grid: without the model's "
-                f"AutoProcessor the image placeholders cannot be expanded")
+        start, end = (getattr(config, f"vision_{edge}_token_id", None) for edge in ("start", "end"))
+        self.image_marker = "".join([*tokenizer.convert_ids_to_tokens([start] if start else []),
+                                     self.image_token,
+                                     *tokenizer.convert_ids_to_tokens([end] if end else [])])
         self.texts = {}
 
     @classmethod
-    def from_folder(cls, folder, config, prompt=DEFAULT_PROMPT, min_pixels=None, max_pixels=None):
-        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-        try:
-            processor = AutoProcessor.from_pretrained(folder,
-                                                      trust_remote_code=LOADING.trust_remote_code)
-        except Exception as e:  # e.g. Qwen2-VL's video processor needs torchvision
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
-            say(f"note: AutoProcessor cannot load {folder} ({reason}); using its image processor "
-                "and tokenizer"
-                )
-            processor = None
-        if processor is not None:
-            processor.image_processor = with_pixel_bounds(processor.image_processor, min_pixels,
-                                                          max_pixels)
-            image_processor, tokenizer = processor.image_processor, processor.tokenizer
-        else:
-            image_processor = with_pixel_bounds(
-                AutoImageProcessor.from_pretrained(folder,
-                                                   trust_remote_code=LOADING.trust_remote_code),
-                min_pixels, max_pixels)
-            tokenizer = AutoTokenizer.from_pretrained(folder,
-                                                      trust_remote_code=LOADING.trust_remote_code)
+    def from_folder(cls, folder, backbone, prompt=DEFAULT_PROMPT, min_pixels=None,
+                    max_pixels=None):
+        processor, unloaded = load_processor(folder, backbone.config)
+        processor.image_processor = with_pixel_bounds(processor.image_processor, min_pixels,
+                                                      max_pixels)
         chat_template = getattr(processor, "chat_template", None) or read_chat_template(folder)
-        return cls(image_processor, tokenizer, config, prompt, processor, chat_template)
+        return cls(processor, backbone.config, forward_names(backbone), prompt, chat_template,
+                   folder, unloaded)
 
     def text(self, dataset_name):
         if dataset_name not in self.texts:
@@ -360,24 +424,16 @@ class ImageTextInputs:
 
     def __call__(self, images, dataset_names):
         texts = [self.text(name) for name in dataset_names]
-        if self.processor is not None:
-            return dict(self.processor(images=images, text=texts, padding=True,
-                                       return_tensors="pt"))
-        vision = self.image_processor(images=images, return_tensors="pt")
-        counts = (vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
-        texts = [t.replace(self.image_token, self.image_token * n) for t, n in zip(texts, counts)]
-        text = self.tokenizer(texts, padding=True, return_tensors="pt")
-        return {
-            **text,
-            **vision, "mm_token_type_ids": (text["input_ids"] == self.image_token_id).long()
-        }
+        batch = self.processor(images=[[image] for image in images], text=texts, padding=True,
+                               return_tensors="pt")
+        return {k: v for k, v in batch.items() if k in self.accepted}
 
     def save_pretrained(self, folder):
-        if self.processor is not None:
-            self.processor.save_pretrained(folder)
-        else:
-            self.image_processor.save_pretrained(folder)
-            self.tokenizer.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+        # transformers 5 folds the image processor into processor_config.json; its own file too
+        self.image_processor.save_pretrained(folder)
+        for name in self.unloaded:  # with torchvision the checkpoint's processor loads whole
+            shutil.copy(os.path.join(self.source, name), os.path.join(folder, name))
 
 
 def read_chat_template(folder):
@@ -413,15 +469,31 @@ def enable_activation_checkpointing(backbone):
 
 
 def vision_language_parts(backbone):
-    """(vision tower, language trunk) of a vision-language backbone, found by the names transformers
-    uses."""
-    vision = next((getattr(backbone, n) for n in ("visual", "vision_tower", "vision_model")
-                   if isinstance(getattr(backbone, n, None), nn.Module)), None)
-    language = getattr(backbone, "language_model", None)
-    if vision is None or not isinstance(language, nn.Module):
-        raise ValueError(
-            f"{type(backbone).__name__}: cannot find its vision tower and language model")
+    """(vision tower, language model) of a vision-language backbone, as transformers names them
+    (get_encoder("image"): visual, vision_tower, vision_model; get_decoder(): language_model,
+    text_model). A model where they cannot be found is refused, naming its class."""
+    vision, language = backbone.get_encoder(modality="image"), backbone.get_decoder()
+    if vision is backbone or language is backbone or vision is language or not all(
+            isinstance(m, nn.Module) for m in (vision, language)):
+        raise ValueError(f"{type(backbone).__name__}: cannot find its vision tower and language "
+                         "model, so it cannot be trained as a classifier here (docs/backbones.md "
+                         "lists the families that can)")
     return vision, language
+
+
+def meta_forward(backbone, batch):
+    """backbone(**batch) on the meta device: the outputs' shapes, with no memory and no compute.
+
+    Floating-point inputs go to the meta device; integer ones (image grids, SigLIP2's spatial
+    shapes) stay real, since shapes follow their values; masks are left out (telling whether one
+    is all ones needs its values, and a mask changes no shape)."""
+    state = {name: torch.empty_like(t, device="meta")
+             for name, t in chain(backbone.named_parameters(), backbone.named_buffers())}
+    batch = {k: None if k.endswith("mask") else
+             v.to("meta", backbone.dtype) if v.is_floating_point() else v
+             for k, v in batch.items()}
+    with torch.no_grad():
+        return torch.func.functional_call(backbone, state, (), batch, strict=False)
 
 
 def layer_blocks(backbone):
@@ -448,12 +520,16 @@ def layer_blocks(backbone):
 
 
 def merger_of(backbone, vision):
-    """The projector between a vision-language model's vision tower and its LLM, or None:
-    Qwen2-VL's visual.merger, LLaVA's multi_modal_projector."""
-    for owner, name in ((vision, "merger"), (backbone, "multi_modal_projector")):
-        if isinstance(getattr(owner, name, None), nn.Module):
-            return getattr(owner, name)
-    return None
+    """The projector between a vision-language model's vision tower and its language model, or
+    None: the one part of the model outside both (LLaVA's multi_modal_projector, Idefics3's
+    connector), else the tower's own merger (Qwen2-VL's visual.merger)."""
+    language = vision_language_parts(backbone)[1]
+    outside = [m for m in backbone.children() if m is not vision and m is not language
+               and any(True for _ in m.parameters())]
+    if len(outside) == 1:
+        return outside[0]
+    merger = getattr(vision, "merger", None)
+    return merger if not outside and isinstance(merger, nn.Module) else None
 
 
 def fsdp_units(backbone):

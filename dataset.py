@@ -588,7 +588,7 @@ def make_loader(records, indices, inputs, dataset_names, *, batch_size, num_work
     dataset_ids, indices (and "skipped" with skip_bad_images).
 
     fast_path: vision backbones whose processor has a preprocess.pixel_recipe (inputs.recipe)
-    get uint8 pixel_values, which MaskedClassifier(pixel_normalize=inputs.pixel_normalize)
+    get uint8 pixel_values, which MaskedClassifier(..., inputs=inputs) (inputs.pixel_normalize)
     normalises on the device; other inputs keep the processor path. augment: an
     augment.AugmentConfig for training (None: the processor's deterministic resize/crop, as
     for evaluation); epoch seeds its draws. draft: let JPEGs decode at reduced scale

@@ -71,6 +71,17 @@ TARGET_POOLINGS = {
     "Swinv2ForImageClassification": ({"pooler", "mean"}, "the mean of the final tokens"),
     "SiglipForImageClassification": ({"mean"}, "the mean of last_hidden_state over all tokens "
                                      "(not the attention-pooling head)"),
+    "Siglip2ForImageClassification": ({"mean"}, "the mean of last_hidden_state over the real "
+                                      "(unpadded) patches (not the attention-pooling head)"),
+    "BeitForImageClassification": ({"pooler"}, "the pooler output (the layer-normed mean of the "
+                                   "patch tokens)"),
+    "EfficientNetForImageClassification": ({"pooler", "map_mean"}, "the averaged final feature "
+                                           "map"),
+    "MobileNetV2ForImageClassification": ({"pooler", "map_mean"}, "the averaged final feature "
+                                          "map"),
+    "MobileViTForImageClassification": ({"pooler", "map_mean"}, "the averaged final feature map"),
+    "FocalNetForImageClassification": ({"pooler", "mean"}, "the mean of the final tokens"),
+    "LevitForImageClassification": ({"pooler", "mean"}, "the mean of the final tokens"),
     "CLIPForImageClassification": (set(), "the mean of the patch tokens before post_layernorm, "
                                    "which no --pooling computes"),
 }
@@ -86,6 +97,20 @@ def source_pooling(model, outputs):
         return "pooler"
     return "map_mean" if outputs.last_hidden_state.dim() == 4 else (
         "cls" if model.pooling == "cls" else "mean")
+
+
+def image_classification_class(config):
+    """The *ForImageClassification class transformers maps `config` to; of several (DeiT, LeViT:
+    with a distillation head too), the plain classifier."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+    classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)]
+    if not isinstance(classes, (tuple, list)):
+        return classes
+    plain = [c for c in classes if c.__name__.endswith("ForImageClassification")]
+    if len(plain) != 1:
+        raise ExportError(f"transformers maps {type(config).__name__} to "
+                          f"{', '.join(c.__name__ for c in classes)}: none is the plain classifier")
+    return plain[0]
 
 
 def target_config(config, num_classes, names):
@@ -105,7 +130,7 @@ def target_config(config, num_classes, names):
     target.id2label = dict(enumerate(names))
     target.label2id = {name: i for i, name in enumerate(names)}
     target.problem_type = "single_label_classification"  # softmax in the pipeline, even for 1 class
-    target.architectures = [MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(target)].__name__]
+    target.architectures = [image_classification_class(target).__name__]
     return target
 
 
@@ -151,15 +176,18 @@ def copy_backbone(backbone, target):
     wanted = inner.state_dict()
     missing = [k for k in wanted if k not in weights or weights[k].shape != wanted[k].shape]
     if missing:
-        raise ExportError(f"{type(target).__name__} expects weights the backbone does not have "
-                          f"or has in another shape: {missing[:5]}")
+        parts = sorted({k.split(".")[0] for k in missing})
+        raise ExportError(f"{type(target).__name__} needs parts the backbone was built without or "
+                          f"in another shape: {', '.join(parts)} ({missing[:5]}); it cannot hold "
+                          "this checkpoint")
     inner.load_state_dict({k: weights[k] for k in wanted})
 
 
 def set_classifier(target, weight, bias):
-    """Write the dataset's head rows into the target's classifier (the last Linear of it)."""
-    linears = [m for m in getattr(target, "classifier", nn.Identity()).modules()
-               if isinstance(m, nn.Linear)]
+    """Write the dataset's head rows into the target's classifier (the last Linear of it; a norm
+    before it, LeViT's BatchNorm, is set to the identity)."""
+    classifier = getattr(target, "classifier", nn.Identity())
+    linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ExportError(f"{type(target).__name__} has no linear classifier to hold the head")
     linear = linears[-1]
@@ -173,6 +201,10 @@ def set_classifier(target, weight, bias):
     with torch.no_grad():
         linear.weight.copy_(weight.to(linear.weight.dtype))
         linear.bias.copy_(bias.to(linear.bias.dtype))
+        for norm in classifier.modules():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):  # (x - 0) / sqrt(1 - eps + eps)
+                norm.reset_parameters()
+                norm.running_var.fill_(1 - norm.eps)
 
 
 def random_image(seed=0, size=64):
@@ -185,7 +217,6 @@ def random_image(seed=0, size=64):
 def export(checkpoint, dataset, out):
     """Write `dataset`'s classifier of `checkpoint` to the folder `out`; returns the model."""
     from transformers import AutoConfig, AutoImageProcessor
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
     out = os.path.normpath(out)
     note = recover_folder(out)  # a swap a kill interrupted: the earlier export back
@@ -210,12 +241,13 @@ def export(checkpoint, dataset, out):
             else slice(0, info["num_labels"]))
     names = class_names(info, dataset, masked)
     config = target_config(model.backbone.config, len(names), names)
-    target_class = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)]
+    target_class = image_classification_class(config)
     name = target_class.__name__
 
-    image = random_image()
-    pixel_values = inputs([image], [dataset])["pixel_values"].to(model.head.weight.dtype)
-    outputs = model.backbone(pixel_values=pixel_values)
+    dtype = model.head.weight.dtype
+    batch = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in inputs([random_image()], [dataset]).items()}
+    outputs = model.backbone(**batch)
     pooling = source_pooling(model, outputs)
     expressible, reads = TARGET_POOLINGS.get(name, (None, None))
     if expressible is not None and pooling not in expressible:
@@ -227,10 +259,10 @@ def export(checkpoint, dataset, out):
     copy_backbone(model.backbone, target)
     set_classifier(target, model.head.weight[rows], model.head.bias[rows])
 
-    expected = model.head(model.pool(outputs))[:, rows].float()
-    got = target(pixel_values=pixel_values).logits.float()
+    expected = model.head(model.pool(outputs, batch))[:, rows].float()
+    got = target(**batch).logits.float()
     scale = max(1.0, expected.abs().max().item())
-    tolerance = (1e-4 if pixel_values.dtype == torch.float32 else 3e-2) * scale
+    tolerance = (1e-4 if dtype == torch.float32 else 3e-2) * scale
     if not torch.allclose(got, expected, atol=tolerance, rtol=0):
         gap = (got - expected).abs().max().item()
         raise ExportError(f"{name} does not reproduce the checkpoint's logits (max difference "

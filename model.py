@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from backbone import is_vision_language, load_backbone, vision_language_parts, backbone_feature_dim
+from backbone import (eval_mode, is_vision_language, load_backbone, meta_forward,
+                      restore_modes, vision_language_parts)
 
 
 CLASSIFIER_FILE = "classifier.json"
@@ -92,12 +93,18 @@ def pool_tokens(hidden, attention_mask, pooling):
 
 
 class MaskedClassifier(nn.Module):
-    """backbone -> pooled feature -> Linear(num_labels). Masking is applied by the caller."""
+    """backbone -> pooled feature -> Linear(num_labels). Masking is applied by the caller.
 
-    def __init__(self, backbone, num_labels, pooling="auto", pixel_normalize=None):
+    inputs: the backbone's batch builder (load_backbone returns it): its uint8 normalisation
+    (the fast image path) and an example batch for measuring the feature width. The width is the
+    backbone's own: a vision-language model's language model width (its token embeddings), a
+    vision backbone's pooled output of the example on the meta device (no memory, no compute).
+    """
+
+    def __init__(self, backbone, num_labels, pooling="auto", *, inputs):
         super().__init__()
         # uint8 pixel_values (the fast image path) -> normalised floats on the device; not state
-        self.pixel_normalize = pixel_normalize
+        self.pixel_normalize = getattr(inputs, "pixel_normalize", None)
         if pooling not in POOLINGS:
             raise ValueError(f"--pooling must be one of {POOLINGS}, got {pooling!r}")
         self.token_inputs = is_vision_language(backbone.config)
@@ -111,43 +118,83 @@ class MaskedClassifier(nn.Module):
             raise ValueError(
                 f"--pooling last is for vision-language backbones; {name} takes pooler, cls or mean"
             )
+        if pooling == "cls" and not has_cls_token(backbone):
+            raise ValueError(f"--pooling cls: {name} has no CLS token (no cls_token or "
+                             "class_embedding parameter); use --pooling auto or mean")
         self.backbone = backbone
         self.pooling = ("last" if self.token_inputs else "auto") if pooling == "auto" else pooling
-        self.head = nn.Linear(backbone_feature_dim(backbone.config), num_labels,
-                              dtype=backbone.dtype)
+        self.head = nn.Linear(self.feature_width(inputs), num_labels, dtype=backbone.dtype)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def pool(self, outputs):
+    def feature_width(self, inputs):
+        if self.token_inputs:
+            language = vision_language_parts(self.backbone)[1]
+            return language.get_input_embeddings().embedding_dim
+        example = inputs.example()
+        modes = eval_mode(self.backbone)  # BatchNorm in training mode refuses a batch of one
+        try:
+            outputs = meta_forward(self.backbone, example)
+        except Exception as e:  # noqa: BLE001 - a family whose forward needs values
+            raise ValueError(f"{type(self.backbone).__name__}: its forward does not run on the "
+                             f"meta device ({type(e).__name__}: {str(e)[:200]}), so its feature "
+                             "width cannot be measured (docs/backbones.md lists the families "
+                             "tested)") from None
+        finally:
+            restore_modes(modes)
+        return self.pool(outputs, {k: v.to("meta") for k, v in example.items()}).shape[-1]
+
+    def pool(self, outputs, inputs=None):
+        """The pooled feature of a vision backbone's outputs; `inputs` may hold a mask of its
+        output tokens (SigLIP2's pixel_attention_mask marks the padding patches)."""
         pooled = getattr(outputs, "pooler_output", None)
         if self.pooling in ("auto", "pooler") and pooled is not None:
             return pooled.flatten(1)  # ResNet's pooler output is (B, C, 1, 1)
         if self.pooling == "pooler":
             raise ValueError(
-                f"{type(self.backbone).__name__} returns no pooler_output; use --pooling cls or "
-                "mean"
+                f"--pooling pooler: {type(self.backbone).__name__} returns no pooler_output; use "
+                "--pooling auto or mean"
             )
         hidden = outputs.last_hidden_state
         if hidden.dim() == 4:  # convolutional feature map (B, C, H, W)
             return hidden.mean(dim=(2, 3))
-        return hidden[:, 0] if self.pooling == "cls" else hidden.mean(dim=1)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = token_mask(inputs or {}, hidden)
+        return hidden.mean(dim=1) if mask is None else pool_tokens(hidden, mask, "mean")
 
     def features(self, **inputs):
         pixels = inputs.get("pixel_values")
         if pixels is not None and pixels.dtype == torch.uint8:
             if self.pixel_normalize is None:
                 raise ValueError("uint8 pixel_values (the fast image path) need the processor's "
-                                 "normalisation: MaskedClassifier(..., pixel_normalize="
-                                 "inputs.pixel_normalize)")
+                                 "normalisation: MaskedClassifier(..., inputs=inputs) with the "
+                                 "inputs of load_backbone")
             pixels = self.pixel_normalize(pixels, self.head.weight.dtype)
             inputs = {**inputs, "pixel_values": pixels}
         if self.token_inputs:
             outputs = self.backbone(**inputs, use_cache=False)
             return pool_tokens(outputs.last_hidden_state, inputs["attention_mask"], self.pooling)
-        return self.pool(self.backbone(**inputs))
+        return self.pool(self.backbone(**inputs), inputs)
 
     def forward(self, **inputs):
         return self.head(self.features(**inputs))
+
+
+def has_cls_token(backbone):
+    """Does the backbone prepend a learned class token (ViT, DeiT, BEiT, DINOv2/v3: cls_token;
+    CLIP: class_embedding) to its output tokens?"""
+    return any(name.rsplit(".", 1)[-1] in ("cls_token", "class_embedding")
+               for name, _ in backbone.named_parameters())
+
+
+def token_mask(inputs, hidden):
+    """The input marking which of the backbone's output tokens are real (its length is theirs),
+    or None."""
+    for name, value in inputs.items():
+        if name.endswith("attention_mask") and tuple(value.shape) == tuple(hidden.shape[:2]):
+            return value
+    return None
 
 
 def set_trainable(model, freeze="none", train_only_head=False):
@@ -206,7 +253,7 @@ def load_classifier(folder, pooling=None, meta=False):
     info = read_classifier_info(folder)
     backbone, inputs = load_backbone(folder, prompt=info.get("prompt"), meta=meta)
     model = MaskedClassifier(backbone, info["num_labels"], pooling or info.get("pooling", "auto"),
-                             getattr(inputs, "pixel_normalize", None))
+                             inputs=inputs)
     load_head(model, folder)
     return model, inputs, info
 

@@ -97,7 +97,8 @@ def vision_language_lr_parts(backbone, named, lr, vision_lr, merger_lr):
     merger = merger_of(backbone, vision)
     if merger_lr is not None and merger is None:
         raise ValueError(f"--merger_lr: cannot find the projector of {type(backbone).__name__} "
-                         "(visual.merger or multi_modal_projector)")
+                         "(the one part outside its vision tower and language model, or the "
+                         "tower's merger)")
     in_merger = {id(p) for p in merger.parameters()} if merger is not None else set()
     in_vision = {id(p) for p in vision.parameters()} - in_merger
     scale = lambda rate: 1.0 if rate is None else rate / lr  # noqa: E731

@@ -194,7 +194,7 @@ def build_model(args, data, dtype, meta=False):
     backbone, inputs = load_backbone(args.model, args.seed, dtype, args.prompt, args.min_pixels,
                                      args.max_pixels, meta=meta)
     model = MaskedClassifier(backbone, data.label_space.num_labels, args.pooling,
-                             getattr(inputs, "pixel_normalize", None)).to(dtype=dtype)
+                             inputs=inputs).to(dtype=dtype)
     if args.prompt != DEFAULT_PROMPT and not model.token_inputs:
         raise ValueError(f"--prompt is for vision-language backbones; {type(backbone).__name__} "
                          "takes images only")
@@ -217,9 +217,10 @@ def build_model(args, data, dtype, meta=False):
 
 
 def has_unused_parameters(args, model):
-    """DDP must look for them: with --pooling cls/mean a vision backbone's pooler gets no gradient.
-    """
-    return not model.token_inputs and args.pooling in ("cls", "mean")
+    """DDP must look for them: with --pooling cls/mean a vision backbone's pooler gets no gradient;
+    a vision-language model's vision tower often holds layers its language model never reads
+    (those after the feature layer it takes, SigLIP's attention-pooling head)."""
+    return model.token_inputs or args.pooling in ("cls", "mean")
 
 
 def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed=0, epoch=0,

@@ -154,9 +154,10 @@ VISION_TOKENS = [
 ]
 
 
-def train_tokenizer():
-    """A byte-level BPE tokenizer trained here (nothing downloaded) that holds Qwen's vision special
-    tokens."""
+def train_tokenizer(special_tokens=VISION_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
+                    eos_token="<|im_end|>", pad_token="<|endoftext|>", **named):
+    """A byte-level BPE tokenizer trained here (nothing downloaded) that holds a family's special
+    tokens (by default Qwen's vision tokens); `named`: bos_token, extra_special_tokens, ..."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -168,10 +169,10 @@ def train_tokenizer():
     ] * 20
     tok.train_from_iterator(
         corpus,
-        trainers.BpeTrainer(vocab_size=320, special_tokens=VISION_TOKENS,
+        trainers.BpeTrainer(vocab_size=313 + len(special_tokens), special_tokens=special_tokens,
                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", chat_template=QWEN_CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token,
+                                   chat_template=chat_template, **named)
 
 
 def save_tiny_vlm(folder, kind, chat_template=True):

@@ -19,8 +19,8 @@ from model import MaskedClassifier, load_classifier
 
 def tiny_model(dtype=torch.float32):
     torch.manual_seed(0)  # the head's init
-    backbone, _ = build_preset("vit-tiny")
-    return MaskedClassifier(backbone, 3).to(dtype)
+    backbone, inputs = build_preset("vit-tiny")
+    return MaskedClassifier(backbone, 3, inputs=inputs).to(dtype)
 
 
 def perturb(model, k):
@@ -83,8 +83,8 @@ def test_swapped_in_evaluates_the_ema_and_restores_the_weights_exactly():
 
 def test_batchnorm_statistics_are_averaged_with_the_weights_and_swapped_in():
     torch.manual_seed(0)
-    backbone, _ = build_preset("resnet-tiny")
-    model, d = MaskedClassifier(backbone, 3), 0.8
+    backbone, inputs = build_preset("resnet-tiny")
+    model, d = MaskedClassifier(backbone, 3, inputs=inputs), 0.8
     shadow = make_ema(model)
     stats = [n for n in shadow if n.endswith(("running_mean", "running_var"))]
     assert stats and not any(n.endswith("num_batches_tracked") for n in shadow)
@@ -140,8 +140,8 @@ from test_ema import perturb
 rank, world, _, device = distributed.setup_distributed()
 def fresh():
     torch.manual_seed(0)  # the head's init
-    backbone, _ = build_preset("vit-tiny")
-    return MaskedClassifier(backbone, 3)
+    backbone, inputs = build_preset("vit-tiny")
+    return MaskedClassifier(backbone, 3, inputs=inputs)
 full = fresh()
 sharded = fresh()
 distributed.shard_model(sharded, fsdp_units(sharded.backbone), device)

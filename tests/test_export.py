@@ -42,7 +42,7 @@ def save_checkpoint(tmp_path, family, pooling, small_data):
     """A MaskedClassifier over digits (rows 0-9, named) and faces (rows 10-11) saved as training
     saves it; the head is scaled up so its predictions are far from ties."""
     backbone, inputs = load_backbone(save_backbone(tmp_path / f"{family}_backbone", family))
-    model = MaskedClassifier(backbone, 12, pooling)
+    model = MaskedClassifier(backbone, 12, pooling, inputs=inputs)
     torch.manual_seed(1)
     with torch.no_grad():
         model.head.weight.normal_(0, 3.0)
@@ -119,7 +119,7 @@ def test_refuses_pooling_the_class_cannot_express(tmp_path, small_data):
 
 def test_refuses_vision_language_checkpoint(tmp_path, tiny_qwen2_vl):
     backbone, inputs = load_backbone(tiny_qwen2_vl)
-    model = MaskedClassifier(backbone, 2, "last")
+    model = MaskedClassifier(backbone, 2, "last", inputs=inputs)
     info = {"num_labels": 2, "label_space": "shared", "pooling": "last", "prompt": None,
             "datasets": {"faces": {"num_classes": 2, "eval_ratio": 1.0, "offset": 0}}}
     folder = tmp_path / "vlm_checkpoint"
@@ -154,7 +154,7 @@ def test_two_tower_vision_towers(tmp_path, family):
                                  tmp_path / "tower")
     ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "tower")
     backbone, inputs = load_backbone(str(tmp_path / "tower"))
-    model = MaskedClassifier(backbone, 3, "mean")
+    model = MaskedClassifier(backbone, 3, "mean", inputs=inputs)
     info = {"num_labels": 3, "label_space": "shared", "pooling": "mean", "prompt": None,
             "datasets": {"d": {"num_classes": 3, "eval_ratio": 1.0, "offset": 0}}}
     (tmp_path / "checkpoint").mkdir()

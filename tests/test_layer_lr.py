@@ -18,8 +18,8 @@ def args_of(**kw):
 
 
 def classifier(path_or_preset):
-    backbone, _ = load_backbone(path_or_preset)
-    return MaskedClassifier(backbone, 5)
+    backbone, inputs = load_backbone(path_or_preset)
+    return MaskedClassifier(backbone, 5, inputs=inputs)
 
 
 def scales_by_name(model, args):

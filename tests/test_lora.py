@@ -34,7 +34,7 @@ def demo_images(demo_dir, n=3):
 def build(folder):
     torch.manual_seed(0)
     backbone, inputs = load_backbone(folder)
-    return MaskedClassifier(backbone, 4).eval(), inputs
+    return MaskedClassifier(backbone, 4, inputs=inputs).eval(), inputs
 
 
 def randomize_lora_b(model):

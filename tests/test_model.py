@@ -98,7 +98,7 @@ def test_backbones_load_from_a_folder_and_round_trip_through_a_checkpoint(kind, 
     backbone, inputs = load_backbone(str(tmp_path / "src"))
     if kind in ("clip", "siglip"):  # two-tower checkpoints: only the vision tower is kept
         assert "Vision" in type(backbone).__name__
-    model = MaskedClassifier(backbone, num_labels=7).eval()
+    model = MaskedClassifier(backbone, num_labels=7, inputs=inputs).eval()
     pixel_values = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         logits = model(pixel_values=pixel_values)
@@ -134,16 +134,16 @@ def test_presets_build_a_backbone_and_its_preprocessing(name):
     batch = inputs([Image.new("RGB", (8, 8)), Image.new("RGB", (25, 25))], ["digits", "faces"])
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     with torch.no_grad():
-        assert MaskedClassifier(backbone, 10).eval()(**batch).shape == (2, 10)
+        assert MaskedClassifier(backbone, 10, inputs=inputs).eval()(**batch).shape == (2, 10)
 
 
 def test_a_folder_backbone_trains_in_train_mode_and_frozen_parts_stay_in_eval_mode(
         tiny_qwen2_5_vl):
     from backbone import eval_mode, load_backbone, restore_modes, train_mode, vision_language_parts
     from model import MaskedClassifier, set_trainable
-    backbone, _ = load_backbone(tiny_qwen2_5_vl)
+    backbone, inputs = load_backbone(tiny_qwen2_5_vl)
     assert not backbone.training  # from_pretrained hands it over in eval mode
-    model = MaskedClassifier(backbone, 3)
+    model = MaskedClassifier(backbone, 3, inputs=inputs)
     set_trainable(model, freeze="vision")
     train_mode(model)
     vision, language = vision_language_parts(backbone)

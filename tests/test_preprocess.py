@@ -105,7 +105,7 @@ def test_processors_the_path_cannot_reproduce_keep_their_own():
 def test_normalisation_in_model_dtype_survives_casts(tiny_vit, small_data):
     """bf16 weights: one rounding of the float32 result; the affine is not rounded by .to()."""
     backbone, inputs = load_backbone(tiny_vit)
-    model = MaskedClassifier(backbone, 10, pixel_normalize=inputs.pixel_normalize)
+    model = MaskedClassifier(backbone, 10, inputs=inputs)
     keys = set(model.state_dict())
     model = model.to(torch.bfloat16)
     assert set(model.state_dict()) == keys  # checkpoints unchanged
@@ -116,8 +116,10 @@ def test_normalisation_in_model_dtype_survives_casts(tiny_vit, small_data):
     assert ours.dtype == torch.bfloat16
     # |x| <= 1 here: one bf16 rounding is at most 2^-8 relative, plus float32 rounding
     torch.testing.assert_close(ours.float(), expected, atol=2 ** -8 + 1e-6, rtol=0)
-    with pytest.raises(ValueError, match="pixel_normalize"):
-        MaskedClassifier(backbone, 10)(pixel_values=pixels)
+    unnormalised = MaskedClassifier(backbone, 10, inputs=inputs)
+    unnormalised.pixel_normalize = None
+    with pytest.raises(ValueError, match="need the processor's normalisation"):
+        unnormalised(pixel_values=pixels)
 
 
 def records_of(*files):
@@ -130,7 +132,7 @@ def records_of(*files):
 
 def test_fast_loader_gives_the_model_what_the_processor_gives(tiny_vit, small_data):
     backbone, inputs = load_backbone(tiny_vit)
-    model = MaskedClassifier(backbone, 10, pixel_normalize=inputs.pixel_normalize).eval()
+    model = MaskedClassifier(backbone, 10, inputs=inputs).eval()
     records = records_of(small_data["digits_val"], small_data["faces_val"])
     order = list(range(len(records)))[::-1]
     options = dict(batch_size=8, num_workers=0)

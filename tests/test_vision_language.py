@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import (assert_same_adam_steps, assert_same_weights, load_weights, read_jsonl,
                       run_script, save_tiny_vlm, train_args)
 from backbone import enable_activation_checkpointing, fsdp_units, load_backbone
+from families import llava
 from model import MaskedClassifier, set_trainable
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
@@ -55,26 +56,30 @@ def test_prompt_placeholders_and_mm_token_type_ids(vlm_folder):
     assert (batch["mm_token_type_ids"][batch["attention_mask"] == 0] == 0).all()
 
 
-def test_processor_and_its_fallback_build_the_same_batch(tiny_qwen2_vl):
-    """AutoProcessor cannot load here (its video processor needs torchvision), so the real
-    Qwen2VLProcessor.__call__ is run on an instance built around that constructor check."""
-    from transformers import Qwen2VLProcessor
-    from backbone import ImageTextInputs
-    backbone, fallback = load_backbone(tiny_qwen2_vl)
-    assert fallback.processor is None
-    processor = object.__new__(Qwen2VLProcessor)
-    processor.image_processor, processor.tokenizer = fallback.image_processor, fallback.tokenizer
-    processor.video_processor, processor.chat_template = None, fallback.tokenizer.chat_template
-    processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
-    processor.image_token_id = backbone.config.image_token_id
-    processor.video_token_id = backbone.config.video_token_id
-    with_processor = ImageTextInputs(fallback.image_processor, fallback.tokenizer, backbone.config,
-                                     processor=processor)
+def test_without_torchvision_the_processor_runs_without_its_video_processor(tiny_qwen2_vl,
+                                                                            tmp_path, capsys):
+    """AutoProcessor cannot load here (Qwen2VLProcessor's video processor needs torchvision), so
+    the same class is built from the image processor and tokenizer alone (said once). Its batch
+    is the one built here by hand: each image's placeholder repeated
+    grid_t * grid_h * grid_w / merge_size^2 times, and mm_token_type_ids marking those tokens."""
+    folder = shutil.copytree(tiny_qwen2_vl, tmp_path / "qwen2_vl")
+    for _ in range(2):
+        _, inputs = load_backbone(str(folder))
+    assert capsys.readouterr().out.count("images go through Qwen2VLProcessor without it") == 1
+    assert type(inputs.processor).__name__ == "Qwen2VLProcessor"
+    assert not hasattr(inputs.processor, "video_processor")
     images = random_images(SIZES)
-    a, b = fallback(images, NAMES), with_processor(images, NAMES)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    vision = inputs.image_processor(images=images, return_tensors="pt")
+    counts = (vision["image_grid_thw"].prod(-1) // inputs.image_processor.merge_size**2).tolist()
+    texts = [inputs.text(n).replace("<|image_pad|>", "<|image_pad|>" * k)
+             for n, k in zip(NAMES, counts)]
+    text = inputs.tokenizer(texts, padding=True, return_tensors="pt")
+    image_id = inputs.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    expected = {**text, **vision, "mm_token_type_ids": (text["input_ids"] == image_id).long()}
+    got = inputs(images, NAMES)
+    assert set(got) == set(expected)
+    for key in got:
+        assert torch.equal(got[key], expected[key]), key
 
 
 def features(model, batch):
@@ -85,7 +90,7 @@ def features(model, batch):
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_left_and_right_padding_and_batching_give_the_same_features(vlm_folder, pooling):
     backbone, inputs = load_backbone(vlm_folder)
-    model = MaskedClassifier(backbone, 10, pooling).eval()
+    model = MaskedClassifier(backbone, 10, pooling, inputs=inputs).eval()
     images = random_images(SIZES)
     inputs.tokenizer.padding_side = "right"
     right = features(model, inputs(images, NAMES))
@@ -101,7 +106,7 @@ def test_left_and_right_padding_and_batching_give_the_same_features(vlm_folder, 
 def test_multimodal_rope_needs_mm_token_type_ids(tiny_qwen2_vl, tiny_qwen2_5_vl):
     for folder in (tiny_qwen2_vl, tiny_qwen2_5_vl):
         backbone, inputs = load_backbone(folder)
-        model = MaskedClassifier(backbone, 10).eval()
+        model = MaskedClassifier(backbone, 10, inputs=inputs).eval()
         batch = inputs(random_images(SIZES[:2]), NAMES[:2])
         without = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
         if "Qwen2_5" in type(backbone).__name__:  # silently falls back to 1-D positions
@@ -157,28 +162,30 @@ def test_freeze_choices_and_fsdp_units(tiny_qwen2_vl, tiny_vit):
 
     for freeze, expected in [("none", {"visual", "language_model", "head"}),
                              ("vision", {"language_model", "head"}), ("llm", {"visual", "head"})]:
-        model = MaskedClassifier(load_backbone(tiny_qwen2_vl)[0], 10)
+        backbone, inputs = load_backbone(tiny_qwen2_vl)
+        model = MaskedClassifier(backbone, 10, inputs=inputs)
         set_trainable(model, freeze)
         assert trainable(model) == expected, freeze
-    model = MaskedClassifier(load_backbone(tiny_qwen2_vl)[0], 10)
+    backbone, inputs = load_backbone(tiny_qwen2_vl)
+    model = MaskedClassifier(backbone, 10, inputs=inputs)
     count, total = set_trainable(model, train_only_head=True)
     assert trainable(model) == {"head"} and count == 64 * 10 + 10 and total > count
 
     units = fsdp_units(model.backbone)
     assert units[0] is model.backbone.visual  # the vision tower as one unit
     assert units[1:] == list(model.backbone.language_model.layers)
-    vit = load_backbone(tiny_vit)[0]
+    vit, vit_inputs = load_backbone(tiny_vit)
     assert fsdp_units(vit) == [m for m in vit.modules() if type(m).__name__ == "ViTLayer"] and len(
         fsdp_units(vit)) == 2
     with pytest.raises(ValueError, match="has no language model"):
-        set_trainable(MaskedClassifier(vit, 10), "llm")
+        set_trainable(MaskedClassifier(vit, 10, inputs=vit_inputs), "llm")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_qwen2_5_vl):
     def grads(checkpointing):
         torch.manual_seed(0)
         backbone, inputs = load_backbone(tiny_qwen2_5_vl)
-        model = MaskedClassifier(backbone, 10).train()
+        model = MaskedClassifier(backbone, 10, inputs=inputs).train()
         if checkpointing:
             enable_activation_checkpointing(backbone)
         model(**inputs(random_images(SIZES), NAMES)).logsumexp(-1).sum().backward()
@@ -190,9 +197,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_qwen2_5_vl):
 
 def test_pooling_choices_are_checked(tiny_qwen2_vl, tiny_vit):
     with pytest.raises(ValueError, match="use --pooling last or mean"):
-        MaskedClassifier(load_backbone(tiny_qwen2_vl)[0], 10, "cls")
+        MaskedClassifier(load_backbone(tiny_qwen2_vl)[0], 10, "cls", inputs=None)
     with pytest.raises(ValueError, match="--pooling last is for vision-language"):
-        MaskedClassifier(load_backbone(tiny_vit)[0], 10, "last")
+        vit, inputs = load_backbone(tiny_vit)
+        MaskedClassifier(vit, 10, "last", inputs=inputs)
 
 
 # ----------------------------------------------------------------------------- train.py / eval.py c
@@ -315,40 +323,13 @@ def test_bad_vision_language_options_are_clear_errors(small_data, tiny_qwen2_vl,
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def save_tiny_llava(folder):
-    """LLaVA (CLIP vision tower + Llama): its AutoProcessor loads here, so the processor path runs
-    for
-    real."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-    from conftest import train_tokenizer
-    tokenizer = train_tokenizer()
-    tokenizer.chat_template = None
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=28, patch_size=14),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                pad_token_id=tokenizer.pad_token_id),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28},
-                                            crop_size={"height": 28, "width": 28})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                   image_token="<image>", vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1).save_pretrained(folder)
-    return str(folder)
-
-
 def test_other_image_text_to_text_models_go_through_their_processor(tmp_path):
     from model import load_classifier, save_classifier
-    folder = save_tiny_llava(tmp_path / "llava")
+    folder = llava(tmp_path / "llava")  # CLIP vision tower + Llama; its AutoProcessor loads here
     backbone, inputs = load_backbone(folder, prompt="Which {dataset}?")
     assert type(backbone).__name__ == "LlavaModel" and inputs.processor is not None
     assert inputs.text("digits") == "<image>Which digits?"
-    model = MaskedClassifier(backbone, 10).eval()
+    model = MaskedClassifier(backbone, 10, inputs=inputs).eval()
     images = random_images([(8, 8), (30, 50)])
     inputs.tokenizer.padding_side = "left"
     left = inputs(images, ["digits", "food101"])  # prompts of different lengths

@@ -258,8 +258,8 @@ def load_for_memory(folder, how):
     from weights import folder_map
     rank, world_size, _, device = distributed.setup_distributed()
     sharded = how == "sharded"
-    backbone, _ = load_backbone(folder, meta=sharded)
-    model = MaskedClassifier(backbone, 1000)
+    backbone, inputs = load_backbone(folder, meta=sharded)
+    model = MaskedClassifier(backbone, 1000, inputs=inputs)
     if world_size > 1:
         sources = folder_map(model.backbone, folder, "backbone.") if sharded else None
         distributed.shard_model(model, fsdp_units(model.backbone), device, sources=sources)
@@ -322,7 +322,9 @@ def main():
     with torch.device(device):
         backbone = Qwen2_5_VLModel._from_config(
             config, attn_implementation=args.attn_implementation).to(torch.bfloat16)
-    model = MaskedClassifier(backbone, args.num_labels).to(device, torch.bfloat16).train()
+    # a vision-language model's feature width is its language model's: no inputs needed
+    model = MaskedClassifier(backbone, args.num_labels, inputs=None).to(device,
+                                                                       torch.bfloat16).train()
     if not args.no_checkpointing:
         enable_activation_checkpointing(backbone)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")

@@ -1,0 +1,240 @@
+"""The family matrix: a tiny folder of every transformers family the project supports (built here,
+tests/families.py) trains 3 steps, resumes exactly, is evaluated by eval.py and, for vision
+backbones, is exported and run by transformers' pipeline. docs/backbones.md's table is checked
+against what these tests measure."""
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import eval as eval_script
+import train
+from backbone import fsdp_units, is_vision_language, load_backbone, vision_language_parts
+from conftest import ROOT, load_weights, read_jsonl, run_script, train_args
+from export import ExportError, export
+from families import FAMILIES, VLM_FAMILIES
+from model import POOLINGS, MaskedClassifier, load_classifier
+
+# family: the --pooling it trains with here, and what export.py makes of the checkpoint (the
+# image-classification class, or why it refuses)
+RUNS = {
+    "vit": ("cls", "ViTForImageClassification"),
+    "deit": ("cls", "DeiTForImageClassification"),
+    "beit": ("auto", "BeitForImageClassification"),
+    "dinov2": ("auto", "Dinov2ForImageClassification"),
+    "dinov3": ("auto", "refused: transformers has no image-classification class"),
+    "convnext": ("auto", "ConvNextForImageClassification"),
+    "convnextv2": ("auto", "ConvNextV2ForImageClassification"),
+    "swin": ("auto", "SwinForImageClassification"),
+    "swinv2": ("auto", "Swinv2ForImageClassification"),
+    "resnet": ("auto", "ResNetForImageClassification"),
+    "regnet": ("auto", "RegNetForImageClassification"),
+    "efficientnet": ("auto", "EfficientNetForImageClassification"),
+    "mobilenet_v2": ("auto", "MobileNetV2ForImageClassification"),
+    "mobilevit": ("auto", "MobileViTForImageClassification"),
+    "focalnet": ("auto", "FocalNetForImageClassification"),
+    "levit": ("auto", "LevitForImageClassification"),
+    "clip": ("mean", "refused: its class pools the patch tokens before post_layernorm"),
+    "siglip": ("mean", "SiglipForImageClassification"),
+    "siglip2": ("mean", "Siglip2ForImageClassification"),
+    **{name: ("last", "refused: a vision-language checkpoint") for name in VLM_FAMILIES},
+}
+REFUSALS = {  # the words of export.py's refusal each "refused:" cell stands for
+    "refused: transformers has no image-classification class":
+        "transformers has no image-classification class",
+    "refused: its class pools the patch tokens before post_layernorm":
+        "mean of the patch tokens before post_layernorm",
+    "refused: a vision-language checkpoint": "is a vision-language checkpoint",
+}
+TABLE = os.path.join(ROOT, "docs", "backbones.md")
+COLUMNS = ("family", "class", "kind", "FSDP units", "--pooling", "export")
+
+
+@pytest.fixture(scope="session")
+def family_folder(tmp_path_factory):
+    """family name -> its folder, built on first use once per session (per xdist worker)."""
+    built = {}
+
+    def folder(name):
+        if name not in built:
+            built[name] = FAMILIES[name](tmp_path_factory.mktemp(name))
+        return built[name]
+    return folder
+
+
+def test_the_matrix_covers_every_family_and_the_table_lists_them():
+    assert set(RUNS) == set(FAMILIES) and len(FAMILIES) >= 25
+    assert list(documented_rows()) == list(FAMILIES)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_trains_resumes_evaluates_and_exports(name, family_folder, small_data, tmp_path):
+    folder = family_folder(name)
+    pooling, exported = RUNS[name]
+    common = ["--max_steps", 3, "--save_steps", 2, "--skip_evaluation", "--pooling", pooling]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train.main(train_args(small_data, folder, full, *common))
+    os.makedirs(resumed)
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
+    train.main(train_args(small_data, folder, resumed, *common, "--resume", "latest"))
+    checkpoint = full / "checkpoint-3"
+    a, b = load_weights(checkpoint), load_weights(resumed / "checkpoint-3")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
+    before = load_weights(full / "checkpoint-2")
+    assert not torch.equal(a["head.weight"], before["head.weight"])  # step 3 trained
+
+    eval_script.main([str(checkpoint), "--num_workers", "0"])
+    row = read_jsonl(full / "eval_results.jsonl")[0]
+    assert (row["eval_digits_samples"], row["eval_faces_samples"]) == (21, 10)
+    assert 0 <= row["eval_overall_accuracy"] <= 1 and row["eval_overall_loss"] > 0
+
+    check_export(checkpoint, tmp_path / "exported", exported, small_data)
+    cell = exported if exported.startswith("refused: ") else f"{exported} (--pooling {pooling})"
+    assert table_row(name, folder, cell) == documented_rows()[name]
+
+
+def check_export(checkpoint, out, exported, small_data):
+    """export.py's digits classifier, run by transformers' pipeline on real images: its scores
+    are the checkpoint's masked probabilities. A refusal is checked for its reason."""
+    if exported.startswith("refused: "):
+        with pytest.raises(ExportError, match=REFUSALS[exported]):
+            export(str(checkpoint), "digits", str(out))
+        return
+    from transformers import pipeline
+    target = export(str(checkpoint), "digits", str(out))
+    assert type(target).__name__ == exported
+    model, inputs, _ = load_classifier(str(checkpoint))
+    paths = [r["image_path"] for r in read_jsonl(small_data["digits_val"])[:2]]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    with torch.no_grad():
+        probabilities = model.eval()(**inputs(images, ["digits"] * 2))[:, :10].softmax(-1)
+    results = pipeline("image-classification", model=str(out))(paths, top_k=10)
+    for result, expected in zip(results, probabilities):
+        scores = torch.tensor(sorted(r["score"] for r in result))
+        torch.testing.assert_close(scores, expected.sort().values, atol=1e-4, rtol=0)
+
+
+def table_row(name, folder, exported):
+    """The family's row of docs/backbones.md, from the model: its class, FSDP units, the
+    --pooling choices it takes (a refusal names the class) and export's result."""
+    backbone, inputs = load_backbone(folder)
+    model_class = type(backbone).__name__
+    takes = []
+    for pooling in POOLINGS:
+        try:
+            MaskedClassifier(backbone, 2, pooling, inputs=inputs)
+            takes.append(pooling)
+        except ValueError as e:
+            assert model_class in str(e), e
+    kind = "vision-language" if is_vision_language(backbone.config) else "vision"
+    return [name, model_class, kind, describe_units(backbone), ", ".join(takes), exported]
+
+
+def describe_units(backbone):
+    units = fsdp_units(backbone)
+    vision = (vision_language_parts(backbone)[0] if is_vision_language(backbone.config)
+              else None)
+    kinds = list(dict.fromkeys(type(u).__name__ for u in units if u is not vision))
+    parts = (["vision tower"] if vision is not None else []) + [f"each {k}" for k in kinds]
+    return ", ".join(parts) or "none: sharded whole"
+
+
+def documented_rows():
+    """{family: cells} of the table in docs/backbones.md."""
+    with open(TABLE) as f:
+        lines = [line.strip() for line in f]
+    header = "| " + " | ".join(COLUMNS) + " |"
+    start = lines.index(header) + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [re.sub(r"`", "", c.strip()) for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+@pytest.mark.parametrize("name", ["resnet", "convnext", "swin", "siglip"])
+def test_pooling_cls_without_a_class_token_is_refused_naming_the_model(name, family_folder,
+                                                                        small_data, tmp_path,
+                                                                        capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(small_data, family_folder(name), tmp_path, "--max_steps", 1,
+                              "--pooling", "cls"))
+    error = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(error) == 1
+    model_class = documented_rows()[name][1]
+    assert error[0].startswith(f"error: --pooling cls: {model_class} has no CLS token")
+
+
+def test_an_image_text_model_without_a_vision_tower_is_refused_when_it_loads(tmp_path,
+                                                                             small_data, capsys):
+    """Fuyu feeds image patches straight into its language model: nothing to freeze, shard or
+    give its own learning rate as a vision tower."""
+    import transformers
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2)
+    transformers.FuyuForCausalLM(transformers.FuyuConfig(
+        text_config=text, image_size=30, patch_size=15, image_token_id=63)).save_pretrained(
+            tmp_path / "fuyu")
+    with pytest.raises(ValueError, match="FuyuModel: cannot find its vision tower"):
+        load_backbone(str(tmp_path / "fuyu"))
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(small_data, tmp_path / "fuyu", tmp_path / "out", "--max_steps", 1))
+    assert e.value.code == 2 and "FuyuModel: cannot find" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
+def test_an_image_processor_that_needs_torchvision_says_so(family_folder, tmp_path):
+    """Hub DINOv3 folders name DINOv3ViTImageProcessor, which runs on torchvision only."""
+    import json
+    folder = tmp_path / "dinov3"
+    shutil.copytree(family_folder("dinov3"), folder)
+    with open(folder / "preprocessor_config.json", "w") as f:
+        json.dump({"image_processor_type": "DINOv3ViTImageProcessor",
+                   "size": {"height": 32, "width": 32}}, f)
+    with pytest.raises(ValueError, match=r"DINOv3ViTImageProcessor.*pip install torchvision"):
+        load_backbone(str(folder))
+
+
+@pytest.mark.parametrize("name, dist", [("siglip2", "fsdp"), ("smolvlm", "fsdp"),
+                                        ("llava_onevision", "ddp")])
+def test_two_processes_train_a_new_family(name, dist, family_folder, small_data, tmp_path):
+    """FSDP2 over 2 gloo processes, each rank reading only its shards of the folder's weights:
+    SigLIP2 (its processor's mask and shapes) and SmolVLM (text_model, the processor without its
+    video processor). DDP: LLaVA-OneVision's vision tower holds a pooling head its language
+    model never reads, which DDP must be told to look for."""
+    out = tmp_path / "run"
+    result = run_script("train.py", *train_args(
+        small_data, family_folder(name), out, "--max_steps", 3, "--save_steps", 3,
+        "--skip_evaluation", "--dist", dist, "--dist_timeout_minutes", 2), torchrun=2)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    if dist == "fsdp":
+        assert "FSDP2 over 2 processes" in result.stdout
+        assert "each process reads only its shards" in result.stdout
+    start = load_backbone(family_folder(name))[0]
+    trained = load_backbone(str(out / "checkpoint-3"))[0].state_dict()
+    names = {id(p): n for n, p in start.named_parameters()}
+    last_block = [names[id(p)] for p in fsdp_units(start)[-1].parameters()]
+    assert last_block and all(not torch.equal(trained[k], start.state_dict()[k])
+                              for k in last_block)  # gradients reached the deepest block
+
+
+def test_export_names_a_part_the_backbone_was_built_without():
+    """BeitForImageClassification classifies BEiT's pooler output; a BeitModel built without its
+    pooler cannot fill it."""
+    import transformers
+    from export import copy_backbone
+    config = transformers.BeitConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=16, patch_size=8,
+                                     use_mean_pooling=True)
+    target = transformers.BeitForImageClassification(config)
+    with pytest.raises(ExportError, match="BeitForImageClassification needs parts the backbone "
+                       "was built without or in another shape: pooler"):
+        copy_backbone(transformers.BeitModel(config, add_pooling_layer=False), target)
+    copy_backbone(transformers.BeitModel(config), target)
