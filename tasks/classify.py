@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from augment import AUGMENTS, augment_config
+from checkpoint import checkpoint_folder
 from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
-                     partial_eval_indices, plan_epochs, read_jsonl_files, summarize)
+                     partial_eval_indices, plan_epochs, summarize)
 from lora import (ADAPTER_FILE, add_lora, adapter_state, check_lora_flags, merged_state_dict,
                   scaling, trainable_summary)
 from ema import plain_metric
@@ -26,6 +27,7 @@ from backbone import DEFAULT_PROMPT, load_backbone, say
 from model import (CLASSIFIER_FILE, HEAD_FILE, POOLINGS, LabelSpace, MaskedClassifier,
                    classify, load_classifier, read_classifier_info, save_classifier,
                    set_trainable)
+from sources import INDEX_DIR, check_classes, read_records
 from weights import file_map, folder_map
 
 NAME = "classify"
@@ -38,8 +40,8 @@ class Data:
     """The records, the label layout and the loss options: what a step needs beside the model."""
     registry: dict
     label_space: LabelSpace
-    train: object  # dataset.RecordTable, or None in eval.py
-    val: object  # dataset.RecordTable, or None without validation files
+    train: object  # sources.RecordTable, or None in eval.py
+    val: object  # sources.RecordTable, or None without validation files
     partial_indices: list
     masking: bool = True
     label_smoothing: float = 0.0
@@ -174,11 +176,16 @@ def check_flags(args, label_space, val_records):
 def load_data(args, say):
     """Read and check every record before the first step; print the per-dataset summary."""
     check_lora_flags(args)
-    registry = load_registry(args.datasets)
+    # Without --datasets the registry is the NAME= specs' datasets, completed by their sources.
+    registry = load_registry(args.datasets) if args.datasets else {}
+    options = dict(fixed=bool(args.datasets), say=say,
+                   index_dir=os.path.join(args.output_dir, INDEX_DIR))
+    train = read_records(args.train_data, registry, **options,
+                         skip_missing_images=args.on_bad_image == "skip")
+    val = read_records(args.val_data, registry, **options) if args.val_data else None
+    check_classes(registry, [train, val])
     label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
                                    args.label_space, args.num_labels)
-    train = read_jsonl_files(args.train_jsonl, registry)
-    val = read_jsonl_files(args.val_jsonl, registry) if args.val_jsonl else None
     check_flags(args, label_space, val)
     partial, shares = plan_epochs(registry, train, val, args, say)
     mix = (args.mixup, args.cutmix, args.mix_prob, args.seed) if args.mixup or args.cutmix else None
@@ -316,7 +323,9 @@ def save_model(folder, model, inputs, full_weights, data, args):
             "no_logits_masking": not data.masking,
             "datasets": {n: {"num_classes": s.num_classes, "eval_ratio": s.eval_ratio,
                              "description": s.description, "offset": o,
-                             **({"labels": s.labels} if s.labels else {})}
+                             **({"labels": s.labels} if s.labels else {}),
+                             **{k: getattr(s, k) for k in ("image_column", "label_column")
+                                if getattr(s, k)}}
                          for (n, s), o in zip(data.registry.items(), data.label_space.offsets)}}
     if args.lora_rank:  # the adapters, and the backbone with them merged in: loads without peft
         info["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
@@ -351,6 +360,9 @@ def eval_data(args, folder, trained_args, world_size):
     info = read_classifier_info(folder)
     saved = {n: {k: v for k, v in d.items() if k != "offset"} for n, d in info["datasets"].items()}
     registry = load_registry(args.datasets or saved)
+    index_dir = os.path.join(os.path.dirname(checkpoint_folder(folder)), INDEX_DIR)
+    val = read_records(args.val_files, registry, index_dir=index_dir)
+    check_classes(registry, [val])
     label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
                                    args.label_space or info["label_space"],
                                    args.num_labels or info["num_labels"])
@@ -359,7 +371,6 @@ def eval_data(args, folder, trained_args, world_size):
                          f"({info['num_labels']} rows)")
     masking = not (args.no_logits_masking or info.get("no_logits_masking", False))
     seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
-    val = read_jsonl_files(args.val_files, registry)
     indices = (partial_eval_indices(val, registry, seed) if args.partial
                else list(range(len(val))))
     data = Data(registry, label_space, None, val, indices, masking)

@@ -115,7 +115,8 @@ def benchmark_image_path(args):
     from transformers import ViTImageProcessorPil
 
     from augment import augment_config
-    from dataset import DatasetSpec, RecordTable, make_loader
+    from dataset import DatasetSpec, make_loader
+    from sources import RecordTable
     from backbone import ImageInputs
     if not os.path.isdir(args.data) or not os.listdir(args.data):
         make_jpegs(args.data, args.make_jpegs or 256)
