@@ -676,12 +676,15 @@ def check_labels(records, registry, errors):
         if not len(members) or spec.num_classes is None:
             continue
         k, labels = spec.num_classes, records.labels[members]
-        for i in members[labels == NO_LABEL][:20].tolist():
-            errors.append(f"{records[i].source}: no label (a .cls member, the 'label' of a .json "
-                          "member, or the label column)")
-        for i in members[(labels != NO_LABEL) & ((labels < 0) | (labels >= k))][:20].tolist():
-            errors.append(f"{records[i].source}: field 'label': {records.labels[i]} is outside "
-                          f"[0, {k}) for dataset {name!r}")
+        missing = members[labels == NO_LABEL]
+        outside = members[(labels != NO_LABEL) & ((labels < 0) | (labels >= k))]
+        errors += [f"{records[i].source}: no label (a .cls member, the 'label' of a .json member, "
+                   "or the label column)" for i in missing[:20].tolist()]
+        errors += [f"{records[i].source}: field 'label': {records.labels[i]} is outside [0, {k}) "
+                   f"for dataset {name!r}" for i in outside[:20].tolist()]
+        if len(missing) > 20 or len(outside) > 20:  # the arrays are checked whole, not listed
+            errors.append(f"dataset {name!r}: {len(missing)} records without a label and "
+                          f"{len(outside)} with one outside [0, {k}) in all")
 
 
 def check_classes(registry, tables):
