@@ -445,17 +445,23 @@ def make_loader(records, indices, inputs, dataset_names, *, batch_size, num_work
     the next `iter()`; re-aim the same loader with `loader.sampler.set(indices, epoch)` (the
     workers hold no state of an epoch: exact resume is unchanged).
     """
-    recipe = getattr(inputs, "recipe", None) if fast_path else None
-    if augment is not None and recipe is None:
-        raise ValueError(f"augmentation needs the fast image path; {type(inputs).__name__} has "
-                         "none (see augment.augment_config)")
-    draft = augment is not None if draft is None else draft
-    pixels = FastPixels(recipe, augment, draft) if recipe is not None else None
+    pixels = pixel_path(inputs, fast_path, augment, draft)
     return torch.utils.data.DataLoader(
         ImageDataset(records, skip_bad_images, pixels), batch_size=batch_size,
         sampler=EpochSampler(indices, epoch), collate_fn=Collate(inputs, dataset_names),
         num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
         **worker_options(num_workers, persistent_workers, prefetch_factor))
+
+
+def pixel_path(inputs, fast_path, augment=None, draft=None):
+    """The FastPixels of a loader (make_loader states the options), or None for the processor
+    path."""
+    recipe = getattr(inputs, "recipe", None) if fast_path else None
+    if augment is not None and recipe is None:
+        raise ValueError(f"augmentation needs the fast image path; {type(inputs).__name__} has "
+                         "none (see augment.augment_config)")
+    draft = augment is not None if draft is None else draft
+    return FastPixels(recipe, augment, draft) if recipe is not None else None
 
 
 def auto_num_workers(cap=16):

@@ -332,3 +332,17 @@ def test_a_run_mixing_three_layouts_trains_resumes_and_evaluates_as_its_jsonl(
     assert results[0]["val_data"] == results[1]["val_data"]  # the run's own, from the checkpoint
     exported = export(str(mixed / "checkpoint-6"), "faces", str(tmp_path / "faces_model"))
     assert exported.config.id2label == {0: "background", 1: "face"}
+
+
+def test_the_autoencoder_and_the_generator_read_through_the_same_readers(layouts):
+    from tasks.autoencoder import ImageNoiseDataset, ImageShape, read_images
+    from tasks.unified import read_generation_files
+    registry = {}
+    mixed = read_images(layouts["specs"]["val"], registry, False, None)
+    plain = read_images([layouts["val_jsonl"]], {}, False, None)
+    assert list(registry) == ["digits", "faces", "parity"] and len(mixed) == len(plain)
+    shape = ImageShape(8, 1, 4, 4)
+    a, b = (ImageNoiseDataset(r, shape, train=False) for r in (mixed, plain))
+    assert all(torch.equal(a[i]["pixel_values"], b[i]["pixel_values"]) for i in range(len(plain)))
+    with pytest.raises(DataError, match="--task generate reads JSON / JSONL records"):
+        read_generation_files([layouts["specs"]["val"][0]])
