@@ -58,7 +58,8 @@ class StreamSource:
                                            split="train", streaming=True)
         except Exception as e:  # datasets' errors say what is wrong, not which dataset
             raise DataError(f"--streaming dataset {self.name!r} ({', '.join(self.files[:3])}"
-                            f"{', ...' if len(self.files) > 3 else ''}): cannot open: {e}") from None
+                            f"{', ...' if len(self.files) > 3 else ''}): cannot open: {e}"
+                            ) from None
         for column, feature in (stream.features or {}).items():
             if isinstance(feature, datasets.Image):
                 stream = stream.cast_column(column, datasets.Image(decode=False))

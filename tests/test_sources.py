@@ -77,7 +77,8 @@ def layouts(demo_dir, tmp_path_factory):
             target = folder / str(r["label"]) / os.path.basename(r["image_path"])
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(r["image_path"], target)
-            chosen.append({"image_path": str(target), "label": r["label"], "dataset_name": "digits"})
+            chosen.append({"image_path": str(target), "label": r["label"],
+                           "dataset_name": "digits"})
         for label in range(10):  # a class without images in this split is still a class
             (folder / str(label)).mkdir(parents=True, exist_ok=True)
         jsonl[split] += sorted(chosen, key=lambda r: (r["label"], r["image_path"]))

@@ -17,7 +17,7 @@ from test_sources import layouts, offline_datasets_cache, write_shard  # noqa: F
 
 
 @pytest.fixture(scope="module")
-def specs(layouts, tmp_path_factory):
+def specs(layouts, tmp_path_factory):  # noqa: F811 (the fixture imported above)
     """faces as Parquet, parity as two shards whose samples all hold .png and .cls (datasets'
     WebDataset reader takes a stream's fields from its first samples)."""
     out = tmp_path_factory.mktemp("stream")
@@ -121,16 +121,16 @@ def test_a_streaming_run_resumes_bitwise_after_a_kill(specs, tiny_vit, tmp_path,
     assert sum(r["train_overall_samples"] for r in trained) == 48
 
 
-def test_stream_flags_and_bad_samples_are_refused_clearly(specs, layouts, tiny_vit, tmp_path,
-                                                          capsys):
+def test_stream_flags_and_bad_samples_are_refused_clearly(specs, layouts, tiny_vit,  # noqa: F811
+                                                          tmp_path, capsys):
     base = run_args(tiny_vit, tmp_path / "out", specs, tmp_path)
     cases = [
         ([a for a in base if a != "--streaming"], "--shuffle_buffer: no effect without"),
         (base + ["--mix_temperature", "2"], "--mix_temperature: no effect without the sizes"),
         (base[:base.index("--max_steps")] + base[base.index("--max_steps") + 2:],
          "--streaming: a stream has no epochs"),
-        (base + ["--train_data", *layouts["specs"]["train"]], "--streaming reads Parquet files "
-                                                               "or WebDataset shards, not a folder"),
+        (base + ["--train_data", *layouts["specs"]["train"]],
+         "--streaming reads Parquet files or WebDataset shards, not a folder"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
