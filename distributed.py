@@ -44,10 +44,6 @@ def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
 
-def rank_and_world_size():
-    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-
-
 def barrier():
     if is_distributed():
         dist.barrier()

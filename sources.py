@@ -11,7 +11,7 @@ NAME=PATH, where PATH is
           from a ClassLabel label column
   wds     WebDataset shards: .tar files (a file, a folder of them, a glob, a {000..099} range);
           sample KEY is KEY.jpg|jpeg|png|webp with KEY.cls or the `label` of KEY.json
-A prefix folder:, hf:, wds: or jsonl: before PATH (or before a .jsonl file) forces the kind.
+Any other file is JSONL; a prefix folder:, hf:, wds: or jsonl: before PATH forces the kind.
 
 Every kind serves a record by index, without unpacking anything: image files by path, Arrow
 tables memory-mapped by `datasets` (Parquet is converted once into datasets' cache), tar members
@@ -29,6 +29,7 @@ import os
 import re
 import tarfile
 import zipfile
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -96,8 +97,9 @@ def detect_kind(path, text):
             return "wds"
         raise DataError(f"data spec {text!r}: cannot tell the kind of this URL; prefix it with "
                         "hf: or wds:")
-    if path.endswith((".jsonl", ".json")):
-        return "jsonl"
+    if path.endswith((".jsonl", ".json")) or (os.path.isfile(path) and not path.endswith(
+            (".parquet", ".tar"))):
+        return "jsonl"  # as --train_jsonl took any file
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json",
                                                                 "state.json")):
@@ -204,12 +206,7 @@ class ImageFolder(Source):
 
 class TarShard(Source):
     """A WebDataset shard: member is the image member's name, offset and size its bytes in the
-    shard. Each process opens the shard once (DataLoader workers after they start) and reads
-    members with pread, which keeps no file position between threads."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.fd, self.pid = None, None
+    shard (read_member)."""
 
     def where(self, row, member):
         return f"{self.path}:{member}"
@@ -217,15 +214,33 @@ class TarShard(Source):
     def open(self, row, member, offset, size):
         if offset == NO_IMAGE:
             raise DataError("the sample has no image member")
-        if self.pid != os.getpid():
-            self.fd, self.pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        data = os.pread(self.fd, size, offset)
+        data = read_member(self.path, offset, size)
         if len(data) != size:
             raise DataError(f"the shard ends inside member {member}")
         return io.BytesIO(data)
 
-    def __getstate__(self):  # a pickled copy opens its own descriptor
-        return {**self.__dict__, "fd": None, "pid": None}
+
+OPEN_SHARDS = 64  # shards a process keeps open; a shuffled order over thousands stays under the
+# open-file limit (the least recently read is closed)
+_descriptors = OrderedDict()  # shard path -> descriptor, of process _owner[0]
+_owner = [None]
+
+
+def read_member(path, offset, size):
+    """`size` bytes at `offset` of a shard, with pread on a descriptor this process keeps open (a
+    DataLoader worker opens its own after it starts)."""
+    if _owner[0] != os.getpid():  # a forked worker: the descriptors it inherited are its parent's
+        for fd in _descriptors.values():
+            os.close(fd)
+        _descriptors.clear()
+        _owner[0] = os.getpid()
+    fd = _descriptors.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        if len(_descriptors) >= OPEN_SHARDS:
+            os.close(_descriptors.popitem(last=False)[1])
+    _descriptors[path] = fd
+    return os.pread(fd, size, offset)
 
 
 class ArrowTable(Source):

@@ -204,7 +204,8 @@ def load_data(args, say):
                    index_dir=os.path.join(args.output_dir, INDEX_DIR))
     train, stream = None, None
     if args.streaming:  # read as it is trained on: the validation data below is read whole
-        rank, world_size = distributed.rank_and_world_size()
+        rank, world_size = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                            if distributed.is_distributed() else (0, 1))
         stream, shares, summary = build_stream(
             args.train_data, registry, bool(args.datasets), seed=args.seed, rank=rank,
             world_size=world_size, buffer=1 if args.no_shuffle else args.shuffle_buffer,
