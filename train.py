@@ -138,7 +138,12 @@ def train(args, rank, world_size, device):
                                          num_workers=args.num_workers, persistent=True,
                                          prefetch_factor=args.prefetch_factor,
                                          pin_memory=device.type == "cuda")
-                if state.loader_state is not None:
+                stateful = hasattr(loader, "load_state_dict")
+                if args.resume and stateful != (state.loader_state is not None):
+                    raise ValueError(f"--resume {state.last_saved}: a run resumes with "
+                                     "--streaming exactly when it was trained with it (the "
+                                     "checkpoint holds the stream's position)")
+                if stateful and state.loader_state is not None:
                     loader.load_state_dict(state.loader_state)
                 state.loader = loader
             else:  # the epoch travels with each sample's key: workers hold no state of their own

@@ -113,6 +113,11 @@ def test_a_streaming_run_resumes_bitwise_after_a_kill(specs, tiny_vit, tmp_path,
         train.main(run_args(tiny_vit, killed, specs, tmp_path, "--num_workers", 0, "--resume",
                             "latest"))
     assert e.value.code == 2
+    argv = run_args(tiny_vit, killed, specs, tmp_path, "--resume", "latest")
+    cut = argv.index("--shuffle_buffer")  # the same data read by index: refused, not restarted
+    with pytest.raises(SystemExit) as e:
+        train.main([a for a in argv[:cut] + argv[cut + 2:] if a != "--streaming"])
+    assert e.value.code == 2
     train.main(run_args(tiny_vit, killed, specs, tmp_path, "--resume", "latest"))
     a, b = load_weights(whole / "checkpoint-6"), load_weights(killed / "checkpoint-6")
     assert all(torch.equal(a[k], b[k]) for k in a)
