@@ -37,6 +37,7 @@ from distributed import all_gather_objects, barrier
 from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
 from files import OutputError, reason, recover_folder, swap_in
+from sources import spec_files
 
 INFO_FILE = "training_info.json"
 STATE_FILE = "trainer_state.pt"
@@ -108,8 +109,8 @@ REGISTRY_NAMES = ("description", "labels")
 def run_fingerprint(args, data):
     """What defines a run beside its flags' text, kept in training_info.json: the sizes of its
     data files and the registry as loaded (a registry file can change under the same name)."""
-    files = {flag: [[p, os.path.getsize(p)] for p in getattr(args, flag) or []]
-             for flag in ("train_jsonl", "val_jsonl")}
+    files = {flag: [[path, size] for spec in getattr(args, flag) or []
+                    for path, size, _ in spec_files(spec)] for flag in ("train_data", "val_data")}
     registry = getattr(data, "registry", None) or None
     return {"files": files, "registry": registry and {
         name: {k: v for k, v in vars(spec).items() if k not in REGISTRY_NAMES}

@@ -10,6 +10,7 @@ from backbone import ATTN_IMPLEMENTATIONS, check_attn_implementation
 from dataset import PREFETCH_FACTOR, auto_num_workers
 from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
+from sources import absolute_spec
 from tasks import TASKS
 
 
@@ -96,13 +97,13 @@ FLAG_NEEDS = {
                          "--skip_evaluation)", lambda a: not (a.save_all_checkpoints or
                                                               a.save_best_only or
                                                               a.skip_evaluation)),
-    **{name: ("evaluation during training (--val_jsonl, not --no_partial_eval or "
-              "--skip_evaluation)", lambda a: a.val_jsonl and not (a.no_partial_eval or
-                                                                  a.skip_evaluation))
+    **{name: ("evaluation during training (--val_data, not --no_partial_eval or "
+              "--skip_evaluation)", lambda a: a.val_data and not (a.no_partial_eval or
+                                                                 a.skip_evaluation))
        for name in ("eval_steps", "eval_cache_mb")},
     **{name: ("best-model tracking (evaluation during training, not --no_best_tracking)",
-              lambda a: a.val_jsonl and not (a.no_partial_eval or a.skip_evaluation or
-                                             a.no_best_tracking))
+              lambda a: a.val_data and not (a.no_partial_eval or a.skip_evaluation or
+                                            a.no_best_tracking))
        for name in ("best_metric", "best_mode")},
     "overwrite": ("a new run (--resume continues the one there)", lambda a: not a.resume),
 }
@@ -145,9 +146,13 @@ def build_parser(description=None):
         "the job)"
     )
     add_task_flags(p, "add_flags")
-    a("--train_jsonl", nargs="+",
-      help="one or more training JSONL files (--task generate: JSON too)")
-    a("--val_jsonl", nargs="+", help="one or more validation JSONL files")
+    a("--train_data", "--train_jsonl", nargs="+", metavar="SPEC",
+      help="training data: FILE.jsonl (each line names its dataset; --task generate: JSON too) "
+           "or NAME=PATH, PATH an image folder (a subfolder per class), .parquet files or a "
+           "save_to_disk folder, or .tar WebDataset shards (a file, folder, glob or {000..099} "
+           "range); a prefix folder:, hf:, wds: or jsonl: forces the kind (docs/data.md)")
+    a("--val_data", "--val_jsonl", nargs="+", metavar="SPEC",
+      help="validation data, the same specs")
     a("--output_dir", help="checkpoints, metrics.jsonl and run_summary.json go here")
     a("--overwrite", action="store_true",
       help="delete checkpoints and logs of an earlier run in --output_dir")
@@ -228,8 +233,8 @@ NESTED_KEYS = {
     ("datasets", "dataset_configs"): ("datasets", None),
     ("datasets", "enable_logits_masking"): ("no_logits_masking", lambda v: not v),
     ("datasets", "shuffle_datasets"): ("no_shuffle", lambda v: not v),
-    ("data", "train_jsonl_list"): ("train_jsonl", None),
-    ("data", "val_jsonl_list"): ("val_jsonl", None),
+    ("data", "train_jsonl_list"): ("train_data", None),
+    ("data", "val_jsonl_list"): ("val_data", None),
     ("training", "best_model_tracking", "enabled"): ("no_best_tracking", lambda v: not v),
     ("training", "best_model_tracking", "metric"): ("best_metric", None),
     ("training", "best_model_tracking", "mode"): ("best_mode", None),
@@ -241,6 +246,7 @@ NESTED_KEYS = {
 SECTIONS = {("model", ), ("data", ), ("datasets", ), ("training", ), ("loss", ),
             ("training", "best_model_tracking"), ("training", "evaluation")}
 IGNORED_SECTIONS = ("wandb",)
+ALIASES = {"train_jsonl": "train_data", "val_jsonl": "val_data"}  # config keys of earlier names
 
 
 def flatten_config(tree, path, flags):
@@ -258,8 +264,9 @@ def flatten_config(tree, path, flags):
             continue
         elif keys in SECTIONS and isinstance(value, dict) and not registry:
             out.update(flatten_config(value, keys, flags))
-        elif key in flags and not isinstance(value, dict) or keys == ("datasets",):
-            out[key] = value
+        elif ALIASES.get(key, key) in flags and not isinstance(value, dict) or keys == (
+                "datasets",):
+            out[ALIASES.get(key, key)] = value
         elif keys == ("loss", "type"):
             if value not in ("cross_entropy", "label_smoothing"):
                 raise ValueError(
@@ -334,13 +341,13 @@ def parse_args(argv=None, description=None):
                         {**FLAG_NEEDS, **task.FLAG_NEEDS})
     if error:
         parser.error(error)
-    missing = [f"--{n}" for n in ("model", "train_jsonl", "output_dir") if not getattr(args, n)]
+    missing = [f"--{n}" for n in ("model", "train_data", "output_dir") if not getattr(args, n)]
     if missing:
         parser.error(f"missing {', '.join(missing)} (on the command line or in --config)")
     # Absolute data paths, so that eval.py can find them again from a checkpoint's
     # training_info.json.
-    args.train_jsonl = [os.path.abspath(p) for p in args.train_jsonl]
-    args.val_jsonl = [os.path.abspath(p) for p in args.val_jsonl] if args.val_jsonl else None
+    args.train_data = [absolute_spec(p) for p in args.train_data]
+    args.val_data = [absolute_spec(p) for p in args.val_data] if args.val_data else None
     return args
 
 
@@ -358,9 +365,9 @@ def apply_overrides(args):
                             ("save_best_only", False), ("no_partial_eval", True),
                             ("no_final_eval", True)]:
             force(name, value, "--skip_evaluation")
-    if not args.val_jsonl:
-        force("no_partial_eval", True, "no --val_jsonl")
-        force("no_final_eval", True, "no --val_jsonl")
+    if not args.val_data:
+        force("no_partial_eval", True, "no --val_data")
+        force("no_final_eval", True, "no --val_data")
     if args.no_partial_eval:
         force("no_best_tracking", True, "no evaluation during training")
     if args.save_best_only and args.no_best_tracking:

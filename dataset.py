@@ -1,19 +1,17 @@
-"""Mixed multi-dataset image classification data: registry, JSONL reading and checks, sampling, demo
-data.
-
-Each JSONL line is {"image_path": ..., "label": int, "dataset_name": ...}; relative image
-paths resolve against the JSONL file's folder. Every line is checked before training
-starts, and a bad one is reported with its file, line number and field.
+"""Mixed multi-dataset image classification data: the registry, sampling (mixture, partial
+evaluation subsets), loaders, demo data. Records are read in sources.py.
 
     python dataset.py --make-demo DIR   # writes the built-in demo (digits + faces PNGs, JSONL,
     registry)
+    python dataset.py --make-demo DIR --format folder|parquet|wds   # the same in another layout
 """
 import argparse
+import io
 import json
 import os
 import random
+import tarfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,48 +28,19 @@ class DataError(ValueError):
 @dataclass
 class DatasetSpec:
     name: str
-    num_classes: int
+    num_classes: int  # None until its records' source says (an image folder, a ClassLabel)
     eval_ratio: float = 1.0
     description: str = ""
     sampling_weight: float = None  # relative share of training batches (None: by size)
     augment: str = None  # none | crop_flip | randaugment: overrides --augment for this dataset
     hflip: bool = True  # False: digits, text, laterality: a mirror image changes the class
     labels: list = None  # class names, index i = class i (None: the index is the name)
-
-
-@dataclass
-class Record:
-    image_path: str   # resolved path
-    label: int        # class index inside its own dataset
-    dataset_id: int   # position of its dataset in the registry
-    source: str       # "file.jsonl:line" for error messages
-
-
-class RecordTable:
-    """All samples of some JSONL files, held in numpy arrays.
-
-    DataLoader workers share these pages with the main process; a list of millions of Python
-    objects would be copied into every worker as reference counts touch it.
-    """
-
-    def __init__(self, image_paths, labels, dataset_ids, files, file_ids, lines):
-        self.image_paths = np.array([p.encode() for p in image_paths], dtype=np.bytes_)
-        self.labels = np.array(labels, dtype=np.int64)
-        self.dataset_ids = np.array(dataset_ids, dtype=np.int64)
-        self.files = list(files)
-        self.file_ids = np.array(file_ids, dtype=np.int32)
-        self.lines = np.array(lines, dtype=np.int64)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return Record(self.image_paths[i].decode(), int(self.labels[i]), int(self.dataset_ids[i]),
-                      f"{self.files[self.file_ids[i]]}:{self.lines[i]}")
+    image_column: str = None  # of a Hugging Face dataset (None: "image")
+    label_column: str = None  # (None: "label")
 
 
 REGISTRY_FIELDS = ("num_classes", "eval_ratio", "description", "sampling_weight", "augment",
-                   "hflip", "labels")
+                   "hflip", "labels", "image_column", "label_column")
 
 
 def dataset_name_problem(name, others=()):
@@ -112,8 +81,8 @@ def _check_spec(name, entry, where, folder="."):
     if unknown:
         raise DataError(f"{where}: dataset {name!r}: unknown field(s) {sorted(unknown)} "
                         f"(known: {', '.join(REGISTRY_FIELDS)})")
-    k = entry.get("num_classes")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    k = entry.get("num_classes")  # may be left to the source: sources.read_records fills it
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise DataError(
             f"{where}: dataset {name!r}: field 'num_classes' must be a positive integer, got {k!r}")
     ratio = entry.get("eval_ratio", 1.0)
@@ -133,9 +102,16 @@ def _check_spec(name, entry, where, folder="."):
     if not isinstance(hflip, bool):
         raise DataError(f"{where}: dataset {name!r}: field 'hflip' must be true or false, "
                         f"got {hflip!r}")
+    for column in ("image_column", "label_column"):
+        value = entry.get(column)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise DataError(f"{where}: dataset {name!r}: field {column!r} must be a column name, "
+                            f"got {value!r}")
     labels = _read_labels(name, entry.get("labels"), k, where, folder)
-    return DatasetSpec(name, k, float(ratio), str(entry.get("description", "")),
-                       None if weight is None else float(weight), augment, hflip, labels)
+    return DatasetSpec(name, k if k is not None or labels is None else len(labels), float(ratio),
+                       str(entry.get("description", "")),
+                       None if weight is None else float(weight), augment, hflip, labels,
+                       entry.get("image_column"), entry.get("label_column"))
 
 
 def _read_labels(name, labels, num_classes, where, folder):
@@ -162,7 +138,7 @@ def _read_labels(name, labels, num_classes, where, folder):
             isinstance(n, (str, int)) and not isinstance(n, bool) for n in labels):
         raise DataError(f"{source}: expected a list of names (text; quote yes / no / true in "
                         f"YAML) or a text file, got {labels!r}")
-    if len(labels) != num_classes:
+    if num_classes is not None and len(labels) != num_classes:
         raise DataError(f"{source}: {len(labels)} names for {num_classes} classes")
     labels = [str(n).strip() for n in labels]
     if "" in labels:
@@ -229,91 +205,6 @@ def load_registry(value, where="config 'datasets'"):
         registry[name] = _check_spec(name, entry, f"--datasets {item}")
     check_dataset_names(registry, "--datasets")
     return registry
-
-
-def read_jsonl_files(paths, registry, check_images=True):
-    """Read and check every line of every file; raise one DataError listing what is wrong."""
-    names = list(registry)
-    columns, errors = {
-        "image_paths": [], "labels": [], "dataset_ids": [], "file_ids": [], "lines": []
-    }, []
-    for file_id, path in enumerate(paths):
-        text = read_data_file(path, errors)
-        if text is None:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        # not splitlines: JSON strings may hold U+2028
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(item, dict):
-                errors.append(f"{where}: expected a JSON object, got {type(item).__name__}")
-                continue
-            missing = [k for k in ("image_path", "label", "dataset_name") if k not in item]
-            if missing:
-                errors.append(f"{where}: missing field(s) {', '.join(repr(k) for k in missing)}")
-                continue
-            name, label, image = item["dataset_name"], item["label"], item["image_path"]
-            if not isinstance(name, str) or name not in registry:
-                errors.append(
-                    f"{where}: field 'dataset_name': {name!r} is not in the dataset registry "
-                    f"(known: {', '.join(names)})")
-                continue
-            if isinstance(label, bool) or not isinstance(label, int):
-                errors.append(f"{where}: field 'label': expected an integer, got {label!r}")
-                continue
-            k = registry[name].num_classes
-            if not 0 <= label < k:
-                errors.append(
-                    f"{where}: field 'label': {label} is outside [0, {k}) for dataset {name!r}")
-                continue
-            if not isinstance(image, str) or not image:
-                errors.append(
-                    f"{where}: field 'image_path': expected a non-empty string, got {image!r}")
-                continue
-            for key, value in zip(
-                    columns,
-                (os.path.join(folder, image), label, names.index(name), file_id, lineno)):
-                columns[key].append(value)
-    records = RecordTable(files=paths, **columns)
-    if check_images and len(records):
-        with ThreadPoolExecutor(16) as pool:  # stat calls are slow on network filesystems
-            exists = list(pool.map(os.path.isfile, columns["image_paths"]))
-        errors += [
-            f"{records[i].source}: field 'image_path': image file not found: "
-            f"{records[i].image_path}"
-            for i, ok in enumerate(exists) if not ok
-        ]
-    raise_data_errors(errors, len(records), paths)
-    return records
-
-
-def read_data_file(path, errors):
-    """The text of a data file, or None with the reason added to `errors`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        errors.append(f"{path}: cannot read the data file ({getattr(e, 'strerror', None) or e})")
-        return None
-
-
-def raise_data_errors(errors, num_samples, paths):
-    """One DataError listing every problem found (the first 20 in full), or for files without
-    samples.
-    """
-    if errors:
-        shown = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"{len(errors)} problem(s) in the data files:\n  {shown}{more}")
-    if not num_samples and paths:
-        raise DataError(f"no samples in {', '.join(paths)}")
 
 
 def partial_eval_indices(records, registry, seed):
@@ -494,13 +385,15 @@ class ImageDataset(torch.utils.data.Dataset):
         index, epoch, repeat = (key, 0, 0) if not isinstance(key, tuple) else (*key, 0)[:3]
         r = self.records[index]
         try:
+            image_file = self.records.open(index)  # a path, or the bytes of a shard's member
             if self.pixels is not None:
-                image = self.pixels(r.image_path, r.dataset_id, index, epoch, repeat)
+                image = self.pixels(image_file, r.dataset_id, index, epoch, repeat)
             else:
-                with Image.open(r.image_path) as im:
+                with Image.open(image_file) as im:
                     image = im.convert("RGB")
         except Exception as e:
-            message = f"{r.source}: cannot decode image {r.image_path}: {e}"
+            named = "" if r.image_path == r.source else f" {r.image_path}"
+            message = f"{r.source}: cannot decode image{named}: {e}"
             if self.skip_bad_images:
                 return None, message, r.dataset_id, index
             raise DataError(message) from None
@@ -597,17 +490,23 @@ def make_loader(records, indices, inputs, dataset_names, *, batch_size, num_work
     the next `iter()`; re-aim the same loader with `loader.sampler.set(indices, epoch)` (the
     workers hold no state of an epoch: exact resume is unchanged).
     """
-    recipe = getattr(inputs, "recipe", None) if fast_path else None
-    if augment is not None and recipe is None:
-        raise ValueError(f"augmentation needs the fast image path; {type(inputs).__name__} has "
-                         "none (see augment.augment_config)")
-    draft = augment is not None if draft is None else draft
-    pixels = FastPixels(recipe, augment, draft) if recipe is not None else None
+    pixels = pixel_path(inputs, fast_path, augment, draft)
     return torch.utils.data.DataLoader(
         ImageDataset(records, skip_bad_images, pixels), batch_size=batch_size,
         sampler=EpochSampler(indices, epoch), collate_fn=Collate(inputs, dataset_names),
         num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
         **worker_options(num_workers, persistent_workers, prefetch_factor))
+
+
+def pixel_path(inputs, fast_path, augment=None, draft=None):
+    """The FastPixels of a loader (make_loader states the options), or None for the processor
+    path."""
+    recipe = getattr(inputs, "recipe", None) if fast_path else None
+    if augment is not None and recipe is None:
+        raise ValueError(f"augmentation needs the fast image path; {type(inputs).__name__} has "
+                         "none (see augment.augment_config)")
+    draft = augment is not None if draft is None else draft
+    return FastPixels(recipe, augment, draft) if recipe is not None else None
 
 
 def auto_num_workers(cap=16):
@@ -630,19 +529,30 @@ def ignore_stop_signals(_worker_id):
         signal.signal(signum, signal.SIG_IGN)
 
 
-def make_demo(out_dir, seed=0, val_fraction=0.2):
+DEMO_FORMATS = ("jsonl", "folder", "parquet", "wds")
+# Class names of the demo's folder, Parquet and WebDataset layouts; sorted, as an image folder's
+# classes are, so that class i is the same in every layout.
+DEMO_CLASSES = {"digits": [str(d) for d in range(10)], "faces": ["background", "face"]}
+DEMO_SHARD_SIZE = 500  # samples per WebDataset shard
+
+
+def make_demo(out_dir, seed=0, val_fraction=0.2, layout="jsonl"):
     """Write the built-in demo: scikit-learn's digits (10 classes) and scikit-image's lfw_subset
-    (face / non-face).
+    (face / non-face), in one layout: PNG files with JSONL records (and the generator's records),
+    an image folder per split, a Parquet file per split (an Image and a ClassLabel column,
+    written by `datasets`) or WebDataset shards (KEY.png + KEY.cls). The same images, labels and
+    split in each; a datasets.json registry beside them.
 
     Both ship inside their wheels, so nothing is downloaded.
     """
-    import numpy as np
     try:
         from sklearn.datasets import load_digits
         from skimage.data import lfw_subset
     except ImportError as e:
         raise SystemExit(
             f"the demo needs scikit-learn and scikit-image: pip install -e '.[demo]' ({e})")
+    if layout not in DEMO_FORMATS:
+        raise SystemExit(f"--format must be one of {', '.join(DEMO_FORMATS)}, got {layout!r}")
     digits = load_digits()
     sources = {
         "digits": ((digits.images / 16.0 * 255).round().astype(np.uint8), digits.target.tolist(),
@@ -652,45 +562,95 @@ def make_demo(out_dir, seed=0, val_fraction=0.2):
                   "scikit-image lfw_subset, 25x25, face (1) / non-face (0)"),
     }
     rng = random.Random(seed)
-    registry = {}
+    registry, specs = {}, {"train": [], "val": []}
     for name, (images, labels, description) in sources.items():
         folder = os.path.join(out_dir, name)
-        os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         by_class = {}
         for i, label in enumerate(labels):
             by_class.setdefault(label, []).append(i)
         val = set()
         for members in by_class.values():  # stratified split
             val.update(rng.sample(members, round(len(members) * val_fraction)))
-        with open(os.path.join(folder, "train.jsonl"),
-                  "w") as ftrain, open(os.path.join(folder, "val.jsonl"), "w") as fval:
-            for i, (image, label) in enumerate(zip(images, labels)):
-                rel = f"images/{i:05d}.png"
-                Image.fromarray(image).save(os.path.join(folder, rel))
-                line = json.dumps({"image_path": rel, "label": int(label), "dataset_name": name
-                                   }) + "\n"
-                (fval if i in val else ftrain).write(line)
-        if name == "digits":  # --task generate: each image as text -> image and as image -> text
-            for split in ("train", "val"):
-                with open(os.path.join(folder, f"generate_{split}.jsonl"), "w") as f:
-                    for i, label in enumerate(labels):
-                        if (i in val) == (split == "val"):
-                            text = f"a handwritten digit {label}"
-                            f.write(
-                                json.dumps(
-                                    {"text_prompt": text, "image_path": f"images/{i:05d}.png"}) +
-                                "\n")
-                            f.write(
-                                json.dumps({"image_path": f"images/{i:05d}.png", "caption": text}) +
-                                "\n")
-        registry[name] = {"num_classes": len(by_class), "description": description}
+        splits = {split: [i for i in range(len(labels)) if (i in val) == (split == "val")]
+                  for split in ("train", "val")}
+        pngs = []
+        for image in images:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, "PNG")
+            pngs.append(buffer.getvalue())
+        classes = DEMO_CLASSES[name]
+        for split, members in splits.items():
+            specs[split].append(write_demo_split(folder, split, members, pngs, labels, classes,
+                                                 name, layout))
+        if layout == "jsonl" and name == "digits":
+            write_demo_generation(folder, splits, labels)
+        # a folder or a ClassLabel gives the number of classes itself
+        registry[name] = ({"num_classes": len(by_class)} if layout in ("jsonl", "wds") else {})
+        registry[name]["description"] = description
+        if layout == "wds":
+            registry[name]["labels"] = classes
     registry["digits"]["eval_ratio"] = 0.5
     registry["digits"]["hflip"] = False  # a mirrored digit is another shape
     registry["faces"]["eval_ratio"] = 1.0
     with open(os.path.join(out_dir, "datasets.json"), "w") as f:
         json.dump(registry, f, indent=2)
-    print(f"demo data written to {out_dir}: " + ", ".join(f"{n} ({len(s[1])} images)"
-                                                          for n, s in sources.items()))
+    print(f"demo data ({layout}) written to {out_dir}: " +
+          ", ".join(f"{n} ({len(s[1])} images)" for n, s in sources.items()) +
+          f"\n  --train_data {' '.join(specs['train'])}\n  --val_data {' '.join(specs['val'])}"
+          f"\n  --datasets {os.path.join(out_dir, 'datasets.json')}")
+
+
+def write_demo_split(folder, split, members, pngs, labels, classes, name, layout):
+    """One split of one demo dataset in `layout`; returns its data spec."""
+    if layout == "jsonl":
+        os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
+            for i in members:
+                rel = f"images/{i:05d}.png"
+                with open(os.path.join(folder, rel), "wb") as image:
+                    image.write(pngs[i])
+                f.write(json.dumps({"image_path": rel, "label": int(labels[i]),
+                                    "dataset_name": name}) + "\n")
+        return os.path.join(folder, f"{split}.jsonl")
+    if layout == "folder":
+        for label in classes:
+            os.makedirs(os.path.join(folder, split, label), exist_ok=True)
+        for i in members:
+            with open(os.path.join(folder, split, classes[labels[i]], f"{i:05d}.png"), "wb") as f:
+                f.write(pngs[i])
+        return f"{name}={os.path.join(folder, split)}"
+    if layout == "parquet":
+        import datasets
+        features = datasets.Features({"image": datasets.Image(),
+                                      "label": datasets.ClassLabel(names=classes)})
+        table = datasets.Dataset.from_dict(
+            {"image": [{"bytes": pngs[i], "path": None} for i in members],
+             "label": [int(labels[i]) for i in members]}, features=features)
+        table.to_parquet(os.path.join(folder, f"{split}.parquet"))
+        return f"{name}={os.path.join(folder, f'{split}.parquet')}"
+    shards = range(0, len(members), DEMO_SHARD_SIZE)
+    for k, start in enumerate(shards):
+        with tarfile.open(os.path.join(folder, f"{split}-{k:03d}.tar"), "w") as tar:
+            for i in members[start:start + DEMO_SHARD_SIZE]:
+                for field, data in (("png", pngs[i]), ("cls", str(labels[i]).encode())):
+                    info = tarfile.TarInfo(f"{i:05d}.{field}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    last = len(shards) - 1
+    return f"{name}={os.path.join(folder, split)}-" + (f"{{000..{last:03d}}}.tar" if last else
+                                                       "000.tar")
+
+
+def write_demo_generation(folder, splits, labels):
+    """--task generate's records: each digit as text -> image and as image -> text."""
+    for split, members in splits.items():
+        with open(os.path.join(folder, f"generate_{split}.jsonl"), "w") as f:
+            for i in members:
+                text = f"a handwritten digit {labels[i]}"
+                f.write(json.dumps({"text_prompt": text, "image_path": f"images/{i:05d}.png"}) +
+                        "\n")
+                f.write(json.dumps({"image_path": f"images/{i:05d}.png", "caption": text}) + "\n")
 
 
 if __name__ == "__main__":
@@ -698,10 +658,14 @@ if __name__ == "__main__":
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make-demo", metavar="DIR", required=True,
                         help="write the demo data into DIR")
+    parser.add_argument("--format", choices=DEMO_FORMATS, default="jsonl",
+                        help="jsonl: PNG files and JSONL records; folder: an image folder per "
+                             "split; parquet: a Parquet file per split (needs datasets); wds: "
+                             "WebDataset shards")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     try:
-        make_demo(args.make_demo, args.seed)
+        make_demo(args.make_demo, args.seed, layout=args.format)
     except OSError as e:  # a user-given folder that cannot be written: one line, exit code 2
         import sys
         from files import reason

@@ -1,6 +1,6 @@
 """Evaluate one checkpoint, or every checkpoint-* in a run directory.
 
-    python eval.py RUN_DIR_OR_CHECKPOINT [--val_jsonl a.jsonl b.jsonl] [--predictions preds.jsonl]
+    python eval.py RUN_DIR_OR_CHECKPOINT [--val_data a.jsonl food=food/test] [--predictions p.jsonl]
     torchrun --nproc_per_node 4 eval.py RUN_DIR ...   # exact: every sample counted once
     torchrun --nproc_per_node 8 eval.py RUN_DIR --dist fsdp   # a model too large for one device
 
@@ -44,6 +44,7 @@ from backbone import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implem
                       fsdp_units, restore_modes)
 from faults import injected_fault
 from files import FileWriter, append_line, check_file_path, read_jsonl_records, write_json
+from sources import absolute_spec, fingerprint
 from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
 
@@ -176,10 +177,10 @@ def read_checkpoint(task, model, folder, device):
     return True
 
 
-def data_key(val_files, options):
-    """Fingerprint of what a checkpoint was evaluated on: files (size, mtime) and options."""
-    files = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in val_files]
-    blob = json.dumps([files, options], sort_keys=True)
+def data_key(val_specs, options):
+    """Fingerprint of what a checkpoint was evaluated on: the data's files and folders (size,
+    mtime) and options."""
+    blob = json.dumps([fingerprint(val_specs), options], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -242,7 +243,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("path", help="a checkpoint-* folder or a run directory holding them")
-    a("--val_jsonl", nargs="+", help="validation files (default: those the run was trained with)")
+    a("--val_data", "--val_jsonl", nargs="+", metavar="SPEC",
+      help="validation data, the specs train.py takes: FILE.jsonl or NAME=PATH (an image folder, "
+           "Parquet, WebDataset shards) (default: the run's)")
     a("--batch_size", type=int, default=64, help="per process")
     a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
     a("--num_workers", type=num_workers, default="auto",
@@ -290,9 +293,10 @@ def run(args, rank, world_size, device):
         raise ValueError(f"{error} ({os.path.basename(targets[-1])} is a {task.NAME} "
                          "checkpoint)")
     trained_args = read_info(checkpoint_folder(targets[-1])).get("args", {})
-    args.val_files = args.val_jsonl or trained_args.get("val_jsonl")
+    # val_jsonl: the name in checkpoints written before --val_data
+    args.val_files = args.val_data or trained_args.get("val_data") or trained_args.get("val_jsonl")
     if not args.val_files:
-        raise ValueError("no validation data: give --val_jsonl (the run was trained without any)")
+        raise ValueError("no validation data: give --val_data (the run was trained without any)")
     data, indices, options, summary = task.eval_data(args, targets[-1], trained_args, world_size)
     say = print if rank == 0 else (lambda message: None)
     say(summary)
@@ -345,7 +349,7 @@ def evaluate_checkpoints(args, task, run_dir, todo, data, indices, key, extras, 
         print(task.report(metrics, "eval", name + scope, data))
         step = checkpoint_step(checkpoint_folder(folder))
         record = {"checkpoint": name, "step": step, "data_key": key,
-                  "val_jsonl": [os.path.abspath(p) for p in args.val_files],
+                  "val_data": [absolute_spec(p) for p in args.val_files],
                   "partial": args.partial,
                   "time": datetime.datetime.now().isoformat(timespec="seconds"), **metrics}
         if writer:

@@ -35,7 +35,7 @@ from checkpoint import (changed_run_flags, check_output_dir, load_sharded_state,
 from config import apply_overrides, check_args, loader_workers, parse_args
 from dataset import DataError
 import distributed
-from distributed import all_reduce_sum, barrier
+from distributed import all_gather_objects, all_reduce_sum, barrier
 import ema
 from eval import EvalCache, evaluate
 from faults import TrainingError, catch_stop_signals, injected_fault
@@ -100,6 +100,10 @@ class LoopState:
     unsettled: list = field(default_factory=list)
     stop_signals: list = field(default_factory=list)  # SIGTERM / SIGUSR1 received
     stopped: bool = False  # by a signal: a checkpoint is written, no final evaluation
+    # The training loader; one with state_dict() (a stream's) has its position saved with each
+    # checkpoint, and --resume gives it back (loader_state: this rank's).
+    loader: object = None
+    loader_state: dict = None
 
 
 def main(argv=None):
@@ -140,6 +144,14 @@ def train(args, rank, world_size, device):
                                          num_workers=args.num_workers, persistent=True,
                                          prefetch_factor=args.prefetch_factor,
                                          pin_memory=device.type == "cuda")
+                stateful = hasattr(loader, "load_state_dict")
+                if args.resume and stateful != (state.loader_state is not None):
+                    raise ValueError(f"--resume {state.last_saved}: a run resumes with "
+                                     "--streaming exactly when it was trained with it (the "
+                                     "checkpoint holds the stream's position)")
+                if stateful and state.loader_state is not None:
+                    loader.load_state_dict(state.loader_state)
+                state.loader = loader
             else:  # the epoch travels with each sample's key: workers hold no state of their own
                 loader.sampler.set(order[start:], epoch)
             batches = iter(loader)
@@ -188,13 +200,18 @@ def build_run(args, rank, world_size, device):
     say(format_groups(optimizer.param_groups, args.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
-    # One epoch is this rank's share of the data in micro-batches, grouped by grad_accum.
-    per_rank = len(data.train) // world_size
-    if per_rank == 0:
-        raise ValueError(f"{len(data.train)} training samples cannot be split over {world_size} "
-                         f"processes")
-    steps_per_epoch = math.ceil(math.ceil(per_rank / args.batch_size) / args.grad_accum)
-    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    # One epoch is this rank's share of the data in micro-batches, grouped by grad_accum; a
+    # stream has no epochs: the run is one pass of --max_steps.
+    size = task.train_size(data)
+    if size is None:
+        steps_per_epoch = total_steps = args.max_steps
+    else:
+        per_rank = size // world_size
+        if per_rank == 0:
+            raise ValueError(f"{size} training samples cannot be split over {world_size} "
+                             f"processes")
+        steps_per_epoch = math.ceil(math.ceil(per_rank / args.batch_size) / args.grad_accum)
+        total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch "
         f"{args.batch_size} x {world_size} process(es) x grad_accum {args.grad_accum}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
@@ -306,6 +323,13 @@ def start_state(run):
         window = ranks[run.rank]["train_metrics"]
         if window.shape == state.train_metrics.sums.shape:
             state.train_metrics.sums.copy_(window)
+    saved = info.get("loader_states")  # a stream's position, per rank and DataLoader worker
+    workers = info["args"].get("num_workers")
+    if saved is not None and (len(saved), workers) != (run.world_size, args.num_workers):
+        raise ValueError(f"--resume {folder}: its stream position (--streaming) is one per "
+                         f"process and DataLoader worker; it was written by {len(saved)} "
+                         f"process(es) with --num_workers {workers}: resume with the same")
+    state.loader_state = saved[run.rank] if saved is not None else None
     state.step, state.best, state.last_saved = info["step"], info["best"], folder
     skipped = info.get("skipped_images", [])
     if run.main_process and len(skipped) == len(state.skipped_images):
@@ -510,6 +534,8 @@ def save(run, state, metrics):
             "fingerprint": run.fingerprint,
             "metrics": metrics, "best": state.best, "world_size": run.world_size,
             "skipped_images": [int(n) for n in all_reduce_sum(state.skipped_images, run.device)]}
+    if hasattr(state.loader, "state_dict"):  # JSON, as the rest of training_info.json
+        info["loader_states"] = all_gather_objects(state.loader.state_dict())
 
     def write_model(folder, full_weights):
         run.task.save_model(folder, run.raw_model, run.inputs, full_weights, run.data, args)

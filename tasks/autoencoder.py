@@ -18,7 +18,6 @@ each checkpoint's config.json, so a generator on its latents sees them at unit s
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,14 +25,15 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from dataset import (DataError, DatasetSpec, EpochSampler, RecordTable, count_per_dataset,
-                     dataset_name_problem, ignore_stop_signals, load_registry, mixture_indices,
-                     partial_eval_indices, plan_epochs, raise_data_errors, read_data_file,
-                     summarize, worker_options)
+from checkpoint import checkpoint_folder
+from dataset import (DataError, DatasetSpec, EpochSampler, count_per_dataset, ignore_stop_signals,
+                     load_registry, mixture_indices, partial_eval_indices, plan_epochs, summarize,
+                     worker_options)
 from ema import plain_metric
 from tasks.latent import autoencoder_class, downsampling, load_autoencoder
 from metrics import PerDatasetSums
 from backbone import eval_mode, restore_modes
+from sources import INDEX_DIR, read_records
 from tasks.unified import read_image, save_grid
 
 NAME = "autoencoder"
@@ -67,7 +67,7 @@ class ImageShape:
 @dataclass
 class Data:
     registry: dict  # dataset name -> dataset.DatasetSpec (eval_ratio, sampling_weight)
-    train: object  # dataset.RecordTable (label 0), or None in eval.py
+    train: object  # sources.RecordTable (labels unused), or None in eval.py
     val: object
     partial_indices: list
     recon_loss: str = "l1"
@@ -113,8 +113,10 @@ def check_best_metric(args, names):
 
 # ----------------------------------------------------------------------------- records
 
-def _record_images(item):
-    """The image paths of one record: its image_path, or the image turns of its conversations."""
+def image_record(item):
+    """(dataset name, [(image path, field)], label 0) of a JSON record: the classifier's line (its
+    image_path) or the generator's record (its image_path, or the image turns of its
+    conversations); without dataset_name it belongs to DEFAULT_DATASET."""
     if "conversations" in item:
         turns = item["conversations"]
         if not isinstance(turns, list):
@@ -131,81 +133,25 @@ def _record_images(item):
     for path, field in paths:
         if not isinstance(path, str) or not path:
             raise ValueError(f"field '{field}': expected a non-empty string, got {path!r}")
-    return [path for path, _ in paths]
+    return item.get("dataset_name", DEFAULT_DATASET), paths, 0
 
 
-def _items(path, text, errors):
-    """(line number or array index, where, item) of a JSONL file or a JSON array."""
-    if path.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            errors.append(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
-            return []
-        data = data if isinstance(data, list) else [data]
-        return [(i, f"{path}: record {i}", item) for i, item in enumerate(data)]
-    items = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 in strings
-        if line.strip():
-            try:
-                items.append((lineno, f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
-    return items
-
-
-def read_image_records(paths, registry, fixed):
-    """Every image of every record -> a dataset.RecordTable (labels 0). Records are the
-    classifier's lines ({"image_path", "dataset_name", ...}) or the generator's records (their
-    images); a record without dataset_name belongs to DEFAULT_DATASET. fixed: names outside
-    `registry` are errors; else they are added to it. One DataError lists every problem."""
-    columns = {"image_paths": [], "labels": [], "dataset_ids": [], "file_ids": [], "lines": []}
-    errors = []
-    for file_id, path in enumerate(paths):
-        text = read_data_file(path, errors)
-        if text is None:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        for line, where, item in _items(path, text, errors):
-            if not isinstance(item, dict):
-                errors.append(f"{where}: expected a JSON object, got {type(item).__name__}")
-                continue
-            name = item.get("dataset_name", DEFAULT_DATASET)
-            try:
-                images = _record_images(item)
-                if not isinstance(name, str) or not name:
-                    raise ValueError(f"field 'dataset_name': expected a name, got {name!r}")
-                if name not in registry:
-                    if fixed:
-                        raise ValueError(f"field 'dataset_name': {name!r} is not in the dataset "
-                                         f"registry (known: {', '.join(registry)})")
-                    problem = dataset_name_problem(name, [*registry, name])
-                    if problem:
-                        raise ValueError(f"field 'dataset_name': {problem}")
-                    registry[name] = DatasetSpec(name, 1)
-            except ValueError as e:
-                errors.append(f"{where}: {e}")
-                continue
-            for image in images:
-                for key, value in zip(columns, (os.path.join(folder, image), 0,
-                                                list(registry).index(name), file_id, line)):
-                    columns[key].append(value)
-    records = RecordTable(files=paths, **columns)
-    with ThreadPoolExecutor(16) as pool:  # stat calls are slow on network filesystems
-        exists = list(pool.map(os.path.isfile, columns["image_paths"]))
-    errors += [f"{records[i].source}: image file not found: {records[i].image_path}"
-               for i, ok in enumerate(exists) if not ok]
-    raise_data_errors(errors, len(records), paths)
-    return records
+def read_images(specs, registry, fixed, index_dir, say=print):
+    """Every image of every record -> a sources.RecordTable: JSON records (image_record) and the
+    images of NAME=PATH sources (folders, Parquet, shards), their classes unused. fixed: names
+    outside `registry` are errors; else they are added to it."""
+    return read_records(specs, registry, labelled=False, fixed=fixed, jsonl_record=image_record,
+                        index_dir=index_dir, say=say)
 
 
 def load_data(args, say):
     """Read and check every record before the first step; print the per-dataset summary."""
     check_flags(args)
     registry = load_registry(args.datasets) if args.datasets else {}
-    train = read_image_records(args.train_jsonl, registry, fixed=bool(args.datasets))
-    val = (read_image_records(args.val_jsonl, registry, fixed=bool(args.datasets))
-           if args.val_jsonl else None)
+    index_dir = os.path.join(args.output_dir, INDEX_DIR)
+    train = read_images(args.train_data, registry, bool(args.datasets), index_dir, say)
+    val = (read_images(args.val_data, registry, bool(args.datasets), index_dir, say)
+           if args.val_data else None)
     check_best_metric(args, list(registry))
     partial, shares = plan_epochs(registry, train, val, args, say, "images")
     return Data(registry, train, val, partial, args.recon_loss, args.kl_weight, shares)
@@ -308,12 +254,12 @@ class ImageNoiseDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        record = self.records[index]
         try:
-            pixels = read_image(record.image_path, self.shape.size, self.shape.channels)
-        except DataError as e:
-            raise DataError(f"{record.source}: {e}") from None
-        item = {"pixel_values": pixels, "dataset_ids": record.dataset_id, "indices": index}
+            pixels = read_image(self.records.open(index), self.shape.size, self.shape.channels)
+        except (DataError, OSError) as e:  # also a shard that cannot be read any more
+            raise DataError(f"{self.records[index].source}: {e}") from None
+        item = {"pixel_values": pixels, "dataset_ids": int(self.records.dataset_ids[index]),
+                "indices": index}
         if self.train:
             g = torch.Generator().manual_seed(
                 int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
@@ -462,7 +408,8 @@ def eval_data(args, folder, trained_args, world_size):
     fixed = bool(args.datasets)
     registry = (load_registry(args.datasets) if fixed else
                 {n: DatasetSpec(n, 1, d["eval_ratio"]) for n, d in info["datasets"].items()})
-    val = read_image_records(args.val_files, registry, fixed)
+    val = read_images(args.val_files, registry, fixed,
+                      os.path.join(os.path.dirname(checkpoint_folder(folder)), INDEX_DIR))
     seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
     indices = (partial_eval_indices(val, registry, seed) if args.partial
                else list(range(len(val))))

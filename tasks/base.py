@@ -34,9 +34,9 @@ from weights import WeightsMismatch
 REQUIRED = ("NAME", "MODEL_FILE", "load_data", "build_model", "loader", "forward", "save_model",
             "load_model", "eval_data")
 OPTIONAL = ("DEFAULT_BEST_METRIC", "COUNTS", "BORROWED_FLAGS", "FLAG_NEEDS", "EVAL_FLAG_NEEDS",
-            "add_flags", "add_eval_flags", "has_unused_parameters", "epoch_order", "prepare",
-            "count_targets", "step_loss", "new_metrics", "report", "progress", "predictions",
-            "per_class", "weight_sources", "eval_extras", "extra_metrics", "finish")
+            "add_flags", "add_eval_flags", "has_unused_parameters", "train_size", "epoch_order",
+            "prepare", "count_targets", "step_loss", "new_metrics", "report", "progress",
+            "predictions", "per_class", "weight_sources", "eval_extras", "extra_metrics", "finish")
 
 DEFAULT_BEST_METRIC = "overall_loss"
 # The named target counts of a batch: what the step's loss is divided by, summed over the whole
@@ -62,6 +62,12 @@ def add_eval_flags(parser):
 def has_unused_parameters(args, model):
     """Whether some parameters get no gradient in a step (DDP must then look for them)."""
     return False
+
+
+def train_size(data):
+    """Training samples of an epoch; None where the data is a stream without epochs (the run is
+    then --max_steps long, and a loader with state_dict() saves its position in checkpoints)."""
+    return len(data.train)
 
 
 def epoch_order(data, epoch, args, rank, world_size):

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from augment import AUGMENTS, CROP_SCALE, RANDAUGMENT_M, RANDAUGMENT_N, augment_config
+from checkpoint import checkpoint_folder
+import distributed
 from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
-                     partial_eval_indices, plan_epochs, read_jsonl_files, summarize)
+                     partial_eval_indices, pixel_path, plan_epochs, summarize)
 from lora import (ADAPTER_FILE, add_lora, adapter_state, check_lora_flags, merged_state_dict,
                   scaling, trainable_summary)
 from ema import plain_metric
@@ -26,6 +28,8 @@ from backbone import DEFAULT_PROMPT, load_backbone, say
 from model import (CLASSIFIER_FILE, HEAD_FILE, POOLINGS, LabelSpace, MaskedClassifier,
                    classify, load_classifier, read_classifier_info, save_classifier,
                    set_trainable)
+from sources import INDEX_DIR, check_classes, read_records
+from streaming import build_stream, make_stream_loader
 from weights import file_map, folder_map
 
 NAME = "classify"
@@ -38,8 +42,8 @@ class Data:
     """The records, the label layout and the loss options: what a step needs beside the model."""
     registry: dict
     label_space: LabelSpace
-    train: object  # dataset.RecordTable, or None in eval.py
-    val: object  # dataset.RecordTable, or None without validation files
+    train: object  # sources.RecordTable, or None in eval.py
+    val: object  # sources.RecordTable, or None without validation files
     partial_indices: list
     masking: bool = True
     label_smoothing: float = 0.0
@@ -47,6 +51,7 @@ class Data:
     augment: object = None  # augment.AugmentConfig of training batches (None: none)
     shares: list = None  # dataset shares of each epoch (None: by size, as the files come)
     mix: tuple = None  # (mixup, cutmix, mix_prob, seed): same-dataset Mixup / CutMix
+    stream: object = None  # --streaming: the streaming.ImageStream of training (train is None)
     rows: dict = field(default_factory=dict)  # device -> (num_classes, offsets) tensors
 
     @property
@@ -123,11 +128,25 @@ def add_flags(parser):
     a("--mix_temperature", type=float,
       help="dataset share per epoch proportional to n^(1/T) (1: by size, large: uniform); or "
            "give sampling_weight in the registry")
+    a("--streaming", action="store_true",
+      help="read the training specs (Parquet files or WebDataset shards, local or fsspec URLs) "
+           "as a stream through datasets (pip install -e '.[streaming]'): nothing read up front, "
+           "labels checked as samples come, shares from the registry's sampling_weight, the run "
+           "--max_steps long; resume is exact with the same processes and --num_workers "
+           "(docs/data.md)")
+    a("--shuffle_buffer", type=int, default=1000,
+      help="--streaming: samples read at a time and yielded in a seeded order (1: the files' "
+           "order)")
 
 
 # A flag given that cannot act under the others is an error (config.check_flags_act).
 FLAG_NEEDS = {
     "mix_prob": ("--mixup or --cutmix", lambda a: a.mixup or a.cutmix),
+    "shuffle_buffer": ("--streaming (and not --no_shuffle)",
+                       lambda a: a.streaming and not a.no_shuffle),
+    "mix_temperature": ("the sizes of the datasets, which a stream (--streaming) does not know "
+                        "before it is read: give sampling_weight in the registry",
+                        lambda a: not a.streaming),
     **{name: ("--lora_rank", lambda a: a.lora_rank)
        for name in ("lora_alpha", "lora_dropout", "lora_targets", "lora_train")},
 }
@@ -159,6 +178,11 @@ def check_flags(args, label_space, val_records):
                              f"got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:
         raise ValueError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.streaming and not args.max_steps:
+        raise ValueError("--streaming: a stream has no epochs; give the run's length with "
+                         "--max_steps")
+    if args.shuffle_buffer < 1:
+        raise ValueError(f"--shuffle_buffer must be at least 1, got {args.shuffle_buffer}")
     if args.no_best_tracking:
         return
     # The names metrics.ClassificationMetrics.compute will report on this validation data.
@@ -175,16 +199,36 @@ def check_flags(args, label_space, val_records):
 def load_data(args, say):
     """Read and check every record before the first step; print the per-dataset summary."""
     check_lora_flags(args)
-    registry = load_registry(args.datasets)
+    # Without --datasets the registry is the NAME= specs' datasets, completed by their sources.
+    registry = load_registry(args.datasets) if args.datasets else {}
+    options = dict(fixed=bool(args.datasets), say=say,
+                   index_dir=os.path.join(args.output_dir, INDEX_DIR))
+    train, stream = None, None
+    if args.streaming:  # read as it is trained on: the validation data below is read whole
+        rank, world_size = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                            if distributed.is_distributed() else (0, 1))
+        stream, shares, summary = build_stream(
+            args.train_data, registry, bool(args.datasets), seed=args.seed, rank=rank,
+            world_size=world_size, buffer=1 if args.no_shuffle else args.shuffle_buffer,
+            skip_bad_images=args.on_bad_image == "skip")
+    else:
+        train = read_records(args.train_data, registry, **options,
+                             skip_missing_images=args.on_bad_image == "skip")
+    val = read_records(args.val_data, registry, **options) if args.val_data else None
+    check_classes(registry, [train, val])
     label_space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
                                    args.label_space, args.num_labels)
-    train = read_jsonl_files(args.train_jsonl, registry)
-    val = read_jsonl_files(args.val_jsonl, registry) if args.val_jsonl else None
     check_flags(args, label_space, val)
-    partial, shares = plan_epochs(registry, train, val, args, say)
+    if stream is not None:
+        stream.num_classes = label_space.num_classes
+        partial = partial_eval_indices(val, registry, args.seed) if val else []
+        say(summary)
+    else:
+        partial, shares = plan_epochs(registry, train, val, args, say)
     mix = (args.mixup, args.cutmix, args.mix_prob, args.seed) if args.mixup or args.cutmix else None
     return Data(registry, label_space, train, val, partial, not args.no_logits_masking,
-                args.label_smoothing, args.on_bad_image == "skip", shares=shares, mix=mix)
+                args.label_smoothing, args.on_bad_image == "skip", shares=shares, mix=mix,
+                stream=stream)
 
 
 def build_model(args, data, dtype, meta=False):
@@ -225,7 +269,13 @@ def has_unused_parameters(args, model):
 
 def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed=0, epoch=0,
            persistent=False, prefetch_factor=None):
-    """Batches of data.train (train=True) or data.val at `indices`, in that order."""
+    """Batches of data.train (train=True) or data.val at `indices`, in that order; of the stream
+    under --streaming (indices unused)."""
+    if train and data.stream is not None:
+        data.stream.pixels = pixel_path(inputs, True, data.augment)
+        return make_stream_loader(data.stream, inputs, data.names, batch_size=batch_size,
+                                  num_workers=num_workers, pin_memory=pin_memory,
+                                  persistent_workers=persistent, prefetch_factor=prefetch_factor)
     records = data.train if train else data.val
     return make_loader(records, indices, inputs, data.names, batch_size=batch_size,
                        num_workers=num_workers, pin_memory=pin_memory,
@@ -234,8 +284,16 @@ def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory,
                        persistent_workers=persistent, prefetch_factor=prefetch_factor)
 
 
+def train_size(data):
+    """Training samples of an epoch; None for a stream (--streaming), which has no epochs."""
+    return None if data.stream is not None else len(data.train)
+
+
 def epoch_order(data, epoch, args, rank, world_size):
-    """This rank's sample order of one epoch: by size, or drawn with the mixture's shares."""
+    """This rank's sample order of one epoch: by size, or drawn with the mixture's shares (a
+    stream orders itself: none)."""
+    if data.stream is not None:
+        return []
     return mixture_indices(data.train.dataset_ids, data.shares, epoch, args.seed,
                            shuffle=not args.no_shuffle, rank=rank, world_size=world_size)
 
@@ -316,7 +374,9 @@ def save_model(folder, model, inputs, full_weights, data, args):
             "no_logits_masking": not data.masking,
             "datasets": {n: {"num_classes": s.num_classes, "eval_ratio": s.eval_ratio,
                              "description": s.description, "offset": o,
-                             **({"labels": s.labels} if s.labels else {})}
+                             **({"labels": s.labels} if s.labels else {}),
+                             **{k: getattr(s, k) for k in ("image_column", "label_column")
+                                if getattr(s, k)}}
                          for (n, s), o in zip(data.registry.items(), data.label_space.offsets)}}
     if args.lora_rank:  # the adapters, and the backbone with them merged in: loads without peft
         info["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
@@ -352,10 +412,14 @@ def eval_data(args, folder, trained_args, world_size):
     saved = {n: {k: v for k, v in d.items() if k != "offset"} for n, d in info["datasets"].items()}
     path = os.path.join(folder, CLASSIFIER_FILE)
     registry = load_registry(args.datasets or saved, path)
+    if all(s.num_classes is not None for s in registry.values()):
+        saved_label_space(info, registry, args, path)  # a wrong head refused before any reading
+    index_dir = os.path.join(os.path.dirname(checkpoint_folder(folder)), INDEX_DIR)
+    val = read_records(args.val_files, registry, index_dir=index_dir)
+    check_classes(registry, [val])
     label_space = saved_label_space(info, registry, args, path)
     masking = not (args.no_logits_masking or info.get("no_logits_masking", False))
     seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
-    val = read_jsonl_files(args.val_files, registry)
     indices = (partial_eval_indices(val, registry, seed) if args.partial
                else list(range(len(val))))
     data = Data(registry, label_space, None, val, indices, masking)

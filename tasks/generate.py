@@ -112,8 +112,8 @@ def check_flags(args):
 
 def load_data(args, say):
     """Read and check every record of every file before the first step."""
-    train = read_generation_files(args.train_jsonl)
-    val = read_generation_files(args.val_jsonl) if args.val_jsonl else None
+    train = read_generation_files(args.train_data)
+    val = read_generation_files(args.val_data) if args.val_data else None
     check_flags(args)
     say(f"training data: {len(train):,} samples" +
         (f"; validation: {len(val):,}" if val else ""))

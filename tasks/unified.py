@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dataset import (DataError, EpochSampler, ignore_stop_signals, raise_data_errors,
-                     read_data_file, worker_options)
+from dataset import DataError, EpochSampler, ignore_stop_signals, worker_options
+from sources import json_items, parse_spec, raise_data_errors
 from backbone import LOADING, build_empty, eval_mode, from_pretrained, restore_modes, say
 from files import write_file
 from tasks.latent import load_codec
@@ -113,42 +113,24 @@ def _turns(item, folder):
         "expected 'conversations', 'text_prompt' + 'image_path', or 'image_path' + 'caption'")
 
 
-def read_generation_files(paths):
-    """Read and check every record of every JSON / JSONL file; raise one DataError listing what is
-    wrong."""
+def read_generation_files(specs):
+    """Read and check every record of every JSON / JSONL file (sources.json_items); raise one
+    DataError listing what is wrong."""
     conversations, errors = [], []
-    for path in paths:
-        text = read_data_file(path, errors)
-        if text is None:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if path.endswith(".json"):  # one JSON array (or one object); records are named by index
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            data = data if isinstance(data, list) else [data]
-            items = [(f"{path}: record {i}", item) for i, item in enumerate(data)]
-        else:
-            items = []
-            # not splitlines: JSON strings may hold U+2028
-            for lineno, line in enumerate(text.split("\n"), 1):
-                if not line.strip():
-                    continue
-                try:
-                    items.append((f"{path}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    errors.append(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
-        for where, item in items:
-            if not isinstance(item, dict):
-                errors.append(f"{where}: expected a JSON object, got {type(item).__name__}")
-                continue
+    for text in specs:
+        spec = parse_spec(text)
+        if spec.kind != "jsonl":
+            raise DataError(f"data spec {text!r}: --task generate reads JSON / JSONL records "
+                            "(conversations, text_prompt + image_path, image_path + caption); "
+                            f"a {spec.kind} source holds labelled images (--task classify, "
+                            "autoencoder)")
+        folder = os.path.dirname(os.path.abspath(spec.path))
+        for _, where, item in json_items(spec.path, errors):
             try:
                 conversations.append(Conversation(_turns(item, folder), where))
             except ValueError as e:
                 errors.append(f"{where}: {e}")
-    raise_data_errors(errors, len(conversations), paths)
+    raise_data_errors(errors, len(conversations), specs)
     return conversations
 
 
@@ -189,12 +171,14 @@ class ImageSpec:
 
 
 def read_image(path, size, channels):
-    """(channels, size, size) pixels in [-1, 1]; an image that cannot be read is a DataError."""
+    """(channels, size, size) pixels in [-1, 1] of an image file (or file object); an image that
+    cannot be read is a DataError."""
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
     except Exception as e:
-        raise DataError(f"cannot decode image {path}: {e}") from None
+        named = f" {path}" if isinstance(path, str) else ""
+        raise DataError(f"cannot decode image{named}: {e}") from None
     pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1)
     return pixels.reshape(size, size, -1).permute(2, 0, 1)
 

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import write_jsonl
 from dataset import (DataError, ImageDataset, count_per_dataset, load_registry,
-                     partial_eval_indices, read_jsonl_files, summarize, train_indices)
+                     partial_eval_indices, summarize, train_indices)
+from sources import read_records
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def registry():
 
 
 def test_relative_image_paths_resolve_against_the_jsonl_folder(demo_dir, registry):
-    records = read_jsonl_files(
+    records = read_records(
         [str(demo_dir / "digits" / "val.jsonl"),
          str(demo_dir / "faces" / "val.jsonl")], registry)
     assert len(records) == 359 + 40
@@ -95,7 +96,7 @@ def test_each_bad_line_is_reported_with_file_line_and_field(tmp_path, image, reg
     good = json.dumps({"image_path": image, "label": 0, "dataset_name": "digits"})
     path = write_jsonl(tmp_path / "data.jsonl", [good, good, line])
     with pytest.raises(DataError, match=f"data.jsonl:3: {field_message}"):
-        read_jsonl_files([path], registry)
+        read_records([path], registry)
 
 
 def test_all_problems_are_listed_at_once_and_missing_files_are_named(tmp_path, image, registry):
@@ -103,7 +104,7 @@ def test_all_problems_are_listed_at_once_and_missing_files_are_named(tmp_path, i
         tmp_path / "data.jsonl",
         ['{"bad json', '{"image_path": "ok.png", "label": 99, "dataset_name": "digits"}'])
     with pytest.raises(DataError) as e:
-        read_jsonl_files([path, str(tmp_path / "absent.jsonl")], registry)
+        read_records([path, str(tmp_path / "absent.jsonl")], registry)
     text = str(e.value)
     assert "3 problem(s)" in text and "data.jsonl:1:" in text and "data.jsonl:2:" in text
     assert "absent.jsonl: cannot read the data file" in text
@@ -113,13 +114,13 @@ def test_an_undecodable_image_names_its_file(tmp_path, registry):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     path = write_jsonl(tmp_path / "d.jsonl",
                        [{"image_path": "broken.png", "label": 0, "dataset_name": "digits"}])
-    records = read_jsonl_files([path], registry)
+    records = read_records([path], registry)
     with pytest.raises(DataError, match="d.jsonl:1: cannot decode image .*broken.png"):
         ImageDataset(records)[0]
 
 
 def test_partial_eval_subset_sizes_and_determinism(demo_dir, registry):
-    records = read_jsonl_files(
+    records = read_records(
         [str(demo_dir / "digits" / "val.jsonl"),
          str(demo_dir / "faces" / "val.jsonl")], registry)
     subset = partial_eval_indices(records, registry, seed=0)
@@ -141,7 +142,7 @@ def test_partial_eval_subset_sizes_and_determinism(demo_dir, registry):
 
 def test_tiny_ratio_keeps_at_least_one_sample(demo_dir):
     registry = load_registry({"faces": {"num_classes": 2, "eval_ratio": 0.001}})
-    records = read_jsonl_files([str(demo_dir / "faces" / "val.jsonl")], registry)
+    records = read_records([str(demo_dir / "faces" / "val.jsonl")], registry)
     assert len(partial_eval_indices(records, registry, seed=0)) == 1
 
 

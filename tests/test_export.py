@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import load_registry, make_loader, read_jsonl_files
+from dataset import load_registry, make_loader
+from sources import read_records
 from export import ExportError, export
 from backbone import load_backbone
 from model import LabelSpace, MaskedClassifier, classify, save_classifier
@@ -63,7 +64,7 @@ def masked_predictions(model, inputs, small_data):
     registry = load_registry(small_data["registry"])
     space = LabelSpace.build(list(registry), [s.num_classes for s in registry.values()],
                              "disjoint")
-    records = read_jsonl_files([small_data["digits_val"], small_data["faces_val"]], registry)
+    records = read_records([small_data["digits_val"], small_data["faces_val"]], registry)
     num_classes, offsets = space.tensors("cpu")
     logits = []
     with torch.no_grad():

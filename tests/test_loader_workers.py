@@ -8,7 +8,8 @@ import torch
 from augment import augment_config
 from conftest import read_jsonl
 from config import loader_workers
-from dataset import DatasetSpec, RecordTable, make_loader
+from dataset import DatasetSpec, make_loader
+from sources import RecordTable
 from backbone import load_backbone
 
 

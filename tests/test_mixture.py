@@ -4,8 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from dataset import (DataError, load_registry, mixture_indices, mixture_shares, read_jsonl_files,
+from dataset import (DataError, load_registry, mixture_indices, mixture_shares,
                      summarize_mixture, train_indices)
+from sources import read_records
 
 
 def registry_of(**weights):
@@ -33,7 +34,7 @@ def test_natural_mixture_is_exactly_todays_order():
 
 def test_shares_hold_per_epoch_and_within_sampling_noise_over_a_window(small_data):
     reg = load_registry(small_data["registry"])
-    records = read_jsonl_files([small_data["digits_train"], small_data["faces_train"]], reg)
+    records = read_records([small_data["digits_train"], small_data["faces_train"]], reg)
     counts = np.bincount(records.dataset_ids).tolist()  # 40 digits, 16 faces
     shares = [0.3, 0.7]
     for epoch in range(3):

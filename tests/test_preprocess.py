@@ -10,7 +10,8 @@ import transformers
 from PIL import Image
 
 from conftest import ROOT, read_jsonl
-from dataset import RecordTable, auto_num_workers, make_loader
+from dataset import auto_num_workers, make_loader
+from sources import RecordTable
 from backbone import load_backbone, ImageInputs
 from model import MaskedClassifier
 from preprocess import PixelNormalize, load_pixels, pixel_recipe

@@ -18,7 +18,8 @@ import tasks
 import train
 from backbone import load_backbone
 from conftest import read_jsonl
-from dataset import load_registry, make_loader, read_jsonl_files
+from dataset import load_registry, make_loader
+from sources import read_records
 
 # ----------------------------------------------------------------------------- the new task
 NAME, MODEL_FILE, BORROWED_FLAGS = "brightness", "brightness.json", ("datasets",)
@@ -35,9 +36,9 @@ class Regressor(nn.Module):
 
 def load_data(args, say):
     registry = load_registry(args.datasets)
-    val = read_jsonl_files(args.val_jsonl, registry) if args.val_jsonl else None
+    val = read_records(args.val_data, registry) if args.val_data else None
     return SimpleNamespace(names=list(registry), registry=registry, val=val,
-                           train=read_jsonl_files(args.train_jsonl, registry),
+                           train=read_records(args.train_data, registry),
                            partial_indices=list(range(len(val))) if val else [])
 
 
@@ -79,7 +80,7 @@ def eval_data(args, folder, trained_args, world_size):
     with open(os.path.join(folder, MODEL_FILE)) as f:
         registry = load_registry({n: {"num_classes": s["num_classes"]} for n, s in
                                   json.load(f).items()})
-    val = read_jsonl_files(args.val_files, registry)
+    val = read_records(args.val_files, registry)
     data = SimpleNamespace(names=list(registry), registry=registry, train=None, val=val)
     return data, list(range(len(val))), [NAME], f"{len(val)} images"
 # ----------------------------------------------------------------------------- (44 lines)

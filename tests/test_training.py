@@ -143,7 +143,7 @@ def test_resume_refuses_flags_that_change_the_run_naming_each_unless_allowed(
     assert e.value.code == 2 and err.count("\n") == 1, err
     for change in ["--datasets digits.eval_ratio 0.5 -> 0.25", "--lr 0.001 -> 0.002",
                    '--pooling "auto" -> "mean"', "--seed 42 -> 1",
-                   f"--train_jsonl {digits}: {size} bytes -> {os.path.getsize(digits)}",
+                   f"--train_data {digits}: {size} bytes -> {os.path.getsize(digits)}",
                    "--batch_size x processes 8 x 1 -> 4 x 1 (the global micro-batch)",
                    "--max_steps 4 -> --max_steps 6 (the length of the --lr_scheduler cosine"]:
         assert change in err, change
@@ -429,7 +429,7 @@ wandb: {{enabled: true}}
     assert args.model == tiny_vit and args.lr == 1e-5 and args.epochs == 3  # the flag wins
     assert args.no_shuffle and args.save_best_only and args.no_final_eval
     assert args.label_smoothing == 0.1
-    assert args.best_metric == "overall_loss" and args.val_jsonl == [small_data["digits_val"]]
+    assert args.best_metric == "overall_loss" and args.val_data == [small_data["digits_val"]]
     assert list(args.datasets) == ["digits", "faces"]
     for bad, key in [("training2: {lr: 1}", "training2"), ("evaluation: {lr: 1}", "evaluation"),
                      ("lr: fast", None)]:
@@ -457,7 +457,7 @@ def test_demo_command_trains_on_real_images(demo_dir, tmp_path):
     ["demo.yaml", "multi_datasets_example.yaml", "qwen2_5_vl_food.yaml", "demo_generate.yaml"])
 def test_shipped_configs_parse(name):
     args = train.parse_args(["--config", os.path.join("configs", name)])
-    assert args.model and args.train_jsonl and args.output_dir
+    assert args.model and args.train_data and args.output_dir
     if name == "qwen2_5_vl_food.yaml":
         assert (args.param_dtype, args.precision, args.gradient_checkpointing) == ("bf16", "bf16",
                                                                                    True)

@@ -5,6 +5,8 @@ one checkpoint against several, or (--fsdp_memory) peak host memory of sharded l
     python tools/benchmark.py --shape qwen2_5_vl_3b --batch_size 8 --steps 10  # on a GPU
     python tools/benchmark.py --shape tiny --steps 3                           # CPU smoke run
     python tools/benchmark.py --data /tmp/jpegs --make_jpegs 256               # the image path
+    python tools/benchmark.py --sources /tmp/sources                           # files, tar, Parquet
+    python tools/benchmark.py --record_memory 10000000                         # a 10M record table
     python tools/benchmark.py --eval_run runs/demo --checkpoints 5             # eval.py: 5 vs 1
     python tools/benchmark.py --fsdp_memory /tmp/vit_large                     # 2 ranks vs 1
 
@@ -13,6 +15,10 @@ one checkpoint against several, or (--fsdp_memory) peak host memory of sharded l
 --fsdp_memory: peak RSS of loading the folder's classifier whole in one process, and in each of
 2 gloo processes with --dist fsdp's meta-device loading (and without it); an empty or absent
 folder first gets preset:vit-large (ViT-L/16, 304M parameters, random init, fp32).
+
+--sources: images/s of one worker on the same 224 px JPEGs as loose files, WebDataset shards and
+Parquet, read by index in a shuffled order through the fast path (sources.py), and the time to
+read their records the first time (shard index, Parquet -> Arrow) and again (cached).
 
 --data: the same JPEG files through the processor path (ViTImageProcessorPil at 224, float32
 batches) and through the fast path (uint8 batches, preprocess.py) without and with draft, with
@@ -95,8 +101,9 @@ def build_batch(config, batch_size, image_size, num_classes, device):
     return {k: v.to(device) for k, v in batch.items()}, labels.to(device), per_image
 
 
-def make_jpegs(folder, count, seed=0):
-    """count JPEGs of 384-512 px per side from scikit-image's bundled photographs."""
+def make_jpegs(folder, count, seed=0, side=None):
+    """count JPEGs of 384-512 px per side (side: side x side) from scikit-image's bundled
+    photographs."""
     import numpy as np
     from skimage import data
     rng = np.random.default_rng(seed)
@@ -110,6 +117,7 @@ def make_jpegs(folder, count, seed=0):
         left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         long_side, short_side = int(rng.integers(448, 513)), int(rng.integers(384, 513))
         size = (long_side, short_side) if cw >= ch else (short_side, long_side)
+        size = (side, side) if side else size
         out = image.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
         if rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -121,7 +129,8 @@ def benchmark_image_path(args):
     from transformers import ViTImageProcessorPil
 
     from augment import augment_config
-    from dataset import DatasetSpec, RecordTable, make_loader
+    from dataset import DatasetSpec, make_loader
+    from sources import RecordTable
     from backbone import ImageInputs
     if not os.path.isdir(args.data) or not os.listdir(args.data):
         make_jpegs(args.data, args.make_jpegs or 256)
@@ -160,6 +169,141 @@ def benchmark_image_path(args):
             rates[i] = max(rates[i], images_per_second(**kwargs))
     for (name, _), rate in zip(modes, rates):
         print(f"{name:<50} {rate:8.1f} images/s  {rate / rates[0]:5.2f}x")
+
+
+def benchmark_sources(args):
+    """images/s of one worker on the same 224 px JPEGs kept as loose files (an image folder), in
+    WebDataset shards and in Parquet, read by index in a shuffled order (as training reads them)
+    through the fast image path; and the time of the first read (the shard index, the Parquet
+    conversion) and of a later one (from their caches)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from transformers import ViTImageProcessorPil
+
+    from backbone import ImageInputs
+    from dataset import DatasetSpec, make_loader
+    from sources import read_records
+    root = args.sources
+    os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(root, "hf_cache"))
+    folder = os.path.join(root, "files", "photo")
+    if not os.path.isdir(folder):
+        make_jpegs(folder, args.make_jpegs or 1024, side=224)
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".jpg"))
+    shards, parquet = os.path.join(root, "shards"), os.path.join(root, "parquet")
+    if not os.path.isdir(shards):
+        os.makedirs(shards)
+        for k in range(0, len(files), 256):
+            with tarfile.open(os.path.join(shards, f"{k // 256:03d}.tar"), "w") as tar:
+                for path in files[k:k + 256]:
+                    key = os.path.splitext(os.path.basename(path))[0]
+                    tar.add(path, f"{key}.jpg")
+                    info = tarfile.TarInfo(f"{key}.cls")
+                    info.size = 1
+                    tar.addfile(info, io.BytesIO(b"0"))
+    if not os.path.isdir(parquet):
+        import datasets
+        os.makedirs(parquet)
+        table = datasets.Dataset.from_dict(
+            {"image": [{"bytes": open(p, "rb").read(), "path": None} for p in files],
+             "label": [0] * len(files)},
+            features=datasets.Features({"image": datasets.Image(), "label": datasets.Value(
+                "int64")}))
+        table.to_parquet(os.path.join(parquet, "data.parquet"))
+    kinds = [("loose files (an image folder)", f"bench=folder:{os.path.dirname(folder)}"),
+             ("WebDataset shards (index of member offsets)", f"bench=wds:{shards}"),
+             ("Parquet (datasets, memory-mapped Arrow)", f"bench=hf:{parquet}")]
+    inputs = ImageInputs(ViTImageProcessorPil(size={"height": 224, "width": 224}))
+    order = np.random.default_rng(0).permutation(len(files)).tolist()
+    tables, reads = [], []
+    for _, spec in kinds:
+        times = []
+        for _ in range(2):  # the first read builds the index / converts; the second reads those
+            start = time.perf_counter()
+            records = read_records([spec], {"bench": DatasetSpec("bench", 1)}, say=lambda m: None)
+            times.append(time.perf_counter() - start)
+        tables.append(records)
+        reads.append(times)
+
+    def images_per_second(records):
+        loader = make_loader(records, order, inputs, ["bench"], batch_size=args.batch_size,
+                             num_workers=1, fast_path=True)
+        start, seen = None, 0
+        for i, batch in enumerate(loader):
+            if i == 1:  # the first batch includes the worker's start
+                start, seen = time.perf_counter(), 0
+            seen += len(batch["labels"])
+        return seen / (time.perf_counter() - start)
+
+    print(f"{len(files)} JPEGs of 224 px, shuffled order, fast path (exact) to 224 px, batch "
+          f"{args.batch_size}, one worker, {os.cpu_count()} CPUs; best of {args.rounds} "
+          "interleaved rounds")
+    rates = [0.0] * len(kinds)
+    for _ in range(args.rounds):
+        for i, records in enumerate(tables):
+            rates[i] = max(rates[i], images_per_second(records))
+    for (name, _), rate, (first, later) in zip(kinds, rates, reads):
+        print(f"{name:<46} {rate:8.1f} images/s  {rate / rates[0]:5.2f}x   records read in "
+              f"{first:6.2f} s first, {later:5.2f} s later")
+
+
+def rss_anon_mb():
+    """This process's private resident memory (RssAnon of /proc/self/status), in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+
+def private_mb():
+    """Pages only this process maps (Private_Clean + Private_Dirty of smaps_rollup), in MB: after
+    fork, what a worker has copied; RssAnon also counts the pages it still shares."""
+    with open("/proc/self/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Private_")) / 1024
+
+
+class TouchRecords(torch.utils.data.Dataset):
+    """Item i: look up `per_item` random records of a table, as a worker's __getitem__ does;
+    returns the worker's (RssAnon, private memory) after."""
+
+    def __init__(self, records, per_item):
+        self.records, self.per_item = records, per_item
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        import numpy as np
+        rng = np.random.default_rng(i)
+        for j in rng.integers(0, len(self.records), self.per_item).tolist():
+            self.records[j]
+        return rss_anon_mb(), private_mb()
+
+
+def benchmark_record_memory(args):
+    """The record table of --record_memory N shard samples: its bytes, the main process's
+    RssAnon, and a DataLoader worker's RssAnon and private pages (what it copied from the main
+    process) at its start and after looking up 8 x 200,000 random records."""
+    import numpy as np
+
+    from sources import RecordTable, TarShard
+    n = args.record_memory
+    before = rss_anon_mb()
+    shards = [TarShard(f"/data/shards/{k:06d}.tar") for k in range(n // 10_000 + 1)]
+    ids = np.arange(n)
+    records = RecordTable(np.char.add(np.char.zfill(ids.astype("U9"), 9), ".jpg").astype("S13"),
+                          ids % 1000, ids % 3, shards, ids // 10_000, ids % 10_000,
+                          offsets=ids * 4096 + 512, sizes=np.full(n, 3000))
+    size = sum(getattr(records, k).nbytes for k in ("members", "labels", "dataset_ids",
+                                                    "source_ids", "rows", "offsets", "sizes"))
+    main = rss_anon_mb() - before
+    loader = torch.utils.data.DataLoader(TouchRecords(records, 200_000), batch_size=None,
+                                         num_workers=1)
+    start = torch.utils.data.DataLoader(TouchRecords(records, 0), batch_size=None, num_workers=1)
+    (anon_start, private_start), (anon_after, private_after) = max(start), max(loader)
+    print(f"{n:,} records: table {size / 2 ** 20:.0f} MB of arrays; main process RssAnon "
+          f"+{main:.0f} MB; a DataLoader worker: RssAnon {anon_start:.0f} MB -> {anon_after:.0f} "
+          f"MB, private (copied) {private_start:.0f} MB -> {private_after:.0f} MB after "
+          "1,600,000 random lookups")
 
 
 def benchmark_eval(args):
@@ -277,7 +421,14 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="DIR", help="benchmark the image path on the JPEGs in DIR")
     p.add_argument("--make_jpegs", type=int, metavar="N",
-                   help="with --data: first write N JPEGs into DIR (when it is empty or absent)")
+                   help="with --data: first write N JPEGs into DIR (when it is empty or absent); "
+                        "with --sources: N of 224 px (default 1024)")
+    p.add_argument("--record_memory", type=int, metavar="N",
+                   help="memory of a record table of N shard samples, in the main process and in "
+                        "a DataLoader worker that reads it")
+    p.add_argument("--sources", metavar="DIR",
+                   help="images/s of the same JPEGs as loose files, WebDataset shards and Parquet "
+                        "(written into DIR when absent)")
     p.add_argument("--rounds", type=int, default=3,
                    help="with --data or --eval_run: rounds per mode (best of)")
     p.add_argument("--shape", choices=SHAPES, default="qwen2_5_vl_3b")
@@ -307,10 +458,14 @@ def main():
         return benchmark_fsdp_memory(args)
     if args.data:
         return benchmark_image_path(args)
+    if args.sources:
+        return benchmark_sources(args)
+    if args.record_memory:
+        return benchmark_record_memory(args)
     if args.eval_run:
         return benchmark_eval(args)
     if args.make_jpegs:
-        p.error("--make_jpegs needs --data DIR")
+        p.error("--make_jpegs needs --data DIR or --sources DIR")
 
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

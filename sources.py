@@ -1,0 +1,861 @@
+"""Where records are read: the data specs of --train_data / --val_data, one reader per kind of
+source, and the RecordTable every task's records live in.
+
+A SPEC is FILE.jsonl (each line names its dataset; --task generate and autoencoder: .json too) or
+NAME=PATH, where PATH is
+  folder  an image folder: one subfolder per class, sorted by name (the names are the class
+          names); the image files under each, at any depth
+  hf      a Hugging Face dataset: .parquet files (a file, a folder of them, a glob) or a folder
+          written by datasets' save_to_disk, read with `datasets` (pip install -e '.[hf]');
+          columns `image` and `label` (registry image_column / label_column); class names
+          from a ClassLabel label column
+  wds     WebDataset shards: .tar files (a file, a folder of them, a glob, a {000..099} range);
+          sample KEY is KEY.jpg|jpeg|png|webp with KEY.cls or the `label` of KEY.json
+Any other file is JSONL; a prefix folder:, hf:, wds: or jsonl: before PATH forces the kind.
+
+Every kind serves a record by index, without unpacking anything: image files by path, Arrow
+tables memory-mapped by `datasets` (Parquet is converted once into datasets' cache), tar members
+by their byte offset, from an index of each shard built once and kept beside it (or under the
+run's folder where the shards' folder is read-only). So the keyed sampler of dataset.py works the
+same over every kind. Every record is checked before the first step; a problem names its
+`file:line`, `file.parquet:row`, `shard.tar:member` or image file.
+"""
+import bisect
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import zipfile
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from dataset import DataError, DatasetSpec, dataset_name_problem
+
+KINDS = ("jsonl", "folder", "hf", "wds")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
+                    ".pgm")
+TAR_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # the first a sample has is its image
+INDEX_SUFFIX = ".index.npz"
+INDEX_DIR = "tar_index"  # in a run's folder: the indexes of shards whose folder is read-only
+INDEX_VERSION = 1
+NO_IMAGE = -1  # the offset of a shard's sample without an image member
+NO_LABEL = np.iinfo(np.int64).min  # the label of a record without one
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One data spec: `text` as given, its kind, the path part, the dataset name (NAME=)."""
+    text: str
+    kind: str
+    path: str
+    name: str = None
+
+
+def parse_spec(text):
+    """[NAME=][KIND:]PATH -> Spec; the kind is detected from PATH unless a prefix forces it."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or "/" in name or os.sep in name:
+        name, rest = None, text
+    prefix, colon, path = rest.partition(":")
+    forced = prefix if colon and prefix in KINDS and not path.startswith("//") else None
+    path = path if forced else rest
+    if not path:
+        raise DataError(f"data spec {text!r}: no path")
+    kind = forced or detect_kind(path, text)
+    if kind == "jsonl" and name:
+        raise DataError(f"data spec {text!r}: a JSONL file names each record's dataset "
+                        "(dataset_name); give it without NAME=")
+    if kind != "jsonl" and not name:
+        raise DataError(f"data spec {text!r}: name its dataset: NAME={text} (a {kind} source "
+                        "holds the records of one dataset)")
+    return Spec(text, kind, path, name)
+
+
+def is_url(path):
+    return "://" in path
+
+
+def absolute_spec(text):
+    """The spec with an absolute local path, so that eval.py finds it again from a checkpoint."""
+    spec = parse_spec(text)
+    if is_url(spec.path):
+        return text
+    return text[:len(text) - len(spec.path)] + os.path.abspath(spec.path)
+
+
+def detect_kind(path, text):
+    if is_url(path):
+        if path.endswith(".parquet"):
+            return "hf"
+        if path.endswith(".tar"):
+            return "wds"
+        raise DataError(f"data spec {text!r}: cannot tell the kind of this URL; prefix it with "
+                        "hf: or wds:")
+    if path.endswith((".jsonl", ".json")) or (os.path.isfile(path) and not path.endswith(
+            (".parquet", ".tar"))):
+        return "jsonl"  # as --train_jsonl took any file
+    if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json",
+                                                                "state.json")):
+            return "hf"
+        entries = list(os.scandir(path))
+        found = {kind for kind, ext in (("hf", ".parquet"), ("wds", ".tar"))
+                 if any(e.name.endswith(ext) and e.is_file() for e in entries)}
+        if not found and any(e.is_dir() and not e.name.startswith(".") for e in entries):
+            found = {"folder"}
+        if len(found) == 1:
+            return found.pop()
+        raise DataError(f"data spec {text!r}: {path} holds " + (
+            "both .parquet and .tar files" if found else
+            "no class subfolders, .parquet or .tar files") +
+            "; prefix PATH with folder:, hf: or wds:")
+    extensions = {os.path.splitext(f)[1] for f in expand_paths(path, text)}
+    kinds = {".parquet": "hf", ".tar": "wds"}
+    if len(extensions) == 1 and extensions <= set(kinds):
+        return kinds[extensions.pop()]
+    raise DataError(f"data spec {text!r}: cannot tell the kind of {path} (files ending in "
+                    f"{', '.join(sorted(extensions))}); prefix it with folder:, hf:, wds: or "
+                    "jsonl:")
+
+
+def expand_paths(path, text, extension=None):
+    """The files of a path: {000..099} ranges and globs expanded, a folder's files ending in
+    `extension`; sorted within each pattern. A pattern that matches nothing is an error."""
+    if is_url(path):
+        return expand_ranges(path)
+    out = []
+    for pattern in expand_ranges(path):
+        if os.path.isdir(pattern) and extension:
+            files = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
+                           if f.endswith(extension))
+            if not files:
+                raise DataError(f"data spec {text!r}: no {extension} files in {pattern}")
+            out += files
+        elif any(c in pattern for c in "*?["):
+            files = sorted(glob.glob(pattern))
+            if not files:
+                raise DataError(f"data spec {text!r}: no file matches {pattern}")
+            out += files
+        elif os.path.isfile(pattern):
+            out.append(pattern)
+        else:
+            raise DataError(f"data spec {text!r}: {pattern} not found")
+    return out
+
+
+def expand_ranges(path):
+    """shard-{000..002}.tar -> shard-000.tar, shard-001.tar, shard-002.tar (zero-padded as the
+    first bound is written); several ranges multiply."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", path)
+    if not match:
+        return [path]
+    first, last = match.group(1), match.group(2)
+    width = len(first) if first.startswith("0") else 0
+    head, tail = path[:match.start()], path[match.end():]
+    return [p for i in range(int(first), int(last) + 1)
+            for p in expand_ranges(f"{head}{i:0{width}d}{tail}")]
+
+
+# ----------------------------------------------------------------------------- sources
+
+class Source:
+    """One file or folder records come from: names a record for messages and opens its image.
+    A record is (row, member, offset, size); what those mean is the kind's."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def where(self, row, member):
+        return f"{self.path}:{row}"
+
+    def image_name(self, row, member):
+        """What predictions call the record's image."""
+        return self.where(row, member)
+
+    def open(self, row, member, offset, size):
+        """The image: a path, or a file object over its bytes (Pillow opens either)."""
+        raise NotImplementedError
+
+
+class JsonlFile(Source):
+    """A JSONL (or JSON) file: row is the line (the record's index in a JSON array); member the
+    image's resolved path."""
+
+    def image_name(self, row, member):
+        return member
+
+    def open(self, row, member, offset, size):
+        return member
+
+
+class ImageFolder(Source):
+    """An image folder: member is the image's path, which also names the record."""
+
+    def where(self, row, member):
+        return member
+
+    def open(self, row, member, offset, size):
+        return member
+
+
+class TarShard(Source):
+    """A WebDataset shard: member is the image member's name, offset and size its bytes in the
+    shard (read_member)."""
+
+    def where(self, row, member):
+        return f"{self.path}:{member}"
+
+    def open(self, row, member, offset, size):
+        if offset == NO_IMAGE:
+            raise DataError("the sample has no image member")
+        data = read_member(self.path, offset, size)
+        if len(data) != size:
+            raise DataError(f"the shard ends inside member {member}")
+        return io.BytesIO(data)
+
+
+OPEN_SHARDS = 64  # shards a process keeps open; a shuffled order over thousands stays under the
+# open-file limit (the least recently read is closed)
+_descriptors = OrderedDict()  # shard path -> descriptor, of process _owner[0]
+_owner = [None]
+
+
+def read_member(path, offset, size):
+    """`size` bytes at `offset` of a shard, with pread on a descriptor this process keeps open (a
+    DataLoader worker opens its own after it starts)."""
+    if _owner[0] != os.getpid():  # a forked worker: the descriptors it inherited are its parent's
+        for fd in _descriptors.values():
+            os.close(fd)
+        _descriptors.clear()
+        _owner[0] = os.getpid()
+    fd = _descriptors.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        if len(_descriptors) >= OPEN_SHARDS:
+            os.close(_descriptors.popitem(last=False)[1])
+    _descriptors[path] = fd
+    return os.pread(fd, size, offset)
+
+
+class ArrowTable(Source):
+    """A Hugging Face dataset, memory-mapped: row is the row of the whole table; `files` and
+    `starts` name a row by its Parquet file and its row there."""
+
+    def __init__(self, path, table, column, files=(), counts=()):
+        super().__init__(path)
+        self.table, self.column = table, column
+        self.files, self.starts = list(files), np.cumsum([0, *counts])[:-1].tolist()
+
+    def where(self, row, member):
+        if not self.files:
+            return f"{self.path}:{row}"
+        i = bisect.bisect_right(self.starts, row) - 1
+        return f"{self.files[i]}:{row - self.starts[i]}"
+
+    def open(self, row, member, offset, size):
+        value = self.table[int(row)][self.column]
+        if isinstance(value, dict):  # an Image feature: {"bytes", "path"}
+            if value.get("bytes") is not None:
+                return io.BytesIO(value["bytes"])
+            if value.get("path"):
+                return os.path.join(os.path.dirname(self.files[0]) if self.files else self.path,
+                                    value["path"])
+            raise DataError(f"column {self.column!r} holds no image in this row")
+        if value is None:
+            raise DataError(f"column {self.column!r} is empty in this row")
+        return io.BytesIO(value)
+
+
+@dataclass
+class Record:
+    image_path: str   # the image's path, or where in a shard / table it is
+    label: int        # class index inside its own dataset
+    dataset_id: int   # position of its dataset in the registry
+    source: str       # "file.jsonl:line", "shard.tar:member", "file.parquet:row" or the image
+
+
+class RecordTable:
+    """All records of some sources, held in numpy arrays.
+
+    DataLoader workers share these pages with the main process; a list of millions of Python
+    objects would be copied into every worker as reference counts touch it. `sources` are Source
+    objects (a plain path stands for a JSONL file); each record has its source's id, its row
+    there, its member (an image path, a tar member's name), and a tar member's offset and size.
+    """
+
+    def __init__(self, members, labels, dataset_ids, sources, source_ids, rows, offsets=None,
+                 sizes=None):
+        self.members = as_bytes(members)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.dataset_ids = np.asarray(dataset_ids, dtype=np.int64).reshape(-1)
+        self.sources = [s if isinstance(s, Source) else JsonlFile(s) for s in sources]
+        self.source_ids = np.asarray(source_ids, dtype=np.int32).reshape(-1)
+        self.rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n = len(self.labels)
+        self.offsets = (np.full(n, NO_IMAGE, dtype=np.int64) if offsets is None else
+                        np.asarray(offsets, dtype=np.int64))
+        self.sizes = np.zeros(n, dtype=np.int64) if sizes is None else np.asarray(sizes,
+                                                                                  dtype=np.int64)
+
+    @classmethod
+    def concatenate(cls, parts, sources):
+        """One table of parts (dicts of arrays, each with its source_ids)."""
+        if not parts:
+            return cls([], [], [], sources, [], [])
+        column = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return cls(**column, sources=sources)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        source, row, member = self.sources[self.source_ids[i]], int(self.rows[i]), self.member(i)
+        return Record(source.image_name(row, member), int(self.labels[i]),
+                      int(self.dataset_ids[i]), source.where(row, member))
+
+    def member(self, i):
+        return self.members[i].decode()
+
+    def open(self, i):
+        """Record i's image: a path or a file object (Pillow opens either)."""
+        return self.sources[self.source_ids[i]].open(int(self.rows[i]), self.member(i),
+                                                     int(self.offsets[i]), int(self.sizes[i]))
+
+
+def as_bytes(values):
+    if isinstance(values, np.ndarray) and values.dtype.kind == "S":
+        return values
+    return np.array([v.encode() for v in values], dtype=np.bytes_) if len(values) else np.array(
+        [], dtype="S1")
+
+
+def part(source_id, dataset_ids, rows, labels, members, offsets=None, sizes=None):
+    """One source's records as arrays (RecordTable.concatenate's parts)."""
+    n = len(rows)
+    return {"members": as_bytes(members), "labels": np.asarray(labels, dtype=np.int64),
+            "dataset_ids": np.broadcast_to(np.asarray(dataset_ids, dtype=np.int64), (n,)),
+            "source_ids": np.full(n, source_id, dtype=np.int32),
+            "rows": np.asarray(rows, dtype=np.int64),
+            "offsets": (np.full(n, NO_IMAGE, dtype=np.int64) if offsets is None else
+                        np.asarray(offsets, dtype=np.int64)),
+            "sizes": np.zeros(n, dtype=np.int64) if sizes is None else np.asarray(sizes,
+                                                                                  dtype=np.int64)}
+
+
+# ----------------------------------------------------------------------------- JSON records
+
+def read_data_file(path, errors):
+    """The text of a data file, or None with the reason added to `errors`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        errors.append(f"{path}: cannot read the data file ({getattr(e, 'strerror', None) or e})")
+        return None
+
+
+def json_items(path, errors):
+    """(row, where, item) of a JSONL file (row: the line) or of a JSON file (one array or one
+    object; row: the index); problems are added to `errors`."""
+    text = read_data_file(path, errors)
+    if text is None:
+        return []
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            errors.append(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
+            return []
+        data = data if isinstance(data, list) else [data]
+        items = [(i, f"{path}: record {i}", item) for i, item in enumerate(data)]
+    else:
+        items = []
+        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 in strings
+            if line.strip():
+                try:
+                    items.append((lineno, f"{path}:{lineno}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    errors.append(f"{path}:{lineno}: malformed JSON ({e.msg} at column "
+                                  f"{e.colno})")
+    out = []
+    for row, where, item in items:
+        if isinstance(item, dict):
+            out.append((row, where, item))
+        else:
+            errors.append(f"{where}: expected a JSON object, got {type(item).__name__}")
+    return out
+
+
+def classifier_line(item):
+    """(dataset name, [(image path, field)], label) of a classifier's record: {"image_path",
+    "label", "dataset_name"}; ValueError names what is wrong."""
+    missing = [k for k in ("image_path", "label", "dataset_name") if k not in item]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(repr(k) for k in missing)}")
+    label, image = item["label"], item["image_path"]
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise ValueError(f"field 'label': expected an integer, got {label!r}")
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"field 'image_path': expected a non-empty string, got {image!r}")
+    return item["dataset_name"], [(image, "image_path")], label
+
+
+def raise_data_errors(errors, num_samples, paths):
+    """One DataError listing every problem found (the first 20 in full), or for files without
+    samples."""
+    if errors:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(f"{len(errors)} problem(s) in the data files:\n  {shown}{more}")
+    if not num_samples and paths:
+        raise DataError(f"no samples in {', '.join(paths)}")
+
+
+# ----------------------------------------------------------------------------- the readers
+
+class Reading:
+    """What one read_records call builds: the sources, the parts of the table, the problems and
+    notes found, and each dataset's class names as its sources give them."""
+
+    def __init__(self, registry, labelled, fixed, skip_missing_images, index_dir):
+        self.registry, self.labelled, self.fixed = registry, labelled, fixed
+        self.skip_missing_images, self.index_dir = skip_missing_images, index_dir
+        self.sources, self.parts, self.errors, self.notes = [], [], [], []
+
+    def add_source(self, source):
+        self.sources.append(source)
+        return len(self.sources) - 1
+
+    def dataset_id(self, name, where):
+        """The registry position of dataset `name`; an open registry (fixed False) adds it."""
+        if name not in self.registry:
+            if self.fixed:
+                raise DataError(f"{where}: dataset {name!r} is not in the dataset registry "
+                                f"(known: {', '.join(self.registry)})")
+            problem = dataset_name_problem(name, [*self.registry, name])
+            if problem:
+                raise DataError(f"{where}: dataset {name!r}: {problem}")
+            self.registry[name] = DatasetSpec(name, None if self.labelled else 1)
+        return list(self.registry).index(name)
+
+    def classes(self, name, names, count, where):
+        """A source of dataset `name` knows its classes (names, or only their count): fill the
+        registry entry, or check that it agrees."""
+        spec = self.registry[name]
+        if names is not None:
+            names = [str(n) for n in names]
+            count = len(names)
+        if spec.num_classes is not None and count is not None and spec.num_classes != count:
+            raise DataError(f"dataset {name!r}: the registry says num_classes {spec.num_classes}"
+                            f", {where} has {count} classes")
+        if names is not None and spec.labels is not None and spec.labels != names:
+            raise DataError(f"dataset {name!r}: the class names of {where} "
+                            f"({', '.join(names[:5])}{', ...' if count > 5 else ''}) differ from "
+                            f"the registry's labels ({', '.join(spec.labels[:5])}"
+                            f"{', ...' if len(spec.labels) > 5 else ''})")
+        spec.num_classes = spec.num_classes or count
+        spec.labels = spec.labels or names
+
+
+def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=classifier_line,
+                 skip_missing_images=False, index_dir=None, say=print):
+    """Read and check every record of every spec into one RecordTable; raise one DataError
+    listing what is wrong. labelled: records need a class (the classifier); fixed: a dataset
+    outside `registry` is an error, else it is added (an entry the sources complete).
+    jsonl_record(item) -> (dataset name, [(image, field)], label) reads a JSON record.
+    skip_missing_images: a shard's sample without an image is left out (and said), not an
+    error. index_dir: where tar indexes go when a shard's folder is read-only."""
+    reading = Reading(registry, labelled, fixed, skip_missing_images, index_dir)
+    parsed = [parse_spec(s) for s in specs]
+    for spec in parsed:  # NAME= datasets first: the registry's order follows the specs
+        if spec.name is not None:
+            reading.dataset_id(spec.name, f"data spec {spec.text!r}")
+    for spec in parsed:
+        {"jsonl": read_json_source, "folder": read_image_folder, "hf": read_hf_dataset,
+         "wds": read_shards}[spec.kind](spec, reading, jsonl_record)
+    records = RecordTable.concatenate(reading.parts, reading.sources)
+    if labelled:
+        check_labels(records, registry, reading.errors)
+    check_image_files(records, reading.errors)
+    for note in reading.notes:
+        say(f"note: {note}")
+    raise_data_errors(reading.errors, len(records), [s.text for s in parsed])
+    return records
+
+
+def read_json_source(spec, reading, jsonl_record):
+    source_id = reading.add_source(JsonlFile(spec.path))
+    folder = os.path.dirname(os.path.abspath(spec.path))
+    rows, labels, dataset_ids, members = [], [], [], []
+    for row, where, item in json_items(spec.path, reading.errors):
+        try:
+            name, images, label = jsonl_record(item)
+            if not isinstance(name, str) or not name or (reading.fixed and
+                                                         name not in reading.registry):
+                raise ValueError(f"field 'dataset_name': {name!r} is not in the dataset registry "
+                                 f"(known: {', '.join(reading.registry)})")
+            problem = name not in reading.registry and dataset_name_problem(
+                name, [*reading.registry, name])
+            if problem:
+                raise ValueError(f"field 'dataset_name': {problem}")
+            dataset_id = reading.dataset_id(name, where)
+        except ValueError as e:
+            reading.errors.append(f"{where}: {e}")
+            continue
+        for image, _ in images:
+            rows.append(row)
+            labels.append(label)
+            dataset_ids.append(dataset_id)
+            members.append(os.path.join(folder, image))
+    reading.parts.append(part(source_id, dataset_ids, rows, labels, members))
+
+
+def read_image_folder(spec, reading, jsonl_record):
+    """Subfolders are the classes (sorted; mapped by name onto class names the dataset already
+    has, from the registry's labels or an earlier source), the image files under each at any
+    depth are their samples, in sorted order. Other files are named in a note; images directly
+    in the folder belong to no class (an error for the classifier)."""
+    root, name = spec.path, spec.name
+    if not os.path.isdir(root):
+        raise DataError(f"data spec {spec.text!r}: {root} is not a folder")
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    loose = [e.path for e in entries if not e.is_dir()]
+    other = [e.path for e in entries if e.is_dir() and e.name.startswith(".")]
+    dataset_id = reading.dataset_id(name, f"data spec {spec.text!r}")
+    known = reading.registry[name].labels
+    if reading.labelled and known is None:
+        reading.classes(name, class_dirs, None, root)
+        known = class_dirs
+    source_id = reading.add_source(ImageFolder(root))
+    members, labels = [], []
+    images = [p for p in loose if p.lower().endswith(IMAGE_EXTENSIONS)]
+    if images and reading.labelled:
+        reading.errors.append(f"{images[0]}: an image directly in {root} belongs to no class "
+                              f"({len(images)} such): move it into a class subfolder")
+    elif images:
+        members += images
+        labels += [0] * len(images)
+    other += [p for p in loose if not p.lower().endswith(IMAGE_EXTENSIONS)]
+    for class_dir in class_dirs:
+        if reading.labelled and class_dir not in known:
+            reading.errors.append(f"{os.path.join(root, class_dir)}: class folder {class_dir!r} "
+                                  f"is not a class of dataset {name!r} (its classes: "
+                                  f"{', '.join(known[:10])}{', ...' if len(known) > 10 else ''})")
+            continue
+        label = known.index(class_dir) if reading.labelled else 0
+        for folder, dirs, files in os.walk(os.path.join(root, class_dir), followlinks=True):
+            other += [os.path.join(folder, d) for d in dirs if d.startswith(".")]
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in sorted(files):
+                path = os.path.join(folder, f)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+                    members.append(path)
+                    labels.append(label)
+                else:
+                    other.append(path)
+    if other:
+        reading.notes.append(f"{root}: {len(other)} file(s) or hidden folder(s) that are not "
+                             f"images were not read, e.g. {other[0]}")
+    reading.parts.append(part(source_id, dataset_id, range(len(members)), labels, members))
+
+
+def import_datasets(what):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{what} needs the `datasets` library: pip install -e '.[hf]'") from None
+    return datasets
+
+
+def read_hf_dataset(spec, reading, jsonl_record):
+    """Parquet files (converted once into datasets' cache, then memory-mapped) or a save_to_disk
+    folder. Only the label column is read to check labels; the image column is checked for empty
+    rows without decoding anything."""
+    datasets = import_datasets(f"data spec {spec.text!r}")
+    name, path = spec.name, spec.path
+    if is_url(path):
+        raise DataError(f"data spec {spec.text!r}: a URL is read as a stream: add --streaming")
+    image_column = reading.registry[name].image_column or "image"
+    label_column = reading.registry[name].label_column or "label"
+    files, counts = [], []
+    if os.path.isdir(path) and not any(f.endswith(".parquet") for f in os.listdir(path)):
+        table = datasets.load_from_disk(path)
+        if isinstance(table, datasets.DatasetDict):
+            raise DataError(f"data spec {spec.text!r}: {path} holds the splits "
+                            f"{', '.join(table)}: give one of them, e.g. {name}="
+                            f"{os.path.join(path, next(iter(table)))}")
+    else:
+        import pyarrow.parquet as pq
+        files = expand_paths(path, spec.text, ".parquet")
+        try:
+            counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+            table = datasets.Dataset.from_parquet(files)
+        except Exception as e:  # pyarrow's errors say what is wrong, not which file
+            raise DataError(f"data spec {spec.text!r}: cannot read the Parquet files "
+                            f"{', '.join(files)}: {e}") from None
+    where = files[0] if len(files) == 1 else path
+    columns = table.column_names
+    for column, needed in ((image_column, True), (label_column, reading.labelled)):
+        if needed and column not in columns:
+            raise DataError(f"{where}: no column {column!r} (columns: {', '.join(columns)}); "
+                            f"the registry's image_column / label_column name others")
+    dataset_id = reading.dataset_id(name, f"data spec {spec.text!r}")
+    feature = table.features[image_column]
+    if isinstance(feature, datasets.Image):
+        image_table = table.select_columns([image_column]).cast_column(
+            image_column, datasets.Image(decode=False))
+        empty = image_rows_without_data(table.data.column(image_column))
+    elif getattr(feature, "dtype", None) in ("binary", "large_binary"):
+        image_table = table.select_columns([image_column])
+        empty = np.asarray(table.data.column(image_column).is_null())
+    else:
+        raise DataError(f"{where}: column {image_column!r} is {feature}: expected an Image "
+                        "feature or bytes")
+    source = ArrowTable(path, image_table, image_column, files, counts)
+    source_id = reading.add_source(source)
+    n = len(table)
+    labels = (label_values(table, label_column, where, reading, name) if reading.labelled else
+              np.zeros(n, dtype=np.int64))
+    for row in np.flatnonzero(empty)[:20].tolist():
+        reading.errors.append(f"{source.where(row, '')}: column {image_column!r} holds no image")
+    if empty.any() and len(np.flatnonzero(empty)) > 20:
+        reading.errors.append(f"{where}: {int(empty.sum())} rows without an image in all")
+    reading.parts.append(part(source_id, dataset_id, range(n), labels, np.zeros(n, dtype="S1")))
+
+
+def image_rows_without_data(column):
+    """Rows of an Image column (struct of bytes and path) with neither, as a bool array."""
+    import pyarrow.compute as pc
+    empty = pc.and_(pc.is_null(pc.struct_field(column, "bytes")),
+                    pc.is_null(pc.struct_field(column, "path")))
+    return np.asarray(pc.or_(pc.is_null(column), pc.fill_null(empty, True)))
+
+
+def label_values(table, column, where, reading, name):
+    """The label column alone as int64 (NO_LABEL where empty); a ClassLabel gives class names."""
+    datasets = import_datasets(where)
+    feature = table.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        reading.classes(name, feature.names, None, f"{where} (ClassLabel {column!r})")
+    elif not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+        raise DataError(f"{where}: column {column!r} is {feature}: expected class indices "
+                        "(integers or a ClassLabel)")
+    values = table.data.column(column)
+    return np.asarray(values.cast("int64").fill_null(NO_LABEL).to_numpy(), dtype=np.int64)
+
+
+def read_shards(spec, reading, jsonl_record):
+    """Each shard's index (built once, then read from its cache) gives its samples' image
+    offsets and labels; problems of every shard are collected before anything is raised."""
+    if is_url(spec.path):
+        raise DataError(f"data spec {spec.text!r}: a URL is read as a stream: add --streaming")
+    shards = expand_paths(spec.path, spec.text, ".tar")
+    dataset_id = reading.dataset_id(spec.name, f"data spec {spec.text!r}")
+    skipped = []
+    for shard in shards:
+        if not shard.endswith(".tar"):
+            raise DataError(f"data spec {spec.text!r}: {shard}: shards are read by offset, so "
+                            "they must be uncompressed .tar files (or read them with --streaming)")
+        try:
+            index = load_tar_index(shard, reading.index_dir)
+        except DataError as e:
+            reading.errors.append(str(e))
+            continue
+        source = TarShard(shard)
+        source_id = reading.add_source(source)
+        members = index["members"]
+        missing = index["offsets"] == NO_IMAGE
+        if missing.any():
+            lost = [f"{shard}:{m.decode()}" for m in members[missing]]
+            if reading.skip_missing_images:
+                skipped += lost
+            else:
+                reading.errors += [f"{w}: no image member (.{', .'.join(TAR_IMAGE_FIELDS)})"
+                                   for w in lost]
+        keep = ~missing if reading.skip_missing_images else np.ones(len(members), dtype=bool)
+        reading.parts.append(part(source_id, dataset_id, np.flatnonzero(keep),
+                                  index["labels"][keep], members[keep], index["offsets"][keep],
+                                  index["sizes"][keep]))
+    if skipped:
+        reading.notes.append(f"{len(skipped)} sample(s) without an image left out "
+                             f"(--on_bad_image skip): {', '.join(skipped[:5])}"
+                             f"{', ...' if len(skipped) > 5 else ''}")
+
+
+def check_labels(records, registry, errors):
+    """Every record's label inside [0, num_classes) of its dataset, checked on the arrays; each
+    problem names its record. A dataset whose class count is not known yet is left to
+    check_classes (a later source may give it)."""
+    for dataset_id, (name, spec) in enumerate(registry.items()):
+        members = np.flatnonzero(records.dataset_ids == dataset_id)
+        if not len(members) or spec.num_classes is None:
+            continue
+        k, labels = spec.num_classes, records.labels[members]
+        missing = members[labels == NO_LABEL]
+        outside = members[(labels != NO_LABEL) & ((labels < 0) | (labels >= k))]
+        errors += [f"{records[i].source}: no label (a .cls member, the 'label' of a .json member, "
+                   "or the label column)" for i in missing[:20].tolist()]
+        errors += [f"{records[i].source}: field 'label': {records.labels[i]} is outside [0, {k}) "
+                   f"for dataset {name!r}" for i in outside[:20].tolist()]
+        if len(missing) > 20 or len(outside) > 20:  # the arrays are checked whole, not listed
+            errors.append(f"dataset {name!r}: {len(missing)} records without a label and "
+                          f"{len(outside)} with one outside [0, {k}) in all")
+
+
+def check_classes(registry, tables):
+    """After every source of a run is read: each dataset knows its class count, and every
+    record's label is checked against it (also those read before a later source gave it)."""
+    errors = [f"dataset {name!r}: no num_classes in the registry, and its records do not say how "
+              "many classes it has (JSONL records and WebDataset shards do not): add num_classes"
+              for name, spec in registry.items() if spec.num_classes is None]
+    for records in tables:
+        if records is not None:
+            check_labels(records, registry, errors)
+    raise_data_errors(errors, 1, [])
+
+
+def check_image_files(records, errors):
+    """Image files named by JSON records exist (stat calls, 16 at a time: slow on network
+    filesystems one by one)."""
+    files = [s for s, source in enumerate(records.sources) if isinstance(source, JsonlFile)]
+    named = np.flatnonzero(np.isin(records.source_ids, files)).tolist()
+    with ThreadPoolExecutor(16) as pool:
+        exists = list(pool.map(os.path.isfile, [records.member(i) for i in named]))
+    errors += [f"{records[i].source}: field 'image_path': image file not found: "
+               f"{records.member(i)}" for i, ok in zip(named, exists) if not ok]
+
+
+# ----------------------------------------------------------------------------- tar index
+
+def load_tar_index(shard, index_dir=None):
+    """The index of a shard: per sample (in the shard's order) its member name, image offset and
+    size (NO_IMAGE without an image) and label (NO_LABEL without one). Read from its cache when the
+    shard is unchanged (size, mtime), else built by reading the headers (and the .cls / .json
+    members) and cached beside the shard, or in index_dir where that folder is read-only."""
+    stat = os.stat(shard)
+    stamp = np.array([INDEX_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
+    places = [shard + INDEX_SUFFIX]
+    if index_dir:
+        digest = hashlib.sha1(os.path.abspath(shard).encode()).hexdigest()[:16]
+        places.append(os.path.join(index_dir, f"{digest}-{os.path.basename(shard)}{INDEX_SUFFIX}"))
+    for place in places:
+        try:
+            with np.load(place, allow_pickle=False) as cached:
+                if np.array_equal(cached["stamp"], stamp):
+                    return {k: cached[k] for k in ("members", "offsets", "sizes", "labels")}
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            continue
+    index = build_tar_index(shard, stat.st_size)
+    for place in places:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(place)), exist_ok=True)
+            temporary = f"{place}.tmp-{os.getpid()}"
+            with open(temporary, "wb") as f:
+                np.savez(f, stamp=stamp, **index)
+            os.replace(temporary, place)
+            return index
+        except OSError:
+            continue
+    return index  # nowhere writable: built again next time
+
+
+def sample_key(name):
+    """WebDataset's split of a member name: (key, field) at the first dot of the base name."""
+    folder, _, base = name.rpartition("/")
+    key, dot, field = base.partition(".")
+    if not dot or not key:
+        return None, None
+    return (f"{folder}/{key}" if folder else key), field
+
+
+def build_tar_index(shard, size):
+    """Read a shard's headers once; the .cls / .json members are read for their labels."""
+    samples, problems = {}, []
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, field = sample_key(member.name)
+                where = f"{shard}:{member.name}"
+                if key is None:
+                    problems.append(f"{where}: no KEY.EXT name, so it belongs to no sample")
+                    continue
+                if member.offset_data + member.size > size:
+                    problems.append(f"{where}: cut off (the shard ends at byte {size})")
+                    break
+                sample = samples.setdefault(key, {"image": None, "cls": NO_LABEL,
+                                                  "json": NO_LABEL})
+                field = field.lower()
+                if field in TAR_IMAGE_FIELDS:
+                    if sample["image"] is None:
+                        sample["image"] = (member.name, member.offset_data, member.size)
+                elif field in ("cls", "json"):
+                    try:
+                        sample[field] = tar_label(field, tar.extractfile(member).read())
+                    except ValueError as e:
+                        problems.append(f"{where}: {e}")
+    except (tarfile.TarError, OSError) as e:
+        problems.append(f"{shard}: not a readable tar file ({e})")
+    if problems:
+        raise DataError("\n  ".join(problems))
+    members = [s["image"][0] if s["image"] else key for key, s in samples.items()]
+    return {"members": as_bytes(members),
+            "offsets": np.array([s["image"][1] if s["image"] else NO_IMAGE
+                                 for s in samples.values()], dtype=np.int64),
+            "sizes": np.array([s["image"][2] if s["image"] else 0 for s in samples.values()],
+                              dtype=np.int64),
+            # .cls first, as WebDataset's own readers take it
+            "labels": np.array([s["cls"] if s["cls"] != NO_LABEL else s["json"]
+                                for s in samples.values()], dtype=np.int64)}
+
+
+def tar_label(field, data):
+    """The class index of a .cls member (its text) or of a .json member (its "label")."""
+    text = data.decode("utf-8", errors="replace").strip()
+    if field == "cls":
+        value = text
+    else:
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"malformed JSON ({e.msg})") from None
+        if not isinstance(item, dict) or "label" not in item:
+            return NO_LABEL
+        value = item["label"]
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"field 'label': expected an integer, got {value!r}")
+    return value
+
+
+def spec_files(text):
+    """(absolute path, size, modification time) of each file and folder a spec reads (a folder's
+    class folders too: adding or removing an image changes their times)."""
+    spec = parse_spec(text)
+    out = []
+    for pattern in [spec.path] if is_url(spec.path) else expand_ranges(spec.path):
+        for path in sorted(glob.glob(pattern)) or [pattern]:
+            found = [path]
+            if os.path.isdir(path):
+                found += sorted(e.path for e in os.scandir(path))
+            out += [(os.path.abspath(p), os.path.getsize(p) if os.path.isfile(p) else 0,
+                     os.path.getmtime(p)) for p in found if os.path.exists(p)]
+    return out
+
+
+def fingerprint(specs):
+    """What a set of specs is, for eval.py's record of what it evaluated on."""
+    out = []
+    for text in specs:
+        out += spec_files(text)
+        out.append(parse_spec(text).text)
+    return out

@@ -1,0 +1,293 @@
+"""--streaming: the training samples of Parquet files or WebDataset shards read as a stream, for
+data larger than the disk or kept remote (local paths or fsspec URLs), through `datasets`'
+iterable datasets (pip install -e '.[streaming]').
+
+Each DataLoader worker of each rank reads its own part of every dataset: split_dataset_by_node
+over the ranks (whole shards when their count divides, else every world_size-th sample), and
+datasets' own split over the workers. A dataset that runs out starts its next pass
+(set_epoch: datasets reshuffles its shard order). The worker's samples follow a schedule of
+blocks of SCHEDULE_BLOCK slots in which dataset d fills round(share_d * SCHEDULE_BLOCK) slots
+(largest remainder) at seeded positions: the shares hold exactly per block, not in expectation.
+--shuffle_buffer N reads N samples, yields them in a seeded order, and reads the next N.
+
+Resume is exact: a worker's position is the state of each dataset's stream at the start of its
+current block of --shuffle_buffer samples (datasets' state_dict: the shard and the sample in it),
+its schedule slot, and how many of the block it has yielded; on resume it reads that block again,
+shuffles it the same way and skips what was yielded. torchdata's StatefulDataLoader keeps, per
+worker, the position of the last batch the loop took; the checkpoint holds it as JSON. The same
+world size and --num_workers are needed (the split depends on them).
+"""
+import copy
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dataset import Collate, DataError, ignore_stop_signals, worker_options
+from sources import NO_LABEL, TAR_IMAGE_FIELDS, Reading, expand_paths, expand_ranges, is_url, \
+    parse_spec
+
+SCHEDULE_BLOCK = 1000  # slots per block of a worker's dataset schedule
+INDEX_SPAN = 2 ** 40  # a stream sample's key: its worker part * INDEX_SPAN + its position there
+
+
+def import_streaming():
+    try:
+        import datasets
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError:
+        raise DataError("--streaming needs `datasets` and `torchdata`: "
+                        "pip install -e '.[streaming]'") from None
+    return datasets, StatefulDataLoader
+
+
+class StreamSource:
+    """One dataset's stream: its files (or URLs), format (parquet | webdataset) and columns."""
+
+    def __init__(self, name, dataset_id, kind, files, image_column=None, label_column=None):
+        self.name, self.dataset_id, self.kind, self.files = name, dataset_id, kind, files
+        self.image_column, self.label_column = image_column, label_column
+
+    def open(self):
+        """The datasets IterableDataset of the files, images left undecoded."""
+        datasets, _ = import_streaming()
+        builder = "parquet" if self.kind == "hf" else "webdataset"
+        try:
+            stream = datasets.load_dataset(builder, data_files={"train": self.files},
+                                           split="train", streaming=True)
+        except Exception as e:  # datasets' errors say what is wrong, not which dataset
+            raise DataError(f"--streaming dataset {self.name!r} ({', '.join(self.files[:3])}"
+                            f"{', ...' if len(self.files) > 3 else ''}): cannot open: {e}"
+                            ) from None
+        for column, feature in (stream.features or {}).items():
+            if isinstance(feature, datasets.Image):
+                stream = stream.cast_column(column, datasets.Image(decode=False))
+        return stream
+
+
+def stream_sources(specs, registry, fixed):
+    """The StreamSource of each dataset of the training specs (Parquet or shards); the registry
+    completed from the Parquet files' ClassLabel (or checked against it)."""
+    reading = Reading(registry, True, fixed, False, None)
+    by_name = {}
+    for text in specs:
+        spec = parse_spec(text)
+        if spec.kind not in ("hf", "wds"):
+            raise DataError(f"data spec {text!r}: --streaming reads Parquet files or WebDataset "
+                            f"shards, not a {spec.kind} source")
+        dataset_id = reading.dataset_id(spec.name, f"data spec {text!r}")
+        files = (expand_ranges(spec.path) if is_url(spec.path) else
+                 expand_paths(spec.path, text, ".parquet" if spec.kind == "hf" else ".tar"))
+        known = by_name.get(spec.name)
+        if known and known.kind != spec.kind:
+            raise DataError(f"data spec {text!r}: dataset {spec.name!r} is streamed from one "
+                            "kind of source only")
+        if known:
+            known.files += files
+        else:
+            entry = registry[spec.name]
+            by_name[spec.name] = StreamSource(spec.name, dataset_id, spec.kind, files,
+                                              entry.image_column or "image",
+                                              entry.label_column or "label")
+    datasets, _ = import_streaming()
+    for source in by_name.values():
+        if source.kind == "hf":
+            feature = (source.open().features or {}).get(source.label_column)
+            if isinstance(feature, datasets.ClassLabel):
+                reading.classes(source.name, feature.names, None,
+                                f"{source.files[0]} (ClassLabel {source.label_column!r})")
+    return list(by_name.values())
+
+
+def stream_shares(sources, registry):
+    """Each dataset's share of the stream, from the registry's sampling_weight (a stream's size
+    is not known before it is read, so the natural mixture cannot be drawn)."""
+    names = list(registry)
+    weights = [registry[s.name].sampling_weight for s in sources]
+    if len(sources) > 1 and None in weights:
+        missing = [s.name for s, w in zip(sources, weights) if w is None]
+        raise DataError(f"--streaming: give every streamed dataset a sampling_weight in the "
+                        f"registry (missing for {', '.join(missing)}): a stream's size is not "
+                        "known before it is read")
+    shares = [0.0] * len(names)
+    total = sum(w or 1.0 for w in weights)
+    for source, weight in zip(sources, weights):
+        shares[source.dataset_id] = (weight or 1.0) / total
+    return shares
+
+
+def block_schedule(shares, seed, part, block):
+    """The datasets of one block of SCHEDULE_BLOCK slots: round(share * SCHEDULE_BLOCK) each,
+    largest remainder, at positions drawn from (seed, part, block)."""
+    quotas = np.asarray(shares, dtype=np.float64) * SCHEDULE_BLOCK
+    taken = np.floor(quotas).astype(np.int64)
+    order = np.argsort(-(quotas - taken), kind="stable")
+    taken[order[:SCHEDULE_BLOCK - taken.sum()]] += 1
+    slots = np.repeat(np.arange(len(shares)), taken)
+    return slots[np.random.default_rng([seed, part, block, 0x736368]).permutation(len(slots))]
+
+
+class ImageStream(torch.utils.data.IterableDataset):
+    """(image, label, dataset_id, key) items of the training stream, as dataset.ImageDataset
+    gives them (the same Collate batches them). State: see the module's docstring. num_classes
+    (per registry position) and pixels (a dataset.FastPixels) are set once the run knows them."""
+
+    def __init__(self, sources, shares, names, *, seed, rank, world_size, buffer,
+                 skip_bad_images=False):
+        self.sources = {s.dataset_id: s for s in sources}
+        self.shares, self.names, self.num_classes, self.pixels = shares, names, None, None
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.buffer, self.skip_bad_images = max(1, buffer), skip_bad_images
+        self.position, self.resume_from = None, None
+
+    def state_dict(self):
+        return copy.deepcopy(self.position)
+
+    def load_state_dict(self, state):
+        self.resume_from = state
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        part = self.rank * workers + worker
+        import_streaming()
+        from datasets.distributed import split_dataset_by_node
+        start = self.resume_from or {"block": 0, "slot": 0, "taken": 0,
+                                     "passes": {str(d): 0 for d in self.sources},
+                                     "streams": {str(d): None for d in self.sources}}
+        self.resume_from = None
+        readers = {d: StreamReader(split_dataset_by_node(source.open(), self.rank,
+                                                         self.world_size),
+                                   start["passes"][str(d)], start["streams"][str(d)])
+                   for d, source in self.sources.items()}
+        block, slot, skip = start["block"], start["slot"], start["taken"]
+        scheduled, schedule = None, None
+        while True:
+            self.position = {"block": block, "slot": slot, "taken": 0,
+                             "passes": {str(d): r.passes for d, r in readers.items()},
+                             "streams": {str(d): r.state() for d, r in readers.items()}}
+            items = []
+            for _ in range(self.buffer):
+                if slot // SCHEDULE_BLOCK != scheduled:
+                    scheduled = slot // SCHEDULE_BLOCK
+                    schedule = block_schedule(self.shares, self.seed, part, scheduled)
+                d = int(schedule[slot % SCHEDULE_BLOCK])
+                example = readers[d].next()
+                if example is None:
+                    source = self.sources[d]
+                    raise DataError(
+                        f"--streaming dataset {source.name!r}: no samples for data-loader "
+                        f"worker {worker} of {workers} on rank {self.rank} in its "
+                        f"{len(source.files)} file(s) (each worker reads whole files): lower "
+                        "--num_workers or write more shards")
+                items.append((d, *raw_sample(self.sources[d], example, readers[d].passes)))
+                slot += 1
+            order = np.random.default_rng([self.seed, part, block, 0x627566]).permutation(
+                len(items))
+            for taken, i in enumerate(order.tolist()):
+                self.position["taken"] = taken + 1
+                if taken >= skip:
+                    yield self.decode(*items[i], part * INDEX_SPAN + block * self.buffer + i)
+            block, skip = block + 1, 0
+
+    def decode(self, dataset_id, data, label, where, key):
+        """A streamed sample as ImageDataset gives one; its label checked here (a stream cannot
+        be checked before the first step)."""
+        name, k = self.names[dataset_id], self.num_classes[dataset_id]
+        if label == NO_LABEL:
+            raise DataError(f"{where}: no label (.cls, the 'label' of .json, or the label column; "
+                            "a stream has the fields of its first samples)")
+        if not 0 <= label < k:
+            raise DataError(f"{where}: field 'label': {label} is outside [0, {k}) for dataset "
+                            f"{name!r}")
+        try:
+            if data is None:
+                raise DataError("no image")
+            if self.pixels is not None:
+                image = self.pixels(io.BytesIO(data), dataset_id, key, 0, 0)
+            else:
+                with Image.open(io.BytesIO(data)) as im:
+                    image = im.convert("RGB")
+        except Exception as e:
+            message = f"{where}: cannot decode image: {e}"
+            if self.skip_bad_images:
+                return None, message, dataset_id, key
+            raise DataError(message) from None
+        return image, label, dataset_id, key
+
+
+class StreamReader:
+    """One dataset's stream in one worker, pass after pass; state() is where its next sample
+    comes from (None: the start of the pass)."""
+
+    def __init__(self, stream, passes, state):
+        self.stream, self.passes = stream, passes
+        self.start(state)
+
+    def start(self, state):
+        self.stream.set_epoch(self.passes)
+        if state is not None:
+            self.stream.load_state_dict(state)
+        self.iterator, self.origin, self.started = iter(self.stream), state, False
+
+    def state(self):
+        return self.stream.state_dict() if self.started else copy.deepcopy(self.origin)
+
+    def next(self):
+        """The next example; a stream that runs out starts its next pass (None: a pass without
+        any sample)."""
+        try:
+            example = next(self.iterator)
+        except StopIteration:
+            self.passes += 1
+            self.start(None)
+            example = next(self.iterator, None)
+        self.started = example is not None or self.started
+        return example
+
+
+def raw_sample(source, example, passes):
+    """(image bytes or None, label or NO_LABEL, where) of one streamed example."""
+    if source.kind == "wds":
+        field = next((f for f in TAR_IMAGE_FIELDS if example.get(f) is not None), None)
+        where = f"{example.get('__url__')}:{example.get('__key__')}" + (f".{field}" if field
+                                                                        else "")
+        image = example[field]["bytes"] if field else None
+        label = example.get("cls")
+        if label is None and isinstance(example.get("json"), dict):
+            label = example["json"].get("label")
+    else:
+        where = f"--streaming dataset {source.name!r} (pass {passes} over its Parquet files)"
+        value = example.get(source.image_column)
+        image = value.get("bytes") if isinstance(value, dict) else value
+        label = example.get(source.label_column)
+    if isinstance(label, bool) or not isinstance(label, int):
+        label = NO_LABEL
+    return image, label, where
+
+
+def make_stream_loader(stream, inputs, dataset_names, *, batch_size, num_workers, pin_memory,
+                       persistent_workers=False, prefetch_factor=None):
+    """torchdata's StatefulDataLoader over an ImageStream: state_dict() is the position after the
+    last batch taken, JSON-able; load_state_dict() before the first batch resumes there."""
+    _, StatefulDataLoader = import_streaming()
+    return StatefulDataLoader(stream, batch_size=batch_size,
+                              collate_fn=Collate(inputs, dataset_names), num_workers=num_workers,
+                              pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+                              **worker_options(num_workers, persistent_workers, prefetch_factor))
+
+
+def build_stream(specs, registry, fixed, *, seed, rank, world_size, buffer, skip_bad_images):
+    """(ImageStream, shares, summary) of the training specs; the stream's num_classes and pixels
+    are set once the registry is complete and the model known."""
+    sources = stream_sources(specs, registry, fixed)
+    shares = stream_shares(sources, registry)
+    names = list(registry)
+    summary = "training stream (--streaming, share of the samples):\n" + "\n".join(
+        f"  {s.name}: {len(s.files)} {'Parquet file' if s.kind == 'hf' else 'shard'}(s), "
+        f"{100 * shares[s.dataset_id]:.1f}%" for s in sources)
+    stream = ImageStream(sources, shares, names, seed=seed, rank=rank, world_size=world_size,
+                         buffer=buffer, skip_bad_images=skip_bad_images)
+    return stream, shares, summary
+

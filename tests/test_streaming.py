@@ -1,0 +1,167 @@
+"""--streaming: Parquet (written by `datasets`) and WebDataset shards read as a stream through
+datasets' iterable datasets; exact shares per block, disjoint parts per rank, the stream's
+position through torchdata's StatefulDataLoader as JSON, a training run killed and resumed
+bitwise, and bad samples named as they come."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import load_weights, run_script
+from dataset import DataError, load_registry
+from sources import read_records
+from streaming import build_stream, make_stream_loader
+from test_sources import layouts, offline_datasets_cache, write_shard  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def specs(layouts, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+    """faces as Parquet, parity as two shards whose samples all hold .png and .cls (datasets'
+    WebDataset reader takes a stream's fields from its first samples)."""
+    out = tmp_path_factory.mktemp("stream")
+    records = read_records(layouts["specs"]["train"][2:],
+                           load_registry({"parity": {"num_classes": 2}}))
+    for k, members in enumerate(np.array_split(np.arange(len(records)), 2)):
+        write_shard(out / f"parity-{k:03d}.tar",
+                    [(f"s{i:04d}", {"png": records.open(i).read(),
+                                    "cls": str(records.labels[i]).encode()})
+                     for i in members.tolist()])
+    return {"train": [layouts["specs"]["train"][1], f"parity={out}/parity-{{000..001}}.tar"],
+            "val": layouts["specs"]["val"][1:]}
+
+
+def registry_file(tmp_path, weights=(1, 3)):
+    path = tmp_path / "stream.json"
+    path.write_text(json.dumps({"faces": {"sampling_weight": weights[0]},
+                                "parity": {"num_classes": 2, "sampling_weight": weights[1]}}))
+    return str(path)
+
+
+def stream_of(specs, tmp_path, rank=0, world_size=1, buffer=16, weights=(1, 3)):
+    registry = load_registry(registry_file(tmp_path, weights))
+    stream, shares, _ = build_stream(specs["train"], registry, True, seed=3,
+                                     rank=rank, world_size=world_size, buffer=buffer,
+                                     skip_bad_images=False)
+    stream.num_classes = [s.num_classes for s in registry.values()]
+    return stream, shares, registry
+
+
+def test_shares_hold_and_ranks_read_disjoint_parts(specs, tmp_path):
+    stream, shares, registry = stream_of(specs, tmp_path)
+    assert shares == [0.25, 0.75] and registry["faces"].labels == ["background", "face"]
+    items = [item for _, item in zip(range(2000), stream)]
+    counts = np.bincount([dataset_id for _, _, dataset_id, _ in items], minlength=2)
+    assert abs(counts[0] / 2000 - 0.25) < 0.02 and abs(counts[1] / 2000 - 0.75) < 0.02
+    assert len({key for *_, key in items}) == 2000  # every sample its own augmentation key
+    # two ranks: each reads its part of each dataset (one of the two parity shards each, every
+    # other row of the one faces file): within a pass no sample is read twice, by either rank
+    seen = []
+    for rank in range(2):
+        part, _, _ = stream_of(specs, tmp_path, rank=rank, world_size=2, buffer=1)
+        seen.append([image.tobytes() for _, (image, *_) in zip(range(20), part)])
+    assert len(set(seen[0] + seen[1])) == 40
+
+
+def test_the_loader_resumes_from_its_json_state(specs, tmp_path):
+    from backbone import load_backbone
+    from dataset import pixel_path
+    _, inputs = load_backbone("preset:vit-tiny")
+    for workers in (0, 1):
+        def loader():
+            stream, _, registry = stream_of(specs, tmp_path, buffer=12)
+            stream.pixels = pixel_path(inputs, True)
+            return make_stream_loader(stream, inputs, list(registry), batch_size=5,
+                                      num_workers=workers, pin_memory=False)
+        whole = iter(loader())
+        batches = [next(whole) for _ in range(9)]
+        first = loader()
+        part = iter(first)
+        for _ in range(4):  # resumed inside the second block of 12 samples
+            next(part)
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = loader()
+        resumed.load_state_dict(state)
+        again = iter(resumed)
+        for expected in batches[4:]:
+            got = next(again)
+            assert all(torch.equal(got[k], expected[k]) for k in expected), workers
+
+
+def run_args(model, out, specs, tmp_path, *extra):
+    return [str(a) for a in [
+        "--model", model, "--train_data", *specs["train"], "--val_data", *specs["val"],
+        "--datasets", registry_file(tmp_path), "--streaming",
+        "--shuffle_buffer", 10, "--output_dir", out, "--batch_size", 8, "--lr", 1e-3,
+        "--max_steps", 6, "--save_steps", 2, "--eval_steps", 3, "--logging_steps", 2,
+        "--save_all_checkpoints", "--no_final_eval", "--num_workers", 1, *extra]]
+
+
+def test_a_streaming_run_resumes_bitwise_after_a_kill(specs, tiny_vit, tmp_path, monkeypatch,
+                                                      request):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed run's process (OMP_NUM_THREADS=1): the same sums
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train.main(run_args(tiny_vit, whole, specs, tmp_path))
+    with monkeypatch.context() as m:
+        m.setenv("MIXTRAIN_FAULT", "kill_before_save:4")
+        result = run_script("train.py", *run_args(tiny_vit, killed, specs, tmp_path))
+    assert result.returncode == -9 and not (killed / "checkpoint-4").exists()
+    with pytest.raises(SystemExit) as e:  # the position is per process and worker
+        train.main(run_args(tiny_vit, killed, specs, tmp_path, "--num_workers", 0, "--resume",
+                            "latest"))
+    assert e.value.code == 2
+    argv = run_args(tiny_vit, killed, specs, tmp_path, "--resume", "latest")
+    cut = argv.index("--shuffle_buffer")  # the same data read by index: refused, not restarted
+    with pytest.raises(SystemExit) as e:
+        train.main([a for a in argv[:cut] + argv[cut + 2:] if a != "--streaming"])
+    assert e.value.code == 2
+    train.main(run_args(tiny_vit, killed, specs, tmp_path, "--resume", "latest"))
+    a, b = load_weights(whole / "checkpoint-6"), load_weights(killed / "checkpoint-6")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in open(whole / "metrics.jsonl")]
+    trained = [r for r in rows if r["event"] == "train"]
+    assert sum(r["train_overall_samples"] for r in trained) == 48
+
+
+def test_stream_flags_and_bad_samples_are_refused_clearly(specs, layouts, tiny_vit,  # noqa: F811
+                                                          tmp_path, capsys):
+    base = run_args(tiny_vit, tmp_path / "out", specs, tmp_path)
+    cases = [
+        ([a for a in base if a != "--streaming"], "--shuffle_buffer: no effect without"),
+        (base + ["--mix_temperature", "2"], "--mix_temperature: no effect without the sizes"),
+        (base[:base.index("--max_steps")] + base[base.index("--max_steps") + 2:],
+         "--streaming: a stream has no epochs"),
+        (base + ["--train_data", *layouts["specs"]["train"]],
+         "--streaming reads Parquet files or WebDataset shards, not a folder"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, message
+    registry = tmp_path / "unweighted.json"
+    registry.write_text(json.dumps({"faces": {}, "parity": {"num_classes": 2}}))
+    with pytest.raises(SystemExit):
+        train.main(base + ["--datasets", str(registry)])
+    assert "give every streamed dataset a sampling_weight" in capsys.readouterr().err
+    # a label outside the classes and an image that does not decode, named when they come
+    png = next((layouts["root"] / "digits").rglob("*.png")).read_bytes()
+    write_shard(tmp_path / "bad-000.tar", [("k0", {"png": b"\x89PNG cut", "cls": b"0"}),
+                                           ("k1", {"png": png, "cls": b"7"})])
+    for skip in (False, True):
+        stream, _, _ = build_stream([f"parity={tmp_path}/bad-000.tar"],
+                                    load_registry({"parity": {"num_classes": 2}}), True, seed=0,
+                                    rank=0, world_size=1, buffer=1, skip_bad_images=skip)
+        stream.num_classes = [2]
+        items = iter(stream)
+        if skip:
+            image, message, *_ = next(items)
+            assert image is None and "bad-000.tar:k0.png: cannot decode image" in message
+        else:
+            with pytest.raises(DataError, match="bad-000.tar:k0.png: cannot decode image"):
+                next(items)
+            continue
+        with pytest.raises(DataError, match=r"bad-000.tar:k1.png: field 'label': 7 is outside"):
+            next(items)
