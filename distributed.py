@@ -3,6 +3,7 @@
 Without torchrun (no RANK in the environment) everything runs in one process and the
 collectives below are no-ops.
 """
+import ctypes
 import datetime
 import multiprocessing
 import os
@@ -24,6 +25,7 @@ if dist.is_available():
 
 def setup_distributed(timeout_minutes=30):
     """Return (rank, world_size, local_rank, device); gloo on CPU, nccl on GPU."""
+    return_freed_memory()
     if "RANK" not in os.environ:
         return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -38,6 +40,19 @@ def setup_distributed(timeout_minutes=30):
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                             device_id=device if backend == "nccl" else None)
     return rank, world_size, local_rank, device
+
+
+def return_freed_memory(threshold=1 << 20):
+    """Host allocations of `threshold` bytes and more are mapped and given back when freed. glibc
+    raises its own threshold (up to 32 MB) as such blocks are freed and keeps freed blocks below
+    it in the heap, which the gathers of sharded weights (a block at a time, on the CPU) fragment:
+    measured, a process of 2 FSDP2 ranks kept 1.5x its shards more after one step."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator has no such threshold
+        return
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def is_distributed():

@@ -475,8 +475,8 @@ def save(run, state, metrics):
             "metrics": metrics, "best": state.best, "world_size": run.world_size,
             "skipped_images": [int(n) for n in all_reduce_sum(state.skipped_images, run.device)]}
 
-    def write_model(folder, full_weights):
-        run.task.save_model(folder, run.raw_model, run.inputs, full_weights, run.data, args)
+    def write_model(folder):
+        run.task.save_model(folder, run.raw_model, run.inputs, run.data, args, run.rank)
 
     save_checkpoint(path, run.model, write_model, run.optimizer, run.scaler, info, run.rank,
                     state.train_metrics.sums, run.ema, run.raw_model)

@@ -215,10 +215,11 @@ def per_class(predictions, data):
 
 # ----------------------------------------------------------------------------- model files
 
-def save_model(folder, model, tokenizer, full_weights, data, args):
-    """The LM in its own format + tokenizer, the image parts, unified.json."""
+def save_model(folder, model, tokenizer, data, args, rank):
+    """The LM in its own format + tokenizer, the image parts, unified.json; every process calls
+    it."""
     save_unified(model, tokenizer, folder, {"text_loss_weight": data.text_weight,
-                                            "image_loss_weight": data.image_weight}, full_weights)
+                                            "image_loss_weight": data.image_weight}, rank)
 
 
 def load_model(folder, meta=False):
