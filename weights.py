@@ -91,13 +91,37 @@ def file_keys(path):
     return list(read_header(path)[1])
 
 
+def key_renaming():
+    """transformers' renaming of checkpoint keys (loading: older layouts and *For...* prefixes ->
+    the model's names; saving: back to the layout save_pretrained writes) is done by helpers
+    outside its public API. This is the one place they are imported, once, when this module is
+    (the start of train.py and eval.py). Returns (helpers, None), or (None, what is missing): then
+    folder_map refuses (the caller reads whole files, with a note) and saved_names keeps the
+    model's own names, which from_pretrained reads too."""
+    import transformers
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (WeightConverter, rename_source_key,
+                                                     revert_weight_conversion)
+    except ImportError as e:
+        return None, (f"transformers {transformers.__version__} lacks the key-renaming helpers "
+                      f"this reader uses ({e})")
+    return (get_model_conversion_mapping, WeightConverter, rename_source_key,
+            revert_weight_conversion), None
+
+
+RENAMING, RENAMING_MISSING = key_renaming()
+
+
 def folder_map(module, folder, prefix=""):
     """{prefix + state-dict key of `module` (a transformers model): (file, key in the file)} for
     the weights of `folder`, with transformers' own renaming of checkpoint keys (older layouts,
     the base-model prefix of an *For...* checkpoint). Raises WeightsMismatch where a key needs
-    more than a renaming (fused or split tensors) or an entry has no key in the folder."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, rename_source_key
+    more than a renaming (fused or split tensors), an entry has no key in the folder, or this
+    transformers lacks the renaming helpers."""
+    if RENAMING is None:
+        raise WeightsMismatch(RENAMING_MISSING)
+    get_model_conversion_mapping, WeightConverter, rename_source_key, _ = RENAMING
     transforms = get_model_conversion_mapping(module)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -115,6 +139,20 @@ def folder_map(module, folder, prefix=""):
         raise WeightsMismatch(f"{folder}: no weights for {len(missing)} entr(ies) of "
                               f"{type(module).__name__}, e.g. {missing[:3]}")
     return {prefix + k: v for k, v in found.items()}
+
+
+def saved_names(module, names):
+    """{name in the model: name in the file} as save_pretrained writes `module`'s weights: renamed
+    back to the layout transformers converts from on loading (ViT: layers.0.attention.q_proj ->
+    encoder.layer.0.attention.attention.query). Where that layout fuses or splits tensors, or the
+    renaming helpers are missing, the model's own names (from_pretrained reads both)."""
+    if RENAMING is None:
+        return {name: name for name in names}
+    get_model_conversion_mapping, WeightConverter, _, revert_weight_conversion = RENAMING
+    if any(isinstance(t, WeightConverter) for t in get_model_conversion_mapping(module)):
+        return {name: name for name in names}
+    meta = torch.empty(0, device="meta")
+    return {name: next(iter(revert_weight_conversion(module, {name: meta}))) for name in names}
 
 
 def tied_complete(entries, found):
@@ -268,8 +306,11 @@ def model_weights(module, prefix=""):
 
 def write_pretrained(module, folder, weights, rank):
     """The folder module.save_pretrained(folder) writes (config, generation config, a remote-code
-    model's files) with `weights` ({name: tensor} as model_weights gives them, under the model's
-    own names) in model.safetensors, written by write_safetensors: every process calls it."""
+    model's files, the weights under saved_names in model.safetensors) with `weights` ({name:
+    tensor} of the model, as model_weights gives them) written by write_safetensors: every
+    process calls it."""
     if rank == 0:
         module.save_pretrained(folder, state_dict={})  # everything but the weights
-    write_safetensors(os.path.join(folder, WEIGHTS_FILE), weights, rank, {"format": "pt"})
+    names = saved_names(module, weights)
+    write_safetensors(os.path.join(folder, WEIGHTS_FILE),
+                      {names[k]: v for k, v in weights.items()}, rank, {"format": "pt"})

@@ -119,17 +119,21 @@ def test_fsdp_checkpoint_resumes_on_one_process_and_evaluates_exactly(small_data
     assert (partial["eval_digits_samples"], partial["eval_faces_samples"]) == (10, 10)
 
 
-def test_consolidated_weights_equal_the_sharded_state(small_data, tiny_vit, tmp_path):
-    """model.safetensors + head.safetensors (gathered on rank 0) hold exactly what the ranks' shards
-    hold."""
+def test_fsdp_checkpoint_written_a_tensor_at_a_time_equals_the_sharded_state(small_data, tiny_vit,
+                                                                            tmp_path):
+    """model.safetensors + head.safetensors, each tensor gathered in its turn and written by rank 0,
+    hold exactly what the ranks' shards hold, under the names save_pretrained writes (those of the
+    model folder), and load in from_pretrained and export.py."""
     from checkpoint import load_sharded_state
     from model import load_classifier
+    from weights import file_keys
     result = run_script(
-        "train.py",
-        *train_args(small_data, tiny_vit, tmp_path, *STEPS, "--batch_size", 4, "--dist", "fsdp"),
-        torchrun=2)
+        "train.py", *train_args(small_data, tiny_vit, tmp_path, *STEPS, "--batch_size", 4,
+                                "--dist", "fsdp", "--pooling", "cls"), torchrun=2)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "checkpoint-3"
+    assert sorted(file_keys(str(folder / "model.safetensors"))) == sorted(
+        file_keys(os.path.join(tiny_vit, "model.safetensors")))
     model, _, _ = load_classifier(str(folder))
     consolidated = {k: v.clone() for k, v in model.state_dict().items()}
     for p in model.parameters():
@@ -139,6 +143,8 @@ def test_consolidated_weights_equal_the_sharded_state(small_data, tiny_vit, tmp_
     assert consolidated.keys() == loaded.keys()
     assert all(torch.equal(consolidated[k], loaded[k]) for k in loaded)
     assert loaded["head.weight"].abs().sum() > 0
+    exported = run_script("export.py", folder, "--dataset", "digits", tmp_path / "exported")
+    assert exported.returncode == 0, exported.stderr[-3000:]
 
 
 def test_eval_script_under_fsdp_counts_every_sample_once(small_data, tiny_vit, tmp_path):

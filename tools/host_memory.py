@@ -83,7 +83,7 @@ class ProcessTreeMemory:
             self.stopping.wait(self.interval)
 
     def tree(self):
-        """The root and its descendants now; ranks labelled when first seen."""
+        """The root and its descendants now; each rank's main process labelled."""
         children = {}
         for name in os.listdir("/proc"):
             if name.isdigit():
@@ -93,8 +93,8 @@ class ProcessTreeMemory:
             pid = todo.pop()
             found.append(pid)
             todo += children.get(pid, [])
-        for pid in found:
-            if pid not in self.seen:
+        for pid in found:  # parents before children
+            if self.seen.get(pid) is None:  # a child not yet past exec shows its parent's
                 self.seen[pid] = rank_of(pid)
                 parent = parent_of(pid)
                 if (pid != self.root and self.seen[pid] is not None
