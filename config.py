@@ -9,6 +9,7 @@ import os
 from backbone import ATTN_IMPLEMENTATIONS, DEFAULT_PROMPT, check_attn_implementation
 from model import POOLINGS
 from dataset import PREFETCH_FACTOR, auto_num_workers
+from distributed import SHARDED, check_shard_size
 from lora import check_lora_flags
 from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
@@ -103,11 +104,15 @@ def build_parser(description=None):
       help="backbone modules trained fully beside the adapters and the head, e.g. visual.merger")
     # several processes (torchrun)
     a(
-        "--dist", choices=["ddp", "fsdp"], default="ddp", help=
+        "--dist", choices=["ddp", "fsdp", "hsdp"], default="ddp", help=
         "ddp: a full replica per process; fsdp: FSDP2, weights, gradients and optimizer state "
-        "sharded per transformer block (a VLM's vision tower is one unit)")
+        "sharded per transformer block (a VLM's vision tower is one unit) over all processes; "
+        "hsdp: sharded within groups of --shard_size processes, replicated across groups")
+    a("--shard_size", type=int,
+      help="--dist hsdp: processes each model copy is sharded over; must divide the number of "
+           "processes (default: the processes of one node, LOCAL_WORLD_SIZE)")
     a("--cpu_offload", action="store_true",
-      help="--dist fsdp: keep sharded weights, gradients and AdamW state in CPU memory")
+      help="--dist fsdp / hsdp: keep sharded weights, gradients and AdamW state in CPU memory")
     a("--sync_batchnorm", action="store_true",
       help="--dist ddp: BatchNorm statistics over the global micro-batch of all processes "
            "(without it each process normalises with its own)")
@@ -371,13 +376,14 @@ def check_args(args):
     for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.dist == "fsdp" and args.precision == "fp16":
+    if args.dist in SHARDED and args.precision == "fp16":
         raise ValueError(
-            "--dist fsdp takes --precision bf16 or fp32 (fp16 needs a gradient scaler FSDP2 does "
-            "not have)"
+            f"--dist {args.dist} takes --precision bf16 or fp32 (fp16 needs a gradient scaler "
+            "FSDP2 does not have)"
         )
-    if args.cpu_offload and args.dist != "fsdp":
-        raise ValueError("--cpu_offload needs --dist fsdp")
+    if args.cpu_offload and args.dist not in SHARDED:
+        raise ValueError("--cpu_offload needs --dist fsdp or hsdp")
+    check_shard_size(args.dist, args.shard_size)
     if args.eval_cache_mb < 0:
         raise ValueError(f"--eval_cache_mb must be 0 (off) or more, got {args.eval_cache_mb}")
     if args.save_total_limit < 1:

@@ -55,6 +55,38 @@ def return_freed_memory(threshold=1 << 20):
     libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
+SHARDED = ("fsdp", "hsdp")  # the --dist values that shard the model with FSDP2
+
+
+def check_shard_size(dist, shard_size):
+    """--shard_size is for --dist hsdp, and at least 1."""
+    if shard_size is not None and dist != "hsdp":
+        raise ValueError(f"--shard_size is for --dist hsdp (got --dist {dist})")
+    if shard_size is not None and shard_size < 1:
+        raise ValueError(f"--shard_size must be at least 1, got {shard_size}")
+
+
+def mesh_shape(dist, shard_size, world_size):
+    """The FSDP2 device mesh of --dist over `world_size` processes: (world_size,) for fsdp,
+    (replicas, shard_size) for hsdp (shard_size: default the processes of one node,
+    LOCAL_WORLD_SIZE); None where nothing is sharded (ddp, or one process)."""
+    if dist not in SHARDED or world_size == 1:
+        return None
+    if dist == "fsdp":
+        return (world_size,)
+    shard_size = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size % shard_size:
+        raise ValueError(f"--shard_size {shard_size} does not divide the {world_size} processes")
+    return (world_size // shard_size, shard_size)
+
+
+def describe_mesh(shape):
+    if len(shape) == 1:
+        return f"FSDP2 over {shape[0]} processes"
+    return (f"HSDP over {shape[0] * shape[1]} processes: {shape[0]} replica(s) x {shape[1]} "
+            "shard(s)")
+
+
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
@@ -82,8 +114,13 @@ def all_gather_objects(obj):
     return out
 
 
-def shard_model(model, units, device, param_dtype=None, cpu_offload=False, sources=None):
-    """FSDP2: `fully_shard` each unit (a transformer block, a VLM's vision tower), then the root.
+def shard_model(model, units, device, mesh, param_dtype=None, cpu_offload=False,
+                sources=None):
+    """FSDP2: `fully_shard` each unit (a transformer block, a VLM's vision tower), then the root,
+    over a device mesh of shape `mesh` (mesh_shape): one dimension shards over every process; two
+    (HSDP) replicate over the first and shard over the second, so the weight gathers and gradient
+    reduce-scatters stay within a group of processes (a node) and only an all-reduce of each
+    group's gradient shard crosses groups.
 
     param_dtype: compute dtype of the gathered weights (bf16), gradients reduced in fp32.
     cpu_offload: sharded weights, gradients and optimizer state live in CPU memory.
@@ -91,7 +128,8 @@ def shard_model(model, units, device, param_dtype=None, cpu_offload=False, sourc
     (weights.read_weights): after sharding each rank reads only its shards of them."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-    options = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
+    names = ("shard",) if len(mesh) == 1 else ("replicate", "shard")
+    options = {"mesh": init_device_mesh(device.type, tuple(mesh), mesh_dim_names=names)}
     if param_dtype is not None:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype,
                                                     reduce_dtype=torch.float32)

@@ -19,8 +19,9 @@ Each task is a flat module with the same functions; the loop and the evaluation 
   new_metrics(data, args, device), report(metrics, prefix, title, data), progress(metrics, prefix)
   predictions(outputs, batch, data) -> [dict]         eval.py --predictions
   per_class(predictions, data) -> (dict, text)         eval.py --per_class
-  save_model(folder, model, inputs, data, args, rank)   every process (FSDP2 gathers a tensor at
-                                                      a time; rank 0 writes); load_model(folder, meta)
+  save_model(folder, model, inputs, data, args, rank)  every process (FSDP2: a tensor gathered
+                                                      at a time, rank 0 writes)
+  load_model(folder, meta)
   weight_sources(model, folder, checkpoint) -> {state-dict key: (file, key)}   (weights.py)
   eval_data(args, folder, trained_args, world_size) -> (data, indices, key, summary)
   eval_extras(args, device), extra_metrics(model, inputs, data, args, extras, rank, world, device)

@@ -239,9 +239,9 @@ def weight_sources(model, folder, checkpoint):
 def eval_data(args, folder, trained_args, world_size):
     """Data for eval.py: every validation conversation; the loss weights and image size saved
     with the checkpoint. Returns (data, indices, what results depend on, summary)."""
-    if args.dist == "fsdp" and world_size > 1:
-        raise ValueError("--dist fsdp: generation checkpoints are evaluated with a full model per "
-                         "process")
+    if args.dist != "ddp" and world_size > 1:
+        raise ValueError(f"--dist {args.dist}: generation checkpoints are evaluated with a full "
+                         "model per process")
     if args.judge and not args.judge_prompt:
         raise ValueError("--judge needs --judge_prompt, e.g. 'a handwritten digit {label}'")
     if args.predictions or args.per_class:

@@ -73,8 +73,11 @@ def test_sharded_state_goes_into_files_of_bounded_size():
     indices = file_indices(small)
     assert list(indices) == [f"model.w{i}" for i in range(96)]
     assert [list(indices.values()).count(n) for n in (1, 2)] == [64, 32]
-    large = {"model": {f"w{i}": torch.empty(1 << 18, device="meta") for i in range(64 * STATE_FILES)},
-             "optim": {"w0": {"exp_avg": torch.empty(1 << 18, device="meta"), "step": torch.tensor(1.0)}}}
+    def megabyte():
+        return torch.empty(1 << 18, device="meta")
+
+    large = {"model": {f"w{i}": megabyte() for i in range(64 * STATE_FILES)},
+             "optim": {"w0": {"exp_avg": megabyte(), "step": torch.tensor(1.0)}}}
     indices = file_indices(large)
     assert indices.keys() >= {"optim.w0.exp_avg", "optim.w0.step"}
     sizes = {}

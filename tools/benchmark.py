@@ -238,7 +238,7 @@ def benchmark_fsdp_memory(args):
         if popen.returncode:
             raise SystemExit(out[-2000:] + err[-4000:])
         marks = {}
-        for rank, name, when in re.findall(r"^phase (\d+) (\w+) ([\d.]+)$", out, re.M):
+        for rank, name, when in re.findall(r"phase (\d+) (\w+) (\d+\.\d+)\n", out):
             marks.setdefault(int(rank), []).append((name, float(when)))
         phases = {rank: {name: memory.peaks(start, end).get(rank, (0.0, 0.0))
                          for (name, start), (_, end) in zip(found, found[1:])}
@@ -340,8 +340,9 @@ def run_phases(train_argv):
     args = parse_args(train_argv)
     rank, world_size, _, device = distributed.setup_distributed(args.dist_timeout_minutes)
 
-    def mark(name):
-        print(f"phase {rank} {name} {time.time():.3f}", flush=True)
+    def mark(name):  # one write: the lines of several ranks share a pipe
+        sys.stdout.write(f"phase {rank} {name} {time.time():.3f}\n")
+        sys.stdout.flush()
 
     mark("load")
     run = train.build_run(args, rank, world_size, device)
