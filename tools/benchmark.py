@@ -4,6 +4,7 @@ one checkpoint against several, or (--fsdp_memory) peak host memory per process 
 
     python tools/benchmark.py --shape qwen2_5_vl_3b --batch_size 8 --steps 10  # on a GPU
     python tools/benchmark.py --shape tiny --steps 3                           # CPU smoke run
+    torchrun --nproc_per_node 8 tools/benchmark.py --shape qwen2_5_vl_3b --fsdp  # FSDP2
     python tools/benchmark.py --data /tmp/jpegs --make_jpegs 256               # the image path
     python tools/benchmark.py --eval_run runs/demo --checkpoints 5             # eval.py: 5 vs 1
     python tools/benchmark.py --fsdp_memory /tmp/vit_huge                      # 2, 4 ranks vs 1
@@ -381,6 +382,9 @@ def main():
                    help="attention kernels (default: sdpa)")
     p.add_argument("--peak_tflops", type=float,
                    help="device peak for MFU (default: from the GPU's name)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --shape: shard the model with FSDP2 as train.py --dist fsdp does "
+                        "(under torchrun: over its processes)")
     p.add_argument("--eval_run", metavar="DIR",
                    help="time eval.py over the first checkpoint of the run in DIR and over its "
                         "first --checkpoints")
@@ -407,7 +411,10 @@ def main():
         p.error("--make_jpegs needs --data DIR")
 
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    import distributed
+    from backbone import fsdp_units
+    rank, world_size, _, device = distributed.setup_distributed()
     shape = SHAPES[args.shape]
     config = Qwen2_5_VLConfig(text_config=shape["text"], vision_config=shape["vision"],
                               **shape.get("tokens", {}))
@@ -419,6 +426,8 @@ def main():
     model = MaskedClassifier(backbone, args.num_labels).to(device, torch.bfloat16).train()
     if not args.no_checkpointing:
         enable_activation_checkpointing(backbone)
+    if args.fsdp:  # as train.py --dist fsdp shards it
+        distributed.shard_model(model, fsdp_units(backbone), device, (world_size,))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     batch, labels, per_image = build_batch(config, args.batch_size, args.image_size,
                                            args.num_labels, device)
@@ -451,11 +460,14 @@ def main():
     flops = 6 * ((language_params - embedding) * tokens + vision_params * patches)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if rank != 0:  # every rank steps alike: rank 0 reports, per device
+        return distributed.cleanup()
     print(
         f"device: {name}; shape {args.shape}: {language_params / 1e6:,.1f}M language + "
         f"{vision_params / 1e6:,.1f}M vision parameters, bf16, activation checkpointing "
         f"{'off' if args.no_checkpointing else 'on'}, attention "
-        f"{backbone.config._attn_implementation}")
+        f"{backbone.config._attn_implementation}"
+        + (f"; FSDP2 over {world_size} process(es), figures per device" if args.fsdp else ""))
     print(
         f"batch {args.batch_size} images of {args.image_size}x{args.image_size} ({per_image} image "
         f"tokens each), {tokens // args.batch_size} tokens per sample")
@@ -467,6 +479,7 @@ def main():
     print(f"model TFLOP/s  {flops / seconds / 1e12:.1f}" +
           (f"   MFU {100 * flops / seconds / 1e12 / peak:.1f}% of "
            f"{peak:.0f}" if peak else ""))
+    distributed.cleanup()
 
 
 if __name__ == "__main__":
