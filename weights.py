@@ -292,14 +292,14 @@ def write_safetensors(path, tensors, rank, metadata=None):
             del tensor
 
 
-def model_weights(module, prefix=""):
+def model_weights(module):
     """{name: tensor} of what save_pretrained writes of `module`: its state dict as it holds it
     (FSDP2: the shards), one name per tied tensor (the first), without _keys_to_ignore_on_save."""
     ignored = set(getattr(module, "_keys_to_ignore_on_save", None) or ())
     found, seen = {}, set()
     for key, tensor in module.state_dict(keep_vars=True).items():
         if id(tensor) not in seen and key not in ignored:
-            found[prefix + key] = tensor
+            found[key] = tensor
         seen.add(id(tensor))
     return found
 
