@@ -19,6 +19,7 @@ its metadata file, so it is not used).
 """
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -29,8 +30,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
 from distributed import all_gather_objects, barrier
@@ -92,16 +92,16 @@ def resolve_resume(resume, output_dir):
 
 # Flags a resumed run may change: they schedule logging, evaluation and saving, choose loaders,
 # kernels and the placement on processes, or shape what is written at the end, not the steps the
-# run takes. Every other flag defines the run (README: Outputs, resuming). The global micro-batch
-# and the schedule's length are compared on their own (changed_run_flags).
+# run takes; a task adds its own (its RESUME_MAY_CHANGE). Every other flag defines the run
+# (docs/outputs.md, resuming). The global micro-batch and the schedule's length are compared on
+# their own (changed_run_flags).
 RESUME_MAY_CHANGE = frozenset({
     "config", "resume", "overwrite", "allow_changed_flags", "output_dir", "batch_size", "epochs",
-    "max_steps", "num_workers", "prefetch_factor", "dist", "cpu_offload", "compile",
+    "max_steps", "num_workers", "prefetch_factor", "dist", "shard_size", "cpu_offload", "compile",
     "gradient_checkpointing", "attn_implementation", "dist_timeout_minutes", "trust_remote_code",
     "report_to", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
     "save_best_only", "save_all_checkpoints", "skip_evaluation", "no_partial_eval",
-    "no_final_eval", "no_best_tracking", "eval_cache_mb", "max_bad_steps", "on_bad_image",
-    "sample_prompts", "samples_per_prompt", "sample_steps", "cfg_scale"})
+    "no_final_eval", "no_best_tracking", "eval_cache_mb", "max_bad_steps"})
 # registry fields that name things rather than change the data or the sampling
 REGISTRY_NAMES = ("description", "labels")
 
@@ -117,12 +117,12 @@ def run_fingerprint(args, data):
         for name, spec in registry.items()}}
 
 
-def changed_run_flags(info, args, world_size, fingerprint):
+def changed_run_flags(info, args, world_size, fingerprint, may_change=frozenset()):
     """Each difference between the run a checkpoint's training_info.json (`info`) describes and
     the one these flags define, as "--lr 0.001 -> 0.002"; flags the checkpoint does not record
     (older versions) are not compared."""
     saved, now = info.get("args", {}), vars(args)
-    changes, skip = [], set(RESUME_MAY_CHANGE)
+    changes, skip = [], set(RESUME_MAY_CHANGE) | set(may_change)
     before = info.get("fingerprint") or {}
     if before.get("registry") and fingerprint.get("registry"):
         skip.add("datasets")  # compared as loaded: the same registry may be written two ways
@@ -280,12 +280,59 @@ def save_sharded_state(folder, model, optimizer):
     """Every rank writes the model and optimizer state it holds (FSDP2: its shards; DDP: rank 0
     writes the replicated tensors once) to folder/state as safetensors."""
     model_state, optim_state = get_state_dict(model, optimizer)
+    save_state_files(os.path.join(folder, SHARDED_DIR),
+                     {"model": model_state, "optim": optim_state["state"]})
+
+
+# DCP's safetensors writer builds each file in memory before writing it (twice the file's size):
+# what a rank holds goes into up to STATE_FILES files, none smaller than MIN_FILE_BYTES, so that
+# writing costs a small part of it, not two copies.
+STATE_FILES = 16
+MIN_FILE_BYTES = 64 << 20
+
+
+def save_state_files(path, state):
+    """torch.distributed.checkpoint (safetensors) of `state` (nested dicts of tensors, DTensor
+    shards too): every rank writes what it holds, in files of bounded size (file_indices)."""
     with warnings.catch_warnings():  # one process without a process group is a supported case
         warnings.filterwarnings("ignore",
                                 message=".*assuming the intent is to save in a single process")
-        dcp.save({"model": model_state, "optim": optim_state["state"]},
-                 storage_writer=dcp.HuggingFaceStorageWriter(os.path.join(folder, SHARDED_DIR),
-                                                             save_distributed=True))
+        dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(
+            path, fqn_to_index_mapping=file_indices(state), save_distributed=True))
+
+
+def file_indices(state):
+    """{DCP key (nested keys joined by dots): file number from 1}: consecutive tensors share a file
+    up to 1/STATE_FILES of what a rank holds (at least MIN_FILE_BYTES), sized from the global
+    shapes, so every rank computes the same numbers."""
+    sizes = {key: held_bytes(value) for key, value in flat_items(state)}
+    limit = max(MIN_FILE_BYTES, sum(sizes.values()) / STATE_FILES)
+    indices, index, used = {}, 1, 0
+    for key, size in sizes.items():
+        if used and used + size > limit:
+            index, used = index + 1, 0
+        indices[key], used = index, used + size
+    return indices
+
+
+def flat_items(state, prefix=""):
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def held_bytes(value):
+    """Bytes of a tensor as one rank holds it (a DTensor: its share of the shards)."""
+    from torch.distributed.tensor import DTensor
+    if not torch.is_tensor(value):
+        return 0
+    size = value.numel() * value.element_size()
+    if isinstance(value, DTensor):
+        size //= math.prod(n for n, p in zip(value.device_mesh.shape, value.placements)
+                           if p.is_shard())
+    return size
 
 
 def load_sharded_state(folder, model, optimizer=None):
@@ -360,37 +407,28 @@ def check_fits(path, saved, state, prefix, what):
                               "--num_labels or model?)")
 
 
-def full_model_state(model):
-    """The whole model's state in CPU memory on rank 0 (an empty dict elsewhere); under FSDP a
-    collective."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
-
-
 def save_checkpoint(path, *, model, write_model, optimizer, scaler, info, rank, train_window,
                     ema=None, raw_model=None):
-    """Atomic checkpoint: every rank writes its share of the model and optimizer state; rank 0 adds
-    the whole model gathered in CPU memory (write_model(folder, weights): for eval.py and
-    inference), the scaler, every rank's RNG state and unlogged train-metric sums
+    """Atomic checkpoint: every rank writes its share of the model and optimizer state, and the
+    whole model for eval.py and inference (write_model(folder), called on every rank: under
+    FSDP2 each tensor is gathered in its turn and rank 0 writes it, so no rank holds a whole
+    copy); rank 0 adds the scaler, every rank's RNG state and unlogged train-metric sums
     (`train_window`), so a resumed run goes on exactly as an uninterrupted one would, its logs
     included. training_info.json (`info`) is written last: it marks the folder complete.
     With an EMA (ema.py): every rank writes its shards of the shadow `ema`, and the EMA model
-    goes through write_model into ema/, gathered like the model with the shadow swapped into
-    `raw_model` (the model itself, not its DDP wrapper: the shadow's names are its own)."""
+    goes through write_model into ema/ with the shadow swapped into `raw_model` (the model
+    itself, not its DDP wrapper: the shadow's names are its own)."""
     per_rank = all_gather_objects({"rng": rng_state(), "train_metrics": train_window.cpu()})
-    full = full_model_state(model)
 
     def write(tmp):
         save_sharded_state(tmp, model, optimizer)
-        if rank == 0:
-            write_model(tmp, full)
+        write_model(tmp)
         if ema is not None:
             save_ema_state(tmp, ema)
-            with swapped_in(raw_model, ema):  # written inside: the gathered tensors may be views
-                ema_full = full_model_state(model)
-                if rank == 0:  # the folder first: a model writer may add its own files
-                    os.makedirs(os.path.join(tmp, EMA_MODEL_DIR), exist_ok=True)
-                    write_model(os.path.join(tmp, EMA_MODEL_DIR), ema_full)
+            if rank == 0:  # the folder first: a model writer may add its own files
+                os.makedirs(os.path.join(tmp, EMA_MODEL_DIR), exist_ok=True)
+            with swapped_in(raw_model, ema):
+                write_model(os.path.join(tmp, EMA_MODEL_DIR))
         if rank == 0:
             torch.save({"scaler": scaler.state_dict(), "ranks": per_rank},
                        os.path.join(tmp, STATE_FILE))

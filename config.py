@@ -8,6 +8,7 @@ import os
 
 from backbone import ATTN_IMPLEMENTATIONS, check_attn_implementation
 from dataset import PREFETCH_FACTOR, auto_num_workers
+from distributed import SHARDED, check_shard_size
 from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
 from sources import absolute_spec
@@ -92,7 +93,8 @@ def flag_errors(args, parser, task, given, needs):
 # needs, test of the flags). Each task keeps such a table for its own flags (FLAG_NEEDS).
 FLAG_NEEDS = {
     "ema_every": ("--ema_decay > 0", lambda a: a.ema_decay),
-    "cpu_offload": ("--dist fsdp", lambda a: a.dist == "fsdp"),
+    "cpu_offload": ("--dist fsdp or hsdp", lambda a: a.dist in SHARDED),
+    "shard_size": ("--dist hsdp", lambda a: a.dist == "hsdp"),
     "save_total_limit": ("a keep limit (not --save_all_checkpoints, --save_best_only, "
                          "--skip_evaluation)", lambda a: not (a.save_all_checkpoints or
                                                               a.save_best_only or
@@ -131,11 +133,15 @@ def build_parser(description=None):
       help="dtype of the weights and optimizer state; bf16 halves memory for large backbones")
     # several processes (torchrun)
     a(
-        "--dist", choices=["ddp", "fsdp"], default="ddp", help=
+        "--dist", choices=["ddp", "fsdp", "hsdp"], default="ddp", help=
         "ddp: a full replica per process; fsdp: FSDP2, weights, gradients and optimizer state "
-        "sharded per transformer block (a VLM's vision tower is one unit)")
+        "sharded per transformer block (a VLM's vision tower is one unit) over all processes; "
+        "hsdp: sharded within groups of --shard_size processes, replicated across groups")
+    a("--shard_size", type=int,
+      help="--dist hsdp: processes each model copy is sharded over; must divide the number of "
+           "processes (default: the processes of one node, LOCAL_WORLD_SIZE)")
     a("--cpu_offload", action="store_true",
-      help="--dist fsdp: keep sharded weights, gradients and AdamW state in CPU memory")
+      help="--dist fsdp / hsdp: keep sharded weights, gradients and AdamW state in CPU memory")
     a("--sync_batchnorm", action="store_true",
       help="--dist ddp: BatchNorm statistics over the global micro-batch of all processes "
            "(without it each process normalises with its own)")
@@ -385,11 +391,12 @@ def check_args(args):
     for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.dist == "fsdp" and args.precision == "fp16":
+    if args.dist in SHARDED and args.precision == "fp16":
         raise ValueError(
-            "--dist fsdp takes --precision bf16 or fp32 (fp16 needs a gradient scaler FSDP2 does "
-            "not have)"
+            f"--dist {args.dist} takes --precision bf16 or fp32 (fp16 needs a gradient scaler "
+            "FSDP2 does not have)"
         )
+    check_shard_size(args.shard_size)
     if args.eval_cache_mb < 0:
         raise ValueError(f"--eval_cache_mb must be 0 (off) or more, got {args.eval_cache_mb}")
     if args.save_total_limit < 1:

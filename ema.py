@@ -122,11 +122,8 @@ def copy_into(model, weights):
 
 def save_ema_state(folder, shadow):
     """Every process writes its shards of the shadow to folder/ema_state (safetensors, DCP)."""
-    import torch.distributed.checkpoint as dcp
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single")
-        dcp.save({"ema": shadow}, storage_writer=dcp.HuggingFaceStorageWriter(
-            os.path.join(folder, EMA_DIR), save_distributed=True))
+    from checkpoint import save_state_files  # checkpoint.py imports this module
+    save_state_files(os.path.join(folder, EMA_DIR), {"ema": shadow})
 
 
 def load_ema_state(folder, shadow):

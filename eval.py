@@ -39,7 +39,8 @@ from config import (HelpFormatter, add_task_flags, flag_errors, given_flags, loa
                     num_workers)
 from dataset import PREFETCH_FACTOR, DataError
 import distributed
-from distributed import all_gather_objects, is_sharded, shard_model
+from distributed import (all_gather_objects, check_shard_size, is_sharded, mesh_shape,
+                         shard_model)
 from backbone import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implementation, eval_mode,
                       fsdp_units, restore_modes)
 from faults import injected_fault
@@ -146,22 +147,24 @@ def missing_forwards(model, num_batches, filler, num_indices, world_size, batch_
 
 
 def load_placed(task, folder, args, device, world_size, say):
-    """(model, inputs) of a checkpoint on its devices. Under --dist fsdp the backbone is built
-    with its parameters on the meta device, sharded, and each process reads only its shards."""
-    sharded = args.dist == "fsdp" and world_size > 1
+    """(model, inputs) of a checkpoint on its devices. Under --dist fsdp / hsdp the backbone is
+    built with its parameters on the meta device, sharded, and each process reads only its
+    shards."""
+    mesh = mesh_shape(args.dist, args.shard_size, world_size)
     param_dtype = torch.bfloat16 if args.precision == "bf16" else None
-    if sharded:
+    if mesh:
         model, inputs, _ = task.load_model(folder, meta=True)
         try:
             sources = task.weight_sources(model, folder, checkpoint=True)
         except WeightsMismatch as e:
             say(f"note: {e}; every process reads the whole model")
         else:
-            shard_model(model, fsdp_units(model.backbone), device, param_dtype, sources=sources)
+            shard_model(model, fsdp_units(model.backbone), device, mesh, param_dtype,
+                        sources=sources)
             return model, inputs
     model, inputs, _ = task.load_model(folder)
-    if sharded:
-        shard_model(model, fsdp_units(model.backbone), device, param_dtype)
+    if mesh:
+        shard_model(model, fsdp_units(model.backbone), device, mesh, param_dtype)
     else:
         model.to(device)
     return model, inputs
@@ -261,14 +264,20 @@ def build_parser():
     a("--attn_implementation", choices=ATTN_IMPLEMENTATIONS,
       help="attention kernels of the backbone (default: sdpa; eager for a model without sdpa); "
            "flash_attention_2 needs flash-attn and a GPU")
-    a("--dist", choices=["ddp", "fsdp"], default="ddp",
-      help="under torchrun: a full model per process, or FSDP2-sharded per block")
+    a("--dist", choices=["ddp", "fsdp", "hsdp"], default="ddp",
+      help="under torchrun: a full model per process, FSDP2-sharded per block over all processes, "
+           "or (hsdp) over groups of --shard_size processes, replicated across groups (default: "
+           "ddp)")
+    a("--shard_size", type=int,
+      help="--dist hsdp: processes each model copy is sharded over; must divide the number of "
+           "processes (default: the processes of one node, LOCAL_WORLD_SIZE)")
     add_task_flags(p, "add_eval_flags", "{} checkpoints")
     return p
 
 
 # eval.py's flags that cannot act under the others (config.flag_errors; each task adds its own).
-FLAG_NEEDS = {"seed": ("--partial", lambda a: getattr(a, "partial", False))}
+FLAG_NEEDS = {"seed": ("--partial", lambda a: getattr(a, "partial", False)),
+              "shard_size": ("--dist hsdp", lambda a: a.dist == "hsdp")}
 
 
 def main(argv=None):
@@ -285,6 +294,8 @@ def run(args, rank, world_size, device):
         raise ValueError(f"--eval_cache_mb must be 0 (off) or more, got {args.eval_cache_mb}")
     if args.predictions:
         check_file_path(args.predictions, "--predictions")  # before any work, on every rank
+    check_shard_size(args.shard_size)
+    mesh_shape(args.dist, args.shard_size, world_size)  # refused before loading
     run_dir, targets = find_targets(args.path)
     task = task_of_checkpoint(targets[-1])
     error = flag_errors(args, build_parser(), task, args.given,

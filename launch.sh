@@ -4,6 +4,7 @@
 #   bash launch.sh                                        # as shipped: the built-in demo on this machine
 #   cp launch.sh launch_food.sh; vi launch_food.sh; bash launch_food.sh
 #   MBS=4 GBS=256 DIST=fsdp bash launch.sh                # any variable below can come from the environment
+#   NNODES=4 DIST=hsdp bash launch.sh                     # shard within each node, replicate across nodes
 #   DRY_RUN=1 bash launch.sh                              # check paths and print the torchrun line only
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash launch.sh # multi-node: the same line on every node,
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 bash launch.sh #   NODE_RANK 0..NNODES-1
@@ -38,7 +39,9 @@ GBS=${GBS:-32}                                          # global batch = MBS x G
 NSTEP=${NSTEP:-1500}                                    # optimizer steps (about samples x epochs / GBS)
 LR=${LR:-2e-3}
 PRECISION=${PRECISION:-fp32}                            # bf16 on GPUs
-DIST=${DIST:-ddp}                                       # ddp: full replicas; fsdp: FSDP2 sharding (large models)
+DIST=${DIST:-ddp}                                       # ddp: full replicas; fsdp: FSDP2 sharding over all GPUs;
+                                                        #   hsdp: sharded within SHARD_SIZE GPUs, replicated across
+SHARD_SIZE=${SHARD_SIZE:-}                              # hsdp: GPUs per model copy (default: GPUS_PER_NODE)
 GPUS_PER_NODE=${GPUS_PER_NODE:-auto}                    # auto: every GPU nvidia-smi lists; 1 process without GPUs
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -59,9 +62,16 @@ for name in MBS GBS NSTEP GPUS_PER_NODE NNODES; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || fail "$name must be a positive integer, got '${!name}'"
 done
 [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && (( NODE_RANK < NNODES )) || fail "NODE_RANK must be in 0..$((NNODES - 1)), got '$NODE_RANK'"
-[[ "$DIST" == ddp || "$DIST" == fsdp ]] || fail "DIST must be ddp or fsdp, got '$DIST'"
+[[ "$DIST" == ddp || "$DIST" == fsdp || "$DIST" == hsdp ]] || fail "DIST must be ddp, fsdp or hsdp, got '$DIST'"
 
 PROCS=$((GPUS_PER_NODE * NNODES))
+if [[ "$DIST" == hsdp ]]; then
+    SHARD_SIZE=${SHARD_SIZE:-$GPUS_PER_NODE}
+    [[ "$SHARD_SIZE" =~ ^[1-9][0-9]*$ ]] && (( PROCS % SHARD_SIZE == 0 )) \
+        || fail "SHARD_SIZE must be a positive integer that divides GPUS_PER_NODE x NNODES = $PROCS, got '$SHARD_SIZE'"
+elif [[ -n "$SHARD_SIZE" ]]; then
+    fail "SHARD_SIZE is for DIST=hsdp (got DIST=$DIST)"
+fi
 PER_MICRO_STEP=$((MBS * PROCS))
 if (( GBS % PER_MICRO_STEP != 0 )); then
     fail "GBS=$GBS is not a multiple of MBS x GPUS_PER_NODE x NNODES = $MBS x $GPUS_PER_NODE x $NNODES = $PER_MICRO_STEP"
@@ -97,6 +107,7 @@ CMD=("${LAUNCH[@]}" train.py)
 CMD+=(--model "$MODEL" --train_jsonl $TRAIN_JSONL --datasets "$DATASETS" --output_dir "$SAVE_CKPT_PATH"
       --batch_size "$MBS" --grad_accum "$GRAD_ACCUM" --max_steps "$NSTEP" --lr "$LR" --precision "$PRECISION"
       --dist "$DIST")
+[[ "$DIST" != hsdp ]] || CMD+=(--shard_size "$SHARD_SIZE")
 # shellcheck disable=SC2206
 [[ -z "$VAL_JSONL" ]] || CMD+=(--val_jsonl $VAL_JSONL)
 if compgen -G "$SAVE_CKPT_PATH/checkpoint-*/training_info.json" > /dev/null; then

@@ -5,7 +5,7 @@ backbone keeps its class and forward, each targeted nn.Linear becomes a peft LoR
 (`x.base_layer` + `x.lora_A.default` / `x.lora_B.default`), and only the adapters, the head and
 the --lora_train modules train. lora_B starts at zero, so the model starts as the base model.
 
-Checkpoints hold the adapters (adapter_state) and a merged backbone (merged_state_dict:
+Checkpoints hold the adapters (adapter_state) and a merged backbone (merged_weights:
 W + (alpha / r) B A under the plain names), which eval.py and plain transformers load without
 peft.
 """
@@ -132,22 +132,27 @@ def trainable_summary(model, adapted):
             f"trainable ({100 * trainable / total:.2f}%)")
 
 
-def merged_state_dict(state_dict, scaling):
-    """A state dict with LoRA merged in and peft's names gone: x.base_layer.weight +
-    scaling * x.lora_B.*.weight @ x.lora_A.*.weight becomes x.weight (computed in float32,
-    stored in the base weight's dtype); x.base_layer.bias becomes x.bias. scaling = alpha / rank.
-    Works on full (gathered) weights with any prefix, e.g. get_model_state_dict(full)."""
+def merged_weights(weights, scaling):
+    """Weights with LoRA merged in and peft's names gone: x.base_layer.weight +
+    scaling * x.lora_B.*.weight @ x.lora_A.*.weight becomes x.weight (computed in float32 when its
+    turn to be written comes, a weights.Derived, stored in the base weight's dtype);
+    x.base_layer.bias becomes x.bias. scaling = alpha / rank. Takes {name: tensor} with any
+    prefix, whole or FSDP2 shards (weights.model_weights); weights.whole makes an entry whole."""
+    from weights import Derived, whole
     merged, lora = {}, {}
-    for key, value in state_dict.items():
+    for key, value in weights.items():
         match = LORA_KEY.search(key)
         if match:
             lora.setdefault(key[:match.start()], {})[match.group(1)] = value
         else:
             merged[key.replace(".base_layer.", ".")] = value
     for prefix, ab in lora.items():
-        weight = merged[f"{prefix}.weight"]
-        delta = ab["B"].float() @ ab["A"].float()
-        merged[f"{prefix}.weight"] = (weight.float() + scaling * delta).to(weight.dtype)
+        base = merged[f"{prefix}.weight"]
+
+        def merge(base=base, a=ab["A"], b=ab["B"]):
+            delta = whole(b).float() @ whole(a).float()
+            return (whole(base).float() + scaling * delta).to(base.dtype)
+        merged[f"{prefix}.weight"] = Derived(tuple(base.shape), base.dtype, merge)
     return merged
 
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from backbone import (eval_mode, is_vision_language, load_backbone, meta_forward,
                       restore_modes, vision_language_parts)
+from weights import model_weights, write_pretrained, write_safetensors
 
 
 CLASSIFIER_FILE = "classifier.json"
@@ -218,18 +219,21 @@ def set_trainable(model, freeze="none", train_only_head=False):
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def save_classifier(model, inputs, folder, classifier_info, state_dict=None):
+def save_classifier(model, inputs, folder, classifier_info, weights=None, rank=0):
     """Write the backbone in its own HF format, its processor files, the head and the label layout.
 
-    state_dict: the whole model's full weights when `model` holds only shards of them (FSDP)."""
-    weights = state_dict if state_dict is not None else model.state_dict()
-    part = lambda prefix: {k[len(prefix):]: v.detach().contiguous().cpu()  # noqa: E731
-                           for k, v in weights.items() if k.startswith(prefix)}
-    model.backbone.save_pretrained(folder, state_dict=part("backbone."), safe_serialization=True)
-    inputs.save_pretrained(folder)
-    save_file(part("head."), os.path.join(folder, HEAD_FILE))
-    with open(os.path.join(folder, CLASSIFIER_FILE), "w") as f:
-        json.dump(classifier_info, f, indent=2)
+    weights: {name: tensor} of the whole classifier as the model holds it (FSDP2: its shards; a
+    LoRA backbone: the merged weights, weights.Derived); by default the model's own. Every
+    process calls it: a shard is gathered one tensor at a time and rank 0 writes."""
+    weights = weights if weights is not None else model_weights(model)
+    part = lambda prefix: {k[len(prefix):]: v for k, v in weights.items()  # noqa: E731
+                           if k.startswith(prefix)}
+    write_pretrained(model.backbone, folder, part("backbone."), rank)
+    write_safetensors(os.path.join(folder, HEAD_FILE), part("head."), rank)
+    if rank == 0:
+        inputs.save_pretrained(folder)
+        with open(os.path.join(folder, CLASSIFIER_FILE), "w") as f:
+            json.dump(classifier_info, f, indent=2)
 
 
 def read_classifier_info(folder):

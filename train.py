@@ -177,6 +177,7 @@ def build_run(args, rank, world_size, device):
     for change in overrides:
         say(f"override: {change}")
     check_args(args)
+    distributed.mesh_shape(args.dist, args.shard_size, world_size)  # refused before loading
     LOADING.trust_remote_code = args.trust_remote_code
     LOADING.attn_implementation = args.attn_implementation
     loader_workers(args, say, "epochs (and evaluations the evaluation cache cannot hold)")
@@ -240,7 +241,8 @@ def check_resume_flags(args, world_size, fingerprint, say):
         raise FileNotFoundError(f"{os.path.join(folder, ema.EMA_DIR)} is missing: this "
                                 "checkpoint was written without --ema_decay, so its EMA cannot "
                                 "be resumed")
-    changes = changed_run_flags(info, args, world_size, fingerprint)
+    changes = changed_run_flags(info, args, world_size, fingerprint,
+                                TASKS[args.task].RESUME_MAY_CHANGE)
     if changes and not args.allow_changed_flags:
         raise ValueError(f"--resume {folder}: flags that define the run differ from its "
                          f"{os.path.basename(folder)}/training_info.json, so this would not "
@@ -253,11 +255,12 @@ def check_resume_flags(args, world_size, fingerprint, say):
 
 
 def build_model(args, task, data, dtype, world_size, say):
-    """(model, backbone, inputs, sources). Under --dist fsdp the backbone of a model folder is
-    built with its parameters on the meta device, and sources says where each rank reads its
+    """(model, backbone, inputs, sources). Under --dist fsdp / hsdp the backbone of a model folder
+    is built with its parameters on the meta device, and sources says where each rank reads its
     shards after sharding (a preset, or a folder whose weights need more than renaming, is built
     whole on every rank: sources None)."""
-    if args.dist == "fsdp" and world_size > 1 and not args.model.startswith("preset:"):
+    if (distributed.mesh_shape(args.dist, args.shard_size, world_size)
+            and not args.model.startswith("preset:")):
         torch.manual_seed(args.seed)  # identical init of what the folder lacks (the head)
         model, backbone, inputs = task.build_model(args, data, dtype, meta=True)
         try:
@@ -284,13 +287,14 @@ def place_model(args, task, raw_model, backbone, device, world_size, say, source
     if args.compile:
         for unit in units:
             unit.compile()
-    if args.dist == "fsdp" and world_size > 1:
+    mesh = distributed.mesh_shape(args.dist, args.shard_size, world_size)
+    if mesh:
         # raw_model is now the sharded model, each shard on the device (or in CPU memory with
         # --cpu_offload); the optimizer holds the shards.
-        say(f"FSDP2 over {world_size} processes: {len(units)} block(s) + the root sharded" +
+        say(f"{distributed.describe_mesh(mesh)}: {len(units)} block(s) + the root sharded" +
             ("; each process reads only its shards of the weights" if sources else ""))
         return distributed.shard_model(
-            raw_model, units, device, cpu_offload=args.cpu_offload,
+            raw_model, units, device, mesh, cpu_offload=args.cpu_offload,
             param_dtype=torch.bfloat16 if args.precision == "bf16" else None, sources=sources)
     if world_size > 1:
         return DDP(raw_model.to(device), device_ids=[device.index] if device.type == "cuda" else
@@ -537,8 +541,8 @@ def save(run, state, metrics):
     if hasattr(state.loader, "state_dict"):  # JSON, as the rest of training_info.json
         info["loader_states"] = all_gather_objects(state.loader.state_dict())
 
-    def write_model(folder, full_weights):
-        run.task.save_model(folder, run.raw_model, run.inputs, full_weights, run.data, args)
+    def write_model(folder):
+        run.task.save_model(folder, run.raw_model, run.inputs, run.data, args, run.rank)
 
     save_checkpoint(path, model=run.model, write_model=write_model, optimizer=run.optimizer,
                     scaler=run.scaler, info=info, rank=run.rank,

@@ -1,4 +1,5 @@
-"""Reading safetensors files into a model that is already built, in place.
+"""Reading safetensors files into a model that is already built, in place, and writing a
+model's weights to one, a tensor at a time.
 
 A key map names, for each entry of the model's state dict, the file and the key in that file
 that holds it (folder_map: a Hugging Face folder's weights, renamed the way transformers renames
@@ -9,11 +10,16 @@ Entries on the meta device (parameters_on_meta) are given memory on the model's 
 
 eval.py reads every checkpoint of a run into one model this way; under --dist fsdp train.py and
 eval.py build the backbone with its parameters on the meta device, shard it, then read.
+
+Writing (write_safetensors, write_pretrained) is the mirror image: the header first, from the
+shapes and dtypes, then each tensor in turn, an FSDP2 shard gathered whole only for its turn, so
+no process ever holds more than one whole tensor beside its shards.
 """
 import contextlib
 import json
 import math
 import os
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -64,6 +70,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def read_header(path):
@@ -84,13 +91,37 @@ def file_keys(path):
     return list(read_header(path)[1])
 
 
+def key_renaming():
+    """transformers' renaming of checkpoint keys (loading: older layouts and *For...* prefixes ->
+    the model's names; saving: back to the layout save_pretrained writes) is done by helpers
+    outside its public API. This is the one place they are imported, once, when this module is
+    (the start of train.py and eval.py). Returns (helpers, None), or (None, what is missing): then
+    folder_map refuses (the caller reads whole files, with a note) and saved_names keeps the
+    model's own names, which from_pretrained reads too."""
+    import transformers
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (WeightConverter, rename_source_key,
+                                                     revert_weight_conversion)
+    except ImportError as e:
+        return None, (f"transformers {transformers.__version__} lacks the key-renaming helpers "
+                      f"this reader uses ({e})")
+    return (get_model_conversion_mapping, WeightConverter, rename_source_key,
+            revert_weight_conversion), None
+
+
+RENAMING, RENAMING_MISSING = key_renaming()
+
+
 def folder_map(module, folder, prefix=""):
     """{prefix + state-dict key of `module` (a transformers model): (file, key in the file)} for
     the weights of `folder`, with transformers' own renaming of checkpoint keys (older layouts,
     the base-model prefix of an *For...* checkpoint). Raises WeightsMismatch where a key needs
-    more than a renaming (fused or split tensors) or an entry has no key in the folder."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, rename_source_key
+    more than a renaming (fused or split tensors), an entry has no key in the folder, or this
+    transformers lacks the renaming helpers."""
+    if RENAMING is None:
+        raise WeightsMismatch(RENAMING_MISSING)
+    get_model_conversion_mapping, WeightConverter, rename_source_key, _ = RENAMING
     transforms = get_model_conversion_mapping(module)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -108,6 +139,20 @@ def folder_map(module, folder, prefix=""):
         raise WeightsMismatch(f"{folder}: no weights for {len(missing)} entr(ies) of "
                               f"{type(module).__name__}, e.g. {missing[:3]}")
     return {prefix + k: v for k, v in found.items()}
+
+
+def saved_names(module, names):
+    """{name in the model: name in the file} as save_pretrained writes `module`'s weights: renamed
+    back to the layout transformers converts from on loading (ViT: layers.0.attention.q_proj ->
+    encoder.layer.0.attention.attention.query). Where that layout fuses or splits tensors, or the
+    renaming helpers are missing, the model's own names (from_pretrained reads both)."""
+    if RENAMING is None:
+        return {name: name for name in names}
+    get_model_conversion_mapping, WeightConverter, _, revert_weight_conversion = RENAMING
+    if any(isinstance(t, WeightConverter) for t in get_model_conversion_mapping(module)):
+        return {name: name for name in names}
+    meta = torch.empty(0, device="meta")
+    return {name: next(iter(revert_weight_conversion(module, {name: meta}))) for name in names}
 
 
 def tied_complete(entries, found):
@@ -188,3 +233,84 @@ def read_entry(target, f, start, stored, where):
         raise ValueError(f"{where}: the file ends early (truncated?)")
     if not direct:
         local.copy_(buffer)
+
+
+class Derived(NamedTuple):
+    """A tensor to write that is computed from others when its turn comes (a LoRA-merged
+    weight): its shape and dtype for the header, and compute() -> the whole tensor, called on
+    every process (it may gather shards)."""
+    shape: tuple
+    dtype: torch.dtype
+    compute: Callable
+
+
+def whole(tensor):
+    """The whole tensor in CPU memory: an FSDP2 shard (DTensor) gathered from every process (a
+    collective), a Derived computed, a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(tensor, Derived):
+        return tensor.compute()
+    tensor = tensor.detach()
+    if isinstance(tensor, DTensor):
+        local, mesh = tensor.to_local(), tensor.device_mesh
+        if local.device.type != mesh.device_type:  # --cpu_offload: the shard is in CPU memory
+            tensor = DTensor.from_local(local.to(mesh.device_type), mesh, tensor.placements,
+                                        shape=tensor.shape, stride=tensor.stride())
+        tensor = tensor.full_tensor()
+    return tensor.cpu()
+
+
+def write_safetensors(path, tensors, rank, metadata=None):
+    """Write `tensors` ({name: tensor, DTensor shard or Derived}) as one safetensors file on
+    rank 0; every process calls it with the same names. The header comes first, from the
+    shapes and dtypes (wider dtypes first, so every tensor is aligned to its element size, as the
+    safetensors library lays them out); then each tensor is made whole in turn (gathered: a
+    collective), written from its own memory and freed."""
+    names = sorted(tensors, key=lambda n: -tensors[n].dtype.itemsize)  # stable
+    header, offset = {}, 0
+    for name in names:
+        shape, dtype = tuple(tensors[name].shape), tensors[name].dtype
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") if rank == 0 else contextlib.nullcontext() as f:
+        if f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+        for name in names:
+            tensor = whole(tensors[name])
+            if (tuple(tensor.shape), tensor.dtype) != (tuple(tensors[name].shape),
+                                                       tensors[name].dtype):
+                raise ValueError(f"{path}: {name} came out {tuple(tensor.shape)} {tensor.dtype}, "
+                                 f"not {tuple(tensors[name].shape)} {tensors[name].dtype}")
+            if f:
+                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+
+
+def model_weights(module):
+    """{name: tensor} of what save_pretrained writes of `module`: its state dict as it holds it
+    (FSDP2: the shards), one name per tied tensor (the first), without _keys_to_ignore_on_save."""
+    ignored = set(getattr(module, "_keys_to_ignore_on_save", None) or ())
+    found, seen = {}, set()
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen and key not in ignored:
+            found[key] = tensor
+        seen.add(id(tensor))
+    return found
+
+
+def write_pretrained(module, folder, weights, rank):
+    """The folder module.save_pretrained(folder) writes (config, generation config, a remote-code
+    model's files, the weights under saved_names in model.safetensors) with `weights` ({name:
+    tensor} of the model, as model_weights gives them) written by write_safetensors: every
+    process calls it."""
+    if rank == 0:
+        module.save_pretrained(folder, state_dict={})  # everything but the weights
+    names = saved_names(module, weights)
+    write_safetensors(os.path.join(folder, WEIGHTS_FILE),
+                      {names[k]: v for k, v in weights.items()}, rank, {"format": "pt"})

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from checkpoint import checkpoint_folder
 from dataset import (DataError, DatasetSpec, EpochSampler, count_per_dataset, ignore_stop_signals,
@@ -35,6 +34,7 @@ from metrics import PerDatasetSums
 from backbone import eval_mode, restore_modes
 from sources import INDEX_DIR, read_records
 from tasks.unified import read_image, save_grid
+from weights import model_weights, write_safetensors
 
 NAME = "autoencoder"
 MODEL_FILE = "autoencoder.json"
@@ -189,10 +189,10 @@ class Autoencoder(nn.Module):
         # copies, not views of the encoder's output: FSDP2 warns about views it returns
         return self.vae.decode(z).sample, posterior.mean.clone(), posterior.logvar.clone()
 
-    def latent_scaling(self, moments=None):
+    def latent_scaling(self):
         """(scaling_factor, shift_factor) = (1 / std, mean) of the running averages; the VAE's
         own before any training batch."""
-        seen, mean, square = (self.latent_moments if moments is None else moments).tolist()
+        seen, mean, square = self.latent_moments.tolist()
         if not seen:
             return float(self.vae.config.scaling_factor), self.vae.config.shift_factor
         return 1 / math.sqrt(max(square - mean * mean, 1e-12)), mean
@@ -361,16 +361,17 @@ def progress(metrics, prefix):
 
 # ----------------------------------------------------------------------------- model files
 
-def save_model(folder, model, shape, full_weights, data, args):
+def save_model(folder, model, shape, data, args, rank):
     """The AutoencoderKL as save_pretrained writes it (config.json with the measured latent
     scaling, diffusion_pytorch_model.safetensors): a folder --vae and from_pretrained take; and
-    autoencoder.json."""
-    scale, shift = model.latent_scaling(full_weights["latent_moments"])
+    autoencoder.json. Every process calls it (model: as it holds it, FSDP2 shards too)."""
+    scale, shift = model.latent_scaling()
     model.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    write_safetensors(os.path.join(folder, WEIGHTS_FILE), model_weights(model.vae), rank,
+                      {"format": "pt"})
+    if rank != 0:
+        return
     model.vae.save_config(folder)
-    save_file({k[len("vae."):]: v.detach().contiguous().cpu() for k, v in full_weights.items()
-               if k.startswith("vae.")}, os.path.join(folder, WEIGHTS_FILE),
-              metadata={"format": "pt"})
     info = {"image_size": shape.size, "image_channels": shape.channels,
             "recon_loss": data.recon_loss, "kl_weight": data.kl_weight,
             "datasets": {n: {"eval_ratio": s.eval_ratio} for n, s in data.registry.items()}}

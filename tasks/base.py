@@ -19,8 +19,9 @@ Required:
                                         loader.sampler.set(indices, epoch)
   forward(model, batch, data, train) -> outputs   what the metrics take (update(**outputs));
                                         by default per-sample "losses" and "dataset_ids"
-  save_model(folder, model, inputs, full_weights, data, args); load_model(folder, meta)
-                                        -> (model, inputs, info)
+  save_model(folder, model, inputs, data, args, rank)   on every process (under FSDP2 each
+                                        tensor is gathered in its turn, rank 0 writes)
+  load_model(folder, meta) -> (model, inputs, info)
   eval_data(args, folder, trained_args, world_size) -> (data, indices, key, summary)
                                         eval.py's data; key: what the results depend on
 Everything else below has a default: the step loss (step_loss over the global COUNTS), the
@@ -34,9 +35,10 @@ from weights import WeightsMismatch
 REQUIRED = ("NAME", "MODEL_FILE", "load_data", "build_model", "loader", "forward", "save_model",
             "load_model", "eval_data")
 OPTIONAL = ("DEFAULT_BEST_METRIC", "COUNTS", "BORROWED_FLAGS", "FLAG_NEEDS", "EVAL_FLAG_NEEDS",
-            "add_flags", "add_eval_flags", "has_unused_parameters", "train_size", "epoch_order",
-            "prepare", "count_targets", "step_loss", "new_metrics", "report", "progress",
-            "predictions", "per_class", "weight_sources", "eval_extras", "extra_metrics", "finish")
+            "RESUME_MAY_CHANGE", "add_flags", "add_eval_flags", "has_unused_parameters",
+            "train_size", "epoch_order", "prepare", "count_targets", "step_loss", "new_metrics",
+            "report", "progress", "predictions", "per_class", "weight_sources", "eval_extras",
+            "extra_metrics", "finish")
 
 DEFAULT_BEST_METRIC = "overall_loss"
 # The named target counts of a batch: what the step's loss is divided by, summed over the whole
@@ -49,6 +51,9 @@ BORROWED_FLAGS = ()
 # of train.py's flags, and of eval.py's.
 FLAG_NEEDS = {}
 EVAL_FLAG_NEEDS = {}
+# This task's flags a resumed run may change (they shape what is written, not the steps taken),
+# beside checkpoint.RESUME_MAY_CHANGE.
+RESUME_MAY_CHANGE = frozenset()
 
 
 def add_flags(parser):

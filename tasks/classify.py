@@ -9,14 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from augment import AUGMENTS, CROP_SCALE, RANDAUGMENT_M, RANDAUGMENT_N, augment_config
 from checkpoint import checkpoint_folder
 import distributed
 from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
                      partial_eval_indices, pixel_path, plan_epochs, summarize)
-from lora import (ADAPTER_FILE, add_lora, adapter_state, check_lora_flags, merged_state_dict,
+from lora import (ADAPTER_FILE, add_lora, adapter_state, check_lora_flags, merged_weights,
                   scaling, trainable_summary)
 from ema import plain_metric
 from mixup import check_mix_args, mix_batch
@@ -30,7 +29,7 @@ from model import (CLASSIFIER_FILE, HEAD_FILE, POOLINGS, LabelSpace, MaskedClass
                    set_trainable)
 from sources import INDEX_DIR, check_classes, read_records
 from streaming import build_stream, make_stream_loader
-from weights import file_map, folder_map
+from weights import file_map, folder_map, model_weights, write_safetensors
 
 NAME = "classify"
 MODEL_FILE = CLASSIFIER_FILE  # the file that marks a checkpoint of this task
@@ -140,6 +139,7 @@ def add_flags(parser):
 
 
 # A flag given that cannot act under the others is an error (config.check_flags_act).
+RESUME_MAY_CHANGE = frozenset({"on_bad_image"})
 FLAG_NEEDS = {
     "mix_prob": ("--mixup or --cutmix", lambda a: a.mixup or a.cutmix),
     "shuffle_buffer": ("--streaming (and not --no_shuffle)",
@@ -367,8 +367,9 @@ def per_class(predictions, data):
 
 # ----------------------------------------------------------------------------- model files
 
-def save_model(folder, model, inputs, full_weights, data, args):
-    """The backbone in its own format, processor files, head.safetensors and classifier.json."""
+def save_model(folder, model, inputs, data, args, rank):
+    """The backbone in its own format, processor files, head.safetensors and classifier.json.
+    Every process calls it (model: as it holds it, FSDP2 shards too)."""
     info = {"num_labels": data.label_space.num_labels, "label_space": data.label_space.layout,
             "pooling": model.pooling, "prompt": inputs.prompt,
             "no_logits_masking": not data.masking,
@@ -378,15 +379,15 @@ def save_model(folder, model, inputs, full_weights, data, args):
                              **{k: getattr(s, k) for k in ("image_column", "label_column")
                                 if getattr(s, k)}}
                          for (n, s), o in zip(data.registry.items(), data.label_space.offsets)}}
+    weights = model_weights(model)
     if args.lora_rank:  # the adapters, and the backbone with them merged in: loads without peft
         info["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
                         "dropout": args.lora_dropout or 0.0, "targets": model.lora_targets,
                         "train": args.lora_train or [], "file": ADAPTER_FILE}
-        adapters = adapter_state(full_weights, args.lora_train or ())
-        save_file({k: v.contiguous() for k, v in adapters.items()},
-                  os.path.join(folder, ADAPTER_FILE))
-        full_weights = merged_state_dict(full_weights, scaling(args.lora_rank, args.lora_alpha))
-    save_classifier(model, inputs, folder, info, state_dict=full_weights)
+        write_safetensors(os.path.join(folder, ADAPTER_FILE),
+                          adapter_state(weights, args.lora_train or ()), rank)
+        weights = merged_weights(weights, scaling(args.lora_rank, args.lora_alpha))
+    save_classifier(model, inputs, folder, info, weights, rank)
 
 
 def load_model(folder, meta=False):

@@ -79,6 +79,7 @@ def add_flags(parser):
 
 
 # A flag given that cannot act under the others is an error (config.flag_errors).
+RESUME_MAY_CHANGE = frozenset({"sample_prompts", "samples_per_prompt", "sample_steps", "cfg_scale"})
 FLAG_NEEDS = {name: ("--sample_prompts", lambda a: a.sample_prompts)
               for name in ("samples_per_prompt", "sample_steps", "cfg_scale")}
 
@@ -211,10 +212,11 @@ def progress(metrics, prefix):
 
 # ----------------------------------------------------------------------------- model files
 
-def save_model(folder, model, tokenizer, full_weights, data, args):
-    """The LM in its own format + tokenizer, the image parts, unified.json."""
+def save_model(folder, model, tokenizer, data, args, rank):
+    """The LM in its own format + tokenizer, the image parts, unified.json; every process calls
+    it."""
     save_unified(model, tokenizer, folder, {"text_loss_weight": data.text_weight,
-                                            "image_loss_weight": data.image_weight}, full_weights)
+                                            "image_loss_weight": data.image_weight}, rank)
 
 
 def load_model(folder, meta=False):
@@ -234,9 +236,9 @@ def weight_sources(model, folder, checkpoint):
 def eval_data(args, folder, trained_args, world_size):
     """Data for eval.py: every validation conversation; the loss weights and image size saved
     with the checkpoint. Returns (data, indices, what results depend on, summary)."""
-    if args.dist == "fsdp" and world_size > 1:
-        raise ValueError("--dist fsdp: generation checkpoints are evaluated with a full model per "
-                         "process")
+    if args.dist != "ddp" and world_size > 1:
+        raise ValueError(f"--dist {args.dist}: generation checkpoints are evaluated with a full "
+                         "model per process")
     if args.judge and not args.judge_prompt:
         raise ValueError("--judge needs --judge_prompt, e.g. 'a handwritten digit {label}'")
     info = read_unified_info(folder)

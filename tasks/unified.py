@@ -30,13 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dataset import DataError, EpochSampler, ignore_stop_signals, worker_options
 from sources import json_items, parse_spec, raise_data_errors
 from backbone import LOADING, build_empty, eval_mode, from_pretrained, restore_modes, say
 from files import write_file
 from tasks.latent import load_codec
+from weights import model_weights, write_pretrained, write_safetensors
 
 SPEC_FILE = "unified.json"
 WEIGHTS_FILE = "unified.safetensors"
@@ -692,21 +693,18 @@ def load_language_model(name_or_path, seed=0, dtype=None, meta=False):
     return lm, tokenizer
 
 
-def save_unified(model, tokenizer, folder, info, state_dict=None):
+def save_unified(model, tokenizer, folder, info, rank=0):
     """The LM in its own HF format + tokenizer, the image parts in unified.safetensors,
     unified.json; with a VAE, the VAE as it was given in vae/ (the checkpoint stands alone).
-    """
-    weights = state_dict if state_dict is not None else model.state_dict()
-    lm = {
-        k[len("lm."):]: v.detach().contiguous().cpu()
-        for k, v in weights.items() if k.startswith("lm.")
-    }
-    model.lm.save_pretrained(folder, state_dict=lm, safe_serialization=True)
+    Every process calls it (model: as it holds it, FSDP2 shards too)."""
+    weights = model_weights(model)
+    write_pretrained(model.lm, folder, {k[len("lm."):]: v for k, v in weights.items()
+                                        if k.startswith("lm.")}, rank)
+    write_safetensors(os.path.join(folder, WEIGHTS_FILE),
+                      {k: v for k, v in weights.items() if not k.startswith("lm.")}, rank)
+    if rank != 0:
+        return
     tokenizer.save_pretrained(folder)
-    save_file(
-        {k: v.detach().contiguous().cpu()
-         for k, v in weights.items() if not k.startswith("lm.")},
-        os.path.join(folder, WEIGHTS_FILE))
     if model.codec is not None:
         model.codec.save(os.path.join(folder, VAE_DIR))
     with open(os.path.join(folder, SPEC_FILE), "w") as f:

@@ -144,7 +144,7 @@ def fresh():
     return MaskedClassifier(backbone, 3, inputs=inputs)
 full = fresh()
 sharded = fresh()
-distributed.shard_model(sharded, fsdp_units(sharded.backbone), device)
+distributed.shard_model(sharded, fsdp_units(sharded.backbone), device, (world,))
 shadow, reference = make_ema(sharded), make_ema(full)
 for n, p in sharded.named_parameters():
     assert isinstance(shadow[n], DTensor) and shadow[n].placements == p.placements, n
@@ -168,7 +168,7 @@ for n, p in sharded.named_parameters():
     assert torch.equal(p.full_tensor(), trained[n])
 folder = sys.argv[1]
 save_ema_state(folder, shadow)
-again = make_ema(distributed.shard_model(fresh(), [], device))
+again = make_ema(distributed.shard_model(fresh(), [], device, (world,)))
 load_ema_state(folder, again)
 for n in reference:
     assert torch.equal(again[n].full_tensor(), shadow[n].full_tensor()), n

@@ -60,7 +60,10 @@ def test_dry_run_derives_grad_accum(small_data, tiny_vit, tmp_path, mbs, gbs, gp
     ({"MBS": 4, "GBS": 16, "GPUS_PER_NODE": 8}, "GBS=16 is not a multiple of"),
     ({"MBS": 0}, "MBS must be a positive integer, got '0'"),
     ({"NNODES": 2, "NODE_RANK": 2}, "NODE_RANK must be in 0..1, got '2'"),
-    ({"DIST": "zero3"}, "DIST must be ddp or fsdp"),
+    ({"DIST": "zero3"}, "DIST must be ddp, fsdp or hsdp"),
+    ({"DIST": "hsdp", "GPUS_PER_NODE": 8, "SHARD_SIZE": 3}, "SHARD_SIZE must be a positive "
+     "integer that divides GPUS_PER_NODE x NNODES = 8, got '3'"),
+    ({"DIST": "fsdp", "SHARD_SIZE": 2}, "SHARD_SIZE is for DIST=hsdp"),
     ({"MODEL": "/no/such/model", "DATASETS": "/no/registry.json"
       }, "not found: MODEL=/no/such/model\nerror: not found: DATASETS=/no/registry.json"),
 ])
@@ -68,6 +71,16 @@ def test_bad_settings_are_refused_before_launching(small_data, tiny_vit, tmp_pat
     result = launch(small_data, tiny_vit, tmp_path / "run", DRY_RUN=1, **env)
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert "torchrun" not in result.stdout
+
+
+@pytest.mark.parametrize("shard_size, expected", [(None, "8"), (4, "4")])
+def test_hsdp_shards_within_a_node_by_default(small_data, tiny_vit, tmp_path, shard_size,
+                                              expected):
+    env = {"SHARD_SIZE": shard_size} if shard_size else {}
+    line = torchrun_line(launch(small_data, tiny_vit, tmp_path / "run", DRY_RUN=1, MBS=1, GBS=32,
+                                GPUS_PER_NODE=8, NNODES=4, NODE_RANK=0, MASTER_ADDR="node0",
+                                DIST="hsdp", **env))
+    assert flag(line, "--dist") == "hsdp" and flag(line, "--shard_size") == expected
 
 
 def test_slurm_supplies_nodes_and_rank(small_data, tiny_vit, tmp_path):

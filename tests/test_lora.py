@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 import train
 from conftest import (ROOT, assert_same_adam_steps, read_jsonl, run_script, save_tiny_vlm,
                       train_args)
-from lora import (add_lora, adapter_state, check_lora_args, default_targets, merged_state_dict,
+from lora import (add_lora, adapter_state, check_lora_args, default_targets, merged_weights,
                   require_peft, trainable_summary)
 from backbone import load_backbone
 from model import MaskedClassifier
 from optimizer import parameter_parts
+from weights import whole, write_pretrained
 
 # The refusals that need no peft run without it; the rest need the optional extra.
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
@@ -67,17 +68,17 @@ def test_vit_lora_starts_as_the_base_and_merges_into_a_plain_backbone(tiny_vit, 
     with torch.no_grad():
         adapted_logits = model(**batch)
     assert not torch.allclose(adapted_logits, base, atol=1e-4)
-    merged = merged_state_dict(model.state_dict(), scaling=8 / 4)
+    merged = {k: whole(v) for k, v in merged_weights(model.state_dict(), scaling=2).items()}
     assert not any("lora_" in k or "base_layer" in k for k in merged)
     plain, _ = build(tiny_vit)
     plain.load_state_dict(merged)  # strict: exactly the plain model's names
     with torch.no_grad():
         # float32 matmuls of O(1) numbers: a different summation order moves them by ~1e-6
         torch.testing.assert_close(plain(**batch), adapted_logits, rtol=1e-4, atol=1e-5)
-    # what a checkpoint does: save_pretrained of the adapted backbone with the merged weights
-    backbone_part = {k[len("backbone."):]: v for k, v in merged.items()
-                     if k.startswith("backbone.")}
-    model.backbone.save_pretrained(tmp_path, state_dict=backbone_part)
+    # what a checkpoint does: the adapted backbone's folder with the merged weights
+    backbone_part = {k[len("backbone."):]: v for k, v in merged_weights(
+        model.state_dict(), scaling=2).items() if k.startswith("backbone.")}
+    write_pretrained(model.backbone, str(tmp_path), backbone_part, rank=0)
     inputs.save_pretrained(tmp_path)
     reloaded, _ = build(str(tmp_path))
     reloaded.head.load_state_dict(model.head.state_dict())
@@ -113,7 +114,8 @@ def test_qwen2_5_vl_adapts_the_language_model_and_trains_the_merger(tiny_vlm, de
     with torch.no_grad():
         adapted_logits = model(**batch)
     plain, _ = build(tiny_vlm)
-    plain.load_state_dict(merged_state_dict(model.state_dict(), scaling=1.0))
+    plain.load_state_dict({k: whole(v) for k, v in
+                           merged_weights(model.state_dict(), scaling=1.0).items()})
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch), adapted_logits, rtol=1e-4, atol=1e-5)
     merger = adapter_state(model.state_dict(), train=["visual.merger"])

@@ -1,8 +1,10 @@
 """--dist fsdp builds the backbone on the meta device, shards it and has each rank read only its
 shards of the folder's safetensors: the same weights and buffers as loading the whole model, on
 every rank, for train.py and eval.py (2 gloo processes)."""
+import os
+
 import train
-from conftest import run_script, train_args
+from conftest import ROOT, run_script, train_args
 
 
 def test_sharded_loading_equals_whole_loading_on_every_rank(small_data, tiny_qwen2_5_vl,
@@ -20,3 +22,37 @@ def test_sharded_loading_equals_whole_loading_on_every_rank(small_data, tiny_qwe
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "each process reads only its shards of the weights" in result.stdout
     assert "rank 0: equal" in result.stdout and "rank 1: equal" in result.stdout
+
+
+LAUNCHER = """import runpy, sys
+import transformers.core_model_loading as loading
+import transformers.modeling_utils  # noqa: F401  (binds the helper for its own use first)
+del loading.revert_weight_conversion  # as in a transformers release without it
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_without_the_renaming_helpers_every_process_reads_the_whole_model(small_data, tiny_vit,
+                                                                          tmp_path):
+    """transformers' key-renaming helpers are not public API: with one of them genuinely absent
+    (deleted from transformers before the project imports it), --dist fsdp says so in one line,
+    reads the whole folder on every process and trains as one process does; its checkpoint
+    (under the model's own names) loads back."""
+    from conftest import assert_same_adam_steps
+    from model import load_classifier
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(LAUNCHER)
+    steps = ["--max_steps", 3, "--skip_evaluation", "--lr", 1e-2, "--pooling", "mean"]
+    train.main(train_args(small_data, tiny_vit, tmp_path / "one", *steps, "--batch_size", 8))
+    result = run_script(launcher, os.path.join(ROOT, "train.py"),
+                        *train_args(small_data, tiny_vit, tmp_path / "two", *steps,
+                                    "--batch_size", 4, "--dist", "fsdp"), torchrun=2)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    notes = [line for line in result.stdout.splitlines() if "key-renaming helpers" in line]
+    assert len(notes) == 1 and "revert_weight_conversion" in notes[0], result.stdout[-3000:]
+    assert notes[0].endswith("every process reads the whole model")
+    assert "each process reads only its shards" not in result.stdout
+    one, two = (load_classifier(str(tmp_path / run / "checkpoint-3"))[0].state_dict()
+                for run in ("one", "two"))
+    assert_same_adam_steps(one, two, lr=1e-2, steps=3)

@@ -119,17 +119,21 @@ def test_fsdp_checkpoint_resumes_on_one_process_and_evaluates_exactly(small_data
     assert (partial["eval_digits_samples"], partial["eval_faces_samples"]) == (10, 10)
 
 
-def test_consolidated_weights_equal_the_sharded_state(small_data, tiny_vit, tmp_path):
-    """model.safetensors + head.safetensors (gathered on rank 0) hold exactly what the ranks' shards
-    hold."""
+def test_fsdp_checkpoint_written_a_tensor_at_a_time_equals_the_sharded_state(small_data, tiny_vit,
+                                                                            tmp_path):
+    """model.safetensors + head.safetensors, each tensor gathered in its turn and written by rank 0,
+    hold exactly what the ranks' shards hold, under the names save_pretrained writes (those of the
+    model folder), and load in from_pretrained and export.py."""
     from checkpoint import load_sharded_state
     from model import load_classifier
+    from weights import file_keys
     result = run_script(
-        "train.py",
-        *train_args(small_data, tiny_vit, tmp_path, *STEPS, "--batch_size", 4, "--dist", "fsdp"),
-        torchrun=2)
+        "train.py", *train_args(small_data, tiny_vit, tmp_path, *STEPS, "--batch_size", 4,
+                                "--dist", "fsdp", "--pooling", "cls"), torchrun=2)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "checkpoint-3"
+    assert sorted(file_keys(str(folder / "model.safetensors"))) == sorted(
+        file_keys(os.path.join(tiny_vit, "model.safetensors")))
     model, _, _ = load_classifier(str(folder))
     consolidated = {k: v.clone() for k, v in model.state_dict().items()}
     for p in model.parameters():
@@ -139,6 +143,8 @@ def test_consolidated_weights_equal_the_sharded_state(small_data, tiny_vit, tmp_
     assert consolidated.keys() == loaded.keys()
     assert all(torch.equal(consolidated[k], loaded[k]) for k in loaded)
     assert loaded["head.weight"].abs().sum() > 0
+    exported = run_script("export.py", folder, "--dataset", "digits", tmp_path / "exported")
+    assert exported.returncode == 0, exported.stderr[-3000:]
 
 
 def test_eval_script_under_fsdp_counts_every_sample_once(small_data, tiny_vit, tmp_path):
@@ -164,9 +170,62 @@ def test_fsdp_with_cpu_offload_and_compiled_blocks_takes_the_same_steps(
     assert_same_training([tmp_path / "one", tmp_path / "fsdp"])
 
 
+def test_hsdp_2x2_takes_the_same_steps_as_one_process_and_resumes_under_fsdp(small_data, tiny_vit,
+                                                                             tmp_path):
+    """4 processes as 2 replicas x 2 shards (a ViT: LayerNorm) take the steps of one process, EMA
+    included, reading only their shards of the folder; their checkpoint resumes on 2 FSDP2
+    processes and ends where one process ends; eval.py evaluates it under --dist hsdp."""
+    common = ["--skip_evaluation", "--lr", 1e-2, "--warmup_steps", 0, "--logging_steps", 1,
+              "--pooling", "mean", "--max_steps", 6, "--save_steps", 3, "--ema_decay", 0.5]
+    one, hsdp, resumed = tmp_path / "one", tmp_path / "hsdp", tmp_path / "resumed"
+    train.main(train_args(small_data, tiny_vit, one, *common, "--batch_size", 8))
+    result = run_script("train.py", *train_args(small_data, tiny_vit, hsdp, *common, "--batch_size",
+                                                2, "--dist", "hsdp", "--shard_size", 2),
+                        torchrun=4, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert ("HSDP over 4 processes: 2 replica(s) x 2 shard(s): 2 block(s) + the root sharded; "
+            "each process reads only its shards of the weights") in result.stdout
+    os.makedirs(resumed)
+    shutil.copytree(hsdp / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(hsdp / "metrics.jsonl", resumed / "metrics.jsonl")
+    result = run_script("train.py", *train_args(small_data, tiny_vit, resumed, *common,
+                                                "--batch_size", 4, "--dist", "fsdp", "--resume",
+                                                "latest"), torchrun=2)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for run in (hsdp, resumed):
+        for weights in ("checkpoint-6", "checkpoint-6/ema"):
+            assert_same_adam_steps(load_weights(one / weights), load_weights(run / weights),
+                                   lr=1e-2, steps=6)
+        for a, b in zip(train_log(one), train_log(run), strict=True):
+            assert a["train_overall_samples"] == b["train_overall_samples"] == 8
+            assert a["train_overall_loss"] == pytest.approx(b["train_overall_loss"], rel=1e-4)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    single = run_script("eval.py", one / "checkpoint-6", "--num_workers", 0, "--batch_size", 4)
+    sharded = run_script("eval.py", hsdp / "checkpoint-6", "--num_workers", 0, "--batch_size", 4,
+                         "--dist", "hsdp", "--shard_size", 1, torchrun=2)
+    assert single.returncode == 0 and sharded.returncode == 0, sharded.stderr[-3000:]
+    a, b = read_jsonl(one / "eval_results.jsonl")[0], read_jsonl(hsdp / "eval_results.jsonl")[0]
+    assert (b["eval_digits_samples"], b["eval_faces_samples"]) == (21, 10)
+    assert a["eval_overall_loss"] == pytest.approx(b["eval_overall_loss"], rel=1e-3)
+
+
+def test_hsdp_mesh_is_replicas_by_the_processes_of_one_node(monkeypatch):
+    from distributed import mesh_shape
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert mesh_shape("hsdp", None, 32) == (4, 8)  # 4 nodes of 8: shard within a node
+    assert mesh_shape("hsdp", 4, 32) == (8, 4)
+    assert mesh_shape("fsdp", None, 32) == (32,)
+    assert mesh_shape("hsdp", None, 1) is None and mesh_shape("ddp", None, 8) is None
+    with pytest.raises(ValueError, match="--shard_size 3 does not divide the 32 processes"):
+        mesh_shape("hsdp", 3, 32)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--dist", "fsdp", "--precision", "fp16"], "--dist fsdp takes --precision bf16 or fp32"),
-    (["--cpu_offload"], "--cpu_offload: no effect without --dist fsdp"),
+    (["--dist", "hsdp", "--precision", "fp16"], "--dist hsdp takes --precision bf16 or fp32"),
+    (["--cpu_offload"], "--cpu_offload: no effect without --dist fsdp or hsdp"),
+    (["--shard_size", 2], "--shard_size: no effect without --dist hsdp"),
+    (["--dist", "hsdp", "--shard_size", 0], "--shard_size must be at least 1"),
 ])
 def test_bad_distributed_options_are_clear_errors(small_data, tiny_vit, tmp_path, extra, message,
                                                   capsys):

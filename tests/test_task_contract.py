@@ -59,11 +59,10 @@ def forward(model, batch, data, train):
             "dataset_ids": batch["dataset_ids"]}
 
 
-def save_model(folder, model, inputs, full_weights, data, args):
-    model.backbone.save_pretrained(folder, state_dict={
-        k[len("backbone."):]: v for k, v in full_weights.items() if k.startswith("backbone.")})
+def save_model(folder, model, inputs, data, args, rank):
+    model.backbone.save_pretrained(folder)
     inputs.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in full_weights.items() if k.startswith("head.")},
+    save_file({f"head.{k}": v.contiguous() for k, v in model.head.state_dict().items()},
               os.path.join(folder, "head.safetensors"))
     with open(os.path.join(folder, MODEL_FILE), "w") as f:
         json.dump({n: vars(s) for n, s in data.registry.items()}, f)
@@ -83,7 +82,7 @@ def eval_data(args, folder, trained_args, world_size):
     val = read_records(args.val_files, registry)
     data = SimpleNamespace(names=list(registry), registry=registry, train=None, val=val)
     return data, list(range(len(val))), [NAME], f"{len(val)} images"
-# ----------------------------------------------------------------------------- (44 lines)
+# ----------------------------------------------------------------------------- (43 lines)
 
 
 @pytest.fixture

@@ -1,20 +1,22 @@
 """Throughput and memory of one masked-classifier training step on a random-init Qwen2.5-VL,
 or (with --data) images/s of one DataLoader worker on JPEG files, or (--eval_run) eval.py over
-one checkpoint against several, or (--fsdp_memory) peak host memory of sharded loading.
+one checkpoint against several, or (--fsdp_memory) peak host memory per process under FSDP2.
 
     python tools/benchmark.py --shape qwen2_5_vl_3b --batch_size 8 --steps 10  # on a GPU
     python tools/benchmark.py --shape tiny --steps 3                           # CPU smoke run
+    torchrun --nproc_per_node 8 tools/benchmark.py --shape qwen2_5_vl_3b --fsdp  # FSDP2
     python tools/benchmark.py --data /tmp/jpegs --make_jpegs 256               # the image path
     python tools/benchmark.py --sources /tmp/sources                           # files, tar, Parquet
     python tools/benchmark.py --record_memory 10000000                         # a 10M record table
     python tools/benchmark.py --eval_run runs/demo --checkpoints 5             # eval.py: 5 vs 1
-    python tools/benchmark.py --fsdp_memory /tmp/vit_large                     # 2 ranks vs 1
+    python tools/benchmark.py --fsdp_memory /tmp/vit_huge                      # 2, 4 ranks vs 1
 
 --eval_run: wall time of eval.py processes over the run's first checkpoint, over its first
 --checkpoints with the evaluation cache, and without it (--eval_cache_mb 0); the ratio to one.
---fsdp_memory: peak RSS of loading the folder's classifier whole in one process, and in each of
-2 gloo processes with --dist fsdp's meta-device loading (and without it); an empty or absent
-folder first gets preset:vit-large (ViT-L/16, 304M parameters, random init, fp32).
+--fsdp_memory: peak private memory (RssAnon) and resident memory of each process over train.py's
+phases (load the folder, one step, write a checkpoint; resume from it) and eval.py on the
+checkpoint, one process against 2 and 4 gloo processes with --dist fsdp; an empty or absent
+folder first gets a ViT-H/14-shaped model (632M parameters, random init, fp32).
 
 --sources: images/s of one worker on the same 224 px JPEGs as loose files, WebDataset shards and
 Parquet, read by index in a shuffled order through the fast path (sources.py), and the time to
@@ -347,72 +349,167 @@ def benchmark_eval(args):
         print(f"{name:<40} {value:7.2f} s  {value / seconds[0]:5.2f}x the time of one")
 
 
+# ViT-H/14's shape (632M parameters, 2.5 GB of fp32 weights): what --fsdp_memory makes in an
+# empty folder
+VIT_HUGE = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                intermediate_size=5120, patch_size=14, image_size=224)
+PHASES = ("load", "resume", "step", "save")  # what run_phases marks, in order
+
+
 def benchmark_fsdp_memory(args):
-    """Peak resident memory per process while the classifier of a model folder is loaded and its
-    weights touched once (as a first step would): one process reading the whole model, against 2
-    gloo processes that build it on the meta device, shard it (FSDP2) and read only their
-    shards, and 2 that read it whole before sharding (the path without meta loading). Each case
-    is a fresh process (ru_maxrss)."""
+    """Peak private memory (RssAnon) and resident memory (VmRSS) of each process, sampled every
+    20 ms from outside (tools/host_memory.py), over train.py's phases and eval.py: one process,
+    then --processes gloo processes with --dist fsdp. Each case is a fresh run: load the folder,
+    one step, a checkpoint (train.py's own functions, run_phases); the same again resumed from
+    that checkpoint; eval.py on it."""
+    import json
     import re
+    import shutil
     import subprocess
+
+    from host_memory import ProcessTreeMemory
     folder = args.fsdp_memory
     if not os.path.isdir(folder) or not os.listdir(folder):
-        save_vit_large(folder)
-    me = os.path.abspath(__file__)
+        save_vit_huge(folder)
+    data = write_bench_images(os.path.join(folder, "bench_data"))
+    weights_mb = os.path.getsize(os.path.join(folder, "model.safetensors")) / 2 ** 20
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    port = 29500 + os.getpid() % 1000
 
-    def peaks(processes, how):
-        cmd = [me, "--fsdp_memory", folder, "--load", how]
+    def measured(processes, command):
+        """({rank: {phase: (RssAnon MB, VmRSS MB)}}, whole-run peaks) of one command."""
+        cmd = [sys.executable, *command]
         if processes > 1:
-            cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29500 + os.getpid() % 1000)] + cmd
-        out = subprocess.run([sys.executable, *cmd], env=env, cwd=ROOT, capture_output=True,
-                             text=True)
-        if out.returncode:
-            raise SystemExit(out.stderr[-3000:])
-        return [float(mb) for mb in re.findall(r"peak RSS rank \d+: (\d+) MB", out.stdout)]
+            cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                        "--master_port", str(port)]
+        popen = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        with ProcessTreeMemory(popen.pid, torchrun=processes > 1) as memory:
+            out, err = popen.communicate()
+        if popen.returncode:
+            raise SystemExit(out[-2000:] + err[-4000:])
+        marks = {}
+        for rank, name, when in re.findall(r"phase (\d+) (\w+) (\d+\.\d+)\n", out):
+            marks.setdefault(int(rank), []).append((name, float(when)))
+        phases = {rank: {name: memory.peaks(start, end).get(rank, (0.0, 0.0))
+                         for (name, start), (_, end) in zip(found, found[1:])}
+                  for rank, found in marks.items()}
+        return phases, memory.peaks()
 
-    weights_mb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
-                     if f.endswith(".safetensors")) / 2 ** 20
-    one = peaks(1, "whole")[0]
-    sharded, whole_then_shard = peaks(2, "sharded"), peaks(2, "whole")
-    print(f"{folder}: {weights_mb:,.0f} MB of weights; peak RSS while loading, MB "
+    flags = ["--train_jsonl", data["train"], "--val_jsonl", data["val"], "--datasets",
+             data["registry"], "--model", folder, "--batch_size", "1", "--num_workers", "0",
+             "--skip_evaluation", "--logging_steps", "1"] + ([] if args.full_finetune
+                                                             else ["--train_only_head"])
+    me = os.path.abspath(__file__)
+    rows = {}  # (what, processes) -> [(RssAnon, VmRSS) of each rank]
+    for processes in [1, *args.processes]:
+        out = os.path.join(folder, f"bench_run_{processes}")
+        shutil.rmtree(out, ignore_errors=True)
+        dist = ["--dist", "fsdp"] if processes > 1 else []
+        fresh, _ = measured(processes, [me, "--run_phases", *flags, *dist, "--max_steps", "1",
+                                        "--output_dir", out])
+        resumed, _ = measured(processes, [me, "--run_phases", *flags, *dist, "--max_steps", "2",
+                                          "--output_dir", out, "--resume", "latest"])
+        _, evaluated = measured(processes, [os.path.join(ROOT, "eval.py"),
+                                            os.path.join(out, "checkpoint-2"), "--batch_size",
+                                            "1", "--num_workers", "0", "--force", *dist])
+        ranks = sorted(fresh)
+        rows["train.py: load the model folder", processes] = [fresh[r]["load"] for r in ranks]
+        rows["train.py: one step", processes] = [fresh[r]["step"] for r in ranks]
+        rows["train.py: write checkpoint-1", processes] = [fresh[r]["save"] for r in ranks]
+        rows["train.py: load, one step, checkpoint (whole run)", processes] = [
+            tuple(max(fresh[r][p][i] for p in PHASES) for i in (0, 1)) for r in ranks]
+        rows["train.py --resume: load the folder + checkpoint-1's state", processes] = [
+            tuple(max(resumed[r][p][i] for p in ("load", "resume")) for i in (0, 1))
+            for r in ranks]
+        rows["eval.py on checkpoint-2", processes] = [evaluated[r] for r in sorted(evaluated)]
+        shutil.rmtree(out)
+    print(f"{folder}: {weights_mb:,.0f} MB of fp32 weights; "
+          f"{'all parameters trained' if args.full_finetune else '--train_only_head'}; peak "
+          f"private memory (RssAnon) per process, MB, and resident memory (VmRSS) in brackets; "
+          f"several processes: the largest rank, and its ratio to one process "
           f"({os.cpu_count()} CPUs, gloo)")
-    print(f"{'1 process, whole model':<52} {one:8,.0f}")
-    for name, values in (("2 processes, meta + shard + read own shards", sharded),
-                         ("2 processes, whole model read, then sharded", whole_then_shard)):
-        print(f"{name:<52} " + " ".join(f"{v:8,.0f}" for v in values) +
-              f"   max/one {max(values) / one:.2f}")
+    header = ["", "1 process"] + [f"{n} processes, per rank" for n in args.processes]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for what in dict.fromkeys(w for w, _ in rows):
+        one = rows[what, 1][0][0]
+        cells = [f"{one:,.0f} ({rows[what, 1][0][1]:,.0f})"]
+        for n in args.processes:
+            anon, rss = max(rows[what, n])
+            cells.append(f"{anon:,.0f} ({rss:,.0f}), {anon / one:.2f}x")
+        print(f"| {what} | " + " | ".join(cells) + " |")
+    for n in args.processes:
+        anon = max(a for a, _ in rows["eval.py on checkpoint-2", n])
+        print(f"eval.py, {n} processes: the largest rank holds {anon / weights_mb:.2f}x the "
+              "checkpoint's model.safetensors")
+    print(json.dumps({f"{what} | {n}": values for (what, n), values in rows.items()}))
 
 
-def save_vit_large(folder):
-    """preset:vit-large (ViT-L/16, 304M parameters, random init) as a model folder, fp32."""
-    from backbone import build_preset
-    backbone, inputs = build_preset("vit-large")
-    backbone.save_pretrained(folder)
-    inputs.save_pretrained(folder)
+def save_vit_huge(folder):
+    """A ViT-H/14-shaped model folder (random init, fp32) with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(**VIT_HUGE)).save_pretrained(folder)
+    size = VIT_HUGE["image_size"]
+    ViTImageProcessorPil(size={"height": size, "width": size}).save_pretrained(folder)
 
 
-def load_for_memory(folder, how):
-    """One process of benchmark_fsdp_memory: load the classifier, print this rank's peak RSS."""
-    import resource
+def write_bench_images(folder, count=16):
+    """16 random 32 px PNG images in one 10-class dataset: training and validation files and
+    the registry, for train.py and eval.py."""
+    import json
 
+    import numpy as np
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(count):
+        path = os.path.join(folder, f"{i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+        rows.append(json.dumps({"image_path": path, "label": i % 10, "dataset_name": "bench"}))
+    files = {"train": rows, "val": rows[:count // 2]}
+    out = {}
+    for name, lines in files.items():
+        out[name] = os.path.join(folder, f"{name}.jsonl")
+        with open(out[name], "w") as f:
+            f.write("\n".join(lines) + "\n")
+    out["registry"] = os.path.join(folder, "datasets.json")
+    with open(out["registry"], "w") as f:
+        json.dump({"bench": {"num_classes": 10}}, f)
+    return out
+
+
+def run_phases(train_argv):
+    """One process of benchmark_fsdp_memory: train.py's own functions in the order train.py calls
+    them (build the run, its start state, one step, a checkpoint), a line `phase RANK NAME TIME`
+    before each and at the end."""
     import distributed
-    from backbone import fsdp_units, load_backbone
-    from weights import folder_map
-    rank, world_size, _, device = distributed.setup_distributed()
-    sharded = how == "sharded"
-    backbone, inputs = load_backbone(folder, meta=sharded)
-    model = MaskedClassifier(backbone, 1000, inputs=inputs)
-    if world_size > 1:
-        sources = folder_map(model.backbone, folder, "backbone.") if sharded else None
-        distributed.shard_model(model, fsdp_units(model.backbone), device, sources=sources)
-    # from_pretrained may leave tensors on a memory map of the file until they are first used
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            getattr(tensor, "_local_tensor", tensor).sum()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS rank {rank}: {peak:.0f} MB", flush=True)
+    import train
+    from config import parse_args
+    from logs import JsonlLog
+    args = parse_args(train_argv)
+    rank, world_size, _, device = distributed.setup_distributed(args.dist_timeout_minutes)
+
+    def mark(name):  # one write: the lines of several ranks share a pipe
+        sys.stdout.write(f"phase {rank} {name} {time.time():.3f}\n")
+        sys.stdout.flush()
+
+    mark("load")
+    run = train.build_run(args, rank, world_size, device)
+    train.train_mode(run.model)
+    mark("resume")
+    state = train.start_state(run)
+    mark("step")
+    order = run.task.epoch_order(run.data, 0, args, rank, world_size)
+    loader = run.task.loader(run.data, run.inputs, order, train=True,
+                             batch_size=args.batch_size, num_workers=0, pin_memory=False)
+    log = JsonlLog(os.path.join(args.output_dir, "metrics.jsonl"), rank)
+    train.train_step(run, state, iter(loader), log)
+    mark("save")
+    train.save(run, state, {})
+    mark("end")
+    log.close()
     distributed.cleanup()
 
 
@@ -442,18 +539,25 @@ def main():
                    help="attention kernels (default: sdpa)")
     p.add_argument("--peak_tflops", type=float,
                    help="device peak for MFU (default: from the GPU's name)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --shape: shard the model with FSDP2 as train.py --dist fsdp does "
+                        "(under torchrun: over its processes)")
     p.add_argument("--eval_run", metavar="DIR",
                    help="time eval.py over the first checkpoint of the run in DIR and over its "
                         "first --checkpoints")
     p.add_argument("--checkpoints", type=int, default=5, help="with --eval_run (default: 5)")
     p.add_argument("--num_workers", help="with --eval_run: eval.py's --num_workers")
     p.add_argument("--fsdp_memory", metavar="DIR",
-                   help="peak RSS per process loading the model folder DIR whole (1 process) "
-                        "and sharded (2 gloo processes); an empty DIR gets ViT-L/16 (random init)")
-    p.add_argument("--load", choices=["whole", "sharded"], help=argparse.SUPPRESS)
+                   help="peak private memory per process over train.py's load, step, checkpoint "
+                        "and resume, and eval.py, on the model folder DIR: one process against "
+                        "--processes FSDP2 processes; an empty DIR gets a ViT-H/14 shape")
+    p.add_argument("--processes", type=int, nargs="+", default=[2, 4],
+                   help="with --fsdp_memory: gloo process counts (default: 2 4)")
+    p.add_argument("--full_finetune", action="store_true",
+                   help="with --fsdp_memory: train every parameter (default: --train_only_head)")
+    if sys.argv[1:2] == ["--run_phases"]:  # one process of --fsdp_memory: the rest is train.py's
+        return run_phases(sys.argv[2:])
     args = p.parse_args()
-    if args.fsdp_memory and args.load:
-        return load_for_memory(args.fsdp_memory, args.load)
     if args.fsdp_memory:
         return benchmark_fsdp_memory(args)
     if args.data:
@@ -468,7 +572,10 @@ def main():
         p.error("--make_jpegs needs --data DIR or --sources DIR")
 
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    import distributed
+    from backbone import fsdp_units
+    rank, world_size, _, device = distributed.setup_distributed()
     shape = SHAPES[args.shape]
     config = Qwen2_5_VLConfig(text_config=shape["text"], vision_config=shape["vision"],
                               **shape.get("tokens", {}))
@@ -482,6 +589,8 @@ def main():
                                                                        torch.bfloat16).train()
     if not args.no_checkpointing:
         enable_activation_checkpointing(backbone)
+    if args.fsdp:  # as train.py --dist fsdp shards it
+        distributed.shard_model(model, fsdp_units(backbone), device, (world_size,))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     batch, labels, per_image = build_batch(config, args.batch_size, args.image_size,
                                            args.num_labels, device)
@@ -514,11 +623,14 @@ def main():
     flops = 6 * ((language_params - embedding) * tokens + vision_params * patches)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if rank != 0:  # every rank steps alike: rank 0 reports, per device
+        return distributed.cleanup()
     print(
         f"device: {name}; shape {args.shape}: {language_params / 1e6:,.1f}M language + "
         f"{vision_params / 1e6:,.1f}M vision parameters, bf16, activation checkpointing "
         f"{'off' if args.no_checkpointing else 'on'}, attention "
-        f"{backbone.config._attn_implementation}")
+        f"{backbone.config._attn_implementation}"
+        + (f"; FSDP2 over {world_size} process(es), figures per device" if args.fsdp else ""))
     print(
         f"batch {args.batch_size} images of {args.image_size}x{args.image_size} ({per_image} image "
         f"tokens each), {tokens // args.batch_size} tokens per sample")
@@ -530,6 +642,7 @@ def main():
     print(f"model TFLOP/s  {flops / seconds / 1e12:.1f}" +
           (f"   MFU {100 * flops / seconds / 1e12 / peak:.1f}% of "
            f"{peak:.0f}" if peak else ""))
+    distributed.cleanup()
 
 
 if __name__ == "__main__":
