@@ -199,58 +199,69 @@ def exported(out):
     return info["dataset"], [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 
-def test_an_out_folder_that_is_not_an_export_is_refused_and_left_whole(tmp_path, small_data):
+def export_main(capsys, *args):
+    """export.py's main in this process (where no process has to die): (exit code, stderr)."""
+    import export as export_script
+    capsys.readouterr()
+    try:
+        export_script.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_an_out_folder_that_is_not_an_export_is_refused_and_left_whole(tmp_path, small_data,
+                                                                       capsys):
     checkpoint, _, _ = save_checkpoint(tmp_path, "resnet", "auto", small_data)
     run = tmp_path / "run"  # e.g. the run folder itself, given as OUT by mistake
     (run / "checkpoint-6").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"event": "train"}\n')
-    result = run_export(checkpoint, run, "--dataset", "faces")
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: OUT {run} is not "
-                                                                       "an earlier export")
+    code, err = export_main(capsys, checkpoint, run, "--dataset", "faces")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"error: OUT {run} is not an earlier export")
     assert sorted(os.listdir(run)) == ["checkpoint-6", "metrics.jsonl"]
     (run / "extra.txt").write_text("mine")  # an earlier export the user added a file to
     shutil.rmtree(run / "checkpoint-6")
     os.remove(run / "metrics.jsonl")
     (run / "export_info.json").write_text(json.dumps({"checkpoint": "c", "dataset": "faces",
                                                       "files": ["export_info.json"]}))
-    result = run_export(checkpoint, run, "--dataset", "faces")
-    assert result.returncode == 2 and "also holds extra.txt" in result.stderr
+    code, err = export_main(capsys, checkpoint, run, "--dataset", "faces")
+    assert code == 2 and "also holds extra.txt" in err
     assert (run / "extra.txt").read_text() == "mine"
 
     (tmp_path / "file").write_text("mine")
-    result = run_export(checkpoint, tmp_path / "file", "--dataset", "faces")
-    assert result.returncode == 2
-    assert result.stderr == f"error: OUT {tmp_path / 'file'} is a file, not a folder\n"
+    code, err = export_main(capsys, checkpoint, tmp_path / "file", "--dataset", "faces")
+    assert code == 2 and err == f"error: OUT {tmp_path / 'file'} is a file, not a folder\n"
     assert (tmp_path / "file").read_text() == "mine"
 
 
 @pytest.mark.fault("sigkill")
 @pytest.mark.parametrize("point", ["kill_in_export:1", "kill_in_swap:1", "kill_in_swap:2"])
 def test_an_earlier_export_survives_a_kill_at_any_point_of_its_replacement(tmp_path, small_data,
-                                                                           point):
+                                                                           point, capsys):
     """Killed while writing the new export, after moving the old one aside, or after moving the
     new one in: OUT (or its aside copy, put back by the next run) is always a whole export."""
     checkpoint, _, _ = save_checkpoint(tmp_path, "resnet", "auto", small_data)
     out = tmp_path / "exported"
-    assert run_export(checkpoint, out, "--dataset", "digits").returncode == 0
+    assert export_main(capsys, checkpoint, out, "--dataset", "digits")[0] == 0
     killed = run_export(checkpoint, out, "--dataset", "faces", fault=point)
     assert killed.returncode == -9, killed.stderr[-2000:]
     whole = out if out.exists() else tmp_path / ".old-exported"
     assert exported(whole)[0] == ("faces" if point == "kill_in_swap:2" else "digits")
-    refused = run_export(checkpoint, out, "--dataset", "cats")  # fails, after the recovery
-    assert refused.returncode == 2 and "--dataset cats" in refused.stderr
+    code, err = export_main(capsys, checkpoint, out, "--dataset", "cats")  # after the recovery
+    assert code == 2 and "--dataset cats" in err
     assert exported(out)[0] == ("faces" if point == "kill_in_swap:2" else "digits")
     assert sorted(os.listdir(tmp_path)) == ["exported", "resnet_backbone", "resnet_checkpoint"]
-    assert run_export(checkpoint, out, "--dataset", "faces").returncode == 0
+    assert export_main(capsys, checkpoint, out, "--dataset", "faces")[0] == 0
     assert exported(out) == ("faces", ["0", "1"])
 
 
 @pytest.mark.fault("disk full")
-def test_a_full_disk_during_export_keeps_the_earlier_export(tmp_path, small_data):
+def test_a_full_disk_during_export_keeps_the_earlier_export(tmp_path, small_data, capsys):
     checkpoint, _, _ = save_checkpoint(tmp_path, "resnet", "auto", small_data)
     out = tmp_path / "exported"
-    assert run_export(checkpoint, out, "--dataset", "digits").returncode == 0
+    assert export_main(capsys, checkpoint, out, "--dataset", "digits")[0] == 0
     size = os.path.getsize(out / "model.safetensors")
     result = run_export(checkpoint, out, "--dataset", "faces", file_limit=size // 2)
     assert result.returncode == 2
@@ -262,16 +273,16 @@ def test_a_full_disk_during_export_keeps_the_earlier_export(tmp_path, small_data
     assert sorted(os.listdir(tmp_path)) == ["exported", "resnet_backbone", "resnet_checkpoint"]
 
 
-def test_export_errors_exit_2_and_a_corrupt_classifier_json_is_named(tmp_path, small_data):
+def test_export_errors_exit_2_and_a_corrupt_classifier_json_is_named(tmp_path, small_data,
+                                                                     capsys):
     checkpoint, _, _ = save_checkpoint(tmp_path, "vit", "auto", small_data)
-    refused = run_export(checkpoint, tmp_path / "out", "--dataset", "digits")  # a ViT's pooler
-    assert refused.returncode == 2 and "ViTForImageClassification" in refused.stderr
+    code, err = export_main(capsys, checkpoint, tmp_path / "out", "--dataset", "digits")
+    assert code == 2 and "ViTForImageClassification" in err  # a ViT's pooler
     with open(os.path.join(checkpoint, "classifier.json"), "r+") as f:
         f.truncate(40)
-    result = run_export(checkpoint, tmp_path / "out", "--dataset", "digits")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith(f"error: {os.path.join(checkpoint, 'classifier.json')}: "
-                                    "cannot read it")
+    code, err = export_main(capsys, checkpoint, tmp_path / "out", "--dataset", "digits")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {os.path.join(checkpoint, 'classifier.json')}: cannot read it")
     assert not os.path.exists(tmp_path / "out")
 
 
