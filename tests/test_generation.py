@@ -286,13 +286,22 @@ def test_sample_data_format_file_is_valid(tmp_path):
 
 # ----------------------------------------------------------------------------- generate.py and eval
 
-def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit, tmp_path):
+def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit, tmp_path,
+                                         capsys):
+    import eval as eval_script
+    import generate
+
+    def generate_main(*args):  # generate.py in this process: (exit code, stderr)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            generate.main([str(a) for a in args])
+        return e.value.code, capsys.readouterr().err
+
     train.main(
         gen_args(gen_data, tiny_lm, tmp_path / "gen", "--max_steps", 4, "--eval_steps", 4,
                  "--save_steps", 4))
-    out = run_script("generate.py", tmp_path / "gen" / "checkpoint-4", "--image", gen_data["val"])
-    # a clear error
-    assert out.returncode == 2 and f"cannot decode image {gen_data['val']}" in out.stderr
+    code, err = generate_main(tmp_path / "gen" / "checkpoint-4", "--image", gen_data["val"])
+    assert code == 2 and f"cannot decode image {gen_data['val']}" in err  # a clear error
     image = read_jsonl(gen_data["val"])[1]["image_path"]
     out = run_script("generate.py", tmp_path / "gen" / "checkpoint-4", "--prompt",
                      "a handwritten digit 3", "--num_images", 2, "--steps", 3, "--image", image,
@@ -303,11 +312,10 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
     ]
     assert f"{image}: " in out.stdout
     (tmp_path / "taken").write_text("mine")  # an --out_dir that is a file: one line, exit 2
-    out = run_script("generate.py", tmp_path / "gen" / "checkpoint-4", "--prompt", "a digit",
-                     "--num_images", 1, "--steps", 1, "--out_dir", tmp_path / "taken")
-    assert out.returncode == 2 and out.stderr == (
-        f"error: --out_dir {tmp_path / 'taken'}: cannot create it (File exists: "
-        f"{tmp_path / 'taken'})\n")
+    code, err = generate_main(tmp_path / "gen" / "checkpoint-4", "--prompt", "a digit",
+                              "--num_images", 1, "--steps", 1, "--out_dir", tmp_path / "taken")
+    assert code == 2 and err == (f"error: --out_dir {tmp_path / 'taken'}: cannot create it "
+                                 f"(File exists: {tmp_path / 'taken'})\n")
 
     # a judge trained by train.py on the digits (10 classes) scores images generated for each class
     train.main([
@@ -317,11 +325,10 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
             "judge", "--num_workers", 0, "--batch_size", 8, "--max_steps", 2
         ]
     ])
-    result = run_script("eval.py", tmp_path / "gen", "--num_workers", 0, "--judge",
-                        tmp_path / "judge" / "checkpoint-2", "--judge_prompt",
-                        "a handwritten digit {label}", "--judge_samples", 2, "--sample_steps", 2,
-                        "--cfg_scale", 3)
-    assert result.returncode == 0, result.stderr[-3000:]
+    eval_script.main([str(a) for a in [
+        tmp_path / "gen", "--num_workers", 0, "--judge", tmp_path / "judge" / "checkpoint-2",
+        "--judge_prompt", "a handwritten digit {label}", "--judge_samples", 2, "--sample_steps", 2,
+        "--cfg_scale", 3]])
     row = read_jsonl(tmp_path / "gen" / "eval_results.jsonl")[-1]
     assert row["judge_samples"] == 20 and row["judge_chance"] == 0.1
     # the 7 image -> text samples
