@@ -2,6 +2,7 @@
 backbones built from configs, saved with save_pretrained and loaded back by path."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,6 +23,16 @@ def write_jsonl(path, rows):
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def killed_after(checkpoint, out):
+    """`out` as a run killed right after writing `checkpoint` leaves it: that checkpoint and the
+    run's metrics.jsonl (a resume drops the records after the checkpoint)."""
+    name = os.path.basename(os.path.normpath(checkpoint))
+    os.makedirs(out)
+    shutil.copytree(checkpoint, os.path.join(out, name))
+    shutil.copy(os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "metrics.jsonl"),
+                os.path.join(out, "metrics.jsonl"))
 
 
 @pytest.fixture(scope="session")

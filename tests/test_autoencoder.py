@@ -3,7 +3,6 @@ other tasks, its record checks, and the latent demo end to end (a VAE trained he
 generator in its latent space, generate.py and eval.py). Real digit and face images."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -13,8 +12,8 @@ pytest.importorskip("diffusers")
 import eval as eval_script  # noqa: E402
 import generate  # noqa: E402
 import train  # noqa: E402
-from conftest import (assert_same_adam_steps, read_jsonl, run_script, save_tiny_vae,  # noqa: E402
-                      write_jsonl)
+from conftest import (assert_same_adam_steps, killed_after, read_jsonl, run_script,  # noqa: E402
+                      save_tiny_vae, write_jsonl)
 
 LR = 3e-3
 SHAPE = ["--model", "preset:vae-tiny", "--vae_channels", 8, 8, "--latent_channels", 2,
@@ -57,9 +56,7 @@ def test_trains_resumes_exactly_and_eval_py_agrees(small_data, tmp_path):
     assert summary["final_eval"]["final_eval_overall_samples"] == 31
     assert os.path.isfile(full / "reconstructions.png")
 
-    os.makedirs(resumed)
-    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
-    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
+    killed_after(full / "checkpoint-4", resumed)
     train.main(ae_args(small_data, resumed, *common, "--resume", "latest"))
     a, b = vae_weights(full / "checkpoint-8"), vae_weights(resumed / "checkpoint-8")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"

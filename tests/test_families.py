@@ -13,7 +13,7 @@ from PIL import Image
 import eval as eval_script
 import train
 from backbone import fsdp_units, is_vision_language, load_backbone, vision_language_parts
-from conftest import ROOT, load_weights, read_jsonl, run_script, train_args
+from conftest import ROOT, killed_after, load_weights, read_jsonl, run_script, train_args
 from export import ExportError, export
 from families import FAMILIES, VLM_FAMILIES
 from model import POOLINGS, MaskedClassifier, load_classifier
@@ -77,9 +77,7 @@ def test_family_trains_resumes_evaluates_and_exports(name, family_folder, small_
     common = ["--max_steps", 3, "--save_steps", 2, "--skip_evaluation", "--pooling", pooling]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train.main(train_args(small_data, folder, full, *common))
-    os.makedirs(resumed)
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
+    killed_after(full / "checkpoint-2", resumed)
     train.main(train_args(small_data, folder, resumed, *common, "--resume", "latest"))
     checkpoint = full / "checkpoint-3"
     a, b = load_weights(checkpoint), load_weights(resumed / "checkpoint-3")

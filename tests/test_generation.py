@@ -3,13 +3,12 @@ data checks, generate.py and eval.py with a judge. Real digit images, a tiny Qwe
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
 
 import train
-from conftest import assert_same_adam_steps, read_jsonl, run_script, write_jsonl
+from conftest import assert_same_adam_steps, killed_after, read_jsonl, run_script, write_jsonl
 from tasks.unified import (ImageSpec, Turn, UnifiedModel, assemble, build_attention_mask,
                            build_parts, collate_sequences, euler_sample, load_image,
                            load_language_model, read_generation_files, target_counts,
@@ -204,9 +203,7 @@ def test_short_run_both_losses_fall_and_resume_is_exact(gen_data, tiny_lm, tmp_p
     with Image.open(full / "samples.png") as grid:
         assert grid.size == (3 * 8, 2 * 8)  # a row of 3 per prompt
 
-    os.makedirs(resumed)
-    shutil.copytree(full / "checkpoint-15", resumed / "checkpoint-15")
-    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
+    killed_after(full / "checkpoint-15", resumed)
     train.main(gen_args(gen_data, tiny_lm, resumed, *common, "--resume", "latest"))
     a, b = load_weights_unified(full / "checkpoint-30"), load_weights_unified(resumed /
                                                                               "checkpoint-30")

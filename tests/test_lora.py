@@ -3,7 +3,6 @@ peft, training / resume / FSDP2 through train.py, and the errors."""
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from conftest import (ROOT, assert_same_adam_steps, read_jsonl, run_script, save_tiny_vlm,
-                      train_args)
+from conftest import (ROOT, assert_same_adam_steps, killed_after, read_jsonl, run_script,
+                      save_tiny_vlm, train_args)
 from lora import (add_lora, adapter_state, check_lora_args, default_targets, merged_weights,
                   require_peft, trainable_summary)
 from backbone import load_backbone
@@ -177,9 +176,7 @@ def test_lora_training_resumes_exactly_and_its_checkpoint_evaluates_without_peft
               "--lr", 1e-2, "--save_all_checkpoints", "--pooling", "mean", *LORA]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train.main(train_args(small_data, tiny_vit, full, *common))
-    os.makedirs(resumed)
-    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
-    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
+    killed_after(full / "checkpoint-3", resumed)
     train.main(train_args(small_data, tiny_vit, resumed, *common, "--resume", "latest"))
     for name in ("model.safetensors", "head.safetensors", "adapter.safetensors"):
         a, b = (load_file(run / "checkpoint-6" / name) for run in (full, resumed))

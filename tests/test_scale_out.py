@@ -1,13 +1,13 @@
 """One process, N processes with DDP and N processes with FSDP2 (gloo on CPU) give the same
 training, the same checkpoints and the same evaluation."""
 import os
-import shutil
 
 import pytest
 import torch
 
 import train
-from conftest import assert_same_adam_steps, load_weights, read_jsonl, run_script, train_args
+from conftest import (assert_same_adam_steps, killed_after, load_weights, read_jsonl, run_script,
+                      train_args)
 
 STEPS = [
     "--max_steps", 3, "--skip_evaluation", "--lr", 1e-2, "--warmup_steps", 0, "--logging_steps", 1,
@@ -97,9 +97,7 @@ def test_fsdp_checkpoint_resumes_on_one_process_and_evaluates_exactly(small_data
     assert len(os.listdir(sharded / "checkpoint-3" / "ema_state")) == len(os.listdir(
         sharded / "checkpoint-3" / "state"))  # the EMA is sharded like the model
 
-    os.makedirs(resumed)
-    shutil.copytree(sharded / "checkpoint-3", resumed / "checkpoint-3")
-    shutil.copy(sharded / "metrics.jsonl", resumed / "metrics.jsonl")
+    killed_after(sharded / "checkpoint-3", resumed)
     train.main(
         train_args(small_data, tiny_vit, resumed, *common, "--batch_size", 8, "--resume", "latest"))
     for weights in ("checkpoint-6", "checkpoint-6/ema"):
@@ -185,9 +183,7 @@ def test_hsdp_2x2_takes_the_same_steps_as_one_process_and_resumes_under_fsdp(sma
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert ("HSDP over 4 processes: 2 replica(s) x 2 shard(s): 2 block(s) + the root sharded; "
             "each process reads only its shards of the weights") in result.stdout
-    os.makedirs(resumed)
-    shutil.copytree(hsdp / "checkpoint-3", resumed / "checkpoint-3")
-    shutil.copy(hsdp / "metrics.jsonl", resumed / "metrics.jsonl")
+    killed_after(hsdp / "checkpoint-3", resumed)
     result = run_script("train.py", *train_args(small_data, tiny_vit, resumed, *common,
                                                 "--batch_size", 4, "--dist", "fsdp", "--resume",
                                                 "latest"), torchrun=2)

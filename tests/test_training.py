@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train
-from conftest import (assert_same_adam_steps, load_weights, read_jsonl, run_script, train_args,
-                      write_jsonl)
+from conftest import (assert_same_adam_steps, killed_after, load_weights, read_jsonl, run_script,
+                      train_args, write_jsonl)
 
 
 def run_train(argv):
@@ -90,9 +90,7 @@ def test_resume_mid_epoch_with_the_whole_recipe_continues_exactly(small_data, ti
         "--mix_temperature", 3
     ]
     run_train(train_args(small_data, tiny_vit, tmp_path / "full", *common))
-    os.makedirs(tmp_path / "resumed")
-    shutil.copytree(tmp_path / "full" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
-    shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "resumed" / "metrics.jsonl")
+    killed_after(tmp_path / "full" / "checkpoint-5", tmp_path / "resumed")
     # records written after the checkpoint by a killed run
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"event": "train", "step": 6, "epoch": 0.9}) + "\n")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (assert_same_adam_steps, assert_same_weights, load_weights, read_jsonl,
-                      run_script, save_tiny_vlm, train_args)
+from conftest import (assert_same_adam_steps, assert_same_weights, killed_after, load_weights,
+                      read_jsonl, run_script, save_tiny_vlm, train_args)
 from backbone import enable_activation_checkpointing, fsdp_units, load_backbone
 from families import llava
 from model import MaskedClassifier, set_trainable
@@ -221,9 +221,7 @@ def test_train_resume_and_eval_a_qwen2_5_vl_classifier(small_data, tiny_qwen2_5_
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     out = train(*train_args(small_data, tiny_qwen2_5_vl, full, *common))
     assert "Qwen2_5_VLModel:" in out.stdout and "100.0%)" in out.stdout  # all parameters trainable
-    os.makedirs(resumed)
-    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
-    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
+    killed_after(full / "checkpoint-3", resumed)
     train(*train_args(small_data, tiny_qwen2_5_vl, resumed, *common, "--resume", "latest"))
     a, b = load_weights(full / "checkpoint-6"), load_weights(resumed / "checkpoint-6")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
