@@ -175,19 +175,71 @@ def center_crop(pixels, height, width):
     return padded[max(0, top):min(new_h, top + height), max(0, left):min(new_w, left + width)]
 
 
-def load_pixels(path, recipe, use_draft=True):
-    """One image file -> (3, H, W) uint8, as the recipe's processor would resize and crop it."""
+class Pixels:
+    """A decoded RGB image on its way into a batch: `write` copies its centre crops (and a
+    left-right flip) into a (3, H, W) uint8 slot in one pass, so the image is not transposed,
+    flipped or cropped into arrays of its own first."""
+    __slots__ = ("image", "crops", "flip")
+
+    def __init__(self, image, crops=(), flip=False):
+        self.image, self.crops, self.flip = image, tuple(crops), flip
+
+    @property
+    def size(self):
+        """(height, width) of what `write` writes."""
+        return self.crops[-1] if self.crops else self.image.size[::-1]
+
+    def write(self, out):
+        """Into `out`, a (3, H, W) uint8 numpy array or tensor (a batch's slot)."""
+        out = out.numpy() if isinstance(out, torch.Tensor) else out
+        width, height = self.image.size
+        top = left = 0
+        for crop_h, crop_w in self.crops:  # offsets as transformers' centre crop takes them
+            if crop_h > height or crop_w > width:  # padding: the crops of the whole array
+                return np.copyto(out, self.chw(self.padded()))
+            top, left = top + (height - crop_h) // 2, left + (width - crop_w) // 2
+            height, width = crop_h, crop_w
+        # Pillow packs rows as R..., G..., B... ("RGB;L"): each channel row is then a contiguous
+        # run, and the copy into CHW moves whole rows (the flip reverses them in that copy).
+        image_w, image_h = self.image.size
+        rows = np.frombuffer(self.image.tobytes("raw", "RGB;L"), np.uint8).reshape(
+            image_h, 3, image_w)[top:top + height, :, left:left + width]
+        np.copyto(out, self.chw(rows, axes=(1, 0, 2)))
+
+    def chw(self, pixels, axes=(2, 0, 1)):
+        pixels = pixels.transpose(*axes)
+        return pixels[:, :, ::-1] if self.flip else pixels
+
+    def padded(self):
+        pixels = np.asarray(self.image)
+        for crop in self.crops:
+            pixels = center_crop(pixels, *crop)
+        return pixels
+
+
+def new_pixels(size):
+    """An empty (3, H, W) uint8 array of `size` (height, width)."""
+    return np.empty((3, *size), dtype=np.uint8)
+
+
+def decode_pixels(path, recipe, use_draft=True):
+    """One image file -> Pixels, as the recipe's processor would resize and crop it."""
     with Image.open(path) as image:
         width, height = image.size
         new_h, new_w = recipe.resized_size(height, width)
         box = draft(image, new_w, new_h) if use_draft else None
         image = to_rgb(image, recipe.alpha_on_white)
-        pixels = np.asarray(image.resize((new_w, new_h), recipe.resample, box=box))
-    if recipe.resize[0] == "crop_pct":
-        pixels = center_crop(pixels, recipe.resize[1], recipe.resize[1])
-    if recipe.crop is not None:
-        pixels = center_crop(pixels, *recipe.crop)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        image = image.resize((new_w, new_h), recipe.resample, box=box)
+    crops = [(recipe.resize[1], recipe.resize[1])] if recipe.resize[0] == "crop_pct" else []
+    return Pixels(image, crops + ([recipe.crop] if recipe.crop is not None else []))
+
+
+def load_pixels(path, recipe, use_draft=True):
+    """One image file -> (3, H, W) uint8, as the recipe's processor would resize and crop it."""
+    pixels = decode_pixels(path, recipe, use_draft)
+    out = new_pixels(pixels.size)
+    pixels.write(out)
+    return out
 
 
 class PixelNormalize:

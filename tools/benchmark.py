@@ -248,6 +248,104 @@ def benchmark_sources(args):
               f"{first:6.2f} s first, {later:5.2f} s later")
 
 
+DATA_PATH_STEPS, DATA_PATH_LOG = 70, 10  # train.py steps per run; samples/s logged every 10
+
+
+def benchmark_data_path(args):
+    """Data-bound training against plain Pillow on one core: images/s of real train.py runs (a
+    tiny ViT at 224 px, batch --batch_size, one DataLoader worker, no evaluation) with --augment
+    none (full decode + the processor's resize) and crop_flip (draft decode of the crop), each
+    next to a single-process Pillow loop doing that decode and resize on the same JPEGs in this
+    process, in interleaved rounds (best of --rounds). train.py's rate is samples_per_second of
+    its metrics.jsonl after the first logged window (the worker's start and first batches)."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    import numpy as np
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    from augment import draw_crop
+    root = args.data_path
+    photos = os.path.join(root, "train")
+    if not os.path.isdir(photos):  # two classes of --make_jpegs N photographs (default 1024)
+        count = args.make_jpegs or 1024
+        for c in range(2):
+            make_jpegs(os.path.join(photos, f"class{c}"), count // 2, seed=c)
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(photos) for f in names
+                   if f.endswith(".jpg"))
+    model = os.path.join(root, "tiny_vit")
+    if not os.path.isdir(model):
+        torch.manual_seed(0)
+        ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, image_size=224, patch_size=16)
+                 ).save_pretrained(model)
+        ViTImageProcessorPil(size={"height": 224, "width": 224}).save_pretrained(model)
+    work = tempfile.mkdtemp(prefix="data-path-bench-")
+
+    def train_rate(augment):
+        out = os.path.join(work, augment)
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--train_data",
+               f"bench=folder:{photos}", "--datasets", "bench=2", "--output_dir", out,
+               "--overwrite", "--batch_size", str(args.batch_size), "--num_workers", "1",
+               "--max_steps", str(DATA_PATH_STEPS), "--logging_steps", str(DATA_PATH_LOG),
+               "--skip_evaluation", "--save_steps", str(10 ** 6), "--augment", augment]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            user_error(f"train.py --augment {augment} failed:\n{done.stderr[-2000:]}")
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rates = [r["samples_per_second"] for r in map(json.loads, f)
+                     if r["event"] == "train"][1:]  # the first window holds the worker's start
+        return len(rates) / sum(1 / r for r in rates)  # equal windows: their overall rate
+
+    order = np.random.default_rng(0).permutation(len(files)).tolist()
+    count = min(len(files), DATA_PATH_STEPS * args.batch_size)
+    rng = np.random.default_rng(1)
+    boxes = []  # timm's random-resized crop of each image, drawn before the clock starts
+    for i in order[:count]:
+        with Image.open(files[i]) as image:
+            boxes.append(draw_crop(rng, *image.size))
+
+    def pillow_rate(augment):
+        """One process, one core: open, (draft,) decode, convert, resize to 224 x 224."""
+        start = time.perf_counter()
+        for i, (left, top, w, h) in zip(order[:count], boxes):
+            with Image.open(files[i]) as image:
+                if augment == "none":
+                    image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
+                    continue
+                width = image.size[0]
+                image.draft("RGB", (max(1, image.size[0] * 224 // w),
+                                    max(1, image.size[1] * 224 // h)))
+                s = image.size[0] / width
+                image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR, box=(
+                    left * s, top * s, (left + w) * s, (top + h) * s))
+        return count / (time.perf_counter() - start)
+
+    paths = [("exact (--augment none)", "none"), ("augmented (--augment crop_flip)", "crop_flip")]
+    print(f"{len(files)} JPEGs of 384-512 px in {photos}, tiny ViT at 224 px, batch "
+          f"{args.batch_size}, one worker, {os.cpu_count()} CPUs; train.py samples/s (its "
+          f"logged windows after the first) and plain Pillow on one core, best of "
+          f"{args.rounds} interleaved rounds")
+    best = {(a, k): 0.0 for _, a in paths for k in ("train", "pillow")}
+    try:
+        for r in range(args.rounds):
+            for _, augment in paths:
+                rates = {"train": train_rate(augment), "pillow": pillow_rate(augment)}
+                for kind, rate in rates.items():
+                    best[augment, kind] = max(best[augment, kind], rate)
+                print(f"  round {r + 1} {augment:<10} train.py {rates['train']:7.1f}  Pillow "
+                      f"{rates['pillow']:7.1f}  {rates['train'] / rates['pillow']:5.2f}x",
+                      flush=True)
+    finally:
+        shutil.rmtree(work)
+    for name, augment in paths:
+        train, pillow = best[augment, "train"], best[augment, "pillow"]
+        print(f"{name:<34} train.py {train:7.1f} images/s   plain Pillow {pillow:7.1f}   "
+              f"{train / pillow:5.2f}x")
+
+
 def rss_anon_mb():
     """This process's private resident memory (RssAnon of /proc/self/status), in MB."""
     with open("/proc/self/status") as f:
@@ -429,6 +527,10 @@ def main():
     p.add_argument("--sources", metavar="DIR",
                    help="images/s of the same JPEGs as loose files, WebDataset shards and Parquet "
                         "(written into DIR when absent)")
+    p.add_argument("--data_path", metavar="DIR",
+                   help="train.py on JPEGs (a tiny ViT, one worker) against plain Pillow doing "
+                        "the same decode and resize, exact and augmented (written into DIR "
+                        "when absent)")
     p.add_argument("--rounds", type=int, default=3,
                    help="with --data or --eval_run: rounds per mode (best of)")
     p.add_argument("--shape", choices=SHAPES, default="qwen2_5_vl_3b")
@@ -460,6 +562,8 @@ def main():
         return benchmark_image_path(args)
     if args.sources:
         return benchmark_sources(args)
+    if args.data_path:
+        return benchmark_data_path(args)
     if args.record_memory:
         return benchmark_record_memory(args)
     if args.eval_run:
