@@ -176,9 +176,9 @@ def center_crop(pixels, height, width):
 
 
 class Pixels:
-    """A decoded RGB image on its way into a batch: `write` copies its centre crops (and a
-    left-right flip) into a (3, H, W) uint8 slot in one pass, so the image is not transposed,
-    flipped or cropped into arrays of its own first."""
+    """A decoded RGB image on its way into a batch: `write` copies its centre crops, flipped left
+    to right where asked, into a (3, H, W) uint8 slot, a channel at a time, so the image is not
+    transposed, cropped or stacked into arrays of its own first."""
     __slots__ = ("image", "crops", "flip")
 
     def __init__(self, image, crops=(), flip=False):
@@ -192,29 +192,26 @@ class Pixels:
     def write(self, out):
         """Into `out`, a (3, H, W) uint8 numpy array or tensor (a batch's slot)."""
         out = out.numpy() if isinstance(out, torch.Tensor) else out
-        width, height = self.image.size
-        top = left = 0
+        image_w, image_h = self.image.size
+        top, left, height, width = 0, 0, image_h, image_w
         for crop_h, crop_w in self.crops:  # offsets as transformers' centre crop takes them
             if crop_h > height or crop_w > width:  # padding: the crops of the whole array
-                return np.copyto(out, self.chw(self.padded()))
+                pixels = np.asarray(self.image)
+                for crop in self.crops:
+                    pixels = center_crop(pixels, *crop)
+                pixels = pixels.transpose(2, 0, 1)
+                return np.copyto(out, pixels[:, :, ::-1] if self.flip else pixels)
             top, left = top + (height - crop_h) // 2, left + (width - crop_w) // 2
             height, width = crop_h, crop_w
-        # Pillow packs rows as R..., G..., B... ("RGB;L"): each channel row is then a contiguous
-        # run, and the copy into CHW moves whole rows (the flip reverses them in that copy).
-        image_w, image_h = self.image.size
-        rows = np.frombuffer(self.image.tobytes("raw", "RGB;L"), np.uint8).reshape(
-            image_h, 3, image_w)[top:top + height, :, left:left + width]
-        np.copyto(out, self.chw(rows, axes=(1, 0, 2)))
-
-    def chw(self, pixels, axes=(2, 0, 1)):
-        pixels = pixels.transpose(*axes)
-        return pixels[:, :, ::-1] if self.flip else pixels
-
-    def padded(self):
-        pixels = np.asarray(self.image)
-        for crop in self.crops:
-            pixels = center_crop(pixels, *crop)
-        return pixels
+        image = self.image
+        if self.flip:  # Pillow's flip of 4-byte pixels is faster than a reversed numpy copy
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = image_w - left - width
+        # One channel at a time ("R", "G", "B" raw packing): each plane comes out contiguous and
+        # goes into its slot as whole rows, faster than a (H, W, 3) -> (3, H, W) transpose.
+        for plane, band in zip(out, "RGB"):
+            whole = np.frombuffer(image.tobytes("raw", band), np.uint8).reshape(image_h, image_w)
+            np.copyto(plane, whole[top:top + height, left:left + width])
 
 
 def new_pixels(size):
@@ -264,7 +261,11 @@ class PixelNormalize:
             affine = tuple(torch.tensor(v, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
                            for v in (self.multiply, self.add))
             self.cache[pixels.device] = affine
-        return torch.addcmul(affine[1], pixels.float(), affine[0]).to(dtype)
+        if pixels.dtype != torch.uint8:
+            pixels = pixels.float()
+        # uint8 goes in as it is: addcmul converts it to float32 as it reads it, the same values
+        # without a float32 copy of the batch first
+        return torch.addcmul(affine[1], pixels, affine[0]).to(dtype)
 
     def __getstate__(self):  # deepcopy / pickle without device tensors
         return {**self.__dict__, "cache": {}}
