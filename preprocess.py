@@ -2,11 +2,12 @@
 
 A DataLoader worker opens the file with Pillow, lets a JPEG decode at 1/2, 1/4 or 1/8 scale
 (`Image.draft`) when the resized image is at most that fraction of it, resizes and crops in
-uint8 exactly as the folder's own Hugging Face image processor defines it, and hands a
-(3, H, W) uint8 array to the batch. The model multiplies by rescale_factor / std and adds
--mean / std on the device (`PixelNormalize`), in float32, and casts to its own dtype. Batches
-cross from the workers to the main process and to the device in a quarter of float32's bytes,
-and the per-pixel float work leaves the CPU.
+uint8 exactly as the folder's own Hugging Face image processor defines it, and writes the
+image once into its (3, H, W) slot of the batch (`Pixels`; in a worker the batch tensor lives in
+shared memory, so it reaches the main process without another copy). The model multiplies by
+rescale_factor / std and adds -mean / std on the device (`PixelNormalize`), in float32, and
+casts to its own dtype. Batches cross from the workers to the main process and to the device in
+a quarter of float32's bytes, and the per-pixel float work leaves the CPU.
 
 Without draft the result equals the processor's output within float32 rounding (the uint8
 resize and crop are the same Pillow calls). With draft the decoder scales 2x2 (4x4, 8x8)

@@ -6,6 +6,7 @@ one checkpoint against several, or (--fsdp_memory) peak host memory of sharded l
     python tools/benchmark.py --shape tiny --steps 3                           # CPU smoke run
     python tools/benchmark.py --data /tmp/jpegs --make_jpegs 256               # the image path
     python tools/benchmark.py --sources /tmp/sources                           # files, tar, Parquet
+    python tools/benchmark.py --data_path /tmp/dp --batch_size 32              # train.py vs Pillow
     python tools/benchmark.py --record_memory 10000000                         # a 10M record table
     python tools/benchmark.py --eval_run runs/demo --checkpoints 5             # eval.py: 5 vs 1
     python tools/benchmark.py --fsdp_memory /tmp/vit_large                     # 2 ranks vs 1
@@ -19,6 +20,10 @@ folder first gets preset:vit-large (ViT-L/16, 304M parameters, random init, fp32
 --sources: images/s of one worker on the same 224 px JPEGs as loose files, WebDataset shards and
 Parquet, read by index in a shuffled order through the fast path (sources.py), and the time to
 read their records the first time (shard index, Parquet -> Arrow) and again (cached).
+
+--data_path: train.py (a tiny ViT at 224 px, one worker, no evaluation) with --augment none and
+crop_flip, each next to a plain Pillow loop on one core doing the same decode and resize; the
+images/s of each and their ratio (benchmark_data_path).
 
 --data: the same JPEG files through the processor path (ViTImageProcessorPil at 224, float32
 batches) and through the fast path (uint8 batches, preprocess.py) without and with draft, with
