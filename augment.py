@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from preprocess import draft, to_rgb
+from preprocess import Pixels, draft, new_pixels, to_rgb
 
 AUGMENTS = ("none", "crop_flip", "randaugment")
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -188,8 +188,10 @@ def apply_op(image, name, arg, resample, fill):
     return image.transform(image.size, Image.Transform.AFFINE, matrix, **affine)
 
 
-def load_augmented(path, recipe, config, dataset_id, rng, use_draft=True):
-    """One training image -> (3, H, W) uint8 at the recipe's output size, augmented per config."""
+def decode_augmented(path, recipe, config, dataset_id, rng, use_draft=True):
+    """One training image -> preprocess.Pixels at the recipe's output size, augmented per
+    config. Without RandAugment the flip is left to Pixels.write (a reversed copy into the
+    batch); RandAugment's geometric ops come after it, so there Pillow flips first."""
     mode = config.modes[dataset_id]
     out_h, out_w = recipe.output_size
     with Image.open(path) as image:
@@ -204,12 +206,20 @@ def load_augmented(path, recipe, config, dataset_id, rng, use_draft=True):
                 box = tuple(v * s for v in box)
         image = to_rgb(image, recipe.alpha_on_white)
         image = image.resize((out_w, out_h), recipe.resample, box=box)
+    if mode != "randaugment":
+        return Pixels(image, flip=flip)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if mode == "randaugment":
-        mean = recipe.mean or (0.5, 0.5, 0.5)
-        fill = tuple(min(255, round(255 * m)) for m in mean)
-        for name, arg, resample in draw_randaugment(rng, config.randaugment_n,
-                                                    config.randaugment_m):
-            image = apply_op(image, name, arg, resample, fill)
-    return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
+    mean = recipe.mean or (0.5, 0.5, 0.5)
+    fill = tuple(min(255, round(255 * m)) for m in mean)
+    for name, arg, resample in draw_randaugment(rng, config.randaugment_n, config.randaugment_m):
+        image = apply_op(image, name, arg, resample, fill)
+    return Pixels(image)
+
+
+def load_augmented(path, recipe, config, dataset_id, rng, use_draft=True):
+    """One training image -> (3, H, W) uint8 at the recipe's output size, augmented per config."""
+    pixels = decode_augmented(path, recipe, config, dataset_id, rng, use_draft)
+    out = new_pixels(pixels.size)
+    pixels.write(out)
+    return out

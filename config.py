@@ -6,8 +6,10 @@ mapped onto the same flags, and the checks that need no data.
 import argparse
 import os
 
+import torch
+
 from backbone import ATTN_IMPLEMENTATIONS, check_attn_implementation
-from dataset import PREFETCH_FACTOR, auto_num_workers
+from dataset import PREFETCH_FACTOR, auto_num_workers, compute_threads
 from distributed import SHARDED, check_shard_size
 from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
@@ -34,20 +36,28 @@ def num_workers(value):
     return int(value)
 
 
-def loader_workers(args, say, kept):
+def loader_workers(args, say, kept, device=None):
     """Resolve --num_workers (auto) and --prefetch_factor into args and print the choice; `kept`
-    says what the workers outlive (train.py: epochs)."""
+    says what the workers outlive (train.py: epochs). On a CPU `device` with workers, the main
+    process computes with dataset.compute_threads (unless OMP_NUM_THREADS says otherwise); on a
+    GPU it computes little on the CPU and keeps torch's default."""
     value = args.num_workers
     workers = auto_num_workers() if value == "auto" else value
     if args.prefetch_factor is not None and (args.prefetch_factor < 1 or not workers):
         raise ValueError(f"--prefetch_factor {args.prefetch_factor}: needs a count of at least 1 "
                          f"and worker processes (--num_workers resolves to {workers})")
     args.num_workers, args.prefetch_factor = workers, args.prefetch_factor or PREFETCH_FACTOR
+    threads = ""
+    if (workers and device is not None and device.type == "cpu"
+            and "OMP_NUM_THREADS" not in os.environ):
+        torch.set_num_threads(compute_threads(workers))
+        threads = (f"; {torch.get_num_threads()} compute thread(s) in this process (its CPUs "
+                   "less one per worker)")
     say(f"data loading: {workers} worker process(es) per rank" +
         (" (--num_workers auto: usable CPUs / local processes - 1, at most 16)"
          if value == "auto" else "") +
         (f", {args.prefetch_factor} batches prefetched per worker, workers kept across {kept}"
-         if workers else ""))
+         if workers else "") + threads)
 
 
 def add_task_flags(parser, hook, title="--task {}"):

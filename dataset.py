@@ -8,6 +8,7 @@ evaluation subsets), loaders, demo data. Records are read in sources.py.
 import argparse
 import io
 import json
+import math
 import os
 import random
 import tarfile
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from augment import AUGMENTS
+from augment import AUGMENTS, decode_augmented, sample_rng
+from preprocess import Pixels, decode_pixels
 
 
 class DataError(ValueError):
@@ -367,8 +369,8 @@ def plan_epochs(registry, train, val, args, say, noun="data"):
 
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes one image: a PIL RGB image for the processor path (preprocessing happens per batch
-    in `collate`), or with `pixels` (a FastPixels) a (3, H, W) uint8 array, already resized,
-    cropped and augmented.
+    in `collate`), or with `pixels` (a FastPixels) a preprocess.Pixels, already resized and
+    augmented, which Collate writes into its batch.
 
     A key is an index, or (index, epoch[, repeat]) from EpochSampler: the fast path seeds a
     sample's augmentation with it. An image that fails to decode is an error naming it, or with
@@ -383,44 +385,57 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch, repeat = (key, 0, 0) if not isinstance(key, tuple) else (*key, 0)[:3]
-        r = self.records[index]
+        records = self.records
+        dataset_id = int(records.dataset_ids[index])
         try:
-            image_file = self.records.open(index)  # a path, or the bytes of a shard's member
+            image_file = records.open(index)  # a path, or the bytes of a shard's member
             if self.pixels is not None:
-                image = self.pixels(image_file, r.dataset_id, index, epoch, repeat)
+                image = self.pixels(image_file, dataset_id, index, epoch, repeat)
             else:
                 with Image.open(image_file) as im:
                     image = im.convert("RGB")
         except Exception as e:
+            r = records[index]  # its names, for the message only
             named = "" if r.image_path == r.source else f" {r.image_path}"
             message = f"{r.source}: cannot decode image{named}: {e}"
             if self.skip_bad_images:
-                return None, message, r.dataset_id, index
+                return None, message, dataset_id, index
             raise DataError(message) from None
-        return image, r.label, r.dataset_id, index
+        return image, int(records.labels[index]), dataset_id, index
 
 
 class FastPixels:
-    """The fast image path of one loader: file -> (3, H, W) uint8 (preprocess.py, augment.py)."""
+    """The fast image path of one loader: file -> preprocess.Pixels (preprocess.py,
+    augment.py)."""
 
     def __init__(self, recipe, augment=None, draft=True):
         self.recipe, self.augment, self.draft = recipe, augment, draft
 
     def __call__(self, path, dataset_id, index, epoch, repeat):
-        from augment import load_augmented, sample_rng
-        from preprocess import load_pixels
         if self.augment is None or self.augment.modes[dataset_id] == "none":
-            return load_pixels(path, self.recipe, self.draft)
+            return decode_pixels(path, self.recipe, self.draft)
         rng = sample_rng(self.augment.seed, epoch, index, repeat)
-        return load_augmented(path, self.recipe, self.augment, dataset_id, rng, self.draft)
+        return decode_augmented(path, self.recipe, self.augment, dataset_id, rng, self.draft)
+
+
+def batch_tensor(shape, dtype):
+    """An empty batch tensor; in a DataLoader worker, in shared memory (as torch's
+    default_collate allocates): sending it to the main process then passes a handle, where a
+    batch in private memory is first copied into shared memory whole."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    empty = torch.empty(0, dtype=dtype)
+    storage = empty._typed_storage()._new_shared(math.prod(shape), device=empty.device)
+    return empty.new(storage).view(shape)
 
 
 class Collate:
     """Turns (image, label, dataset_id, index) items into a batch.
 
     `inputs` (model.ImageInputs / ImageTextInputs) builds the backbone's forward arguments from
-    the images and their dataset names (a vision-language prompt may name the dataset); uint8
-    arrays from the fast path are stacked into pixel_values (B, 3, H, W) uint8 instead.
+    the images and their dataset names (a vision-language prompt may name the dataset); the fast
+    path's preprocess.Pixels are written each straight into its slot of pixel_values, a
+    contiguous (B, 3, H, W) uint8 tensor (in shared memory in a worker), instead.
     """
 
     def __init__(self, inputs, dataset_names):
@@ -433,8 +448,12 @@ class Collate:
         if not items:
             raise DataError(f"no image of a batch could be decoded, e.g. {skipped[0][0]}")
         images, labels, dataset_ids, indices = zip(*items)
-        if isinstance(images[0], np.ndarray):
-            batch = {"pixel_values": torch.from_numpy(np.stack(images))}
+        if isinstance(images[0], Pixels):
+            pixels = batch_tensor((len(images), 3, *images[0].size), torch.uint8)
+            slots = pixels.numpy()
+            for image, slot in zip(images, slots):
+                image.write(slot)
+            batch = {"pixel_values": pixels}
         else:
             batch = self.inputs(list(images), [self.dataset_names[i] for i in dataset_ids])
         batch = {**batch, "labels": torch.tensor(labels), "dataset_ids": torch.tensor(dataset_ids),
@@ -513,12 +532,25 @@ def auto_num_workers(cap=16):
     """DataLoader workers per rank for --num_workers auto: the CPUs this process may use
     (os.sched_getaffinity) divided among the local processes (LOCAL_WORLD_SIZE), one left for
     the process itself, at most `cap`, at least 0."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity call
-        cpus = os.cpu_count() or 1
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(cap, cpus // local - 1))
+    return max(0, min(cap, usable_cpus() // local - 1))
+
+
+def usable_cpus():
+    """The CPUs this process may use (os.sched_getaffinity; the CPU count where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def compute_threads(num_workers):
+    """torch's intra-op threads for a process computing on the CPU beside `num_workers` loader
+    workers: its share of the CPUs (LOCAL_WORLD_SIZE) less one per worker, at least 1, never more
+    than torch's default. More threads than free cores make OpenMP's spinning threads take the
+    cores the workers decode on."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(torch.get_num_threads(), usable_cpus() // local - num_workers))
 
 
 def ignore_stop_signals(_worker_id):

@@ -311,7 +311,8 @@ def run(args, rank, world_size, device):
     data, indices, options, summary = task.eval_data(args, targets[-1], trained_args, world_size)
     say = print if rank == 0 else (lambda message: None)
     say(summary)
-    loader_workers(args, say, "checkpoints (where the evaluation cache cannot hold the batches)")
+    loader_workers(args, say, "checkpoints (where the evaluation cache cannot hold the batches)",
+                   device)
     key = data_key(args.val_files, options)
     todo = still_to_evaluate(run_dir, targets, key, args, rank)
     if not todo:

@@ -2,11 +2,12 @@
 
 A DataLoader worker opens the file with Pillow, lets a JPEG decode at 1/2, 1/4 or 1/8 scale
 (`Image.draft`) when the resized image is at most that fraction of it, resizes and crops in
-uint8 exactly as the folder's own Hugging Face image processor defines it, and hands a
-(3, H, W) uint8 array to the batch. The model multiplies by rescale_factor / std and adds
--mean / std on the device (`PixelNormalize`), in float32, and casts to its own dtype. Batches
-cross from the workers to the main process and to the device in a quarter of float32's bytes,
-and the per-pixel float work leaves the CPU.
+uint8 exactly as the folder's own Hugging Face image processor defines it, and writes the
+image once into its (3, H, W) slot of the batch (`Pixels`; in a worker the batch tensor lives in
+shared memory, so it reaches the main process without another copy). The model multiplies by
+rescale_factor / std and adds -mean / std on the device (`PixelNormalize`), in float32, and
+casts to its own dtype. Batches cross from the workers to the main process and to the device in
+a quarter of float32's bytes, and the per-pixel float work leaves the CPU.
 
 Without draft the result equals the processor's output within float32 rounding (the uint8
 resize and crop are the same Pillow calls). With draft the decoder scales 2x2 (4x4, 8x8)
@@ -175,19 +176,68 @@ def center_crop(pixels, height, width):
     return padded[max(0, top):min(new_h, top + height), max(0, left):min(new_w, left + width)]
 
 
-def load_pixels(path, recipe, use_draft=True):
-    """One image file -> (3, H, W) uint8, as the recipe's processor would resize and crop it."""
+class Pixels:
+    """A decoded RGB image on its way into a batch: `write` copies its centre crops, flipped left
+    to right where asked, into a (3, H, W) uint8 slot, a channel at a time, so the image is not
+    transposed, cropped or stacked into arrays of its own first."""
+    __slots__ = ("image", "crops", "flip")
+
+    def __init__(self, image, crops=(), flip=False):
+        self.image, self.crops, self.flip = image, tuple(crops), flip
+
+    @property
+    def size(self):
+        """(height, width) of what `write` writes."""
+        return self.crops[-1] if self.crops else self.image.size[::-1]
+
+    def write(self, out):
+        """Into `out`, a (3, H, W) uint8 numpy array or tensor (a batch's slot)."""
+        out = out.numpy() if isinstance(out, torch.Tensor) else out
+        image_w, image_h = self.image.size
+        top, left, height, width = 0, 0, image_h, image_w
+        for crop_h, crop_w in self.crops:  # offsets as transformers' centre crop takes them
+            if crop_h > height or crop_w > width:  # padding: the crops of the whole array
+                pixels = np.asarray(self.image)
+                for crop in self.crops:
+                    pixels = center_crop(pixels, *crop)
+                pixels = pixels.transpose(2, 0, 1)
+                return np.copyto(out, pixels[:, :, ::-1] if self.flip else pixels)
+            top, left = top + (height - crop_h) // 2, left + (width - crop_w) // 2
+            height, width = crop_h, crop_w
+        image = self.image
+        if self.flip:  # Pillow's flip of 4-byte pixels is faster than a reversed numpy copy
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = image_w - left - width
+        # One channel at a time ("R", "G", "B" raw packing): each plane comes out contiguous and
+        # goes into its slot as whole rows, faster than a (H, W, 3) -> (3, H, W) transpose.
+        for plane, band in zip(out, "RGB"):
+            whole = np.frombuffer(image.tobytes("raw", band), np.uint8).reshape(image_h, image_w)
+            np.copyto(plane, whole[top:top + height, left:left + width])
+
+
+def new_pixels(size):
+    """An empty (3, H, W) uint8 array of `size` (height, width)."""
+    return np.empty((3, *size), dtype=np.uint8)
+
+
+def decode_pixels(path, recipe, use_draft=True):
+    """One image file -> Pixels, as the recipe's processor would resize and crop it."""
     with Image.open(path) as image:
         width, height = image.size
         new_h, new_w = recipe.resized_size(height, width)
         box = draft(image, new_w, new_h) if use_draft else None
         image = to_rgb(image, recipe.alpha_on_white)
-        pixels = np.asarray(image.resize((new_w, new_h), recipe.resample, box=box))
-    if recipe.resize[0] == "crop_pct":
-        pixels = center_crop(pixels, recipe.resize[1], recipe.resize[1])
-    if recipe.crop is not None:
-        pixels = center_crop(pixels, *recipe.crop)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        image = image.resize((new_w, new_h), recipe.resample, box=box)
+    crops = [(recipe.resize[1], recipe.resize[1])] if recipe.resize[0] == "crop_pct" else []
+    return Pixels(image, crops + ([recipe.crop] if recipe.crop is not None else []))
+
+
+def load_pixels(path, recipe, use_draft=True):
+    """One image file -> (3, H, W) uint8, as the recipe's processor would resize and crop it."""
+    pixels = decode_pixels(path, recipe, use_draft)
+    out = new_pixels(pixels.size)
+    pixels.write(out)
+    return out
 
 
 class PixelNormalize:
@@ -212,7 +262,11 @@ class PixelNormalize:
             affine = tuple(torch.tensor(v, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
                            for v in (self.multiply, self.add))
             self.cache[pixels.device] = affine
-        return torch.addcmul(affine[1], pixels.float(), affine[0]).to(dtype)
+        if pixels.dtype != torch.uint8:
+            pixels = pixels.float()
+        # uint8 goes in as it is: addcmul converts it to float32 as it reads it, the same values
+        # without a float32 copy of the batch first
+        return torch.addcmul(affine[1], pixels, affine[0]).to(dtype)
 
     def __getstate__(self):  # deepcopy / pickle without device tensors
         return {**self.__dict__, "cache": {}}

@@ -180,7 +180,7 @@ def build_run(args, rank, world_size, device):
     distributed.mesh_shape(args.dist, args.shard_size, world_size)  # refused before loading
     LOADING.trust_remote_code = args.trust_remote_code
     LOADING.attn_implementation = args.attn_implementation
-    loader_workers(args, say, "epochs (and evaluations the evaluation cache cannot hold)")
+    loader_workers(args, say, "epochs (and evaluations the evaluation cache cannot hold)", device)
     check_output_dir(args)
     data = task.load_data(args, say)
     fingerprint = run_fingerprint(args, data)

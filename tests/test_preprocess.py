@@ -14,7 +14,7 @@ from dataset import auto_num_workers, make_loader
 from sources import RecordTable
 from backbone import load_backbone, ImageInputs
 from model import MaskedClassifier
-from preprocess import PixelNormalize, load_pixels, pixel_recipe
+from preprocess import PixelNormalize, Pixels, center_crop, load_pixels, pixel_recipe
 
 PROCESSORS = {  # the Pillow backends of the processors vision folders ship
     "vit": lambda: transformers.ViTImageProcessorPil(),
@@ -163,3 +163,26 @@ def test_auto_num_workers(monkeypatch):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "LOCAL_WORLD_SIZE": "1"}, check=True)
     assert out.stdout.strip() == "0"
+
+
+def test_pixels_write_crops_and_flips_in_its_one_copy():
+    """Pixels.write equals the array path it replaces: asarray, centre crops (padding where the
+    image is smaller), then a left-right flip of the result, transposed to (3, H, W)."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8))
+    for crops in [(), ((30, 41),), ((33, 44), (21, 20)), ((45, 41),), ((30, 60), (20, 70))]:
+        for flip in (False, True):
+            expected = np.asarray(image)
+            for crop in crops:
+                expected = center_crop(expected, *crop)
+            expected = expected[:, ::-1] if flip else expected
+            pixels = Pixels(image, crops, flip)
+            assert pixels.size == expected.shape[:2]
+            out = torch.full((3, *pixels.size), 7, dtype=torch.uint8)
+            pixels.write(out)
+            assert np.array_equal(out.numpy(), expected.transpose(2, 0, 1)), (crops, flip)
+    flipped = Pixels(image, flip=True)  # the augmented path's flip: Pillow's
+    out = np.empty((3, 37, 50), np.uint8)
+    flipped.write(out)
+    assert np.array_equal(out, np.asarray(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                                          ).transpose(2, 0, 1))

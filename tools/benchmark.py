@@ -7,6 +7,7 @@ one checkpoint against several, or (--fsdp_memory) peak host memory per process 
     torchrun --nproc_per_node 8 tools/benchmark.py --shape qwen2_5_vl_3b --fsdp  # FSDP2
     python tools/benchmark.py --data /tmp/jpegs --make_jpegs 256               # the image path
     python tools/benchmark.py --sources /tmp/sources                           # files, tar, Parquet
+    python tools/benchmark.py --data_path /tmp/dp --batch_size 32              # train.py vs Pillow
     python tools/benchmark.py --record_memory 10000000                         # a 10M record table
     python tools/benchmark.py --eval_run runs/demo --checkpoints 5             # eval.py: 5 vs 1
     python tools/benchmark.py --fsdp_memory /tmp/vit_huge                      # 2, 4 ranks vs 1
@@ -21,6 +22,10 @@ folder first gets a ViT-H/14-shaped model (632M parameters, random init, fp32).
 --sources: images/s of one worker on the same 224 px JPEGs as loose files, WebDataset shards and
 Parquet, read by index in a shuffled order through the fast path (sources.py), and the time to
 read their records the first time (shard index, Parquet -> Arrow) and again (cached).
+
+--data_path: train.py (a tiny ViT at 224 px, one worker, no evaluation) with --augment none and
+crop_flip, each next to a plain Pillow loop on one core doing the same decode and resize; the
+images/s of each and their ratio (benchmark_data_path).
 
 --data: the same JPEG files through the processor path (ViTImageProcessorPil at 224, float32
 batches) and through the fast path (uint8 batches, preprocess.py) without and with draft, with
@@ -126,6 +131,16 @@ def make_jpegs(folder, count, seed=0, side=None):
         out.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
 
 
+def loader_rate(loader):
+    """images/s of a loader's batches after its first (which includes the worker's start)."""
+    start, seen = None, 0
+    for i, batch in enumerate(loader):
+        if i == 1:
+            start, seen = time.perf_counter(), 0
+        seen += len(batch["labels"])
+    return seen / (time.perf_counter() - start)
+
+
 def benchmark_image_path(args):
     """images/s of one worker: processor path vs fast path on the same JPEG files."""
     from transformers import ViTImageProcessorPil
@@ -148,14 +163,8 @@ def benchmark_image_path(args):
     registry = {"bench": DatasetSpec("bench", 1)}
 
     def images_per_second(**kwargs):
-        loader = make_loader(records, range(len(files)), inputs, ["bench"],
-                             batch_size=args.batch_size, num_workers=1, **kwargs)
-        start, seen = None, 0
-        for i, batch in enumerate(loader):
-            if i == 1:  # the first batch includes the worker's start
-                start, seen = time.perf_counter(), 0
-            seen += len(batch["labels"])
-        return seen / (time.perf_counter() - start)
+        return loader_rate(make_loader(records, range(len(files)), inputs, ["bench"],
+                                       batch_size=args.batch_size, num_workers=1, **kwargs))
 
     modes = [("processor path (ViTImageProcessorPil, float32)", dict(fast_path=False)),
              ("fast path, exact (no draft)", dict(fast_path=True, draft=False)),
@@ -229,14 +238,9 @@ def benchmark_sources(args):
         reads.append(times)
 
     def images_per_second(records):
-        loader = make_loader(records, order, inputs, ["bench"], batch_size=args.batch_size,
-                             num_workers=1, fast_path=True)
-        start, seen = None, 0
-        for i, batch in enumerate(loader):
-            if i == 1:  # the first batch includes the worker's start
-                start, seen = time.perf_counter(), 0
-            seen += len(batch["labels"])
-        return seen / (time.perf_counter() - start)
+        return loader_rate(make_loader(records, order, inputs, ["bench"],
+                                       batch_size=args.batch_size, num_workers=1,
+                                       fast_path=True))
 
     print(f"{len(files)} JPEGs of 224 px, shuffled order, fast path (exact) to 224 px, batch "
           f"{args.batch_size}, one worker, {os.cpu_count()} CPUs; best of {args.rounds} "
@@ -248,6 +252,104 @@ def benchmark_sources(args):
     for (name, _), rate, (first, later) in zip(kinds, rates, reads):
         print(f"{name:<46} {rate:8.1f} images/s  {rate / rates[0]:5.2f}x   records read in "
               f"{first:6.2f} s first, {later:5.2f} s later")
+
+
+DATA_PATH_STEPS, DATA_PATH_LOG = 70, 10  # train.py steps per run; samples/s logged every 10
+
+
+def benchmark_data_path(args):
+    """Data-bound training against plain Pillow on one core: images/s of real train.py runs (a
+    tiny ViT at 224 px, batch --batch_size, one DataLoader worker, no evaluation) with --augment
+    none (full decode + the processor's resize) and crop_flip (draft decode of the crop), each
+    next to a single-process Pillow loop doing that decode and resize on the same JPEGs in this
+    process, in interleaved rounds (best of --rounds). train.py's rate is samples_per_second of
+    its metrics.jsonl after the first logged window (the worker's start and first batches)."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    import numpy as np
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    from augment import draw_crop
+    root = args.data_path
+    photos = os.path.join(root, "train")
+    if not os.path.isdir(photos):  # two classes of --make_jpegs N photographs (default 1024)
+        count = args.make_jpegs or 1024
+        for c in range(2):
+            make_jpegs(os.path.join(photos, f"class{c}"), count // 2, seed=c)
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(photos) for f in names
+                   if f.endswith(".jpg"))
+    model = os.path.join(root, "tiny_vit")
+    if not os.path.isdir(model):
+        torch.manual_seed(0)
+        ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, image_size=224, patch_size=16)
+                 ).save_pretrained(model)
+        ViTImageProcessorPil(size={"height": 224, "width": 224}).save_pretrained(model)
+    work = tempfile.mkdtemp(prefix="data-path-bench-")
+
+    def train_rate(augment):
+        out = os.path.join(work, augment)
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--train_data",
+               f"bench=folder:{photos}", "--datasets", "bench=2", "--output_dir", out,
+               "--overwrite", "--batch_size", str(args.batch_size), "--num_workers", "1",
+               "--max_steps", str(DATA_PATH_STEPS), "--logging_steps", str(DATA_PATH_LOG),
+               "--skip_evaluation", "--save_steps", str(10 ** 6), "--augment", augment]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            user_error(f"train.py --augment {augment} failed:\n{done.stderr[-2000:]}")
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rates = [r["samples_per_second"] for r in map(json.loads, f)
+                     if r["event"] == "train"][1:]  # the first window holds the worker's start
+        return len(rates) / sum(1 / r for r in rates)  # equal windows: their overall rate
+
+    order = np.random.default_rng(0).permutation(len(files)).tolist()
+    count = min(len(files), DATA_PATH_STEPS * args.batch_size)
+    rng = np.random.default_rng(1)
+    boxes = []  # timm's random-resized crop of each image, drawn before the clock starts
+    for i in order[:count]:
+        with Image.open(files[i]) as image:
+            boxes.append(draw_crop(rng, *image.size))
+
+    def pillow_rate(augment):
+        """One process, one core: open, (draft,) decode, convert, resize to 224 x 224."""
+        start = time.perf_counter()
+        for i, (left, top, w, h) in zip(order[:count], boxes):
+            with Image.open(files[i]) as image:
+                if augment == "none":
+                    image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
+                    continue
+                width = image.size[0]
+                image.draft("RGB", (max(1, image.size[0] * 224 // w),
+                                    max(1, image.size[1] * 224 // h)))
+                s = image.size[0] / width
+                image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR, box=(
+                    left * s, top * s, (left + w) * s, (top + h) * s))
+        return count / (time.perf_counter() - start)
+
+    paths = [("exact (--augment none)", "none"), ("augmented (--augment crop_flip)", "crop_flip")]
+    print(f"{len(files)} JPEGs of 384-512 px in {photos}, tiny ViT at 224 px, batch "
+          f"{args.batch_size}, one worker, {os.cpu_count()} CPUs; train.py samples/s (its "
+          f"logged windows after the first) and plain Pillow on one core, best of "
+          f"{args.rounds} interleaved rounds")
+    best = {(a, k): 0.0 for _, a in paths for k in ("train", "pillow")}
+    try:
+        for r in range(args.rounds):
+            for _, augment in paths:
+                rates = {"train": train_rate(augment), "pillow": pillow_rate(augment)}
+                for kind, rate in rates.items():
+                    best[augment, kind] = max(best[augment, kind], rate)
+                print(f"  round {r + 1} {augment:<10} train.py {rates['train']:7.1f}  Pillow "
+                      f"{rates['pillow']:7.1f}  {rates['train'] / rates['pillow']:5.2f}x",
+                      flush=True)
+    finally:
+        shutil.rmtree(work)
+    for name, augment in paths:
+        train, pillow = best[augment, "train"], best[augment, "pillow"]
+        print(f"{name:<34} train.py {train:7.1f} images/s   plain Pillow {pillow:7.1f}   "
+              f"{train / pillow:5.2f}x")
 
 
 def rss_anon_mb():
@@ -526,6 +628,10 @@ def main():
     p.add_argument("--sources", metavar="DIR",
                    help="images/s of the same JPEGs as loose files, WebDataset shards and Parquet "
                         "(written into DIR when absent)")
+    p.add_argument("--data_path", metavar="DIR",
+                   help="train.py on JPEGs (a tiny ViT, one worker) against plain Pillow doing "
+                        "the same decode and resize, exact and augmented (written into DIR "
+                        "when absent)")
     p.add_argument("--rounds", type=int, default=3,
                    help="with --data or --eval_run: rounds per mode (best of)")
     p.add_argument("--shape", choices=SHAPES, default="qwen2_5_vl_3b")
@@ -558,16 +664,11 @@ def main():
     if sys.argv[1:2] == ["--run_phases"]:  # one process of --fsdp_memory: the rest is train.py's
         return run_phases(sys.argv[2:])
     args = p.parse_args()
-    if args.fsdp_memory:
-        return benchmark_fsdp_memory(args)
-    if args.data:
-        return benchmark_image_path(args)
-    if args.sources:
-        return benchmark_sources(args)
-    if args.record_memory:
-        return benchmark_record_memory(args)
-    if args.eval_run:
-        return benchmark_eval(args)
+    for mode, run in (("fsdp_memory", benchmark_fsdp_memory), ("data", benchmark_image_path),
+                      ("sources", benchmark_sources), ("data_path", benchmark_data_path),
+                      ("record_memory", benchmark_record_memory), ("eval_run", benchmark_eval)):
+        if getattr(args, mode):
+            return run(args)
     if args.make_jpegs:
         p.error("--make_jpegs needs --data DIR or --sources DIR")
 
