@@ -20,7 +20,7 @@ from sources import INDEX_SUFFIX, parse_spec, read_records
 
 @pytest.fixture(autouse=True)
 def offline_datasets_cache(tmp_path_factory, monkeypatch):
-    """datasets' cache (Parquet converted to Arrow) in this session's folder; nothing online."""
+    """datasets' cache (Parquet converted to Arrow) in this test run's folder; nothing online."""
     import datasets
     cache = str(tmp_path_factory.getbasetemp() / "hf_cache")
     monkeypatch.setenv("HF_DATASETS_CACHE", cache)
