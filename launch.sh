@@ -30,8 +30,9 @@ fi
 EXP_DIR=${EXP_DIR:-runs}                                # parent folder of your runs
 SAVE_CKPT_PATH=${SAVE_CKPT_PATH:-$EXP_DIR/demo_$(date +%m%d)}  # this run: checkpoints, metrics.jsonl, run_*.log
 MODEL=${MODEL:-preset:resnet-tiny}                      # local HF folder, e.g. /models/Qwen2.5-VL-7B-Instruct
-TRAIN_JSONL=${TRAIN_JSONL:-"demo_data/digits/train.jsonl demo_data/faces/train.jsonl"}  # space-separated
-VAL_JSONL=${VAL_JSONL-"demo_data/digits/val.jsonl demo_data/faces/val.jsonl"}  # empty: no evaluation
+# data specs, space-separated: FILE.jsonl or NAME=PATH (image folder, Parquet, .tar shards; docs/data.md)
+TRAIN_DATA=${TRAIN_DATA:-${TRAIN_JSONL:-"demo_data/digits/train.jsonl demo_data/faces/train.jsonl"}}
+VAL_DATA=${VAL_DATA-${VAL_JSONL-"demo_data/digits/val.jsonl demo_data/faces/val.jsonl"}}  # empty: no evaluation
 DATASETS=${DATASETS:-demo_data/datasets.json}           # registry file (num_classes, eval_ratio per dataset)
 CONFIG=${CONFIG-configs/demo.yaml}                      # every other setting; the flags below win. Empty: none
 MBS=${MBS:-32}                                          # micro batch per GPU (per process)
@@ -86,8 +87,19 @@ fi
 # Pre-flight: every input path exists (all missing ones reported at once).
 missing=()
 [[ "$MODEL" == preset:* || -e "$MODEL" ]] || missing+=("MODEL=$MODEL")
-for f in $TRAIN_JSONL; do [[ -f "$f" ]] || missing+=("TRAIN_JSONL: $f"); done
-for f in $VAL_JSONL; do [[ -f "$f" ]] || missing+=("VAL_JSONL: $f"); done
+spec_path() {  # the path of a data spec: without NAME= and a kind prefix
+    local path=${1#*=}
+    [[ "$1" == *=* ]] || path=$1
+    for kind in folder hf wds jsonl; do path=${path#"$kind":}; done
+    echo "$path"
+}
+for name in TRAIN_DATA VAL_DATA; do
+    for spec in ${!name}; do
+        path=$(spec_path "$spec")
+        # globs, {000..099} ranges and URLs are train.py's to check
+        [[ "$path" == *[*?[{]* || "$path" == *://* || -e "$path" ]] || missing+=("$name: $spec")
+    done
+done
 [[ -f "$DATASETS" ]] || missing+=("DATASETS=$DATASETS")
 [[ -z "$CONFIG" || -f "$CONFIG" ]] || missing+=("CONFIG=$CONFIG")
 if (( ${#missing[@]} )); then
@@ -104,12 +116,12 @@ fi
 CMD=("${LAUNCH[@]}" train.py)
 [[ -z "$CONFIG" ]] || CMD+=(--config "$CONFIG")
 # shellcheck disable=SC2206  # file lists and EXTRA_ARGS are space-separated on purpose
-CMD+=(--model "$MODEL" --train_jsonl $TRAIN_JSONL --datasets "$DATASETS" --output_dir "$SAVE_CKPT_PATH"
+CMD+=(--model "$MODEL" --train_data $TRAIN_DATA --datasets "$DATASETS" --output_dir "$SAVE_CKPT_PATH"
       --batch_size "$MBS" --grad_accum "$GRAD_ACCUM" --max_steps "$NSTEP" --lr "$LR" --precision "$PRECISION"
       --dist "$DIST")
 [[ "$DIST" != hsdp ]] || CMD+=(--shard_size "$SHARD_SIZE")
 # shellcheck disable=SC2206
-[[ -z "$VAL_JSONL" ]] || CMD+=(--val_jsonl $VAL_JSONL)
+[[ -z "$VAL_DATA" ]] || CMD+=(--val_data $VAL_DATA)
 if compgen -G "$SAVE_CKPT_PATH/checkpoint-*/training_info.json" > /dev/null; then
     CMD+=(--resume latest)
 fi

@@ -13,8 +13,8 @@ LAUNCH = os.path.join(ROOT, "launch.sh")
 def launch(data, tiny_vit, out, **env):
     """bash launch.sh with the variables a user would edit, given through the environment."""
     variables = {
-        "MODEL": tiny_vit, "TRAIN_JSONL": f"{data['digits_train']} {data['faces_train']}",
-        "VAL_JSONL": f"{data['digits_val']} {data['faces_val']}", "DATASETS": data["registry"],
+        "MODEL": tiny_vit, "TRAIN_DATA": f"{data['digits_train']} {data['faces_train']}",
+        "VAL_DATA": f"{data['digits_val']} {data['faces_val']}", "DATASETS": data["registry"],
         "CONFIG": "", "SAVE_CKPT_PATH": str(out), "MAKE_DEMO_DATA": "0", "GPUS_PER_NODE": "1", **env
     }
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -48,7 +48,7 @@ def test_dry_run_derives_grad_accum(small_data, tiny_vit, tmp_path, mbs, gbs, gp
     else:
         assert (flag(line, "--nnodes"), flag(line, "--node_rank"), flag(line, "--master_addr")) == (
             str(nodes), str(nodes - 1), "node0")
-    assert line[line.index("--train_jsonl") + 1:line.index("--train_jsonl") + 3] == [
+    assert line[line.index("--train_data") + 1:line.index("--train_data") + 3] == [
         small_data["digits_train"], small_data["faces_train"]]
     assert "--resume" not in line and "--config" not in line
     assert not os.path.exists(tmp_path / "run")  # a dry run writes nothing
@@ -66,6 +66,9 @@ def test_dry_run_derives_grad_accum(small_data, tiny_vit, tmp_path, mbs, gbs, gp
     ({"DIST": "fsdp", "SHARD_SIZE": 2}, "SHARD_SIZE is for DIST=hsdp"),
     ({"MODEL": "/no/such/model", "DATASETS": "/no/registry.json"
       }, "not found: MODEL=/no/such/model\nerror: not found: DATASETS=/no/registry.json"),
+    ({"TRAIN_DATA": "food=folder:/no/food /no/shards-{000..009}.tar x=/no/*.parquet",
+      "VAL_DATA": "/no/val.jsonl"}, "not found: TRAIN_DATA: food=folder:/no/food\n"
+     "error: not found: VAL_DATA: /no/val.jsonl\n"),  # globs and ranges are train.py's to check
 ])
 def test_bad_settings_are_refused_before_launching(small_data, tiny_vit, tmp_path, env, message):
     result = launch(small_data, tiny_vit, tmp_path / "run", DRY_RUN=1, **env)
@@ -94,8 +97,8 @@ def test_slurm_supplies_nodes_and_rank(small_data, tiny_vit, tmp_path):
         ["bash", LAUNCH], capture_output=True, text=True, timeout=60, env={
             **os.environ, **{k: str(v)
                              for k, v in env.items()}, "DRY_RUN": "1", "MAKE_DEMO_DATA": "0",
-            "MBS": "2", "GBS": "32", "MODEL": tiny_vit, "TRAIN_JSONL": small_data["digits_train"],
-            "VAL_JSONL": "", "DATASETS": small_data["registry"], "CONFIG": "",
+            "MBS": "2", "GBS": "32", "MODEL": tiny_vit, "TRAIN_DATA": small_data["digits_train"],
+            "VAL_DATA": "", "DATASETS": small_data["registry"], "CONFIG": "",
             "SAVE_CKPT_PATH": str(tmp_path)
         })
     line = torchrun_line(result)

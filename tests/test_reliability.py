@@ -126,7 +126,7 @@ def test_preemption_signal_to_a_launch_sh_run_checkpoints_exits_0_and_resumes(
         **{k: v
            for k, v in os.environ.items() if not k.startswith("SLURM_")}, "OMP_NUM_THREADS": "1",
         "MODEL": tiny_vit,
-        "TRAIN_JSONL": f"{small_data['digits_train']} {small_data['faces_train']}", "VAL_JSONL": "",
+        "TRAIN_DATA": f"{small_data['digits_train']} {small_data['faces_train']}", "VAL_DATA": "",
         "DATASETS": small_data["registry"], "CONFIG": "", "SAVE_CKPT_PATH": str(tmp_path),
         "MAKE_DEMO_DATA": "0", "GPUS_PER_NODE": "2", "MBS": "4", "GBS": "8", "NSTEP": "60",
         "MASTER_PORT": str(free_port()),
