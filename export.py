@@ -52,36 +52,35 @@ EARLIER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 # What each target class feeds its classifier, as the source pooling it equals. Source poolings:
 # "pooler" (the backbone's pooler_output), "cls" / "mean" (first token / mean of all tokens of
 # last_hidden_state), "map_mean" (mean of a convolutional feature map).
+CLS_TOKEN = ({"cls"}, "the CLS token after the final layernorm (last_hidden_state[:, 0]); it "
+             "has no pooler")
+CLS_AND_MEAN = ({"cls", "pooler"}, "the CLS token concatenated with the mean of the patch tokens")
+CONVNEXT_POOLER = ({"pooler"}, "the pooler output (the final layernorm of the averaged feature "
+                   "map)")
+FEATURE_MAP = ({"pooler", "map_mean"}, "the averaged final feature map")
+FINAL_TOKENS = ({"pooler", "mean"}, "the mean of the final tokens")
 TARGET_POOLINGS = {
-    "ViTForImageClassification": ({"cls"}, "the CLS token after the final layernorm "
-                                   "(last_hidden_state[:, 0]); it has no pooler"),
-    "DeiTForImageClassification": ({"cls"}, "the CLS token after the final layernorm "
-                                    "(last_hidden_state[:, 0]); it has no pooler"),
-    "Dinov2ForImageClassification": ({"cls", "pooler"}, "the CLS token concatenated with the "
-                                     "mean of the patch tokens"),
-    "Dinov2WithRegistersForImageClassification": ({"cls", "pooler"}, "the CLS token "
-                                                  "concatenated with the mean of the patch tokens"),
-    "ConvNextForImageClassification": ({"pooler"}, "the pooler output (the final layernorm of "
-                                       "the averaged feature map)"),
-    "ConvNextV2ForImageClassification": ({"pooler"}, "the pooler output (the final layernorm "
-                                         "of the averaged feature map)"),
-    "ResNetForImageClassification": ({"pooler", "map_mean"}, "the averaged final feature map"),
-    "RegNetForImageClassification": ({"pooler", "map_mean"}, "the averaged final feature map"),
-    "SwinForImageClassification": ({"pooler", "mean"}, "the mean of the final tokens"),
-    "Swinv2ForImageClassification": ({"pooler", "mean"}, "the mean of the final tokens"),
+    "ViTForImageClassification": CLS_TOKEN,
+    "DeiTForImageClassification": CLS_TOKEN,
+    "Dinov2ForImageClassification": CLS_AND_MEAN,
+    "Dinov2WithRegistersForImageClassification": CLS_AND_MEAN,
+    "ConvNextForImageClassification": CONVNEXT_POOLER,
+    "ConvNextV2ForImageClassification": CONVNEXT_POOLER,
+    "ResNetForImageClassification": FEATURE_MAP,
+    "RegNetForImageClassification": FEATURE_MAP,
+    "EfficientNetForImageClassification": FEATURE_MAP,
+    "MobileNetV2ForImageClassification": FEATURE_MAP,
+    "MobileViTForImageClassification": FEATURE_MAP,
+    "SwinForImageClassification": FINAL_TOKENS,
+    "Swinv2ForImageClassification": FINAL_TOKENS,
+    "FocalNetForImageClassification": FINAL_TOKENS,
+    "LevitForImageClassification": FINAL_TOKENS,
     "SiglipForImageClassification": ({"mean"}, "the mean of last_hidden_state over all tokens "
                                      "(not the attention-pooling head)"),
     "Siglip2ForImageClassification": ({"mean"}, "the mean of last_hidden_state over the real "
                                       "(unpadded) patches (not the attention-pooling head)"),
     "BeitForImageClassification": ({"pooler"}, "the pooler output (the layer-normed mean of the "
                                    "patch tokens)"),
-    "EfficientNetForImageClassification": ({"pooler", "map_mean"}, "the averaged final feature "
-                                           "map"),
-    "MobileNetV2ForImageClassification": ({"pooler", "map_mean"}, "the averaged final feature "
-                                          "map"),
-    "MobileViTForImageClassification": ({"pooler", "map_mean"}, "the averaged final feature map"),
-    "FocalNetForImageClassification": ({"pooler", "mean"}, "the mean of the final tokens"),
-    "LevitForImageClassification": ({"pooler", "mean"}, "the mean of the final tokens"),
     "CLIPForImageClassification": (set(), "the mean of the patch tokens before post_layernorm, "
                                    "which no --pooling computes"),
 }

@@ -71,16 +71,20 @@ def check_png(path):
         assert high - low > 100  # something drawn on the white background
 
 
-def test_classification_run(tmp_path):
-    classify_run(tmp_path)
-    result = run_script("plot.py", tmp_path)
+def assert_plotted(run_dir, names):
+    """plot.py on `run_dir` writes exactly these curves, each a PNG with something drawn."""
+    result = run_script("plot.py", run_dir)
     assert result.returncode == 0, result.stderr
-    names = ["train_loss", "train_accuracy", "eval_accuracy", "eval_loss",
-             "checkpoint_accuracy", "lr", "grad_norm", "throughput"]
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == sorted(
         n + ".png" for n in names)
     for name in names:
-        check_png(tmp_path / "plots" / f"{name}.png")
+        check_png(run_dir / "plots" / f"{name}.png")
+
+
+def test_classification_run(tmp_path):
+    classify_run(tmp_path)
+    assert_plotted(tmp_path, ["train_loss", "train_accuracy", "eval_accuracy", "eval_loss",
+                              "checkpoint_accuracy", "lr", "grad_norm", "throughput"])
 
 
 def test_generation_run(tmp_path):
@@ -112,14 +116,8 @@ def test_missing_matplotlib_is_a_clear_message(tmp_path):
 
 def test_autoencoder_run_draws_its_loss_and_psnr_curves(tmp_path):
     autoencoder_run(tmp_path)
-    result = run_script("plot.py", tmp_path)
-    assert result.returncode == 0, result.stderr
-    names = ["train_loss", "train_psnr", "eval_loss", "eval_psnr", "checkpoint_psnr", "lr",
-             "grad_norm", "throughput"]
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
-        n + ".png" for n in names)
-    for name in names:
-        check_png(tmp_path / "plots" / f"{name}.png")
+    assert_plotted(tmp_path, ["train_loss", "train_psnr", "eval_loss", "eval_psnr",
+                              "checkpoint_psnr", "lr", "grad_norm", "throughput"])
 
 
 def test_an_out_dir_that_is_a_file_is_a_one_line_error(tmp_path):
