@@ -244,12 +244,14 @@ class Derived(NamedTuple):
     compute: Callable
 
 
-def whole(tensor):
+def whole(tensor, keep=True):
     """The whole tensor in CPU memory: an FSDP2 shard (DTensor) gathered from every process (a
-    collective), a Derived computed, a plain tensor as it is."""
+    collective), a Derived computed, a plain tensor as it is. keep False (a process that writes
+    nothing): only the collective is taken part in; None is returned."""
     from torch.distributed.tensor import DTensor
     if isinstance(tensor, Derived):
-        return tensor.compute()
+        tensor = tensor.compute()  # it may gather shards: every process computes it
+        return tensor.cpu() if keep else None
     tensor = tensor.detach()
     if isinstance(tensor, DTensor):
         local, mesh = tensor.to_local(), tensor.device_mesh
@@ -257,7 +259,7 @@ def whole(tensor):
             tensor = DTensor.from_local(local.to(mesh.device_type), mesh, tensor.placements,
                                         shape=tensor.shape, stride=tensor.stride())
         tensor = tensor.full_tensor()
-    return tensor.cpu()
+    return tensor.cpu() if keep else None
 
 
 def write_safetensors(path, tensors, rank, metadata=None):
@@ -266,6 +268,7 @@ def write_safetensors(path, tensors, rank, metadata=None):
     shapes and dtypes (wider dtypes first, so every tensor is aligned to its element size, as the
     safetensors library lays them out); then each tensor is made whole in turn (gathered: a
     collective), written from its own memory and freed."""
+    from torch.distributed.tensor import DTensor
     names = sorted(tensors, key=lambda n: -tensors[n].dtype.itemsize)  # stable
     header, offset = {}, 0
     for name in names:
@@ -282,7 +285,11 @@ def write_safetensors(path, tensors, rank, metadata=None):
         if f:
             f.write(len(blob).to_bytes(8, "little") + blob)
         for name in names:
-            tensor = whole(tensors[name])
+            if not f and not isinstance(tensors[name], (DTensor, Derived)):
+                continue  # no collective: only the writing process needs the tensor
+            tensor = whole(tensors[name], keep=bool(f))
+            if tensor is None:
+                continue
             if (tuple(tensor.shape), tensor.dtype) != (tuple(tensors[name].shape),
                                                        tensors[name].dtype):
                 raise ValueError(f"{path}: {name} came out {tuple(tensor.shape)} {tensor.dtype}, "
