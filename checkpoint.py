@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from distributed import all_gather_objects, barrier
 from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
-from files import OutputError, reason, recover_folder, swap_in
+from files import OutputError, reason, recover_folder, swap_in, temporary, write_json
 from sources import spec_files
 
 INFO_FILE = "training_info.json"
@@ -172,8 +172,7 @@ def short(value, width=60):
 
 def write_atomically(final_path, write_fn, rank=0):
     """Every rank calls write_fn(tmp_folder); then rank 0 renames it to final_path in one step."""
-    parent, name = os.path.split(os.path.normpath(final_path))
-    tmp = os.path.join(parent, f".tmp-{name}")
+    tmp = temporary(final_path)
     # a full disk or an unwritable folder: remove the partial folder, keep every earlier checkpoint
     try:
         if rank == 0:
@@ -191,13 +190,6 @@ def write_atomically(final_path, write_fn, rank=0):
             f"cannot write {final_path} ({reason(e)}); nothing of it was kept, earlier "
             f"checkpoints are intact") from None
     barrier()
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def read_info(folder):

@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from backbone import is_vision_language
 from checkpoint import CheckpointError
 from faults import injected_fault
-from files import OutputError, reason, recover_folder, swap_in, temporary
+from files import OutputError, reason, recover_folder, swap_in, temporary, write_json
 from model import load_classifier, read_classifier_info
 
 EXPORT_INFO = "export_info.json"  # marks a folder export.py wrote, and lists its files
@@ -275,16 +275,14 @@ def export(checkpoint, dataset, out):
         os.makedirs(tmp)
         target.save_pretrained(tmp)
         AutoImageProcessor.from_pretrained(checkpoint).save_pretrained(tmp)
-        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:  # last: the folder is complete
-            json.dump({"checkpoint": os.path.abspath(checkpoint), "dataset": dataset,
-                       "rows": [rows.start, rows.stop], "logits_masking": masked,
-                       "pooling": pooling, "class": name,
-                       "files": sorted(os.listdir(tmp)) + [EXPORT_INFO]}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        write_json(os.path.join(tmp, EXPORT_INFO), {  # last: the folder is complete
+            "checkpoint": os.path.abspath(checkpoint), "dataset": dataset,
+            "rows": [rows.start, rows.stop], "logits_masking": masked, "pooling": pooling,
+            "class": name, "files": sorted(os.listdir(tmp)) + [EXPORT_INFO]})
         injected_fault("kill_in_export", 1)
         swap_in(tmp, out)
-    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+    # safetensors reports a full disk as its own error
+    except (OSError, OutputError, SafetensorError) as e:
         recover_folder(out)
         kept = "the earlier export is kept" if os.path.isdir(out) else "nothing was written"
         raise OutputError(f"cannot write the export {out} ({reason(e)}); {kept}") from None
