@@ -369,34 +369,35 @@ def read_data_file(path, errors):
 
 def json_items(path, errors):
     """(row, where, item) of a JSONL file (row: the line) or of a JSON file (one array or one
-    object; row: the index); problems are added to `errors`."""
+    object; row: the index), one at a time (a file of millions of lines is not held as parsed
+    objects); problems are added to `errors`."""
     text = read_data_file(path, errors)
     if text is None:
-        return []
+        return
     if path.endswith(".json"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             errors.append(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
-            return []
+            return
         data = data if isinstance(data, list) else [data]
-        items = [(i, f"{path}: record {i}", item) for i, item in enumerate(data)]
+        items = ((i, f"{path}: record {i}", item) for i, item in enumerate(data))
     else:
-        items = []
-        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 in strings
-            if line.strip():
-                try:
-                    items.append((lineno, f"{path}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    errors.append(f"{path}:{lineno}: malformed JSON ({e.msg} at column "
-                                  f"{e.colno})")
-    out = []
+        items = jsonl_lines(path, text, errors)
     for row, where, item in items:
         if isinstance(item, dict):
-            out.append((row, where, item))
+            yield row, where, item
         else:
             errors.append(f"{where}: expected a JSON object, got {type(item).__name__}")
-    return out
+
+
+def jsonl_lines(path, text, errors):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 in strings
+        if line.strip():
+            try:
+                yield lineno, f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
 
 
 def classifier_line(item):
@@ -864,5 +865,5 @@ def fingerprint(specs):
     out = []
     for text in specs:
         out += spec_files(text)
-        out.append(parse_spec(text).text)
+        out.append(text)
     return out

@@ -25,8 +25,7 @@ import torch
 from PIL import Image
 
 from dataset import Collate, DataError, ignore_stop_signals, worker_options
-from sources import NO_LABEL, TAR_IMAGE_FIELDS, Reading, expand_paths, expand_ranges, is_url, \
-    parse_spec
+from sources import NO_LABEL, TAR_IMAGE_FIELDS, Reading, expand_paths, parse_spec
 
 SCHEDULE_BLOCK = 1000  # slots per block of a worker's dataset schedule
 INDEX_SPAN = 2 ** 40  # a stream sample's key: its worker part * INDEX_SPAN + its position there
@@ -77,8 +76,7 @@ def stream_sources(specs, registry, fixed):
             raise DataError(f"data spec {text!r}: --streaming reads Parquet files or WebDataset "
                             f"shards, not a {spec.kind} source")
         dataset_id = reading.dataset_id(spec.name, f"data spec {text!r}")
-        files = (expand_ranges(spec.path) if is_url(spec.path) else
-                 expand_paths(spec.path, text, ".parquet" if spec.kind == "hf" else ".tar"))
+        files = expand_paths(spec.path, text, ".parquet" if spec.kind == "hf" else ".tar")
         known = by_name.get(spec.name)
         if known and known.kind != spec.kind:
             raise DataError(f"data spec {text!r}: dataset {spec.name!r} is streamed from one "
