@@ -71,7 +71,16 @@ def augment_config(mode, registry, inputs, crop_scale=CROP_SCALE, randaugment_n=
         raise ValueError(f"--augment must be one of {', '.join(AUGMENTS)}, got {mode!r}")
     default = mode if mode is not None else ("crop_flip" if fast else "none")
     modes = tuple(spec.augment or default for spec in registry.values())
-    used = {m for m in modes if fast}
+    if not fast:  # asked for where it cannot run: the reason first, before any flag's
+        asked = [f"--augment {mode}"] if mode not in (None, "none") else []
+        asked += [f"dataset {name!r} (registry augment: {spec.augment})"
+                  for name, spec in registry.items() if spec.augment not in (None, "none")]
+        if asked:
+            raise ValueError(
+                f"{', '.join(asked)}: augmentation runs on the fast image path of vision "
+                f"backbones; this model's inputs ({type(inputs).__name__}) go through its own "
+                "processor (vision-language or unsupported processor). Use --augment none.")
+    used = set(modes) if fast else set()
     inert = [flag for flag, given, uses in (
         ("--crop_scale", tuple(crop_scale) != CROP_SCALE, {"crop_flip", "randaugment"}),
         ("--randaugment_n", randaugment_n != RANDAUGMENT_N, {"randaugment"}),
@@ -82,14 +91,6 @@ def augment_config(mode, registry, inputs, crop_scale=CROP_SCALE, randaugment_n=
         raise ValueError(f"{', '.join(inert)}: no dataset is augmented with it (augmentation: "
                          f"{per_dataset}; set --augment or the registry's augment)")
     if not fast:
-        asked = [f"--augment {mode}"] if mode not in (None, "none") else []
-        asked += [f"dataset {name!r} (registry augment: {spec.augment})"
-                  for name, spec in registry.items() if spec.augment not in (None, "none")]
-        if asked:
-            raise ValueError(
-                f"{', '.join(asked)}: augmentation runs on the fast image path of vision "
-                f"backbones; this model's inputs ({type(inputs).__name__}) go through its own "
-                "processor (vision-language or unsupported processor). Use --augment none.")
         return None
     check_augment_flags(tuple(crop_scale), randaugment_n, randaugment_m)
     if all(m == "none" for m in modes):
