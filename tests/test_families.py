@@ -111,9 +111,10 @@ def check_export(checkpoint, out, exported, small_data):
     with torch.no_grad():
         probabilities = model.eval()(**inputs(images, ["digits"] * 2))[:, :10].softmax(-1)
     results = pipeline("image-classification", model=str(out))(paths, top_k=10)
-    for result, expected in zip(results, probabilities):
-        scores = torch.tensor(sorted(r["score"] for r in result))
-        torch.testing.assert_close(scores, expected.sort().values, atol=1e-4, rtol=0)
+    for result, expected in zip(results, probabilities, strict=True):
+        by_label = {r["label"]: r["score"] for r in result}  # each score under its class name
+        scores = torch.tensor([by_label[target.config.id2label[i]] for i in range(10)])
+        torch.testing.assert_close(scores, expected, atol=1e-4, rtol=0)
 
 
 def table_row(name, folder, exported):

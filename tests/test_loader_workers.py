@@ -98,7 +98,7 @@ def test_worker_batches_are_contiguous_shared_and_equal_the_pixels_of_each_image
                        augment=augment, epoch=3)
         worker = list(make_loader(records, order, num_workers=1, **options))
         main = batches(make_loader(records, order, num_workers=0, **options))
-        for a, b in zip(worker, main):
+        for a, b in zip(worker, main, strict=True):
             pixels = a["pixel_values"]
             assert pixels.is_shared() and pixels.is_contiguous() and pixels.dtype == torch.uint8
             assert pixels.shape == (len(a["labels"]), 3, *inputs.recipe.output_size)
