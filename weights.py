@@ -151,8 +151,11 @@ def saved_names(module, names):
     get_model_conversion_mapping, WeightConverter, _, revert_weight_conversion = RENAMING
     if any(isinstance(t, WeightConverter) for t in get_model_conversion_mapping(module)):
         return {name: name for name in names}
-    meta = torch.empty(0, device="meta")
-    return {name: next(iter(revert_weight_conversion(module, {name: meta}))) for name in names}
+    # one call over all names (a tensor each, to match them up): the mapping is built once
+    tensors = {name: torch.empty(0, device="meta") for name in names}
+    model_name = {id(t): name for name, t in tensors.items()}
+    return {model_name[id(t)]: saved for saved, t in
+            revert_weight_conversion(module, tensors).items()}
 
 
 def tied_complete(entries, found):
