@@ -26,11 +26,6 @@ FIGSIZE, DPI = (10, 6), 100  # 1000 x 600 pixels
 GENERATION_LOSSES = ("text_loss", "image_loss", "total_loss")
 
 
-def read_jsonl(path):
-    """The records of a JSONL file; lines that do not parse (a torn last line) are skipped."""
-    return read_jsonl_records(path)
-
-
 def smooth(values, weight):
     """Exponential moving average with TensorBoard's bias correction (weight 0: the raw values)."""
     out, average = [], 0.0
@@ -100,8 +95,8 @@ def plot_run(run_dir, out_dir=None, smoothing=0.9):
     except ImportError:
         raise SystemExit("plot.py needs matplotlib: pip install -e '.[plot]'") from None
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    records = read_jsonl(metrics_path)
-    checkpoints = read_jsonl(os.path.join(run_dir, "eval_results.jsonl"))
+    records = read_jsonl_records(metrics_path)  # a torn last line is skipped
+    checkpoints = read_jsonl_records(os.path.join(run_dir, "eval_results.jsonl"))
     if not records and not checkpoints:
         raise ValueError(f"{run_dir}: no metrics.jsonl or eval_results.jsonl records to plot")
     out_dir = out_dir or os.path.join(run_dir, "plots")
