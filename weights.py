@@ -4,9 +4,10 @@ model's weights to one, a tensor at a time.
 A key map names, for each entry of the model's state dict, the file and the key in that file
 that holds it (folder_map: a Hugging Face folder's weights, renamed the way transformers renames
 them on loading; file_map: a plain file of this codebase, such as head.safetensors). Reading a
-map fills every mapped entry where it lives: a full tensor reads the whole entry, an FSDP2 shard
-(a DTensor) reads only its own rows, so a rank never holds more of the weights than its shards.
-Entries on the meta device (parameters_on_meta) are given memory on the model's device first.
+map fills every mapped entry: a full tensor takes the whole entry, an FSDP2 shard (a DTensor) only
+its own rows, so a rank never holds more of the weights than its shards; on the CPU those rows are
+the file's pages, memory-mapped, as from_pretrained keeps a model's weights. Entries on the meta
+device (parameters_on_meta) are given memory on the model's device first.
 
 eval.py reads every checkpoint of a run into one model this way; under --dist fsdp train.py and
 eval.py build the backbone with its parameters on the meta device, shard it, then read.
@@ -178,9 +179,16 @@ def file_map(path, keys, prefix=""):
 
 
 def read_weights(model, key_map, device):
-    """Fill every entry of `model` named in key_map from its file, in place; a DTensor reads its
-    local rows only. Meta entries get memory on `device` first; one that key_map does not name
-    is an error (nothing could give it values)."""
+    """Fill every entry of `model` named in key_map from its file; a DTensor gets its local rows
+    only. Meta entries get memory on `device` first; one that key_map does not name is an error
+    (nothing could give it values).
+
+    Rows held on the CPU in the file's own dtype are not copied: they become the file's pages,
+    memory-mapped copy-on-write (as from_pretrained keeps a model's weights), so they are no
+    process's private memory and every process mapping the file shares them; a tensor written
+    later (an optimizer step) gets private pages then, and the file is never written. The
+    parameters keep their identity (tied weights, FSDP2's bookkeeping). Other entries (a GPU,
+    another dtype) are read into their own memory."""
     entries = model.state_dict(keep_vars=True)
     unfilled = [k for k, t in entries.items() if t.is_meta and k not in key_map
                 and not any(n in key_map for n in same_tensor(entries, t))]
@@ -194,29 +202,59 @@ def read_weights(model, key_map, device):
     by_file = {}
     for key, (path, file_key) in key_map.items():
         by_file.setdefault(path, []).append((key, file_key))
+    mapped = {}
     with torch.no_grad():
         for path, pairs in by_file.items():
             start, header = read_header(path)
+            size, pages = os.path.getsize(path), None
             with open(path, "rb", buffering=0) as f:
                 for key, file_key in pairs:
-                    read_entry(entries[key], f, start, header[file_key], f"{path}:{file_key}")
+                    where = f"{path}:{file_key}"
+                    local, dtype, first, end = stored_rows(entries[key], header[file_key], where)
+                    first, end = start + first, start + end
+                    if end > size:
+                        raise ValueError(f"{where}: the file ends early (truncated?)")
+                    if first == end:
+                        continue
+                    if local.device.type == "cpu" and local.dtype == dtype and \
+                            local.is_contiguous():
+                        if pages is None:
+                            pages = torch.from_file(path, shared=False, size=size,
+                                                    dtype=torch.uint8)
+                        mapped[key] = with_local(entries[key],
+                                                 pages[first:end].view(dtype).view(local.shape))
+                    else:
+                        buffer = torch.empty(local.shape, dtype=dtype)
+                        f.seek(first)
+                        f.readinto(buffer.view(-1).view(torch.uint8).numpy())
+                        local.copy_(buffer)
+        if mapped:
+            swap = torch.__future__.get_swap_module_params_on_conversion()
+            torch.__future__.set_swap_module_params_on_conversion(True)  # keep the objects
+            try:
+                result = model.load_state_dict(mapped, strict=False, assign=True)
+            finally:
+                torch.__future__.set_swap_module_params_on_conversion(swap)
+            if result.unexpected_keys:
+                raise WeightsMismatch(f"{type(model).__name__} did not take "
+                                      f"{result.unexpected_keys[:3]} by their names")
 
 
 def same_tensor(entries, tensor):
     return [k for k, t in entries.items() if t is tensor]
 
 
-def read_entry(target, f, start, stored, where):
-    """Read the part of a stored tensor (its header entry) that `target` holds into it: the whole
-    tensor, or the rows of a DTensor shard. Plain reads into the tensor's memory, not a memory
-    map: the file's pages never count as this process's memory."""
+def stored_rows(target, stored, where):
+    """(the tensor `target` holds its part in, the stored dtype, first byte, end byte of that
+    part from the start of the file's data) of a stored tensor (its header entry): the whole
+    tensor, or the rows of a DTensor shard."""
     from torch.distributed.tensor import DTensor
     shape, dtype = tuple(stored["shape"]), DTYPES.get(stored["dtype"])
     if shape != tuple(target.shape):
         raise WeightsMismatch(f"{where}: shape {shape}, the model's is {tuple(target.shape)}")
     if dtype is None:
         raise WeightsMismatch(f"{where}: dtype {stored['dtype']} is not supported")
-    rows, local = (0, shape[0] if shape else 1), target
+    rows, local = (0, shape[0] if shape else 1), target.detach()
     if isinstance(target, DTensor):
         # FSDP2 shards dim 0: this rank holds rows [offset, offset + local rows)
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -225,17 +263,19 @@ def read_entry(target, f, start, stored, where):
         if tuple(local_shape[1:]) != shape[1:]:
             raise WeightsMismatch(f"{where}: only shards of dim 0 can be read")
         rows, local = (offset[0], offset[0] + local_shape[0]), target.to_local()
-    if not local.numel():
-        return
     row_bytes = dtype.itemsize * math.prod(shape[1:])
-    f.seek(start + stored["data_offsets"][0] + rows[0] * row_bytes)
-    direct = local.device.type == "cpu" and local.dtype == dtype and local.is_contiguous()
-    buffer = local if direct else torch.empty(local.shape, dtype=dtype)
-    view = buffer.view(-1).view(torch.uint8).numpy()
-    if f.readinto(view) != view.nbytes:
-        raise ValueError(f"{where}: the file ends early (truncated?)")
-    if not direct:
-        local.copy_(buffer)
+    first = stored["data_offsets"][0] + rows[0] * row_bytes
+    return local, dtype, first, first + local.numel() * dtype.itemsize
+
+
+def with_local(target, local):
+    """`local` as the tensor to put where `target` is: a DTensor of target's layout around it
+    (FSDP2 then adopts it as the shard), or itself."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(target, DTensor):
+        return local
+    return DTensor.from_local(local, target.device_mesh, target.placements, shape=target.shape,
+                              stride=target.stride())
 
 
 class Derived(NamedTuple):

@@ -21,12 +21,25 @@ from config import parse_args  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 
+def file_mappings():
+    """[(start, end, path)] of this process's memory-mapped files (/proc/self/maps)."""
+    found = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                found.append((start, end, fields[5].strip()))
+    return found
+
+
 def assert_same(sharded, reference, where):
     """Each rank's shard of every entry equals the same rows of the whole model; buffers (the
-    non-persistent ones too) equal; nothing is left on the meta device."""
+    non-persistent ones too) equal; nothing is left on the meta device. Returns (sharded
+    entries, {safetensors file: entries whose memory is that file's pages})."""
     entries, expected = sharded.state_dict(), reference.state_dict()
     assert entries.keys() == expected.keys(), where
-    shards = 0
+    shards, mappings, mapped = 0, file_mappings(), {}
     for key, tensor in entries.items():
         want = expected[key]
         if isinstance(tensor, DTensor):
@@ -35,10 +48,13 @@ def assert_same(sharded, reference, where):
             want = want[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
             tensor, shards = tensor.to_local(), shards + 1
         assert not tensor.is_meta and torch.equal(tensor.cpu(), want), f"{where}: {key}"
+        for start, end, path in mappings:
+            if tensor.numel() and start <= tensor.data_ptr() < end:
+                mapped[os.path.basename(path)] = mapped.get(os.path.basename(path), 0) + 1
     buffers = dict(reference.named_buffers())
     for key, buffer in sharded.named_buffers():
         assert torch.equal(buffer.cpu(), buffers[key]), f"{where}: buffer {key}"
-    return shards
+    return shards, mapped
 
 
 def main():
@@ -53,16 +69,16 @@ def main():
     torch.manual_seed(args.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
     reference = run.task.build_model(args, run.data, dtype)[0]
-    train_shards = assert_same(run.raw_model, reference, "train.py")
+    train_shards, train_mapped = assert_same(run.raw_model, reference, "train.py")
     assert reads == [1], "train.py did not read the weights shard by shard"
 
     eval_args = eval_script.build_parser().parse_args([checkpoint, "--dist", "fsdp"])
     task = TASKS[args.task]
     model, _ = eval_script.load_placed(task, checkpoint, eval_args, device, world_size, print)
-    eval_shards = assert_same(model, task.load_model(checkpoint)[0], "eval.py")
+    eval_shards, eval_mapped = assert_same(model, task.load_model(checkpoint)[0], "eval.py")
     assert reads == [1, 1], "eval.py did not read the weights shard by shard"
     print(f"rank {rank}: equal ({train_shards} sharded entries in train.py, {eval_shards} in "
-          "eval.py)", flush=True)
+          f"eval.py); memory-mapped: train.py {train_mapped}, eval.py {eval_mapped}", flush=True)
     distributed.cleanup()
 
 

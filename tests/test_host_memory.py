@@ -57,7 +57,7 @@ def save_vit_200mb(folder):
     return str(folder)
 
 
-def test_fsdp_ranks_hold_no_whole_copy_over_load_step_and_checkpoint(small_data, tmp_path):
+def test_fsdp_ranks_hold_no_whole_copy_over_load_step_checkpoint_and_eval(small_data, tmp_path):
     # All parameters train: one process holds the weights, gradients and AdamW moments (4 x 194
     # MB) beside the process itself; each of 2 FSDP2 ranks half of that. A whole copy of the
     # weights on a rank (a gather for the checkpoint, freed gather buffers kept in the heap,
@@ -68,6 +68,21 @@ def test_fsdp_ranks_hold_no_whole_copy_over_load_step_and_checkpoint(small_data,
     ranks = peaks_of(["train.py", *train_args(small_data, folder, tmp_path / "two", *flags,
                                               "--dist", "fsdp")], processes=2)
     assert sorted(ranks) == [0, 1]
-    assert os.path.isfile(tmp_path / "two" / "checkpoint-1" / "model.safetensors")
+    checkpoint = tmp_path / "two" / "checkpoint-1"
+    assert os.path.isfile(checkpoint / "model.safetensors")
     for rank, (anon, _) in ranks.items():
         assert anon < 0.75 * one, f"rank {rank}: {anon:.0f} MB, one process {one:.0f} MB"
+
+    # eval.py: one process keeps the checkpoint's weights memory-mapped (from_pretrained), and so
+    # do the ranks with their shards; beside that a rank holds FSDP2's gather buffers (about 3
+    # of the 16 blocks: 36 MB) and a batch. Its own copy of its shards (half the weights, 97 MB)
+    # would cross the bound.
+    weights_mb = os.path.getsize(checkpoint / "model.safetensors") / 2 ** 20
+    evaluate = ["eval.py", checkpoint, "--val_data", small_data["digits_val"],
+                small_data["faces_val"], "--batch_size", 2, "--num_workers", 0, "--force"]
+    one = peaks_of(evaluate)[0][0]
+    ranks = peaks_of([*evaluate, "--dist", "fsdp"], processes=2)
+    assert sorted(ranks) == [0, 1]
+    for rank, (anon, _) in ranks.items():
+        assert anon < one + 0.5 * weights_mb, (f"eval.py rank {rank}: {anon:.0f} MB, one process "
+                                               f"{one:.0f} MB, weights {weights_mb:.0f} MB")

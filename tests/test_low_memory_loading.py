@@ -22,6 +22,12 @@ def test_sharded_loading_equals_whole_loading_on_every_rank(small_data, tiny_qwe
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "each process reads only its shards of the weights" in result.stdout
     assert "rank 0: equal" in result.stdout and "rank 1: equal" in result.stdout
+    # eval.py's shards are the checkpoint's bf16 pages, memory-mapped, not private copies;
+    # train.py converts the folder's fp32 into bf16 parameters, so it reads into its own memory
+    for rank in (0, 1):
+        assert (f"rank {rank}: equal (58 sharded entries in train.py, 58 in eval.py); "
+                "memory-mapped: train.py {}, eval.py {'model.safetensors': 56, "
+                "'head.safetensors': 2}") in result.stdout, result.stdout[-3000:]
 
 
 LAUNCHER = """import runpy, sys

@@ -508,7 +508,9 @@ def benchmark_fsdp_memory(args):
         out = os.path.join(folder, f"bench_run_{processes}")
         shutil.rmtree(out, ignore_errors=True)
         dist = ["--dist", "fsdp"] if processes > 1 else []
-        fresh, _ = measured(processes, [me, "--run_phases", *flags, *dist, "--max_steps", "1",
+        # both runs are one schedule of 2 steps (resume refuses another --max_steps): run_phases
+        # writes checkpoint-1 after the first, checkpoint-2 after the resumed one
+        fresh, _ = measured(processes, [me, "--run_phases", *flags, *dist, "--max_steps", "2",
                                         "--output_dir", out])
         resumed, _ = measured(processes, [me, "--run_phases", *flags, *dist, "--max_steps", "2",
                                           "--output_dir", out, "--resume", "latest"])
