@@ -490,7 +490,6 @@ def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=cla
     records = RecordTable.concatenate(reading.parts, reading.sources)
     if labelled:
         check_labels(records, registry, reading.errors)
-    check_image_files(records, reading.errors)
     for note in reading.notes:
         say(f"note: {note}")
     raise_data_errors(reading.errors, len(records), [s.text for s in parsed])
@@ -498,9 +497,10 @@ def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=cla
 
 
 def read_json_source(spec, reading, jsonl_record):
-    source_id = reading.add_source(JsonlFile(spec.path))
+    source = JsonlFile(spec.path)
+    source_id = reading.add_source(source)
     folder = os.path.dirname(os.path.abspath(spec.path))
-    rows, labels, dataset_ids, members = [], [], [], []
+    rows, labels, dataset_ids, members, fields = [], [], [], [], {}
     for row, where, item in json_items(spec.path, reading.errors):
         try:
             name, images, label = jsonl_record(item)
@@ -516,11 +516,18 @@ def read_json_source(spec, reading, jsonl_record):
         except ValueError as e:
             reading.errors.append(f"{where}: {e}")
             continue
-        for image, _ in images:
+        for image, field in images:
+            if field != "image_path":  # a conversation's turn: named as such if it is missing
+                fields[len(members)] = field
             rows.append(row)
             labels.append(label)
             dataset_ids.append(dataset_id)
             members.append(os.path.join(folder, image))
+    with ThreadPoolExecutor(16) as pool:  # stat calls: slow on network filesystems one by one
+        found = list(pool.map(os.path.isfile, members))
+    reading.errors += [f"{source.where(rows[k], members[k])}: field "
+                       f"'{fields.get(k, 'image_path')}': image file not found: {members[k]}"
+                       for k, ok in enumerate(found) if not ok]
     reading.parts.append(part(source_id, dataset_ids, rows, labels, members))
 
 
@@ -727,17 +734,6 @@ def check_classes(registry, tables):
         if records is not None:
             check_labels(records, registry, errors)
     raise_data_errors(errors, 1, [])
-
-
-def check_image_files(records, errors):
-    """Image files named by JSON records exist (stat calls, 16 at a time: slow on network
-    filesystems one by one)."""
-    files = [s for s, source in enumerate(records.sources) if isinstance(source, JsonlFile)]
-    named = np.flatnonzero(np.isin(records.source_ids, files)).tolist()
-    with ThreadPoolExecutor(16) as pool:
-        exists = list(pool.map(os.path.isfile, [records.member(i) for i in named]))
-    errors += [f"{records[i].source}: field 'image_path': image file not found: "
-               f"{records.member(i)}" for i, ok in zip(named, exists) if not ok]
 
 
 # ----------------------------------------------------------------------------- tar index

@@ -110,7 +110,11 @@ def test_bad_records_and_flags_are_refused_before_the_first_step(small_data, dem
         {"conversations": [{"role": "user", "type": "text", "content": "hello"},
                            {"role": "assistant", "type": "text", "content": "hi"}]},
         {"caption": "a one"},
-        {"image_path": image, "dataset_name": "digits", "label": 1}])
+        {"image_path": image, "dataset_name": "digits", "label": 1},
+        {"conversations": [{"role": "user", "type": "image", "image_path": image},
+                           {"role": "user", "type": "text", "content": "and this one?"},
+                           {"role": "user", "type": "image", "image_path": "gone.png"},
+                           {"role": "assistant", "type": "text", "content": "a one"}]}])
 
     def error(*args):
         with pytest.raises(SystemExit):
@@ -122,6 +126,9 @@ def test_bad_records_and_flags_are_refused_before_the_first_step(small_data, dem
     assert f"{records}:2: a text-only record" in message
     assert f"{records}:3: a text-only record" in message
     assert f"{records}:1:" not in message and f"{records}:4:" not in message
+    # a missing image is named by the field that holds it
+    assert (f"{records}:5: field 'conversations[2].image_path': image file not found: "
+            f"{tmp_path / 'gone.png'}") in message
     vae = save_tiny_vae(tmp_path / "vae")
     args = ["--task", "autoencoder", "--train_jsonl", small_data["digits_train"], "--output_dir",
             out, "--image_size", 8]
