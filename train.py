@@ -144,12 +144,7 @@ def train(args, rank, world_size, device):
                                          num_workers=args.num_workers, persistent=True,
                                          prefetch_factor=args.prefetch_factor,
                                          pin_memory=device.type == "cuda")
-                stateful = hasattr(loader, "load_state_dict")
-                if args.resume and stateful != (state.loader_state is not None):
-                    raise ValueError(f"--resume {state.last_saved}: a run resumes with "
-                                     "--streaming exactly when it was trained with it (the "
-                                     "checkpoint holds the stream's position)")
-                if stateful and state.loader_state is not None:
+                if state.loader_state is not None:  # a stream's loader: its position
                     loader.load_state_dict(state.loader_state)
                 state.loader = loader
             else:  # the epoch travels with each sample's key: workers hold no state of their own
@@ -184,7 +179,8 @@ def build_run(args, rank, world_size, device):
     check_output_dir(args)
     data = task.load_data(args, say)
     fingerprint = run_fingerprint(args, data)
-    changed = check_resume_flags(args, world_size, fingerprint, say) if args.resume else []
+    changed = (check_resume_flags(args, world_size, fingerprint, say,
+                                  stream=task.train_size(data) is None) if args.resume else [])
 
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
     raw_model, backbone, inputs, sources = build_model(args, task, data, param_dtype, world_size,
@@ -226,10 +222,12 @@ def build_run(args, rank, world_size, device):
                eval_cache=EvalCache(args.eval_cache_mb, tqdm.write if rank == 0 else say))
 
 
-def check_resume_flags(args, world_size, fingerprint, say):
-    """--resume continues the run a checkpoint belongs to: an EMA on exactly when it kept one,
-    and the flags that define the run as its training_info.json records them. A difference is
-    refused, each named, unless --allow_changed_flags (then they are named and returned)."""
+def check_resume_flags(args, world_size, fingerprint, say, stream):
+    """--resume continues the run a checkpoint belongs to: an EMA on exactly when it kept one, a
+    stream's position (`stream`: the training data is read as a stream) exactly when it kept one,
+    from as many processes and DataLoader workers, and the flags that define the run as its
+    training_info.json records them. A changed flag is refused, each named, unless
+    --allow_changed_flags (then they are named and returned)."""
     folder = resolve_resume(args.resume, args.output_dir)
     info = read_info(folder)
     kept_ema = os.path.isdir(os.path.join(folder, ema.EMA_DIR))
@@ -251,6 +249,15 @@ def check_resume_flags(args, world_size, fingerprint, say):
     if changes:
         say(f"note: --allow_changed_flags: {folder} continues with changed flags: "
             f"{'; '.join(changes)}")
+    saved = info.get("loader_states")  # a stream's position, per rank and DataLoader worker
+    if stream != (saved is not None):
+        raise ValueError(f"--resume {folder}: a run resumes with --streaming exactly when it was "
+                         "trained with it (the checkpoint holds the stream's position)")
+    workers = info["args"].get("num_workers")
+    if saved is not None and (len(saved), workers) != (world_size, args.num_workers):
+        raise ValueError(f"--resume {folder}: its stream position (--streaming) is one per "
+                         f"process and DataLoader worker; it was written by {len(saved)} "
+                         f"process(es) with --num_workers {workers}: resume with the same")
     return changes
 
 
@@ -327,12 +334,7 @@ def start_state(run):
         window = ranks[run.rank]["train_metrics"]
         if window.shape == state.train_metrics.sums.shape:
             state.train_metrics.sums.copy_(window)
-    saved = info.get("loader_states")  # a stream's position, per rank and DataLoader worker
-    workers = info["args"].get("num_workers")
-    if saved is not None and (len(saved), workers) != (run.world_size, args.num_workers):
-        raise ValueError(f"--resume {folder}: its stream position (--streaming) is one per "
-                         f"process and DataLoader worker; it was written by {len(saved)} "
-                         f"process(es) with --num_workers {workers}: resume with the same")
+    saved = info.get("loader_states")  # its shape checked by check_resume_flags
     state.loader_state = saved[run.rank] if saved is not None else None
     state.step, state.best, state.last_saved = info["step"], info["best"], folder
     skipped = info.get("skipped_images", [])

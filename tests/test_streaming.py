@@ -114,13 +114,17 @@ def test_a_streaming_run_resumes_bitwise_after_a_kill(specs, tiny_vit, tmp_path,
         train.main(run_args(tiny_vit, killed, specs, tmp_path, "--num_workers", 0, "--resume",
                             "latest"))
     assert e.value.code == 2
-    assert "is one per process and DataLoader worker" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "is one per process and DataLoader worker" in captured.err
+    assert "trainable" not in captured.out  # refused before the model is built
     argv = run_args(tiny_vit, killed, specs, tmp_path, "--resume", "latest",
                     "--allow_changed_flags")
     cut = argv.index("--shuffle_buffer")  # the same data read by index: refused, not restarted
     with pytest.raises(SystemExit) as e:
         train.main([a for a in argv[:cut] + argv[cut + 2:] if a != "--streaming"])
-    assert e.value.code == 2 and "resumes with --streaming exactly when" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and "resumes with --streaming exactly when" in captured.err
+    assert "trainable" not in captured.out
     train.main(run_args(tiny_vit, killed, specs, tmp_path, "--resume", "latest"))
     a, b = load_weights(whole / "checkpoint-6"), load_weights(killed / "checkpoint-6")
     assert all(torch.equal(a[k], b[k]) for k in a)
