@@ -336,30 +336,38 @@ def load_sharded_state(folder, model, optimizer=None):
     path = os.path.join(folder, SHARDED_DIR)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is missing: this checkpoint cannot be resumed from")
-    reader, saved = sharded_reader(path)
     if optimizer is None:
         model_state, optim_state = get_model_state_dict(model), None
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
-    check_fits(path, saved, model_state, "model", "this model")
     state = {"model": model_state}
     if optim_state is not None:
         state["optim"] = optim_state["state"]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore",
-                                message=".*assuming the intent is to load in a single process")
-        try:
-            dcp.load(state, storage_reader=reader,
+    load_state_files(path, state, {"model": "this model"}, "the sharded state",
                      planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-        # a truncated shard file, a shape that does not fit
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"{path}: cannot load the sharded state ({reason(e)})") from None
     if optim_state is None:
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(
             model, optimizer, model_state_dict=state["model"],
             optim_state_dict={"state": state["optim"], "param_groups": optim_state["param_groups"]})
+
+
+def load_state_files(path, state, fitting, what, **options):
+    """Read what save_state_files wrote at `path` into `state` ({part: {key: tensor}}) in place,
+    on any world size and sharding. fitting: {part: its description} of the parts every tensor of
+    which must be saved, in its shape (check_fits); a truncated file is an error naming it."""
+    reader, saved = sharded_reader(path)
+    for part, described in fitting.items():
+        check_fits(path, saved, state[part], part, described)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore",
+                                message=".*assuming the intent is to load in a single process")
+        try:
+            dcp.load(state, storage_reader=reader, **options)
+        # a truncated shard file, a shape that does not fit
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"{path}: cannot load {what} ({reason(e)})") from None
 
 
 def sharded_reader(path):

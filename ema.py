@@ -23,7 +23,6 @@ best checkpoint by them); a checkpoint holds the shadow in ema_state/ (what resu
 the EMA model under ema/ in the model's own files (what eval.py reads).
 """
 import os
-import warnings
 from contextlib import contextmanager
 
 import torch
@@ -128,20 +127,9 @@ def save_ema_state(folder, shadow):
 
 def load_ema_state(folder, shadow):
     """Read folder/ema_state into `shadow` in place, on any world size and sharding."""
-    import torch.distributed.checkpoint as dcp
     path = os.path.join(folder, EMA_DIR)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is missing: this checkpoint was written without "
                                 "--ema_decay, so its EMA cannot be resumed")
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from checkpoint import CheckpointError, check_fits, sharded_reader
-    from files import reason
-    reader, saved = sharded_reader(path)  # a truncated shard: an error naming the file
-    check_fits(path, saved, shadow, "ema", "this model's EMA")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
-        try:
-            dcp.load({"ema": shadow}, storage_reader=reader)
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"{path}: cannot load the EMA ({reason(e)})") from None
+    from checkpoint import load_state_files  # checkpoint.py imports this module
+    load_state_files(path, {"ema": shadow}, {"ema": "this model's EMA"}, "the EMA")
