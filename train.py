@@ -326,7 +326,7 @@ def start_state(run):
     if run.ema is not None:  # an EMA on exactly when the checkpoint has one: check_resume_flags
         ema.load_ema_state(folder, run.ema)
     # Any world size and --dist the checkpoint was written with.
-    load_sharded_state(folder, run.model, run.optimizer)
+    load_sharded_state(folder, run.model, run.optimizer, trained_now(run), run.say)
     run.scaler.load_state_dict(trainer_state["scaler"])
     ranks = trainer_state["ranks"]
     if run.rank < len(ranks):  # another world size starts with fresh RNG and an empty window
@@ -342,6 +342,15 @@ def start_state(run):
         state.skipped_images = skipped  # the totals of all ranks so far
     run.say(f"resumed from {folder} at step {state.step}")
     return state
+
+
+def trained_now(run):
+    """Parameters this run trains that a checkpoint of its earlier part may lack (left out while
+    frozen: save_sharded_state), where it was resumed with changed flags; else none."""
+    if not run.changed_flags:
+        return ()
+    return [n for n, p in run.raw_model.named_parameters(remove_duplicate=False)
+            if p.requires_grad]
 
 
 def train_step(run, state, batches, log):
@@ -573,8 +582,14 @@ def finish(run, state, log):
     final_metrics, evaluated = {}, None
     if not args.no_final_eval:
         evaluated = state.best["checkpoint"] or state.last_saved
-        if state.best["checkpoint"]:
-            load_sharded_state(state.best["checkpoint"], run.model)
+        if state.best["checkpoint"] and load_sharded_state(state.best["checkpoint"], run.model,
+                                                           may_lack=trained_now(run)):
+            # written before a resume that trains more: its frozen parameters are not in it
+            run.say(f"note: the final evaluation is of {state.last_saved}, not of the best "
+                    f"{evaluated}, which left out parameters this run has trained since it")
+            load_sharded_state(state.last_saved, run.model, may_lack=trained_now(run))
+            evaluated = state.last_saved
+        elif state.best["checkpoint"]:
             if args.best_metric.startswith(ema.METRIC_PREFIX):  # the EMA weights won
                 ema.load_ema_state(state.best["checkpoint"], run.ema)
                 ema.copy_into(run.raw_model, run.ema)  # for good: training is over
