@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -109,13 +110,35 @@ REGISTRY_NAMES = ("description", "labels")
 
 def run_fingerprint(args, data):
     """What defines a run beside its flags' text, kept in training_info.json: the sizes of its
-    data files and the registry as loaded (a registry file can change under the same name)."""
+    data files, the registry as loaded (a registry file can change under the same name) and the
+    --model folder's weight files (model_files_sample)."""
     files = {flag: [[path, size] for spec in getattr(args, flag) or []
                     for path, size, _ in spec_files(spec)] for flag in ("train_data", "val_data")}
     registry = getattr(data, "registry", None) or None
     return {"files": files, "registry": registry and {
         name: {k: v for k, v in vars(spec).items() if k not in REGISTRY_NAMES}
-        for name, spec in registry.items()}}
+        for name, spec in registry.items()}, "model": model_files_sample(args.model)}
+
+
+def model_files_sample(folder, blocks=16, block_bytes=1 << 16):
+    """{weight file: [size, CRC-32 of `blocks` evenly spaced blocks]} of a model folder. A resumed
+    run reads what it does not train (a frozen backbone) from the folder again, so another model
+    under the same path (another revision or fine-tune, the same size) must not pass unnoticed;
+    16 x 64 KB of each file tell them apart without reading gigabytes."""
+    if not folder or not os.path.isdir(folder):
+        return None  # a preset: nothing read from disk
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.endswith((".safetensors", ".bin")) or not os.path.isfile(path):
+            continue
+        size, crc = os.path.getsize(path), 0
+        with open(path, "rb") as f:
+            for i in range(blocks):
+                f.seek(size * i // blocks)
+                crc = zlib.crc32(f.read(block_bytes), crc)
+        found[name] = [size, crc]
+    return found
 
 
 def changed_run_flags(info, args, world_size, fingerprint, may_change=frozenset()):
@@ -138,6 +161,10 @@ def changed_run_flags(info, args, world_size, fingerprint, may_change=frozenset(
     for name in sorted(now):
         if name not in skip and name in saved and plain(saved[name]) != plain(now[name]):
             changes.append(f"--{name} {short(saved[name])} -> {short(now[name])}")
+    if before.get("model") is not None and saved.get("model") == args.model:
+        changes += [f"--model {args.model}: {name} differs from the file the run started from"
+                    for name in sorted(set(before["model"]) | set(fingerprint["model"] or {}))
+                    if before["model"].get(name) != (fingerprint["model"] or {}).get(name)]
     for flag, files in (before.get("files") or {}).items():  # same paths, other contents
         sizes = dict(map(tuple, fingerprint["files"].get(flag) or []))
         changes += [f"--{flag} {path}: {size} bytes -> {sizes[path]}" for path, size in files

@@ -116,15 +116,18 @@ def test_resume_mid_epoch_with_the_whole_recipe_continues_exactly(small_data, ti
 def test_resume_refuses_flags_that_change_the_run_naming_each_unless_allowed(
         small_data, tiny_vit, tmp_path, capsys):
     """A resume continues the run its checkpoint belongs to: a changed learning rate, seed,
-    global batch, pooling, schedule length, registry or data file is refused, each named in one
-    line; --allow_changed_flags names them and goes on."""
+    global batch, pooling, schedule length, registry, data file or model file (another model of
+    the same size under the same path) is refused, each named in one line;
+    --allow_changed_flags names them and goes on."""
+    from safetensors.torch import load_file, save_file
     registry, digits = tmp_path / "datasets.json", tmp_path / "digits_train.jsonl"
     shutil.copy(small_data["registry"], registry)
     shutil.copy(small_data["digits_train"], digits)
+    model = shutil.copytree(tiny_vit, tmp_path / "model")
     data = {**small_data, "registry": str(registry), "digits_train": str(digits)}
     out = tmp_path / "run"
     common = ["--max_steps", 4, "--save_steps", 2, "--skip_evaluation"]
-    run_train(train_args(data, tiny_vit, out, *common))
+    run_train(train_args(data, model, out, *common))
     shutil.rmtree(out / "checkpoint-4")  # as if killed after step 3: resume from checkpoint-2
     capsys.readouterr()
     with open(registry) as f:
@@ -134,14 +137,18 @@ def test_resume_refuses_flags_that_change_the_run_naming_each_unless_allowed(
     size = os.path.getsize(digits)
     with open(digits, "a") as f:
         f.write(json.dumps(read_jsonl(digits)[0]) + "\n")
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v + 1 for k, v in tensors.items()}, weights, metadata={"format": "pt"})
     changed = ["--lr", 2e-3, "--seed", 1, "--batch_size", 4, "--pooling", "mean", "--max_steps", 6]
     with pytest.raises(SystemExit) as e:
-        run_train(train_args(data, tiny_vit, out, *common, *changed, "--resume", "latest"))
+        run_train(train_args(data, model, out, *common, *changed, "--resume", "latest"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
     for change in ["--datasets digits.eval_ratio 0.5 -> 0.25", "--lr 0.001 -> 0.002",
                    '--pooling "auto" -> "mean"', "--seed 42 -> 1",
                    f"--train_data {digits}: {size} bytes -> {os.path.getsize(digits)}",
+                   f"--model {model}: model.safetensors differs from the file the run started",
                    "--batch_size x processes 8 x 1 -> 4 x 1 (the global micro-batch)",
                    "--max_steps 4 -> --max_steps 6 (the length of the --lr_scheduler cosine"]:
         assert change in err, change
@@ -150,11 +157,12 @@ def test_resume_refuses_flags_that_change_the_run_naming_each_unless_allowed(
     registry.write_text(json.dumps({**entries, "digits": {**entries["digits"],
                                                           "eval_ratio": 0.5}}))
     shutil.copy(small_data["digits_train"], digits)
-    run_train(train_args(data, tiny_vit, out, *common, "--logging_steps", 1, "--num_workers", 1,
+    save_file(tensors, weights, metadata={"format": "pt"})
+    run_train(train_args(data, model, out, *common, "--logging_steps", 1, "--num_workers", 1,
                          "--resume", "latest"))
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     shutil.rmtree(out / "checkpoint-4")
-    run_train(train_args(data, tiny_vit, out, *common, "--lr", 2e-3, "--resume", "latest",
+    run_train(train_args(data, model, out, *common, "--lr", 2e-3, "--resume", "latest",
                          "--allow_changed_flags"))
     assert "continues with changed flags: --lr 0.001 -> 0.002" in capsys.readouterr().out
     logged = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "changed_flags"]
