@@ -1,13 +1,15 @@
 """Exponential moving average of the model's weights (--ema_decay, --ema_every).
 
-After every `every`-th optimizer step, for each parameter w of the model (trainable or not) and
-each floating-point buffer it saves (BatchNorm's running mean and variance):
+After every `every`-th optimizer step, for each parameter w that trains and each floating-point
+buffer the model saves (BatchNorm's running mean and variance):
 
     ema = decay * ema + (1 - decay) * w
 
-computed in float32 whatever the parameters' dtype. The statistics are averaged with the weights,
-as timm's ModelEmaV2/V3 do: the current statistics belong to the current weights, and using them
-with the averaged weights cost a ResNet 7 points (demo digits, 3 seeds: 87.7% against 94.9%).
+computed in float32 whatever the parameters' dtype. A frozen parameter (a frozen backbone, LoRA's
+base weights) is its own average: it has no shadow, which would be a float32 copy of it in every
+process for nothing. The statistics are averaged with the weights, as timm's ModelEmaV2/V3 do:
+the current statistics belong to the current weights, and using them with the averaged weights
+cost a ResNet 7 points (demo digits, 3 seeds: 87.7% against 94.9%).
 The shadow is a dict {name: tensor} holding one float32 tensor per parameter or buffer *as the
 model holds it*: under FSDP2 the parameters are DTensor shards and so is the shadow (same mesh
 and placements), so each process keeps and updates only its own shard.
@@ -45,8 +47,9 @@ def _local(t):
 
 
 def _averaged(model):
-    """{name: tensor} of what the EMA averages, as this process holds them: the parameters and
-    the floating-point buffers that are saved (not constants such as rotary frequencies).
+    """{name: tensor} of what the EMA averages, as this process holds them: the parameters that
+    train and the floating-point buffers that are saved (not constants such as rotary
+    frequencies).
     Under FSDP2 every unit is resharded first: the root keeps its weights gathered after a
     forward without backward (an evaluation), and a later forward would reuse that stale
     gathered copy instead of the shards written here."""
@@ -54,7 +57,7 @@ def _averaged(model):
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-    averaged = dict(model.named_parameters())
+    averaged = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for prefix, module in model.named_modules():
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
@@ -125,11 +128,15 @@ def save_ema_state(folder, shadow):
     save_state_files(os.path.join(folder, EMA_DIR), {"ema": shadow})
 
 
-def load_ema_state(folder, shadow):
-    """Read folder/ema_state into `shadow` in place, on any world size and sharding."""
+def load_ema_state(folder, shadow, may_lack=()):
+    """Read folder/ema_state into `shadow` in place, on any world size and sharding. Entries named
+    in `may_lack` that it lacks (parameters frozen when it was written) keep their value: the
+    weights they had, their average while frozen. Returns those names."""
     path = os.path.join(folder, EMA_DIR)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is missing: this checkpoint was written without "
                                 "--ema_decay, so its EMA cannot be resumed")
     from checkpoint import load_state_files  # checkpoint.py imports this module
-    load_state_files(path, {"ema": shadow}, {"ema": "this model's EMA"}, "the EMA")
+    # a copy of the dict (the same tensors, read in place): the entries it lacks leave the copy
+    return load_state_files(path, {"ema": dict(shadow)}, {"ema": "this model's EMA"}, "the EMA",
+                            may_lack)

@@ -324,7 +324,7 @@ def start_state(run):
     info = read_info(folder)
     trainer_state = load_trainer_state(folder)
     if run.ema is not None:  # an EMA on exactly when the checkpoint has one: check_resume_flags
-        ema.load_ema_state(folder, run.ema)
+        ema.load_ema_state(folder, run.ema, trained_now(run))
     # Any world size and --dist the checkpoint was written with.
     load_sharded_state(folder, run.model, run.optimizer, trained_now(run), run.say)
     run.scaler.load_state_dict(trainer_state["scaler"])

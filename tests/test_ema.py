@@ -33,9 +33,11 @@ def perturb(model, k):
 
 def test_update_is_decay_times_ema_plus_one_minus_decay_times_weights():
     model, d = tiny_model(), 0.9
-    model.head.requires_grad_(False)  # frozen parameters are averaged too (they do not move)
+    model.head.requires_grad_(False)  # a frozen parameter is its own average: no shadow
     history = [{n: p.detach().double().clone() for n, p in model.named_parameters()}]
     shadow = make_ema(model)
+    assert set(shadow) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "head.weight" not in shadow and len(shadow) > 2
     for k in range(1, 4):
         perturb(model, k)
         update_ema(shadow, model, d)

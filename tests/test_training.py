@@ -171,19 +171,22 @@ def test_resume_refuses_flags_that_change_the_run_naming_each_unless_allowed(
 
 def test_frozen_parameters_stay_out_of_the_sharded_state_and_a_resume_may_train_them(
         small_data, tiny_vit, tmp_path, capsys):
-    """--train_only_head: the sharded state holds what trains (the head), not the frozen backbone,
-    which model.safetensors holds as --model gave it. A resume that trains the backbone too
-    (--allow_changed_flags) starts it from --model's weights and says so; the best checkpoint,
-    written while it was frozen, is not the one the final evaluation restores, and that is said."""
+    """--train_only_head: the sharded state and the EMA hold what trains (the head), not the
+    frozen backbone, which model.safetensors holds as --model gave it. A resume that trains the
+    backbone too (--allow_changed_flags) starts it and its EMA from --model's weights and says
+    so; the best checkpoint, written while it was frozen, is not the one the final evaluation
+    restores, and that is said."""
     from safetensors.torch import load_file
 
     from checkpoint import sharded_reader
-    out, common = tmp_path / "run", ["--save_steps", 2, "--eval_steps", 2]
+    out, common = tmp_path / "run", ["--save_steps", 2, "--eval_steps", 2, "--ema_decay", 0.5]
     run_train(train_args(small_data, tiny_vit, out, "--max_steps", 2, "--train_only_head",
                          *common))
     saved = sharded_reader(str(out / "checkpoint-2" / "state"))[1]
     assert sorted(k for k in saved if k.startswith("model.")) == ["model.head.bias",
                                                                   "model.head.weight"]
+    saved = sharded_reader(str(out / "checkpoint-2" / "ema_state"))[1]
+    assert sorted(saved) == ["ema.head.bias", "ema.head.weight"]
     folder = load_file(os.path.join(tiny_vit, "model.safetensors"))
     written = load_file(out / "checkpoint-2" / "model.safetensors")
     assert written.keys() == folder.keys() and all(torch.equal(folder[k], written[k])
@@ -199,8 +202,9 @@ def test_frozen_parameters_stay_out_of_the_sharded_state_and_a_resume_may_train_
             f"{out / 'checkpoint-2'}") in said
     trained = load_file(out / "checkpoint-4" / "model.safetensors")
     assert all(not torch.equal(folder[k], trained[k]) for k in folder if k.endswith("weight"))
-    saved = sharded_reader(str(out / "checkpoint-4" / "state"))[1]
-    assert len([k for k in saved if k.startswith("model.backbone.")]) == len(folder)
+    for part, prefix in (("state", "model.backbone."), ("ema_state", "ema.backbone.")):
+        saved = sharded_reader(str(out / "checkpoint-4" / part))[1]
+        assert len([k for k in saved if k.startswith(prefix)]) == len(folder), part
 
 
 def test_keep_limit_keeps_the_latest_and_the_best(small_data, tiny_vit, tmp_path):
