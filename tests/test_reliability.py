@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,23 @@ TIMING = ("samples_per_second", "max_memory_mb")
 
 def comparable(rows):
     return [{k: v for k, v in r.items() if k not in TIMING and "checkpoint" not in k} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def two_steps(small_data, tiny_vit, tmp_path_factory):
+    """copy(to, ema): the output folder of a run of 2 steps (--skip_evaluation, with or without an
+    EMA) copied to `to`; each kind trained once per test process, by train.py in its own process."""
+    made = {}
+
+    def copy(to, ema=False):
+        if ema not in made:
+            out = tmp_path_factory.mktemp("two_steps")
+            flags = ["--max_steps", 2, "--skip_evaluation", *(["--ema_decay", 0.5] if ema else [])]
+            result = run_script("train.py", *train_args(small_data, tiny_vit, out, *flags))
+            assert result.returncode == 0, result.stderr[-2000:]
+            made[ema] = out
+        shutil.copytree(made[ema], to, dirs_exist_ok=True)
+    return copy
 
 
 @pytest.fixture(scope="module")
@@ -221,11 +239,8 @@ def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(small_data, tiny_
 
 @pytest.mark.fault("disk full")
 def test_a_full_disk_while_saving_leaves_earlier_checkpoints_and_nothing_partial(
-        small_data, tiny_vit, tmp_path):
-    first = run_script(
-        "train.py",
-        *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation"))
-    assert first.returncode == 0
+        small_data, tiny_vit, tmp_path, two_steps):
+    two_steps(tmp_path)
     before = load_weights(tmp_path / "checkpoint-2")
     limit = os.path.getsize(tmp_path / "checkpoint-2" / "model.safetensors") // 2
 
@@ -254,11 +269,9 @@ def test_a_full_disk_while_saving_leaves_earlier_checkpoints_and_nothing_partial
 @pytest.mark.fault("corrupt checkpoint")
 @pytest.mark.parametrize("victim",
                          ["model.safetensors", "state", "trainer_state.pt", "training_info.json"])
-def test_a_truncated_checkpoint_is_a_clear_error(small_data, tiny_vit, tmp_path, victim):
-    first = run_script(
-        "train.py",
-        *train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation"))
-    assert first.returncode == 0
+def test_a_truncated_checkpoint_is_a_clear_error(small_data, tiny_vit, tmp_path, two_steps,
+                                                victim):
+    two_steps(tmp_path)
     folder = tmp_path / "checkpoint-2"
     path = folder / victim
     if victim == "state":
@@ -281,11 +294,10 @@ def test_a_truncated_checkpoint_is_a_clear_error(small_data, tiny_vit, tmp_path,
 @pytest.mark.fault("corrupt checkpoint")
 @pytest.mark.parametrize("case", ["truncated EMA shard", "label space with EMA", "label space"])
 def test_a_resume_that_cannot_load_is_one_line_naming_the_file(small_data, tiny_vit, tmp_path,
-                                                               case):
+                                                               two_steps, case):
     ema = ["--ema_decay", 0.5] if "EMA" in case else []
     common = ["--max_steps", 2, "--skip_evaluation", *ema]
-    first = run_script("train.py", *train_args(small_data, tiny_vit, tmp_path, *common))
-    assert first.returncode == 0, first.stderr[-2000:]
+    two_steps(tmp_path, ema=bool(ema))
     folder = tmp_path / "checkpoint-2"
     if case == "truncated EMA shard":
         shard = next(folder / "ema_state" / n for n in sorted(os.listdir(folder / "ema_state"))
