@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 import eval as eval_script
@@ -92,7 +93,10 @@ def test_family_trains_resumes_evaluates_and_exports(name, family_folder, small_
 
     check_export(checkpoint, tmp_path / "exported", exported, small_data)
     cell = exported if exported.startswith("refused: ") else f"{exported} (--pooling {pooling})"
-    assert table_row(name, folder, cell) == documented_rows()[name]
+    measured, documented = table_row(name, folder, cell), documented_rows()[name]
+    if transformers.__version__ != pinned_version("transformers"):  # units follow the release
+        del measured[3], documented[3]
+    assert measured == documented
 
 
 def check_export(checkpoint, out, exported, small_data):
@@ -140,6 +144,12 @@ def describe_units(backbone):
     kinds = list(dict.fromkeys(type(u).__name__ for u in units if u is not vision))
     parts = (["vision tower"] if vision is not None else []) + [f"each {k}" for k in kinds]
     return ", ".join(parts) or "none: sharded whole"
+
+
+def pinned_version(package):
+    """The version constraints.txt pins, which docs/backbones.md's table is of."""
+    with open(os.path.join(ROOT, "constraints.txt")) as f:
+        return next(line.split("==")[1].strip() for line in f if line.startswith(f"{package}=="))
 
 
 def documented_rows():
