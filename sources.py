@@ -43,7 +43,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 TAR_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # the first a sample has is its image
 INDEX_SUFFIX = ".index.npz"
 INDEX_DIR = "tar_index"  # in a run's folder: the indexes of shards whose folder is read-only
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: damaged headers, cut shards and repeated keys are errors
 NO_IMAGE = -1  # the offset of a shard's sample without an image member
 NO_LABEL = np.iinfo(np.int64).min  # the label of a record without one
 
@@ -706,15 +706,17 @@ def read_shards(spec, reading, jsonl_record):
 
 def check_labels(records, registry, errors):
     """Every record's label inside [0, num_classes) of its dataset, checked on the arrays; each
-    problem names its record. A dataset whose class count is not known yet is left to
-    check_classes (a later source may give it)."""
+    problem names its record. A record without a label is listed whatever the class count; the
+    range of a dataset whose class count is not known yet is left to check_classes (a later
+    source may give it)."""
     for dataset_id, (name, spec) in enumerate(registry.items()):
         members = np.flatnonzero(records.dataset_ids == dataset_id)
-        if not len(members) or spec.num_classes is None:
+        if not len(members):
             continue
         k, labels = spec.num_classes, records.labels[members]
         missing = members[labels == NO_LABEL]
-        outside = members[(labels != NO_LABEL) & ((labels < 0) | (labels >= k))]
+        outside = (members[(labels != NO_LABEL) & ((labels < 0) | (labels >= k))]
+                   if k is not None else members[:0])
         errors += [f"{records[i].source}: no label (a .cls member, the 'label' of a .json member, "
                    "or the label column)" for i in missing[:20].tolist()]
         errors += [f"{records[i].source}: field 'label': {records.labels[i]} is outside [0, {k}) "
@@ -724,12 +726,28 @@ def check_labels(records, registry, errors):
                           f"{len(outside)} with one outside [0, {k}) in all")
 
 
+def source_kind(source):
+    """What a source is, for a message about what it does not give."""
+    if isinstance(source, ArrowTable):
+        return (("Parquet files" if source.files else "a Hugging Face dataset") +
+                " with an integer label column, not a ClassLabel")
+    return {JsonlFile: "JSONL records", TarShard: "WebDataset shards"}.get(type(source),
+                                                                           type(source).__name__)
+
+
 def check_classes(registry, tables):
     """After every source of a run is read: each dataset knows its class count, and every
     record's label is checked against it (also those read before a later source gave it)."""
-    errors = [f"dataset {name!r}: no num_classes in the registry, and its records do not say how "
-              "many classes it has (JSONL records and WebDataset shards do not): add num_classes"
-              for name, spec in registry.items() if spec.num_classes is None]
+    errors = []
+    for dataset_id, (name, spec) in enumerate(registry.items()):
+        if spec.num_classes is not None:
+            continue
+        kinds = sorted({source_kind(t.sources[s]) for t in tables if t is not None
+                        for s in np.unique(t.source_ids[t.dataset_ids == dataset_id]).tolist()})
+        said = f" ({'; '.join(kinds)})" if kinds else ""
+        errors.append(f"dataset {name!r}: no num_classes in the registry, and its sources{said} "
+                      "do not say how many classes it has (an image folder or a ClassLabel "
+                      "column does): add num_classes")
     for records in tables:
         if records is not None:
             check_labels(records, registry, errors)
@@ -780,11 +798,15 @@ def sample_key(name):
 
 
 def build_tar_index(shard, size):
-    """Read a shard's headers once; the .cls / .json members are read for their labels."""
-    samples, problems = {}, []
+    """Read a shard's headers once; the .cls / .json members are read for their labels. tarfile
+    takes a damaged or short header for the end of the archive, so where it stopped is checked
+    (tar_end_problem): else the samples after it would be lost without a word."""
+    samples, problems, tar = {}, [], None
+    current, fields, name = None, {}, None  # the sample being read, its fields, the last member
     try:
         with tarfile.open(shard, mode="r:") as tar:
             for member in tar:
+                name = member.name
                 if not member.isfile():
                     continue
                 key, field = sample_key(member.name)
@@ -795,9 +817,24 @@ def build_tar_index(shard, size):
                 if member.offset_data + member.size > size:
                     problems.append(f"{where}: cut off (the shard ends at byte {size})")
                     break
-                sample = samples.setdefault(key, {"image": None, "cls": NO_LABEL,
-                                                  "json": NO_LABEL})
                 field = field.lower()
+                if key != current:
+                    current, fields = key, {}
+                    if key in samples:  # WebDataset's readers make two samples of one key
+                        first, offset = samples[key]["first"]
+                        problems.append(f"{shard}: key {key!r} again at member {member.name} "
+                                        f"(byte {member.offset}) after other keys; its first "
+                                        f"member is {first} (byte {offset})")
+                        continue
+                    samples[key] = {"image": None, "cls": NO_LABEL, "json": NO_LABEL,
+                                    "first": (member.name, member.offset)}
+                if field in fields:
+                    problems.append(f"{shard}: key {key!r} has .{field} twice: members "
+                                    f"{fields[field][0]} (byte {fields[field][1]}) and "
+                                    f"{member.name} (byte {member.offset})")
+                    continue
+                fields[field] = (member.name, member.offset)
+                sample = samples[key]
                 if field in TAR_IMAGE_FIELDS:
                     if sample["image"] is None:
                         sample["image"] = (member.name, member.offset_data, member.size)
@@ -806,10 +843,22 @@ def build_tar_index(shard, size):
                         sample[field] = tar_label(field, tar.extractfile(member).read())
                     except ValueError as e:
                         problems.append(f"{where}: {e}")
+            else:
+                problem = tar_end_problem(shard, tar.offset, size, name)
+                if problem:
+                    problems.append(problem)
     except (tarfile.TarError, OSError) as e:
-        problems.append(f"{shard}: not a readable tar file ({e})")
+        if tar is None:  # the first header (tarfile names what is wrong with it)
+            problems.append(f"{shard}: not a readable tar file (byte 0: {e})")
+        elif tar.offset > size:  # the padding of the last member's data is cut off
+            problems.append(f"{shard}: cut off after member {name} (the shard ends at byte "
+                            f"{size}, its next header was due at byte {tar.offset})")
+        else:
+            problems.append(f"{shard}: damaged header at byte {tar.offset} ({e})")
     if problems:
-        raise DataError("\n  ".join(problems))
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more in {shard}"]
+                                 if len(problems) > 20 else [])
+        raise DataError("\n  ".join(shown))
     members = [s["image"][0] if s["image"] else key for key, s in samples.items()]
     return {"members": as_bytes(members),
             "offsets": np.array([s["image"][1] if s["image"] else NO_IMAGE
@@ -819,6 +868,51 @@ def build_tar_index(shard, size):
             # .cls first, as WebDataset's own readers take it
             "labels": np.array([s["cls"] if s["cls"] != NO_LABEL else s["json"]
                                 for s in samples.values()], dtype=np.int64)}
+
+
+def tar_end_problem(shard, offset, size, last):
+    """Why the end tarfile found at `offset` is not the archive's end, or None. An end is two
+    zero blocks with only zeros after them (the writer's padding); tarfile also stops, without
+    an error, at a header it cannot read, where a shard is cut short, and at a zero block in the
+    middle."""
+    after = f" after member {last}" if last else ""
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+        if not block:
+            return (f"{shard}: cut off{after}: it ends at byte {size} without the end-of-archive "
+                    "blocks (two zero blocks)")
+        if len(block) < tarfile.BLOCKSIZE and block.strip(b"\0"):
+            return f"{shard}: cut off inside the header at byte {offset} (it ends at byte {size})"
+        if block.strip(b"\0"):
+            return (f"{shard}: damaged header at byte {offset} ({header_problem(block)}); the "
+                    "members from there on cannot be read")
+        position = offset + len(block)
+        while True:  # only zeros to the end: what follows is a writer's padding
+            chunk = f.read(1 << 16)
+            if not chunk:
+                break
+            rest = chunk.lstrip(b"\0")
+            if rest:
+                at = position + len(chunk) - len(rest)
+                at -= at % tarfile.BLOCKSIZE
+                return (f"{shard}: a zero block at byte {offset} (read as the end of the archive)"
+                        f" but data again at byte {at}: a damaged header or a zero block in the "
+                        "middle; the members after it cannot be read")
+            position += len(chunk)
+    if size - offset < 2 * tarfile.BLOCKSIZE:
+        return (f"{shard}: cut off{after}: it ends at byte {size} inside the end-of-archive "
+                f"blocks that start at byte {offset}")
+    return None
+
+
+def header_problem(block):
+    """What tarfile finds wrong with a header block (a bad checksum, a field that is no number)."""
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as e:
+        return str(e)
+    return "a header tarfile does not read"
 
 
 def tar_label(field, data):

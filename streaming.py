@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from dataset import Collate, DataError, ignore_stop_signals, worker_options
-from sources import NO_LABEL, TAR_IMAGE_FIELDS, Reading, expand_paths, parse_spec
+from sources import (NO_IMAGE, NO_LABEL, TAR_IMAGE_FIELDS, Reading, expand_paths, is_url,
+                     load_tar_index, parse_spec, raise_data_errors)
 
 SCHEDULE_BLOCK = 1000  # slots per block of a worker's dataset schedule
 INDEX_SPAN = 2 ** 40  # a stream sample's key: its worker part * INDEX_SPAN + its position there
@@ -65,9 +66,10 @@ class StreamSource:
         return stream
 
 
-def stream_sources(specs, registry, fixed):
+def stream_sources(specs, registry, fixed, index_dir=None, skip_missing_images=False):
     """The StreamSource of each dataset of the training specs (Parquet or shards); the registry
-    completed from the Parquet files' ClassLabel (or checked against it)."""
+    completed from the Parquet files' ClassLabel (or checked against it). Local shards are
+    checked through their index first (check_local_shards)."""
     reading = Reading(registry, True, fixed, False, None)
     by_name = {}
     for text in specs:
@@ -88,6 +90,11 @@ def stream_sources(specs, registry, fixed):
             by_name[spec.name] = StreamSource(spec.name, dataset_id, spec.kind, files,
                                               entry.image_column or "image",
                                               entry.label_column or "label")
+    errors = []
+    for source in by_name.values():
+        if source.kind == "wds":
+            errors += check_local_shards(source.files, index_dir, skip_missing_images)
+    raise_data_errors(errors, 1, [])
     datasets, _ = import_streaming()
     for source in by_name.values():
         if source.kind == "hf":
@@ -96,6 +103,34 @@ def stream_sources(specs, registry, fixed):
                 reading.classes(source.name, feature.names, None,
                                 f"{source.files[0]} (ClassLabel {source.label_column!r})")
     return list(by_name.values())
+
+
+def check_local_shards(files, index_dir, skip_missing_images):
+    """The problems of the local uncompressed shards among `files`, found by their index (built
+    once and cached, as read_records builds it): a damaged or cut shard, a repeated key, a sample
+    without an image (unless skipped) or without a label. datasets' tar reader would stop at a
+    damaged header without a word, and a sample without a label among the first ones fails
+    there without naming it. Remote and compressed shards are checked as they are read."""
+    errors = []
+    for shard in files:
+        if is_url(shard) or not shard.endswith(".tar"):
+            continue
+        try:
+            index = load_tar_index(shard, index_dir)
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        names = [f"{shard}:{m.decode()}" for m in index["members"]]
+        lost = [] if skip_missing_images else np.flatnonzero(index["offsets"] == NO_IMAGE)
+        unlabelled = np.flatnonzero(index["labels"] == NO_LABEL)
+        errors += [f"{names[i]}: no image member (.{', .'.join(TAR_IMAGE_FIELDS)})"
+                   for i in lost[:20]]
+        errors += [f"{names[i]}: no label (a .cls member or the 'label' of a .json member)"
+                   for i in unlabelled[:20]]
+        if len(lost) > 20 or len(unlabelled) > 20:
+            errors.append(f"{shard}: {len(lost)} samples without an image and "
+                          f"{len(unlabelled)} without a label in all")
+    return errors
 
 
 def stream_shares(sources, registry):
@@ -276,10 +311,12 @@ def make_stream_loader(stream, inputs, dataset_names, *, batch_size, num_workers
                               **worker_options(num_workers, persistent_workers, prefetch_factor))
 
 
-def build_stream(specs, registry, fixed, *, seed, rank, world_size, buffer, skip_bad_images):
+def build_stream(specs, registry, fixed, *, seed, rank, world_size, buffer, skip_bad_images,
+                 index_dir=None):
     """(ImageStream, shares, summary) of the training specs; the stream's num_classes and pixels
-    are set once the registry is complete and the model known."""
-    sources = stream_sources(specs, registry, fixed)
+    are set once the registry is complete and the model known. index_dir: where the indexes of
+    local shards go when their folder is read-only."""
+    sources = stream_sources(specs, registry, fixed, index_dir, skip_bad_images)
     shares = stream_shares(sources, registry)
     names = list(registry)
     summary = "training stream (--streaming, share of the samples):\n" + "\n".join(

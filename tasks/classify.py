@@ -210,7 +210,7 @@ def load_data(args, say):
         stream, shares, summary = build_stream(
             args.train_data, registry, bool(args.datasets), seed=args.seed, rank=rank,
             world_size=world_size, buffer=1 if args.no_shuffle else args.shuffle_buffer,
-            skip_bad_images=args.on_bad_image == "skip")
+            skip_bad_images=args.on_bad_image == "skip", index_dir=options["index_dir"])
     else:
         train = read_records(args.train_data, registry, **options,
                              skip_missing_images=args.on_bad_image == "skip")
