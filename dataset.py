@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from augment import AUGMENTS, decode_augmented, sample_rng
-from preprocess import Pixels, decode_pixels
+from preprocess import Pixels, decode_pixels, to_rgb
 
 
 class DataError(ValueError):
@@ -393,7 +393,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 image = self.pixels(image_file, dataset_id, index, epoch, repeat)
             else:
                 with Image.open(image_file) as im:
-                    image = im.convert("RGB")
+                    image = to_rgb(im)  # loaded: usable once the file is closed
         except Exception as e:
             r = records[index]  # its names, for the message only
             named = "" if r.image_path == r.source else f" {r.image_path}"

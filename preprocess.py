@@ -151,14 +151,51 @@ def draft(image, width, height):
     return None if result is None else result[1]
 
 
-def to_rgb(image, alpha_on_white):
-    """RGB as the processor sees it: with do_convert_rgb, transparency is composited onto white
-    (transformers' convert_to_rgb); otherwise Pillow's convert, as the processor path does."""
+def to_rgb(image, alpha_on_white=False):
+    """A decoded image file as RGB, loaded (the file may close after): with do_convert_rgb,
+    transparency is composited onto white (transformers' convert_to_rgb); otherwise Pillow's
+    convert, as the processor path does. Wide greyscale (16-bit, 32-bit, float) is scaled to
+    8 bits first (to_8bit): Pillow's convert would clip it (a 16-bit scan turns white)."""
+    image.load()  # the mode a file decodes to is final once loaded
+    if image.mode in WIDE_MODES:
+        white = image.info.get("transparency") if alpha_on_white else None
+        return to_8bit(image, white).convert("RGB")
     if alpha_on_white and ("A" in image.getbands() or "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# Pillow's single-channel modes wider than 8 bits: 16-bit (a 16-bit greyscale PNG or TIFF),
+# 32-bit integer, 32-bit float.
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_8bit(image, transparent=None):
+    """A wide greyscale image (WIDE_MODES) as 8-bit "L", scaled rather than clipped: integer
+    pixels are 16-bit values, kept as their high byte (v >> 8, as Pillow reads 16-bit RGB
+    PNGs); float pixels are [0, 1], times 255, rounded. Pixels outside that range are a
+    ValueError, not a guess at what range the file meant. Pixels equal to `transparent` (a
+    tRNS grey value) become white, as compositing onto white would make them. Other modes are
+    returned as they are."""
+    if image.mode not in WIDE_MODES:
+        return image
+    pixels = np.asarray(image)
+    low, high = (pixels.min(), pixels.max()) if pixels.size else (0, 0)
+    if image.mode == "F":
+        if not (0 <= low and high <= 1):  # also NaN
+            raise ValueError(f"float pixels (mode F) from {low:g} to {high:g}: expected them "
+                             "in [0, 1]")
+        out = np.rint(pixels * np.float32(255)).astype(np.uint8)
+    else:
+        if low < 0 or high > 65535:
+            raise ValueError(f"32-bit integer pixels (mode {image.mode}) from {low} to {high}: "
+                             "expected 16-bit values, 0 to 65535")
+        out = (pixels.astype(np.uint32) >> 8).astype(np.uint8)
+    if transparent is not None:
+        out[pixels == transparent] = 255
+    return Image.fromarray(out)
 
 
 def center_crop(pixels, height, width):

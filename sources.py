@@ -4,7 +4,8 @@ source, and the RecordTable every task's records live in.
 A SPEC is FILE.jsonl (each line names its dataset; --task generate and autoencoder: .json too) or
 NAME=PATH, where PATH is
   folder  an image folder: one subfolder per class, sorted by name (the names are the class
-          names); the image files under each, at any depth
+          names; where every name is an integer, it is the label); the image files under each,
+          at any depth
   hf      a Hugging Face dataset: .parquet files (a file, a folder of them, a glob) or a folder
           written by datasets' save_to_disk, read with `datasets` (pip install -e '.[hf]');
           columns `image` and `label` (registry image_column / label_column); class names
@@ -431,8 +432,10 @@ class Reading:
     """What one read_records call builds: the sources, the parts of the table, the problems and
     notes found, and each dataset's class names as its sources give them."""
 
-    def __init__(self, registry, labelled, fixed, skip_missing_images, index_dir):
+    def __init__(self, registry, labelled, fixed, skip_missing_images, index_dir,
+                 training=False):
         self.registry, self.labelled, self.fixed = registry, labelled, fixed
+        self.training = training
         self.skip_missing_images, self.index_dir = skip_missing_images, index_dir
         self.sources, self.parts, self.errors, self.notes = [], [], [], []
 
@@ -472,14 +475,15 @@ class Reading:
 
 
 def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=classifier_line,
-                 skip_missing_images=False, index_dir=None, say=print):
+                 skip_missing_images=False, index_dir=None, training=False, say=print):
     """Read and check every record of every spec into one RecordTable; raise one DataError
     listing what is wrong. labelled: records need a class (the classifier); fixed: a dataset
     outside `registry` is an error, else it is added (an entry the sources complete).
     jsonl_record(item) -> (dataset name, [(image, field)], label) reads a JSON record.
     skip_missing_images: a shard's sample without an image is left out (and said), not an
-    error. index_dir: where tar indexes go when a shard's folder is read-only."""
-    reading = Reading(registry, labelled, fixed, skip_missing_images, index_dir)
+    error. index_dir: where tar indexes go when a shard's folder is read-only. training: the
+    training split (an image folder's class without images is an error, not a note)."""
+    reading = Reading(registry, labelled, fixed, skip_missing_images, index_dir, training)
     parsed = [parse_spec(s) for s in specs]
     for spec in parsed:  # NAME= datasets first: the registry's order follows the specs
         if spec.name is not None:
@@ -532,22 +536,30 @@ def read_json_source(spec, reading, jsonl_record):
 
 
 def read_image_folder(spec, reading, jsonl_record):
-    """Subfolders are the classes (sorted; mapped by name onto class names the dataset already
-    has, from the registry's labels or an earlier source), the image files under each at any
-    depth are their samples, in sorted order. Other files are named in a note; images directly
-    in the folder belong to no class (an error for the classifier)."""
+    """Subfolders are the classes (folder_classes: by name, or by integer where every name is
+    one; mapped by name onto class names the dataset already has, from the registry's labels or
+    an earlier source), the image files under each at any depth are their samples, in sorted
+    order (folder_images: links followed, each folder once). Other files are named in a note;
+    images directly in the folder belong to no class (an error for the classifier). A class
+    without any image is named in a note, and is an error in training data."""
     root, name = spec.path, spec.name
     if not os.path.isdir(root):
         raise DataError(f"data spec {spec.text!r}: {root} is not a folder")
     entries = sorted(os.scandir(root), key=lambda e: e.name)
+    reading.errors += [dangling_link(e.path) for e in entries
+                       if not e.name.startswith(".") and is_dangling(e)]
     class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    loose = [e.path for e in entries if not e.is_dir()]
+    loose = [e.path for e in entries if not e.is_dir()
+             and (e.name.startswith(".") or not is_dangling(e))]
     other = [e.path for e in entries if e.is_dir() and e.name.startswith(".")]
     dataset_id = reading.dataset_id(name, f"data spec {spec.text!r}")
     known = reading.registry[name].labels
+    without_folder = []  # classes this folder gives that have no folder (integer names)
     if reading.labelled and known is None:
-        reading.classes(name, class_dirs, None, root)
-        known = class_dirs
+        names = folder_classes(root, class_dirs, reading.errors)
+        reading.classes(name, names, None, root)
+        known = names
+        without_folder = [c for c in names if c not in class_dirs]
     source_id = reading.add_source(ImageFolder(root))
     members, labels = [], []
     images = [p for p in loose if p.lower().endswith(IMAGE_EXTENSIONS)]
@@ -558,6 +570,9 @@ def read_image_folder(spec, reading, jsonl_record):
         members += images
         labels += [0] * len(images)
     other += [p for p in loose if not p.lower().endswith(IMAGE_EXTENSIONS)]
+    stat = os.stat(root)
+    seen = {(stat.st_dev, stat.st_ino): root}  # every folder read (device, inode) -> its path
+    empty = []
     for class_dir in class_dirs:
         if reading.labelled and class_dir not in known:
             reading.errors.append(f"{os.path.join(root, class_dir)}: class folder {class_dir!r} "
@@ -565,20 +580,119 @@ def read_image_folder(spec, reading, jsonl_record):
                                   f"{', '.join(known[:10])}{', ...' if len(known) > 10 else ''})")
             continue
         label = known.index(class_dir) if reading.labelled else 0
-        for folder, dirs, files in os.walk(os.path.join(root, class_dir), followlinks=True):
-            other += [os.path.join(folder, d) for d in dirs if d.startswith(".")]
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in sorted(files):
-                path = os.path.join(folder, f)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                    members.append(path)
-                    labels.append(label)
-                else:
-                    other.append(path)
+        found = folder_images(os.path.join(root, class_dir), seen, reading.errors, other)
+        empty += [] if found else [os.path.join(root, class_dir)]
+        members += found
+        labels += [label] * len(found)
     if other:
         reading.notes.append(f"{root}: {len(other)} file(s) or hidden folder(s) that are not "
                              f"images were not read, e.g. {other[0]}")
+    note_empty_classes(root, name, empty, without_folder, reading)
     reading.parts.append(part(source_id, dataset_id, range(len(members)), labels, members))
+
+
+def folder_classes(root, class_dirs, errors):
+    """The class names of an image folder's class folders, in label order: sorted by name, or
+    where every name is a decimal integer, the integer is the label (the same class as label N
+    of JSONL, Parquet or shards): classes 0 to the largest, a missing integer named as a
+    folder of it would be (zero-padded to the shortest name's width)."""
+    if not class_dirs or not all(re.fullmatch(r"[0-9]+", d) for d in class_dirs):
+        return class_dirs
+    by_value = {}
+    for d in class_dirs:
+        by_value.setdefault(int(d), []).append(d)
+    same = next((v for v in by_value.values() if len(v) > 1), None)
+    if same:  # two folders, one label: no order of the two would be right
+        errors.append(f"{root}: class folders {' and '.join(repr(d) for d in same)} are the same "
+                      f"integer, {int(same[0])}, the label of each: rename one")
+        return class_dirs
+    width = min(len(d) for d in class_dirs)
+    return [by_value[i][0] if i in by_value else str(i).zfill(width)
+            for i in range(max(by_value) + 1)]
+
+
+def note_empty_classes(root, name, empty, without_folder, reading):
+    """Class folders without any image, and integer classes without a folder: their classes
+    have no samples here. A note, as a validation split may lack a class; for training data
+    (reading.training) an error, as it is most likely a mistake."""
+    if not empty and not without_folder:
+        return
+    if not reading.labelled:
+        reading.notes.append(f"{root}: {len(empty)} folder(s) without any image: "
+                             f"{', '.join(empty[:10])}{', ...' if len(empty) > 10 else ''}")
+        return
+    said = []
+    if empty:
+        said.append(f"{len(empty)} class folder(s) without any image ("
+                    f"{', '.join(empty[:10])}{', ...' if len(empty) > 10 else ''})")
+    if without_folder:
+        said.append(f"{len(without_folder)} class(es) without a folder (the class folders are "
+                    f"integers, each the label, so {', '.join(without_folder[:10])}"
+                    f"{', ...' if len(without_folder) > 10 else ''} are classes too)")
+    what = f"{root}: {' and '.join(said)}: their class has no samples in dataset {name!r}"
+    if reading.training:  # one is most likely a mistake; its class would never be learned
+        reading.errors.append(f"{what}; training data needs samples of every class: add them"
+                              + (", or remove the empty folder(s)" if empty else "")
+                              + (", or give the dataset's `labels` in the registry (folders "
+                                 "are then mapped onto them by name)" if without_folder else ""))
+    else:
+        reading.notes.append(what)
+
+
+def folder_images(top, seen, errors, other):
+    """The image files under folder `top` at any depth, sorted, a folder's own before its
+    subfolders' (os.walk's order). Links are followed, each folder once: a folder reached again
+    (a link to a folder above it, a loop, or a second link to one) and a link to nothing are
+    errors naming the link; hidden entries and other files go to `other`."""
+    images, stack = [], [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            stat = os.stat(folder)
+            key = (stat.st_dev, stat.st_ino)
+            if key in seen:
+                errors.append(f"{link_named(folder)}: the same folder as {link_named(seen[key])}"
+                              ", read already: each folder is read once (a link to a folder "
+                              "above it is a loop): remove the link")
+                continue
+            seen[key] = folder
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            errors.append(f"{folder}: cannot be read ({e.strerror})")
+            continue
+        subfolders = []
+        for e in entries:
+            if e.name.startswith("."):
+                other.append(e.path)
+            elif e.is_dir():
+                subfolders.append(e.path)
+            elif is_dangling(e):
+                errors.append(dangling_link(e.path))
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(e.path)
+            else:
+                other.append(e.path)
+        stack += reversed(subfolders)
+    return images
+
+
+def is_dangling(entry):
+    """A link to nothing (is_dir / is_file follow links; a plain entry costs no system call)."""
+    return (entry.is_symlink() and not entry.is_dir() and not entry.is_file()
+            and not os.path.exists(entry.path))
+
+
+def dangling_link(path):
+    try:
+        os.stat(path)
+        problem = "not found"
+    except OSError as e:
+        problem = e.strerror
+    return f"{path}: a link to {os.readlink(path)}, which cannot be read ({problem})"
+
+
+def link_named(path):
+    return f"{path} (a link to {os.path.realpath(path)})" if os.path.islink(path) else path
 
 
 def import_datasets(what):

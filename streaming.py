@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from dataset import Collate, DataError, ignore_stop_signals, worker_options
+from preprocess import to_rgb
 from sources import (NO_IMAGE, NO_LABEL, TAR_IMAGE_FIELDS, Reading, expand_paths, is_url,
                      load_tar_index, parse_spec, raise_data_errors)
 
@@ -241,7 +242,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                 image = self.pixels(io.BytesIO(data), dataset_id, key, 0, 0)
             else:
                 with Image.open(io.BytesIO(data)) as im:
-                    image = im.convert("RGB")
+                    image = to_rgb(im)
         except Exception as e:
             message = f"{where}: cannot decode image: {e}"
             if self.skip_bad_images:

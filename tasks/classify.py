@@ -212,7 +212,7 @@ def load_data(args, say):
             world_size=world_size, buffer=1 if args.no_shuffle else args.shuffle_buffer,
             skip_bad_images=args.on_bad_image == "skip", index_dir=options["index_dir"])
     else:
-        train = read_records(args.train_data, registry, **options,
+        train = read_records(args.train_data, registry, **options, training=True,
                              skip_missing_images=args.on_bad_image == "skip")
     val = read_records(args.val_data, registry, **options) if args.val_data else None
     check_classes(registry, [train, val])

@@ -36,6 +36,7 @@ from dataset import DataError, EpochSampler, ignore_stop_signals, worker_options
 from sources import json_items, parse_spec, raise_data_errors
 from backbone import LOADING, build_empty, eval_mode, from_pretrained, restore_modes, say
 from files import write_file
+from preprocess import to_8bit
 from tasks.latent import load_codec
 from weights import model_weights, write_pretrained, write_safetensors
 
@@ -176,7 +177,8 @@ def read_image(path, size, channels):
     cannot be read is a DataError."""
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
+            im = to_8bit(im).convert("L" if channels == 1 else "RGB")  # 16-bit scaled, not clipped
+            im = im.resize((size, size), Image.BICUBIC)
     except Exception as e:
         named = f" {path}" if isinstance(path, str) else ""
         raise DataError(f"cannot decode image{named}: {e}") from None
