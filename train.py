@@ -178,7 +178,7 @@ def build_run(args, rank, world_size, device):
     loader_workers(args, say, "epochs (and evaluations the evaluation cache cannot hold)", device)
     check_output_dir(args)
     data = task.load_data(args, say)
-    fingerprint = run_fingerprint(args, data)
+    fingerprint = run_fingerprint(args, data, rank)
     changed = (check_resume_flags(args, world_size, fingerprint, say,
                                   stream=task.train_size(data) is None) if args.resume else [])
 
@@ -242,10 +242,11 @@ def check_resume_flags(args, world_size, fingerprint, say, stream):
     changes = changed_run_flags(info, args, world_size, fingerprint,
                                 TASKS[args.task].RESUME_MAY_CHANGE)
     if changes and not args.allow_changed_flags:
-        raise ValueError(f"--resume {folder}: flags that define the run differ from its "
-                         f"{os.path.basename(folder)}/training_info.json, so this would not "
-                         f"continue it exactly: {'; '.join(changes)}. Give the checkpoint's "
-                         "values, or --allow_changed_flags to continue with the new ones")
+        raise ValueError(f"--resume {folder}: the data or the flags that define the run "
+                         f"differ from its {os.path.basename(folder)}/training_info.json, so "
+                         f"this would not continue it exactly: {'; '.join(changes)}. Give the "
+                         "checkpoint's values and data, or --allow_changed_flags to continue "
+                         "with the new ones")
     if changes:
         say(f"note: --allow_changed_flags: {folder} continues with changed flags: "
             f"{'; '.join(changes)}")
