@@ -19,6 +19,7 @@ import glob
 import hashlib
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 from sources import IMAGE_EXTENSIONS, expand_paths, expand_ranges, is_url, parse_spec
 
@@ -85,15 +86,19 @@ def file_content(path):
 def folder_units(root):
     """{class folder: [images, bytes, digest]} of an image folder ("." for its loose images);
     hidden entries and files that are not images are left out, as the reader leaves them."""
-    units, loose = {}, [0, 0, 0]
+    classes, loose = {}, [0, 0, 0]
     with os.scandir(root) as entries:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
-                units[entry.name] = walk_images(entry.path, entry.name, {root_id(root)})
+                classes[entry.name] = entry.path
             elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
                 add_file(loose, entry, entry.name)
+    top = root_id(root)
+    with ThreadPoolExecutor(16) as pool:  # stat calls wait on the disk (a network one most)
+        units = dict(zip(classes, pool.map(lambda name: walk_images(classes[name], name, {top}),
+                                           classes)))
     if loose[0]:
         units["."] = loose
     return {name: [n, size, f"{digest:016x}"] for name, (n, size, digest) in sorted(units.items())}
