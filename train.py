@@ -41,6 +41,7 @@ from eval import EvalCache, evaluate
 from faults import TrainingError, catch_stop_signals, injected_fault
 from files import write_json
 from logs import JsonlLog, memory_mb
+from model import CLASSIFIER_FILE, read_classifier_info
 from backbone import LOADING, autocast, enable_activation_checkpointing, fsdp_units, train_mode
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
 from reporting import build_reporters
@@ -239,6 +240,11 @@ def check_resume_flags(args, world_size, fingerprint, say, stream):
         raise FileNotFoundError(f"{os.path.join(folder, ema.EMA_DIR)} is missing: this "
                                 "checkpoint was written without --ema_decay, so its EMA cannot "
                                 "be resumed")
+    before = info["fingerprint"] = info.get("fingerprint") or {}
+    if "classes" not in before and os.path.isfile(os.path.join(folder, CLASSIFIER_FILE)):
+        # written before the class order was kept there: the head's file names its rows
+        before["classes"] = {name: entry.get("labels") for name, entry in
+                             read_classifier_info(folder)["datasets"].items()}
     changes = changed_run_flags(info, args, world_size, fingerprint,
                                 TASKS[args.task].RESUME_MAY_CHANGE)
     if changes and not args.allow_changed_flags:
