@@ -39,7 +39,7 @@ from distributed import all_gather_objects, barrier
 from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
 from files import OutputError, reason, recover_folder, swap_in, temporary, write_json
-from sources import spec_files
+from fingerprint import data_changes, data_fingerprints
 
 INFO_FILE = "training_info.json"
 STATE_FILE = "trainer_state.pt"
@@ -108,16 +108,19 @@ RESUME_MAY_CHANGE = frozenset({
 REGISTRY_NAMES = ("description", "labels")
 
 
-def run_fingerprint(args, data):
-    """What defines a run beside its flags' text, kept in training_info.json: the sizes of its
-    data files, the registry as loaded (a registry file can change under the same name) and the
-    --model folder's weight files (model_files_sample)."""
-    files = {flag: [[path, size] for spec in getattr(args, flag) or []
-                    for path, size, _ in spec_files(spec)] for flag in ("train_data", "val_data")}
+def run_fingerprint(args, data, rank=0):
+    """What defines a run beside its flags' text, kept in training_info.json: the content
+    fingerprint of its data (fingerprint.py; computed on rank 0, shared with the others), the
+    class names of each dataset in their index order, the registry as loaded (a registry file can
+    change under the same name) and the --model folder's weight files (model_files_sample)."""
+    files = ({flag: data_fingerprints(getattr(args, flag)) for flag in ("train_data", "val_data")}
+             if rank == 0 else None)
     registry = getattr(data, "registry", None) or None
-    return {"files": files, "registry": registry and {
+    return {"data": all_gather_objects(files)[0], "registry": registry and {
         name: {k: v for k, v in vars(spec).items() if k not in REGISTRY_NAMES}
-        for name, spec in registry.items()}, "model": model_files_sample(args.model)}
+        for name, spec in registry.items()},
+        "classes": registry and {name: spec.labels for name, spec in registry.items()},
+        "model": model_files_sample(args.model)}
 
 
 def model_files_sample(folder, blocks=16, block_bytes=1 << 16):
@@ -165,10 +168,12 @@ def changed_run_flags(info, args, world_size, fingerprint, may_change=frozenset(
         changes += [f"--model {args.model}: {name} differs from the file the run started from"
                     for name in sorted(set(before["model"]) | set(fingerprint["model"] or {}))
                     if before["model"].get(name) != (fingerprint["model"] or {}).get(name)]
-    for flag, files in (before.get("files") or {}).items():  # same paths, other contents
-        sizes = dict(map(tuple, fingerprint["files"].get(flag) or []))
-        changes += [f"--{flag} {path}: {size} bytes -> {sizes[path]}" for path, size in files
-                    if path in sizes and sizes[path] != size]
+    for flag, specs in (before.get("data") or {}).items():  # same specs, other contents
+        changes += data_changes(specs, fingerprint["data"].get(flag), flag)
+    for name, labels in (before.get("classes") or {}).items():
+        moved = class_moves(labels, (fingerprint.get("classes") or {}).get(name))
+        if moved:
+            changes.append(f"dataset {name!r}: classes moved to other indices: {moved}")
     if "batch_size" in saved:  # any split of the same global micro-batch takes the same steps
         was = (saved["batch_size"], info.get("world_size", 1))
         if was[0] * was[1] != args.batch_size * world_size:
@@ -180,6 +185,17 @@ def changed_run_flags(info, args, world_size, fingerprint, may_change=frozenset(
         changes.append(f"--{was[0]} {was[1]} -> --{will[0]} {will[1]} (the length of the "
                        f"--lr_scheduler {args.lr_scheduler} schedule)")
     return changes
+
+
+def class_moves(before, after):
+    """The class names that two lists of one dataset's class names put at other indices, as
+    "'cat' 0 -> 1, 'dog' 1 -> 0" (renamed or added names move nothing); "" when none moved."""
+    if not before or not after:
+        return ""
+    now = {name: i for i, name in enumerate(after)}
+    moved = [f"{name!r} {i} -> {now[name]}" for i, name in enumerate(before)
+             if name in now and now[name] != i]
+    return ", ".join(moved[:10]) + (f", ... {len(moved) - 10} more" if len(moved) > 10 else "")
 
 
 def schedule_length(args):

@@ -45,7 +45,8 @@ from backbone import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implem
                       fsdp_units, restore_modes)
 from faults import injected_fault
 from files import FileWriter, append_line, check_file_path, read_jsonl_records, write_json
-from sources import absolute_spec, fingerprint
+from fingerprint import data_fingerprints
+from sources import absolute_spec
 from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
 
@@ -181,9 +182,9 @@ def read_checkpoint(task, model, folder, device):
 
 
 def data_key(val_specs, options):
-    """Fingerprint of what a checkpoint was evaluated on: the data's files and folders (size,
-    mtime) and options."""
-    blob = json.dumps([fingerprint(val_specs), options], sort_keys=True)
+    """What a checkpoint was evaluated on: the content fingerprint of the data (fingerprint.py:
+    every image of a folder at any depth, each file's bytes) and the options."""
+    blob = json.dumps([data_fingerprints(val_specs), options], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -313,7 +314,7 @@ def run(args, rank, world_size, device):
     say(summary)
     loader_workers(args, say, "checkpoints (where the evaluation cache cannot hold the batches)",
                    device)
-    key = data_key(args.val_files, options)
+    key = data_key(args.val_files, options) if rank == 0 else None  # rank 0 keeps the records
     todo = still_to_evaluate(run_dir, targets, key, args, rank)
     if not todo:
         say("nothing to evaluate" + (f"; {args.predictions} is left as it was"

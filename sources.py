@@ -1047,27 +1047,3 @@ def tar_label(field, data):
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"field 'label': expected an integer, got {value!r}")
     return value
-
-
-def spec_files(text):
-    """(absolute path, size, modification time) of each file and folder a spec reads (a folder's
-    class folders too: adding or removing an image changes their times)."""
-    spec = parse_spec(text)
-    out = []
-    for pattern in [spec.path] if is_url(spec.path) else expand_ranges(spec.path):
-        for path in sorted(glob.glob(pattern)) or [pattern]:
-            found = [path]
-            if os.path.isdir(path):
-                found += sorted(e.path for e in os.scandir(path))
-            out += [(os.path.abspath(p), os.path.getsize(p) if os.path.isfile(p) else 0,
-                     os.path.getmtime(p)) for p in found if os.path.exists(p)]
-    return out
-
-
-def fingerprint(specs):
-    """What a set of specs is, for eval.py's record of what it evaluated on."""
-    out = []
-    for text in specs:
-        out += spec_files(text)
-        out.append(text)
-    return out

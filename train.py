@@ -41,6 +41,7 @@ from eval import EvalCache, evaluate
 from faults import TrainingError, catch_stop_signals, injected_fault
 from files import write_json
 from logs import JsonlLog, memory_mb
+from model import CLASSIFIER_FILE, read_classifier_info
 from backbone import LOADING, autocast, enable_activation_checkpointing, fsdp_units, train_mode
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
 from reporting import build_reporters
@@ -178,7 +179,7 @@ def build_run(args, rank, world_size, device):
     loader_workers(args, say, "epochs (and evaluations the evaluation cache cannot hold)", device)
     check_output_dir(args)
     data = task.load_data(args, say)
-    fingerprint = run_fingerprint(args, data)
+    fingerprint = run_fingerprint(args, data, rank)
     changed = (check_resume_flags(args, world_size, fingerprint, say,
                                   stream=task.train_size(data) is None) if args.resume else [])
 
@@ -239,13 +240,19 @@ def check_resume_flags(args, world_size, fingerprint, say, stream):
         raise FileNotFoundError(f"{os.path.join(folder, ema.EMA_DIR)} is missing: this "
                                 "checkpoint was written without --ema_decay, so its EMA cannot "
                                 "be resumed")
+    before = info["fingerprint"] = info.get("fingerprint") or {}
+    if "classes" not in before and os.path.isfile(os.path.join(folder, CLASSIFIER_FILE)):
+        # written before the class order was kept there: the head's file names its rows
+        before["classes"] = {name: entry.get("labels") for name, entry in
+                             read_classifier_info(folder)["datasets"].items()}
     changes = changed_run_flags(info, args, world_size, fingerprint,
                                 TASKS[args.task].RESUME_MAY_CHANGE)
     if changes and not args.allow_changed_flags:
-        raise ValueError(f"--resume {folder}: flags that define the run differ from its "
-                         f"{os.path.basename(folder)}/training_info.json, so this would not "
-                         f"continue it exactly: {'; '.join(changes)}. Give the checkpoint's "
-                         "values, or --allow_changed_flags to continue with the new ones")
+        raise ValueError(f"--resume {folder}: the data or the flags that define the run "
+                         f"differ from its {os.path.basename(folder)}/training_info.json, so "
+                         f"this would not continue it exactly: {'; '.join(changes)}. Give the "
+                         "checkpoint's values and data, or --allow_changed_flags to continue "
+                         "with the new ones")
     if changes:
         say(f"note: --allow_changed_flags: {folder} continues with changed flags: "
             f"{'; '.join(changes)}")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from augment import AUGMENTS, CROP_SCALE, RANDAUGMENT_M, RANDAUGMENT_N, augment_config
-from checkpoint import checkpoint_folder
+from checkpoint import checkpoint_folder, class_moves
 import distributed
 from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
                      partial_eval_indices, pixel_path, plan_epochs, summarize)
@@ -418,6 +418,11 @@ def eval_data(args, folder, trained_args, world_size):
     index_dir = os.path.join(os.path.dirname(checkpoint_folder(folder)), INDEX_DIR)
     val = read_records(args.val_files, registry, index_dir=index_dir)
     check_classes(registry, [val])
+    for name, spec in registry.items():  # --datasets or the sources may order the names anew
+        moved = class_moves(saved.get(name, {}).get("labels"), spec.labels)
+        if moved:
+            raise ValueError(f"dataset {name!r}: the class names of the data sit at other "
+                             f"indices than in the checkpoint's head ({path}): {moved}")
     label_space = saved_label_space(info, registry, args, path)
     masking = not (args.no_logits_masking or info.get("no_logits_masking", False))
     seed = args.seed if args.seed is not None else trained_args.get("seed", 0)

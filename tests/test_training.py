@@ -147,7 +147,8 @@ def test_resume_refuses_flags_that_change_the_run_naming_each_unless_allowed(
     assert e.value.code == 2 and err.count("\n") == 1, err
     for change in ["--datasets digits.eval_ratio 0.5 -> 0.25", "--lr 0.001 -> 0.002",
                    '--pooling "auto" -> "mean"', "--seed 42 -> 1",
-                   f"--train_data {digits}: {size} bytes -> {os.path.getsize(digits)}",
+                   f"--train_data {digits}: 'digits_train.jsonl' {size:,} -> "
+                   f"{os.path.getsize(digits):,} bytes",
                    f"--model {model}: model.safetensors differs from the file the run started",
                    "--batch_size x processes 8 x 1 -> 4 x 1 (the global micro-batch)",
                    "--max_steps 4 -> --max_steps 6 (the length of the --lr_scheduler cosine"]:

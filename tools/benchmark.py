@@ -11,6 +11,7 @@ one checkpoint against several, or (--fsdp_memory) peak host memory per process 
     python tools/benchmark.py --record_memory 10000000                         # a 10M record table
     python tools/benchmark.py --eval_run runs/demo --checkpoints 5             # eval.py: 5 vs 1
     python tools/benchmark.py --fsdp_memory /tmp/vit_huge                      # 2, 4 ranks vs 1
+    python tools/benchmark.py --fingerprint /tmp/fp --files 10000000           # resume's check
 
 --eval_run: wall time of eval.py processes over the run's first checkpoint, over its first
 --checkpoints with the evaluation cache, and without it (--eval_cache_mb 0); the ratio to one.
@@ -410,6 +411,34 @@ def benchmark_record_memory(args):
           "1,600,000 random lookups")
 
 
+def benchmark_fingerprint(args):
+    """Seconds and peak private memory (RssAnon) of the content fingerprint of an image folder of
+    --files N images in 1,000 class folders (empty files, written into DIR when absent: a stat
+    costs the same), beside reading the folder's records, the listing every run makes anyway."""
+    from fingerprint import data_fingerprint
+    from host_memory import ProcessTreeMemory
+    from sources import read_records
+    folder, n = os.path.join(args.fingerprint, f"images-{args.files}"), args.files
+    if not os.path.isdir(folder):
+        print(f"writing {n:,} files into {folder} ...", flush=True)
+        for c in range(1000):
+            os.makedirs(os.path.join(folder, f"class{c:04d}"))
+        for i in range(n):
+            open(os.path.join(folder, f"class{i % 1000:04d}", f"{i:09d}.jpg"), "wb").close()
+    spec = f"images={folder}"
+    for what, work in (("fingerprint", lambda: data_fingerprint(spec)),
+                       ("records", lambda: read_records([spec], {}, fixed=False))):
+        with ProcessTreeMemory(os.getpid(), torchrun=False) as memory:
+            base = rss_anon_mb()
+            start = time.perf_counter()
+            result = work()
+            seconds = time.perf_counter() - start
+        peak = memory.peaks()[0][0]
+        print(f"{what:>11}: {n:,} files, {seconds:.1f} s ({n / seconds:,.0f} files/s), peak "
+              f"RssAnon +{peak - base:.0f} MB", flush=True)
+        del result
+
+
 def benchmark_eval(args):
     """Wall time of eval.py (a fresh process, as a user runs it) over the first checkpoint of a
     run, and over its first --checkpoints checkpoints with and without the evaluation cache."""
@@ -663,12 +692,17 @@ def main():
                    help="with --fsdp_memory: gloo process counts (default: 2 4)")
     p.add_argument("--full_finetune", action="store_true",
                    help="with --fsdp_memory: train every parameter (default: --train_only_head)")
+    p.add_argument("--fingerprint", metavar="DIR",
+                   help="seconds and memory of the data fingerprint of an image folder of --files "
+                        "images (written into DIR when absent) beside reading its records")
+    p.add_argument("--files", type=int, default=1_000_000, help="with --fingerprint")
     if sys.argv[1:2] == ["--run_phases"]:  # one process of --fsdp_memory: the rest is train.py's
         return run_phases(sys.argv[2:])
     args = p.parse_args()
     for mode, run in (("fsdp_memory", benchmark_fsdp_memory), ("data", benchmark_image_path),
                       ("sources", benchmark_sources), ("data_path", benchmark_data_path),
-                      ("record_memory", benchmark_record_memory), ("eval_run", benchmark_eval)):
+                      ("record_memory", benchmark_record_memory), ("eval_run", benchmark_eval),
+                      ("fingerprint", benchmark_fingerprint)):
         if getattr(args, mode):
             return run(args)
     if args.make_jpegs:
