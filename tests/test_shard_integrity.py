@@ -146,7 +146,7 @@ def test_streaming_refuses_damaged_local_shards_before_reading(shard, tmp_path):
     path, data, offset = shard
     stream(f"p={path}")  # intact: indexed, and an index is left beside it
     assert (tmp_path / ("good-000.tar" + INDEX_SUFFIX)).is_file()
-    bad = damaged(tmp_path, data[:offset + 20] + b"garbled" + data[offset + 27:])
+    damaged(tmp_path, data[:offset + 20] + b"garbled" + data[offset + 27:])
     with pytest.raises(DataError, match=f"bad-000.tar: damaged header at byte {offset}"):
         stream(f"p={tmp_path}/*-000.tar")  # the intact shard and the damaged one
     again = write_shard(tmp_path / "again-001.tar", SAMPLES[:2] + [SAMPLES[0]])
