@@ -5,11 +5,12 @@ mapped onto the same flags, and the checks that need no data.
 """
 import argparse
 import os
+import sys
 
 import torch
 
 from backbone import ATTN_IMPLEMENTATIONS, check_attn_implementation
-from dataset import PREFETCH_FACTOR, auto_num_workers, compute_threads
+from dataset import PREFETCH_FACTOR, auto_num_workers, compute_threads, read_yaml
 from distributed import SHARDED, check_shard_size
 from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
@@ -71,6 +72,26 @@ def add_task_flags(parser, hook, title="--task {}"):
                                   if action.dest not in known})
 
 
+def repeated_aliases(parser, argv):
+    """Two spellings of one flag on the command line (--train_data A --train_jsonl B): argparse
+    would keep the last silently. Returns the error text, or None."""
+    spellings = {o: a for a in parser._actions for o in a.option_strings}
+    given = {}  # dest -> the spellings given, in order
+    for token in map(str, sys.argv[1:] if argv is None else argv):
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if not name.startswith("--"):
+            continue
+        # argparse also takes an unambiguous prefix of a flag
+        found = [name] if name in spellings else [o for o in spellings if o.startswith(name)]
+        if len(found) == 1 and len(spellings[found[0]].option_strings) > 1:
+            given.setdefault(spellings[found[0]].dest, []).append(found[0])
+    errors = [f"{' and '.join(dict.fromkeys(names))} are one flag, given twice: keep one"
+              for names in given.values() if len(set(names)) > 1]
+    return "; ".join(errors) or None
+
+
 def given_flags(args, defaults):
     """The flags whose value differs from `defaults` (a parser): set on the command line or in a
     --config file."""
@@ -119,6 +140,11 @@ FLAG_NEEDS = {
        for name in ("best_metric", "best_mode")},
     "overwrite": ("a new run (--resume continues the one there)", lambda a: not a.resume),
 }
+# Settings that act only through evaluation (or the best-checkpoint keeping it drives):
+# --skip_evaluation overrides them however they are set, noted by apply_overrides, never refused,
+# so that one run of a config that evaluates can skip it (design notes: the highest priority).
+SKIP_EVALUATION_OVERRIDES = ("eval_steps", "eval_cache_mb", "best_metric", "best_mode",
+                             "save_total_limit")
 
 
 def build_parser(description=None):
@@ -265,50 +291,88 @@ IGNORED_SECTIONS = ("wandb",)
 ALIASES = {"train_jsonl": "train_data", "val_jsonl": "val_data"}  # config keys of earlier names
 
 
-def flatten_config(tree, path, flags):
-    """Map a (possibly nested) config mapping onto flag names; unknown keys are an error."""
+def flatten_config(tree, path, flags, where="config", line=lambda keys: None, seen=None):
+    """Map a (possibly nested) config mapping onto flag names; unknown keys are an error, and so
+    are two keys that set one flag. Errors name `where` (the file) and line(keys), the line of a
+    key; `seen`: flag -> the key that set it, over the whole file."""
     out = {}
+    seen = {} if seen is None else seen
+
+    def at(keys):
+        return where + (f":{line(keys)}" if line(keys) else "")
+
+    def name(keys):
+        return ".".join(map(str, keys)) + (f" (line {line(keys)})" if line(keys) else "")
+
     for key, value in tree.items():
         keys = path + (key,)
         # A top-level `datasets` mapping is the registry itself unless it is the notes' section.
         registry = keys == ("datasets",) and isinstance(value, dict) and not {
             "dataset_configs", "enable_logits_masking", "shuffle_datasets"} & set(value)
+        flag = None
         if keys in NESTED_KEYS:
             flag, transform = NESTED_KEYS[keys]
-            out[flag] = transform(value) if transform else value
+            value = transform(value) if transform else value
         elif keys[0] in IGNORED_SECTIONS:
             continue
         elif keys in SECTIONS and isinstance(value, dict) and not registry:
-            out.update(flatten_config(value, keys, flags))
+            out.update(flatten_config(value, keys, flags, where, line, seen))
         elif ALIASES.get(key, key) in flags and not isinstance(value, dict) or keys == (
                 "datasets",):
-            out[ALIASES.get(key, key)] = value
+            flag = ALIASES.get(key, key)
         elif keys == ("loss", "type"):
             if value not in ("cross_entropy", "label_smoothing"):
                 raise ValueError(
-                    "config key loss.type: expected cross_entropy or label_smoothing, got "
-                    f"{value!r}"
-                )
+                    f"{at(keys)}: config key loss.type: expected cross_entropy or "
+                    f"label_smoothing, got {value!r}")
         elif keys == ("training", "evaluation", "eval_best_model_only"):
             if value is not True:
                 raise ValueError(
-                    "config key training.evaluation.eval_best_model_only: only true is supported; "
-                    "evaluate other checkpoints with eval.py")
+                    f"{at(keys)}: config key training.evaluation.eval_best_model_only: only true "
+                    "is supported; evaluate other checkpoints with eval.py")
         else:
-            raise ValueError(
-                f"config key {'.'.join(keys)} is not a known setting (see python train.py --help)")
+            raise ValueError(f"{at(keys)}: config key {'.'.join(map(str, keys))} is not a known "
+                             "setting (see python train.py --help)")
+        if flag is not None:
+            if flag in seen:  # the file holds two values of one flag: neither may win silently
+                raise ValueError(f"{where}: config keys {name(seen[flag])} and {name(keys)} "
+                                 f"both set --{flag}: keep one")
+            seen[flag] = keys
+            out[flag] = value
     return out
+
+
+def yaml_tree(path, text):
+    """(the document, {key path: line}) of a config file's text; a key given twice in one
+    mapping is an error naming its line (dataset.read_yaml)."""
+    import yaml
+    tree, node = read_yaml(text, f"--config {path}")
+    lines = {}
+
+    def walk(node, keys):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    lines[keys + (key_node.value,)] = key_node.start_mark.line + 1
+                    walk(value_node, keys + (key_node.value,))
+
+    walk(node, ())
+    return tree, lines
 
 
 def load_config(path, parser):
     import yaml
     try:
         with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+            tree, lines = yaml_tree(path, f.read())
     except OSError as e:
         raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"--config {path}: not valid YAML/JSON: {e}") from None
+    tree = {} if tree is None else tree
+    if not isinstance(tree, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings (key: value, as in "
+                         f"configs/demo.yaml), got a {type(tree).__name__}")
     if isinstance(tree.get("loss"), dict) and tree["loss"].get("type") == "cross_entropy":
         # plain cross-entropy: a smoothing value beside it is unused
         tree["loss"].pop("smoothing", None)
@@ -319,7 +383,16 @@ def load_config(path, parser):
                 "OUTPUT_DIR/metrics.jsonl)"
             )
     actions = {a.dest: a for a in parser._actions}
-    flat = flatten_config(tree, (), set(actions) - {"help", "config"})
+    keys_of = {}  # flag -> the key of the file that set it
+
+    def line(keys):
+        return lines.get(tuple(map(str, keys)))
+
+    def at(name):
+        return f"--config {path}" + (f":{line(keys_of[name])}" if line(keys_of[name]) else "")
+
+    flat = flatten_config(tree, (), set(actions) - {"help", "config"}, f"--config {path}", line,
+                          keys_of)
     if isinstance(flat.get("datasets"), dict):  # a registry written in this file
         folder = os.path.dirname(os.path.abspath(path))
         for entry in flat["datasets"].values():
@@ -338,11 +411,11 @@ def load_config(path, parser):
                 flat[name] = action.type(value)
         except (TypeError, ValueError):
             raise ValueError(
-                f"--config {path}: key {name!r}: cannot read {value!r} as {action.type.__name__}"
+                f"{at(name)}: key {name!r}: cannot read {value!r} as {action.type.__name__}"
             ) from None
         if action.choices and flat[name] not in action.choices:
             raise ValueError(
-                f"--config {path}: key {name!r}: {flat[name]!r} is not one of {action.choices}")
+                f"{at(name)}: key {name!r}: {flat[name]!r} is not one of {action.choices}")
     return flat
 
 
@@ -352,9 +425,14 @@ def parse_args(argv=None, description=None):
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))
     args = parser.parse_args(argv)
+    error = repeated_aliases(parser, argv)
+    if error:
+        parser.error(error)
     task = TASKS[args.task]
-    error = flag_errors(args, parser, task, given_flags(args, build_parser()),
-                        {**FLAG_NEEDS, **task.FLAG_NEEDS})
+    given = given_flags(args, build_parser())
+    if args.skip_evaluation:  # overridden, with a note (apply_overrides)
+        given -= set(SKIP_EVALUATION_OVERRIDES)
+    error = flag_errors(args, parser, task, given, {**FLAG_NEEDS, **task.FLAG_NEEDS})
     if error:
         parser.error(error)
     missing = [f"--{n}" for n in ("model", "train_data", "output_dir") if not getattr(args, n)]
@@ -381,6 +459,10 @@ def apply_overrides(args):
                             ("save_best_only", False), ("no_partial_eval", True),
                             ("no_final_eval", True)]:
             force(name, value, "--skip_evaluation")
+        defaults = build_parser()
+        changes += [f"{name}: {getattr(args, name)} -> unused (--skip_evaluation)"
+                    for name in SKIP_EVALUATION_OVERRIDES
+                    if getattr(args, name) != defaults.get_default(name)]
     if not args.val_data:
         force("no_partial_eval", True, "no --val_data")
         force("no_final_eval", True, "no --val_data")

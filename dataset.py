@@ -39,10 +39,16 @@ class DatasetSpec:
     labels: list = None  # class names, index i = class i (None: the index is the name)
     image_column: str = None  # of a Hugging Face dataset (None: "image")
     label_column: str = None  # (None: "label")
+    # True: for evaluation only, no training samples (check_training_samples). Not a field: set on
+    # the instance only when true, so vars(spec), the registry resume compares with a checkpoint's
+    # (checkpoint.run_fingerprint), is unchanged for every registry written before it existed.
+    eval_only = False
 
 
 REGISTRY_FIELDS = ("num_classes", "eval_ratio", "description", "sampling_weight", "augment",
-                   "hflip", "labels", "image_column", "label_column")
+                   "hflip", "labels", "image_column", "label_column", "eval_only")
+# fields that act on training samples only, which an eval_only dataset has none of
+TRAINING_FIELDS = ("sampling_weight", "augment", "hflip")
 
 
 def dataset_name_problem(name, others=()):
@@ -109,11 +115,22 @@ def _check_spec(name, entry, where, folder="."):
         if value is not None and (not isinstance(value, str) or not value):
             raise DataError(f"{where}: dataset {name!r}: field {column!r} must be a column name, "
                             f"got {value!r}")
+    eval_only = entry.get("eval_only", False)
+    if not isinstance(eval_only, bool):
+        raise DataError(f"{where}: dataset {name!r}: field 'eval_only' must be true or false, "
+                        f"got {eval_only!r}")
+    unused = [f for f in TRAINING_FIELDS if f in entry] if eval_only else []
+    if unused:
+        raise DataError(f"{where}: dataset {name!r}: field(s) {', '.join(unused)} act on training "
+                        "samples, which an eval_only dataset has none of")
     labels = _read_labels(name, entry.get("labels"), k, where, folder)
-    return DatasetSpec(name, k if k is not None or labels is None else len(labels), float(ratio),
+    spec = DatasetSpec(name, k if k is not None or labels is None else len(labels), float(ratio),
                        str(entry.get("description", "")),
                        None if weight is None else float(weight), augment, hflip, labels,
                        entry.get("image_column"), entry.get("label_column"))
+    if eval_only:
+        spec.eval_only = True
+    return spec
 
 
 def _read_labels(name, labels, num_classes, where, folder):
@@ -151,6 +168,36 @@ def _read_labels(name, labels, num_classes, where, folder):
     return labels
 
 
+def read_yaml(text, where):
+    """(document, its node tree) of YAML / JSON text. A key given twice in one mapping, which
+    PyYAML resolves silently (the last wins), is an error naming `where` (the file), its line and
+    the key."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in lines:
+                        raise DataError(f"{where}:{line}: key {key!r} is given twice (first on "
+                                        f"line {lines[key]}): keep one")
+                    lines[key] = line
+                except TypeError:  # not hashable: SafeLoader's own error names it
+                    continue
+            return super().construct_mapping(node, deep)
+
+    loader = UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (loader.construct_document(node) if node is not None else None), node
+    finally:
+        loader.dispose()
+
+
 def load_registry(value, where="config 'datasets'"):
     """The dataset registry, in order: name -> DatasetSpec.
 
@@ -174,8 +221,9 @@ def load_registry(value, where="config 'datasets'"):
             raise DataError(f"--datasets {path}: cannot read the registry file "
                             f"({getattr(e, 'strerror', None) or e})") from None
         try:
-            import yaml
-            data = yaml.safe_load(text)
+            data = read_yaml(text, path)[0]
+        except DataError:
+            raise
         except Exception as e:
             raise DataError(f"{path}: not valid YAML/JSON: {e}") from None
         if isinstance(data, dict) and isinstance(data.get("datasets"), dict):
@@ -349,11 +397,28 @@ def summarize(counts, registry, title, total=None):
     return "\n".join(lines)
 
 
+def check_training_samples(registry, counts, stream=False):
+    """Every dataset of the registry has training samples (`counts`, registry order; under
+    --streaming whether --train_data streams it), except those the registry marks eval_only,
+    which have none: a dataset left out of the training data by mistake is not trained silently
+    (its head rows would stay at their initialisation)."""
+    for spec, count in zip(registry.values(), counts):
+        if count and spec.eval_only:
+            raise DataError(f"dataset {spec.name!r} is eval_only in the registry, but --train_data "
+                            + ("streams it" if stream else f"holds {count:,} of its samples"))
+        if not count and not spec.eval_only:
+            raise DataError(f"dataset {spec.name!r} has no training samples (--train_data "
+                            f"{'streams none' if stream else 'holds none'} of it): give it some, "
+                            "or mark it `eval_only: true` in the registry (--datasets) if it is "
+                            "for evaluation only")
+
+
 def plan_epochs(registry, train, val, args, say, noun="data"):
     """(partial evaluation subset, mixture shares or None) of a run, with their summary printed:
     samples per dataset, the target shares beside the natural ones, the partial subset."""
     partial = partial_eval_indices(val, registry, args.seed) if val else []
     counts = count_per_dataset(train, len(registry))
+    check_training_samples(registry, counts)
     shares = mixture_shares(registry, counts, args.mix_temperature)
     if shares is not None and args.no_shuffle:
         raise ValueError("--no_shuffle keeps the files' order; a weighted mixture "

@@ -68,7 +68,14 @@ def mesh_shape(dist, shard_size, world_size):
     """The FSDP2 device mesh of --dist over `world_size` processes: (world_size,) for fsdp,
     (replicas, shard_size) for hsdp (shard_size: default the processes of one node,
     LOCAL_WORLD_SIZE); None where nothing is sharded (ddp, or one process)."""
-    if dist not in SHARDED or world_size == 1:
+    if dist not in SHARDED:
+        return None
+    # checked in one process too (no torchrun), where nothing is sharded: a --shard_size that
+    # cannot hold there is refused as it is under torchrun, not dropped
+    if dist == "hsdp" and shard_size and world_size % shard_size:
+        raise ValueError(f"--shard_size {shard_size} does not divide the {world_size} processes"
+                         + (" (one process: no torchrun)" if "RANK" not in os.environ else ""))
+    if world_size == 1:
         return None
     if dist == "fsdp":
         return (world_size,)

@@ -36,7 +36,7 @@ import torch
 from checkpoint import (checkpoint_folder, checkpoint_step, list_checkpoints, model_signature,
                         read_info)
 from config import (HelpFormatter, add_task_flags, flag_errors, given_flags, loader_workers,
-                    num_workers)
+                    num_workers, repeated_aliases)
 from dataset import PREFETCH_FACTOR, DataError
 import distributed
 from distributed import (all_gather_objects, check_shard_size, is_sharded, mesh_shape,
@@ -284,6 +284,9 @@ FLAG_NEEDS = {"seed": ("--partial", lambda a: getattr(a, "partial", False)),
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    error = repeated_aliases(parser, argv)  # --val_data A --val_jsonl B
+    if error:
+        parser.error(error)
     args.given = given_flags(args, parser)  # the task, which decides what is allowed, comes later
     distributed.run(run, args, (DataError, FileNotFoundError, ValueError))
 

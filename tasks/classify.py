@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from augment import AUGMENTS, CROP_SCALE, RANDAUGMENT_M, RANDAUGMENT_N, augment_config
 from checkpoint import checkpoint_folder, class_moves
 import distributed
-from dataset import (count_per_dataset, load_registry, make_loader, mixture_indices,
-                     partial_eval_indices, pixel_path, plan_epochs, summarize)
+from dataset import (check_training_samples, count_per_dataset, load_registry, make_loader,
+                     mixture_indices, partial_eval_indices, pixel_path, plan_epochs, summarize)
 from lora import (ADAPTER_FILE, add_lora, adapter_state, check_lora_flags, merged_weights,
                   scaling, trainable_summary)
 from ema import plain_metric
@@ -220,6 +220,8 @@ def load_data(args, say):
                                    args.label_space, args.num_labels)
     check_flags(args, label_space, val)
     if stream is not None:
+        # a dataset the validation data adds has no share of the stream (the registry grew)
+        check_training_samples(registry, shares + [0] * (len(registry) - len(shares)), stream=True)
         stream.num_classes = label_space.num_classes
         partial = partial_eval_indices(val, registry, args.seed) if val else []
         say(summary)

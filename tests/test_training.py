@@ -477,10 +477,10 @@ wandb: {{enabled: true}}
     assert args.best_metric == "overall_loss" and args.val_data == [small_data["digits_val"]]
     assert list(args.datasets) == ["digits", "faces"]
     for bad, key in [("training2: {lr: 1}", "training2"), ("evaluation: {lr: 1}", "evaluation"),
-                     ("lr: fast", None)]:
+                     ("batch_size: fast", None)]:
         (tmp_path / "bad.yaml").write_text(config.read_text().replace("wandb:", bad + "\nwandb:"))
         match = (f"config key {key} is not a known setting" if key
-                 else "key 'lr': cannot read 'fast' as float")
+                 else "key 'batch_size': cannot read 'fast' as int")
         with pytest.raises(ValueError, match=match):
             train.parse_args(["--config", str(tmp_path / "bad.yaml")])
 
