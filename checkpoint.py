@@ -104,8 +104,9 @@ RESUME_MAY_CHANGE = frozenset({
     "report_to", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
     "save_best_only", "save_all_checkpoints", "skip_evaluation", "no_partial_eval",
     "no_final_eval", "no_best_tracking", "eval_cache_mb", "max_bad_steps"})
-# registry fields that name things rather than change the data or the sampling
-REGISTRY_NAMES = ("description", "labels")
+# registry fields that name things rather than change the data or the sampling (eval_only marks a
+# dataset without training samples, which a run that trained had already)
+REGISTRY_NAMES = ("description", "labels", "eval_only")
 
 
 def run_fingerprint(args, data, rank=0):

@@ -126,17 +126,14 @@ FLAG_NEEDS = {
     "ema_every": ("--ema_decay > 0", lambda a: a.ema_decay),
     "cpu_offload": ("--dist fsdp or hsdp", lambda a: a.dist in SHARDED),
     "shard_size": ("--dist hsdp", lambda a: a.dist == "hsdp"),
-    "save_total_limit": ("a keep limit (not --save_all_checkpoints, --save_best_only, "
-                         "--skip_evaluation)", lambda a: not (a.save_all_checkpoints or
-                                                              a.save_best_only or
-                                                              a.skip_evaluation)),
-    **{name: ("evaluation during training (--val_data, not --no_partial_eval or "
-              "--skip_evaluation)", lambda a: a.val_data and not (a.no_partial_eval or
-                                                                 a.skip_evaluation))
+    # (under --skip_evaluation these are overridden instead: SKIP_EVALUATION_OVERRIDES)
+    "save_total_limit": ("a keep limit (not --save_all_checkpoints, --save_best_only)",
+                         lambda a: not (a.save_all_checkpoints or a.save_best_only)),
+    **{name: ("evaluation during training (--val_data, not --no_partial_eval)",
+              lambda a: a.val_data and not a.no_partial_eval)
        for name in ("eval_steps", "eval_cache_mb")},
     **{name: ("best-model tracking (evaluation during training, not --no_best_tracking)",
-              lambda a: a.val_data and not (a.no_partial_eval or a.skip_evaluation or
-                                            a.no_best_tracking))
+              lambda a: a.val_data and not (a.no_partial_eval or a.no_best_tracking))
        for name in ("best_metric", "best_mode")},
     "overwrite": ("a new run (--resume continues the one there)", lambda a: not a.resume),
 }
