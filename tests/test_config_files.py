@@ -258,8 +258,6 @@ def test_an_eval_only_dataset_is_evaluated_and_a_resume_finds_the_registry_uncha
                          "--max_steps", 1, *common))
     final = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "final_eval"][-1]
     assert final["final_eval_extra_samples"] == 10
-    with open(out / "checkpoint-1" / "training_info.json") as f:
-        assert json.load(f)["fingerprint"]["registry"]["extra"]["eval_only"] is True
     # a changed registry would be refused (exit 2) without --allow_changed_flags
     run_train(with_extra(small_data, tmp_path, tiny_vit, out, {"eval_only": True},
                          "--max_steps", 2, *common, "--resume", "latest"))
@@ -279,13 +277,12 @@ def test_a_registry_without_eval_only_compares_as_it_did_before_the_field():
     assert now["registry"] == before
     info = {"args": {}, "fingerprint": {"registry": before}}
     assert changed_run_flags(info, SimpleNamespace(), 1, now) == []
-    # the field set is compared like any other
+    # marking a dataset that had no training samples changes nothing the run did
     marked = load_registry({"digits": {"num_classes": 10},
                             "faces": {"num_classes": 2, "eval_only": True}})
     later = run_fingerprint(SimpleNamespace(train_data=None, val_data=None, model=None),
                             SimpleNamespace(registry=marked))
-    assert changed_run_flags(info, SimpleNamespace(), 1, later) == [
-        "--datasets faces.eval_only null -> true"]
+    assert changed_run_flags(info, SimpleNamespace(), 1, later) == []
 
 
 def test_a_streamed_registry_dataset_without_a_source_is_an_error(small_data, tiny_vit, tmp_path,
