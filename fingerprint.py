@@ -37,7 +37,8 @@ def data_fingerprint(text):
         units = folder_units(spec.path)
     else:
         extension = {"hf": ".parquet", "wds": ".tar"}.get(spec.kind)
-        paths = (hf_files(spec.path) if spec.kind == "hf" and os.path.isdir(spec.path) else
+        paths = (list(spec.files) if spec.files else  # a split's files (PATH:SPLIT)
+                 hf_files(spec.path) if spec.kind == "hf" and os.path.isdir(spec.path) else
                  expand_paths(spec.path, text, extension) if extension else [spec.path])
         ends = file_content if spec.kind == "jsonl" else file_ends
         units = {unit_name(spec.path, p): [1, os.path.getsize(p), ends(p)] for p in paths}

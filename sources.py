@@ -5,14 +5,20 @@ A SPEC is FILE.jsonl (each line names its dataset; --task generate and autoencod
 NAME=PATH, where PATH is
   folder  an image folder: one subfolder per class, sorted by name (the names are the class
           names; where every name is an integer, it is the label); the image files under each,
-          at any depth
+          at any depth. Or the hub's imagefolder: metadata.csv / metadata.jsonl listing each
+          image's file_name and label
   hf      a Hugging Face dataset: .parquet files (a file, a folder of them, a glob) or a folder
           written by datasets' save_to_disk, read with `datasets` (pip install -e '.[hf]');
           columns `image` and `label` (registry image_column / label_column); class names
           from a ClassLabel label column
   wds     WebDataset shards: .tar files (a file, a folder of them, a glob, a {000..099} range);
-          sample KEY is KEY.jpg|jpeg|png|webp with KEY.cls or the `label` of KEY.json
+          sample KEY is KEY.jpg|jpeg|png|webp with KEY.cls, the `label` of KEY.json or KEY.txt
+A label may be a class name: mapped through the dataset's labels, else the sorted names of the
+training data (Reading.map_names); a ClassLabel maps by name onto labels known already.
 Any other file is JSONL; a prefix folder:, hf:, wds: or jsonl: before PATH forces the kind.
+A folder holding splits (the hub's data/{split}-00000-of-00001.parquet, split folders such as
+train/ and val/, a DatasetDict) is read one split at a time: NAME=PATH:SPLIT (split_layout); a
+PATH that holds several is refused, naming them.
 
 Every kind serves a record by index, without unpacking anything: image files by path, Arrow
 tables memory-mapped by `datasets` (Parquet is converted once into datasets' cache), tar members
@@ -44,38 +50,70 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 TAR_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # the first a sample has is its image
 INDEX_SUFFIX = ".index.npz"
 INDEX_DIR = "tar_index"  # in a run's folder: the indexes of shards whose folder is read-only
-INDEX_VERSION = 2  # 2: damaged headers, cut shards and repeated keys are errors
+INDEX_VERSION = 3  # 2: damaged headers, cut shards and repeated keys are errors; 3: class names
+TAR_LABEL_FIELDS = ("cls", "json", "txt")  # the first a sample has gives its label
 NO_IMAGE = -1  # the offset of a shard's sample without an image member
 NO_LABEL = np.iinfo(np.int64).min  # the label of a record without one
 
 
+# Split names as `datasets` finds them in a repository's file and folder names
+# (datasets/data_files.py: SPLIT_KEYWORDS, NON_WORDS_CHARS, SPLIT_PATTERN_SHARDED; the split name
+# rule of datasets/naming.py), copied: folders and shards are read without `datasets` installed
+# (tests/test_layouts.py checks them against the installed package).
+SPLIT_KEYWORDS = {"train": ["train", "training"],
+                  "validation": ["validation", "valid", "dev", "val"],
+                  "test": ["test", "testing", "eval", "evaluation"]}
+NON_WORDS_CHARS = "-._ 0-9"
+SPLIT_NAME = re.compile(r"\w+(\.\w+)*")  # datasets' _split_re
+# datasets' data/{split}-[0-9]{5}-of-[0-9]{5}*.*
+SHARDED_NAME = re.compile(r"(\w+(?:\.\w+)*)-[0-9]{5}-of-[0-9]{5}[^/]*\.[^/]*")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # the hub's imagefolder
+COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+SHARD_FILES = (".tar",) + COMPRESSED_SHARDS
+
+
 @dataclass(frozen=True)
 class Spec:
-    """One data spec: `text` as given, its kind, the path part, the dataset name (NAME=)."""
+    """One data spec: `text` as given, its kind, the path read (a split's folder where a split
+    is named), the dataset name (NAME=); `root` the PATH given, `split` the split named
+    (PATH:SPLIT), `files` the split's files where its files are named by split (None: the
+    files of `path`), `prefix` the kind forced (KIND:)."""
     text: str
     kind: str
     path: str
     name: str = None
+    root: str = None
+    split: str = None
+    files: tuple = None
+    prefix: str = None
 
 
 def parse_spec(text):
-    """[NAME=][KIND:]PATH -> Spec; the kind is detected from PATH unless a prefix forces it."""
+    """[NAME=][KIND:]PATH[:SPLIT] -> Spec; the kind is detected from PATH unless a prefix forces
+    it. A PATH holding splits is read as the split named, or refused (split_layout)."""
     name, sep, rest = text.partition("=")
     if not sep or not name or "/" in name or os.sep in name:
         name, rest = None, text
     prefix, colon, path = rest.partition(":")
     forced = prefix if colon and prefix in KINDS and not path.startswith("//") else None
     path = path if forced else rest
+    path, split = split_suffix(path, text)
     if not path:
         raise DataError(f"data spec {text!r}: no path")
-    kind = forced or detect_kind(path, text)
+    root = path
+    path, files, kind = split_layout(path, split, text, name, forced)
+    kind = forced or kind or detect_kind(path, text)
+    if forced and kind != forced:  # files named by split whose kind is not the prefix's
+        raise DataError(f"data spec {text!r}: the files read from {root} ({files[0]}"
+                        f"{', ...' if len(files) > 1 else ''}) are {kind} files, not {forced}: "
+                        f"drop the prefix {forced}:")
     if kind == "jsonl" and name:
         raise DataError(f"data spec {text!r}: a JSONL file names each record's dataset "
                         "(dataset_name); give it without NAME=")
     if kind != "jsonl" and not name:
         raise DataError(f"data spec {text!r}: name its dataset: NAME={text} (a {kind} source "
                         "holds the records of one dataset)")
-    return Spec(text, kind, path, name)
+    return Spec(text, kind, path, name, root, split, files, forced)
 
 
 def is_url(path):
@@ -85,9 +123,207 @@ def is_url(path):
 def absolute_spec(text):
     """The spec with an absolute local path, so that eval.py finds it again from a checkpoint."""
     spec = parse_spec(text)
-    if is_url(spec.path):
+    if is_url(spec.root):
         return text
-    return text[:len(text) - len(spec.path)] + os.path.abspath(spec.path)
+    return spec_text(spec.name, spec.prefix, os.path.abspath(spec.root), spec.split)
+
+
+def spec_text(name, prefix, path, split=None):
+    """A spec written back from its parts (absolute_spec, the spec a message tells to give)."""
+    return (f"{name}=" if name else "") + (f"{prefix}:" if prefix else "") + path + (
+        f":{split}" if split else "")
+
+
+def split_suffix(path, text):
+    """(PATH, SPLIT) of PATH:SPLIT, or (path, None). A local path that exists with its colon is
+    that path (a file named a:b); a URL is not listed, so a split of it is refused."""
+    head, colon, tail = path.rpartition(":")
+    if not colon or not head or not SPLIT_NAME.fullmatch(tail) or head.endswith(":"):
+        return path, None
+    if is_url(path):
+        if tail.isdigit():  # a port: http://host:8000
+            return path, None
+        raise DataError(f"data spec {text!r}: the splits of a URL are not looked up: give the "
+                        f"split's files (a glob or a {{000..099}} range) instead of :{tail}")
+    if os.path.exists(path):
+        if os.path.exists(head):
+            raise DataError(f"data spec {text!r}: both {path} and {head} exist, so it may name "
+                            f"either, or split {tail!r} of {head}: rename one of them")
+        return path, None
+    return head, tail
+
+
+def split_layout(path, split, text, name, forced):
+    """(path to read, its files or None, kind or None) of a spec's PATH and SPLIT: the split's
+    folder or files where PATH holds splits (find_splits), else PATH itself. A PATH holding
+    several splits without SPLIT, a SPLIT it does not hold, or a SPLIT of a path without splits
+    is a DataError naming the splits found and the spec to give."""
+    found = find_splits(path, text) if not is_url(path) and os.path.isdir(path) else None
+    if found is None:
+        if split is None:
+            if not is_url(path) and (any(c in path for c in "*?[") or expand_ranges(path) != [
+                    path]):
+                check_pattern_splits(path, text)
+            return path, None, None
+        what = (f"{path} not found (read as split {split!r} of {path})"
+                if not os.path.exists(path) else
+                f"{path} is a file" if not os.path.isdir(path) else
+                f"{path} holds no splits (no split folders such as train/ and val/, no "
+                "{split}-00000-of-00001 files, no DatasetDict)")
+        raise DataError(f"data spec {text!r}: {what} (PATH:SPLIT reads split SPLIT of the "
+                        f"folder PATH): give it as {spec_text(name, forced, path)}"
+                        if os.path.exists(path) else f"data spec {text!r}: {what}")
+    layout, splits, rest = found
+    if not layout.startswith("a DatasetDict"):  # datasets' order: train, validation, test, others
+        splits = dict(sorted(splits.items(), key=lambda item: split_rank(item[0])))
+    if split is None and len(splits) == 1 and not rest and not isinstance(
+            next(iter(splits.values())), str):
+        files = next(iter(splits.values()))  # one split's files: nothing else to mix in
+        return path, tuple(files), files_kind(files, text)
+    example = " or ".join(spec_text(name or "NAME", forced, path, s) for s in splits)
+    listed = ", ".join(f"{s} ({split_shown(path, t)})" for s, t in splits.items())
+    if split is None:
+        others = (f"; also files of no split: "
+                  f"{', '.join(os.path.relpath(r, path) for r in rest[:3])}"
+                  f"{', ...' if len(rest) > 3 else ''}" if rest else "")
+        raise DataError(f"data spec {text!r}: {path} holds the splits {listed} ({layout}"
+                        f"{others}); a path is read as one split, never as several mixed: "
+                        f"name one, e.g. {example} (NAME=PATH:SPLIT in train.py, eval.py "
+                        "and config files)")
+    if split not in splits:
+        raise DataError(f"data spec {text!r}: {path} has no split {split!r}; it holds the "
+                        f"splits {listed} ({layout}): give {example}")
+    target = splits[split]
+    if isinstance(target, str):
+        return target, None, None
+    return path, tuple(target), files_kind(target, text)
+
+
+def check_pattern_splits(pattern, text):
+    """A glob or range whose files carry the names of several splits (train-*, test-*) is
+    refused: the spec would mix them."""
+    files = [f for f in expand_paths(pattern, text) if file_kind(f)]
+    splits = {}
+    for f in files:
+        base = os.path.basename(f)
+        match = SHARDED_NAME.fullmatch(base)
+        keyword = match.group(1) if match else split_of(base, False, text)
+        if keyword:
+            splits.setdefault(keyword, base)
+    if len(splits) > 1:
+        splits = dict(sorted(splits.items(), key=lambda item: split_rank(item[0])))
+        raise DataError(f"data spec {text!r}: {pattern} matches files of the splits "
+                        f"{', '.join(f'{s} ({f})' for s, f in splits.items())}; a spec is read "
+                        "as one split, never as several mixed: narrow the pattern to one split "
+                        "(to train on several, give each as its own spec of the same NAME)")
+
+
+def split_of(name, folder, text=None):
+    """The split keyword (datasets' SPLIT_KEYWORDS) in a file name or, folder True, a folder
+    name, as datasets' patterns find it; None without one. A folder name holding two is no
+    split (a class such as dev-test); a file's is an error naming the spec (text)."""
+    sep = re.escape(NON_WORDS_CHARS).replace(r"0\-9", "0-9")
+    found = {k for keywords in SPLIT_KEYWORDS.values() for k in keywords
+             if re.fullmatch(f"(.*[{sep}])?{k}([{sep}].*){'?' if folder else ''}", name)}
+    if len(found) > 1 and not folder:
+        raise DataError(f"data spec {text!r}: {name}: its name holds the split names "
+                        f"{', '.join(sorted(found))}; rename it so that it names one split")
+    return found.pop() if len(found) == 1 else None
+
+
+def find_splits(root, text):
+    """(what the layout is, {split: folder or [files]}, files of no split) of a local folder
+    that holds splits as the hub and `datasets` lay them out, or None for a folder of one
+    dataset. Looked for in `root` and then `root/data`, in datasets' order: a DatasetDict
+    (dataset_dict.json), {split}-00000-of-00001 file names, split folders (every subfolder a
+    split name, or two splits of different kinds such as train/ and val/), split names in the
+    data files' names (train.parquet beside test.parquet)."""
+    dict_file = os.path.join(root, "dataset_dict.json")
+    if os.path.isfile(dict_file):
+        try:
+            with open(dict_file, encoding="utf-8") as f:
+                names = json.load(f)["splits"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"data spec {text!r}: {dict_file}: cannot read its splits ({e})"
+                            ) from None
+        return ("a DatasetDict written by save_to_disk",
+                {s: os.path.join(root, s) for s in names}, [])
+    if os.path.isfile(os.path.join(root, "state.json")):  # one save_to_disk Dataset
+        return None
+    for folder in (root, os.path.join(root, "data")):
+        if not os.path.isdir(folder):
+            continue
+        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")),
+                         key=lambda e: e.name)
+        files = [e for e in entries if e.is_file() and file_kind(e.name)]
+        where = "" if folder == root else "data/"
+        sharded = {e.path: SHARDED_NAME.fullmatch(e.name) for e in files}
+        if any(sharded.values()):
+            splits = {}
+            for path, match in sharded.items():
+                if match:
+                    splits.setdefault(match.group(1), []).append(path)
+            return (f"the hub's {where}{{split}}-00000-of-00001 files",
+                    splits, [p for p, m in sharded.items() if not m])
+        folders = [e for e in entries if e.is_dir()]
+        named = {e.name: split_of(e.name, True) for e in folders}
+        kinds = {canonical_split(k) for k in named.values() if k}
+        if folders and (all(named.values()) or len(kinds) > 1):
+            splits = {}
+            for e in folders:
+                if named[e.name]:
+                    splits.setdefault(e.name, e.path)
+            return (f"split folders {', '.join(f'{where}{s}/' for s in splits)}", splits, [])
+        named = {e.path: split_of(e.name, False, text) for e in files}
+        if any(named.values()):
+            splits = {}
+            for path, keyword in named.items():
+                if keyword:
+                    splits.setdefault(keyword, []).append(path)
+            return ("the split names in its files' names, as datasets reads them", splits,
+                    [p for p, k in named.items() if not k])
+        if files or folder != root:
+            return None
+    return None
+
+
+def split_shown(root, target):
+    """A split's folder or files as a message names them, relative to the folder of splits."""
+    if isinstance(target, str):
+        return os.path.relpath(target, root) + "/"
+    more = f" and {len(target) - 1} more" if len(target) > 1 else ""
+    return os.path.relpath(target[0], root) + more
+
+
+def split_rank(name):
+    keyword = split_of(name, True)
+    return (list(SPLIT_KEYWORDS).index(canonical_split(keyword)) if keyword else 3, name)
+
+
+def canonical_split(keyword):
+    return next(s for s, keywords in SPLIT_KEYWORDS.items() if keyword in keywords)
+
+
+def file_kind(name):
+    """hf for a Parquet file, wds for a shard (compressed too), None for other files."""
+    if name.endswith(".parquet"):
+        return "hf"
+    if name.endswith(SHARD_FILES):
+        return "wds"
+    return None
+
+
+def files_kind(files, text):
+    kinds = {file_kind(f) for f in files}
+    if len(kinds) != 1:
+        raise DataError(f"data spec {text!r}: {files[0]} ... hold both .parquet and .tar files; "
+                        "give the files of one kind (a glob)")
+    return kinds.pop()
+
+
+def spec_files(spec, extension):
+    """The files of a spec: its split's files, or those of its path (expand_paths)."""
+    return list(spec.files) if spec.files else expand_paths(spec.path, spec.text, extension)
 
 
 def detect_kind(path, text):
@@ -98,16 +334,16 @@ def detect_kind(path, text):
             return "wds"
         raise DataError(f"data spec {text!r}: cannot tell the kind of this URL; prefix it with "
                         "hf: or wds:")
-    if path.endswith((".jsonl", ".json")) or (os.path.isfile(path) and not path.endswith(
-            (".parquet", ".tar"))):
+    if path.endswith((".jsonl", ".json")) or (os.path.isfile(path) and not file_kind(path)):
         return "jsonl"  # as --train_jsonl took any file
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json",
                                                                 "state.json")):
             return "hf"
         entries = list(os.scandir(path))
-        found = {kind for kind, ext in (("hf", ".parquet"), ("wds", ".tar"))
-                 if any(e.name.endswith(ext) and e.is_file() for e in entries)}
+        if any(e.name in METADATA_FILES and e.is_file() for e in entries):
+            return "folder"  # the hub's imagefolder: images listed with their labels
+        found = {file_kind(e.name) for e in entries if e.is_file()} - {None}
         if not found and any(e.is_dir() and not e.name.startswith(".") for e in entries):
             found = {"folder"}
         if len(found) == 1:
@@ -116,10 +352,11 @@ def detect_kind(path, text):
             "both .parquet and .tar files" if found else
             "no class subfolders, .parquet or .tar files") +
             "; prefix PATH with folder:, hf: or wds:")
-    extensions = {os.path.splitext(f)[1] for f in expand_paths(path, text)}
-    kinds = {".parquet": "hf", ".tar": "wds"}
-    if len(extensions) == 1 and extensions <= set(kinds):
-        return kinds[extensions.pop()]
+    files = expand_paths(path, text)
+    kinds = {file_kind(f) for f in files}
+    if len(kinds) == 1 and None not in kinds:
+        return kinds.pop()
+    extensions = {os.path.splitext(f)[1] for f in files}
     raise DataError(f"data spec {text!r}: cannot tell the kind of {path} (files ending in "
                     f"{', '.join(sorted(extensions))}); prefix it with folder:, hf:, wds: or "
                     "jsonl:")
@@ -136,7 +373,8 @@ def expand_paths(path, text, extension=None):
             files = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
                            if f.endswith(extension))
             if not files:
-                raise DataError(f"data spec {text!r}: no {extension} files in {pattern}")
+                what = extension if isinstance(extension, str) else "/".join(extension)
+                raise DataError(f"data spec {text!r}: no {what} files in {pattern}")
             out += files
         elif any(c in pattern for c in "*?["):
             files = sorted(glob.glob(pattern))
@@ -438,6 +676,61 @@ class Reading:
         self.training = training
         self.skip_missing_images, self.index_dir = skip_missing_images, index_dir
         self.sources, self.parts, self.errors, self.notes = [], [], [], []
+        self.named = []  # (dataset, part index, positions, class names, where) to map
+
+    def add_names(self, name, names, where, record):
+        """The last part's records whose label is a class name (names: bytes, empty where the
+        label is an index): mapped onto the dataset's classes once every source is read
+        (map_names). A source mixing indices and names is an error: which index is which name
+        would be a guess. where: the source, record(i): record i of the part, for messages."""
+        names = np.asarray(names)
+        positions = np.flatnonzero(names != b"")
+        if not len(positions):
+            return
+        labels = self.parts[-1]["labels"]
+        indexed = np.flatnonzero((names == b"") & (labels != NO_LABEL))
+        if len(indexed):
+            self.errors.append(f"{where}: both class indices ({record(indexed[0])}: "
+                               f"{labels[indexed[0]]}) and class names ({record(positions[0])}: "
+                               f"{names[positions[0]].decode()!r}) as labels: which index is "
+                               "which name is not known: give one kind")
+            return
+        self.named.append((name, len(self.parts) - 1, positions,
+                           [n.decode() for n in names[positions]], where, record))
+
+    def map_names(self):
+        """Class names as labels -> class indices: through the registry's labels (or those an
+        image folder or a ClassLabel gave), else the sorted names seen, which become the
+        dataset's labels, so validation data (read after) maps onto the same classes. A name
+        that is not a class is an error naming it and where it is."""
+        for name in dict.fromkeys(n for n, *_ in self.named):
+            entries = [e for e in self.named if e[0] == name]
+            seen = sorted({n for e in entries for n in e[3]})
+            spec = self.registry[name]
+            wheres = ", ".join(dict.fromkeys(e[4] for e in entries))
+            if spec.labels is None:
+                if spec.num_classes is not None and spec.num_classes != len(seen):
+                    raise DataError(
+                        f"dataset {name!r}: its records name {len(seen)} classes ("
+                        f"{', '.join(seen[:10])}{', ...' if len(seen) > 10 else ''}) in "
+                        f"{wheres}; the registry says num_classes {spec.num_classes}: give "
+                        "the class names, in label order, as the dataset's labels")
+                self.classes(name, seen, None, f"the class names of {wheres}")
+            index = {n: i for i, n in enumerate(spec.labels)}
+            unknown = [n for n in seen if n not in index]
+            if unknown:
+                first = next(e[5](e[2][i]) for e in entries for i, n in enumerate(e[3])
+                             if n == unknown[0])
+                self.errors.append(
+                    f"{first}: class name(s) {', '.join(repr(n) for n in unknown[:10])}"
+                    f"{', ...' if len(unknown) > 10 else ''} are not classes of dataset "
+                    f"{name!r} (its classes: {', '.join(spec.labels[:10])}"
+                    f"{', ...' if len(spec.labels) > 10 else ''})")
+                continue
+            for _, k, positions, names, _, _ in entries:
+                labels = self.parts[k]["labels"].copy()
+                labels[positions] = [index[n] for n in names]
+                self.parts[k]["labels"] = labels
 
     def add_source(self, source):
         self.sources.append(source)
@@ -491,6 +784,7 @@ def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=cla
     for spec in parsed:
         {"jsonl": read_json_source, "folder": read_image_folder, "hf": read_hf_dataset,
          "wds": read_shards}[spec.kind](spec, reading, jsonl_record)
+    reading.map_names()
     records = RecordTable.concatenate(reading.parts, reading.sources)
     if labelled:
         check_labels(records, registry, reading.errors)
@@ -545,6 +839,9 @@ def read_image_folder(spec, reading, jsonl_record):
     root, name = spec.path, spec.name
     if not os.path.isdir(root):
         raise DataError(f"data spec {spec.text!r}: {root} is not a folder")
+    metadata = [f for f in METADATA_FILES if os.path.isfile(os.path.join(root, f))]
+    if metadata:
+        return read_metadata_folder(spec, reading, metadata)
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     reading.errors += [dangling_link(e.path) for e in entries
                        if not e.name.startswith(".") and is_dangling(e)]
@@ -589,6 +886,75 @@ def read_image_folder(spec, reading, jsonl_record):
                              f"images were not read, e.g. {other[0]}")
     note_empty_classes(root, name, empty, without_folder, reading)
     reading.parts.append(part(source_id, dataset_id, range(len(members)), labels, members))
+
+
+class MetadataFile(JsonlFile):
+    """The metadata.csv / metadata.jsonl of the hub's imagefolder: row is its line; member the
+    image's path."""
+
+
+def metadata_items(path, errors):
+    """(line, where, {column: value}) of a metadata.csv (csv's reading of it: every value text)
+    or metadata.jsonl."""
+    if path.endswith(".jsonl"):
+        yield from json_items(path, errors)
+        return
+    import csv
+    text = read_data_file(path, errors)
+    if text is None:
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for item in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in item:  # more cells than the header names
+            errors.append(f"{where}: more values than the header has columns")
+            continue
+        yield reader.line_num, where, item
+
+
+def read_metadata_folder(spec, reading, found):
+    """The hub's imagefolder with a metadata file (what datasets' imagefolder builder reads):
+    `file_name` is each image's path inside the folder, the label column (the registry's
+    label_column, else `label`) its class: an index (an integer, or its digits in a CSV) or a
+    class name (mapped as a shard's names are, Reading.map_names)."""
+    root, name = spec.path, spec.name
+    if len(found) > 1:
+        raise DataError(f"data spec {spec.text!r}: {root} holds both {' and '.join(found)}: "
+                        "keep one (which one lists the images would be a guess)")
+    path = os.path.join(root, found[0])
+    column = reading.registry[name].label_column or "label"
+    dataset_id = reading.dataset_id(name, f"data spec {spec.text!r}")
+    source = MetadataFile(path)
+    source_id = reading.add_source(source)
+    rows, members, values, wheres = [], [], [], []
+    for row, where, item in metadata_items(path, reading.errors):
+        needed = ["file_name"] + ([column] if reading.labelled else [])
+        missing = [c for c in needed if c not in item]
+        if missing:
+            reading.errors.append(f"{where}: no column {', '.join(repr(c) for c in missing)} "
+                                  f"(columns: {', '.join(item)}); the registry's label_column "
+                                  "names another label column")
+            continue
+        value = item[column] if reading.labelled else 0
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+            reading.errors.append(f"{where}: column {column!r}: expected a class index or a "
+                                  f"class name, got {value!r}")
+            continue
+        rows.append(row)
+        members.append(os.path.join(root, str(item["file_name"])))
+        values.append(value)
+        wheres.append(where)
+    with ThreadPoolExecutor(16) as pool:  # stat calls: slow on network filesystems one by one
+        found = list(pool.map(os.path.isfile, members))
+    reading.errors += [f"{wheres[k]}: column 'file_name': image file not found: {members[k]}"
+                       for k, ok in enumerate(found) if not ok]
+    labels = [v if isinstance(v, int) else NO_LABEL for v in values]
+    reading.parts.append(part(source_id, dataset_id, rows, labels, members))
+    if reading.labelled:
+        reading.add_names(name, as_bytes([v if isinstance(v, str) else "" for v in values]),
+                          f"{path} (column {column!r})", lambda i: wheres[i])
 
 
 def folder_classes(root, class_dirs, errors):
@@ -714,7 +1080,8 @@ def read_hf_dataset(spec, reading, jsonl_record):
     image_column = reading.registry[name].image_column or "image"
     label_column = reading.registry[name].label_column or "label"
     files, counts = [], []
-    if os.path.isdir(path) and not any(f.endswith(".parquet") for f in os.listdir(path)):
+    if not spec.files and os.path.isdir(path) and not any(f.endswith(".parquet")
+                                                          for f in os.listdir(path)):
         table = datasets.load_from_disk(path)
         if isinstance(table, datasets.DatasetDict):
             raise DataError(f"data spec {spec.text!r}: {path} holds the splits "
@@ -722,7 +1089,7 @@ def read_hf_dataset(spec, reading, jsonl_record):
                             f"{os.path.join(path, next(iter(table)))}")
     else:
         import pyarrow.parquet as pq
-        files = expand_paths(path, spec.text, ".parquet")
+        files = spec_files(spec, ".parquet")
         try:
             counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
             table = datasets.Dataset.from_parquet(files)
@@ -771,13 +1138,32 @@ def label_values(table, column, where, reading, name):
     """The label column alone as int64 (NO_LABEL where empty); a ClassLabel gives class names."""
     datasets = import_datasets(where)
     feature = table.features[column]
+    known = reading.registry[name].labels
+    mapping = None
     if isinstance(feature, datasets.ClassLabel):
-        reading.classes(name, feature.names, None, f"{where} (ClassLabel {column!r})")
+        names = [str(n) for n in feature.names]
+        if known is None or names == known:
+            reading.classes(name, names, None, f"{where} (ClassLabel {column!r})")
+        else:  # the same classes in another order (or some of them): mapped by name
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise DataError(f"dataset {name!r}: the class names of {where} (ClassLabel "
+                                f"{column!r}: {', '.join(names[:5])}"
+                                f"{', ...' if len(names) > 5 else ''}) differ from the "
+                                f"registry's labels ({', '.join(known[:5])}"
+                                f"{', ...' if len(known) > 5 else ''}): "
+                                f"{', '.join(repr(n) for n in unknown[:10])} are not among them")
+            mapping = np.array([known.index(n) for n in names], dtype=np.int64)
     elif not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
         raise DataError(f"{where}: column {column!r} is {feature}: expected class indices "
                         "(integers or a ClassLabel)")
     values = table.data.column(column)
-    return np.asarray(values.cast("int64").fill_null(NO_LABEL).to_numpy(), dtype=np.int64)
+    values = np.asarray(values.cast("int64").fill_null(NO_LABEL).to_numpy(), dtype=np.int64)
+    if mapping is not None:
+        inside = (values >= 0) & (values < len(mapping))
+        values = np.where(inside, mapping[np.clip(values, 0, len(mapping) - 1)],
+                          np.where(values == NO_LABEL, NO_LABEL, -1))
+    return values
 
 
 def read_shards(spec, reading, jsonl_record):
@@ -785,13 +1171,15 @@ def read_shards(spec, reading, jsonl_record):
     offsets and labels; problems of every shard are collected before anything is raised."""
     if is_url(spec.path):
         raise DataError(f"data spec {spec.text!r}: a URL is read as a stream: add --streaming")
-    shards = expand_paths(spec.path, spec.text, ".tar")
+    shards = spec_files(spec, SHARD_FILES)
     dataset_id = reading.dataset_id(spec.name, f"data spec {spec.text!r}")
     skipped = []
     for shard in shards:
         if not shard.endswith(".tar"):
-            raise DataError(f"data spec {spec.text!r}: {shard}: shards are read by offset, so "
-                            "they must be uncompressed .tar files (or read them with --streaming)")
+            raise DataError(f"data spec {spec.text!r}: {shard} is a compressed shard: shards "
+                            "are read by the byte offset of each member, so they must be "
+                            f"uncompressed .tar files: uncompress it (gunzip, bunzip2 or unxz "
+                            "leave a .tar), or stream it with train.py --streaming")
         try:
             index = load_tar_index(shard, reading.index_dir)
         except DataError as e:
@@ -812,6 +1200,10 @@ def read_shards(spec, reading, jsonl_record):
         reading.parts.append(part(source_id, dataset_id, np.flatnonzero(keep),
                                   index["labels"][keep], members[keep], index["offsets"][keep],
                                   index["sizes"][keep]))
+        if reading.labelled:
+            kept = members[keep]
+            reading.add_names(spec.name, index["names"][keep], shard,
+                              lambda i, kept=kept, shard=shard: f"{shard}:{kept[i].decode()}")
     if skipped:
         reading.notes.append(f"{len(skipped)} sample(s) without an image left out "
                              f"(--on_bad_image skip): {', '.join(skipped[:5])}"
@@ -832,7 +1224,7 @@ def check_labels(records, registry, errors):
         outside = (members[(labels != NO_LABEL) & ((labels < 0) | (labels >= k))]
                    if k is not None else members[:0])
         errors += [f"{records[i].source}: no label (a .cls member, the 'label' of a .json member, "
-                   "or the label column)" for i in missing[:20].tolist()]
+                   "a .txt member, or the label column)" for i in missing[:20].tolist()]
         errors += [f"{records[i].source}: field 'label': {records.labels[i]} is outside [0, {k}) "
                    f"for dataset {name!r}" for i in outside[:20].tolist()]
         if len(missing) > 20 or len(outside) > 20:  # the arrays are checked whole, not listed
@@ -845,7 +1237,8 @@ def source_kind(source):
     if isinstance(source, ArrowTable):
         return (("Parquet files" if source.files else "a Hugging Face dataset") +
                 " with an integer label column, not a ClassLabel")
-    return {JsonlFile: "JSONL records", TarShard: "WebDataset shards"}.get(type(source),
+    return {JsonlFile: "JSONL records", TarShard: "WebDataset shards",
+            MetadataFile: "an imagefolder's metadata file with integer labels"}.get(type(source),
                                                                            type(source).__name__)
 
 
@@ -885,7 +1278,8 @@ def load_tar_index(shard, index_dir=None):
         try:
             with np.load(place, allow_pickle=False) as cached:
                 if np.array_equal(cached["stamp"], stamp):
-                    return {k: cached[k] for k in ("members", "offsets", "sizes", "labels")}
+                    return {k: cached[k] for k in ("members", "offsets", "sizes", "labels",
+                                                   "names")}
         except (OSError, KeyError, ValueError, zipfile.BadZipFile):
             continue
     index = build_tar_index(shard, stat.st_size)
@@ -940,8 +1334,7 @@ def build_tar_index(shard, size):
                                         f"(byte {member.offset}) after other keys; its first "
                                         f"member is {first} (byte {offset})")
                         continue
-                    samples[key] = {"image": None, "cls": NO_LABEL, "json": NO_LABEL,
-                                    "first": (member.name, member.offset)}
+                    samples[key] = {"image": None, "first": (member.name, member.offset)}
                 if field in fields:
                     problems.append(f"{shard}: key {key!r} has .{field} twice: members "
                                     f"{fields[field][0]} (byte {fields[field][1]}) and "
@@ -952,7 +1345,7 @@ def build_tar_index(shard, size):
                 if field in TAR_IMAGE_FIELDS:
                     if sample["image"] is None:
                         sample["image"] = (member.name, member.offset_data, member.size)
-                elif field in ("cls", "json"):
+                elif field in TAR_LABEL_FIELDS:
                     try:
                         sample[field] = tar_label(field, tar.extractfile(member).read())
                     except ValueError as e:
@@ -974,14 +1367,18 @@ def build_tar_index(shard, size):
                                  if len(problems) > 20 else [])
         raise DataError("\n  ".join(shown))
     members = [s["image"][0] if s["image"] else key for key, s in samples.items()]
+    # .cls first, as WebDataset's own readers take it, then the label of .json, then .txt
+    values = [next((s[f] for f in TAR_LABEL_FIELDS if s.get(f, NO_LABEL) != NO_LABEL),
+                   NO_LABEL) for s in samples.values()]
     return {"members": as_bytes(members),
             "offsets": np.array([s["image"][1] if s["image"] else NO_IMAGE
                                  for s in samples.values()], dtype=np.int64),
             "sizes": np.array([s["image"][2] if s["image"] else 0 for s in samples.values()],
                               dtype=np.int64),
-            # .cls first, as WebDataset's own readers take it
-            "labels": np.array([s["cls"] if s["cls"] != NO_LABEL else s["json"]
-                                for s in samples.values()], dtype=np.int64)}
+            "labels": np.array([v if isinstance(v, int) else NO_LABEL for v in values],
+                               dtype=np.int64),
+            # a class name where the label is one (mapped by read_records), else empty
+            "names": as_bytes([v if isinstance(v, str) else "" for v in values])}
 
 
 def tar_end_problem(shard, offset, size, last):
@@ -1030,10 +1427,14 @@ def header_problem(block):
 
 
 def tar_label(field, data):
-    """The class index of a .cls member (its text) or of a .json member (its "label")."""
+    """The label of a .cls or .txt member (its text) or of a .json member (its "label"): a class
+    index (an integer, or its digits as text), or a class name (other text); NO_LABEL for a
+    .json without "label"."""
     text = data.decode("utf-8", errors="replace").strip()
-    if field == "cls":
+    if field != "json":
         value = text
+        if not value:
+            raise ValueError(f"an empty .{field}: expected a class index or a class name")
     else:
         try:
             item = json.loads(text)
@@ -1044,6 +1445,8 @@ def tar_label(field, data):
         value = item["label"]
     if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
         value = int(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()  # a class name
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"field 'label': expected an integer, got {value!r}")
+        raise ValueError(f"field 'label': expected an integer or a class name, got {value!r}")
     return value

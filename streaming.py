@@ -79,7 +79,8 @@ def stream_sources(specs, registry, fixed, index_dir=None, skip_missing_images=F
             raise DataError(f"data spec {text!r}: --streaming reads Parquet files or WebDataset "
                             f"shards, not a {spec.kind} source")
         dataset_id = reading.dataset_id(spec.name, f"data spec {text!r}")
-        files = expand_paths(spec.path, text, ".parquet" if spec.kind == "hf" else ".tar")
+        files = list(spec.files or  # a split's files (sources.split_layout)
+                     expand_paths(spec.path, text, ".parquet" if spec.kind == "hf" else ".tar"))
         known = by_name.get(spec.name)
         if known and known.kind != spec.kind:
             raise DataError(f"data spec {text!r}: dataset {spec.name!r} is streamed from one "

@@ -118,6 +118,11 @@ def layouts(demo_dir, tmp_path_factory):
 
 def test_specs_name_their_kind(layouts, tmp_path):
     root = layouts["root"]
+    both = tmp_path.with_name(tmp_path.name + "_both")
+    both.mkdir()
+    for file in ("a.parquet", "b.tar"):
+        shutil.copy(root / ("faces_train.parquet" if file.endswith("parquet") else
+                            "parity_val-000.tar"), both / file)
     kinds = [parse_spec(s).kind for s in layouts["specs"]["train"]]
     assert kinds == ["folder", "hf", "wds"]
     assert parse_spec(f"digits=folder:{root}/digits/train").kind == "folder"
@@ -128,7 +133,9 @@ def test_specs_name_their_kind(layouts, tmp_path):
                           (f"d={layouts['train_jsonl']}", "without NAME="),
                           (f"d={tmp_path}/absent", "not found"),
                           (f"d={tmp_path}", "no class subfolders"),
-                          (f"d={root}", "both .parquet and .tar files; prefix PATH"),
+                          (f"d={root}", r"holds the splits train \(faces_train.parquet and 2 "
+                                        r"more\), val .*name one, e\.g\. d=.*:train or "),
+                          (f"d={both}", "both .parquet and .tar files; prefix PATH"),
                           (f"d={root}/parity_train-{{005..006}}.tar", "not found")]:
         with pytest.raises(DataError, match=message):
             parse_spec(spec)
@@ -181,7 +188,7 @@ def test_bad_rows_and_shards_are_named(layouts, tmp_path):
     # a tar: no image member, an unreadable label, a member cut off; a corrupt image decodes late
     write_shard(tmp_path / "bad-000.tar", [("a", {"png": image, "cls": b"1"}),
                                            ("b", {"cls": b"0"}),
-                                           ("c", {"png": image, "cls": b"x"})])
+                                           ("c", {"png": image, "cls": b" "})])
     write_shard(tmp_path / "bad-001.tar", [("d", {"png": image, "json": b'{"other": 1}'})])
     data = (tmp_path / "cut-000.tar")
     write_shard(data, [("e", {"png": image * 20, "cls": b"1"})])
@@ -191,7 +198,7 @@ def test_bad_rows_and_shards_are_named(layouts, tmp_path):
         read_records([f"p={tmp_path}/bad-{{000..001}}.tar", f"p={tmp_path}/cut-000.tar"],
                      load_registry(registry))
     text = str(e.value)
-    assert "bad-000.tar:c.cls: field 'label': expected an integer, got 'x'" in text
+    assert "bad-000.tar:c.cls: an empty .cls: expected a class index or a class name" in text
     assert "cut-000.tar:e.png: cut off" in text
     with pytest.raises(DataError) as e:
         read_records([f"p={tmp_path}/bad-001.tar"], load_registry(registry))
