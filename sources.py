@@ -120,6 +120,12 @@ def is_url(path):
     return "://" in path
 
 
+# A URL is streamed: training specs only (validation and eval.py read their data whole).
+URL_READ = ("a URL is read only as a training stream (train.py --streaming, --train_data); to "
+            "validate or evaluate on remote data, download its files first (for example `hf "
+            "download REPO --repo-type dataset --local-dir DIR`, or curl) and give the local path")
+
+
 def absolute_spec(text):
     """The spec with an absolute local path, so that eval.py finds it again from a checkpoint."""
     spec = parse_spec(text)
@@ -1076,7 +1082,7 @@ def read_hf_dataset(spec, reading, jsonl_record):
     datasets = import_datasets(f"data spec {spec.text!r}")
     name, path = spec.name, spec.path
     if is_url(path):
-        raise DataError(f"data spec {spec.text!r}: a URL is read as a stream: add --streaming")
+        raise DataError(f"data spec {spec.text!r}: {URL_READ}")
     image_column = reading.registry[name].image_column or "image"
     label_column = reading.registry[name].label_column or "label"
     files, counts = [], []
@@ -1170,7 +1176,7 @@ def read_shards(spec, reading, jsonl_record):
     """Each shard's index (built once, then read from its cache) gives its samples' image
     offsets and labels; problems of every shard are collected before anything is raised."""
     if is_url(spec.path):
-        raise DataError(f"data spec {spec.text!r}: a URL is read as a stream: add --streaming")
+        raise DataError(f"data spec {spec.text!r}: {URL_READ}")
     shards = spec_files(spec, SHARD_FILES)
     dataset_id = reading.dataset_id(spec.name, f"data spec {spec.text!r}")
     skipped = []

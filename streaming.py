@@ -2,13 +2,15 @@
 data larger than the disk or kept remote (local paths or fsspec URLs), through `datasets`'
 iterable datasets (pip install -e '.[streaming]').
 
-Each DataLoader worker of each rank reads its own part of every dataset: split_dataset_by_node
-over the ranks (whole shards when their count divides, else every world_size-th sample), and
-datasets' own split over the workers. A dataset that runs out starts its next pass
-(set_epoch: datasets reshuffles its shard order). The worker's samples follow a schedule of
-blocks of SCHEDULE_BLOCK slots in which dataset d fills round(share_d * SCHEDULE_BLOCK) slots
-(largest remainder) at seeded positions: the shares hold exactly per block, not in expectation.
---shuffle_buffer N reads N samples, yields them in a seeded order, and reads the next N.
+Each reader (a DataLoader worker of a rank: world_size x max(1, --num_workers) of them) reads
+its own part of every dataset, planned before the first step (StreamSource.plan): whole files
+where a dataset has at least as many as there are readers; else, for Parquet, whole row groups
+where it has enough of them; else every readers-th sample of all of them (said in a note). A
+dataset that runs out starts its next pass (set_epoch: datasets reshuffles the order of the
+reader's files). The reader's samples follow a schedule of blocks of SCHEDULE_BLOCK slots in
+which dataset d fills round(share_d * SCHEDULE_BLOCK) slots (largest remainder) at seeded
+positions: the shares hold exactly per block, not in expectation. --shuffle_buffer N reads N
+samples, yields them in a seeded order, and reads the next N.
 
 Resume is exact: a worker's position is the state of each dataset's stream at the start of its
 current block of --shuffle_buffer samples (datasets' state_dict: the shard and the sample in it),
@@ -19,6 +21,8 @@ world size and --num_workers are needed (the split depends on them).
 """
 import copy
 import io
+import os
+import posixpath
 
 import numpy as np
 import torch
@@ -44,11 +48,13 @@ def import_streaming():
 
 
 class StreamSource:
-    """One dataset's stream: its files (or URLs), format (parquet | webdataset) and columns."""
+    """One dataset's stream: its files (or URLs), format (parquet | webdataset), columns, and
+    how its readers split it (plan)."""
 
     def __init__(self, name, dataset_id, kind, files, image_column=None, label_column=None):
         self.name, self.dataset_id, self.kind, self.files = name, dataset_id, kind, files
         self.image_column, self.label_column = image_column, label_column
+        self.plans = {}  # readers -> (split, units): decided once, carried into the workers
 
     def open(self):
         """The datasets IterableDataset of the files, images left undecoded."""
@@ -58,13 +64,65 @@ class StreamSource:
             stream = datasets.load_dataset(builder, data_files={"train": self.files},
                                            split="train", streaming=True)
         except Exception as e:  # datasets' errors say what is wrong, not which dataset
-            raise DataError(f"--streaming dataset {self.name!r} ({', '.join(self.files[:3])}"
-                            f"{', ...' if len(self.files) > 3 else ''}): cannot open: {e}"
-                            ) from None
+            raise DataError(f"--streaming dataset {self.name!r} ({self.where()}): cannot open: "
+                            f"{e}") from None
         for column, feature in (stream.features or {}).items():
             if isinstance(feature, datasets.Image):
                 stream = stream.cast_column(column, datasets.Image(decode=False))
         return stream
+
+    def where(self):
+        return ", ".join(self.files[:3]) + (", ..." if len(self.files) > 3 else "")
+
+    def units(self, stream, split):
+        """The stream cut into the units of `split` (its files, or its Parquet row groups)."""
+        if split == "row groups":
+            try:
+                return stream.reshard()  # datasets: one shard per Parquet row group
+            except Exception as e:
+                raise DataError(f"--streaming dataset {self.name!r} ({self.where()}): cannot "
+                                f"read its row groups: {e}") from None
+        return stream
+
+    def plan(self, readers):
+        """(split, units) for `readers` readers: "files" or "row groups" where there are at
+        least as many as readers (each reader reads whole ones), else ("samples", files): every
+        readers-th sample of all the files."""
+        if readers not in self.plans:
+            split, units = "files", len(self.files)  # datasets' shards: one per file
+            if units < readers:
+                split = "samples"
+                if self.kind == "hf":  # only then opened: a Parquet footer per file
+                    groups = self.units(self.open(), "row groups").num_shards
+                    split, units = ("row groups", groups) if groups >= readers else (split, units)
+            self.plans[readers] = split, units
+        return self.plans[readers]
+
+    def part(self, readers, part):
+        """The datasets IterableDataset of reader `part` of `readers` (see plan)."""
+        from datasets.distributed import split_dataset_by_node
+        split, units = self.plan(readers)
+        stream = self.units(self.open(), split)
+        if stream.num_shards != units:
+            raise DataError(f"--streaming dataset {self.name!r} ({self.where()}): {units} "
+                            f"{'row groups' if split == 'row groups' else 'files'} when the run "
+                            f"was planned, {stream.num_shards} now: the files changed")
+        if split == "samples":  # fewer units than readers: every readers-th sample
+            return split_dataset_by_node(stream, part, readers)
+        return stream.shard(readers, part, contiguous=False)
+
+    def describe(self, readers):
+        """How the readers split this dataset, for the run's summary; a note when a reader
+        reads every file (a split by sample reads the files once per reader)."""
+        split, units = self.plan(readers)
+        files = f"{len(self.files)} {'Parquet file' if self.kind == 'hf' else 'shard'}(s)"
+        if split == "files":
+            return files, None
+        if split == "row groups":
+            return f"{files}, {units} row groups (a reader reads whole row groups)", None
+        return files, (f"--streaming dataset {self.name!r}: {units} file(s) for {readers} readers "
+                       "(processes x DataLoader workers): each reads all of them and takes one "
+                       f"sample in {readers} (more files or fewer --num_workers read less)")
 
 
 def stream_sources(specs, registry, fixed, index_dir=None, skip_missing_images=False):
@@ -185,16 +243,17 @@ class ImageStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        part = self.rank * workers + worker
+        part, parts = self.rank * workers + worker, self.world_size * workers
         import_streaming()
-        from datasets.distributed import split_dataset_by_node
+        if info:  # as datasets does in a worker: fsspec's event loop is not the parent's
+            import fsspec.asyn
+            fsspec.asyn.reset_lock()
         start = self.resume_from or {"block": 0, "slot": 0, "taken": 0,
                                      "passes": {str(d): 0 for d in self.sources},
                                      "streams": {str(d): None for d in self.sources}}
         self.resume_from = None
-        readers = {d: StreamReader(split_dataset_by_node(source.open(), self.rank,
-                                                         self.world_size),
-                                   start["passes"][str(d)], start["streams"][str(d)])
+        readers = {d: StreamReader(source.part(parts, part), start["passes"][str(d)],
+                                   start["streams"][str(d)])
                    for d, source in self.sources.items()}
         block, slot, skip = start["block"], start["slot"], start["taken"]
         scheduled, schedule = None, None
@@ -214,8 +273,8 @@ class ImageStream(torch.utils.data.IterableDataset):
                     raise DataError(
                         f"--streaming dataset {source.name!r}: no samples for data-loader "
                         f"worker {worker} of {workers} on rank {self.rank} in its "
-                        f"{len(source.files)} file(s) (each worker reads whole files): lower "
-                        "--num_workers or write more shards")
+                        f"{len(source.files)} file(s): it holds fewer samples than the "
+                        f"{parts} readers (processes x workers); lower --num_workers")
                 items.append((d, *raw_sample(self.sources[d], example, readers[d].passes)))
                 slot += 1
             order = np.random.default_rng([self.seed, part, block, 0x627566]).permutation(
@@ -239,6 +298,9 @@ class ImageStream(torch.utils.data.IterableDataset):
         try:
             if data is None:
                 raise DataError("no image")
+            if isinstance(data, str):  # a path the Parquet file gives: read here, in the worker
+                where = f"{where} ({data})"
+                data = read_file(data)
             if self.pixels is not None:
                 image = self.pixels(io.BytesIO(data), dataset_id, key, 0, 0)
             else:
@@ -250,6 +312,15 @@ class ImageStream(torch.utils.data.IterableDataset):
                 return None, message, dataset_id, key
             raise DataError(message) from None
         return image, label, dataset_id, key
+
+
+def read_file(path):
+    if is_url(path):
+        import fsspec
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
 
 
 class StreamReader:
@@ -264,7 +335,7 @@ class StreamReader:
         self.stream.set_epoch(self.passes)
         if state is not None:
             self.stream.load_state_dict(state)
-        self.iterator, self.origin, self.started = iter(self.stream), state, False
+        self.iterator, self.origin, self.started = examples(self.stream), state, False
 
     def state(self):
         return self.stream.state_dict() if self.started else copy.deepcopy(self.origin)
@@ -282,8 +353,16 @@ class StreamReader:
         return example
 
 
+def examples(stream):
+    """The examples of a datasets IterableDataset, read in this process: iterating it in a
+    DataLoader worker would split it again among the workers (this reader's part is its own)."""
+    for batch in stream.iter(batch_size=1):
+        yield {k: v[0] for k, v in batch.items()}
+
+
 def raw_sample(source, example, passes):
-    """(image bytes or None, label or NO_LABEL, where) of one streamed example."""
+    """(image bytes, its path (str), or None; label or NO_LABEL; where) of one streamed
+    example."""
     if source.kind == "wds":
         field = next((f for f in TAR_IMAGE_FIELDS if example.get(f) is not None), None)
         where = f"{example.get('__url__')}:{example.get('__key__')}" + (f".{field}" if field
@@ -296,6 +375,11 @@ def raw_sample(source, example, passes):
         where = f"--streaming dataset {source.name!r} (pass {passes} over its Parquet files)"
         value = example.get(source.image_column)
         image = value.get("bytes") if isinstance(value, dict) else value
+        if image is None and isinstance(value, dict) and value.get("path"):
+            # an Image of a path (not embedded): beside the first file, as sources.ArrowTable
+            paths = posixpath if is_url(source.files[0]) else os.path
+            image = (value["path"] if is_url(value["path"]) else
+                     paths.join(paths.dirname(source.files[0]), value["path"]))
         label = example.get(source.label_column)
     if isinstance(label, bool) or not isinstance(label, int):
         label = NO_LABEL
@@ -314,16 +398,19 @@ def make_stream_loader(stream, inputs, dataset_names, *, batch_size, num_workers
 
 
 def build_stream(specs, registry, fixed, *, seed, rank, world_size, buffer, skip_bad_images,
-                 index_dir=None):
+                 index_dir=None, num_workers=0):
     """(ImageStream, shares, summary) of the training specs; the stream's num_classes and pixels
     are set once the registry is complete and the model known. index_dir: where the indexes of
-    local shards go when their folder is read-only."""
+    local shards go when their folder is read-only. num_workers: the loader's, whose readers
+    (world_size x max(1, num_workers)) split each dataset as planned here."""
     sources = stream_sources(specs, registry, fixed, index_dir, skip_bad_images)
     shares = stream_shares(sources, registry)
     names = list(registry)
+    readers = world_size * max(1, num_workers)
+    described = [(s, *s.describe(readers)) for s in sources]
     summary = "training stream (--streaming, share of the samples):\n" + "\n".join(
-        f"  {s.name}: {len(s.files)} {'Parquet file' if s.kind == 'hf' else 'shard'}(s), "
-        f"{100 * shares[s.dataset_id]:.1f}%" for s in sources)
+        f"  {s.name}: {files}, {100 * shares[s.dataset_id]:.1f}%" for s, files, _ in described)
+    summary += "".join(f"\nnote: {note}" for *_, note in described if note)
     stream = ImageStream(sources, shares, names, seed=seed, rank=rank, world_size=world_size,
                          buffer=buffer, skip_bad_images=skip_bad_images)
     return stream, shares, summary

@@ -210,7 +210,8 @@ def load_data(args, say):
         stream, shares, summary = build_stream(
             args.train_data, registry, bool(args.datasets), seed=args.seed, rank=rank,
             world_size=world_size, buffer=1 if args.no_shuffle else args.shuffle_buffer,
-            skip_bad_images=args.on_bad_image == "skip", index_dir=options["index_dir"])
+            skip_bad_images=args.on_bad_image == "skip", index_dir=options["index_dir"],
+            num_workers=args.num_workers)
     else:
         train = read_records(args.train_data, registry, **options, training=True,
                              skip_missing_images=args.on_bad_image == "skip")
