@@ -185,7 +185,11 @@ def check_local_shards(files, index_dir, skip_missing_images):
         unlabelled = np.flatnonzero(index["labels"] == NO_LABEL)
         errors += [f"{names[i]}: no image member (.{', .'.join(TAR_IMAGE_FIELDS)})"
                    for i in lost[:20]]
-        errors += [f"{names[i]}: no label (a .cls member or the 'label' of a .json member)"
+        # datasets' tar reader takes .cls for an integer: a class name there stops its stream
+        errors += [f"{names[i]}: its label is the class name {index['names'][i].decode()!r}: "
+                   "--streaming reads class indices only; without --streaming class names map "
+                   "through the registry's labels" if index["names"][i] else
+                   f"{names[i]}: no label (a .cls member or the 'label' of a .json member)"
                    for i in unlabelled[:20]]
         if len(lost) > 20 or len(unlabelled) > 20:
             errors.append(f"{shard}: {len(lost)} samples without an image and "

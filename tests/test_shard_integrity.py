@@ -164,6 +164,12 @@ def test_streaming_refuses_damaged_local_shards_before_reading(shard, tmp_path):
     with pytest.raises(DataError) as e:
         stream(f"p={holes}", skip=True)
     assert "holes-000.tar:a.png: no label" in str(e.value) and "no image" not in str(e.value)
+    # a class name as the label: datasets' tar reader would fail on int('face') mid-stream
+    named = write_shard(tmp_path / "named-000.tar", [("a", {"png": encoded(1, "PNG"),
+                                                            "cls": b"face"})])
+    with pytest.raises(DataError, match="named-000.tar:a.png: its label is the class name 'face'"
+                                        ": --streaming reads class indices only"):
+        stream(f"p={named}")
 
 
 def test_a_streaming_run_on_a_damaged_shard_stops_before_its_first_step(shard, tiny_vit,
