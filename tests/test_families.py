@@ -41,6 +41,15 @@ RUNS = {
     "clip": ("mean", "refused: its class pools the patch tokens before post_layernorm"),
     "siglip": ("mean", "SiglipForImageClassification"),
     "siglip2": ("mean", "Siglip2ForImageClassification"),
+    "aimv2": ("auto", "refused: transformers has no image-classification class"),
+    "metaclip_2": ("mean", "refused: its class pools the patch tokens before post_layernorm"),
+    "vit_mae": ("auto", "refused: transformers has no image-classification class"),
+    "vit_msn": ("cls", "ViTMSNForImageClassification"),
+    "hgnet_v2": ("auto", "HGNetV2ForImageClassification"),
+    "textnet": ("mean", "TextNetForImageClassification"),
+    "swiftformer": ("auto", "SwiftFormerForImageClassification"),
+    "blip-2": ("auto", "refused: transformers has no image-classification class"),
+    "instructblip": ("auto", "refused: transformers has no image-classification class"),
     **{name: ("last", "refused: a vision-language checkpoint") for name in VLM_FAMILIES},
 }
 REFUSALS = {  # the words of export.py's refusal each "refused:" cell stands for
@@ -86,7 +95,12 @@ def test_family_trains_resumes_evaluates_and_exports(name, family_folder, small_
     before = load_weights(full / "checkpoint-2")
     assert not torch.equal(a["head.weight"], before["head.weight"])  # step 3 trained
 
-    eval_script.main([str(checkpoint), "--num_workers", "0"])
+    predictions = []
+    for i in range(2):  # two evaluations of one checkpoint: a random forward (ViTMAE's masking)
+        path = tmp_path / f"predictions-{i}.jsonl"
+        eval_script.main([str(checkpoint), "--num_workers", "0", "--predictions", str(path)])
+        predictions.append(read_jsonl(path))
+    assert len(predictions[0]) == 31 and predictions[0] == predictions[1]  # one machine, one run
     row = read_jsonl(full / "eval_results.jsonl")[0]
     assert (row["eval_digits_samples"], row["eval_faces_samples"]) == (21, 10)
     assert 0 <= row["eval_overall_accuracy"] <= 1 and row["eval_overall_loss"] > 0
