@@ -496,7 +496,9 @@ class ImageTextInputs:
         self.prompt = prompt or DEFAULT_PROMPT
         self.source, self.unloaded = source, list(unloaded)  # files carried into checkpoints
         tokenizer = self.tokenizer
-        self.image_token = getattr(processor, "image_token", None)
+        # BLIP-2's processor keeps its placeholder as an AddedToken, not a string
+        image_token = getattr(processor, "image_token", None)
+        self.image_token = getattr(image_token, "content", image_token)
         if self.image_token is None or tokenizer.convert_tokens_to_ids(self.image_token) in (
                 None, tokenizer.unk_token_id):
             raise ValueError(f"{type(processor).__name__}: its tokenizer has no image placeholder "
