@@ -130,11 +130,13 @@ class MissingWeights(ValueError):
     """A folder lacks weights of the backbone: training would start from random values there."""
 
 
-def from_pretrained(model_class, folder, **kwargs):
+def from_pretrained(model_class, folder, random_init=(), **kwargs):
     """model_class.from_pretrained without transformers' load report. Every weight the model
     expects must come from the folder: one that does not is an error naming the first few
     (transformers would initialise it at random, and fine-tuning random weights is never what a
-    user asks for).
+    user asks for), unless it is in a part named in random_init (--random_init: a module name or
+    prefix, e.g. `pooler`, which a ViTForImageClassification folder lacks), which is announced.
+    A named part the folder holds whole is an error too (the flag would do nothing).
 
     Unused weights are expected: the LM head of a vision-language model, the text tower of CLIP.
     """
@@ -151,12 +153,22 @@ def from_pretrained(model_class, folder, **kwargs):
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     missing = sorted(info["missing_keys"])
-    if missing:
+    inside = lambda key, part: key == part or key.startswith(part + ".")  # noqa: E731
+    idle = [part for part in random_init if not any(inside(k, part) for k in missing)]
+    if idle:
+        raise ValueError(f"--random_init {' '.join(idle)}: {folder} lacks no weight of "
+                         f"{type(model).__name__} there (it lacks {missing[:5] or 'none'})")
+    refused = [k for k in missing if not any(inside(k, part) for part in random_init)]
+    if refused:
         raise MissingWeights(
-            f"{folder}: {len(missing)} weight(s) of {type(model).__name__} are not in the "
-            f"folder: {missing[:5]}{' ...' if len(missing) > 5 else ''}; they would start from "
-            "random values, so the folder is refused (a preset: model is the way to train from "
-            "random weights)")
+            f"{folder}: {len(refused)} weight(s) of {type(model).__name__} are not in the "
+            f"folder: {refused[:5]}{' ...' if len(refused) > 5 else ''}; they would start from "
+            "random values, so the folder is refused (--random_init PART starts a named part "
+            "from random values on purpose)")
+    if missing:
+        say(f"note: {folder}: {len(missing)} weight(s) of {type(model).__name__} start from "
+            f"random values, as --random_init asks: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}")
     return model
 
 
@@ -256,7 +268,7 @@ def fine_tuning_setting(backbone, name_or_path):
 
 
 def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_pixels=None,
-                  max_pixels=None, meta=False):
+                  max_pixels=None, meta=False, random_init=()):
     """Return (backbone, inputs) from a local model folder or a `preset:NAME`.
 
     `inputs` turns PIL images into the backbone's forward arguments (ImageInputs or
@@ -265,6 +277,9 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
     checkpoints (CLIP, SigLIP) only the vision tower is loaded, through its own model class.
     meta: a folder's backbone gets its parameters on the meta device, nothing read (FSDP2 shards
     it, then each rank reads its shards: weights.read_weights); a preset is built whole.
+    random_init: parts of the backbone that may start from random values where the folder lacks
+    them (from_pretrained; on the meta device, weights.folder_map finds no weights for them and
+    train.py builds the backbone whole).
     """
     from transformers import AutoConfig
 
@@ -280,6 +295,8 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
     if (min_pixels or max_pixels) and not vision_language:
         raise ValueError(f"--min_pixels / --max_pixels apply to vision-language image processors; "
                          f"{name_or_path} takes a fixed input size")
+    if preset and random_init:
+        raise ValueError(f"--random_init: {name_or_path} starts from random values whole")
     if preset:
         backbone, inputs = build_preset(name_or_path.split(":", 1)[1], seed)
         say(f"attention: {backbone.config._attn_implementation}")
@@ -293,7 +310,8 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
     if meta:
         backbone = build_empty(model_class, name_or_path, config, dtype)
     else:
-        backbone = from_pretrained(model_class, name_or_path, **attn_options(model_class, config),
+        backbone = from_pretrained(model_class, name_or_path, random_init,
+                                   **attn_options(model_class, config),
                                    **({"dtype": dtype} if dtype else {}),
                                    **({"key_mapping": key_mapping} if key_mapping else {}))
     backbone.folder_key_mapping = key_mapping  # weights.folder_map renames as from_pretrained

@@ -276,8 +276,9 @@ def without_keys(folder, out, dropped):
 def test_a_folder_without_some_backbone_weights_is_refused_naming_them(family_folder,
                                                                        small_data, tmp_path,
                                                                        capsys):
-    """A ViT folder without its pooler (as ViTForImageClassification saves it): transformers
-    would initialise the pooler at random and `--pooling auto` would train on it."""
+    """A ViT folder without its pooler (as ViTForImageClassification saves it, the layout of most
+    fine-tuned ViT folders on the Hub): transformers would initialise the pooler at random and
+    `--pooling auto` would train on it, unless --random_init names it."""
     from backbone import MissingWeights
     folder = without_keys(family_folder("vit"), tmp_path / "vit", lambda k: "pooler" in k)
     with pytest.raises(MissingWeights, match=r"2 weight\(s\) of ViTModel are not in the folder: "
@@ -286,6 +287,18 @@ def test_a_folder_without_some_backbone_weights_is_refused_naming_them(family_fo
     with pytest.raises(SystemExit) as e:
         train.main(train_args(small_data, folder, tmp_path / "out", "--max_steps", 1))
     assert e.value.code == 2 and "would start from random values" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+    # asked for by name, it is announced; a named part the folder holds whole is an error
+    with pytest.raises(ValueError, match=r"--random_init encoder: .* lacks no weight of "
+                       r"ViTModel there \(it lacks \['pooler.dense.bias'"):
+        load_backbone(folder, random_init=("pooler", "encoder"))
+    with pytest.raises(MissingWeights, match=r"\['pooler.dense.weight'\]"):
+        load_backbone(folder, random_init=("pooler.dense.bias",))
+    train.main(train_args(small_data, folder, tmp_path / "asked", "--max_steps", 1,
+                          "--skip_evaluation", "--random_init", "pooler"))
+    assert ("2 weight(s) of ViTModel start from random values, as --random_init asks: "
+            "['pooler.dense.bias', 'pooler.dense.weight']") in capsys.readouterr().out
+    assert os.path.isdir(tmp_path / "asked" / "checkpoint-1")
     # a two-tower folder without its vision tower's weights under any name
     folder = without_keys(family_folder("aimv2"), tmp_path / "aimv2",
                           lambda k: k.startswith("vision_model.encoder.layers.1."))
