@@ -274,7 +274,10 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
     `inputs` turns PIL images into the backbone's forward arguments (ImageInputs or
     ImageTextInputs). A vision-language folder loads through AutoModel, which is the model
     without its LM head (Qwen2VLModel: vision tower + language trunk); for two-tower
-    checkpoints (CLIP, SigLIP) only the vision tower is loaded, through its own model class.
+    checkpoints (CLIP, SigLIP, AIMv2, MetaCLIP 2) and BLIP-2 / InstructBLIP only the vision tower
+    is loaded, through its own model class, from under the prefix the whole model keeps it at
+    (vision_tower_of). Every weight comes from the folder (from_pretrained), and a forward that is
+    random in eval mode is put in its fine-tuning setting (fine_tuning_setting).
     meta: a folder's backbone gets its parameters on the meta device, nothing read (FSDP2 shards
     it, then each rank reads its shards: weights.read_weights); a preset is built whole.
     random_init: parts of the backbone that may start from random values where the folder lacks

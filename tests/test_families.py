@@ -1,6 +1,6 @@
 """The family matrix: a tiny folder of every transformers family the project supports (built here,
-tests/families.py) trains 3 steps, resumes exactly, is evaluated by eval.py and, for vision
-backbones, is exported and run by transformers' pipeline. docs/backbones.md's table is checked
+tests/families.py) trains 3 steps, resumes exactly, is evaluated by eval.py twice with identical
+predictions and, for vision backbones, is exported and run by transformers' pipeline. docs/backbones.md's table is checked
 against what these tests measure."""
 import os
 import re
