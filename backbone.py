@@ -249,9 +249,10 @@ def fine_tuning_setting(backbone, name_or_path):
     if getattr(config, "mask_ratio", None) is None or "noise" not in forward_names(backbone):
         return
     if config.mask_ratio:
-        say_once(f"note: {name_or_path}: {type(backbone).__name__} drops patches at random "
-                 f"(mask_ratio {config.mask_ratio}); set to 0, its fine-tuning setting, with "
-                 "the patches in order")
+        # said on every load of such a folder: checkpoints are saved with the ratio 0
+        say(f"note: {name_or_path}: {type(backbone).__name__} drops patches at random "
+            f"(mask_ratio {config.mask_ratio}); set to 0, its fine-tuning setting, with the "
+            "patches in order")
         config.mask_ratio = 0.0
     patch = config.patch_size
     height, width = (patch, patch) if isinstance(patch, int) else patch
