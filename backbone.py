@@ -221,13 +221,18 @@ def vision_tower_of(folder, config):
 
 
 def model_class_of(folder, config):
-    """The class a folder's config loads as: AutoModel; for a config no auto class maps (the
-    vision tower of MetaCLIP 2 or BLIP-2 in a checkpoint of this project), the transformers class
-    its config.json names (`architectures`) if that class takes this config; else an error."""
+    """The class a folder's config loads as: AutoModel; else AutoBackbone's class (a backbone
+    config AutoModel does not map: RTDetrResNetConfig); for a config no auto class maps (the vision
+    tower of MetaCLIP 2 or BLIP-2 in a checkpoint of this project), the transformers class its
+    config.json names (`architectures`) if that class takes this config; else an error."""
     from transformers import AutoModel
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_MAPPING
     if type(config) in MODEL_MAPPING or getattr(config, "auto_map", None):
         return AutoModel
+    if type(config) in MODEL_FOR_BACKBONE_MAPPING:
+        # AutoBackbone's class, called directly: AutoBackbone.from_pretrained asks the Hub
+        # whether a local folder's path is a repository (transformers 5.25)
+        return MODEL_FOR_BACKBONE_MAPPING[type(config)]
     for name in getattr(config, "architectures", None) or []:
         model_class = getattr(transformers, name, None)
         if getattr(model_class, "config_class", None) is type(config):

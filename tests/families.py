@@ -140,6 +140,10 @@ VISION_FAMILIES = {
         stage_downsample=[False, True], stage_downsample_strides=[2, 2],
         stage_light_block=[False, True], stage_kernel_size=[3, 3], stage_numb_of_layers=[2, 2],
         out_features=["stage2"]),
+    # a backbone config only AutoBackbone maps (no AutoModel class)
+    "rt_detr_resnet": vision(T.RTDetrResNetBackbone, T.RTDetrResNetConfig, convnext_processor,
+                             embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                             layer_type="basic", out_features=["stage2"]),
     "textnet": vision(T.TextNetModel, T.TextNetConfig, convnext_processor, image_size=SIZE,
                       stem_out_channels=8, hidden_sizes=[8, 8, 16, 16, 32],
                       conv_layer_kernel_sizes=[[[3, 3]], [[3, 3]], [[3, 3]], [[3, 3]]],

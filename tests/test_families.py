@@ -1,7 +1,7 @@
 """The family matrix: a tiny folder of every transformers family the project supports (built here,
 tests/families.py) trains 3 steps, resumes exactly, is evaluated by eval.py twice with identical
-predictions and, for vision backbones, is exported and run by transformers' pipeline. docs/backbones.md's table is checked
-against what these tests measure."""
+predictions and, for vision backbones, is exported and run by transformers' pipeline.
+docs/backbones.md's table is checked against what these tests measure."""
 import os
 import re
 import shutil
@@ -46,6 +46,7 @@ RUNS = {
     "vit_mae": ("auto", "refused: transformers has no image-classification class"),
     "vit_msn": ("cls", "ViTMSNForImageClassification"),
     "hgnet_v2": ("auto", "HGNetV2ForImageClassification"),
+    "rt_detr_resnet": ("auto", "refused: transformers has no image-classification class"),
     "textnet": ("mean", "TextNetForImageClassification"),
     "swiftformer": ("auto", "SwiftFormerForImageClassification"),
     "blip-2": ("auto", "refused: transformers has no image-classification class"),
