@@ -11,6 +11,7 @@ processor. docs/backbones.md lists the families tested.
 import inspect
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from itertools import chain
@@ -125,9 +126,17 @@ def say_once(message):
         say(message)
 
 
-def from_pretrained(model_class, folder, **kwargs):
-    """model_class.from_pretrained without transformers' load report; missing weights are reported
-    here.
+class MissingWeights(ValueError):
+    """A folder lacks weights of the backbone: training would start from random values there."""
+
+
+def from_pretrained(model_class, folder, random_init=(), **kwargs):
+    """model_class.from_pretrained without transformers' load report. Every weight the model
+    expects must come from the folder: one that does not is an error naming the first few
+    (transformers would initialise it at random, and fine-tuning random weights is never what a
+    user asks for), unless it is in a part named in random_init (--random_init: a module name or
+    prefix, e.g. `pooler`, which a ViTForImageClassification folder lacks), which is announced.
+    A named part the folder holds whole is an error too (the flag would do nothing).
 
     Unused weights are expected: the LM head of a vision-language model, the text tower of CLIP.
     """
@@ -144,25 +153,144 @@ def from_pretrained(model_class, folder, **kwargs):
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     missing = sorted(info["missing_keys"])
+    inside = lambda key, part: key == part or key.startswith(part + ".")  # noqa: E731
+    idle = [part for part in random_init if not any(inside(k, part) for k in missing)]
+    if idle:
+        raise ValueError(f"--random_init {' '.join(idle)}: {folder} lacks no weight of "
+                         f"{type(model).__name__} there (it lacks {missing[:5] or 'none'})")
+    refused = [k for k in missing if not any(inside(k, part) for part in random_init)]
+    if refused:
+        raise MissingWeights(
+            f"{folder}: {len(refused)} weight(s) of {type(model).__name__} are not in the "
+            f"folder: {refused[:5]}{' ...' if len(refused) > 5 else ''}; they would start from "
+            "random values, so the folder is refused (--random_init PART starts a named part "
+            "from random values on purpose)")
     if missing:
-        say(f"warning: {folder}: weights missing from the folder, randomly initialised: "
-            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        say(f"note: {folder}: {len(missing)} weight(s) of {type(model).__name__} start from "
+            f"random values, as --random_init asks: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}")
     return model
 
 
+def output_fields(model_class):
+    """The fields of the ModelOutput that model_class.forward is annotated to return (none where
+    its annotation names none)."""
+    import dataclasses
+    import typing
+    from transformers.utils import ModelOutput
+    try:
+        returned = typing.get_type_hints(model_class.forward).get("return")
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve names nothing
+        return set()
+    kinds = typing.get_args(returned) or (returned,)
+    return {f.name for kind in kinds if isinstance(kind, type) and issubclass(kind, ModelOutput)
+            for f in dataclasses.fields(kind)}
+
+
+def trains_vision_tower(config):
+    """Is a folder's backbone its vision tower alone? Two-tower checkpoints (CLIP, SigLIP, AIMv2,
+    MetaCLIP 2), and image-text-to-text models whose model returns its vision outputs and no last
+    hidden state (BLIP-2, InstructBLIP: their language model reads a Q-Former's query outputs,
+    not image tokens in the prompt): what their image processor feeds is the vision tower."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    if getattr(config, "vision_config", None) is None:
+        return False
+    if not is_vision_language(config):
+        return True
+    if type(config) not in MODEL_MAPPING:
+        return False
+    fields = output_fields(MODEL_MAPPING[type(config)])
+    return "vision_outputs" in fields and "last_hidden_state" not in fields
+
+
+def vision_tower_of(folder, config):
+    """(class, prefix) of the vision tower in a folder's whole model (AutoModel's class): the
+    submodule whose config is the folder's vision_config, and the name the model keeps it under
+    (CLIPModel: CLIPVisionModel under vision_model). Found on a copy built on the meta device
+    (nothing read), so a tower class no auto class maps (MetaClip2VisionModel) is found too."""
+    from transformers import AutoModel, PreTrainedModel
+    whole = build_empty(AutoModel, folder, config, attention="eager")
+    kind = type(config.vision_config)
+    found = [(name, module) for name, module in whole.named_modules()
+             if name and isinstance(module, PreTrainedModel) and type(module.config) is kind]
+    if not found:
+        raise ValueError(f"{folder}: {type(whole).__name__} holds no model of its vision_config "
+                         f"({kind.__name__}), so its vision tower cannot be loaded alone")
+    name, module = found[0]
+    return type(module), name
+
+
+def model_class_of(folder, config):
+    """The class a folder's config loads as: AutoModel; else AutoBackbone's class (a backbone
+    config AutoModel does not map: RTDetrResNetConfig); for a config no auto class maps (the vision
+    tower of MetaCLIP 2 or BLIP-2 in a checkpoint of this project), the transformers class its
+    config.json names (`architectures`) if that class takes this config; else an error."""
+    from transformers import AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_MAPPING
+    if type(config) in MODEL_MAPPING or getattr(config, "auto_map", None):
+        return AutoModel
+    if type(config) in MODEL_FOR_BACKBONE_MAPPING:
+        # AutoBackbone's class, called directly: AutoBackbone.from_pretrained asks the Hub
+        # whether a local folder's path is a repository (transformers 5.25)
+        return MODEL_FOR_BACKBONE_MAPPING[type(config)]
+    for name in getattr(config, "architectures", None) or []:
+        model_class = getattr(transformers, name, None)
+        if getattr(model_class, "config_class", None) is type(config):
+            return model_class
+    raise ValueError(f"{folder}: transformers maps no model class to {type(config).__name__} "
+                     f"(model_type {config.model_type!r}) and no class that takes it is named in "
+                     "its config.json (architectures)")
+
+
+def fine_tuning_setting(backbone, name_or_path):
+    """Put a backbone whose forward is random in eval mode too into its fine-tuning setting.
+
+    ViTMAE keeps config.mask_ratio of the patches (0.75 in its checkpoints: 1 - 0.75 kept) after
+    shuffling them by `noise`, drawn at random on every call unless given. The ratio is set to 0,
+    as its model card says for fine-tuning, and each call gets ordered noise, so every patch is
+    kept in its place (the plain ViT sequence). Dropout and stochastic depth (drop_path) are off
+    in eval mode already (eval.py puts the model in it)."""
+    config = backbone.config
+    if getattr(config, "mask_ratio", None) is None or "noise" not in forward_names(backbone):
+        return
+    if config.mask_ratio:
+        # said on every load of such a folder: checkpoints are saved with the ratio 0
+        say(f"note: {name_or_path}: {type(backbone).__name__} drops patches at random "
+            f"(mask_ratio {config.mask_ratio}); set to 0, its fine-tuning setting, with the "
+            "patches in order")
+        config.mask_ratio = 0.0
+    patch = config.patch_size
+    height, width = (patch, patch) if isinstance(patch, int) else patch
+
+    def ordered_noise(module, args, kwargs):
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        if kwargs.get("noise") is None and pixels is not None:
+            count = (pixels.shape[-2] // height) * (pixels.shape[-1] // width)
+            order = torch.arange(count, device=pixels.device, dtype=torch.float32)
+            kwargs["noise"] = order.expand(pixels.shape[0], count)
+        return args, kwargs
+
+    backbone.register_forward_pre_hook(ordered_noise, with_kwargs=True)
+
+
 def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_pixels=None,
-                  max_pixels=None, meta=False):
+                  max_pixels=None, meta=False, random_init=()):
     """Return (backbone, inputs) from a local model folder or a `preset:NAME`.
 
     `inputs` turns PIL images into the backbone's forward arguments (ImageInputs or
     ImageTextInputs). A vision-language folder loads through AutoModel, which is the model
     without its LM head (Qwen2VLModel: vision tower + language trunk); for two-tower
-    checkpoints (CLIP, SigLIP) only the vision tower is loaded, through its own model class.
+    checkpoints (CLIP, SigLIP, AIMv2, MetaCLIP 2) and BLIP-2 / InstructBLIP only the vision tower
+    is loaded, through its own model class, from under the prefix the whole model keeps it at
+    (vision_tower_of). Every weight comes from the folder (from_pretrained), and a forward that is
+    random in eval mode is put in its fine-tuning setting (fine_tuning_setting).
     meta: a folder's backbone gets its parameters on the meta device, nothing read (FSDP2 shards
     it, then each rank reads its shards: weights.read_weights); a preset is built whole.
+    random_init: parts of the backbone that may start from random values where the folder lacks
+    them (from_pretrained; on the meta device, weights.folder_map finds no weights for them and
+    train.py builds the backbone whole).
     """
-    from transformers import AutoConfig, AutoModel
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers import AutoConfig
 
     preset = name_or_path.startswith("preset:")
     if not preset and not os.path.isdir(name_or_path):
@@ -171,22 +299,38 @@ def load_backbone(name_or_path, seed=0, dtype=None, prompt=DEFAULT_PROMPT, min_p
             f"{', '.join('preset:' + p for p in PRESETS)})")
     config = None if preset else AutoConfig.from_pretrained(
         name_or_path, trust_remote_code=LOADING.trust_remote_code)
-    vision_language = config is not None and is_vision_language(config)
+    tower = config is not None and trains_vision_tower(config)
+    vision_language = config is not None and is_vision_language(config) and not tower
     if (min_pixels or max_pixels) and not vision_language:
         raise ValueError(f"--min_pixels / --max_pixels apply to vision-language image processors; "
                          f"{name_or_path} takes a fixed input size")
+    if preset and random_init:
+        raise ValueError(f"--random_init: {name_or_path} starts from random values whole")
     if preset:
         backbone, inputs = build_preset(name_or_path.split(":", 1)[1], seed)
         say(f"attention: {backbone.config._attn_implementation}")
         return backbone.to(dtype) if dtype else backbone, inputs
-    model_class = AutoModel
-    if getattr(config, "vision_config", None) is not None and not vision_language:
-        model_class = MODEL_MAPPING[type(config.vision_config)]
+    model_class, key_mapping = model_class_of(name_or_path, config), None
+    if tower:
+        model_class, prefix = vision_tower_of(name_or_path, config)
+        # the folder keeps the tower's weights under its prefix; transformers strips it for
+        # CLIP and SigLIP, not for every tower (AIMv2's class keeps its modules at the top)
+        key_mapping = {rf"^{re.escape(prefix)}\.": ""}
     if meta:
         backbone = build_empty(model_class, name_or_path, config, dtype)
     else:
-        backbone = from_pretrained(model_class, name_or_path, **attn_options(model_class, config),
-                                   **({"dtype": dtype} if dtype else {}))
+        backbone = from_pretrained(model_class, name_or_path, random_init,
+                                   **attn_options(model_class, config),
+                                   **({"dtype": dtype} if dtype else {}),
+                                   **({"key_mapping": key_mapping} if key_mapping else {}))
+    backbone.folder_key_mapping = key_mapping  # weights.folder_map renames as from_pretrained
+    if key_mapping and getattr(backbone, "_weight_conversions", None):
+        # saving reverts the renamings loading applied: not this one, so a checkpoint keeps the
+        # tower's own layout, which its class reads with no renaming
+        backbone._weight_conversions = [
+            t for t in backbone._weight_conversions
+            if getattr(t, "_original_source_patterns", None) != list(key_mapping)]
+    fine_tuning_setting(backbone, name_or_path)
     say(f"attention: {backbone.config._attn_implementation}")
     if vision_language:
         vision_language_parts(backbone)  # a family whose parts cannot be found stops here
@@ -379,7 +523,9 @@ class ImageTextInputs:
         self.prompt = prompt or DEFAULT_PROMPT
         self.source, self.unloaded = source, list(unloaded)  # files carried into checkpoints
         tokenizer = self.tokenizer
-        self.image_token = getattr(processor, "image_token", None)
+        # BLIP-2's processor keeps its placeholder as an AddedToken, not a string
+        image_token = getattr(processor, "image_token", None)
+        self.image_token = getattr(image_token, "content", image_token)
         if self.image_token is None or tokenizer.convert_tokens_to_ids(self.image_token) in (
                 None, tokenizer.unk_token_id):
             raise ValueError(f"{type(processor).__name__}: its tokenizer has no image placeholder "

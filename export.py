@@ -43,7 +43,7 @@ from backbone import is_vision_language
 from checkpoint import CheckpointError
 from faults import injected_fault
 from files import OutputError, reason, recover_folder, swap_in, temporary, write_json
-from model import load_classifier, read_classifier_info
+from model import last_hidden, load_classifier, read_classifier_info
 
 EXPORT_INFO = "export_info.json"  # marks a folder export.py wrote, and lists its files
 # what an export wrote before export_info.json listed it
@@ -59,6 +59,8 @@ CONVNEXT_POOLER = ({"pooler"}, "the pooler output (the final layernorm of the av
                    "map)")
 FEATURE_MAP = ({"pooler", "map_mean"}, "the averaged final feature map")
 FINAL_TOKENS = ({"pooler", "mean"}, "the mean of the final tokens")
+PATCH_MEAN = (set(), "the mean of the patch tokens before post_layernorm, which no --pooling "
+              "computes")
 TARGET_POOLINGS = {
     "ViTForImageClassification": CLS_TOKEN,
     "DeiTForImageClassification": CLS_TOKEN,
@@ -81,8 +83,16 @@ TARGET_POOLINGS = {
                                       "(unpadded) patches (not the attention-pooling head)"),
     "BeitForImageClassification": ({"pooler"}, "the pooler output (the layer-normed mean of the "
                                    "patch tokens)"),
-    "CLIPForImageClassification": (set(), "the mean of the patch tokens before post_layernorm, "
-                                   "which no --pooling computes"),
+    "CLIPForImageClassification": PATCH_MEAN,
+    "MetaClip2ForImageClassification": PATCH_MEAN,
+    "ViTMSNForImageClassification": CLS_TOKEN,
+    "HGNetV2ForImageClassification": ({"map_mean"}, "the averaged last feature map"),
+    # fc(flatten(avgpool(...))): TextNetModel's own pooler averages to 2 x 2, not to 1 x 1
+    "TextNetForImageClassification": ({"map_mean"}, "the averaged final feature map (its "
+                                      "pooler output is a 2 x 2 average: train with --pooling "
+                                      "mean)"),
+    # the mean of the final feature map after a BatchNorm (set to the identity on export)
+    "SwiftFormerForImageClassification": ({"map_mean"}, "the averaged final feature map"),
 }
 
 
@@ -94,7 +104,7 @@ def source_pooling(model, outputs):
     """The pooling the checkpoint's MaskedClassifier applied: pooler, cls, mean or map_mean."""
     if model.pooling in ("auto", "pooler") and getattr(outputs, "pooler_output", None) is not None:
         return "pooler"
-    return "map_mean" if outputs.last_hidden_state.dim() == 4 else (
+    return "map_mean" if last_hidden(outputs).dim() == 4 else (
         "cls" if model.pooling == "cls" else "mean")
 
 
@@ -165,45 +175,78 @@ def class_names(info, dataset, masked=True):
     return names
 
 
+def backbone_part(backbone, target):
+    """(module, its name in `target`) of the part of `target` that holds the backbone: its
+    submodule of the backbone's class, else the target itself where it holds every backbone
+    weight under the same name and shape (HGNetV2ForImageClassification keeps HGNetV2Backbone's
+    embedder and encoder at its top level)."""
+    inner = next(((name, m) for name, m in target.named_modules()
+                  if type(m) is type(backbone)), None)
+    if inner is not None:
+        return inner[1], inner[0]
+    wanted = target.state_dict()
+    if all(k in wanted and wanted[k].shape == v.shape for k, v in backbone.state_dict().items()):
+        return target, ""
+    raise ExportError(f"{type(target).__name__} holds no {type(backbone).__name__}")
+
+
 def copy_backbone(backbone, target):
-    """Load the backbone's weights into the submodule of `target` of the same class; every weight
-    of that submodule must come from the backbone (its unused pooler may be left out)."""
-    inner = next((m for m in target.modules() if type(m) is type(backbone)), None)
-    if inner is None:
-        raise ExportError(f"{type(target).__name__} holds no {type(backbone).__name__}")
+    """Load the backbone's weights into the part of `target` that holds it; every weight of that
+    part must come from the backbone (its unused pooler may be left out). Returns the names of
+    the target's entries it filled."""
+    inner, name = backbone_part(backbone, target)
     weights = backbone.state_dict()
-    wanted = inner.state_dict()
+    wanted = inner.state_dict() if inner is not target else weights
     missing = [k for k in wanted if k not in weights or weights[k].shape != wanted[k].shape]
     if missing:
         parts = sorted({k.split(".")[0] for k in missing})
         raise ExportError(f"{type(target).__name__} needs parts the backbone was built without or "
                           f"in another shape: {', '.join(parts)} ({missing[:5]}); it cannot hold "
                           "this checkpoint")
-    inner.load_state_dict({k: weights[k] for k in wanted})
+    inner.load_state_dict({k: weights[k] for k in wanted}, strict=inner is not target)
+    return {f"{name}.{k}" if name else k for k in wanted}
 
 
-def set_classifier(target, weight, bias):
-    """Write the dataset's head rows into the target's classifier (the last Linear of it; a norm
-    before it, LeViT's BatchNorm, is set to the identity)."""
-    classifier = getattr(target, "classifier", nn.Identity())
-    linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ExportError(f"{type(target).__name__} has no linear classifier to hold the head")
-    linear = linears[-1]
+def set_classifier(target, weight, bias, filled):
+    """Write the dataset's head rows into the target's classifier, found by structure: the Linear
+    layers outside the backbone (`filled`: the entries copy_backbone filled) that give one output
+    per class (`classifier`, TextNet's `fc`, ...). Where the class averages several heads
+    (SwiftFormer: `head` and `dist_head`) each gets the rows, so their mean is the head; a
+    BatchNorm outside the backbone (LeViT's classifier, SwiftFormer's `norm`) is set to the
+    identity. Any other weight outside the backbone is one the checkpoint cannot fill: refused."""
+    name = type(target).__name__
+    heads = [(n, m) for n, m in target.named_modules() if isinstance(m, nn.Linear)
+             and f"{n}.weight" not in filled and m.out_features == weight.shape[0]]
+    if not heads:
+        raise ExportError(f"{name} has no linear classifier of {weight.shape[0]} outputs outside "
+                          "the backbone to hold the head")
+    norms = [m for n, m in target.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{n}.weight" not in filled]
+    held = {f"{n}.{k}" for n, m in target.named_modules()
+            if any(m is part for _, part in heads) or any(m is norm for norm in norms)
+            for k in m.state_dict()}
+    other = [k for k in target.state_dict() if k not in filled and k not in held]
+    if other:
+        raise ExportError(f"{name} has weights outside the backbone and its classifier that the "
+                          f"checkpoint cannot fill: {other[:5]}")
     d = weight.shape[1]
-    if linear.in_features == 2 * d and "Dinov2" in type(target).__name__:
-        # [CLS, mean of patches] -> the head reads the CLS half only
-        weight = torch.cat([weight, torch.zeros_like(weight)], dim=1)
-    if linear.weight.shape != weight.shape:
-        raise ExportError(f"{type(target).__name__}'s classifier is {tuple(linear.weight.shape)}, "
-                          f"the head rows are {tuple(weight.shape)}")
+    for head_name, linear in heads:
+        rows = weight
+        if linear.in_features == 2 * d and "Dinov2" in name:
+            # [CLS, mean of patches] -> the head reads the CLS half only
+            rows = torch.cat([weight, torch.zeros_like(weight)], dim=1)
+        if linear.weight.shape != rows.shape:
+            raise ExportError(f"{name}'s classifier {head_name} is "
+                              f"{tuple(linear.weight.shape)}, the head rows are "
+                              f"{tuple(weight.shape)}")
+        with torch.no_grad():
+            linear.weight.copy_(rows.to(linear.weight.dtype))
+            linear.bias.copy_(bias.to(linear.bias.dtype))
     with torch.no_grad():
-        linear.weight.copy_(weight.to(linear.weight.dtype))
-        linear.bias.copy_(bias.to(linear.bias.dtype))
-        for norm in classifier.modules():
-            if isinstance(norm, nn.modules.batchnorm._BatchNorm):  # (x - 0) / sqrt(1 - eps + eps)
-                norm.reset_parameters()
-                norm.running_var.fill_(1 - norm.eps)
+        for norm in norms:  # (x - 0) / sqrt(1 - eps + eps)
+            norm.reset_parameters()
+            norm.running_var.fill_(1 - norm.eps)
+    return [n for n, _ in heads]
 
 
 def random_image(seed=0, size=64):
@@ -255,8 +298,10 @@ def export(checkpoint, dataset, out):
                           f"can express {sorted(expressible) or 'none of them'}")
 
     target = target_class(config).to(model.head.weight.dtype).eval()
-    copy_backbone(model.backbone, target)
-    set_classifier(target, model.head.weight[rows], model.head.bias[rows])
+    filled = copy_backbone(model.backbone, target)
+    heads = set_classifier(target, model.head.weight[rows], model.head.bias[rows], filled)
+    if len(heads) > 1:
+        print(f"note: {name} averages its heads {', '.join(heads)}: each holds the head rows")
 
     expected = model.head(model.pool(outputs, batch))[:, rows].float()
     got = target(**batch).logits.float()

@@ -156,7 +156,7 @@ class MaskedClassifier(nn.Module):
                 f"--pooling pooler: {type(self.backbone).__name__} returns no pooler_output; use "
                 "--pooling auto or mean"
             )
-        hidden = outputs.last_hidden_state
+        hidden = last_hidden(outputs)
         if hidden.dim() == 4:  # convolutional feature map (B, C, H, W)
             return hidden.mean(dim=(2, 3))
         if self.pooling == "cls":
@@ -180,6 +180,18 @@ class MaskedClassifier(nn.Module):
 
     def forward(self, **inputs):
         return self.head(self.features(**inputs))
+
+
+def last_hidden(outputs):
+    """The backbone's last hidden state; for a *Backbone class (HGNetV2Backbone, any AutoBackbone),
+    whose output is feature maps only, its last feature map."""
+    hidden = getattr(outputs, "last_hidden_state", None)
+    if hidden is None and getattr(outputs, "feature_maps", None):
+        hidden = outputs.feature_maps[-1]
+    if hidden is None:
+        raise ValueError(f"{type(outputs).__name__} holds neither a last_hidden_state nor "
+                         "feature maps to pool")
+    return hidden
 
 
 def has_cls_token(backbone):

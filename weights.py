@@ -123,7 +123,8 @@ def folder_map(module, folder, prefix=""):
     if RENAMING is None:
         raise WeightsMismatch(RENAMING_MISSING)
     get_model_conversion_mapping, WeightConverter, rename_source_key, _ = RENAMING
-    transforms = get_model_conversion_mapping(module)
+    # the renaming load_backbone gave from_pretrained (a two-tower folder's vision tower prefix)
+    transforms = get_model_conversion_mapping(module, getattr(module, "folder_key_mapping", None))
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     entries = module.state_dict(keep_vars=True)

@@ -80,6 +80,9 @@ def add_flags(parser):
     a("--prompt", default=DEFAULT_PROMPT,
       help="vision-language backbones: the text after the image; {dataset} becomes the sample's "
            "dataset name")
+    a("--random_init", nargs="+", metavar="PART",
+      help="backbone parts (module names or prefixes, e.g. pooler) that start from random values "
+           "where the --model folder lacks their weights; any other missing weight is an error")
     a("--min_pixels", type=int,
       help="vision-language image processors: resize images to at least this many pixels")
     a("--max_pixels", type=int, help="... and at most this many (fewer image tokens, less memory)")
@@ -239,7 +242,8 @@ def build_model(args, data, dtype, meta=False):
     turns PIL images into the backbone's forward arguments. meta: the backbone of a model folder
     with its parameters on the meta device (weight_sources says where they are)."""
     backbone, inputs = load_backbone(args.model, args.seed, dtype, args.prompt, args.min_pixels,
-                                     args.max_pixels, meta=meta)
+                                     args.max_pixels, meta=meta,
+                                     random_init=args.random_init or ())
     model = MaskedClassifier(backbone, data.label_space.num_labels, args.pooling,
                              inputs=inputs).to(dtype=dtype)
     if args.prompt != DEFAULT_PROMPT and not model.token_inputs:

@@ -25,6 +25,11 @@ def convnext_processor():
     return transformers.ConvNextImageProcessorPil(size={"shortest_edge": SIZE})
 
 
+def clip_processor():
+    return transformers.CLIPImageProcessorPil(size={"shortest_edge": SIZE},
+                                              crop_size={"height": SIZE, "width": SIZE})
+
+
 def bit_processor():
     return transformers.BitImageProcessorPil(size={"shortest_edge": SIZE},
                                              crop_size={"height": SIZE, "width": SIZE})
@@ -48,7 +53,9 @@ def vision(model_class, config_class, processor, **config):
 def two_tower(model_class, config_class, processor, vision_config, text_config=None):
     """CLIP-style checkpoints (vision and text towers); the project loads the vision tower."""
     def build(folder):
-        text = text_config or dict(TOWER, vocab_size=100)
+        # token ids inside the tiny vocabulary (AIMv2's and MetaCLIP 2's defaults are not)
+        text = text_config or dict(TOWER, vocab_size=100, bos_token_id=0, eos_token_id=1,
+                                   pad_token_id=1)
         return save(folder, lambda: model_class(config_class(vision_config=vision_config,
                                                              text_config=text)), processor())
     return build
@@ -118,6 +125,32 @@ VISION_FAMILIES = {
     "siglip2": two_tower(T.Siglip2Model, T.Siglip2Config,
                          lambda: T.Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16),
                          dict(TOWER, patch_size=8, num_patches=16)),
+    # a two-tower folder whose vision tower class keeps its modules at the top level
+    "aimv2": two_tower(T.Aimv2Model, T.Aimv2Config, clip_processor, VIT),
+    # a vision tower config no auto class maps (MetaClip2VisionConfig)
+    "metaclip_2": two_tower(T.MetaClip2Model, T.MetaClip2Config, clip_processor, VIT),
+    # its checkpoints mask 75 % of the patches at random unless told otherwise
+    "vit_mae": vision(T.ViTMAEModel, T.ViTMAEConfig, vit_processor, **VIT),
+    "vit_msn": vision(T.ViTMSNModel, T.ViTMSNConfig, vit_processor, **VIT),
+    # AutoModel gives HGNetV2Backbone: feature maps only
+    "hgnet_v2": vision(
+        T.HGNetV2Backbone, T.HGNetV2Config, convnext_processor, embedding_size=8, depths=[1, 1],
+        hidden_sizes=[16, 32], stem_channels=[3, 8, 8], stage_in_channels=[8, 16],
+        stage_mid_channels=[8, 8], stage_out_channels=[16, 32], stage_num_blocks=[1, 1],
+        stage_downsample=[False, True], stage_downsample_strides=[2, 2],
+        stage_light_block=[False, True], stage_kernel_size=[3, 3], stage_numb_of_layers=[2, 2],
+        out_features=["stage2"]),
+    # a backbone config only AutoBackbone maps (no AutoModel class)
+    "rt_detr_resnet": vision(T.RTDetrResNetBackbone, T.RTDetrResNetConfig, convnext_processor,
+                             embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                             layer_type="basic", out_features=["stage2"]),
+    "textnet": vision(T.TextNetModel, T.TextNetConfig, convnext_processor, image_size=SIZE,
+                      stem_out_channels=8, hidden_sizes=[8, 8, 16, 16, 32],
+                      conv_layer_kernel_sizes=[[[3, 3]], [[3, 3]], [[3, 3]], [[3, 3]]],
+                      conv_layer_strides=[[1], [2], [2], [2]]),
+    "swiftformer": vision(T.SwiftFormerModel, T.SwiftFormerConfig, vit_processor,
+                          image_size=SIZE, depths=[1, 1, 1, 1], embed_dims=[8, 16, 16, 32],
+                          mlp_ratio=2),
 }
 
 
@@ -337,6 +370,27 @@ def mllama(folder):
                         i, t, chat_template=template))
 
 
+def blip2(folder, instruct=False):
+    """BLIP-2 / InstructBLIP as the Hub has them (the whole *ForConditionalGeneration, its
+    processor); the project classifies over their vision tower."""
+    tokenizer = train_tokenizer(["<|endoftext|>", "<image>"], None, eos_token="<|endoftext|>")
+    family = "InstructBlip" if instruct else "Blip2"
+    qformer = dict(TOWER, vocab_size=len(tokenizer), encoder_hidden_size=TOWER["hidden_size"])
+    text = T.LlamaConfig(**text_config(tokenizer)) if instruct else T.OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+        num_attention_heads=4, word_embed_proj_dim=64, pad_token_id=tokenizer.pad_token_id)
+    config = getattr(T, f"{family}Config")(
+        vision_config=dict(TOWER, image_size=SIZE, patch_size=8), qformer_config=qformer,
+        text_config=text, num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    image_processor = T.BlipImageProcessorPil(size={"height": SIZE, "width": SIZE})
+    extra = {"qformer_tokenizer": tokenizer} if instruct else {}
+    return save_vlm(folder, lambda: getattr(T, f"{family}ForConditionalGeneration")(config),
+                    tokenizer, image_processor, processor=lambda i, t: getattr(
+                        T, f"{family}Processor")(image_processor=i, tokenizer=t,
+                                                 num_query_tokens=4, **extra))
+
+
 VLM_FAMILIES = {
     "qwen2_vl": qwen_vl("qwen2_vl"),
     "qwen2_5_vl": qwen_vl("qwen2_5_vl"),
@@ -350,4 +404,9 @@ VLM_FAMILIES = {
     "paligemma": paligemma,
     "mllama": mllama,
 }
-FAMILIES = {**VISION_FAMILIES, **VLM_FAMILIES}
+# image-text-to-text folders classified over their vision tower
+TOWER_FAMILIES = {
+    "blip-2": blip2,
+    "instructblip": lambda folder: blip2(folder, instruct=True),
+}
+FAMILIES = {**VISION_FAMILIES, **TOWER_FAMILIES, **VLM_FAMILIES}

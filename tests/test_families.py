@@ -1,7 +1,7 @@
 """The family matrix: a tiny folder of every transformers family the project supports (built here,
-tests/families.py) trains 3 steps, resumes exactly, is evaluated by eval.py and, for vision
-backbones, is exported and run by transformers' pipeline. docs/backbones.md's table is checked
-against what these tests measure."""
+tests/families.py) trains 3 steps, resumes exactly, is evaluated by eval.py twice with identical
+predictions and, for vision backbones, is exported and run by transformers' pipeline.
+docs/backbones.md's table is checked against what these tests measure."""
 import os
 import re
 import shutil
@@ -41,6 +41,16 @@ RUNS = {
     "clip": ("mean", "refused: its class pools the patch tokens before post_layernorm"),
     "siglip": ("mean", "SiglipForImageClassification"),
     "siglip2": ("mean", "Siglip2ForImageClassification"),
+    "aimv2": ("auto", "refused: transformers has no image-classification class"),
+    "metaclip_2": ("mean", "refused: its class pools the patch tokens before post_layernorm"),
+    "vit_mae": ("auto", "refused: transformers has no image-classification class"),
+    "vit_msn": ("cls", "ViTMSNForImageClassification"),
+    "hgnet_v2": ("auto", "HGNetV2ForImageClassification"),
+    "rt_detr_resnet": ("auto", "refused: transformers has no image-classification class"),
+    "textnet": ("mean", "TextNetForImageClassification"),
+    "swiftformer": ("auto", "SwiftFormerForImageClassification"),
+    "blip-2": ("auto", "refused: transformers has no image-classification class"),
+    "instructblip": ("auto", "refused: transformers has no image-classification class"),
     **{name: ("last", "refused: a vision-language checkpoint") for name in VLM_FAMILIES},
 }
 REFUSALS = {  # the words of export.py's refusal each "refused:" cell stands for
@@ -86,7 +96,12 @@ def test_family_trains_resumes_evaluates_and_exports(name, family_folder, small_
     before = load_weights(full / "checkpoint-2")
     assert not torch.equal(a["head.weight"], before["head.weight"])  # step 3 trained
 
-    eval_script.main([str(checkpoint), "--num_workers", "0"])
+    predictions = []
+    for i in range(2):  # two evaluations of one checkpoint: a random forward (ViTMAE's masking)
+        path = tmp_path / f"predictions-{i}.jsonl"
+        eval_script.main([str(checkpoint), "--num_workers", "0", "--predictions", str(path)])
+        predictions.append(read_jsonl(path))
+    assert len(predictions[0]) == 31 and predictions[0] == predictions[1]  # one machine, one run
     row = read_jsonl(full / "eval_results.jsonl")[0]
     assert (row["eval_digits_samples"], row["eval_faces_samples"]) == (21, 10)
     assert 0 <= row["eval_overall_accuracy"] <= 1 and row["eval_overall_loss"] > 0
@@ -247,3 +262,105 @@ def test_export_names_a_part_the_backbone_was_built_without():
                        "was built without or in another shape: pooler"):
         copy_backbone(transformers.BeitModel(config, add_pooling_layer=False), target)
     copy_backbone(transformers.BeitModel(config), target)
+
+
+def without_keys(folder, out, dropped):
+    """A copy of a model folder whose weights file lacks the keys for which dropped(key) holds."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(folder, out)
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not dropped(k)},
+              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return str(out)
+
+
+def test_a_folder_without_some_backbone_weights_is_refused_naming_them(family_folder,
+                                                                       small_data, tmp_path,
+                                                                       capsys):
+    """A ViT folder without its pooler (as ViTForImageClassification saves it, the layout of most
+    fine-tuned ViT folders on the Hub): transformers would initialise the pooler at random and
+    `--pooling auto` would train on it, unless --random_init names it."""
+    from backbone import MissingWeights
+    folder = without_keys(family_folder("vit"), tmp_path / "vit", lambda k: "pooler" in k)
+    with pytest.raises(MissingWeights, match=r"2 weight\(s\) of ViTModel are not in the folder: "
+                       r"\['pooler.dense.bias', 'pooler.dense.weight'\]"):
+        load_backbone(folder)
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(small_data, folder, tmp_path / "out", "--max_steps", 1))
+    assert e.value.code == 2 and "would start from random values" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+    # asked for by name, it is announced; a named part the folder holds whole is an error
+    with pytest.raises(ValueError, match=r"--random_init encoder: .* lacks no weight of "
+                       r"ViTModel there \(it lacks \['pooler.dense.bias'"):
+        load_backbone(folder, random_init=("pooler", "encoder"))
+    with pytest.raises(MissingWeights, match=r"\['pooler.dense.weight'\]"):
+        load_backbone(folder, random_init=("pooler.dense.bias",))
+    train.main(train_args(small_data, folder, tmp_path / "asked", "--max_steps", 1,
+                          "--skip_evaluation", "--random_init", "pooler"))
+    assert ("2 weight(s) of ViTModel start from random values, as --random_init asks: "
+            "['pooler.dense.bias', 'pooler.dense.weight']") in capsys.readouterr().out
+    assert os.path.isdir(tmp_path / "asked" / "checkpoint-1")
+    # a two-tower folder without its vision tower's weights under any name
+    folder = without_keys(family_folder("aimv2"), tmp_path / "aimv2",
+                          lambda k: k.startswith("vision_model.encoder.layers.1."))
+    with pytest.raises(MissingWeights, match=r"of Aimv2VisionModel .*'encoder\.layers\.1\."):
+        load_backbone(folder)
+
+
+@pytest.mark.parametrize("name", ["aimv2", "metaclip_2", "clip", "blip-2"])
+def test_a_vision_tower_reads_its_weights_from_the_whole_models_folder(name, family_folder):
+    """The tower of a two-tower (or BLIP-2) folder holds exactly the whole model's tower weights,
+    loaded whole or with its parameters on the meta device and read by weights.read_weights
+    (the FSDP path)."""
+    from transformers import AutoModel
+    from weights import folder_map, read_weights
+    folder = family_folder(name)
+    backbone, _ = load_backbone(folder)
+    whole = AutoModel.from_pretrained(folder)
+    tower = next(m for m in whole.modules() if type(m) is type(backbone))
+    expected = tower.state_dict()
+    assert backbone.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in backbone.state_dict().items())
+    empty, _ = load_backbone(folder, meta=True)
+    read_weights(empty, folder_map(empty, folder), torch.device("cpu"))
+    assert all(torch.equal(v, expected[k]) for k, v in empty.state_dict().items())
+
+
+def test_vit_mae_keeps_every_patch_in_order(family_folder, capsys):
+    """Its checkpoints drop 75 % of the patches at random, in evaluation too: the backbone
+    is put in its fine-tuning setting (mask_ratio 0, patches in order), which is the plain
+    ViT sequence: the same embeddings whatever the global random state."""
+    from PIL import Image
+    backbone, inputs = load_backbone(family_folder("vit_mae"))
+    assert "mask_ratio 0.75); set to 0" in capsys.readouterr().out
+    assert backbone.config.mask_ratio == 0
+    batch = inputs([Image.new("RGB", (40, 40), (200, 10, 10))], ["digits"])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = backbone(**batch).last_hidden_state
+        torch.manual_seed(2)
+        second = backbone(**batch).last_hidden_state
+        patches = backbone.embeddings.patch_embeddings.num_patches
+        ordered = backbone(**batch, noise=torch.arange(patches)[None].float()).last_hidden_state
+    assert first.shape[1] == 1 + patches  # the class token and every patch
+    assert torch.equal(first, second) and torch.equal(first, ordered)
+
+
+@pytest.mark.parametrize("name, pooling, reason", [
+    ("vit_msn", "auto", "ViTMSNForImageClassification classifies the CLS token"),
+    ("textnet", "auto", "its pooler output is a 2 x 2 average: train with --pooling mean"),
+])
+def test_export_names_the_pooling_its_class_reads(name, pooling, reason, family_folder,
+                                                  tmp_path):
+    """A checkpoint whose pooling the family's class cannot express is refused with the pooling
+    it needs (ViTMSN: the CLS token; TextNet: fc(avgpool(...)) to 1 x 1, not its pooler)."""
+    from model import save_classifier
+    backbone, inputs = load_backbone(family_folder(name))
+    model = MaskedClassifier(backbone, 2, pooling, inputs=inputs)
+    info = {"num_labels": 2, "label_space": "shared", "pooling": pooling, "prompt": None,
+            "datasets": {"faces": {"num_classes": 2, "eval_ratio": 1.0, "offset": 0}}}
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    save_classifier(model, inputs, str(folder), info)
+    with pytest.raises(ExportError, match=re.escape(reason)):
+        export(str(folder), "faces", str(tmp_path / "out"))
