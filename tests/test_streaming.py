@@ -89,13 +89,13 @@ def test_the_loader_resumes_from_its_json_state(specs, tmp_path):
             assert all(torch.equal(got[k], expected[k]) for k in expected), workers
 
 
-def run_args(model, out, specs, tmp_path, *extra):
+def run_args(model, out, specs, tmp_path, *extra, workers=1):
     return [str(a) for a in [
         "--model", model, "--train_data", *specs["train"], "--val_data", *specs["val"],
         "--datasets", registry_file(tmp_path), "--streaming",
         "--shuffle_buffer", 10, "--output_dir", out, "--batch_size", 8, "--lr", 1e-3,
         "--max_steps", 6, "--save_steps", 2, "--eval_steps", 3, "--logging_steps", 2,
-        "--save_all_checkpoints", "--no_final_eval", "--num_workers", 1, *extra]]
+        "--save_all_checkpoints", "--no_final_eval", "--num_workers", workers, *extra]]
 
 
 def test_a_streaming_run_resumes_bitwise_after_a_kill(specs, tiny_vit, tmp_path, monkeypatch,

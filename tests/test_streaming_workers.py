@@ -19,7 +19,7 @@ from dataset import DataError, load_registry
 from sources import read_records
 from streaming import build_stream, make_stream_loader
 from test_sources import layouts, offline_datasets_cache, write_shard  # noqa: F401 (fixtures)
-from test_streaming import registry_file
+from test_streaming import registry_file, run_args
 
 FACES_ROWS, ROW_GROUP, PARITY_SAMPLES = 16, 4, 40
 
@@ -113,31 +113,22 @@ def test_four_workers_read_one_file_and_resume_from_their_json_state(single, tmp
         assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def run_args(model, out, data, tmp_path, *extra):
-    return [str(a) for a in [
-        "--model", model, "--train_data", *data["train"], "--val_data", *data["val"],
-        "--datasets", registry_file(tmp_path), "--streaming",
-        "--shuffle_buffer", 10, "--output_dir", out, "--batch_size", 8, "--lr", 1e-3,
-        "--max_steps", 6, "--save_steps", 2, "--eval_steps", 3, "--logging_steps", 2,
-        "--save_all_checkpoints", "--no_final_eval", "--num_workers", 4, *extra]]
-
-
 def test_one_parquet_file_with_four_workers_resumes_bitwise_after_a_kill(
         single, tiny_vit, tmp_path, monkeypatch, request, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the killed run's process (OMP_NUM_THREADS=1): the same sums
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    train.main(run_args(tiny_vit, whole, single, tmp_path))
+    train.main(run_args(tiny_vit, whole, single, tmp_path, workers=4))
     out = capsys.readouterr().out
     assert "4 row groups" in out and "takes one sample in 4" in out  # said, not guessed
     with monkeypatch.context() as m:
         m.setenv("MIXTRAIN_FAULT", "kill_before_save:4")
-        result = run_script("train.py", *run_args(tiny_vit, killed, single, tmp_path))
+        result = run_script("train.py", *run_args(tiny_vit, killed, single, tmp_path, workers=4))
     assert result.returncode == -9 and not (killed / "checkpoint-4").exists(), result.stderr
     info = json.loads((killed / "checkpoint-2" / "training_info.json").read_text())
     assert len(info["loader_states"]) == 1  # one rank, its 4 workers' positions inside
-    train.main(run_args(tiny_vit, killed, single, tmp_path, "--resume", "latest"))
+    train.main(run_args(tiny_vit, killed, single, tmp_path, "--resume", "latest", workers=4))
     a, b = load_weights(whole / "checkpoint-6"), load_weights(killed / "checkpoint-6")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in open(whole / "metrics.jsonl")]
@@ -181,7 +172,7 @@ def test_a_stream_over_http_trains_and_eval_says_how_to_read_remote_data(
     data = {"train": [f"faces={served}/faces.parquet", f"parity={served}/parity-000.tar"],
             "val": single["val"]}
     out = tmp_path / "http"
-    argv = run_args(tiny_vit, out, data, tmp_path, "--max_steps", 2, "--num_workers", 2)
+    argv = run_args(tiny_vit, out, data, tmp_path, "--max_steps", 2, workers=2)
     train.main(argv)  # faces' image paths are read over http too, beside the Parquet file
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert sum(r["train_overall_samples"] for r in rows if r["event"] == "train") == 16
@@ -190,7 +181,7 @@ def test_a_stream_over_http_trains_and_eval_says_how_to_read_remote_data(
     for run in (lambda: evaluate.main([str(out / "checkpoint-2"), "--val_data", *data["train"],
                                        "--num_workers", "0"]),
                 lambda: train.main(run_args(tiny_vit, tmp_path / "val", data, tmp_path,
-                                            "--val_data", *data["train"]))):
+                                            "--val_data", *data["train"], workers=4))):
         with pytest.raises(SystemExit) as e:
             run()
         err = capsys.readouterr().err
