@@ -7,8 +7,9 @@ instead of spinning. A spinning thread holds a core while it waits for the next 
 on a run bound by its data it takes the core a worker decodes on, and on a machine with other
 load it holds a core the thread with work needs. Asleep, the threads cost the step a wake-up per
 operation and leave idle cores to whoever has work: a model whose step outlasts its batch's
-decode gets every core, a run bound by its decode gets the workers theirs. OMP_WAIT_POLICY and
-OMP_NUM_THREADS given in the environment win (docs/performance.md).
+decode gets every core, and a run bound by its decode keeps pace with giving the workers their
+cores (measured in docs/performance.md). OMP_WAIT_POLICY and OMP_NUM_THREADS given in the
+environment win.
 """
 import os
 import sys
