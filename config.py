@@ -10,7 +10,8 @@ import sys
 import torch
 
 from backbone import ATTN_IMPLEMENTATIONS, check_attn_implementation
-from dataset import PREFETCH_FACTOR, auto_num_workers, compute_threads, read_yaml
+from cpu_threads import wait_policy
+from dataset import PREFETCH_FACTOR, auto_num_workers, read_yaml
 from distributed import SHARDED, check_shard_size
 from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
@@ -39,9 +40,9 @@ def num_workers(value):
 
 def loader_workers(args, say, kept, device=None):
     """Resolve --num_workers (auto) and --prefetch_factor into args and print the choice; `kept`
-    says what the workers outlive (train.py: epochs). On a CPU `device` with workers, the main
-    process computes with dataset.compute_threads (unless OMP_NUM_THREADS says otherwise); on a
-    GPU it computes little on the CPU and keeps torch's default."""
+    says what the workers outlive (train.py: epochs). On a CPU `device` with workers the process
+    computes with torch's default threads beside them, idle OpenMP threads asleep (cpu_threads.py
+    says why); the line says so."""
     value = args.num_workers
     workers = auto_num_workers() if value == "auto" else value
     if args.prefetch_factor is not None and (args.prefetch_factor < 1 or not workers):
@@ -49,11 +50,9 @@ def loader_workers(args, say, kept, device=None):
                          f"and worker processes (--num_workers resolves to {workers})")
     args.num_workers, args.prefetch_factor = workers, args.prefetch_factor or PREFETCH_FACTOR
     threads = ""
-    if (workers and device is not None and device.type == "cpu"
-            and "OMP_NUM_THREADS" not in os.environ):
-        torch.set_num_threads(compute_threads(workers))
-        threads = (f"; {torch.get_num_threads()} compute thread(s) in this process (its CPUs "
-                   "less one per worker)")
+    if workers and device is not None and device.type == "cpu":
+        threads = (f"; {torch.get_num_threads()} compute thread(s) in this process beside them "
+                   f"(OMP_WAIT_POLICY {wait_policy()})")
     say(f"data loading: {workers} worker process(es) per rank" +
         (" (--num_workers auto: usable CPUs / local processes - 1, at most 16)"
          if value == "auto" else "") +

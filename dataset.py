@@ -609,15 +609,6 @@ def usable_cpus():
         return os.cpu_count() or 1
 
 
-def compute_threads(num_workers):
-    """torch's intra-op threads for a process computing on the CPU beside `num_workers` loader
-    workers: its share of the CPUs (LOCAL_WORLD_SIZE) less one per worker, at least 1, never more
-    than torch's default. More threads than free cores make OpenMP's spinning threads take the
-    cores the workers decode on."""
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(torch.get_num_threads(), usable_cpus() // local - num_workers))
-
-
 def ignore_stop_signals(_worker_id):
     """DataLoader workers leave SIGTERM / SIGUSR1 to the training process, which stops them itself.
     """

@@ -31,6 +31,7 @@ import json
 import math
 import os
 
+import cpu_threads  # noqa: F401  (before torch: OpenMP reads its settings as it loads)
 import torch
 
 from checkpoint import (checkpoint_folder, checkpoint_step, list_checkpoints, model_signature,

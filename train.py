@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import islice
 
+import cpu_threads  # noqa: F401  (before torch: OpenMP reads its settings as it loads)
 import torch
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP

@@ -7,7 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+# as train.py and eval.py run (cpu_threads.py): idle OpenMP threads sleep, also in the test
+# processes that train in-process beside DataLoader workers
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

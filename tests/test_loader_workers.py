@@ -1,16 +1,20 @@
 """DataLoader workers: one loader re-aimed each epoch keeps its worker processes and gives the
 batches fresh loaders give; loaders leave the global RNG alone; the choice is printed; a worker
-writes each image once into a batch in shared memory; the main process leaves it its core."""
+writes each image once into a batch in shared memory; the main process computes on every core
+beside its workers, OpenMP's idle threads asleep."""
 import argparse
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import cpu_threads
 from augment import augment_config, load_augmented, sample_rng
-from conftest import read_jsonl
+from conftest import ROOT, read_jsonl
 from config import loader_workers
-from dataset import DatasetSpec, batch_tensor, compute_threads, make_loader
+from dataset import DatasetSpec, batch_tensor, make_loader
 from preprocess import load_pixels
 from sources import RecordTable
 from backbone import load_backbone
@@ -114,32 +118,53 @@ def test_worker_batches_are_contiguous_shared_and_equal_the_pixels_of_each_image
             assert torch.equal(batch[i % 4], torch.from_numpy(alone))
 
 
-def test_main_process_threads_on_a_cpu_leave_the_workers_their_cores(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    default = torch.get_num_threads()
-    try:
-        torch.set_num_threads(8)
-        assert compute_threads(3) == 5
-        assert compute_threads(7) == compute_threads(12) == 1
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-        assert compute_threads(1) == 3
-        torch.set_num_threads(2)
-        assert compute_threads(1) == 2  # never more than torch's default
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        torch.set_num_threads(8)
-        said = []
-        args = argparse.Namespace(num_workers=3, prefetch_factor=None)
-        loader_workers(args, said.append, "epochs", torch.device("cpu"))
-        assert torch.get_num_threads() == 5 and "5 compute thread(s)" in said[0]
-        torch.set_num_threads(8)  # a GPU computes little on the CPU: torch's default stays
-        loader_workers(argparse.Namespace(num_workers=3, prefetch_factor=None), said.append,
-                       "epochs", torch.device("meta"))
-        assert torch.get_num_threads() == 8 and "compute thread" not in said[1]
-        monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the user's choice stays
-        loader_workers(argparse.Namespace(num_workers=3, prefetch_factor=None), said.append,
-                       "epochs", torch.device("cpu"))
-        assert torch.get_num_threads() == 8
-    finally:
-        torch.set_num_threads(default)
+def test_a_cpu_process_computes_on_every_core_beside_its_workers_and_says_so():
+    said = []
+    threads = torch.get_num_threads()
+    for workers, device in ((1, "cpu"), (1, "meta"), (0, "cpu")):
+        loader_workers(argparse.Namespace(num_workers=workers, prefetch_factor=None), said.append,
+                       "epochs", torch.device(device))
+        assert torch.get_num_threads() == threads  # torch's default stays, whatever the device
+    assert said[0].endswith(f"; {threads} compute thread(s) in this process beside them "
+                            f"(OMP_WAIT_POLICY {cpu_threads.wait_policy()})")
+    assert not any("compute thread" in s for s in said[1:])  # a GPU, or no workers
+
+
+# Records the OpenMP wait policy in the environment when torch is first imported, then runs the
+# script's imports as its main module would (argv[1]).
+IMPORT_ORDER = """
+import os, sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("torch loads with OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY"))
+            sys.meta_path.remove(self)
+sys.meta_path.insert(0, Watch())
+import importlib
+module = importlib.import_module(sys.argv[1])
+import cpu_threads
+print("in force", cpu_threads.IN_FORCE, cpu_threads.wait_policy())
+"""
+
+
+@pytest.mark.parametrize("script", ["train", "eval"])
+def test_openmp_threads_sleep_when_idle_unless_the_environment_says_otherwise(script):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = ROOT
+    run = subprocess.run([sys.executable, "-c", IMPORT_ORDER, script], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.stdout.splitlines() == ["torch loads with OMP_WAIT_POLICY PASSIVE",
+                                       "in force True PASSIVE"], run.stderr
+    run = subprocess.run([sys.executable, "-c", IMPORT_ORDER, script],
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.stdout.splitlines() == ["torch loads with OMP_WAIT_POLICY ACTIVE",
+                                       "in force True ACTIVE from the environment"], run.stderr
+
+
+def test_the_policy_set_after_torch_loaded_says_it_is_not_in_force():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", "import torch, cpu_threads; "
+                          "print(cpu_threads.wait_policy())"], env={**env, "PYTHONPATH": ROOT},
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "PASSIVE, set after torch was loaded: not in force", run.stderr

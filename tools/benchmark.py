@@ -8,6 +8,7 @@ one checkpoint against several, or (--fsdp_memory) peak host memory per process 
     python tools/benchmark.py --data /tmp/jpegs --make_jpegs 256               # the image path
     python tools/benchmark.py --sources /tmp/sources                           # files, tar, Parquet
     python tools/benchmark.py --data_path /tmp/dp --batch_size 32              # train.py vs Pillow
+    python tools/benchmark.py --peer /tmp/peer --batch_size 32                 # vs plain PyTorch
     python tools/benchmark.py --record_memory 10000000                         # a 10M record table
     python tools/benchmark.py --eval_run runs/demo --checkpoints 5             # eval.py: 5 vs 1
     python tools/benchmark.py --fsdp_memory /tmp/vit_huge                      # 2, 4 ranks vs 1
@@ -27,6 +28,11 @@ read their records the first time (shard index, Parquet -> Arrow) and again (cac
 --data_path: train.py (a tiny ViT at 224 px, one worker, no evaluation) with --augment none and
 crop_flip, each next to a plain Pillow loop on one core doing the same decode and resize; the
 images/s of each and their ratio (benchmark_data_path).
+
+--peer: train.py on a ViT-Ti/16 (random init, 448 JPEGs, one worker, no augmentation, fp32)
+against the same training in plain PyTorch and, with --timm_python PYTHON --timm_train FILE,
+timm's train.py run by another environment's Python; alternated, images/s and the ratios
+(benchmark_peer).
 
 --data: the same JPEG files through the processor path (ViTImageProcessorPil at 224, float32
 batches) and through the fast path (uint8 batches, preprocess.py) without and with draft, with
@@ -353,6 +359,153 @@ def benchmark_data_path(args):
               f"{train / pillow:5.2f}x")
 
 
+# ViT-Ti/16's shape (5.7M parameters): what --peer trains, from a random init
+VIT_TINY = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+                intermediate_size=768, patch_size=16, image_size=224)
+PEER_IMAGES, PEER_WARMUP = 448, 2  # JPEGs (two classes); steps left out of the rate
+
+
+class PlainImages(torch.utils.data.Dataset):
+    """The plain PyTorch peer's dataset: Pillow decode, bilinear resize to 224, normalised to
+    [-1, 1] in numpy (what ViTImageProcessorPil does), CHW float32."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        import numpy as np
+        path, label = self.samples[i]
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
+        pixels = (np.asarray(image, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(pixels)), label
+
+
+def plain_training(model_dir, photos, batch_size, steps):
+    """The peer of train.py in plain PyTorch, in a process of its own with torch's default
+    threads: the backbone's pooled output and a linear head, cross-entropy, AdamW, a DataLoader
+    with one worker over the same JPEGs. Prints the seconds of each step (data wait included),
+    as train.py's samples_per_second counts them."""
+    import json
+
+    from transformers import ViTModel
+    classes = sorted(os.listdir(photos))
+    samples = [(os.path.join(photos, c, f), k) for k, c in enumerate(classes)
+               for f in sorted(os.listdir(os.path.join(photos, c)))]
+    torch.manual_seed(0)
+    backbone = ViTModel.from_pretrained(model_dir)
+    head = torch.nn.Linear(backbone.config.hidden_size, len(classes))
+    model = torch.nn.ModuleDict({"backbone": backbone, "head": head}).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loader = torch.utils.data.DataLoader(PlainImages(samples), batch_size=batch_size,
+                                         shuffle=True, num_workers=1, drop_last=True)
+    batches, seconds = iter(loader), []
+    for _ in range(steps):
+        start = time.perf_counter()
+        pixels, labels = next(batches)
+        logits = head(backbone(pixel_values=pixels).pooler_output)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+    print(json.dumps(seconds))
+
+
+def benchmark_peer(args):
+    """Compute-bound training against its peers: images/s of train.py on a ViT-Ti/16 (random
+    init, 224 px, fp32, batch --batch_size, one DataLoader worker, no augmentation, no
+    evaluation) on PEER_IMAGES JPEGs of 384-512 px as an image folder, next to the same training
+    in plain PyTorch (plain_training) and, with --timm_python, timm's train.py (--timm_train) on
+    its vit_tiny_patch16_224, run by that Python: timm never enters this environment. Each run a
+    fresh process with its own default threads; --steps steps after PEER_WARMUP left out, runs
+    alternated over --rounds rounds; the median of each and the ratios to train.py."""
+    import json
+    import shutil
+    import statistics
+    import subprocess
+    import tempfile
+
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+    root = args.peer
+    photos = os.path.join(root, "train")
+    if not os.path.isdir(photos):  # two classes of PEER_IMAGES / 2 photographs each
+        for c in range(2):
+            make_jpegs(os.path.join(photos, f"class{c}"), PEER_IMAGES // 2, seed=c)
+    model = os.path.join(root, "vit_tiny")
+    if not os.path.isdir(model):
+        torch.manual_seed(0)
+        ViTModel(ViTConfig(**VIT_TINY)).save_pretrained(model)
+        ViTImageProcessorPil(size={"height": 224, "width": 224}).save_pretrained(model)
+    steps = PEER_WARMUP + args.steps
+    if steps * args.batch_size > PEER_IMAGES:
+        user_error(f"--steps {args.steps}: more than one pass over {PEER_IMAGES} images")
+    work = tempfile.mkdtemp(prefix="peer-bench-")
+
+    def rate(seconds):  # images/s of the steps after the warm-up
+        return args.batch_size * args.steps / sum(seconds[PEER_WARMUP:steps])
+
+    def train_py():
+        out = os.path.join(work, "train")
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--train_data",
+               f"bench=folder:{photos}", "--datasets", "bench=2", "--output_dir", out,
+               "--overwrite", "--batch_size", str(args.batch_size), "--num_workers", "1",
+               "--max_steps", str(steps), "--logging_steps", "1", "--skip_evaluation",
+               "--save_steps", str(10 ** 6), "--augment", "none", "--precision", "fp32"]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            user_error(f"train.py failed:\n{done.stderr[-2000:]}")
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return rate([args.batch_size / r["samples_per_second"] for r in map(json.loads, f)
+                         if r["event"] == "train"])
+
+    def plain():
+        code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import benchmark; "
+                f"benchmark.plain_training({model!r}, {photos!r}, {args.batch_size}, {steps})")
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                              text=True)
+        if done.returncode:
+            user_error(f"plain PyTorch failed:\n{done.stderr[-2000:]}")
+        return rate(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    def timm():  # timm's own per-step log: "Time: 2.301s, 13.91/s"
+        import re
+        cmd = [args.timm_python, args.timm_train, root, "--train-split", "train", "--val-split",
+               "", "--model", "vit_tiny_patch16_224", "--num-classes", "2", "-b",
+               str(args.batch_size), "-j", "1", "--no-aug", "--epochs", "1", "--opt", "adamw",
+               "--lr", "1e-4", "--log-interval", "1", "--output", work, "--device", "cpu"]
+        done = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+        seconds = [float(s) for s in re.findall(r"Time: +([\d.]+)s", done.stdout + done.stderr)]
+        if done.returncode or len(seconds) < steps:
+            user_error(f"timm's train.py failed:\n{(done.stdout + done.stderr)[-2000:]}")
+        return rate(seconds)
+
+    peers = [("train.py", train_py), ("plain PyTorch", plain)]
+    if args.timm_python:
+        if not args.timm_train:
+            user_error("--timm_python needs --timm_train (timm's train.py)")
+        peers.append(("timm train.py", timm))
+    print(f"{PEER_IMAGES} JPEGs of 384-512 px in {photos}, ViT-Ti/16 at 224 px, fp32, batch "
+          f"{args.batch_size}, one worker, no augmentation, {os.cpu_count()} CPUs; images/s of "
+          f"steps {PEER_WARMUP + 1}-{steps} of fresh runs, alternated, {args.rounds} rounds")
+    rates = {name: [] for name, _ in peers}
+    try:
+        for r in range(args.rounds):
+            for name, run in peers if r % 2 == 0 else peers[::-1]:  # neither always first
+                rates[name].append(run())
+            print(f"  round {r + 1}  " + "  ".join(f"{name} {rates[name][-1]:6.1f}"
+                                                    for name, _ in peers), flush=True)
+    finally:
+        shutil.rmtree(work)
+    ours = statistics.median(rates["train.py"])
+    for name, _ in peers:
+        mid = statistics.median(rates[name])
+        print(f"{name:<14} {mid:7.1f} images/s (median; {min(rates[name]):.1f}-"
+              f"{max(rates[name]):.1f})   train.py / {name} {ours / mid:5.2f}x")
+
+
 def rss_anon_mb():
     """This process's private resident memory (RssAnon of /proc/self/status), in MB."""
     with open("/proc/self/status") as f:
@@ -663,6 +816,13 @@ def main():
                    help="train.py on JPEGs (a tiny ViT, one worker) against plain Pillow doing "
                         "the same decode and resize, exact and augmented (written into DIR "
                         "when absent)")
+    p.add_argument("--peer", metavar="DIR",
+                   help="train.py on a ViT-Ti/16 (one worker) against plain PyTorch and, with "
+                        "--timm_python, timm's train.py (model and JPEGs written into DIR when "
+                        "absent)")
+    p.add_argument("--timm_python", metavar="PYTHON",
+                   help="with --peer: the Python of an environment where timm imports")
+    p.add_argument("--timm_train", metavar="FILE", help="with --timm_python: timm's train.py")
     p.add_argument("--rounds", type=int, default=3,
                    help="with --data or --eval_run: rounds per mode (best of)")
     p.add_argument("--shape", choices=SHAPES, default="qwen2_5_vl_3b")
@@ -701,6 +861,7 @@ def main():
     args = p.parse_args()
     for mode, run in (("fsdp_memory", benchmark_fsdp_memory), ("data", benchmark_image_path),
                       ("sources", benchmark_sources), ("data_path", benchmark_data_path),
+                      ("peer", benchmark_peer),
                       ("record_memory", benchmark_record_memory), ("eval_run", benchmark_eval),
                       ("fingerprint", benchmark_fingerprint)):
         if getattr(args, mode):
