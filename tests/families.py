@@ -151,6 +151,30 @@ VISION_FAMILIES = {
     "swiftformer": vision(T.SwiftFormerModel, T.SwiftFormerConfig, vit_processor,
                           image_size=SIZE, depths=[1, 1, 1, 1], embed_dims=[8, 16, 16, 32],
                           mlp_ratio=2),
+    "bit": vision(T.BitModel, T.BitConfig, bit_processor, embedding_size=16,
+                  hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck",
+                  global_padding="SAME", num_groups=8),
+    "poolformer": vision(T.PoolFormerModel, T.PoolFormerConfig, convnext_processor,
+                         hidden_sizes=[16, 32], depths=[1, 1], num_encoder_blocks=2,
+                         patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1], pool_size=3),
+    "mobilenet_v1": vision(
+        T.MobileNetV1Model, T.MobileNetV1Config,
+        lambda: T.MobileNetV1ImageProcessorPil(size={"shortest_edge": SIZE},
+                                               crop_size={"height": SIZE, "width": SIZE}),
+        image_size=SIZE, depth_multiplier=0.25),
+    "data2vec-vision": vision(
+        T.Data2VecVisionModel, T.Data2VecVisionConfig,
+        lambda: T.BeitImageProcessorPil(size={"height": SIZE, "width": SIZE},
+                                        do_center_crop=False),
+        **VIT, use_mean_pooling=True),
+    "segformer": vision(
+        T.SegformerModel, T.SegformerConfig,
+        lambda: T.SegformerImageProcessorPil(size={"height": SIZE, "width": SIZE}),
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+        patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
+    "vitdet": vision(T.VitDetModel, T.VitDetConfig, vit_processor, hidden_size=32,
+                     num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=SIZE,
+                     pretrain_image_size=SIZE, patch_size=8),
 }
 
 

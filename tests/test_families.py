@@ -49,6 +49,12 @@ RUNS = {
     "rt_detr_resnet": ("auto", "refused: transformers has no image-classification class"),
     "textnet": ("mean", "TextNetForImageClassification"),
     "swiftformer": ("auto", "SwiftFormerForImageClassification"),
+    "bit": ("auto", "BitForImageClassification"),
+    "poolformer": ("auto", "refused: its class normalises the feature map before pooling"),
+    "mobilenet_v1": ("auto", "MobileNetV1ForImageClassification"),
+    "data2vec-vision": ("auto", "refused: its class has a pooler the backbone lacks"),
+    "segformer": ("mean", "SegformerForImageClassification"),
+    "vitdet": ("mean", "refused: transformers has no image-classification class"),
     "blip-2": ("auto", "refused: transformers has no image-classification class"),
     "instructblip": ("auto", "refused: transformers has no image-classification class"),
     **{name: ("last", "refused: a vision-language checkpoint") for name in VLM_FAMILIES},
@@ -59,6 +65,10 @@ REFUSALS = {  # the words of export.py's refusal each "refused:" cell stands for
     "refused: its class pools the patch tokens before post_layernorm":
         "mean of the patch tokens before post_layernorm",
     "refused: a vision-language checkpoint": "is a vision-language checkpoint",
+    "refused: its class normalises the feature map before pooling":
+        "has weights outside the backbone and its classifier that the checkpoint cannot fill",
+    "refused: its class has a pooler the backbone lacks":
+        "needs parts the backbone was built without or in another shape: pooler",
 }
 TABLE = os.path.join(ROOT, "docs", "backbones.md")
 COLUMNS = ("family", "class", "kind", "FSDP units", "--pooling", "export")
