@@ -230,13 +230,15 @@ def qwen_vl(kind):
     return lambda folder: save_tiny_vlm(folder, kind)
 
 
-def qwen3_vl(folder):
+def qwen3_vl(folder, moe=False):
     tokenizer = train_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
-    config = T.Qwen3VLConfig(
+    experts = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                   decoder_sparse_step=1) if moe else {}
+    config = (T.Qwen3VLMoeConfig if moe else T.Qwen3VLConfig)(
         text_config=text_config(tokenizer, head_dim=16, rope_parameters={
             "rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
-            "mrope_interleaved": True}),
+            "mrope_interleaved": True}, **experts),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                            out_hidden_size=64, patch_size=16, num_position_embeddings=16,
                            deepstack_visual_indexes=[0]),
@@ -244,7 +246,8 @@ def qwen3_vl(folder):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     image_processor = T.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
                                                  min_pixels=64 * 64, max_pixels=128 * 128)
-    return save_vlm(folder, lambda: T.Qwen3VLForConditionalGeneration(config), tokenizer,
+    model = T.Qwen3VLMoeForConditionalGeneration if moe else T.Qwen3VLForConditionalGeneration
+    return save_vlm(folder, lambda: model(config), tokenizer,
                     image_processor, processor_config={"processor_class": "Qwen3VLProcessor"},
                     video_processor={"video_processor_type": "Qwen3VLVideoProcessor",
                                      "patch_size": 16, "merge_size": 2})
@@ -419,6 +422,7 @@ VLM_FAMILIES = {
     "qwen2_vl": qwen_vl("qwen2_vl"),
     "qwen2_5_vl": qwen_vl("qwen2_5_vl"),
     "qwen3_vl": qwen3_vl,
+    "qwen3_vl_moe": lambda folder: qwen3_vl(folder, moe=True),
     "llava": llava,
     "llava_onevision": llava_onevision,
     "internvl": internvl,
