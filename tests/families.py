@@ -267,6 +267,23 @@ def llava(folder):
                         vision_feature_select_strategy="default", num_additional_image_tokens=1))
 
 
+def llava_next(folder):
+    tokenizer = train_tokenizer(VISION_TOKENS + ["<image>"], chat_template=None)
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    config = T.LlavaNextConfig(
+        vision_config=T.CLIPVisionConfig(**TOWER, image_size=28, patch_size=14),
+        text_config=T.LlamaConfig(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints)
+    image_processor = T.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+        image_grid_pinpoints=pinpoints)
+    return save_vlm(folder, lambda: T.LlavaNextForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.LlavaNextProcessor(
+                        image_processor=i, tokenizer=t, patch_size=14, image_token="<image>",
+                        vision_feature_select_strategy="default", num_additional_image_tokens=1))
+
+
 def llava_onevision(folder):
     tokenizer = train_tokenizer(CHATML_TOKENS + ["<image>", "<video>"],
                                 chat_template(image="<image>", **CHATML))
@@ -424,6 +441,7 @@ VLM_FAMILIES = {
     "qwen3_vl": qwen3_vl,
     "qwen3_vl_moe": lambda folder: qwen3_vl(folder, moe=True),
     "llava": llava,
+    "llava_next": llava_next,
     "llava_onevision": llava_onevision,
     "internvl": internvl,
     "idefics3": idefics3,
