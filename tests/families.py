@@ -172,6 +172,14 @@ VISION_FAMILIES = {
         lambda: T.SegformerImageProcessorPil(size={"height": SIZE, "width": SIZE}),
         num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
         patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
+    # transformers indexes a stage's drop-path rates by the stage: each stage one block deeper
+    "cvt": vision(T.CvtModel, T.CvtConfig, convnext_processor, embed_dim=[16, 32, 48],
+                  num_heads=[1, 2, 2], depth=[1, 2, 3]),
+    "mobilevitv2": vision(
+        T.MobileViTV2Model, T.MobileViTV2Config,
+        lambda: T.MobileViTImageProcessorPil(size={"shortest_edge": 64},
+                                             crop_size={"height": 64, "width": 64}),
+        image_size=64, width_multiplier=0.25),
     "vitdet": vision(T.VitDetModel, T.VitDetConfig, vit_processor, hidden_size=32,
                      num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=SIZE,
                      pretrain_image_size=SIZE, patch_size=8),

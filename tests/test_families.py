@@ -50,10 +50,12 @@ RUNS = {
     "textnet": ("mean", "TextNetForImageClassification"),
     "swiftformer": ("auto", "SwiftFormerForImageClassification"),
     "bit": ("auto", "BitForImageClassification"),
-    "poolformer": ("auto", "refused: its class normalises the feature map before pooling"),
+    "poolformer": ("auto", "refused: its class normalises the features before its classifier"),
     "mobilenet_v1": ("auto", "MobileNetV1ForImageClassification"),
     "data2vec-vision": ("auto", "refused: its class has a pooler the backbone lacks"),
     "segformer": ("mean", "SegformerForImageClassification"),
+    "cvt": ("auto", "refused: its class normalises the features before its classifier"),
+    "mobilevitv2": ("auto", "MobileViTV2ForImageClassification"),
     "vitdet": ("mean", "refused: transformers has no image-classification class"),
     "blip-2": ("auto", "refused: transformers has no image-classification class"),
     "instructblip": ("auto", "refused: transformers has no image-classification class"),
@@ -65,7 +67,7 @@ REFUSALS = {  # the words of export.py's refusal each "refused:" cell stands for
     "refused: its class pools the patch tokens before post_layernorm":
         "mean of the patch tokens before post_layernorm",
     "refused: a vision-language checkpoint": "is a vision-language checkpoint",
-    "refused: its class normalises the feature map before pooling":
+    "refused: its class normalises the features before its classifier":
         "has weights outside the backbone and its classifier that the checkpoint cannot fill",
     "refused: its class has a pooler the backbone lacks":
         "needs parts the backbone was built without or in another shape: pooler",
