@@ -33,6 +33,9 @@ from preprocess import to_rgb
 from sources import (NO_IMAGE, NO_LABEL, TAR_IMAGE_FIELDS, Reading, expand_paths, is_url,
                      load_tar_index, parse_spec, raise_data_errors)
 
+# How the readers (processes x workers) split a stream (StreamSource.plan); kept in a checkpoint
+# beside the stream's position: a position of another split would resume on other samples
+SPLIT_VERSION = 2
 SCHEDULE_BLOCK = 1000  # slots per block of a worker's dataset schedule
 INDEX_SPAN = 2 ** 40  # a stream sample's key: its worker part * INDEX_SPAN + its position there
 

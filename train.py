@@ -46,6 +46,7 @@ from model import CLASSIFIER_FILE, read_classifier_info
 from backbone import LOADING, autocast, enable_activation_checkpointing, fsdp_units, train_mode
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
 from reporting import build_reporters
+from streaming import SPLIT_VERSION
 from tasks import TASKS
 from weights import WeightsMismatch
 
@@ -261,6 +262,10 @@ def check_resume_flags(args, world_size, fingerprint, say, stream):
     if stream != (saved is not None):
         raise ValueError(f"--resume {folder}: a run resumes with --streaming exactly when it was "
                          "trained with it (the checkpoint holds the stream's position)")
+    if saved is not None and info.get("stream_split") != SPLIT_VERSION:
+        raise ValueError(f"--resume {folder}: its stream position (--streaming) was written when "
+                         "the stream's files were split over processes and DataLoader workers "
+                         "another way, so it cannot be continued exactly: start the run again")
     workers = info["args"].get("num_workers")
     if saved is not None and (len(saved), workers) != (world_size, args.num_workers):
         raise ValueError(f"--resume {folder}: its stream position (--streaming) is one per "
@@ -559,6 +564,7 @@ def save(run, state, metrics):
             "skipped_images": [int(n) for n in all_reduce_sum(state.skipped_images, run.device)]}
     if hasattr(state.loader, "state_dict"):  # JSON, as the rest of training_info.json
         info["loader_states"] = all_gather_objects(state.loader.state_dict())
+        info["stream_split"] = SPLIT_VERSION
 
     def write_model(folder):
         run.task.save_model(folder, run.raw_model, run.inputs, run.data, args, run.rank)

@@ -125,6 +125,16 @@ def test_a_streaming_run_resumes_bitwise_after_a_kill(specs, tiny_vit, tmp_path,
     captured = capsys.readouterr()
     assert e.value.code == 2 and "resumes with --streaming exactly when" in captured.err
     assert "trainable" not in captured.out
+    latest = max(killed.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    info_file = latest / "training_info.json"
+    kept = info_file.read_text()
+    info = json.loads(kept)
+    del info["stream_split"]  # as written before the split over readers was planned
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(SystemExit) as e:
+        train.main(run_args(tiny_vit, killed, specs, tmp_path, "--resume", "latest"))
+    assert e.value.code == 2 and "cannot be continued exactly" in capsys.readouterr().err
+    info_file.write_text(kept)
     train.main(run_args(tiny_vit, killed, specs, tmp_path, "--resume", "latest"))
     a, b = load_weights(whole / "checkpoint-6"), load_weights(killed / "checkpoint-6")
     assert all(torch.equal(a[k], b[k]) for k in a)
