@@ -25,7 +25,6 @@ import random
 import re
 import shutil
 import warnings
-import zlib
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from distributed import all_gather_objects, barrier
 from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
 from files import OutputError, reason, recover_folder, swap_in, temporary, write_json
-from fingerprint import data_changes, data_fingerprints
+from fingerprint import crc_of_blocks, data_changes, data_fingerprints
 
 INFO_FILE = "training_info.json"
 STATE_FILE = "trainer_state.pt"
@@ -136,12 +135,9 @@ def model_files_sample(folder, blocks=16, block_bytes=1 << 16):
         path = os.path.join(folder, name)
         if not name.endswith((".safetensors", ".bin")) or not os.path.isfile(path):
             continue
-        size, crc = os.path.getsize(path), 0
-        with open(path, "rb") as f:
-            for i in range(blocks):
-                f.seek(size * i // blocks)
-                crc = zlib.crc32(f.read(block_bytes), crc)
-        found[name] = [size, crc]
+        size = os.path.getsize(path)
+        found[name] = [size, crc_of_blocks(path, [size * i // blocks for i in range(blocks)],
+                                           block_bytes)]
     return found
 
 

@@ -4,20 +4,21 @@ its checkpoint kept, and that eval.py's "already evaluated on this data" is keye
 A spec's fingerprint is its units, each [files, bytes, digest]:
   folder  each class folder (and "." for images directly in the folder): every image file under
           it at any depth (relative path, size, modification time), in one order-free digest
-  hf      each Parquet file (or each file of a save_to_disk folder): size, and a CRC-32 of its
-          first and last 64 KB (a Parquet footer holds the row groups, their offsets and counts)
-  wds     each shard: size, and a CRC-32 of its first and last 64 KB
+  hf      each Parquet file (or each file of a save_to_disk folder): size, modification time, and
+          a CRC-32 of its first and last 64 KB (a Parquet footer holds its row groups and counts)
+  wds     each shard: size, modification time, and a CRC-32 of its first and last 64 KB
   jsonl   the file: size, and a hash of its whole text
   URL     the URL itself (nothing to read before the stream is)
 Units are named relative to the spec's path, so a change names the class folder or the file. The
 digest of a folder is a sum of per-file hashes, so no listing is sorted or held: a folder of
 millions of images is read as one pass of stat calls (figures: tools/benchmark.py
---fingerprint). Modification times are part of an image's identity, so a copy that does not keep
-them (cp without -p) reads as changed; Parquet files and shards are named by their bytes only.
+--fingerprint). Modification times are part of a file's identity (a JSONL file's excepted: its
+text is hashed), so a copy that does not keep them (cp without -p) reads as changed.
 """
 import glob
 import hashlib
 import os
+import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,8 +41,8 @@ def data_fingerprint(text):
         paths = (list(spec.files) if spec.files else  # a split's files (PATH:SPLIT)
                  hf_files(spec.path) if spec.kind == "hf" and os.path.isdir(spec.path) else
                  expand_paths(spec.path, text, extension) if extension else [spec.path])
-        ends = file_content if spec.kind == "jsonl" else file_ends
-        units = {unit_name(spec.path, p): [1, os.path.getsize(p), ends(p)] for p in paths}
+        identity = file_content if spec.kind == "jsonl" else file_stamp
+        units = {unit_name(spec.path, p): [1, os.path.getsize(p), identity(p)] for p in paths}
     return {"spec": text, "units": units}
 
 
@@ -51,7 +52,7 @@ def data_fingerprints(specs):
 
 def unit_name(root, path):
     """A file's name relative to the spec's path: its folder, or the folder of a glob."""
-    base = root if os.path.isdir(root) else os.path.dirname(root.split("*")[0].split("{")[0])
+    base = root if os.path.isdir(root) else os.path.dirname(re.split(r"[*?[{]", root)[0])
     return os.path.relpath(path, base or ".")
 
 
@@ -64,15 +65,23 @@ def hf_files(folder):
                   if os.path.isfile(p))
 
 
-def file_ends(path):
-    """CRC-32 of a file's first and last BLOCK bytes."""
+def file_stamp(path):
+    """A Parquet file's or a shard's identity: the CRC-32 of its first and last BLOCK bytes (a
+    Parquet footer) and its modification time (a shard's middle rewritten in place, which its
+    cached index notices by the same time)."""
     size = os.path.getsize(path)
+    crc = crc_of_blocks(path, [0] + ([max(BLOCK, size - BLOCK)] if size > BLOCK else []))
+    return f"{crc:08x}-{os.stat(path).st_mtime_ns}"
+
+
+def crc_of_blocks(path, offsets, block_bytes=BLOCK):
+    """One CRC-32 over the `block_bytes` bytes at each of `offsets` of a file."""
+    crc = 0
     with open(path, "rb") as f:
-        crc = zlib.crc32(f.read(BLOCK))
-        if size > BLOCK:
-            f.seek(max(BLOCK, size - BLOCK))
-            crc = zlib.crc32(f.read(BLOCK), crc)
-    return f"{crc:08x}"
+        for offset in offsets:
+            f.seek(offset)
+            crc = zlib.crc32(f.read(block_bytes), crc)
+    return crc
 
 
 def file_content(path):

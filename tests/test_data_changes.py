@@ -79,6 +79,13 @@ def test_a_resume_refuses_changed_data_naming_what_changed(mixed, tiny_vit, tmp_
     image.write_bytes(kept)
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
+    shard = root / "parity-000.tar"  # written again in place: its middle may differ, its size not
+    stat = shard.stat()
+    shard.write_bytes(shard.read_bytes())
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    assert "'parity-000.tar' modified" in refused(resume, capsys)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
     shutil.copy(root / "parity-001.tar", root / "parity-002.tar")
     assert f"--train_data parity={root}/parity-*.tar: 'parity-002.tar' added" in refused(
         resume, capsys)
