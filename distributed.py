@@ -134,8 +134,6 @@ def shard_model(model, units, device, mesh, param_dtype=None, cpu_offload=False,
     (weights.read_weights): after sharding each rank reads only its shards of them."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-    if device.type == "cpu" or cpu_offload:  # the gathers or the shards in host memory
-        return_freed_memory()
     names = ("shard",) if len(mesh) == 1 else ("replicate", "shard")
     options = {"mesh": init_device_mesh(device.type, tuple(mesh), mesh_dim_names=names)}
     if param_dtype is not None:
@@ -166,6 +164,10 @@ def run(fn, args, user_errors, timeout_minutes=30):
     dead rank fails after `timeout_minutes`).
     """
     rank, world_size, _, device = setup_distributed(timeout_minutes)
+    # before anything is loaded: the gathers (on the CPU) or the shards (offloaded) in host memory
+    if getattr(args, "dist", None) in SHARDED and world_size > 1 and (
+            device.type == "cpu" or getattr(args, "cpu_offload", False)):
+        return_freed_memory()
     try:
         fn(args, rank, world_size, device)
         failure = None
