@@ -443,6 +443,35 @@ def blip2(folder, instruct=False):
                                                  num_query_tokens=4, **extra))
 
 
+AYA_TOKENS = ["<|END_OF_TURN_TOKEN|>", "<PAD>", "<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>",
+              "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<image>", "<|START_OF_IMG|>",
+              "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"]
+
+
+def aya_vision(folder):
+    """Aya Vision: a SigLIP tower, pixel-shuffled (downsample_factor 2) into a Cohere2 model;
+    the processor expands <image> into <|IMG_PATCH|> tokens, 4 per 32-pixel tile."""
+    template = chat_template(image="<image>", user="<|START_OF_TURN_TOKEN|>{role}",
+                             end="<|END_OF_TURN_TOKEN|>",
+                             opening="<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+                             start="<BOS_TOKEN>")
+    tokenizer = train_tokenizer(AYA_TOKENS, template, eos_token="<|END_OF_TURN_TOKEN|>",
+                                pad_token="<PAD>", bos_token="<BOS_TOKEN>")
+    config = T.AyaVisionConfig(
+        vision_config=T.SiglipVisionConfig(**TOWER, image_size=32, patch_size=8,
+                                           vision_use_head=False),
+        text_config=T.Cohere2Config(**text_config(tokenizer), sliding_window=16,
+                                    bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|IMG_PATCH|>"), downsample_factor=2)
+    image_processor = T.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32},
+                                                 max_patches=2)
+    return save_vlm(folder, lambda: T.AyaVisionForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.AyaVisionProcessor(
+                        i, t, patch_size=8, img_size=32, downsample_factor=2,
+                        chat_template=template))
+
+
 VLM_FAMILIES = {
     "qwen2_vl": qwen_vl("qwen2_vl"),
     "qwen2_5_vl": qwen_vl("qwen2_5_vl"),
@@ -457,6 +486,7 @@ VLM_FAMILIES = {
     "gemma3": gemma3,
     "paligemma": paligemma,
     "mllama": mllama,
+    "aya_vision": aya_vision,
 }
 # image-text-to-text folders classified over their vision tower
 TOWER_FAMILIES = {
