@@ -472,6 +472,27 @@ def aya_vision(folder):
                         chat_template=template))
 
 
+def deepseek_vl(folder):
+    """DeepSeek-VL: a SigLIP tower whose every patch, through the aligner, is one
+    <image_placeholder> token of a Llama model (16 for a 32-pixel image)."""
+    template = chat_template(image="<image_placeholder>", user="{role}: ", end="\n\n",
+                             opening="Assistant:")
+    tokenizer = train_tokenizer(["<|end_of_sentence|>", "<|begin_of_sentence|>", "<pad>",
+                                 "<image_placeholder>"], template,
+                                eos_token="<|end_of_sentence|>", pad_token="<pad>",
+                                bos_token="<|begin_of_sentence|>",
+                                extra_special_tokens={"image_token": "<image_placeholder>"})
+    config = T.DeepseekVLConfig(
+        vision_config=T.SiglipVisionConfig(**TOWER, image_size=32, patch_size=8),
+        text_config=T.LlamaConfig(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    image_processor = T.DeepseekVLImageProcessorPil(size={"height": 32, "width": 32},
+                                                    min_size=8)
+    return save_vlm(folder, lambda: T.DeepseekVLForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.DeepseekVLProcessor(
+                        i, t, chat_template=template, num_image_tokens=16))
+
+
 VLM_FAMILIES = {
     "qwen2_vl": qwen_vl("qwen2_vl"),
     "qwen2_5_vl": qwen_vl("qwen2_5_vl"),
@@ -487,6 +508,7 @@ VLM_FAMILIES = {
     "paligemma": paligemma,
     "mllama": mllama,
     "aya_vision": aya_vision,
+    "deepseek_vl": deepseek_vl,
 }
 # image-text-to-text folders classified over their vision tower
 TOWER_FAMILIES = {
