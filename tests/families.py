@@ -493,6 +493,34 @@ def deepseek_vl(folder):
                         i, t, chat_template=template, num_image_tokens=16))
 
 
+def janus(folder):
+    """Janus: a SigLIP-like tower through its aligner into Llama, <image_placeholder> tokens
+    between <begin_of_image> and <end_of_image>; the folder also holds the VQ-VAE and heads of
+    image generation, which classification never runs (GroupNorm needs 32-channel multiples)."""
+    named = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+             "eoi_token": "<end_of_image>"}
+    template = chat_template(image="<image_placeholder>", user="{role}: ", end="\n\n",
+                             opening="Assistant:", start="<|begin_of_sentence|>")
+    tokenizer = train_tokenizer(["<|end_of_sentence|>", "<|begin_of_sentence|>", "<pad>",
+                                 *named.values()], template, eos_token="<|end_of_sentence|>",
+                                pad_token="<pad>", bos_token="<|begin_of_sentence|>",
+                                extra_special_tokens=named)
+    config = T.JanusConfig(
+        vision_config=T.JanusVisionConfig(hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, mlp_ratio=2.0, image_size=32,
+                                          patch_size=8, projection_dim=64, num_image_tokens=16),
+        vq_config=T.JanusVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=32,
+                                     base_channels=32, channel_multiplier=[1, 1],
+                                     num_res_blocks=1, projection_dim=64,
+                                     image_token_embed_dim=64),
+        text_config=T.LlamaConfig(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    image_processor = T.JanusImageProcessorPil(size={"height": 32, "width": 32}, min_size=8)
+    return save_vlm(folder, lambda: T.JanusForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.JanusProcessor(
+                        i, t, chat_template=template, num_image_tokens=16))
+
+
 VLM_FAMILIES = {
     "qwen2_vl": qwen_vl("qwen2_vl"),
     "qwen2_5_vl": qwen_vl("qwen2_5_vl"),
@@ -509,6 +537,7 @@ VLM_FAMILIES = {
     "mllama": mllama,
     "aya_vision": aya_vision,
     "deepseek_vl": deepseek_vl,
+    "janus": janus,
 }
 # image-text-to-text folders classified over their vision tower
 TOWER_FAMILIES = {
