@@ -521,6 +521,29 @@ def janus(folder):
                         i, t, chat_template=template, num_image_tokens=16))
 
 
+OVIS_INDICATORS = ["<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>"]
+
+
+def ovis2(folder):
+    """Ovis2: its tower's probabilities over a visual vocabulary (64 words here) embed each
+    <IMG_ATOM> (4 per 32-pixel tile, hidden_stride 2) of a Qwen2 model; <image> in the prompt is
+    expanded into the tiles' atoms and indicator tokens."""
+    tokenizer = train_tokenizer(CHATML_TOKENS + ["<image>", "<IMG_ATOM>", *OVIS_INDICATORS],
+                                chat_template(image="<image>\n", **CHATML))
+    config = T.Ovis2Config(
+        vision_config=T.Ovis2VisionConfig(**TOWER, image_size=32, patch_size=8, hidden_stride=2,
+                                          vocab_size=64),
+        text_config=T.Qwen2Config(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_ATOM>"),
+        visual_indicator_token_ids=tokenizer.convert_tokens_to_ids(OVIS_INDICATORS),
+        vocab_size=len(tokenizer), hidden_size=LLAMA["hidden_size"])
+    image_processor = T.Ovis2ImageProcessorPil(size={"height": 32, "width": 32},
+                                               crop_to_patches=True, max_patches=2)
+    return save_vlm(folder, lambda: T.Ovis2ForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.Ovis2Processor(
+                        i, t, chat_template=tokenizer.chat_template, image_seq_length=4))
+
+
 VLM_FAMILIES = {
     "qwen2_vl": qwen_vl("qwen2_vl"),
     "qwen2_5_vl": qwen_vl("qwen2_5_vl"),
@@ -538,6 +561,7 @@ VLM_FAMILIES = {
     "aya_vision": aya_vision,
     "deepseek_vl": deepseek_vl,
     "janus": janus,
+    "ovis2": ovis2,
 }
 # image-text-to-text folders classified over their vision tower
 TOWER_FAMILIES = {
