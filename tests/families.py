@@ -544,6 +544,40 @@ def ovis2(folder):
                         i, t, chat_template=tokenizer.chat_template, image_seq_length=4))
 
 
+GLM_TOKENS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|image|>",
+              "<|begin_of_image|>", "<|end_of_image|>", "<|video|>", "<|begin_of_video|>",
+              "<|end_of_video|>"]
+
+
+def glm4v(folder):
+    """GLM-4.1V: a Qwen2-VL-like tower (patches merged 2 x 2) into a GLM-4 model with 3-D rotary
+    positions; <|image|> between <|begin_of_image|> and <|end_of_image|>. Its video processor
+    needs torchvision: the folder has its files as the Hub has them."""
+    template = chat_template(image="<|begin_of_image|><|image|><|end_of_image|>",
+                             user="<|{role}|>\n", end="", opening="<|assistant|>\n",
+                             start="[gMASK]<sop>")
+    tokenizer = train_tokenizer(GLM_TOKENS, template, eos_token="<|user|>",
+                                pad_token="<|endoftext|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GLM_TOKENS}
+    config = T.Glm4vConfig(
+        text_config=text_config(tokenizer, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=64, patch_size=8, image_size=32),
+        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"],
+        image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"],
+        video_end_token_id=ids["<|end_of_video|>"])
+    image_processor = T.Glm4vImageProcessorPil(
+        patch_size=8, merge_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64})
+    return save_vlm(folder, lambda: T.Glm4vForConditionalGeneration(config), tokenizer,
+                    image_processor, processor_config={"processor_class": "Glm4vProcessor"},
+                    video_processor={"video_processor_type": "Glm4vVideoProcessor",
+                                     "patch_size": 8, "merge_size": 2})
+
+
 VLM_FAMILIES = {
     "qwen2_vl": qwen_vl("qwen2_vl"),
     "qwen2_5_vl": qwen_vl("qwen2_5_vl"),
@@ -562,6 +596,7 @@ VLM_FAMILIES = {
     "deepseek_vl": deepseek_vl,
     "janus": janus,
     "ovis2": ovis2,
+    "glm4v": glm4v,
 }
 # image-text-to-text folders classified over their vision tower
 TOWER_FAMILIES = {
