@@ -563,8 +563,9 @@ def glm4v(folder):
         text_config=text_config(tokenizer, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
             "mrope_section": [2, 1, 1]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=64, patch_size=8, image_size=32),
+        vision_config=T.Glm4vVisionConfig(depth=2, hidden_size=32, intermediate_size=64,
+                                          num_heads=2, out_hidden_size=64, patch_size=8,
+                                          image_size=32),
         image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
         image_start_token_id=ids["<|begin_of_image|>"],
         image_end_token_id=ids["<|end_of_image|>"],
