@@ -144,10 +144,27 @@ def shard_model(model, units, device, mesh, param_dtype=None, cpu_offload=False,
     for unit in units:
         fully_shard(unit, **options)
     fully_shard(model, **options)  # the root: what no unit holds (embeddings, final norm, head)
+    keep_recorded_outputs([*units, model])
     if sources is not None:
         from weights import read_weights
         read_weights(model, sources, torch.device("cpu") if cpu_offload else device)
     return model
+
+
+def keep_recorded_outputs(modules):
+    """fully_shard gives each module a class of its own (SiglipVisionModel becomes
+    FSDPSiglipVisionModel). transformers looks up the outputs a model can record (the hidden
+    states LLaVA's or Aya Vision's projector reads from the vision tower) by the name of its
+    class, and would find none for the new class: each sharded transformers model is registered
+    under it as its __init__ registered it under the old one."""
+    from transformers import PreTrainedModel
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a release without the registry reads them from the class attribute
+        return
+    for module in modules:
+        if isinstance(module, PreTrainedModel):
+            _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
 
 
 def is_sharded(model):

@@ -198,7 +198,12 @@ def read_weights(model, key_map, device):
     for module in model.modules():
         if any(t.is_meta for t in [*module.parameters(recurse=False),
                                    *module.buffers(recurse=False)]):
+            # to_empty leaves every tensor of the module unset: the buffers its code computed
+            # (CLIP's position ids beside its class embedding) keep their values
+            computed = {n: b for n, b in module.named_buffers(recurse=False) if not b.is_meta}
             module.to_empty(device=device, recurse=False)
+            for name, buffer in computed.items():
+                module._buffers[name] = buffer.to(device)
     entries = model.state_dict(keep_vars=True)
     by_file = {}
     for key, (path, file_key) in key_map.items():

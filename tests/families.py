@@ -443,6 +443,142 @@ def blip2(folder, instruct=False):
                                                  num_query_tokens=4, **extra))
 
 
+AYA_TOKENS = ["<|END_OF_TURN_TOKEN|>", "<PAD>", "<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>",
+              "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<image>", "<|START_OF_IMG|>",
+              "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"]
+
+
+def aya_vision(folder):
+    """Aya Vision: a SigLIP tower, pixel-shuffled (downsample_factor 2) into a Cohere2 model;
+    the processor expands <image> into <|IMG_PATCH|> tokens, 4 per 32-pixel tile."""
+    template = chat_template(image="<image>", user="<|START_OF_TURN_TOKEN|>{role}",
+                             end="<|END_OF_TURN_TOKEN|>",
+                             opening="<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+                             start="<BOS_TOKEN>")
+    tokenizer = train_tokenizer(AYA_TOKENS, template, eos_token="<|END_OF_TURN_TOKEN|>",
+                                pad_token="<PAD>", bos_token="<BOS_TOKEN>")
+    config = T.AyaVisionConfig(
+        vision_config=T.SiglipVisionConfig(**TOWER, image_size=32, patch_size=8,
+                                           vision_use_head=False),
+        text_config=T.Cohere2Config(**text_config(tokenizer), sliding_window=16,
+                                    bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|IMG_PATCH|>"), downsample_factor=2)
+    image_processor = T.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32},
+                                                 max_patches=2)
+    return save_vlm(folder, lambda: T.AyaVisionForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.AyaVisionProcessor(
+                        i, t, patch_size=8, img_size=32, downsample_factor=2,
+                        chat_template=template))
+
+
+def deepseek_vl(folder):
+    """DeepSeek-VL: a SigLIP tower whose every patch, through the aligner, is one
+    <image_placeholder> token of a Llama model (16 for a 32-pixel image)."""
+    template = chat_template(image="<image_placeholder>", user="{role}: ", end="\n\n",
+                             opening="Assistant:")
+    tokenizer = train_tokenizer(["<|end_of_sentence|>", "<|begin_of_sentence|>", "<pad>",
+                                 "<image_placeholder>"], template,
+                                eos_token="<|end_of_sentence|>", pad_token="<pad>",
+                                bos_token="<|begin_of_sentence|>",
+                                extra_special_tokens={"image_token": "<image_placeholder>"})
+    config = T.DeepseekVLConfig(
+        vision_config=T.SiglipVisionConfig(**TOWER, image_size=32, patch_size=8),
+        text_config=T.LlamaConfig(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    image_processor = T.DeepseekVLImageProcessorPil(size={"height": 32, "width": 32},
+                                                    min_size=8)
+    return save_vlm(folder, lambda: T.DeepseekVLForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.DeepseekVLProcessor(
+                        i, t, chat_template=template, num_image_tokens=16))
+
+
+def janus(folder):
+    """Janus: a SigLIP-like tower through its aligner into Llama, <image_placeholder> tokens
+    between <begin_of_image> and <end_of_image>; the folder also holds the VQ-VAE and heads of
+    image generation, which classification never runs (GroupNorm needs 32-channel multiples)."""
+    named = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+             "eoi_token": "<end_of_image>"}
+    template = chat_template(image="<image_placeholder>", user="{role}: ", end="\n\n",
+                             opening="Assistant:", start="<|begin_of_sentence|>")
+    tokenizer = train_tokenizer(["<|end_of_sentence|>", "<|begin_of_sentence|>", "<pad>",
+                                 *named.values()], template, eos_token="<|end_of_sentence|>",
+                                pad_token="<pad>", bos_token="<|begin_of_sentence|>",
+                                extra_special_tokens=named)
+    config = T.JanusConfig(
+        vision_config=T.JanusVisionConfig(hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, mlp_ratio=2.0, image_size=32,
+                                          patch_size=8, projection_dim=64, num_image_tokens=16),
+        vq_config=T.JanusVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=32,
+                                     base_channels=32, channel_multiplier=[1, 1],
+                                     num_res_blocks=1, projection_dim=64,
+                                     image_token_embed_dim=64),
+        text_config=T.LlamaConfig(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    image_processor = T.JanusImageProcessorPil(size={"height": 32, "width": 32}, min_size=8)
+    return save_vlm(folder, lambda: T.JanusForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.JanusProcessor(
+                        i, t, chat_template=template, num_image_tokens=16))
+
+
+OVIS_INDICATORS = ["<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>"]
+
+
+def ovis2(folder):
+    """Ovis2: its tower's probabilities over a visual vocabulary (64 words here) embed each
+    <IMG_ATOM> (4 per 32-pixel tile, hidden_stride 2) of a Qwen2 model; <image> in the prompt is
+    expanded into the tiles' atoms and indicator tokens."""
+    tokenizer = train_tokenizer(CHATML_TOKENS + ["<image>", "<IMG_ATOM>", *OVIS_INDICATORS],
+                                chat_template(image="<image>\n", **CHATML))
+    config = T.Ovis2Config(
+        vision_config=T.Ovis2VisionConfig(**TOWER, image_size=32, patch_size=8, hidden_stride=2,
+                                          vocab_size=64),
+        text_config=T.Qwen2Config(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_ATOM>"),
+        visual_indicator_token_ids=tokenizer.convert_tokens_to_ids(OVIS_INDICATORS),
+        vocab_size=len(tokenizer), hidden_size=LLAMA["hidden_size"])
+    image_processor = T.Ovis2ImageProcessorPil(size={"height": 32, "width": 32},
+                                               crop_to_patches=True, max_patches=2)
+    return save_vlm(folder, lambda: T.Ovis2ForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.Ovis2Processor(
+                        i, t, chat_template=tokenizer.chat_template, image_seq_length=4))
+
+
+GLM_TOKENS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|image|>",
+              "<|begin_of_image|>", "<|end_of_image|>", "<|video|>", "<|begin_of_video|>",
+              "<|end_of_video|>"]
+
+
+def glm4v(folder):
+    """GLM-4.1V: a Qwen2-VL-like tower (patches merged 2 x 2) into a GLM-4 model with 3-D rotary
+    positions; <|image|> between <|begin_of_image|> and <|end_of_image|>. Its video processor
+    needs torchvision: the folder has its files as the Hub has them."""
+    template = chat_template(image="<|begin_of_image|><|image|><|end_of_image|>",
+                             user="<|{role}|>\n", end="", opening="<|assistant|>\n",
+                             start="[gMASK]<sop>")
+    tokenizer = train_tokenizer(GLM_TOKENS, template, eos_token="<|user|>",
+                                pad_token="<|endoftext|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GLM_TOKENS}
+    config = T.Glm4vConfig(
+        text_config=text_config(tokenizer, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "mrope_section": [2, 1, 1]}),
+        vision_config=T.Glm4vVisionConfig(depth=2, hidden_size=32, intermediate_size=64,
+                                          num_heads=2, out_hidden_size=64, patch_size=8,
+                                          image_size=32),
+        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"],
+        image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"],
+        video_end_token_id=ids["<|end_of_video|>"])
+    image_processor = T.Glm4vImageProcessorPil(
+        patch_size=8, merge_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64})
+    return save_vlm(folder, lambda: T.Glm4vForConditionalGeneration(config), tokenizer,
+                    image_processor, processor_config={"processor_class": "Glm4vProcessor"},
+                    video_processor={"video_processor_type": "Glm4vVideoProcessor",
+                                     "patch_size": 8, "merge_size": 2})
+
+
 VLM_FAMILIES = {
     "qwen2_vl": qwen_vl("qwen2_vl"),
     "qwen2_5_vl": qwen_vl("qwen2_5_vl"),
@@ -457,6 +593,11 @@ VLM_FAMILIES = {
     "gemma3": gemma3,
     "paligemma": paligemma,
     "mllama": mllama,
+    "aya_vision": aya_vision,
+    "deepseek_vl": deepseek_vl,
+    "janus": janus,
+    "ovis2": ovis2,
+    "glm4v": glm4v,
 }
 # image-text-to-text folders classified over their vision tower
 TOWER_FAMILIES = {

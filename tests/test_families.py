@@ -239,12 +239,14 @@ def test_an_image_processor_that_needs_torchvision_says_so(family_folder, tmp_pa
 
 
 @pytest.mark.parametrize("name, dist", [("siglip2", "fsdp"), ("smolvlm", "fsdp"),
-                                        ("llava_onevision", "ddp")])
+                                        ("llava", "fsdp"), ("llava_onevision", "ddp")])
 def test_two_processes_train_a_new_family(name, dist, family_folder, small_data, tmp_path):
     """FSDP2 over 2 gloo processes, each rank reading only its shards of the folder's weights:
-    SigLIP2 (its processor's mask and shapes) and SmolVLM (text_model, the processor without its
-    video processor). DDP: LLaVA-OneVision's vision tower holds a pooling head its language
-    model never reads, which DDP must be told to look for."""
+    SigLIP2 (its processor's mask and shapes), SmolVLM (text_model, the processor without its
+    video processor) and LLaVA (its projector reads the sharded tower's recorded hidden states;
+    its CLIP embeddings compute position ids beside a weight read after sharding). DDP:
+    LLaVA-OneVision's vision tower holds a pooling head its language model never reads, which
+    DDP must be told to look for."""
     out = tmp_path / "run"
     result = run_script("train.py", *train_args(
         small_data, family_folder(name), out, "--max_steps", 3, "--save_steps", 3,
@@ -323,7 +325,7 @@ def test_a_folder_without_some_backbone_weights_is_refused_naming_them(family_fo
 def test_a_vision_tower_reads_its_weights_from_the_whole_models_folder(name, family_folder):
     """The tower of a two-tower (or BLIP-2) folder holds exactly the whole model's tower weights,
     loaded whole or with its parameters on the meta device and read by weights.read_weights
-    (the FSDP path)."""
+    (the FSDP path), which keeps the buffers the model computed."""
     from transformers import AutoModel
     from weights import folder_map, read_weights
     folder = family_folder(name)
@@ -336,6 +338,9 @@ def test_a_vision_tower_reads_its_weights_from_the_whole_models_folder(name, fam
     empty, _ = load_backbone(folder, meta=True)
     read_weights(empty, folder_map(empty, folder), torch.device("cpu"))
     assert all(torch.equal(v, expected[k]) for k, v in empty.state_dict().items())
+    # and the buffers its code computes (CLIP's position ids, beside its meta class embedding)
+    computed = dict(tower.named_buffers())
+    assert all(torch.equal(v, computed[k]) for k, v in empty.named_buffers())
 
 
 def test_vit_mae_keeps_every_patch_in_order(family_folder, capsys):
