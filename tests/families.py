@@ -183,6 +183,10 @@ VISION_FAMILIES = {
     "vitdet": vision(T.VitDetModel, T.VitDetConfig, vit_processor, hidden_size=32,
                      num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=SIZE,
                      pretrain_image_size=SIZE, patch_size=8),
+    "dinov2_with_registers": vision(
+        T.Dinov2WithRegistersModel, T.Dinov2WithRegistersConfig, bit_processor,
+        **{k: v for k, v in VIT.items() if k != "intermediate_size"}, mlp_ratio=2,
+        num_register_tokens=2),
 }
 
 

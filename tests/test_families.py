@@ -57,6 +57,7 @@ RUNS = {
     "cvt": ("auto", "refused: its class normalises the features before its classifier"),
     "mobilevitv2": ("auto", "MobileViTV2ForImageClassification"),
     "vitdet": ("mean", "refused: transformers has no image-classification class"),
+    "dinov2_with_registers": ("auto", "Dinov2WithRegistersForImageClassification"),
     "blip-2": ("auto", "refused: transformers has no image-classification class"),
     "instructblip": ("auto", "refused: transformers has no image-classification class"),
     **{name: ("last", "refused: a vision-language checkpoint") for name in VLM_FAMILIES},
