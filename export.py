@@ -93,6 +93,7 @@ TARGET_POOLINGS = {
                                       "mean)"),
     # the mean of the final feature map after a BatchNorm (set to the identity on export)
     "SwiftFormerForImageClassification": ({"map_mean"}, "the averaged final feature map"),
+    "IJepaForImageClassification": ({"mean"}, "the mean of the final tokens (not its pooler)"),
 }
 
 

@@ -187,6 +187,7 @@ VISION_FAMILIES = {
         T.Dinov2WithRegistersModel, T.Dinov2WithRegistersConfig, bit_processor,
         **{k: v for k, v in VIT.items() if k != "intermediate_size"}, mlp_ratio=2,
         num_register_tokens=2),
+    "ijepa": vision(T.IJepaModel, T.IJepaConfig, vit_processor, **VIT),
 }
 
 

@@ -58,6 +58,7 @@ RUNS = {
     "mobilevitv2": ("auto", "MobileViTV2ForImageClassification"),
     "vitdet": ("mean", "refused: transformers has no image-classification class"),
     "dinov2_with_registers": ("auto", "Dinov2WithRegistersForImageClassification"),
+    "ijepa": ("auto", "IJepaForImageClassification"),
     "blip-2": ("auto", "refused: transformers has no image-classification class"),
     "instructblip": ("auto", "refused: transformers has no image-classification class"),
     **{name: ("last", "refused: a vision-language checkpoint") for name in VLM_FAMILIES},
