@@ -249,9 +249,15 @@ def fine_tuning_setting(backbone, name_or_path):
     shuffling them by `noise`, drawn at random on every call unless given. The ratio is set to 0,
     as its model card says for fine-tuning, and each call gets ordered noise, so every patch is
     kept in its place (the plain ViT sequence). Dropout and stochastic depth (drop_path) are off
-    in eval mode already (eval.py puts the model in it)."""
+    in eval mode already (eval.py puts the model in it).
+
+    Only a model that masks is touched: HieraModel keeps mask_ratio in its config but masks only
+    when built for pre-training (`is_mae`), never as AutoModel builds it."""
     config = backbone.config
     if getattr(config, "mask_ratio", None) is None or "noise" not in forward_names(backbone):
+        return
+    if not any(callable(getattr(m, "random_masking", None)) and getattr(m, "is_mae", True)
+               for m in backbone.modules()):
         return
     if config.mask_ratio:
         # said on every load of such a folder: checkpoints are saved with the ratio 0

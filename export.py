@@ -94,6 +94,8 @@ TARGET_POOLINGS = {
     # the mean of the final feature map after a BatchNorm (set to the identity on export)
     "SwiftFormerForImageClassification": ({"map_mean"}, "the averaged final feature map"),
     "IJepaForImageClassification": ({"mean"}, "the mean of the final tokens (not its pooler)"),
+    "HieraForImageClassification": ({"pooler"}, "the pooler output (the layer-normed mean of "
+                                     "the final tokens)"),
 }
 
 

@@ -188,6 +188,10 @@ VISION_FAMILIES = {
         **{k: v for k, v in VIT.items() if k != "intermediate_size"}, mlp_ratio=2,
         num_register_tokens=2),
     "ijepa": vision(T.IJepaModel, T.IJepaConfig, vit_processor, **VIT),
+    # its config keeps the pre-training mask_ratio, which HieraModel never applies
+    "hiera": vision(T.HieraModel, T.HieraConfig, bit_processor, embed_dim=8,
+                    image_size=[SIZE, SIZE], depths=[1, 1], num_heads=[1, 2], num_query_pool=1,
+                    masked_unit_size=[4, 4], masked_unit_attention=[True, False]),
 }
 
 

@@ -59,6 +59,7 @@ RUNS = {
     "vitdet": ("mean", "refused: transformers has no image-classification class"),
     "dinov2_with_registers": ("auto", "Dinov2WithRegistersForImageClassification"),
     "ijepa": ("auto", "IJepaForImageClassification"),
+    "hiera": ("auto", "HieraForImageClassification"),
     "blip-2": ("auto", "refused: transformers has no image-classification class"),
     "instructblip": ("auto", "refused: transformers has no image-classification class"),
     **{name: ("last", "refused: a vision-language checkpoint") for name in VLM_FAMILIES},
@@ -365,14 +366,24 @@ def test_vit_mae_keeps_every_patch_in_order(family_folder, capsys):
     assert torch.equal(first, second) and torch.equal(first, ordered)
 
 
+def test_a_model_that_never_masks_is_left_as_it_is(family_folder, capsys):
+    """HieraModel keeps its pre-training mask_ratio (0.6) in its config, but only
+    HieraForPreTraining masks: nothing is changed and no note says patches are dropped."""
+    backbone, _ = load_backbone(family_folder("hiera"))
+    assert "drops patches" not in capsys.readouterr().out
+    assert backbone.config.mask_ratio == 0.6 and not backbone._forward_pre_hooks
+
+
 @pytest.mark.parametrize("name, pooling, reason", [
     ("vit_msn", "auto", "ViTMSNForImageClassification classifies the CLS token"),
     ("textnet", "auto", "its pooler output is a 2 x 2 average: train with --pooling mean"),
+    ("hiera", "mean", "HieraForImageClassification classifies the pooler output"),
 ])
 def test_export_names_the_pooling_its_class_reads(name, pooling, reason, family_folder,
                                                   tmp_path):
     """A checkpoint whose pooling the family's class cannot express is refused with the pooling
-    it needs (ViTMSN: the CLS token; TextNet: fc(avgpool(...)) to 1 x 1, not its pooler)."""
+    it needs (ViTMSN: the CLS token; TextNet: fc(avgpool(...)) to 1 x 1, not its pooler;
+    Hiera: its pooler, not the mean of its tokens)."""
     from model import save_classifier
     backbone, inputs = load_backbone(family_folder(name))
     model = MaskedClassifier(backbone, 2, pooling, inputs=inputs)
