@@ -96,6 +96,8 @@ TARGET_POOLINGS = {
     "IJepaForImageClassification": ({"mean"}, "the mean of the final tokens (not its pooler)"),
     "HieraForImageClassification": ({"pooler"}, "the pooler output (the layer-normed mean of "
                                      "the final tokens)"),
+    # the class token PvtModel adds in its last stage
+    "PvtForImageClassification": CLS_TOKEN,
 }
 
 

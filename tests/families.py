@@ -192,6 +192,11 @@ VISION_FAMILIES = {
     "hiera": vision(T.HieraModel, T.HieraConfig, bit_processor, embed_dim=8,
                     image_size=[SIZE, SIZE], depths=[1, 1], num_heads=[1, 2], num_query_pool=1,
                     masked_unit_size=[4, 4], masked_unit_attention=[True, False]),
+    "pvt": vision(T.PvtModel, T.PvtConfig,
+                  lambda: T.PvtImageProcessorPil(size={"height": SIZE, "width": SIZE}),
+                  image_size=SIZE, num_encoder_blocks=2, depths=[1, 1],
+                  sequence_reduction_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[4, 2],
+                  strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
 }
 
 

@@ -60,6 +60,7 @@ RUNS = {
     "dinov2_with_registers": ("auto", "Dinov2WithRegistersForImageClassification"),
     "ijepa": ("auto", "IJepaForImageClassification"),
     "hiera": ("auto", "HieraForImageClassification"),
+    "pvt": ("cls", "PvtForImageClassification"),
     "blip-2": ("auto", "refused: transformers has no image-classification class"),
     "instructblip": ("auto", "refused: transformers has no image-classification class"),
     **{name: ("last", "refused: a vision-language checkpoint") for name in VLM_FAMILIES},
@@ -377,12 +378,13 @@ def test_a_model_that_never_masks_is_left_as_it_is(family_folder, capsys):
 @pytest.mark.parametrize("name, pooling, reason", [
     ("vit_msn", "auto", "ViTMSNForImageClassification classifies the CLS token"),
     ("textnet", "auto", "its pooler output is a 2 x 2 average: train with --pooling mean"),
+    ("pvt", "auto", "PvtForImageClassification classifies the CLS token"),
     ("hiera", "mean", "HieraForImageClassification classifies the pooler output"),
 ])
 def test_export_names_the_pooling_its_class_reads(name, pooling, reason, family_folder,
                                                   tmp_path):
     """A checkpoint whose pooling the family's class cannot express is refused with the pooling
-    it needs (ViTMSN: the CLS token; TextNet: fc(avgpool(...)) to 1 x 1, not its pooler;
+    it needs (ViTMSN, PVT: the CLS token; TextNet: fc(avgpool(...)) to 1 x 1, not its pooler;
     Hiera: its pooler, not the mean of its tokens)."""
     from model import save_classifier
     backbone, inputs = load_backbone(family_folder(name))
