@@ -98,6 +98,7 @@ TARGET_POOLINGS = {
                                      "the final tokens)"),
     # the class token PvtModel adds in its last stage
     "PvtForImageClassification": CLS_TOKEN,
+    "PvtV2ForImageClassification": ({"map_mean"}, "the averaged final feature map"),
 }
 
 

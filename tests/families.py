@@ -197,6 +197,11 @@ VISION_FAMILIES = {
                   image_size=SIZE, num_encoder_blocks=2, depths=[1, 1],
                   sequence_reduction_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[4, 2],
                   strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
+    "pvt_v2": vision(T.PvtV2Model, T.PvtV2Config,
+                     lambda: T.PvtImageProcessorPil(size={"height": SIZE, "width": SIZE}),
+                     image_size=SIZE, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                     hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
+                     num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
 }
 
 

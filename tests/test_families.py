@@ -61,6 +61,7 @@ RUNS = {
     "ijepa": ("auto", "IJepaForImageClassification"),
     "hiera": ("auto", "HieraForImageClassification"),
     "pvt": ("cls", "PvtForImageClassification"),
+    "pvt_v2": ("auto", "PvtV2ForImageClassification"),
     "blip-2": ("auto", "refused: transformers has no image-classification class"),
     "instructblip": ("auto", "refused: transformers has no image-classification class"),
     **{name: ("last", "refused: a vision-language checkpoint") for name in VLM_FAMILIES},
