@@ -202,6 +202,12 @@ VISION_FAMILIES = {
                      image_size=SIZE, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
                      hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
                      num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
+    # a BERT text tower beside a CLIP-style vision tower
+    "chinese_clip": two_tower(
+        T.ChineseCLIPModel, T.ChineseCLIPConfig,
+        lambda: T.ChineseCLIPImageProcessorPil(size={"shortest_edge": SIZE},
+                                               crop_size={"height": SIZE, "width": SIZE}),
+        VIT, dict(TOWER, vocab_size=100, pad_token_id=0)),
 }
 
 

@@ -62,6 +62,7 @@ RUNS = {
     "hiera": ("auto", "HieraForImageClassification"),
     "pvt": ("cls", "PvtForImageClassification"),
     "pvt_v2": ("auto", "PvtV2ForImageClassification"),
+    "chinese_clip": ("auto", "refused: transformers has no image-classification class"),
     "blip-2": ("auto", "refused: transformers has no image-classification class"),
     "instructblip": ("auto", "refused: transformers has no image-classification class"),
     **{name: ("last", "refused: a vision-language checkpoint") for name in VLM_FAMILIES},
@@ -326,7 +327,7 @@ def test_a_folder_without_some_backbone_weights_is_refused_naming_them(family_fo
         load_backbone(folder)
 
 
-@pytest.mark.parametrize("name", ["aimv2", "metaclip_2", "clip", "blip-2"])
+@pytest.mark.parametrize("name", ["aimv2", "metaclip_2", "clip", "blip-2", "chinese_clip"])
 def test_a_vision_tower_reads_its_weights_from_the_whole_models_folder(name, family_folder):
     """The tower of a two-tower (or BLIP-2) folder holds exactly the whole model's tower weights,
     loaded whole or with its parameters on the meta device and read by weights.read_weights
