@@ -388,6 +388,29 @@ GEMMA_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
                 "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<image>"]
 
 
+def idefics2(folder):
+    """Idefics2: a SigLIP-like tower whose patches a perceiver resampler turns into 4 latents,
+    each an <image> token of a Mistral model, between <fake_token_around_image> tokens; split
+    into 4 crops and the whole image, as its Hub folders are."""
+    template = chat_template(image="<image>", user="{role}:", end="<end_of_utterance>\n",
+                             opening="Assistant:")
+    tokenizer = train_tokenizer(["<unk>", "<s>", "</s>", "<fake_token_around_image>", "<image>",
+                                 "<end_of_utterance>"], template, eos_token="</s>",
+                                pad_token="<unk>", bos_token="<s>")
+    config = T.Idefics2Config(
+        vision_config=T.Idefics2VisionConfig(**TOWER, image_size=32, patch_size=8),
+        perceiver_config=T.Idefics2PerceiverConfig(
+            hidden_size=LLAMA["hidden_size"], resampler_n_latents=4, resampler_depth=1,
+            resampler_n_heads=2, resampler_head_dim=16, num_key_value_heads=1),
+        text_config=T.MistralConfig(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    image_processor = T.Idefics2ImageProcessorPil(size={"shortest_edge": 32, "longest_edge": 32},
+                                                  do_image_splitting=True)
+    return save_vlm(folder, lambda: T.Idefics2ForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.Idefics2Processor(
+                        i, t, image_seq_len=4, chat_template=template))
+
+
 def gemma3(folder):
     named = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
              "eoi_token": "<end_of_image>"}
@@ -623,6 +646,7 @@ VLM_FAMILIES = {
     "janus": janus,
     "ovis2": ovis2,
     "glm4v": glm4v,
+    "idefics2": idefics2,
 }
 # image-text-to-text folders classified over their vision tower
 TOWER_FAMILIES = {
