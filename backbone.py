@@ -517,9 +517,11 @@ class ImageTextInputs:
     a template, the image placeholder (between the model's vision start / end tokens where it has
     them), then the prompt. The placeholder is the processor's own (`image_token`; Gemma3's is
     <start_of_image>), which the processor expands into the image's tokens. Each image goes to the
-    processor as a list of its own: one image per sample for every family (Mllama, Gemma3 and
-    Idefics3 read a flat list as one sample's images). What reaches the backbone is what the
-    processor returns and its forward takes (mm_token_type_ids, token_type_ids, image grids, ...).
+    processor as a list of its own: one image per sample (Mllama, Gemma3 and Idefics3 read a flat
+    list as one sample's images); a processor that refuses nested lists (GOT-OCR2, where they are
+    the pages of one document) gets a flat list, one image per sample (reads_nested_images).
+    What reaches the backbone is what the processor returns and its forward takes
+    (mm_token_type_ids, token_type_ids, image grids, ...).
     """
 
     def __init__(self, processor, config, accepted, prompt=DEFAULT_PROMPT, chat_template=None,
@@ -545,6 +547,28 @@ class ImageTextInputs:
                                      self.image_token,
                                      *tokenizer.convert_ids_to_tokens([end] if end else [])])
         self.texts = {}
+        self.nested = self.reads_nested_images()
+
+    def reads_nested_images(self):
+        """Does the processor take one list of images per sample? Asked once, of two blank
+        images: a processor that refuses the nested lists must take the flat list as one image
+        per sample, two samples out, else its first error stands."""
+        from PIL import Image
+        images = [Image.new("RGB", (64, 64)) for _ in range(2)]
+        texts = [self.text("example")] * 2
+        try:
+            self.processor(images=[[i] for i in images], text=texts, padding=True,
+                           return_tensors="pt")
+            return True
+        except ValueError as e:
+            refusal = e
+        try:  # GOT-OCR2: nested lists are the pages of one document
+            flat = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        except Exception:  # noqa: BLE001 - the nested call's error says what is wrong
+            raise refusal from None
+        if len(flat["input_ids"]) != len(images):
+            raise refusal
+        return False
 
     @classmethod
     def from_folder(cls, folder, backbone, prompt=DEFAULT_PROMPT, min_pixels=None,
@@ -576,8 +600,8 @@ class ImageTextInputs:
 
     def __call__(self, images, dataset_names):
         texts = [self.text(name) for name in dataset_names]
-        batch = self.processor(images=[[image] for image in images], text=texts, padding=True,
-                               return_tensors="pt")
+        batch = self.processor(images=[[image] for image in images] if self.nested else
+                               list(images), text=texts, padding=True, return_tensors="pt")
         return {k: v for k, v in batch.items() if k in self.accepted}
 
     def save_pretrained(self, folder):

@@ -411,6 +411,25 @@ def idefics2(folder):
                         i, t, image_seq_len=4, chat_template=template))
 
 
+def got_ocr2(folder):
+    """GOT-OCR2: a SAM-style windowed tower whose 64 x 64 patch grid two strided convolutions
+    take to the 256 <imgpad> tokens (a number its processor fixes) of a Qwen2 model; the chat
+    template writes <img><imgpad></img> as its processor's own prompt does."""
+    tokenizer = train_tokenizer(CHATML_TOKENS + ["<img>", "</img>", "<imgpad>"],
+                                chat_template(image="<img><imgpad></img>\n", **CHATML))
+    config = T.GotOcr2Config(
+        vision_config=T.GotOcr2VisionConfig(
+            hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=1,
+            image_size=64, patch_size=1, window_size=8, global_attn_indexes=[],
+            output_channels=8),
+        text_config=T.Qwen2Config(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<imgpad>"))
+    image_processor = T.GotOcr2ImageProcessorPil(size={"height": 64, "width": 64})
+    return save_vlm(folder, lambda: T.GotOcr2ForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.GotOcr2Processor(
+                        i, t, chat_template=tokenizer.chat_template))
+
+
 def gemma3(folder):
     named = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
              "eoi_token": "<end_of_image>"}
@@ -647,6 +666,7 @@ VLM_FAMILIES = {
     "ovis2": ovis2,
     "glm4v": glm4v,
     "idefics2": idefics2,
+    "got_ocr2": got_ocr2,
 }
 # image-text-to-text folders classified over their vision tower
 TOWER_FAMILIES = {

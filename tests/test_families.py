@@ -369,6 +369,20 @@ def test_vit_mae_keeps_every_patch_in_order(family_folder, capsys):
     assert torch.equal(first, second) and torch.equal(first, ordered)
 
 
+def test_a_processor_that_refuses_nested_images_gets_one_image_per_sample(family_folder):
+    """GOT-OCR2's processor reads nested lists as the pages of one document and refuses them
+    without multi_page: it gets the flat list, one image (256 <imgpad> tokens) per sample. The
+    processors that read a flat list as one sample's images (Idefics3) keep their lists."""
+    _, inputs = load_backbone(family_folder("got_ocr2"))
+    images = [Image.new("RGB", (8, 8), color) for color in ((0, 0, 0), (255, 255, 255))]
+    batch = inputs(images, ["digits", "faces"])
+    pad = inputs.tokenizer.convert_tokens_to_ids("<imgpad>")
+    assert not inputs.nested and (batch["input_ids"] == pad).sum(1).tolist() == [256, 256]
+    assert len(batch["pixel_values"]) == 2
+    assert not torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])
+    assert load_backbone(family_folder("idefics3"))[1].nested
+
+
 def test_a_model_that_never_masks_is_left_as_it_is(family_folder, capsys):
     """HieraModel keeps its pre-training mask_ratio (0.6) in its config, but only
     HieraForPreTraining masks: nothing is changed and no note says patches are dropped."""
