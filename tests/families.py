@@ -300,6 +300,22 @@ def llava(folder):
                         vision_feature_select_strategy="default", num_additional_image_tokens=1))
 
 
+def vipllava(folder):
+    """VipLLaVA: LLaVA whose projector reads several layers of the CLIP tower at once (here the
+    last two, concatenated), with LLaVA's processor."""
+    tokenizer = train_tokenizer(VISION_TOKENS + ["<image>"], chat_template=None)
+    config = T.VipLlavaConfig(
+        vision_config=T.CLIPVisionConfig(**TOWER, image_size=28, patch_size=14),
+        text_config=T.LlamaConfig(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=[-2, -1])
+    image_processor = T.CLIPImageProcessorPil(size={"shortest_edge": 28},
+                                              crop_size={"height": 28, "width": 28})
+    return save_vlm(folder, lambda: T.VipLlavaForConditionalGeneration(config), tokenizer,
+                    image_processor, processor=lambda i, t: T.LlavaProcessor(
+                        image_processor=i, tokenizer=t, patch_size=14, image_token="<image>",
+                        vision_feature_select_strategy="default", num_additional_image_tokens=1))
+
+
 def llava_next(folder):
     tokenizer = train_tokenizer(VISION_TOKENS + ["<image>"], chat_template=None)
     pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
@@ -667,6 +683,7 @@ VLM_FAMILIES = {
     "glm4v": glm4v,
     "idefics2": idefics2,
     "got_ocr2": got_ocr2,
+    "vipllava": vipllava,
 }
 # image-text-to-text folders classified over their vision tower
 TOWER_FAMILIES = {
