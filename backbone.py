@@ -146,6 +146,9 @@ def from_pretrained(model_class, folder, random_init=(), **kwargs):
         model, info = model_class.from_pretrained(folder, output_loading_info=True,
                                                   trust_remote_code=LOADING.trust_remote_code,
                                                   **kwargs)
+    except ImportError as e:  # a family that needs a package (DiNAT: natten), not bad weights
+        raise ValueError(f"{folder}: a package its model needs does not import here: "
+                         f"{' '.join(str(e).split())}"[:2000]) from None
     # a truncated or corrupt weights file: name it, not a frame deep inside the loader
     except Exception as e:
         raise ValueError(
@@ -678,8 +681,9 @@ def layer_blocks(backbone):
     another goes with the outer one). A model whose lists hold no such class (ResNet) gets the
     members of its first layer list (its stages)."""
     kinds = set(backbone._no_split_modules or ())
-    # noqa: E731 FSDP2 subclasses
-    is_block = lambda m: any(c.__name__ in kinds for c in type(m).__mro__)
+    def is_block(m):  # by the names in its class's MRO: FSDP2 subclasses each unit's class
+        return any(c.__name__ in kinds for c in type(m).__mro__)
+
     lists = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.ModuleList)]
     blocks, inside = [], set()
     for name, modules in lists:

@@ -327,6 +327,24 @@ def test_a_folder_without_some_backbone_weights_is_refused_naming_them(family_fo
         load_backbone(folder)
 
 
+def test_a_family_that_needs_a_missing_package_names_it_not_bad_weights(tmp_path):
+    """DiNAT's model needs natten, which does not install with transformers: the error says the
+    package is missing, not that the folder's weights cannot be read."""
+    import importlib.util
+
+    from transformers import DinatConfig, ViTImageProcessorPil
+    if importlib.util.find_spec("natten"):
+        pytest.skip("natten is installed")
+    from safetensors.torch import save_file
+    DinatConfig(embed_dim=16, depths=[1], num_heads=[1]).save_pretrained(tmp_path)
+    save_file({"embeddings.norm.weight": torch.ones(16)}, tmp_path / "model.safetensors")
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"a package its model needs does not import here: "
+                       r"DinatModel requires the natten library") as e:
+        load_backbone(str(tmp_path))
+    assert "cannot load the model weights" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["aimv2", "metaclip_2", "clip", "blip-2", "chinese_clip"])
 def test_a_vision_tower_reads_its_weights_from_the_whole_models_folder(name, family_folder):
     """The tower of a two-tower (or BLIP-2) folder holds exactly the whole model's tower weights,
