@@ -42,11 +42,13 @@ from dataset import PREFETCH_FACTOR, DataError
 import distributed
 from distributed import (all_gather_objects, check_shard_size, is_sharded, mesh_shape,
                          shard_model)
-from backbone import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implementation, eval_mode,
+from backbone import (ATTN_IMPLEMENTATIONS, LOADING, check_attn_implementation, eval_mode,
                       fsdp_units, restore_modes)
 from faults import injected_fault
 from files import FileWriter, append_line, check_file_path, read_jsonl_records, write_json
 from fingerprint import data_fingerprints
+from logs import say_for
+from precision import autocast
 from sources import absolute_spec
 from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
@@ -314,7 +316,7 @@ def run(args, rank, world_size, device):
     if not args.val_files:
         raise ValueError("no validation data: give --val_data (the run was trained without any)")
     data, indices, options, summary = task.eval_data(args, targets[-1], trained_args, world_size)
-    say = print if rank == 0 else (lambda message: None)
+    say = say_for(rank)
     say(summary)
     loader_workers(args, say, "checkpoints (where the evaluation cache cannot hold the batches)",
                    device)

@@ -39,12 +39,13 @@ import distributed
 from distributed import all_gather_objects, all_reduce_sum, barrier
 import ema
 from eval import EvalCache, evaluate
-from faults import TrainingError, catch_stop_signals, injected_fault
+from faults import TrainingError, catch_stop_signals, injected_fault, with_loss_fault
 from files import write_json
-from logs import JsonlLog, memory_mb
+from logs import JsonlLog, memory_mb, say_for
 from model import CLASSIFIER_FILE, read_classifier_info
-from backbone import LOADING, autocast, enable_activation_checkpointing, fsdp_units, train_mode
+from backbone import LOADING, enable_activation_checkpointing, fsdp_units, train_mode
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
+from precision import autocast
 from reporting import build_reporters
 from streaming import SPLIT_VERSION
 from tasks import TASKS
@@ -78,8 +79,7 @@ class Run:
         return self.rank == 0
 
     def say(self, message):
-        if self.main_process:
-            tqdm.write(message)
+        say_for(self.rank, tqdm.write)(message)
 
     def epoch_of(self, step):
         return step / self.steps_per_epoch
@@ -169,7 +169,7 @@ def train(args, rank, world_size, device):
 
 def build_run(args, rank, world_size, device):
     """Data (every record checked), the model on its devices, the optimizer and the schedule."""
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = say_for(rank)
     task = TASKS[args.task]
     overrides = apply_overrides(args)
     for change in overrides:
@@ -222,7 +222,7 @@ def build_run(args, rank, world_size, device):
                optimizer=optimizer, scaler=scaler, device=device, rank=rank,
                world_size=world_size, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                overrides=overrides, ema=shadow, fingerprint=fingerprint, changed_flags=changed,
-               eval_cache=EvalCache(args.eval_cache_mb, tqdm.write if rank == 0 else say))
+               eval_cache=EvalCache(args.eval_cache_mb, say_for(rank, tqdm.write)))
 
 
 def check_resume_flags(args, world_size, fingerprint, say, stream):
@@ -392,15 +392,14 @@ def train_step(run, state, batches, log):
     lr = lr_at(step, args, run.total_steps)
     set_lr(run.optimizer, lr)
     window_before = state.train_metrics.sums.clone()  # a skipped step leaves the window as it was
+    step_loss = with_loss_fault(task.step_loss, step + 1)  # the reliability tests' NaN loss
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         batch = task.prepare(batch, run.data, step, i)
         set_gradient_sync(run, last=i == len(micro_batches) - 1)
         with autocast(run.device, args.precision):
             outputs = task.forward(run.model, batch, run.data, train=True)
-            loss = task.step_loss(outputs, totals, args)
-        if injected_fault("nan_loss", step + 1):
-            loss = loss * float("nan")
+            loss = step_loss(outputs, totals, args)
         # DDP and FSDP average gradients over ranks; times world_size it is a global sum / count.
         run.scaler.scale(loss * run.world_size).backward()
         state.train_metrics.update(**{k: v.detach() if torch.is_tensor(v) else v

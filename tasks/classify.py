@@ -23,7 +23,8 @@ from optimizer import check_lr_args
 from losses import masked_cross_entropy
 from metrics import (ClassificationMetrics, PerClassMetrics, class_name, format_per_class,
                      format_table)
-from backbone import DEFAULT_PROMPT, load_backbone, say
+from backbone import DEFAULT_PROMPT, load_backbone
+from logs import say
 from model import (CLASSIFIER_FILE, HEAD_FILE, POOLINGS, LabelSpace, MaskedClassifier,
                    classify, load_classifier, read_classifier_info, save_classifier,
                    set_trainable)

@@ -34,8 +34,9 @@ from safetensors.torch import load_file
 
 from dataset import DataError, EpochSampler, ignore_stop_signals, worker_options
 from sources import json_items, parse_spec, raise_data_errors
-from backbone import LOADING, build_empty, eval_mode, from_pretrained, restore_modes, say
+from backbone import LOADING, build_empty, eval_mode, from_pretrained, restore_modes
 from files import write_file
+from logs import say
 from preprocess import to_8bit
 from tasks.latent import load_codec
 from weights import model_weights, write_pretrained, write_safetensors
