@@ -1,5 +1,5 @@
 """Train one masked classifier over several mixed image datasets (--task classify), or one
-unified text + image generation model with a joint loss (--task generate, see tasks/unified.py).
+unified text + image generation model with a joint loss (--task generate, see tasks/generate/).
 
     python train.py --config configs/demo.yaml
     python train.py --config configs/demo_generate.yaml

@@ -6,7 +6,8 @@ task is one module and one line below.
 """
 import os
 
-from tasks import autoencoder, classify, generate
+from tasks import autoencoder, classify
+from tasks.generate import task as generate
 from tasks.base import complete
 
 TASKS = {}

@@ -33,7 +33,7 @@ from tasks.latent import autoencoder_class, downsampling, load_autoencoder
 from metrics import PerDatasetSums
 from backbone import eval_mode, restore_modes
 from sources import INDEX_DIR, read_records
-from tasks.unified import read_image, save_grid
+from tasks.images import read_image, save_grid
 from weights import model_weights, write_safetensors
 
 NAME = "autoencoder"

@@ -1,10 +1,11 @@
-"""--task generate: one unified text + image generation model with a joint loss (tasks/unified.py).
+"""--task generate: one unified text + image generation model with a joint loss (its parts: the
+modules beside this one).
 
 The functions of every task module (tasks/base.py). A batch's targets are its samples, its
 target text tokens and its noised image tokens; the step loss is
   text_loss_weight * (CE summed over target text tokens / their global count)
   + image_loss_weight * (patch-mean MSE summed over noised image tokens / their global count).
-With --vae the image tokens are patches of the frozen VAE's latents (unified.encode_latent_batch).
+With --vae the image tokens are patches of the frozen VAE's latents (model.encode_latent_batch).
 """
 import os
 from dataclasses import dataclass
@@ -14,14 +15,25 @@ import torch
 from checkpoint import resolve_resume
 from distributed import all_reduce_sum
 from ema import plain_metric
-from tasks.latent import load_codec
 from metrics import GenerationMetrics, format_generation
 from model import load_classifier
-from tasks.unified import (SPEC_FILE, WEIGHTS_FILE, ImageSpec, UnifiedModel, check_image_spec,
-                           check_pack_tokens, generate_images, generate_text, load_image,
-                           load_language_model, load_unified, make_generation_loader,
-                           read_generation_files, read_unified_info, save_grid, save_unified,
-                           target_counts, to_pil, unified_losses)
+from tasks.generate.batches import check_pack_tokens, make_generation_loader, target_counts
+from tasks.generate.model import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    UnifiedModel,
+    check_image_spec,
+    load_language_model,
+    load_unified,
+    read_unified_info,
+    save_unified,
+    unified_losses,
+)
+from tasks.generate.patches import ImageSpec, load_image
+from tasks.generate.records import read_generation_files
+from tasks.generate.sampling import generate_images, generate_text
+from tasks.images import save_grid, to_pil
+from tasks.latent import load_codec
 from weights import file_map, folder_map
 
 NAME = "generate"
@@ -33,7 +45,7 @@ BEST_METRICS = ("total_loss", "text_loss", "image_loss", "text_perplexity")
 
 @dataclass
 class Data:
-    train: list  # unified.Conversation records, or None in eval.py
+    train: list  # records.Conversation records, or None in eval.py
     val: list
     partial_indices: list  # the partial evaluation uses every validation sample
     spec: ImageSpec
@@ -159,8 +171,8 @@ def build_model(args, data, dtype, meta=False):
 def loader(data, tokenizer, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
            epoch=0, persistent=False, prefetch_factor=None):
     """Training batches draw noise, t and condition dropout from (seed, epoch, sample index);
-    evaluation batches use the fixed t values of unified.EVAL_TIMES."""
-    workers = dict(persistent_workers=persistent, prefetch_factor=prefetch_factor)
+    evaluation batches use the fixed t values of batches.EVAL_TIMES."""
+    workers = {"persistent_workers": persistent, "prefetch_factor": prefetch_factor}
     if train:
         return make_generation_loader(data.train, indices, tokenizer, data.spec, batch_size,
                                       num_workers, pin_memory, data.pack_tokens, epoch=epoch,
