@@ -275,6 +275,12 @@ def build_parser():
     a("--shard_size", type=int,
       help="--dist hsdp: processes each model copy is sharded over; must divide the number of "
            "processes (default: the processes of one node, LOCAL_WORLD_SIZE)")
+    # flags several kinds of checkpoint take (each task names them in SHARED_FLAGS)
+    shared = p.add_argument_group("flags of several kinds of checkpoint").add_argument
+    shared("--datasets", nargs="+",
+           help="registry override: FILE.yaml/json or name=num_classes[:eval_ratio] ...")
+    shared("--partial", action="store_true",
+           help="evaluate only each dataset's eval_ratio subset")
     add_task_flags(p, "add_eval_flags", "{} checkpoints")
     return p
 
@@ -360,8 +366,8 @@ def evaluate_checkpoints(args, task, run_dir, todo, data, indices, key, extras, 
             prefetch_factor=args.prefetch_factor, rank=rank,
             world_size=world_size, with_predictions=bool(args.predictions or args.per_class),
             cache=cache)
-        metrics.update(task.extra_metrics(model, inputs, data, args, extras, rank, world_size,
-                                          device))
+        metrics.update(task.extra_metrics(model, inputs, data, args, extras=extras, rank=rank,
+                                          world_size=world_size, device=device))
         if rank != 0:
             continue
         scope = " (partial evaluation)" if args.partial else " (full evaluation)"

@@ -49,6 +49,7 @@ from precision import autocast
 from reporting import build_reporters
 from streaming import SPLIT_VERSION
 from tasks import TASKS
+from tasks.base import Task
 from weights import WeightsMismatch
 
 
@@ -56,7 +57,7 @@ from weights import WeightsMismatch
 class Run:
     """What the loop reads, built once before the first step."""
     args: object
-    task: object  # the task module (tasks/base.py)
+    task: Task  # tasks/base.py
     data: object  # the task's records and options
     model: object  # what the step runs: the DDP wrapper, or the FSDP2-sharded model
     raw_model: object  # the model itself (under FSDP2 the same module): evaluation runs it
@@ -566,7 +567,7 @@ def save(run, state, metrics):
         info["stream_split"] = SPLIT_VERSION
 
     def write_model(folder):
-        run.task.save_model(folder, run.raw_model, run.inputs, run.data, args, run.rank)
+        run.task.save_model(folder, run.raw_model, run.inputs, run.data, args, rank=run.rank)
 
     save_checkpoint(path, model=run.model, write_model=write_model, optimizer=run.optimizer,
                     scaler=run.scaler, info=info, rank=run.rank,
@@ -613,7 +614,8 @@ def finish(run, state, log):
         run.say(run.task.report(final_metrics, "final_eval", f"final evaluation of {evaluated}",
                                 run.data))
     if run.main_process or distributed.is_sharded(run.raw_model):
-        run.task.finish(args, run.raw_model, run.inputs, run.data, run.device, run.main_process)
+        run.task.finish(args, run.raw_model, run.inputs, run.data, device=run.device,
+                        main_process=run.main_process)
     skipped = dict(zip(run.data.names,
                        map(int, all_reduce_sum(state.skipped_images, run.device))))
     if any(skipped.values()):
