@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import transformers
 
+from logs import say, say_once
+
 # Per-shard progress bars of save_pretrained / from_pretrained would interleave with the training
 # bar.
 transformers.utils.logging.disable_progress_bar()
@@ -108,22 +110,6 @@ def attn_options(model_class, config):
         raise ValueError(f"--attn_implementation {asked}: {model_class.__name__} does not support "
                          f"it (a model without attention layers takes only eager)")
     return {"attn_implementation": asked}
-
-
-def say(message):
-    """Print once per job: loading happens on every rank."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message)
-
-
-TOLD = set()
-
-
-def say_once(message):
-    """say() a note once per process, however many folders load (eval.py's checkpoints)."""
-    if message not in TOLD:
-        TOLD.add(message)
-        say(message)
 
 
 class MissingWeights(ValueError):
@@ -734,13 +720,6 @@ def fsdp_units(backbone):
                     units.append(block)
                     inside.update(block.modules())
     return units
-
-
-def autocast(device, precision):
-    """Autocast for bf16 / fp16; a no-op context for fp32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=precision
-                          != "fp32")
 
 
 def train_mode(model):

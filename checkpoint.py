@@ -19,12 +19,10 @@ its metadata file, so it is not used).
 """
 import hashlib
 import json
-import math
 import os
 import random
 import re
 import shutil
-import warnings
 
 import numpy as np
 import torch
@@ -39,15 +37,12 @@ from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
 from files import OutputError, reason, recover_folder, swap_in, temporary, write_json
 from fingerprint import crc_of_blocks, data_changes, data_fingerprints
+from state_files import CheckpointError, load_state_files, save_state_files
 
 INFO_FILE = "training_info.json"
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "state"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be written or read; the message names the file."""
 
 
 def checkpoint_step(path):
@@ -326,57 +321,6 @@ def save_sharded_state(folder, model, optimizer):
                      {"model": model_state, "optim": optim_state["state"]})
 
 
-# DCP's safetensors writer builds each file in memory before writing it (twice the file's size):
-# what a rank holds goes into up to STATE_FILES files, none smaller than MIN_FILE_BYTES, so that
-# writing costs a small part of it, not two copies.
-STATE_FILES = 16
-MIN_FILE_BYTES = 64 << 20
-
-
-def save_state_files(path, state):
-    """torch.distributed.checkpoint (safetensors) of `state` (nested dicts of tensors, DTensor
-    shards too): every rank writes what it holds, in files of bounded size (file_indices)."""
-    with warnings.catch_warnings():  # one process without a process group is a supported case
-        warnings.filterwarnings("ignore",
-                                message=".*assuming the intent is to save in a single process")
-        dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(
-            path, fqn_to_index_mapping=file_indices(state), save_distributed=True))
-
-
-def file_indices(state):
-    """{DCP key (nested keys joined by dots): file number from 1}: consecutive tensors share a file
-    up to 1/STATE_FILES of what a rank holds (at least MIN_FILE_BYTES), sized from the global
-    shapes, so every rank computes the same numbers."""
-    sizes = {key: held_bytes(value) for key, value in flat_items(state)}
-    limit = max(MIN_FILE_BYTES, sum(sizes.values()) / STATE_FILES)
-    indices, index, used = {}, 1, 0
-    for key, size in sizes.items():
-        if used and used + size > limit:
-            index, used = index + 1, 0
-        indices[key], used = index, used + size
-    return indices
-
-
-def flat_items(state, prefix=""):
-    for key, value in state.items():
-        if isinstance(value, dict):
-            yield from flat_items(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def held_bytes(value):
-    """Bytes of a tensor as one rank holds it (a DTensor: its share of the shards)."""
-    from torch.distributed.tensor import DTensor
-    if not torch.is_tensor(value):
-        return 0
-    size = value.numel() * value.element_size()
-    if isinstance(value, DTensor):
-        size //= math.prod(n for n, p in zip(value.device_mesh.shape, value.placements)
-                           if p.is_shard())
-    return size
-
-
 def load_sharded_state(folder, model, optimizer=None, may_lack=(), say=None):
     """Load what save_sharded_state wrote into `model` (and `optimizer`), on any world size and
     wrapping. Parameters that do not train here are not read (save_sharded_state).
@@ -410,66 +354,6 @@ def load_sharded_state(folder, model, optimizer=None, may_lack=(), say=None):
             optim_state_dict={"state": state["optim"], "param_groups": optim_state["param_groups"]},
             options=TRAINED_LOAD)
     return lacking
-
-
-def load_state_files(path, state, fitting, what, may_lack=(), **options):
-    """Read what save_state_files wrote at `path` into `state` ({part: {key: tensor}}) in place,
-    on any world size and sharding. fitting: {part: its description} of the parts every tensor of
-    which must be saved, in its shape (check_fits), but for keys in `may_lack`: those not saved
-    are left out of `state` and returned. A truncated file is an error naming it."""
-    reader, saved = sharded_reader(path)
-    may_lack, lacking = set(may_lack), []
-    for part, described in fitting.items():
-        for key in [k for k in state[part] if k in may_lack and f"{part}.{k}" not in saved]:
-            del state[part][key]
-            lacking.append(key)
-        check_fits(path, saved, state[part], part, described)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore",
-                                message=".*assuming the intent is to load in a single process")
-        try:
-            dcp.load(state, storage_reader=reader, **options)
-        # a truncated shard file, a shape that does not fit
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"{path}: cannot load {what} ({reason(e)})") from None
-    return lacking
-
-
-def sharded_reader(path):
-    """(DCP reader, saved tensors' metadata) of a folder of safetensors shards; a truncated or
-    unreadable shard is an error naming the file, before torch reads any of it."""
-    from weights import read_header
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            file = os.path.join(path, name)
-            start, header = read_header(file)  # ValueError naming the file
-            need = start + max([e["data_offsets"][1] for e in header.values()
-                                if isinstance(e, dict) and "data_offsets" in e], default=0)
-            if os.path.getsize(file) < need:
-                raise CheckpointError(f"{file}: truncated ({os.path.getsize(file)} bytes, its "
-                                      f"header needs {need})")
-    reader = dcp.HuggingFaceStorageReader(path)
-    try:
-        return reader, reader.read_metadata().state_dict_metadata
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"{path}: cannot read the sharded state ({reason(e)})") from None
-
-
-def check_fits(path, saved, state, prefix, what):
-    """Refuse, in one line, a saved state that lacks a tensor of `state` or holds it in another
-    shape (a changed --label_space, --num_labels, model, ...)."""
-    missing = [k for k in state if f"{prefix}.{k}" not in saved]
-    if missing:
-        raise CheckpointError(f"{path} does not fit {what}: {len(missing)} tensor(s) are "
-                              f"missing, e.g. {missing[:3]}")
-    wrong = [f"{k} {list(saved[f'{prefix}.{k}'].size)} saved, {list(v.shape)} here"
-             for k, v in state.items() if hasattr(v, "shape") and
-             hasattr(saved[f"{prefix}.{k}"], "size") and
-             list(saved[f"{prefix}.{k}"].size) != list(v.shape)]
-    if wrong:
-        raise CheckpointError(f"{path} does not fit {what}: {len(wrong)} tensor(s) have another "
-                              f"shape, e.g. {'; '.join(wrong[:2])} (a changed --label_space, "
-                              "--num_labels or model?)")
 
 
 def save_checkpoint(path, *, model, write_model, optimizer, scaler, info, rank, train_window,

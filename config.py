@@ -62,13 +62,19 @@ def loader_workers(args, say, kept, device=None):
 
 def add_task_flags(parser, hook, title="--task {}"):
     """Each task's own flags (its `hook`: add_flags for train.py, add_eval_flags for eval.py), in
-    a help section per task; parser.task_flags records which task registered each flag."""
+    a help section per task. parser.task_flags records the tasks that read a flag not every task
+    reads, in registry order: a task's own flag its task, a general flag the tasks that name it
+    in SHARED_FLAGS."""
     parser.task_flags = {}
     for task in TASKS.values():
         known = {action.dest for action in parser._actions}
         getattr(task, hook)(parser.add_argument_group(title.format(task.NAME)))
-        parser.task_flags.update({action.dest: task.NAME for action in parser._actions
+        parser.task_flags.update({action.dest: (task.NAME,) for action in parser._actions
                                   if action.dest not in known})
+    general = {action.dest for action in parser._actions} - set(parser.task_flags)
+    for task in TASKS.values():
+        for name in sorted(task.SHARED_FLAGS & general):
+            parser.task_flags[name] = parser.task_flags.get(name, ()) + (task.NAME,)
 
 
 def repeated_aliases(parser, argv):
@@ -99,20 +105,21 @@ def given_flags(args, defaults):
 
 
 def flag_errors(args, parser, task, given, needs):
-    """One check of the flags given, for train.py and eval.py alike: none registered by another
-    task (unless `task` borrows it), and none that cannot act under the other flags (`needs`:
-    flag -> (what it needs, test of args), the general table and the task's). Returns the error
-    text, or None."""
-    foreign = {}  # owner -> its flags given
+    """One check of the flags given, for train.py and eval.py alike: none that `task` does not read
+    (another task's, or a shared one it does not name), and none that cannot act under the other
+    flags (`needs`: flag -> (what it needs, test of args), the general table and the task's).
+    Returns the error text, or None."""
+    foreign = {}  # the first task that reads them -> the flags given
     for name in sorted(given):
-        owner = parser.task_flags.get(name)
-        if owner not in (None, task.NAME) and name not in task.BORROWED_FLAGS:
-            foreign.setdefault(owner, []).append(name)
+        readers = parser.task_flags.get(name, (task.NAME,))  # a general flag: every task
+        if task.NAME not in readers:
+            foreign.setdefault(readers[0], []).append(name)
     errors = [f"{', '.join('--' + n for n in names)}: for --task {owner}, not {task.NAME}"
               for owner, names in foreign.items()]
     inert = {}  # what is missing -> the flags given that need it
     for name, (what, holds) in needs.items():
-        if name in given and parser.task_flags.get(name) in (None, task.NAME) and not holds(args):
+        if (name in given and task.NAME in parser.task_flags.get(name, (task.NAME,))
+                and not holds(args)):
             inert.setdefault(what, []).append(name)
     errors += [f"{', '.join('--' + n for n in names)}: no effect without {what}"
                for what, names in inert.items()]
@@ -183,6 +190,16 @@ def build_parser(description=None):
         "a collective waiting longer than this on another process fails (a dead rank cannot hang "
         "the job)"
     )
+    # flags several tasks read (each names them in SHARED_FLAGS; refused under the others)
+    shared = p.add_argument_group("flags of several tasks").add_argument
+    shared("--datasets", nargs="+",
+           help="registry: FILE.yaml/json, or name=num_classes[:eval_ratio] ...")
+    shared("--mix_temperature", type=float,
+           help="dataset share per epoch proportional to n^(1/T) (1: by size, large: uniform); "
+                "or give sampling_weight in the registry")
+    shared("--image_size", type=int, default=32, help="images are resized to this square size")
+    shared("--image_channels", type=int, choices=[1, 3], default=3,
+           help="1 (grayscale) or 3 (RGB)")
     add_task_flags(p, "add_flags")
     a("--train_data", "--train_jsonl", nargs="+", metavar="SPEC",
       help="training data: FILE.jsonl (each line names its dataset; --task generate: JSON too) "

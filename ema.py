@@ -29,6 +29,8 @@ from contextlib import contextmanager
 
 import torch
 
+from state_files import load_state_files, save_state_files
+
 EMA_DIR = "ema_state"
 MODEL_DIR = "ema"  # checkpoint-N/ema: the EMA model, loadable as a checkpoint of its task
 METRIC_PREFIX = "ema_"  # eval_ema_overall_accuracy, --best_metric ema_overall_accuracy
@@ -124,7 +126,6 @@ def copy_into(model, weights):
 
 def save_ema_state(folder, shadow):
     """Every process writes its shards of the shadow to folder/ema_state (safetensors, DCP)."""
-    from checkpoint import save_state_files  # checkpoint.py imports this module
     save_state_files(os.path.join(folder, EMA_DIR), {"ema": shadow})
 
 
@@ -136,7 +137,6 @@ def load_ema_state(folder, shadow, may_lack=()):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is missing: this checkpoint was written without "
                                 "--ema_decay, so its EMA cannot be resumed")
-    from checkpoint import load_state_files  # checkpoint.py imports this module
     # a copy of the dict (the same tensors, read in place): the entries it lacks leave the copy
     return load_state_files(path, {"ema": dict(shadow)}, {"ema": "this model's EMA"}, "the EMA",
                             may_lack)

@@ -42,11 +42,13 @@ from dataset import PREFETCH_FACTOR, DataError
 import distributed
 from distributed import (all_gather_objects, check_shard_size, is_sharded, mesh_shape,
                          shard_model)
-from backbone import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implementation, eval_mode,
+from backbone import (ATTN_IMPLEMENTATIONS, LOADING, check_attn_implementation, eval_mode,
                       fsdp_units, restore_modes)
 from faults import injected_fault
 from files import FileWriter, append_line, check_file_path, read_jsonl_records, write_json
 from fingerprint import data_fingerprints
+from logs import say_for
+from precision import autocast
 from sources import absolute_spec
 from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
@@ -273,6 +275,12 @@ def build_parser():
     a("--shard_size", type=int,
       help="--dist hsdp: processes each model copy is sharded over; must divide the number of "
            "processes (default: the processes of one node, LOCAL_WORLD_SIZE)")
+    # flags several kinds of checkpoint take (each task names them in SHARED_FLAGS)
+    shared = p.add_argument_group("flags of several kinds of checkpoint").add_argument
+    shared("--datasets", nargs="+",
+           help="registry override: FILE.yaml/json or name=num_classes[:eval_ratio] ...")
+    shared("--partial", action="store_true",
+           help="evaluate only each dataset's eval_ratio subset")
     add_task_flags(p, "add_eval_flags", "{} checkpoints")
     return p
 
@@ -314,7 +322,7 @@ def run(args, rank, world_size, device):
     if not args.val_files:
         raise ValueError("no validation data: give --val_data (the run was trained without any)")
     data, indices, options, summary = task.eval_data(args, targets[-1], trained_args, world_size)
-    say = print if rank == 0 else (lambda message: None)
+    say = say_for(rank)
     say(summary)
     loader_workers(args, say, "checkpoints (where the evaluation cache cannot hold the batches)",
                    device)
@@ -358,8 +366,8 @@ def evaluate_checkpoints(args, task, run_dir, todo, data, indices, key, extras, 
             prefetch_factor=args.prefetch_factor, rank=rank,
             world_size=world_size, with_predictions=bool(args.predictions or args.per_class),
             cache=cache)
-        metrics.update(task.extra_metrics(model, inputs, data, args, extras, rank, world_size,
-                                          device))
+        metrics.update(task.extra_metrics(model, inputs, data, args, extras=extras, rank=rank,
+                                          world_size=world_size, device=device))
         if rank != 0:
             continue
         scope = " (partial evaluation)" if args.partial else " (full evaluation)"

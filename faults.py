@@ -23,6 +23,14 @@ def injected_fault(point, step):
     return True
 
 
+def with_loss_fault(step_loss, step):
+    """A task's step_loss for optimizer step `step` (counted from 1): itself, or under
+    MIXTRAIN_FAULT="nan_loss:STEP" one whose loss is NaN for every micro-batch of that step."""
+    if not injected_fault("nan_loss", step):
+        return step_loss
+    return lambda *args: step_loss(*args) * float("nan")
+
+
 def catch_stop_signals():
     """SIGTERM and SIGUSR1 (Slurm's warning before a time limit) only record their name: the loop
     finishes the current step on every rank, writes a checkpoint and ends with exit code 0.

@@ -18,8 +18,10 @@ import torch
 from checkpoint import resolve_resume
 from dataset import DataError
 from files import OutputError, reason, write_file
-from tasks.unified import (SPEC_FILE, generate_images, generate_text, load_image, load_unified,
-                           save_grid, to_pil)
+from tasks.generate.model import SPEC_FILE, load_unified
+from tasks.generate.patches import load_image
+from tasks.generate.sampling import generate_images, generate_text
+from tasks.images import save_grid, to_pil
 
 
 def main(argv=None):

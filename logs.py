@@ -1,4 +1,5 @@
-"""metrics.jsonl: one JSON object per event (train, eval, best, final_eval, ...) on rank 0."""
+"""What a run logs, on rank 0 only: metrics.jsonl (one JSON object per event: train, eval, best,
+final_eval, ...) and the lines it prints (say)."""
 import json
 import os
 
@@ -6,6 +7,26 @@ import torch
 
 from files import write_text
 from reporting import close_reporters, report
+
+TOLD = set()
+
+
+def say(message):
+    """Print once per job: loading happens on every rank, RANK 0 prints."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
+
+
+def say_once(message):
+    """say() a note once per process, however many folders load (eval.py's checkpoints)."""
+    if message not in TOLD:
+        TOLD.add(message)
+        say(message)
+
+
+def say_for(rank, write=print):
+    """The say() a process of `rank` hands down: `write` on rank 0, nothing on the others."""
+    return write if rank == 0 else (lambda *a, **k: None)
 
 
 def readable(line):

@@ -1,5 +1,5 @@
 """Train one masked classifier over several mixed image datasets (--task classify), or one
-unified text + image generation model with a joint loss (--task generate, see tasks/unified.py).
+unified text + image generation model with a joint loss (--task generate, see tasks/generate/).
 
     python train.py --config configs/demo.yaml
     python train.py --config configs/demo_generate.yaml
@@ -39,15 +39,17 @@ import distributed
 from distributed import all_gather_objects, all_reduce_sum, barrier
 import ema
 from eval import EvalCache, evaluate
-from faults import TrainingError, catch_stop_signals, injected_fault
+from faults import TrainingError, catch_stop_signals, injected_fault, with_loss_fault
 from files import write_json
-from logs import JsonlLog, memory_mb
+from logs import JsonlLog, memory_mb, say_for
 from model import CLASSIFIER_FILE, read_classifier_info
-from backbone import LOADING, autocast, enable_activation_checkpointing, fsdp_units, train_mode
+from backbone import LOADING, enable_activation_checkpointing, fsdp_units, train_mode
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
+from precision import autocast
 from reporting import build_reporters
 from streaming import SPLIT_VERSION
 from tasks import TASKS
+from tasks.base import Task
 from weights import WeightsMismatch
 
 
@@ -55,7 +57,7 @@ from weights import WeightsMismatch
 class Run:
     """What the loop reads, built once before the first step."""
     args: object
-    task: object  # the task module (tasks/base.py)
+    task: Task  # tasks/base.py
     data: object  # the task's records and options
     model: object  # what the step runs: the DDP wrapper, or the FSDP2-sharded model
     raw_model: object  # the model itself (under FSDP2 the same module): evaluation runs it
@@ -78,8 +80,7 @@ class Run:
         return self.rank == 0
 
     def say(self, message):
-        if self.main_process:
-            tqdm.write(message)
+        say_for(self.rank, tqdm.write)(message)
 
     def epoch_of(self, step):
         return step / self.steps_per_epoch
@@ -169,7 +170,7 @@ def train(args, rank, world_size, device):
 
 def build_run(args, rank, world_size, device):
     """Data (every record checked), the model on its devices, the optimizer and the schedule."""
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = say_for(rank)
     task = TASKS[args.task]
     overrides = apply_overrides(args)
     for change in overrides:
@@ -222,7 +223,7 @@ def build_run(args, rank, world_size, device):
                optimizer=optimizer, scaler=scaler, device=device, rank=rank,
                world_size=world_size, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                overrides=overrides, ema=shadow, fingerprint=fingerprint, changed_flags=changed,
-               eval_cache=EvalCache(args.eval_cache_mb, tqdm.write if rank == 0 else say))
+               eval_cache=EvalCache(args.eval_cache_mb, say_for(rank, tqdm.write)))
 
 
 def check_resume_flags(args, world_size, fingerprint, say, stream):
@@ -392,15 +393,14 @@ def train_step(run, state, batches, log):
     lr = lr_at(step, args, run.total_steps)
     set_lr(run.optimizer, lr)
     window_before = state.train_metrics.sums.clone()  # a skipped step leaves the window as it was
+    step_loss = with_loss_fault(task.step_loss, step + 1)  # the reliability tests' NaN loss
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         batch = task.prepare(batch, run.data, step, i)
         set_gradient_sync(run, last=i == len(micro_batches) - 1)
         with autocast(run.device, args.precision):
             outputs = task.forward(run.model, batch, run.data, train=True)
-            loss = task.step_loss(outputs, totals, args)
-        if injected_fault("nan_loss", step + 1):
-            loss = loss * float("nan")
+            loss = step_loss(outputs, totals, args)
         # DDP and FSDP average gradients over ranks; times world_size it is a global sum / count.
         run.scaler.scale(loss * run.world_size).backward()
         state.train_metrics.update(**{k: v.detach() if torch.is_tensor(v) else v
@@ -567,7 +567,7 @@ def save(run, state, metrics):
         info["stream_split"] = SPLIT_VERSION
 
     def write_model(folder):
-        run.task.save_model(folder, run.raw_model, run.inputs, run.data, args, run.rank)
+        run.task.save_model(folder, run.raw_model, run.inputs, run.data, args, rank=run.rank)
 
     save_checkpoint(path, model=run.model, write_model=write_model, optimizer=run.optimizer,
                     scaler=run.scaler, info=info, rank=run.rank,
@@ -614,7 +614,8 @@ def finish(run, state, log):
         run.say(run.task.report(final_metrics, "final_eval", f"final evaluation of {evaluated}",
                                 run.data))
     if run.main_process or distributed.is_sharded(run.raw_model):
-        run.task.finish(args, run.raw_model, run.inputs, run.data, run.device, run.main_process)
+        run.task.finish(args, run.raw_model, run.inputs, run.data, device=run.device,
+                        main_process=run.main_process)
     skipped = dict(zip(run.data.names,
                        map(int, all_reduce_sum(state.skipped_images, run.device))))
     if any(skipped.values()):

@@ -1,28 +1,29 @@
 """The tasks train.py and eval.py run, chosen once by name (--task) or by a checkpoint's files.
 
-A task is one module of functions (tasks/base.py lists them, and holds the defaults of those a
-task may leave out); the loop and eval.py call only these, so neither branches on the task. A new
-task is one module and one line below.
+A task is a subclass of tasks.base.Task; the loop and eval.py call only its methods, so neither
+branches on the task. A new task is one subclass and one line below.
 """
 import os
 
-from tasks import autoencoder, classify, generate
-from tasks.base import complete
+from tasks.autoencoder import AutoencoderTask
+from tasks.base import Task, check_task
+from tasks.classify import ClassifyTask
+from tasks.generate.task import GenerateTask
 
-TASKS = {}
-
-
-def register(module):
-    """Add a task module (checked, with its missing optional functions filled in)."""
-    TASKS[complete(module).NAME] = module
-    return module
+TASKS: dict[str, Task] = {}
 
 
-for _task in (classify, generate, autoencoder):
+def register(task_class: type[Task]) -> type[Task]:
+    """Add a task (checked: it defines what tasks/base.py requires), one instance under its NAME."""
+    TASKS[check_task(task_class).NAME] = task_class()
+    return task_class
+
+
+for _task in (ClassifyTask, GenerateTask, AutoencoderTask):
     register(_task)
 
 
-def task_of_checkpoint(folder):
+def task_of_checkpoint(folder: str) -> Task | None:
     """The task whose model file the checkpoint folder holds, or None."""
     for task in TASKS.values():
         if os.path.isfile(os.path.join(folder, task.MODEL_FILE)):

@@ -2,8 +2,8 @@
 built from a preset or fine-tuned from a folder, on the images of the classifier's or the
 generator's record files; its checkpoints are AutoencoderKL folders that --vae takes.
 
-The functions of every task module (tasks/base.py). A batch's targets are its samples; the
-loss of a sample is
+AutoencoderTask overrides what differs from tasks/base.py's defaults. A batch's targets are its
+samples; the loss of a sample is
   recon + kl_weight * KL
   recon: mean over its pixel values of |x - x_hat| (--recon_loss l1) or (x - x_hat)^2 (mse)
   KL:    KL(q(z | x) || N(0, I)) summed over its latent values, divided by its number of pixel
@@ -22,35 +22,42 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
-from checkpoint import checkpoint_folder
-from dataset import (DataError, DatasetSpec, EpochSampler, count_per_dataset, ignore_stop_signals,
-                     load_registry, mixture_indices, partial_eval_indices, plan_epochs, summarize,
-                     worker_options)
-from ema import plain_metric
-from tasks.latent import autoencoder_class, downsampling, load_autoencoder
-from metrics import PerDatasetSums
 from backbone import eval_mode, restore_modes
+from checkpoint import checkpoint_folder
+from dataset import (
+    DataError,
+    DatasetSpec,
+    EpochSampler,
+    count_per_dataset,
+    ignore_stop_signals,
+    load_registry,
+    mixture_indices,
+    partial_eval_indices,
+    plan_epochs,
+    summarize,
+    worker_options,
+)
+from ema import plain_metric
+from metrics import PerDatasetSums
 from sources import INDEX_DIR, read_records
-from tasks.unified import read_image, save_grid
+from tasks.base import Task
+from tasks.images import read_image, save_grid
+from tasks.latent import autoencoder_class, downsampling, load_autoencoder
 from weights import model_weights, write_safetensors
 
-NAME = "autoencoder"
-MODEL_FILE = "autoencoder.json"
-DEFAULT_BEST_METRIC = "overall_psnr"
-# Flags another task registers that this one reads too (the rest of theirs it refuses).
-BORROWED_FLAGS = ("image_size", "image_channels", "mix_temperature", "datasets", "partial")
+INFO_FILE = "autoencoder.json"  # the file that marks a checkpoint of the task
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # the name AutoencoderKL.from_pretrained reads
 DEFAULT_DATASET = "images"  # the dataset of records without a dataset_name
 RUNNING_MOMENTUM = 0.01  # of the latent mean / square averages, after a plain mean at the start
 METRICS = ("loss", "recon_loss", "kl", "psnr")
 PRESETS = {
     # 0.24M parameters: the demo digits
-    "vae-tiny": dict(block_out_channels=(16, 32, 32), latent_channels=4, layers_per_block=1),
+    "vae-tiny": {"block_out_channels": (16, 32, 32), "latent_channels": 4, "layers_per_block": 1},
     # the shape of FLUX's VAE (84M parameters, 16 latent channels, 1/8 size), random init
-    "vae-flux": dict(block_out_channels=(128, 256, 512, 512), latent_channels=16,
-                     layers_per_block=2),
+    "vae-flux": {"block_out_channels": (128, 256, 512, 512), "latent_channels": 16,
+                 "layers_per_block": 2},
 }
 
 
@@ -79,16 +86,181 @@ class Data:
         return list(self.registry)
 
 
-def add_flags(parser):
-    a = parser.add_argument
-    a("--recon_loss", choices=["l1", "mse"], default="l1",
-      help="reconstruction loss, a mean over pixel values")
-    a("--kl_weight", type=float, default=1e-6,
-      help="weight of the KL to N(0, I), summed over latent values / pixel values")
-    a("--vae_channels", type=int, nargs="+",
-      help="--model preset:vae-*: channels of each encoder level (each level after the first "
-           "halves the image)")
-    a("--latent_channels", type=int, help="--model preset:vae-*: latent channels")
+class AutoencoderTask(Task):
+    """--task autoencoder: a diffusers AutoencoderKL (the module's docstring)."""
+    NAME = "autoencoder"
+    MODEL_FILE = INFO_FILE
+    DEFAULT_BEST_METRIC = "overall_psnr"
+    SHARED_FLAGS = frozenset({"datasets", "image_channels", "image_size", "mix_temperature",
+                              "partial"})
+
+    def add_flags(self, parser):
+        """train.py's flags of the autoencoder: its loss and the shape of a new VAE."""
+        a = parser.add_argument
+        a("--recon_loss", choices=["l1", "mse"], default="l1",
+          help="reconstruction loss, a mean over pixel values")
+        a("--kl_weight", type=float, default=1e-6,
+          help="weight of the KL to N(0, I), summed over latent values / pixel values")
+        a("--vae_channels", type=int, nargs="+",
+          help="--model preset:vae-*: channels of each encoder level (each level after the first "
+               "halves the image)")
+        a("--latent_channels", type=int, help="--model preset:vae-*: latent channels")
+
+    def load_data(self, args, say):
+        """Read and check every record before the first step; print the per-dataset summary."""
+        check_flags(args)
+        registry = load_registry(args.datasets) if args.datasets else {}
+        index_dir = os.path.join(args.output_dir, INDEX_DIR)
+        train = read_images(args.train_data, registry, bool(args.datasets), index_dir, say)
+        val = (read_images(args.val_data, registry, bool(args.datasets), index_dir, say)
+               if args.val_data else None)
+        check_best_metric(args, list(registry))
+        partial, shares = plan_epochs(registry, train, val, args, say, "images")
+        return Data(registry, train, val, partial, args.recon_loss, args.kl_weight, shares)
+
+    def build_model(self, args, data, dtype, meta=False):
+        """(model, backbone, inputs): the Autoencoder, its AutoencoderKL, and the batch's shape.
+        Built whole even with meta: weight_sources says its files are read whole."""
+        if args.model.startswith("preset:"):
+            vae = autoencoder_class("--task autoencoder")(**vae_config(args))
+        else:
+            vae = load_autoencoder(args.model, "--model")
+        vae = (vae if vae.dtype == dtype else vae.to(dtype)).train()
+        f, config = downsampling(vae.config), vae.config
+        if config.in_channels != args.image_channels or config.out_channels != args.image_channels:
+            raise ValueError(f"--image_channels {args.image_channels}: --model {args.model} takes "
+                             f"{config.in_channels}-channel images")
+        if args.image_size % f:
+            raise ValueError(f"--image_size {args.image_size} is not a multiple of {f}, the "
+                             f"downsampling of --model {args.model}")
+        shape = ImageShape(args.image_size, args.image_channels, config.latent_channels,
+                           args.image_size // f)
+        return Autoencoder(vae), vae, shape
+
+    def loader(self, data, shape, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
+               epoch=0, persistent=False, prefetch_factor=None):
+        """Images of data.train (with their latents' noise) or data.val at `indices`."""
+        records = data.train if train else data.val
+        return torch.utils.data.DataLoader(
+            ImageNoiseDataset(records, shape, seed, train), batch_size=batch_size,
+            sampler=EpochSampler(indices, epoch), num_workers=num_workers, pin_memory=pin_memory,
+            worker_init_fn=ignore_stop_signals,
+            **worker_options(num_workers, persistent, prefetch_factor))
+
+    def epoch_order(self, data, epoch, args, rank, world_size):
+        """This rank's sample order of one epoch: by size, or drawn with the mixture's shares."""
+        return mixture_indices(data.train.dataset_ids, data.shares, epoch, args.seed,
+                               shuffle=not args.no_shuffle, rank=rank, world_size=world_size)
+
+    def forward(self, model, batch, data, train):
+        """Per-sample loss, reconstruction loss, KL and PSNR; the latents for their statistics."""
+        x = batch["pixel_values"]
+        recon, mean, logvar = model(x, batch["noise"] if train else None)
+        error = recon.float() - x.float()
+        recon_loss = (error.abs() if data.recon_loss == "l1" else error.pow(2)).flatten(1).mean(1)
+        kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float())
+        kl = kl.flatten(1).sum(1) / x[0].numel()
+        mse = (recon.float().clamp(-1, 1) - x.float()).pow(2).flatten(1).mean(1)
+        psnr = 10 * torch.log10(4 / mse.clamp_min(1e-10))
+        return {"losses": recon_loss + data.kl_weight * kl, "recon": recon_loss, "kl": kl,
+                "psnr": psnr, "latents": mean, "dataset_ids": batch["dataset_ids"]}
+
+    def new_metrics(self, data, args, device):
+        """Per-dataset loss, reconstruction loss, KL and PSNR, and the latents' statistics."""
+        return AutoencoderMetrics(data.names, device)
+
+    def report(self, metrics, prefix, title, data):
+        """A row per dataset and overall; the latents' mean and std."""
+        rows = [n for n in [*data.names, "overall"] if f"{prefix}_{n}_samples" in metrics]
+        width = max(len(r) for r in rows + ["dataset"])
+        lines = [title, (f"  {'dataset':<{width}}  {'loss':>8}  {'recon':>8}  {'kl':>8}  "
+                         f"{'psnr (dB)':>9}  {'samples':>9}")]
+        for n in rows:
+            lines.append(f"  {n:<{width}}  {metrics[f'{prefix}_{n}_loss']:8.4f}  "
+                         f"{metrics[f'{prefix}_{n}_recon_loss']:8.4f}  "
+                         f"{metrics[f'{prefix}_{n}_kl']:8.4f}  "
+                         f"{metrics[f'{prefix}_{n}_psnr']:9.2f}  "
+                         f"{metrics[f'{prefix}_{n}_samples']:9,}")
+        if f"{prefix}_overall_latent_std" in metrics:
+            mean, std = (metrics[f"{prefix}_overall_latent_{m}"] for m in ("mean", "std"))
+            lines.append(f"  latents (posterior means): mean {mean:.4f}, std {std:.4f}")
+        return "\n".join(lines)
+
+    def progress(self, metrics, prefix):
+        """What the progress bar shows."""
+        return {"loss": f"{metrics[f'{prefix}_overall_loss']:.4f}",
+                "psnr": f"{metrics[f'{prefix}_overall_psnr']:.2f}"}
+
+    # ------------------------------------------------------------------------- model files
+
+    def save_model(self, folder, model, shape, data, args, *, rank):
+        """The AutoencoderKL as save_pretrained writes it (config.json with the measured latent
+        scaling, diffusion_pytorch_model.safetensors): a folder --vae and from_pretrained take; and
+        autoencoder.json. Every process calls it (model: as it holds it, FSDP2 shards too)."""
+        scale, shift = model.latent_scaling()
+        model.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        write_safetensors(os.path.join(folder, WEIGHTS_FILE), model_weights(model.vae), rank,
+                          {"format": "pt"})
+        if rank != 0:
+            return
+        model.vae.save_config(folder)
+        info = {"image_size": shape.size, "image_channels": shape.channels,
+                "recon_loss": data.recon_loss, "kl_weight": data.kl_weight,
+                "datasets": {n: {"eval_ratio": s.eval_ratio} for n, s in data.registry.items()}}
+        with open(os.path.join(folder, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=2)
+
+    def load_model(self, folder, meta=False):
+        """(Autoencoder, ImageShape, info) of a checkpoint folder; the running averages start from
+        its config's scaling."""
+        info = read_info(folder)
+        vae = load_autoencoder(folder, "checkpoint")
+        model = Autoencoder(vae)
+        config = vae.config
+        std, mean = 1 / config.scaling_factor, config.shift_factor or 0.0
+        model.latent_moments.copy_(torch.tensor([1.0, mean, std ** 2 + mean ** 2]))
+        f = downsampling(config)
+        shape = ImageShape(info["image_size"], info["image_channels"], config.latent_channels,
+                           info["image_size"] // f)
+        return model, shape, info
+
+    def eval_data(self, args, folder, trained_args, world_size):
+        """Data for eval.py: the checkpoint's datasets (or --datasets) and loss settings."""
+        info = read_info(folder)
+        fixed = bool(args.datasets)
+        registry = (load_registry(args.datasets) if fixed else
+                    {n: DatasetSpec(n, 1, d["eval_ratio"]) for n, d in info["datasets"].items()})
+        val = read_images(args.val_files, registry, fixed,
+                          os.path.join(os.path.dirname(checkpoint_folder(folder)), INDEX_DIR))
+        seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
+        indices = (partial_eval_indices(val, registry, seed) if args.partial
+                   else list(range(len(val))))
+        data = Data(registry, None, val, indices, info["recon_loss"], info["kl_weight"])
+        summary = summarize(count_per_dataset(val, len(registry), indices), registry,
+                            "evaluation images")
+        key = ["autoencoder", {n: s.eval_ratio for n, s in registry.items()}, info["recon_loss"],
+               info["kl_weight"], args.partial, seed]
+        return data, indices, key, summary
+
+    @torch.no_grad()
+    def finish(self, args, model, shape, data, *, device, main_process):
+        """reconstructions.png: up to 8 validation images over their reconstructions (posterior
+        mean) by the evaluated weights; and the latent scaling the checkpoints carry."""
+        scale, shift = model.latent_scaling()
+        if main_process:
+            print(f"latent scaling of the last weights: scaling_factor {scale:.4f}, shift_factor "
+                  f"{shift:.4f} (written into each checkpoint's config.json)")
+        if not data.val:
+            return
+        dataset = ImageNoiseDataset(data.val, shape, train=False)
+        images = torch.stack([dataset[i]["pixel_values"] for i in range(min(8, len(data.val)))])
+        modes = eval_mode(model)
+        recon = model(images.to(device))[0].float().clamp(-1, 1).cpu()
+        restore_modes(modes)
+        if main_process:
+            path = os.path.join(args.output_dir, "reconstructions.png")
+            save_grid(torch.cat([images, recon]), path, len(images))
+            print(f"reconstructions written to {path} (top: validation images, bottom: decoded)")
 
 
 def check_flags(args):
@@ -142,19 +314,6 @@ def read_images(specs, registry, fixed, index_dir, say=print):
     outside `registry` are errors; else they are added to it."""
     return read_records(specs, registry, labelled=False, fixed=fixed, jsonl_record=image_record,
                         index_dir=index_dir, say=say)
-
-
-def load_data(args, say):
-    """Read and check every record before the first step; print the per-dataset summary."""
-    check_flags(args)
-    registry = load_registry(args.datasets) if args.datasets else {}
-    index_dir = os.path.join(args.output_dir, INDEX_DIR)
-    train = read_images(args.train_data, registry, bool(args.datasets), index_dir, say)
-    val = (read_images(args.val_data, registry, bool(args.datasets), index_dir, say)
-           if args.val_data else None)
-    check_best_metric(args, list(registry))
-    partial, shares = plan_epochs(registry, train, val, args, say, "images")
-    return Data(registry, train, val, partial, args.recon_loss, args.kl_weight, shares)
 
 
 # ----------------------------------------------------------------------------- model
@@ -220,26 +379,6 @@ def vae_config(args):
                 scaling_factor=1.0, shift_factor=0.0)
 
 
-def build_model(args, data, dtype, meta=False):
-    """(model, backbone, inputs): the Autoencoder, its AutoencoderKL, and the batch's shape.
-    Built whole even with meta: weight_sources says its files are read whole."""
-    if args.model.startswith("preset:"):
-        vae = autoencoder_class("--task autoencoder")(**vae_config(args))
-    else:
-        vae = load_autoencoder(args.model, "--model")
-    vae = (vae if vae.dtype == dtype else vae.to(dtype)).train()
-    f, config = downsampling(vae.config), vae.config
-    if config.in_channels != args.image_channels or config.out_channels != args.image_channels:
-        raise ValueError(f"--image_channels {args.image_channels}: --model {args.model} takes "
-                         f"{config.in_channels}-channel images")
-    if args.image_size % f:
-        raise ValueError(f"--image_size {args.image_size} is not a multiple of {f}, the "
-                         f"downsampling of --model {args.model}")
-    shape = ImageShape(args.image_size, args.image_channels, config.latent_channels,
-                       args.image_size // f)
-    return Autoencoder(vae), vae, shape
-
-
 class ImageNoiseDataset(torch.utils.data.Dataset):
     """One image in [-1, 1] (and, for training, the noise of its latent, drawn from (seed, epoch,
     index): the same for any batch size, world size or resume point). Keys are (index, epoch)
@@ -267,35 +406,6 @@ class ImageNoiseDataset(torch.utils.data.Dataset):
             item["noise"] = torch.randn(s.latent_channels, s.latent_size, s.latent_size,
                                         generator=g)
         return item
-
-
-def loader(data, shape, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
-           epoch=0, persistent=False, prefetch_factor=None):
-    records = data.train if train else data.val
-    return torch.utils.data.DataLoader(
-        ImageNoiseDataset(records, shape, seed, train), batch_size=batch_size,
-        sampler=EpochSampler(indices, epoch), num_workers=num_workers, pin_memory=pin_memory,
-        worker_init_fn=ignore_stop_signals,
-        **worker_options(num_workers, persistent, prefetch_factor))
-
-
-def epoch_order(data, epoch, args, rank, world_size):
-    return mixture_indices(data.train.dataset_ids, data.shares, epoch, args.seed,
-                           shuffle=not args.no_shuffle, rank=rank, world_size=world_size)
-
-
-def forward(model, batch, data, train):
-    """Per-sample loss, reconstruction loss, KL and PSNR; the latents for their statistics."""
-    x = batch["pixel_values"]
-    recon, mean, logvar = model(x, batch["noise"] if train else None)
-    error = recon.float() - x.float()
-    recon_loss = (error.abs() if data.recon_loss == "l1" else error.pow(2)).flatten(1).mean(1)
-    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float())
-    kl = kl.flatten(1).sum(1) / x[0].numel()
-    mse = (recon.float().clamp(-1, 1) - x.float()).pow(2).flatten(1).mean(1)
-    psnr = 10 * torch.log10(4 / mse.clamp_min(1e-10))
-    return {"losses": recon_loss + data.kl_weight * kl, "recon": recon_loss, "kl": kl,
-            "psnr": psnr, "latents": mean, "dataset_ids": batch["dataset_ids"]}
 
 
 class AutoencoderMetrics(PerDatasetSums):
@@ -334,110 +444,10 @@ class AutoencoderMetrics(PerDatasetSums):
         return out
 
 
-def new_metrics(data, args, device):
-    return AutoencoderMetrics(data.names, device)
-
-
-def report(metrics, prefix, title, data):
-    rows = [n for n in [*data.names, "overall"] if f"{prefix}_{n}_samples" in metrics]
-    width = max(len(r) for r in rows + ["dataset"])
-    lines = [title, f"  {'dataset':<{width}}  {'loss':>8}  {'recon':>8}  {'kl':>8}  "
-                    f"{'psnr (dB)':>9}  {'samples':>9}"]
-    for n in rows:
-        lines.append(f"  {n:<{width}}  {metrics[f'{prefix}_{n}_loss']:8.4f}  "
-                     f"{metrics[f'{prefix}_{n}_recon_loss']:8.4f}  "
-                     f"{metrics[f'{prefix}_{n}_kl']:8.4f}  {metrics[f'{prefix}_{n}_psnr']:9.2f}  "
-                     f"{metrics[f'{prefix}_{n}_samples']:9,}")
-    if f"{prefix}_overall_latent_std" in metrics:
-        mean, std = (metrics[f"{prefix}_overall_latent_{m}"] for m in ("mean", "std"))
-        lines.append(f"  latents (posterior means): mean {mean:.4f}, std {std:.4f}")
-    return "\n".join(lines)
-
-
-def progress(metrics, prefix):
-    return {"loss": f"{metrics[f'{prefix}_overall_loss']:.4f}",
-            "psnr": f"{metrics[f'{prefix}_overall_psnr']:.2f}"}
-
-
-# ----------------------------------------------------------------------------- model files
-
-def save_model(folder, model, shape, data, args, rank):
-    """The AutoencoderKL as save_pretrained writes it (config.json with the measured latent
-    scaling, diffusion_pytorch_model.safetensors): a folder --vae and from_pretrained take; and
-    autoencoder.json. Every process calls it (model: as it holds it, FSDP2 shards too)."""
-    scale, shift = model.latent_scaling()
-    model.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-    write_safetensors(os.path.join(folder, WEIGHTS_FILE), model_weights(model.vae), rank,
-                      {"format": "pt"})
-    if rank != 0:
-        return
-    model.vae.save_config(folder)
-    info = {"image_size": shape.size, "image_channels": shape.channels,
-            "recon_loss": data.recon_loss, "kl_weight": data.kl_weight,
-            "datasets": {n: {"eval_ratio": s.eval_ratio} for n, s in data.registry.items()}}
-    with open(os.path.join(folder, MODEL_FILE), "w") as f:
-        json.dump(info, f, indent=2)
-
-
 def read_info(folder):
-    path = os.path.join(folder, MODEL_FILE)
+    path = os.path.join(folder, INFO_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} is not an autoencoder checkpoint: {MODEL_FILE} is "
+        raise FileNotFoundError(f"{folder} is not an autoencoder checkpoint: {INFO_FILE} is "
                                 "missing")
     with open(path) as f:
         return json.load(f)
-
-
-def load_model(folder, meta=False):
-    """(Autoencoder, ImageShape, info) of a checkpoint folder; the running averages start from
-    its config's scaling."""
-    info = read_info(folder)
-    vae = load_autoencoder(folder, "checkpoint")
-    model = Autoencoder(vae)
-    config = vae.config
-    std, mean = 1 / config.scaling_factor, config.shift_factor or 0.0
-    model.latent_moments.copy_(torch.tensor([1.0, mean, std ** 2 + mean ** 2]))
-    f = downsampling(config)
-    shape = ImageShape(info["image_size"], info["image_channels"], config.latent_channels,
-                       info["image_size"] // f)
-    return model, shape, info
-
-
-def eval_data(args, folder, trained_args, world_size):
-    """Data for eval.py: the checkpoint's datasets (or --datasets) and loss settings."""
-    info = read_info(folder)
-    fixed = bool(args.datasets)
-    registry = (load_registry(args.datasets) if fixed else
-                {n: DatasetSpec(n, 1, d["eval_ratio"]) for n, d in info["datasets"].items()})
-    val = read_images(args.val_files, registry, fixed,
-                      os.path.join(os.path.dirname(checkpoint_folder(folder)), INDEX_DIR))
-    seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
-    indices = (partial_eval_indices(val, registry, seed) if args.partial
-               else list(range(len(val))))
-    data = Data(registry, None, val, indices, info["recon_loss"], info["kl_weight"])
-    summary = summarize(count_per_dataset(val, len(registry), indices), registry,
-                        "evaluation images")
-    key = ["autoencoder", {n: s.eval_ratio for n, s in registry.items()}, info["recon_loss"],
-           info["kl_weight"], args.partial, seed]
-    return data, indices, key, summary
-
-
-@torch.no_grad()
-def finish(args, model, shape, data, device, main_process):
-    """reconstructions.png: up to 8 validation images over their reconstructions (posterior
-    mean) by the evaluated weights; and the latent scaling the checkpoints carry."""
-    scale, shift = model.latent_scaling()
-    if main_process:
-        print(f"latent scaling of the last weights: scaling_factor {scale:.4f}, shift_factor "
-              f"{shift:.4f} (written into each checkpoint's config.json)")
-    if not data.val:
-        return
-    dataset = ImageNoiseDataset(data.val, shape, train=False)
-    images = torch.stack([dataset[i]["pixel_values"] for i in range(min(8, len(data.val)))])
-    modes = eval_mode(model)
-    recon = model(images.to(device))[0].float().clamp(-1, 1).cpu()
-    restore_modes(modes)
-    if main_process:
-        path = os.path.join(args.output_dir, "reconstructions.png")
-        save_grid(torch.cat([images, recon]), path, len(images))
-        print(f"reconstructions written to {path} (top: validation images, bottom: decoded)")

@@ -276,7 +276,7 @@ def tiny_lm(tmp_path_factory):
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from tasks.unified import byte_tokenizer
+    from tasks.generate.model import byte_tokenizer
     folder = tmp_path_factory.mktemp("tiny_lm")
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)

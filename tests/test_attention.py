@@ -8,8 +8,10 @@ import torch
 import train
 from conftest import train_args
 from backbone import LOADING, check_attn_implementation, load_backbone
-from tasks.unified import (GenerationDataset, ImageSpec, UnifiedModel, collate_sequences,
-                           load_language_model, read_generation_files, unified_losses)
+from tasks.generate.batches import GenerationDataset, collate_sequences
+from tasks.generate.model import UnifiedModel, load_language_model, unified_losses
+from tasks.generate.patches import ImageSpec
+from tasks.generate.records import read_generation_files
 
 
 @pytest.fixture

@@ -9,10 +9,12 @@ import torch
 
 import train
 from conftest import assert_same_adam_steps, killed_after, read_jsonl, run_script, write_jsonl
-from tasks.unified import (ImageSpec, Turn, UnifiedModel, assemble, build_attention_mask,
-                           build_parts, collate_sequences, euler_sample, load_image,
-                           load_language_model, read_generation_files, target_counts,
-                           unified_losses, GenerationDataset)
+from tasks.generate.batches import GenerationDataset, collate_sequences, target_counts
+from tasks.generate.model import UnifiedModel, load_language_model, unified_losses
+from tasks.generate.patches import ImageSpec, load_image
+from tasks.generate.records import Turn, read_generation_files
+from tasks.generate.sampling import euler_sample
+from tasks.generate.sequences import assemble, build_attention_mask, build_parts
 
 SPEC = ImageSpec(image_size=8, patch_size=2, channels=1)  # 16 tokens of 4 values per digit
 

@@ -8,11 +8,14 @@ import torch
 
 from conftest import read_jsonl, write_jsonl
 from dataset import DataError
-from tasks.unified import (GenerationDataset, ImageSpec, UnifiedModel, assemble, build_parts,
-                           check_pack_tokens, collate_packed, collate_sequences, generate_images,
-                           generate_text, greedy_decode, load_image, load_language_model, pack_rows,
-                           padding_share, make_generation_loader, read_generation_files,
-                           sample_length, target_counts, unified_losses)
+from tasks.generate.batches import (GenerationDataset, check_pack_tokens, collate_packed,
+                                    collate_sequences, make_generation_loader, pack_rows,
+                                    padding_share, target_counts)
+from tasks.generate.model import UnifiedModel, load_language_model, unified_losses
+from tasks.generate.patches import ImageSpec, load_image
+from tasks.generate.records import read_generation_files
+from tasks.generate.sampling import generate_images, generate_text, greedy_decode
+from tasks.generate.sequences import assemble, build_parts, sample_length
 
 SPEC = ImageSpec(image_size=8, patch_size=2, channels=1)  # 16 tokens of 4 values per digit
 FP32_EPS = torch.finfo(torch.float32).eps

@@ -185,7 +185,7 @@ def test_a_16bit_png_decodes_to_its_8bit_values_not_white(tmp_path):
     fast.write(out)
     for channel in range(3):
         assert np.array_equal(out[channel], expected)
-    from tasks.unified import read_image  # the generator's and autoencoder's path
+    from tasks.images import read_image  # the generator's and autoencoder's path
     grey = read_image(str(path), 8, 1)
     with Image.open(path) as im:
         resized = np.asarray(to_rgb(im).convert("L").resize((8, 8), Image.BICUBIC))

@@ -12,9 +12,12 @@ pytest.importorskip("diffusers")
 import train  # noqa: E402
 from conftest import read_jsonl, save_tiny_vae, write_jsonl  # noqa: E402
 from tasks.latent import load_codec  # noqa: E402
-from tasks.unified import (ImageSpec, UnifiedModel, encode_latent_batch, load_image,  # noqa: E402
-                           load_language_model, make_generation_loader, patchify,
-                           read_generation_files, read_image, unified_losses, unpatchify)
+from tasks.generate.batches import make_generation_loader
+from tasks.generate.model import (UnifiedModel, encode_latent_batch, load_language_model,
+                                  unified_losses)
+from tasks.generate.patches import ImageSpec, load_image, patchify, unpatchify
+from tasks.generate.records import read_generation_files
+from tasks.images import read_image
 
 SCALE, SHIFT = 2.0, -0.5  # far from 1 and 0: a latent left unscaled shows in every check
 

@@ -350,7 +350,7 @@ def test_a_run_mixing_three_layouts_trains_resumes_and_evaluates_as_its_jsonl(
 
 def test_the_autoencoder_and_the_generator_read_through_the_same_readers(layouts):
     from tasks.autoencoder import ImageNoiseDataset, ImageShape, read_images
-    from tasks.unified import read_generation_files
+    from tasks.generate.records import read_generation_files
     registry = {}
     mixed = read_images(layouts["specs"]["val"], registry, False, None)
     plain = read_images([layouts["val_jsonl"]], {}, False, None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import MIN_FILE_BYTES, STATE_FILES, file_indices, held_bytes
+from state_files import MIN_FILE_BYTES, STATE_FILES, file_indices, held_bytes
 from weights import Derived, model_weights, read_header, write_pretrained, write_safetensors
 
 

@@ -1,30 +1,27 @@
-"""The task contract (tasks/base.py): a fourth task is one module and one registry line, and the
-loop, checkpoints, resume and eval.py run it unchanged. The module below is what a user writes:
-regress each image's mean brightness with a Hugging Face ResNet and a linear head."""
+"""The task contract (tasks/base.py): a fourth task is one subclass of Task and one registry line,
+and the loop, checkpoints, resume and eval.py run it unchanged. The class below is what a user
+writes: regress each image's mean brightness with a Hugging Face ResNet and a linear head."""
 import json
 import os
 import shutil
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn as nn
+from conftest import read_jsonl
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import eval as eval_script
 import tasks
 import train
 from backbone import load_backbone
-from conftest import read_jsonl
 from dataset import load_registry, make_loader
 from sources import read_records
+from tasks.base import Task
+
 
 # ----------------------------------------------------------------------------- the new task
-NAME, MODEL_FILE, BORROWED_FLAGS = "brightness", "brightness.json", ("datasets",)
-
-
 class Regressor(nn.Module):
     def __init__(self, backbone):
         super().__init__()
@@ -34,63 +31,61 @@ class Regressor(nn.Module):
         return self.head(self.backbone(pixel_values=pixel_values).pooler_output.flatten(1))[:, 0]
 
 
-def load_data(args, say):
-    registry = load_registry(args.datasets)
-    val = read_records(args.val_data, registry) if args.val_data else None
-    return SimpleNamespace(names=list(registry), registry=registry, val=val,
-                           train=read_records(args.train_data, registry),
-                           partial_indices=list(range(len(val))) if val else [])
+class Brightness(Task):
+    NAME, MODEL_FILE, SHARED_FLAGS = "brightness", "brightness.json", frozenset({"datasets"})
 
+    def load_data(self, args, say):
+        registry = load_registry(args.datasets)
+        val = read_records(args.val_data, registry) if args.val_data else None
+        return SimpleNamespace(names=list(registry), registry=registry, val=val,
+                               train=read_records(args.train_data, registry),
+                               partial_indices=list(range(len(val))) if val else [])
 
-def build_model(args, data, dtype, meta=False):
-    backbone, inputs = load_backbone(args.model, args.seed, dtype)
-    return Regressor(backbone).to(dtype), backbone, inputs
+    def build_model(self, args, data, dtype, meta=False):
+        backbone, inputs = load_backbone(args.model, args.seed, dtype)
+        return Regressor(backbone).to(dtype), backbone, inputs
 
+    def loader(self, data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
+               epoch=0, persistent=False, prefetch_factor=None):
+        return make_loader(data.train if train else data.val, indices, inputs, data.names,
+                           batch_size=batch_size, num_workers=num_workers, epoch=epoch)
 
-def loader(data, inputs, indices, *, train, batch_size, num_workers, pin_memory, seed=0,
-           epoch=0, persistent=False, prefetch_factor=None):
-    return make_loader(data.train if train else data.val, indices, inputs, data.names,
-                       batch_size=batch_size, num_workers=num_workers, epoch=epoch)
+    def forward(self, model, batch, data, train):
+        target = batch["pixel_values"].float().mean(dim=(1, 2, 3))
+        return {"losses": (model(batch["pixel_values"]) - target) ** 2,
+                "dataset_ids": batch["dataset_ids"]}
 
+    def save_model(self, folder, model, inputs, data, args, *, rank):
+        model.backbone.save_pretrained(folder)
+        inputs.save_pretrained(folder)
+        save_file({f"head.{k}": v.contiguous() for k, v in model.head.state_dict().items()},
+                  os.path.join(folder, "head.safetensors"))
+        with open(os.path.join(folder, self.MODEL_FILE), "w") as f:
+            json.dump({n: vars(s) for n, s in data.registry.items()}, f)
 
-def forward(model, batch, data, train):
-    target = batch["pixel_values"].float().mean(dim=(1, 2, 3))
-    return {"losses": (model(batch["pixel_values"]) - target) ** 2,
-            "dataset_ids": batch["dataset_ids"]}
+    def load_model(self, folder, meta=False):
+        backbone, inputs = load_backbone(folder)
+        model = Regressor(backbone)
+        model.load_state_dict(load_file(os.path.join(folder, "head.safetensors")), strict=False)
+        return model, inputs, None
 
+    def eval_data(self, args, folder, trained_args, world_size):
+        with open(os.path.join(folder, self.MODEL_FILE)) as f:
+            registry = load_registry({n: {"num_classes": s["num_classes"]} for n, s in
+                                      json.load(f).items()})
+        val = read_records(args.val_files, registry)
+        data = SimpleNamespace(names=list(registry), registry=registry, train=None, val=val)
+        return data, list(range(len(val))), [self.NAME], f"{len(val)} images"
+# ----------------------------------------------------------------------------- (54 lines)
 
-def save_model(folder, model, inputs, data, args, rank):
-    model.backbone.save_pretrained(folder)
-    inputs.save_pretrained(folder)
-    save_file({f"head.{k}": v.contiguous() for k, v in model.head.state_dict().items()},
-              os.path.join(folder, "head.safetensors"))
-    with open(os.path.join(folder, MODEL_FILE), "w") as f:
-        json.dump({n: vars(s) for n, s in data.registry.items()}, f)
-
-
-def load_model(folder, meta=False):
-    backbone, inputs = load_backbone(folder)
-    model = Regressor(backbone)
-    model.load_state_dict(load_file(os.path.join(folder, "head.safetensors")), strict=False)
-    return model, inputs, None
-
-
-def eval_data(args, folder, trained_args, world_size):
-    with open(os.path.join(folder, MODEL_FILE)) as f:
-        registry = load_registry({n: {"num_classes": s["num_classes"]} for n, s in
-                                  json.load(f).items()})
-    val = read_records(args.val_files, registry)
-    data = SimpleNamespace(names=list(registry), registry=registry, train=None, val=val)
-    return data, list(range(len(val))), [NAME], f"{len(val)} images"
-# ----------------------------------------------------------------------------- (43 lines)
+NAME = Brightness.NAME
 
 
 @pytest.fixture
 def brightness_task():
-    """This module registered as a task (the one line a new task adds to tasks/__init__.py)."""
-    module = sys.modules[__name__]
-    tasks.register(module)
-    yield module
+    """The class registered as a task (the one line a new task adds to tasks/__init__.py)."""
+    tasks.register(Brightness)
+    yield tasks.TASKS[NAME]
     del tasks.TASKS[NAME]
 
 
@@ -132,9 +127,8 @@ def test_a_new_task_trains_resumes_exactly_and_is_evaluated(brightness_task, sma
 
 
 def test_a_task_without_a_required_function_is_named_when_registered():
-    incomplete = types.ModuleType("half_task")
-    incomplete.NAME, incomplete.MODEL_FILE = "half", "half.json"
-    incomplete.load_data = load_data
+    incomplete = type("half_task", (Task,), {"NAME": "half", "MODEL_FILE": "half.json",
+                                             "load_data": Brightness.load_data})
     with pytest.raises(TypeError, match="half_task does not define build_model, loader, forward, "
                                         "save_model, load_model, eval_data"):
         tasks.register(incomplete)

@@ -179,7 +179,7 @@ def test_frozen_parameters_stay_out_of_the_sharded_state_and_a_resume_may_train_
     restores, and that is said."""
     from safetensors.torch import load_file
 
-    from checkpoint import sharded_reader
+    from state_files import sharded_reader
     out, common = tmp_path / "run", ["--save_steps", 2, "--eval_steps", 2, "--ema_decay", 0.5]
     run_train(train_args(small_data, tiny_vit, out, "--max_steps", 2, "--train_only_head",
                          *common))
