@@ -15,7 +15,7 @@ from dataset import PREFETCH_FACTOR, auto_num_workers, read_yaml
 from distributed import SHARDED, check_shard_size
 from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
-from sources import absolute_spec
+from data.specs import absolute_spec
 from tasks import TASKS
 
 

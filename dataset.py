@@ -1,5 +1,5 @@
 """Mixed multi-dataset image classification data: the registry, sampling (mixture, partial
-evaluation subsets), loaders, demo data. Records are read in sources.py.
+evaluation subsets), loaders, demo data. Records are read in data/ (data/reading.py).
 
     python dataset.py --make-demo DIR   # writes the built-in demo (digits + faces PNGs, JSONL,
     registry)
@@ -13,62 +13,20 @@ import os
 import random
 import tarfile
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 from augment import AUGMENTS, decode_augmented, sample_rng
+from data.types import DataError, DatasetSpec, dataset_name_problem
 from preprocess import Pixels, decode_pixels, to_rgb
-
-
-class DataError(ValueError):
-    """Bad user data: the message names the file, line and field."""
-
-
-@dataclass
-class DatasetSpec:
-    name: str
-    num_classes: int  # None until its records' source says (an image folder, a ClassLabel)
-    eval_ratio: float = 1.0
-    description: str = ""
-    sampling_weight: float = None  # relative share of training batches (None: by size)
-    augment: str = None  # none | crop_flip | randaugment: overrides --augment for this dataset
-    hflip: bool = True  # False: digits, text, laterality: a mirror image changes the class
-    labels: list = None  # class names, index i = class i (None: the index is the name)
-    image_column: str = None  # of a Hugging Face dataset (None: "image")
-    label_column: str = None  # (None: "label")
-    # True: for evaluation only, no training samples (check_training_samples). Not a field: set on
-    # the instance only when true, so vars(spec), the registry resume compares with a checkpoint's
-    # (checkpoint.run_fingerprint), is unchanged for every registry written before it existed.
-    eval_only = False
 
 
 REGISTRY_FIELDS = ("num_classes", "eval_ratio", "description", "sampling_weight", "augment",
                    "hflip", "labels", "image_column", "label_column", "eval_only")
 # fields that act on training samples only, which an eval_only dataset has none of
 TRAINING_FIELDS = ("sampling_weight", "augment", "hflip")
-
-
-def dataset_name_problem(name, others=()):
-    """Why `name` cannot name a dataset (None: it can). Metrics are named
-    {prefix}_{dataset}_{metric}: a name must not be empty nor collide with the aggregate's
-    (overall), another dataset's top-5 or EMA metrics."""
-    if not isinstance(name, str):
-        return f"a dataset name must be text, got {name!r} (quote it in YAML)"
-    if not name.strip():
-        return "a dataset name must not be empty"
-    if name == "overall":
-        return ("'overall' names the aggregate over all datasets in every metric "
-                "(eval_overall_accuracy, ...); rename the dataset")
-    for other in [*others, "overall"]:
-        for longer, shorter in ((name, other), (other, name)):
-            if other != name and longer in (f"ema_{shorter}", f"{shorter}_top5"):
-                return (f"the metrics of {longer!r} (eval_{longer}_accuracy) collide with the "
-                        f"{'EMA' if longer.startswith('ema_') else 'top-5'} metrics of "
-                        f"{shorter!r}; rename one of them")
-    return None
 
 
 def check_dataset_names(names, where):
@@ -89,7 +47,7 @@ def _check_spec(name, entry, where, folder="."):
     if unknown:
         raise DataError(f"{where}: dataset {name!r}: unknown field(s) {sorted(unknown)} "
                         f"(known: {', '.join(REGISTRY_FIELDS)})")
-    k = entry.get("num_classes")  # may be left to the source: sources.read_records fills it
+    k = entry.get("num_classes")  # may be left to the source: reading.read_records fills it
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise DataError(
             f"{where}: dataset {name!r}: field 'num_classes' must be a positive integer, got {k!r}")

@@ -46,8 +46,8 @@ from backbone import (ATTN_IMPLEMENTATIONS, LOADING, autocast, check_attn_implem
                       fsdp_units, restore_modes)
 from faults import injected_fault
 from files import FileWriter, append_line, check_file_path, read_jsonl_records, write_json
-from fingerprint import data_fingerprints
-from sources import absolute_spec
+from data.fingerprint import data_fingerprints
+from data.specs import absolute_spec
 from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
 

@@ -28,10 +28,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import Collate, DataError, ignore_stop_signals, worker_options
+from data.paths import expand_paths, is_url
+from data.reading import Reading
+from data.specs import parse_spec
+from data.tar_index import TAR_IMAGE_FIELDS, load_tar_index
+from data.types import NO_IMAGE, NO_LABEL, DataError, raise_data_errors
+from dataset import Collate, ignore_stop_signals, worker_options
 from preprocess import to_rgb
-from sources import (NO_IMAGE, NO_LABEL, TAR_IMAGE_FIELDS, Reading, expand_paths, is_url,
-                     load_tar_index, parse_spec, raise_data_errors)
 
 # How the readers (processes x workers) split a stream (StreamSource.plan); kept in a checkpoint
 # beside the stream's position: a position of another split would resume on other samples
@@ -140,7 +143,7 @@ def stream_sources(specs, registry, fixed, index_dir=None, skip_missing_images=F
             raise DataError(f"data spec {text!r}: --streaming reads Parquet files or WebDataset "
                             f"shards, not a {spec.kind} source")
         dataset_id = reading.dataset_id(spec.name, f"data spec {text!r}")
-        files = list(spec.files or  # a split's files (sources.split_layout)
+        files = list(spec.files or  # a split's files (specs.split_layout)
                      expand_paths(spec.path, text, ".parquet" if spec.kind == "hf" else ".tar"))
         known = by_name.get(spec.name)
         if known and known.kind != spec.kind:
@@ -383,7 +386,7 @@ def raw_sample(source, example, passes):
         value = example.get(source.image_column)
         image = value.get("bytes") if isinstance(value, dict) else value
         if image is None and isinstance(value, dict) and value.get("path"):
-            # an Image of a path (not embedded): beside the first file, as sources.ArrowTable
+            # an Image of a path (not embedded): beside the first file, as hf.ArrowTable
             paths = posixpath if is_url(source.files[0]) else os.path
             image = (value["path"] if is_url(value["path"]) else
                      paths.join(paths.dirname(source.files[0]), value["path"]))

@@ -32,7 +32,8 @@ from ema import plain_metric
 from tasks.latent import autoencoder_class, downsampling, load_autoencoder
 from metrics import PerDatasetSums
 from backbone import eval_mode, restore_modes
-from sources import INDEX_DIR, read_records
+from data.reading import read_records
+from data.tar_index import INDEX_DIR
 from tasks.unified import read_image, save_grid
 from weights import model_weights, write_safetensors
 

@@ -27,7 +27,8 @@ from backbone import DEFAULT_PROMPT, load_backbone, say
 from model import (CLASSIFIER_FILE, HEAD_FILE, POOLINGS, LabelSpace, MaskedClassifier,
                    classify, load_classifier, read_classifier_info, save_classifier,
                    set_trainable)
-from sources import INDEX_DIR, check_classes, read_records
+from data.reading import check_classes, read_records
+from data.tar_index import INDEX_DIR
 from streaming import build_stream, make_stream_loader
 from weights import file_map, folder_map, model_weights, write_safetensors
 

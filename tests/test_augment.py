@@ -10,7 +10,7 @@ from PIL import Image
 from augment import (RANDAUGMENT_OPS, AugmentConfig, apply_op, augment_config, draw_crop,
                      draw_randaugment, load_augmented, sample_rng)
 from dataset import DatasetSpec, load_registry, make_loader
-from sources import RecordTable
+from data.types import RecordTable
 from backbone import load_backbone, ImageInputs
 from preprocess import load_pixels
 

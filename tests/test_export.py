@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from dataset import load_registry, make_loader
-from sources import read_records
+from data.reading import read_records
 from export import ExportError, export
 from backbone import load_backbone
 from model import LabelSpace, MaskedClassifier, classify, save_classifier

@@ -12,7 +12,7 @@ import train
 from conftest import train_args, write_jsonl
 from dataset import DataError, FastPixels, ImageDataset, load_registry
 from preprocess import pixel_recipe, to_rgb
-from sources import read_records
+from data.reading import read_records
 
 
 def write_png(path, value, size=(6, 5)):

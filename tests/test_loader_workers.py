@@ -16,7 +16,7 @@ from conftest import ROOT, read_jsonl
 from config import loader_workers
 from dataset import DatasetSpec, batch_tensor, make_loader
 from preprocess import load_pixels
-from sources import RecordTable
+from data.types import RecordTable
 from backbone import load_backbone
 
 

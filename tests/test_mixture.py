@@ -6,7 +6,7 @@ import pytest
 
 from dataset import (DataError, load_registry, mixture_indices, mixture_shares,
                      summarize_mixture, train_indices)
-from sources import read_records
+from data.reading import read_records
 
 
 def registry_of(**weights):

@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import read_jsonl, run_script
 from dataset import DataError, ImageDataset, load_registry
-from sources import INDEX_SUFFIX, check_classes, read_records
+from data.reading import check_classes, read_records
+from data.tar_index import INDEX_SUFFIX
 from streaming import build_stream
 from test_sources import offline_datasets_cache, write_shard  # noqa: F401 (a fixture)
 

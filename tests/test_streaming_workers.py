@@ -16,7 +16,7 @@ import eval as evaluate
 import train
 from conftest import load_weights, run_script
 from dataset import DataError, load_registry
-from sources import read_records
+from data.reading import read_records
 from streaming import build_stream, make_stream_loader
 from test_sources import layouts, offline_datasets_cache, write_shard  # noqa: F401 (fixtures)
 from test_streaming import registry_file, run_args

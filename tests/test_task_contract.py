@@ -19,7 +19,7 @@ import train
 from backbone import load_backbone
 from conftest import read_jsonl
 from dataset import load_registry, make_loader
-from sources import read_records
+from data.reading import read_records
 
 # ----------------------------------------------------------------------------- the new task
 NAME, MODEL_FILE, BORROWED_FLAGS = "brightness", "brightness.json", ("datasets",)
