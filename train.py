@@ -34,7 +34,7 @@ from checkpoint import (changed_run_flags, check_output_dir, load_sharded_state,
                         load_trainer_state, prepare_output_dir, prune_checkpoints, read_info,
                         resolve_resume, run_fingerprint, save_checkpoint, set_rng_state)
 from config import apply_overrides, check_args, loader_workers, parse_args
-from dataset import DataError
+from dataset import SPLIT_VERSION, DataError
 import distributed
 from distributed import all_gather_objects, all_reduce_sum, barrier
 import ema
@@ -46,7 +46,6 @@ from model import CLASSIFIER_FILE, read_classifier_info
 from backbone import LOADING, autocast, enable_activation_checkpointing, fsdp_units, train_mode
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
 from reporting import build_reporters
-from streaming import SPLIT_VERSION
 from tasks import TASKS
 from weights import WeightsMismatch
 

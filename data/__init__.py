@@ -1,5 +1,4 @@
-"""The data layer: reading records. dataset.py, at the top level, holds the registry, sampling and
-the loaders; streaming.py the training stream.
+"""The data layer. dataset.py, at the top level, is what the rest of the code imports it through.
 
 Its modules from the bottom up; each imports only from modules listed before it:
   types.py        DataError, the registry's DatasetSpec, a parsed Spec, the RecordTable and the
@@ -13,5 +12,10 @@ Its modules from the bottom up; each imports only from modules listed before it:
   specs.py        spec parsing, KINDS (the detection table: each kind's reader and what makes a
                   path its kind), split layouts
   reading.py      read_records: every spec's records checked into one RecordTable
+  sampling.py     an epoch's order, the weighted mixture, the stream's schedule (one
+                  largest-remainder quota for both), the partial evaluation subset
+  registry.py     the dataset registry (--datasets)
+  stream.py       --streaming: Parquet files or shards read as a stream, resumed exactly
+  loaders.py      the DataLoaders over records and over the stream, their batches and workers
   fingerprint.py  the data's content, compared on resume and by eval.py
 """

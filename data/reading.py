@@ -5,7 +5,7 @@ lists every problem.
 Every kind serves a record by index, without unpacking anything: image files by path, Arrow
 tables memory-mapped by `datasets` (Parquet is converted once into datasets' cache), tar members
 by their byte offset, from an index of each shard built once and kept beside it (or under the
-run's folder where the shards' folder is read-only). So the keyed sampler of dataset.py works the
+run's folder where the shards' folder is read-only). So the keyed sampler of loaders.py works the
 same over every kind. Every record is checked before the first step; a problem names its
 `file:line`, `file.parquet:row`, `shard.tar:member` or image file.
 

@@ -25,15 +25,13 @@ import torch
 import torch.nn as nn
 
 from checkpoint import checkpoint_folder
-from dataset import (DataError, DatasetSpec, EpochSampler, count_per_dataset, ignore_stop_signals,
-                     load_registry, mixture_indices, partial_eval_indices, plan_epochs, summarize,
-                     worker_options)
+from dataset import (INDEX_DIR, DataError, DatasetSpec, EpochSampler, count_per_dataset,
+                     ignore_stop_signals, load_registry, mixture_indices, partial_eval_indices,
+                     plan_epochs, read_records, summarize, worker_options)
 from ema import plain_metric
 from tasks.latent import autoencoder_class, downsampling, load_autoencoder
 from metrics import PerDatasetSums
 from backbone import eval_mode, restore_modes
-from data.reading import read_records
-from data.tar_index import INDEX_DIR
 from tasks.unified import read_image, save_grid
 from weights import model_weights, write_safetensors
 

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from augment import AUGMENTS, CROP_SCALE, RANDAUGMENT_M, RANDAUGMENT_N, augment_config
 from checkpoint import checkpoint_folder, class_moves
 import distributed
-from dataset import (check_training_samples, count_per_dataset, load_registry, make_loader,
-                     mixture_indices, partial_eval_indices, pixel_path, plan_epochs, summarize)
+from dataset import (INDEX_DIR, build_stream, check_classes, check_training_samples,
+                     count_per_dataset, load_registry, make_loader, make_stream_loader,
+                     mixture_indices, partial_eval_indices, pixel_path, plan_epochs, read_records,
+                     summarize)
 from lora import (ADAPTER_FILE, add_lora, adapter_state, check_lora_flags, merged_weights,
                   scaling, trainable_summary)
 from ema import plain_metric
@@ -27,9 +29,6 @@ from backbone import DEFAULT_PROMPT, load_backbone, say
 from model import (CLASSIFIER_FILE, HEAD_FILE, POOLINGS, LabelSpace, MaskedClassifier,
                    classify, load_classifier, read_classifier_info, save_classifier,
                    set_trainable)
-from data.reading import check_classes, read_records
-from data.tar_index import INDEX_DIR
-from streaming import build_stream, make_stream_loader
 from weights import file_map, folder_map, model_weights, write_safetensors
 
 NAME = "classify"

@@ -32,10 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from dataset import DataError, EpochSampler, ignore_stop_signals, worker_options
-from data.jsonl import json_items
-from data.specs import parse_spec
-from data.types import raise_data_errors
+from dataset import (DataError, EpochSampler, ignore_stop_signals, json_items, parse_spec,
+                     raise_data_errors, worker_options)
 from backbone import LOADING, build_empty, eval_mode, from_pretrained, restore_modes, say
 from files import write_file
 from preprocess import to_8bit

@@ -18,8 +18,7 @@ import tasks
 import train
 from backbone import load_backbone
 from conftest import read_jsonl
-from dataset import load_registry, make_loader
-from data.reading import read_records
+from dataset import load_registry, make_loader, read_records
 
 # ----------------------------------------------------------------------------- the new task
 NAME, MODEL_FILE, BORROWED_FLAGS = "brightness", "brightness.json", ("datasets",)

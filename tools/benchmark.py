@@ -153,8 +153,7 @@ def benchmark_image_path(args):
     from transformers import ViTImageProcessorPil
 
     from augment import augment_config
-    from data.types import RecordTable
-    from dataset import DatasetSpec, make_loader
+    from dataset import DatasetSpec, RecordTable, make_loader
     from backbone import ImageInputs
     if not os.path.isdir(args.data) or not os.listdir(args.data):
         make_jpegs(args.data, args.make_jpegs or 256)
@@ -201,8 +200,7 @@ def benchmark_sources(args):
     from transformers import ViTImageProcessorPil
 
     from backbone import ImageInputs
-    from data.reading import read_records
-    from dataset import DatasetSpec, make_loader
+    from dataset import DatasetSpec, make_loader, read_records
     root = args.sources
     os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(root, "hf_cache"))
     folder = os.path.join(root, "files", "photo")
@@ -543,8 +541,8 @@ def benchmark_record_memory(args):
     process) at its start and after looking up 8 x 200,000 random records."""
     import numpy as np
 
-    from data.types import RecordTable
     from data.wds import TarShard
+    from dataset import RecordTable
     n = args.record_memory
     before = rss_anon_mb()
     shards = [TarShard(f"/data/shards/{k:06d}.tar") for k in range(n // 10_000 + 1)]
@@ -571,7 +569,7 @@ def benchmark_fingerprint(args):
     costs the same), beside reading the folder's records, the listing every run makes anyway."""
     from data.fingerprint import data_fingerprint
     from host_memory import ProcessTreeMemory
-    from data.reading import read_records
+    from dataset import read_records
     folder, n = os.path.join(args.fingerprint, f"images-{args.files}"), args.files
     if not os.path.isdir(folder):
         print(f"writing {n:,} files into {folder} ...", flush=True)
