@@ -32,11 +32,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from data.fingerprint import crc_of_blocks, data_changes, data_fingerprints
 from distributed import all_gather_objects, barrier
 from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
 from files import OutputError, reason, recover_folder, swap_in, temporary, write_json
-from fingerprint import crc_of_blocks, data_changes, data_fingerprints
 from state_files import CheckpointError, load_state_files, save_state_files
 
 INFO_FILE = "training_info.json"

@@ -11,11 +11,10 @@ import torch
 
 from backbone import ATTN_IMPLEMENTATIONS, check_attn_implementation
 from cpu_threads import wait_policy
-from dataset import PREFETCH_FACTOR, auto_num_workers, read_yaml
+from dataset import PREFETCH_FACTOR, absolute_spec, auto_num_workers, read_yaml
 from distributed import SHARDED, check_shard_size
 from ema import METRIC_PREFIX, check_ema_args
 from reporting import check_report_to
-from sources import absolute_spec
 from tasks import TASKS
 
 

@@ -38,7 +38,8 @@ from checkpoint import (checkpoint_folder, checkpoint_step, list_checkpoints, mo
                         read_info)
 from config import (HelpFormatter, add_task_flags, flag_errors, given_flags, loader_workers,
                     num_workers, repeated_aliases)
-from dataset import PREFETCH_FACTOR, DataError
+from data.fingerprint import data_fingerprints
+from dataset import PREFETCH_FACTOR, DataError, absolute_spec
 import distributed
 from distributed import (all_gather_objects, check_shard_size, is_sharded, mesh_shape,
                          shard_model)
@@ -46,10 +47,8 @@ from backbone import (ATTN_IMPLEMENTATIONS, LOADING, check_attn_implementation, 
                       fsdp_units, restore_modes)
 from faults import injected_fault
 from files import FileWriter, append_line, check_file_path, read_jsonl_records, write_json
-from fingerprint import data_fingerprints
 from logs import say_for
 from precision import autocast
-from sources import absolute_spec
 from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
 

@@ -34,7 +34,7 @@ from checkpoint import (changed_run_flags, check_output_dir, load_sharded_state,
                         load_trainer_state, prepare_output_dir, prune_checkpoints, read_info,
                         resolve_resume, run_fingerprint, save_checkpoint, set_rng_state)
 from config import apply_overrides, check_args, loader_workers, parse_args
-from dataset import DataError
+from dataset import SPLIT_VERSION, DataError
 import distributed
 from distributed import all_gather_objects, all_reduce_sum, barrier
 import ema
@@ -47,7 +47,6 @@ from backbone import LOADING, enable_activation_checkpointing, fsdp_units, train
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
 from precision import autocast
 from reporting import build_reporters
-from streaming import SPLIT_VERSION
 from tasks import TASKS
 from tasks.base import Task
 from weights import WeightsMismatch

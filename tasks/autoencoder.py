@@ -30,18 +30,19 @@ from dataset import (
     DataError,
     DatasetSpec,
     EpochSampler,
+    INDEX_DIR,
     count_per_dataset,
     ignore_stop_signals,
     load_registry,
     mixture_indices,
     partial_eval_indices,
     plan_epochs,
+    read_records,
     summarize,
     worker_options,
 )
 from ema import plain_metric
 from metrics import PerDatasetSums
-from sources import INDEX_DIR, read_records
 from tasks.base import Task
 from tasks.images import read_image, save_grid
 from tasks.latent import autoencoder_class, downsampling, load_autoencoder
@@ -74,7 +75,7 @@ class ImageShape:
 @dataclass
 class Data:
     registry: dict  # dataset name -> dataset.DatasetSpec (eval_ratio, sampling_weight)
-    train: object  # sources.RecordTable (labels unused), or None in eval.py
+    train: object  # data.types.RecordTable (labels unused), or None in eval.py
     val: object
     partial_indices: list
     recon_loss: str = "l1"
@@ -309,7 +310,7 @@ def image_record(item):
 
 
 def read_images(specs, registry, fixed, index_dir, say=print):
-    """Every image of every record -> a sources.RecordTable: JSON records (image_record) and the
+    """Every image of every record -> a data.types.RecordTable: JSON records (image_record) and the
     images of NAME=PATH sources (folders, Parquet, shards), their classes unused. fixed: names
     outside `registry` are errors; else they are added to it."""
     return read_records(specs, registry, labelled=False, fixed=fixed, jsonl_record=image_record,

@@ -16,14 +16,19 @@ from augment import AUGMENTS, CROP_SCALE, RANDAUGMENT_M, RANDAUGMENT_N, augment_
 from backbone import DEFAULT_PROMPT, load_backbone
 from checkpoint import checkpoint_folder, class_moves
 from dataset import (
+    INDEX_DIR,
+    build_stream,
+    check_classes,
     check_training_samples,
     count_per_dataset,
     load_registry,
     make_loader,
+    make_stream_loader,
     mixture_indices,
     partial_eval_indices,
     pixel_path,
     plan_epochs,
+    read_records,
     summarize,
 )
 from ema import plain_metric
@@ -59,8 +64,6 @@ from model import (
     set_trainable,
 )
 from optimizer import check_lr_args
-from sources import INDEX_DIR, check_classes, read_records
-from streaming import build_stream, make_stream_loader
 from tasks.base import FlagNeeds, Task
 from weights import file_map, folder_map, model_weights, write_safetensors
 
@@ -70,8 +73,8 @@ class Data:
     """The records, the label layout and the loss options: what a step needs beside the model."""
     registry: dict
     label_space: LabelSpace
-    train: object  # sources.RecordTable, or None in eval.py
-    val: object  # sources.RecordTable, or None without validation files
+    train: object  # data.types.RecordTable, or None in eval.py
+    val: object  # data.types.RecordTable, or None without validation files
     partial_indices: list
     masking: bool = True
     label_smoothing: float = 0.0
@@ -79,7 +82,7 @@ class Data:
     augment: object = None  # augment.AugmentConfig of training batches (None: none)
     shares: list = None  # dataset shares of each epoch (None: by size, as the files come)
     mix: tuple = None  # (mixup, cutmix, mix_prob, seed): same-dataset Mixup / CutMix
-    stream: object = None  # --streaming: the streaming.ImageStream of training (train is None)
+    stream: object = None  # --streaming: the data.stream.ImageStream of training (train is None)
     rows: dict = field(default_factory=dict)  # device -> (num_classes, offsets) tensors
 
     @property

@@ -42,7 +42,7 @@ def killed_after(checkpoint, out):
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """The built-in demo data (PNG files decoded by Pillow), written once per test session."""
-    from dataset import make_demo
+    from demo import make_demo
     out = tmp_path_factory.mktemp("demo")
     make_demo(str(out))
     return out

@@ -9,8 +9,7 @@ from PIL import Image
 
 from augment import (RANDAUGMENT_OPS, AugmentConfig, apply_op, augment_config, draw_crop,
                      draw_randaugment, load_augmented, sample_rng)
-from dataset import DatasetSpec, load_registry, make_loader
-from sources import RecordTable
+from dataset import DatasetSpec, RecordTable, load_registry, make_loader
 from backbone import load_backbone, ImageInputs
 from preprocess import load_pixels
 

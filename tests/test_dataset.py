@@ -5,8 +5,7 @@ import pytest
 
 from conftest import write_jsonl
 from dataset import (DataError, ImageDataset, count_per_dataset, load_registry,
-                     partial_eval_indices, summarize, train_indices)
-from sources import read_records
+                     partial_eval_indices, read_records, summarize, train_indices)
 
 
 @pytest.fixture

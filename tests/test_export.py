@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import load_registry, make_loader
-from sources import read_records
+from dataset import load_registry, make_loader, read_records
 from export import ExportError, export
 from backbone import load_backbone
 from model import LabelSpace, MaskedClassifier, classify, save_classifier

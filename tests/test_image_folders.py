@@ -10,9 +10,9 @@ from PIL import Image
 
 import train
 from conftest import train_args, write_jsonl
-from dataset import DataError, FastPixels, ImageDataset, load_registry
+from data.loaders import FastPixels
+from dataset import DataError, ImageDataset, load_registry, read_records
 from preprocess import pixel_recipe, to_rgb
-from sources import read_records
 
 
 def write_png(path, value, size=(6, 5)):

@@ -16,9 +16,8 @@ from PIL import Image
 
 import train
 from conftest import read_jsonl
-from dataset import DataError, load_registry
-from sources import (NON_WORDS_CHARS, SHARDED_NAME, SPLIT_KEYWORDS, absolute_spec, parse_spec,
-                     read_records)
+from data.specs import NON_WORDS_CHARS, SHARDED_NAME, SPLIT_KEYWORDS
+from dataset import DataError, absolute_spec, load_registry, parse_spec, read_records
 from test_sources import offline_datasets_cache  # noqa: F401 (a fixture)
 
 CLASSES = ["cat", "dog", "fish"]  # class c is an image whose channel c is lit

@@ -14,9 +14,9 @@ import cpu_threads
 from augment import augment_config, load_augmented, sample_rng
 from conftest import ROOT, read_jsonl
 from config import loader_workers
-from dataset import DatasetSpec, batch_tensor, make_loader
+from data.loaders import batch_tensor
+from dataset import DatasetSpec, RecordTable, make_loader
 from preprocess import load_pixels
-from sources import RecordTable
 from backbone import load_backbone
 
 

@@ -4,9 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from dataset import (DataError, load_registry, mixture_indices, mixture_shares,
-                     summarize_mixture, train_indices)
-from sources import read_records
+from data.sampling import mixture_shares, summarize_mixture
+from dataset import DataError, load_registry, mixture_indices, read_records, train_indices
 
 
 def registry_of(**weights):

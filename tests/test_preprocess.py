@@ -10,8 +10,7 @@ import transformers
 from PIL import Image
 
 from conftest import ROOT, read_jsonl
-from dataset import auto_num_workers, make_loader
-from sources import RecordTable
+from dataset import RecordTable, auto_num_workers, make_loader
 from backbone import load_backbone, ImageInputs
 from model import MaskedClassifier
 from preprocess import PixelNormalize, Pixels, center_crop, load_pixels, pixel_recipe

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from conftest import read_jsonl, run_script
-from dataset import DataError, ImageDataset, load_registry
-from sources import INDEX_SUFFIX, check_classes, read_records
-from streaming import build_stream
+from data.tar_index import INDEX_SUFFIX
+from dataset import (DataError, ImageDataset, build_stream, check_classes, load_registry,
+                     read_records)
 from test_sources import offline_datasets_cache, write_shard  # noqa: F401 (a fixture)
 
 REGISTRY = {"p": {"num_classes": 3, "sampling_weight": 1}}

@@ -14,8 +14,9 @@ import torch
 
 import train
 from conftest import load_weights, read_jsonl, run_script, write_jsonl
-from dataset import DataError, ImageDataset, load_registry, make_demo
-from sources import INDEX_SUFFIX, parse_spec, read_records
+from data.tar_index import INDEX_SUFFIX
+from dataset import DataError, ImageDataset, load_registry, parse_spec, read_records
+from demo import make_demo
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +173,7 @@ def test_the_registry_and_the_sources_must_agree(layouts, tmp_path):
             ({"faces": {}}, "dataset 'digits' is not in the dataset registry")]:
         with pytest.raises(DataError, match=message):
             read_records(specs[:2], load_registry(registry))
-    from sources import check_classes
+    from dataset import check_classes
     registry = {}  # an open registry: the shards do not know how many classes there are
     records = read_records(specs[2:], registry, fixed=False)
     with pytest.raises(DataError, match="dataset 'parity': no num_classes"):
@@ -239,10 +240,10 @@ def test_bad_rows_and_shards_are_named(layouts, tmp_path):
 
 def test_a_shard_index_is_built_once_and_rebuilt_when_the_shard_changes(layouts, tmp_path,
                                                                         monkeypatch):
-    import sources
+    from data import tar_index
     builds = []
-    build = sources.build_tar_index
-    monkeypatch.setattr(sources, "build_tar_index", lambda *a: builds.append(a) or build(*a))
+    build = tar_index.build_tar_index
+    monkeypatch.setattr(tar_index, "build_tar_index", lambda *a: builds.append(a) or build(*a))
     shard = tmp_path / "s-000.tar"
     shutil.copy(layouts["root"] / "parity_train-000.tar", shard)
     registry = {"p": {"num_classes": 2}}
@@ -261,7 +262,7 @@ def test_a_shard_index_is_built_once_and_rebuilt_when_the_shard_changes(layouts,
 
 
 def test_demo_writes_each_layout_with_the_same_records(tmp_path):
-    from sources import check_classes
+    from dataset import check_classes
     expected = None
     for layout in ("jsonl", "folder", "parquet", "wds"):
         out = tmp_path / layout

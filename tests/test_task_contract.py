@@ -16,8 +16,7 @@ import eval as eval_script
 import tasks
 import train
 from backbone import load_backbone
-from dataset import load_registry, make_loader
-from sources import read_records
+from dataset import load_registry, make_loader, read_records
 from tasks.base import Task
 
 

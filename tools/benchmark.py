@@ -22,7 +22,7 @@ checkpoint, one process against 2 and 4 gloo processes with --dist fsdp; an empt
 folder first gets a ViT-H/14-shaped model (632M parameters, random init, fp32).
 
 --sources: images/s of one worker on the same 224 px JPEGs as loose files, WebDataset shards and
-Parquet, read by index in a shuffled order through the fast path (sources.py), and the time to
+Parquet, read by index in a shuffled order through the fast path (data/), and the time to
 read their records the first time (shard index, Parquet -> Arrow) and again (cached).
 
 --data_path: train.py (a tiny ViT at 224 px, one worker, no evaluation) with --augment none and
@@ -153,8 +153,7 @@ def benchmark_image_path(args):
     from transformers import ViTImageProcessorPil
 
     from augment import augment_config
-    from dataset import DatasetSpec, make_loader
-    from sources import RecordTable
+    from dataset import DatasetSpec, RecordTable, make_loader
     from backbone import ImageInputs
     if not os.path.isdir(args.data) or not os.listdir(args.data):
         make_jpegs(args.data, args.make_jpegs or 256)
@@ -201,8 +200,7 @@ def benchmark_sources(args):
     from transformers import ViTImageProcessorPil
 
     from backbone import ImageInputs
-    from dataset import DatasetSpec, make_loader
-    from sources import read_records
+    from dataset import DatasetSpec, make_loader, read_records
     root = args.sources
     os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(root, "hf_cache"))
     folder = os.path.join(root, "files", "photo")
@@ -543,7 +541,8 @@ def benchmark_record_memory(args):
     process) at its start and after looking up 8 x 200,000 random records."""
     import numpy as np
 
-    from sources import RecordTable, TarShard
+    from data.wds import TarShard
+    from dataset import RecordTable
     n = args.record_memory
     before = rss_anon_mb()
     shards = [TarShard(f"/data/shards/{k:06d}.tar") for k in range(n // 10_000 + 1)]
@@ -568,9 +567,9 @@ def benchmark_fingerprint(args):
     """Seconds and peak private memory (RssAnon) of the content fingerprint of an image folder of
     --files N images in 1,000 class folders (empty files, written into DIR when absent: a stat
     costs the same), beside reading the folder's records, the listing every run makes anyway."""
-    from fingerprint import data_fingerprint
+    from data.fingerprint import data_fingerprint
     from host_memory import ProcessTreeMemory
-    from sources import read_records
+    from dataset import read_records
     folder, n = os.path.join(args.fingerprint, f"images-{args.files}"), args.files
     if not os.path.isdir(folder):
         print(f"writing {n:,} files into {folder} ...", flush=True)

@@ -67,7 +67,7 @@ def make_textures(folder, per_class_train=60, per_class_val=25, size=96, seed=0)
 
 
 def make_data(out):
-    from dataset import make_demo
+    from demo import make_demo
     make_demo(out)
     make_textures(os.path.join(out, "textures"))
     with open(os.path.join(out, "datasets.json")) as f:

@@ -5,8 +5,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from dataset import DataError, EpochSampler, ignore_stop_signals, worker_options
-from sources import raise_data_errors
+from dataset import (DataError, EpochSampler, ignore_stop_signals, raise_data_errors,
+                     worker_options)
 from tasks.generate.patches import sample_timestep
 from tasks.generate.sequences import assemble, build_attention_mask, build_parts, sample_length
 

@@ -8,8 +8,7 @@ conversations of turns.
 import os
 from dataclasses import dataclass
 
-from dataset import DataError
-from sources import json_items, parse_spec, raise_data_errors
+from dataset import DataError, json_items, parse_spec, raise_data_errors
 
 ROLES = ("system", "user", "assistant")
 
@@ -77,7 +76,7 @@ def _turns(item, folder):
 
 
 def read_generation_files(specs):
-    """Read and check every record of every JSON / JSONL file (sources.json_items); raise one
+    """Read and check every record of every JSON / JSONL file (data.jsonl.json_items); raise one
     DataError listing what is wrong."""
     conversations, errors = [], []
     for text in specs:

@@ -22,7 +22,9 @@ import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-from sources import IMAGE_EXTENSIONS, expand_paths, expand_ranges, is_url, parse_spec
+from data.folder import IMAGE_EXTENSIONS
+from data.paths import expand_paths, expand_ranges, is_url
+from data.specs import parse_spec
 
 BLOCK = 1 << 16  # bytes read at each end of a Parquet file or a shard
 MASK = (1 << 64) - 1

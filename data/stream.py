@@ -9,15 +9,16 @@ where it has enough of them; else every readers-th sample of all of them (said i
 dataset that runs out starts its next pass (set_epoch: datasets reshuffles the order of the
 reader's files). The reader's samples follow a schedule of blocks of SCHEDULE_BLOCK slots in
 which dataset d fills round(share_d * SCHEDULE_BLOCK) slots (largest remainder) at seeded
-positions: the shares hold exactly per block, not in expectation. --shuffle_buffer N reads N
-samples, yields them in a seeded order, and reads the next N.
+positions (sampling.block_schedule): the shares hold exactly per block, not in expectation.
+--shuffle_buffer N reads N samples, yields them in a seeded order, and reads the next N.
 
 Resume is exact: a worker's position is the state of each dataset's stream at the start of its
 current block of --shuffle_buffer samples (datasets' state_dict: the shard and the sample in it),
 its schedule slot, and how many of the block it has yielded; on resume it reads that block again,
-shuffles it the same way and skips what was yielded. torchdata's StatefulDataLoader keeps, per
-worker, the position of the last batch the loop took; the checkpoint holds it as JSON. The same
-world size and --num_workers are needed (the split depends on them).
+shuffles it the same way and skips what was yielded. torchdata's StatefulDataLoader
+(loaders.make_stream_loader) keeps, per worker, the position of the last batch the loop took;
+the checkpoint holds it as JSON. The same world size and --num_workers are needed (the split
+depends on them).
 """
 import copy
 import io
@@ -28,15 +29,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import Collate, DataError, ignore_stop_signals, worker_options
+from data.paths import expand_paths, is_url
+from data.reading import Reading
+from data.sampling import SCHEDULE_BLOCK, block_schedule, stream_shares
+from data.specs import parse_spec
+from data.tar_index import TAR_IMAGE_FIELDS, load_tar_index
+from data.types import NO_IMAGE, NO_LABEL, DataError, raise_data_errors
 from preprocess import to_rgb
-from sources import (NO_IMAGE, NO_LABEL, TAR_IMAGE_FIELDS, Reading, expand_paths, is_url,
-                     load_tar_index, parse_spec, raise_data_errors)
 
 # How the readers (processes x workers) split a stream (StreamSource.plan); kept in a checkpoint
 # beside the stream's position: a position of another split would resume on other samples
 SPLIT_VERSION = 2
-SCHEDULE_BLOCK = 1000  # slots per block of a worker's dataset schedule
 INDEX_SPAN = 2 ** 40  # a stream sample's key: its worker part * INDEX_SPAN + its position there
 
 
@@ -140,7 +143,7 @@ def stream_sources(specs, registry, fixed, index_dir=None, skip_missing_images=F
             raise DataError(f"data spec {text!r}: --streaming reads Parquet files or WebDataset "
                             f"shards, not a {spec.kind} source")
         dataset_id = reading.dataset_id(spec.name, f"data spec {text!r}")
-        files = list(spec.files or  # a split's files (sources.split_layout)
+        files = list(spec.files or  # a split's files (specs.split_layout)
                      expand_paths(spec.path, text, ".parquet" if spec.kind == "hf" else ".tar"))
         known = by_name.get(spec.name)
         if known and known.kind != spec.kind:
@@ -200,38 +203,10 @@ def check_local_shards(files, index_dir, skip_missing_images):
     return errors
 
 
-def stream_shares(sources, registry):
-    """Each dataset's share of the stream, from the registry's sampling_weight (a stream's size
-    is not known before it is read, so the natural mixture cannot be drawn)."""
-    names = list(registry)
-    weights = [registry[s.name].sampling_weight for s in sources]
-    if len(sources) > 1 and None in weights:
-        missing = [s.name for s, w in zip(sources, weights) if w is None]
-        raise DataError(f"--streaming: give every streamed dataset a sampling_weight in the "
-                        f"registry (missing for {', '.join(missing)}): a stream's size is not "
-                        "known before it is read")
-    shares = [0.0] * len(names)
-    total = sum(w or 1.0 for w in weights)
-    for source, weight in zip(sources, weights):
-        shares[source.dataset_id] = (weight or 1.0) / total
-    return shares
-
-
-def block_schedule(shares, seed, part, block):
-    """The datasets of one block of SCHEDULE_BLOCK slots: round(share * SCHEDULE_BLOCK) each,
-    largest remainder, at positions drawn from (seed, part, block)."""
-    quotas = np.asarray(shares, dtype=np.float64) * SCHEDULE_BLOCK
-    taken = np.floor(quotas).astype(np.int64)
-    order = np.argsort(-(quotas - taken), kind="stable")
-    taken[order[:SCHEDULE_BLOCK - taken.sum()]] += 1
-    slots = np.repeat(np.arange(len(shares)), taken)
-    return slots[np.random.default_rng([seed, part, block, 0x736368]).permutation(len(slots))]
-
-
 class ImageStream(torch.utils.data.IterableDataset):
-    """(image, label, dataset_id, key) items of the training stream, as dataset.ImageDataset
+    """(image, label, dataset_id, key) items of the training stream, as loaders.ImageDataset
     gives them (the same Collate batches them). State: see the module's docstring. num_classes
-    (per registry position) and pixels (a dataset.FastPixels) are set once the run knows them."""
+    (per registry position) and pixels (a loaders.FastPixels) are set once the run knows them."""
 
     def __init__(self, sources, shares, names, *, seed, rank, world_size, buffer,
                  skip_bad_images=False):
@@ -383,7 +358,7 @@ def raw_sample(source, example, passes):
         value = example.get(source.image_column)
         image = value.get("bytes") if isinstance(value, dict) else value
         if image is None and isinstance(value, dict) and value.get("path"):
-            # an Image of a path (not embedded): beside the first file, as sources.ArrowTable
+            # an Image of a path (not embedded): beside the first file, as hf.ArrowTable
             paths = posixpath if is_url(source.files[0]) else os.path
             image = (value["path"] if is_url(value["path"]) else
                      paths.join(paths.dirname(source.files[0]), value["path"]))
@@ -391,17 +366,6 @@ def raw_sample(source, example, passes):
     if isinstance(label, bool) or not isinstance(label, int):
         label = NO_LABEL
     return image, label, where
-
-
-def make_stream_loader(stream, inputs, dataset_names, *, batch_size, num_workers, pin_memory,
-                       persistent_workers=False, prefetch_factor=None):
-    """torchdata's StatefulDataLoader over an ImageStream: state_dict() is the position after the
-    last batch taken, JSON-able; load_state_dict() before the first batch resumes there."""
-    _, StatefulDataLoader = import_streaming()
-    return StatefulDataLoader(stream, batch_size=batch_size,
-                              collate_fn=Collate(inputs, dataset_names), num_workers=num_workers,
-                              pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
-                              **worker_options(num_workers, persistent_workers, prefetch_factor))
 
 
 def build_stream(specs, registry, fixed, *, seed, rank, world_size, buffer, skip_bad_images,
@@ -421,4 +385,3 @@ def build_stream(specs, registry, fixed, *, seed, rank, world_size, buffer, skip
     stream = ImageStream(sources, shares, names, seed=seed, rank=rank, world_size=world_size,
                          buffer=buffer, skip_bad_images=skip_bad_images)
     return stream, shares, summary
-

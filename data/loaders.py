@@ -1,0 +1,210 @@
+"""The loaders: a DataLoader over records read by index (ImageDataset, EpochSampler: keys carry
+their epoch, so persistent workers serve every epoch and resume is exact), or over the training
+stream (make_stream_loader); the fast image path (FastPixels), the batches (Collate) and the
+workers' options and count."""
+import math
+import os
+
+import torch
+from PIL import Image
+
+from augment import decode_augmented, sample_rng
+from data.stream import import_streaming
+from data.types import DataError
+from preprocess import Pixels, decode_pixels, to_rgb
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes one image: a PIL RGB image for the processor path (preprocessing happens per batch
+    in `collate`), or with `pixels` (a FastPixels) a preprocess.Pixels, already resized and
+    augmented, which Collate writes into its batch.
+
+    A key is an index, or (index, epoch[, repeat]) from EpochSampler: the fast path seeds a
+    sample's augmentation with it. An image that fails to decode is an error naming it, or with
+    skip_bad_images an item whose image is None and whose label is that message (the batch
+    drops and reports it)."""
+
+    def __init__(self, records, skip_bad_images=False, pixels=None):
+        self.records, self.skip_bad_images, self.pixels = records, skip_bad_images, pixels
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, key):
+        index, epoch, repeat = (key, 0, 0) if not isinstance(key, tuple) else (*key, 0)[:3]
+        records = self.records
+        dataset_id = int(records.dataset_ids[index])
+        try:
+            image_file = records.open(index)  # a path, or the bytes of a shard's member
+            if self.pixels is not None:
+                image = self.pixels(image_file, dataset_id, index, epoch, repeat)
+            else:
+                with Image.open(image_file) as im:
+                    image = to_rgb(im)  # loaded: usable once the file is closed
+        except Exception as e:
+            r = records[index]  # its names, for the message only
+            named = "" if r.image_path == r.source else f" {r.image_path}"
+            message = f"{r.source}: cannot decode image{named}: {e}"
+            if self.skip_bad_images:
+                return None, message, dataset_id, index
+            raise DataError(message) from None
+        return image, int(records.labels[index]), dataset_id, index
+
+
+class FastPixels:
+    """The fast image path of one loader: file -> preprocess.Pixels (preprocess.py,
+    augment.py)."""
+
+    def __init__(self, recipe, augment=None, draft=True):
+        self.recipe, self.augment, self.draft = recipe, augment, draft
+
+    def __call__(self, path, dataset_id, index, epoch, repeat):
+        if self.augment is None or self.augment.modes[dataset_id] == "none":
+            return decode_pixels(path, self.recipe, self.draft)
+        rng = sample_rng(self.augment.seed, epoch, index, repeat)
+        return decode_augmented(path, self.recipe, self.augment, dataset_id, rng, self.draft)
+
+
+def batch_tensor(shape, dtype):
+    """An empty batch tensor; in a DataLoader worker, in shared memory (as torch's
+    default_collate allocates): sending it to the main process then passes a handle, where a
+    batch in private memory is first copied into shared memory whole."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    empty = torch.empty(0, dtype=dtype)
+    storage = empty._typed_storage()._new_shared(math.prod(shape), device=empty.device)
+    return empty.new(storage).view(shape)
+
+
+class Collate:
+    """Turns (image, label, dataset_id, index) items into a batch.
+
+    `inputs` (model.ImageInputs / ImageTextInputs) builds the backbone's forward arguments from
+    the images and their dataset names (a vision-language prompt may name the dataset); the fast
+    path's preprocess.Pixels are written each straight into its slot of pixel_values, a
+    contiguous (B, 3, H, W) uint8 tensor (in shared memory in a worker), instead.
+    """
+
+    def __init__(self, inputs, dataset_names):
+        self.inputs, self.dataset_names = inputs, dataset_names
+
+    def __call__(self, items):
+        skipped = [(message, dataset_id) for image, message, dataset_id, _ in items
+                   if image is None]
+        items = [item for item in items if item[0] is not None]
+        if not items:
+            raise DataError(f"no image of a batch could be decoded, e.g. {skipped[0][0]}")
+        images, labels, dataset_ids, indices = zip(*items)
+        if isinstance(images[0], Pixels):
+            pixels = batch_tensor((len(images), 3, *images[0].size), torch.uint8)
+            slots = pixels.numpy()
+            for image, slot in zip(images, slots):
+                image.write(slot)
+            batch = {"pixel_values": pixels}
+        else:
+            batch = self.inputs(list(images), [self.dataset_names[i] for i in dataset_ids])
+        batch = {**batch, "labels": torch.tensor(labels), "dataset_ids": torch.tensor(dataset_ids),
+                 "indices": torch.tensor(indices)}
+        return {**batch, "skipped": skipped} if skipped else batch
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, epoch) keys; `set(indices, epoch)` re-aims a loader with persistent workers
+    (workers hold no per-epoch state: the epoch travels with each key)."""
+
+    def __init__(self, indices, epoch=0):
+        self.set(indices, epoch)
+
+    def set(self, indices, epoch):
+        self.indices, self.epoch = list(indices), int(epoch)
+
+    def __iter__(self):
+        return iter([(int(i), self.epoch) for i in self.indices])
+
+    def __len__(self):
+        return len(self.indices)
+
+
+PREFETCH_FACTOR = 4  # batches each worker prepares ahead (--prefetch_factor)
+
+
+def worker_options(num_workers, persistent=False, prefetch_factor=None):
+    """DataLoader keywords of the worker processes. Each iterator draws its workers' base seed
+    from the loader's own generator, not the global RNG: building or iterating a loader (once per
+    run with persistent workers, or per epoch; evaluation's, from the cache or not) leaves the
+    training's random stream as it was, so a resumed run draws what an uninterrupted one does."""
+    options = {"generator": torch.Generator().manual_seed(0)}
+    if num_workers:
+        options.update(persistent_workers=persistent,
+                       prefetch_factor=prefetch_factor or PREFETCH_FACTOR)
+    return options
+
+
+def make_loader(records, indices, inputs, dataset_names, *, batch_size, num_workers,
+                pin_memory=False, skip_bad_images=False, fast_path=False, augment=None, epoch=0,
+                draft=None, persistent_workers=False, prefetch_factor=None):
+    """The DataLoader of a classification run: batches of the backbone's inputs + labels,
+    dataset_ids, indices (and "skipped" with skip_bad_images).
+
+    fast_path: vision backbones whose processor has a preprocess.pixel_recipe (inputs.recipe)
+    get uint8 pixel_values, which MaskedClassifier(..., inputs=inputs) (inputs.pixel_normalize)
+    normalises on the device; other inputs keep the processor path. augment: an
+    augment.AugmentConfig for training (None: the processor's deterministic resize/crop, as
+    for evaluation); epoch seeds its draws. draft: let JPEGs decode at reduced scale
+    (preprocess.py states the difference); default: with augmentation only, so evaluation
+    equals the processor's output within float rounding. persistent_workers keeps the workers for
+    the next `iter()`; re-aim the same loader with `loader.sampler.set(indices, epoch)` (the
+    workers hold no state of an epoch: exact resume is unchanged).
+    """
+    pixels = pixel_path(inputs, fast_path, augment, draft)
+    return torch.utils.data.DataLoader(
+        ImageDataset(records, skip_bad_images, pixels), batch_size=batch_size,
+        sampler=EpochSampler(indices, epoch), collate_fn=Collate(inputs, dataset_names),
+        num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+        **worker_options(num_workers, persistent_workers, prefetch_factor))
+
+
+def make_stream_loader(stream, inputs, dataset_names, *, batch_size, num_workers, pin_memory,
+                       persistent_workers=False, prefetch_factor=None):
+    """torchdata's StatefulDataLoader over an ImageStream: state_dict() is the position after the
+    last batch taken, JSON-able; load_state_dict() before the first batch resumes there."""
+    _, StatefulDataLoader = import_streaming()
+    return StatefulDataLoader(stream, batch_size=batch_size,
+                              collate_fn=Collate(inputs, dataset_names), num_workers=num_workers,
+                              pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+                              **worker_options(num_workers, persistent_workers, prefetch_factor))
+
+
+def pixel_path(inputs, fast_path, augment=None, draft=None):
+    """The FastPixels of a loader (make_loader states the options), or None for the processor
+    path."""
+    recipe = getattr(inputs, "recipe", None) if fast_path else None
+    if augment is not None and recipe is None:
+        raise ValueError(f"augmentation needs the fast image path; {type(inputs).__name__} has "
+                         "none (see augment.augment_config)")
+    draft = augment is not None if draft is None else draft
+    return FastPixels(recipe, augment, draft) if recipe is not None else None
+
+
+def auto_num_workers(cap=16):
+    """DataLoader workers per rank for --num_workers auto: the CPUs this process may use
+    (os.sched_getaffinity) divided among the local processes (LOCAL_WORLD_SIZE), one left for
+    the process itself, at most `cap`, at least 0."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(cap, usable_cpus() // local - 1))
+
+
+def usable_cpus():
+    """The CPUs this process may use (os.sched_getaffinity; the CPU count where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def ignore_stop_signals(_worker_id):
+    """DataLoader workers leave SIGTERM / SIGUSR1 to the training process, which stops them itself.
+    """
+    import signal
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)

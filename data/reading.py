@@ -1,0 +1,188 @@
+"""Reading records: read_records parses every data spec, has its kind's reader (specs.KINDS) add
+its records to one Reading, and checks them all into one RecordTable, raising one DataError that
+lists every problem.
+
+Every kind serves a record by index, without unpacking anything: image files by path, Arrow
+tables memory-mapped by `datasets` (Parquet is converted once into datasets' cache), tar members
+by their byte offset, from an index of each shard built once and kept beside it (or under the
+run's folder where the shards' folder is read-only). So the keyed sampler of loaders.py works the
+same over every kind. Every record is checked before the first step; a problem names its
+`file:line`, `file.parquet:row`, `shard.tar:member` or image file.
+
+A label may be a class name: mapped through the dataset's labels, else the sorted names of the
+training data (Reading.map_names); a ClassLabel maps by name onto labels known already.
+"""
+import numpy as np
+
+from data.jsonl import classifier_line
+from data.specs import kind_named, parse_spec
+from data.types import (NO_LABEL, DataError, DatasetSpec, RecordTable, dataset_name_problem,
+                        raise_data_errors)
+
+
+class Reading:
+    """What one read_records call builds: the sources, the parts of the table, the problems and
+    notes found, and each dataset's class names as its sources give them."""
+
+    def __init__(self, registry, labelled, fixed, skip_missing_images, index_dir,
+                 training=False):
+        self.registry, self.labelled, self.fixed = registry, labelled, fixed
+        self.training = training
+        self.skip_missing_images, self.index_dir = skip_missing_images, index_dir
+        self.sources, self.parts, self.errors, self.notes = [], [], [], []
+        self.named = []  # (dataset, part index, positions, class names, where) to map
+
+    def add_names(self, name, names, where, record):
+        """The last part's records whose label is a class name (names: bytes, empty where the
+        label is an index): mapped onto the dataset's classes once every source is read
+        (map_names). A source mixing indices and names is an error: which index is which name
+        would be a guess. where: the source, record(i): record i of the part, for messages."""
+        names = np.asarray(names)
+        positions = np.flatnonzero(names != b"")
+        if not len(positions):
+            return
+        labels = self.parts[-1]["labels"]
+        indexed = np.flatnonzero((names == b"") & (labels != NO_LABEL))
+        if len(indexed):
+            self.errors.append(f"{where}: both class indices ({record(indexed[0])}: "
+                               f"{labels[indexed[0]]}) and class names ({record(positions[0])}: "
+                               f"{names[positions[0]].decode()!r}) as labels: which index is "
+                               "which name is not known: give one kind")
+            return
+        self.named.append((name, len(self.parts) - 1, positions,
+                           [n.decode() for n in names[positions]], where, record))
+
+    def map_names(self):
+        """Class names as labels -> class indices: through the registry's labels (or those an
+        image folder or a ClassLabel gave), else the sorted names seen, which become the
+        dataset's labels, so validation data (read after) maps onto the same classes. A name
+        that is not a class is an error naming it and where it is."""
+        for name in dict.fromkeys(n for n, *_ in self.named):
+            entries = [e for e in self.named if e[0] == name]
+            seen = sorted({n for e in entries for n in e[3]})
+            spec = self.registry[name]
+            wheres = ", ".join(dict.fromkeys(e[4] for e in entries))
+            if spec.labels is None:
+                if spec.num_classes is not None and spec.num_classes != len(seen):
+                    raise DataError(
+                        f"dataset {name!r}: its records name {len(seen)} classes ("
+                        f"{', '.join(seen[:10])}{', ...' if len(seen) > 10 else ''}) in "
+                        f"{wheres}; the registry says num_classes {spec.num_classes}: give "
+                        "the class names, in label order, as the dataset's labels")
+                self.classes(name, seen, None, f"the class names of {wheres}")
+            index = {n: i for i, n in enumerate(spec.labels)}
+            unknown = [n for n in seen if n not in index]
+            if unknown:
+                first = next(e[5](e[2][i]) for e in entries for i, n in enumerate(e[3])
+                             if n == unknown[0])
+                self.errors.append(
+                    f"{first}: class name(s) {', '.join(repr(n) for n in unknown[:10])}"
+                    f"{', ...' if len(unknown) > 10 else ''} are not classes of dataset "
+                    f"{name!r} (its classes: {', '.join(spec.labels[:10])}"
+                    f"{', ...' if len(spec.labels) > 10 else ''})")
+                continue
+            for _, k, positions, names, _, _ in entries:
+                labels = self.parts[k]["labels"].copy()
+                labels[positions] = [index[n] for n in names]
+                self.parts[k]["labels"] = labels
+
+    def add_source(self, source):
+        self.sources.append(source)
+        return len(self.sources) - 1
+
+    def dataset_id(self, name, where):
+        """The registry position of dataset `name`; an open registry (fixed False) adds it."""
+        if name not in self.registry:
+            if self.fixed:
+                raise DataError(f"{where}: dataset {name!r} is not in the dataset registry "
+                                f"(known: {', '.join(self.registry)})")
+            problem = dataset_name_problem(name, [*self.registry, name])
+            if problem:
+                raise DataError(f"{where}: dataset {name!r}: {problem}")
+            self.registry[name] = DatasetSpec(name, None if self.labelled else 1)
+        return list(self.registry).index(name)
+
+    def classes(self, name, names, count, where):
+        """A source of dataset `name` knows its classes (names, or only their count): fill the
+        registry entry, or check that it agrees."""
+        spec = self.registry[name]
+        if names is not None:
+            names = [str(n) for n in names]
+            count = len(names)
+        if spec.num_classes is not None and count is not None and spec.num_classes != count:
+            raise DataError(f"dataset {name!r}: the registry says num_classes {spec.num_classes}"
+                            f", {where} has {count} classes")
+        if names is not None and spec.labels is not None and spec.labels != names:
+            raise DataError(f"dataset {name!r}: the class names of {where} "
+                            f"({', '.join(names[:5])}{', ...' if count > 5 else ''}) differ from "
+                            f"the registry's labels ({', '.join(spec.labels[:5])}"
+                            f"{', ...' if len(spec.labels) > 5 else ''})")
+        spec.num_classes = spec.num_classes or count
+        spec.labels = spec.labels or names
+
+
+def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=classifier_line,
+                 skip_missing_images=False, index_dir=None, training=False, say=print):
+    """Read and check every record of every spec into one RecordTable; raise one DataError
+    listing what is wrong. labelled: records need a class (the classifier); fixed: a dataset
+    outside `registry` is an error, else it is added (an entry the sources complete).
+    jsonl_record(item) -> (dataset name, [(image, field)], label) reads a JSON record.
+    skip_missing_images: a shard's sample without an image is left out (and said), not an
+    error. index_dir: where tar indexes go when a shard's folder is read-only. training: the
+    training split (an image folder's class without images is an error, not a note)."""
+    reading = Reading(registry, labelled, fixed, skip_missing_images, index_dir, training)
+    parsed = [parse_spec(s) for s in specs]
+    for spec in parsed:  # NAME= datasets first: the registry's order follows the specs
+        if spec.name is not None:
+            reading.dataset_id(spec.name, f"data spec {spec.text!r}")
+    for spec in parsed:
+        kind_named(spec.kind).read(spec, reading, jsonl_record)
+    reading.map_names()
+    records = RecordTable.concatenate(reading.parts, reading.sources)
+    if labelled:
+        check_labels(records, registry, reading.errors)
+    for note in reading.notes:
+        say(f"note: {note}")
+    raise_data_errors(reading.errors, len(records), [s.text for s in parsed])
+    return records
+
+
+def check_labels(records, registry, errors):
+    """Every record's label inside [0, num_classes) of its dataset, checked on the arrays; each
+    problem names its record. A record without a label is listed whatever the class count; the
+    range of a dataset whose class count is not known yet is left to check_classes (a later
+    source may give it)."""
+    for dataset_id, (name, spec) in enumerate(registry.items()):
+        members = np.flatnonzero(records.dataset_ids == dataset_id)
+        if not len(members):
+            continue
+        k, labels = spec.num_classes, records.labels[members]
+        missing = members[labels == NO_LABEL]
+        outside = (members[(labels != NO_LABEL) & ((labels < 0) | (labels >= k))]
+                   if k is not None else members[:0])
+        errors += [f"{records[i].source}: no label (a .cls member, the 'label' of a .json member, "
+                   "a .txt member, or the label column)" for i in missing[:20].tolist()]
+        errors += [f"{records[i].source}: field 'label': {records.labels[i]} is outside [0, {k}) "
+                   f"for dataset {name!r}" for i in outside[:20].tolist()]
+        if len(missing) > 20 or len(outside) > 20:  # the arrays are checked whole, not listed
+            errors.append(f"dataset {name!r}: {len(missing)} records without a label and "
+                          f"{len(outside)} with one outside [0, {k}) in all")
+
+
+def check_classes(registry, tables):
+    """After every source of a run is read: each dataset knows its class count, and every
+    record's label is checked against it (also those read before a later source gave it)."""
+    errors = []
+    for dataset_id, (name, spec) in enumerate(registry.items()):
+        if spec.num_classes is not None:
+            continue
+        kinds = sorted({t.sources[s].what() for t in tables if t is not None
+                        for s in np.unique(t.source_ids[t.dataset_ids == dataset_id]).tolist()})
+        said = f" ({'; '.join(kinds)})" if kinds else ""
+        errors.append(f"dataset {name!r}: no num_classes in the registry, and its sources{said} "
+                      "do not say how many classes it has (an image folder or a ClassLabel "
+                      "column does): add num_classes")
+    for records in tables:
+        if records is not None:
+            check_labels(records, registry, errors)
+    raise_data_errors(errors, 1, [])
