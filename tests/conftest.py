@@ -116,13 +116,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def load_weights(checkpoint):
-    """All weights of a checkpoint (backbone + head), read without the trainer."""
+def load_weights(checkpoint, part="head"):
+    """All weights of a checkpoint (backbone + head, or generation's LM + `unified` image parts),
+    read without the trainer."""
     from safetensors.torch import load_file
     weights = load_file(os.path.join(checkpoint, "model.safetensors"))
     weights.update({
-        f"head.{k}": v
-        for k, v in load_file(os.path.join(checkpoint, "head.safetensors")).items()
+        f"{part}.{k}": v
+        for k, v in load_file(os.path.join(checkpoint, f"{part}.safetensors")).items()
     })
     return weights
 

@@ -286,15 +286,17 @@ def qwen3_vl(folder, moe=False):
                                      "patch_size": 16, "merge_size": 2})
 
 
-def llava(folder):
+def llava(folder, config_class=T.LlavaConfig, model_class=T.LlavaForConditionalGeneration,
+          feature_layer=-1):
     tokenizer = train_tokenizer(VISION_TOKENS + ["<image>"], chat_template=None)
-    config = T.LlavaConfig(
+    config = config_class(
         vision_config=T.CLIPVisionConfig(**TOWER, image_size=28, patch_size=14),
         text_config=T.LlamaConfig(**text_config(tokenizer)),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=feature_layer)
     image_processor = T.CLIPImageProcessorPil(size={"shortest_edge": 28},
                                               crop_size={"height": 28, "width": 28})
-    return save_vlm(folder, lambda: T.LlavaForConditionalGeneration(config), tokenizer,
+    return save_vlm(folder, lambda: model_class(config), tokenizer,
                     image_processor, processor=lambda i, t: T.LlavaProcessor(
                         image_processor=i, tokenizer=t, patch_size=14, image_token="<image>",
                         vision_feature_select_strategy="default", num_additional_image_tokens=1))
@@ -303,17 +305,7 @@ def llava(folder):
 def vipllava(folder):
     """VipLLaVA: LLaVA whose projector reads several layers of the CLIP tower at once (here the
     last two, concatenated), with LLaVA's processor."""
-    tokenizer = train_tokenizer(VISION_TOKENS + ["<image>"], chat_template=None)
-    config = T.VipLlavaConfig(
-        vision_config=T.CLIPVisionConfig(**TOWER, image_size=28, patch_size=14),
-        text_config=T.LlamaConfig(**text_config(tokenizer)),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=[-2, -1])
-    image_processor = T.CLIPImageProcessorPil(size={"shortest_edge": 28},
-                                              crop_size={"height": 28, "width": 28})
-    return save_vlm(folder, lambda: T.VipLlavaForConditionalGeneration(config), tokenizer,
-                    image_processor, processor=lambda i, t: T.LlavaProcessor(
-                        image_processor=i, tokenizer=t, patch_size=14, image_token="<image>",
-                        vision_feature_select_strategy="default", num_additional_image_tokens=1))
+    return llava(folder, T.VipLlavaConfig, T.VipLlavaForConditionalGeneration, [-2, -1])
 
 
 def llava_next(folder):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import train
-from conftest import assert_same_adam_steps, killed_after, read_jsonl, run_script, write_jsonl
+from conftest import (assert_same_adam_steps, killed_after, load_weights, read_jsonl, run_script,
+                      write_jsonl)
 from tasks.generate.batches import GenerationDataset, collate_sequences, target_counts
 from tasks.generate.model import UnifiedModel, load_language_model, unified_losses
 from tasks.generate.patches import ImageSpec, load_image
@@ -97,7 +98,7 @@ def test_sequence_layout_labels_and_positions(tiny_lm):
     assert tokens["position_ids"][-1] == tokens["position_ids"][0] + n - 17 - 1
 
 
-# ----------------------------------------------------------------------------- starting values and 
+# ----------------------------------------------------------------------------- starting values and
 
 def test_starting_losses_with_the_zero_initialised_head(tiny_lm, gen_data):
     lm, tokenizer = load_language_model(tiny_lm)
@@ -139,13 +140,7 @@ def assert_same_first_step(a, b):
 
 
 def load_weights_unified(folder):
-    from safetensors.torch import load_file
-    weights = load_file(os.path.join(folder, "model.safetensors"))
-    weights.update({
-        f"unified.{k}": v
-        for k, v in load_file(os.path.join(folder, "unified.safetensors")).items()
-    })
-    return weights
+    return load_weights(folder, "unified")
 
 
 @pytest.mark.parametrize("micro_batch, accum", [(4, 3), (5, 3)])
