@@ -164,7 +164,9 @@ def keep_recorded_outputs(modules):
         return
     for module in modules:
         if isinstance(module, PreTrainedModel):
-            _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+            # keyed on the class's name underneath: 5.21-5.24 keep a plain dict that their own
+            # __init__ fills by str(class); from 5.25 a dict subclass whose setter takes the model
+            dict.__setitem__(_CAN_RECORD_REGISTRY, str(type(module)), module._can_record_outputs)
 
 
 def is_sharded(model):
