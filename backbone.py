@@ -1,7 +1,7 @@
 """Hugging Face models as the loop runs them: loading a local folder or a preset (whole, or with
 its parameters on the meta device), the inputs its processor builds from PIL images, its
 structure (blocks, a vision-language model's vision tower and language model, FSDP units,
-activation checkpointing) and the train / eval modes and autocast every task's model runs in.
+activation checkpointing) and the train / eval modes every task's model runs in.
 
 Backbones are vision models (ViT, ResNet, ConvNeXt, the vision tower of CLIP/SigLIP) fed
 what their image processor returns, or vision-language models (Qwen2-VL, LLaVA, Gemma3 and other
@@ -555,7 +555,10 @@ class ImageTextInputs:
             flat = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
         except Exception:  # noqa: BLE001 - the nested call's error says what is wrong
             raise refusal from None
-        if len(flat["input_ids"]) != len(images):
+        # one image per sample: each row holds the same number of image tokens, none empty
+        token = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        per_row = (flat["input_ids"] == token).sum(dim=1).tolist()
+        if len(per_row) != len(images) or per_row[0] == 0 or len(set(per_row)) != 1:
             raise refusal
         return False
 

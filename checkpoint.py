@@ -105,7 +105,7 @@ REGISTRY_NAMES = ("description", "labels", "eval_only")
 
 def run_fingerprint(args, data, rank=0):
     """What defines a run beside its flags' text, kept in training_info.json: the content
-    fingerprint of its data (fingerprint.py; computed on rank 0, shared with the others), the
+    fingerprint of its data (data/fingerprint.py; computed on rank 0, shared with the others), the
     class names of each dataset in their index order, the registry as loaded (a registry file can
     change under the same name) and the --model folder's weight files (model_files_sample)."""
     files = ({flag: data_fingerprints(getattr(args, flag)) for flag in ("train_data", "val_data")}

@@ -160,3 +160,7 @@ def main(argv=None):
         print(f"error: --make-demo {args.make_demo}: cannot write the demo ({reason(e)})",
               file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -158,12 +158,16 @@ def keep_recorded_outputs(modules):
     class, and would find none for the new class: each sharded transformers model is registered
     under it as its __init__ registered it under the old one."""
     from transformers import PreTrainedModel
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # a release without the registry reads them from the class attribute
-        return
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
     for module in modules:
         if isinstance(module, PreTrainedModel):
+            # the class fully_shard derived it from (after FSDPModule in its bases)
+            unsharded = str(next(c for c in type(module).__mro__[1:]
+                                 if issubclass(c, PreTrainedModel)))
+            if not dict.__contains__(_CAN_RECORD_REGISTRY, unsharded):
+                raise RuntimeError(f"transformers' registry of recordable outputs holds no "
+                                   f"{unsharded}: its layout changed, the sharded model would "
+                                   "record nothing")
             # keyed on the class's name underneath: 5.21-5.24 keep a plain dict that their own
             # __init__ fills by str(class); from 5.25 a dict subclass whose setter takes the model
             dict.__setitem__(_CAN_RECORD_REGISTRY, str(type(module)), module._can_record_outputs)

@@ -285,7 +285,7 @@ def build_parser():
 
 
 # eval.py's flags that cannot act under the others (config.flag_errors; each task adds its own).
-FLAG_NEEDS = {"seed": ("--partial", lambda a: getattr(a, "partial", False)),
+FLAG_NEEDS = {"seed": ("--partial", lambda a: a.partial),
               "shard_size": ("--dist hsdp", lambda a: a.dist == "hsdp")}
 
 

@@ -71,9 +71,10 @@ def file_stamp(path):
     """A Parquet file's or a shard's identity: the CRC-32 of its first and last BLOCK bytes (a
     Parquet footer) and its modification time (a shard's middle rewritten in place, which its
     cached index notices by the same time)."""
-    size = os.path.getsize(path)
+    stat = os.stat(path)
+    size = stat.st_size
     crc = crc_of_blocks(path, [0] + ([max(BLOCK, size - BLOCK)] if size > BLOCK else []))
-    return f"{crc:08x}-{os.stat(path).st_mtime_ns}"
+    return f"{crc:08x}-{stat.st_mtime_ns}"
 
 
 def crc_of_blocks(path, offsets, block_bytes=BLOCK):

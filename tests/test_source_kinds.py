@@ -1,6 +1,7 @@
 """A new kind of source is one reader module and one line of the table of kinds (data.specs.KINDS):
-a toy kind, a text file of `IMAGE LABEL` lines, is read, detected, forced by its prefix, checked
-and fingerprinted through that line alone."""
+a toy kind, a text file of `IMAGE LABEL` lines, is read, detected, forced by its prefix and
+checked through that line alone; a one-file kind is fingerprinted as its file (a kind whose data
+is a folder of files needs its line in data/fingerprint.py too)."""
 import importlib.util
 
 import pytest
