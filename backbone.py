@@ -245,8 +245,13 @@ def fine_tuning_setting(backbone, name_or_path):
     config = backbone.config
     if getattr(config, "mask_ratio", None) is None or "noise" not in forward_names(backbone):
         return
-    if not any(callable(getattr(m, "random_masking", None)) and getattr(m, "is_mae", True)
-               for m in backbone.modules()):
+    maskers = [m for m in backbone.modules() if callable(getattr(m, "random_masking", None))]
+    if not maskers:  # transformers renamed it: refused, rather than trained on dropped patches
+        raise ValueError(f"{name_or_path}: {type(backbone).__name__} takes `noise` and its config "
+                         f"a mask_ratio ({config.mask_ratio}), as ViTMAE, but none of its modules "
+                         "has the random_masking method by which its masking is found here: "
+                         "whether it drops patches cannot be told with this transformers version")
+    if not any(getattr(m, "is_mae", True) for m in maskers):
         return
     if config.mask_ratio:
         # said on every load of such a folder: checkpoints are saved with the ratio 0

@@ -401,6 +401,18 @@ def test_a_processor_that_refuses_nested_images_gets_one_image_per_sample(family
     assert load_backbone(family_folder("idefics3"))[1].nested
 
 
+def test_a_masking_model_whose_masking_cannot_be_found_is_refused(family_folder):
+    """ViTMAE's masking is found by its embeddings' random_masking method; were it renamed (a
+    later transformers), the model would train on a quarter of its patches, shuffled: refused."""
+    from transformers import ViTMAEModel
+    from backbone import fine_tuning_setting
+    folder = family_folder("vit_mae")
+    backbone = ViTMAEModel.from_pretrained(folder)
+    backbone.embeddings.random_masking = None  # the method under another name
+    with pytest.raises(ValueError, match="none of its modules has the random_masking method"):
+        fine_tuning_setting(backbone, folder)
+
+
 def test_a_model_that_never_masks_is_left_as_it_is(family_folder, capsys):
     """HieraModel keeps its pre-training mask_ratio (0.6) in its config, but only
     HieraForPreTraining masks: nothing is changed and no note says patches are dropped."""

@@ -143,3 +143,13 @@ def test_another_task_flag_is_refused_by_its_owner_name(brightness_task, small_d
     assert e.value.code == 2
     assert ("--mixup, --pooling: for --task classify, not brightness"
             in capsys.readouterr().err)
+
+
+def test_every_flag_a_task_shares_is_a_general_flag_of_train_or_eval():
+    """A name in SHARED_FLAGS that neither parser defines (a typo) would share nothing, quietly:
+    the task would refuse its own flag as another task's."""
+    import config
+    flags = {a.dest for parser in (config.build_parser(None), eval_script.build_parser())
+             for a in parser._actions}
+    for task in tasks.TASKS.values():
+        assert task.SHARED_FLAGS <= flags, (type(task).__name__, task.SHARED_FLAGS - flags)

@@ -26,13 +26,13 @@ Parquet, read by index in a shuffled order through the fast path (data/), and th
 read their records the first time (shard index, Parquet -> Arrow) and again (cached).
 
 --data_path: train.py (a tiny ViT at 224 px, one worker, no evaluation) with --augment none and
-crop_flip, each next to a plain Pillow loop on one core doing the same decode and resize; the
-images/s of each and their ratio (benchmark_data_path).
+crop_flip, each next to a plain Pillow loop on one core doing the same decode and resize and to
+train.py's loader alone (no model); the images/s of each and their ratios (benchmark_data_path).
 
 --peer: train.py on a ViT-Ti/16 (random init, 448 JPEGs, one worker, no augmentation, fp32)
 against the same training in plain PyTorch and, with --timm_python PYTHON --timm_train FILE,
-timm's train.py run by another environment's Python; alternated, images/s and the ratios
-(benchmark_peer).
+timm's train.py and train.py itself run by another environment's Python (timm's torch);
+alternated, images/s and the ratios (benchmark_peer).
 
 --data: the same JPEG files through the processor path (ViTImageProcessorPil at 224, float32
 batches) and through the fast path (uint8 batches, preprocess.py) without and with draft, with
@@ -267,8 +267,9 @@ def benchmark_data_path(args):
     tiny ViT at 224 px, batch --batch_size, one DataLoader worker, no evaluation) with --augment
     none (full decode + the processor's resize) and crop_flip (draft decode of the crop), each
     next to a single-process Pillow loop doing that decode and resize on the same JPEGs in this
-    process, in interleaved rounds (best of --rounds). train.py's rate is samples_per_second of
-    its metrics.jsonl after the first logged window (the worker's start and first batches)."""
+    process and to train.py's loader alone (its worker's batches, no model), in interleaved
+    rounds (best of --rounds). train.py's rate is samples_per_second of its metrics.jsonl after
+    the first logged window (the worker's start and first batches)."""
     import json
     import shutil
     import subprocess
@@ -277,7 +278,9 @@ def benchmark_data_path(args):
     import numpy as np
     from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
 
-    from augment import draw_crop
+    from augment import augment_config, draw_crop
+    from backbone import ImageInputs
+    from dataset import DatasetSpec, make_loader, read_records
     root = args.data_path
     photos = os.path.join(root, "train")
     if not os.path.isdir(photos):  # two classes of --make_jpegs N photographs (default 1024)
@@ -334,27 +337,40 @@ def benchmark_data_path(args):
                     left * s, top * s, (left + w) * s, (top + h) * s))
         return count / (time.perf_counter() - start)
 
+    registry = {"bench": DatasetSpec("bench", 2)}
+    records = read_records([f"bench=folder:{photos}"], registry, say=lambda m: None)
+    inputs = ImageInputs(ViTImageProcessorPil.from_pretrained(model))
+
+    def loader_rate_of(augment):
+        """train.py's training loader alone: one worker's batches, the main process idle."""
+        config = None if augment == "none" else augment_config(augment, registry, inputs)
+        return loader_rate(make_loader(records, order, inputs, ["bench"],
+                                       batch_size=args.batch_size, num_workers=1,
+                                       fast_path=True, augment=config))
+
     paths = [("exact (--augment none)", "none"), ("augmented (--augment crop_flip)", "crop_flip")]
     print(f"{len(files)} JPEGs of 384-512 px in {photos}, tiny ViT at 224 px, batch "
           f"{args.batch_size}, one worker, {os.cpu_count()} CPUs; train.py samples/s (its "
           f"logged windows after the first) and plain Pillow on one core, best of "
           f"{args.rounds} interleaved rounds")
-    best = {(a, k): 0.0 for _, a in paths for k in ("train", "pillow")}
+    best = {(a, k): 0.0 for _, a in paths for k in ("train", "pillow", "loader")}
     try:
         for r in range(args.rounds):
             for _, augment in paths:
-                rates = {"train": train_rate(augment), "pillow": pillow_rate(augment)}
+                rates = {"train": train_rate(augment), "pillow": pillow_rate(augment),
+                         "loader": loader_rate_of(augment)}
                 for kind, rate in rates.items():
                     best[augment, kind] = max(best[augment, kind], rate)
                 print(f"  round {r + 1} {augment:<10} train.py {rates['train']:7.1f}  Pillow "
-                      f"{rates['pillow']:7.1f}  {rates['train'] / rates['pillow']:5.2f}x",
-                      flush=True)
+                      f"{rates['pillow']:7.1f}  {rates['train'] / rates['pillow']:5.2f}x  "
+                      f"loader alone {rates['loader']:7.1f}  "
+                      f"{rates['loader'] / rates['pillow']:5.2f}x", flush=True)
     finally:
         shutil.rmtree(work)
     for name, augment in paths:
-        train, pillow = best[augment, "train"], best[augment, "pillow"]
+        train, pillow, loader = (best[augment, k] for k in ("train", "pillow", "loader"))
         print(f"{name:<34} train.py {train:7.1f} images/s   plain Pillow {pillow:7.1f}   "
-              f"{train / pillow:5.2f}x")
+              f"{train / pillow:5.2f}x   loader alone {loader:7.1f}   {loader / pillow:5.2f}x")
 
 
 # ViT-Ti/16's shape (5.7M parameters): what --peer trains, from a random init
@@ -445,9 +461,9 @@ def benchmark_peer(args):
     def rate(seconds):  # images/s of the steps after the warm-up
         return args.batch_size * args.steps / sum(seconds[PEER_WARMUP:steps])
 
-    def train_py():
+    def train_py(python=sys.executable):
         out = os.path.join(work, "train")
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--train_data",
+        cmd = [python, os.path.join(ROOT, "train.py"), "--model", model, "--train_data",
                f"bench=folder:{photos}", "--datasets", "bench=2", "--output_dir", out,
                "--overwrite", "--batch_size", str(args.batch_size), "--num_workers", "1",
                "--max_steps", str(steps), "--logging_steps", "1", "--skip_evaluation",
@@ -484,7 +500,9 @@ def benchmark_peer(args):
     if args.timm_python:
         if not args.timm_train:
             user_error("--timm_python needs --timm_train (timm's train.py)")
-        peers.append(("timm train.py", timm))
+        # train.py on timm's torch as well: the two environments' torch builds differ
+        peers += [("train.py, timm's torch", lambda: train_py(args.timm_python)),
+                  ("timm train.py", timm)]
     print(f"{PEER_IMAGES} JPEGs of 384-512 px in {photos}, ViT-Ti/16 at 224 px, fp32, batch "
           f"{args.batch_size}, one worker, no augmentation, {os.cpu_count()} CPUs; images/s of "
           f"steps {PEER_WARMUP + 1}-{steps} of fresh runs, alternated, {args.rounds} rounds")
@@ -500,8 +518,12 @@ def benchmark_peer(args):
     ours = statistics.median(rates["train.py"])
     for name, _ in peers:
         mid = statistics.median(rates[name])
-        print(f"{name:<14} {mid:7.1f} images/s (median; {min(rates[name]):.1f}-"
+        print(f"{name:<22} {mid:7.1f} images/s (median; {min(rates[name]):.1f}-"
               f"{max(rates[name]):.1f})   train.py / {name} {ours / mid:5.2f}x")
+    if args.timm_python:
+        same = statistics.median(rates["train.py, timm's torch"])
+        print(f"on timm's torch: train.py / timm train.py "
+              f"{same / statistics.median(rates['timm train.py']):5.2f}x")
 
 
 def rss_anon_mb():
