@@ -163,14 +163,16 @@ def from_pretrained(model_class, folder, random_init=(), **kwargs):
 
 def output_fields(model_class):
     """The fields of the ModelOutput that model_class.forward is annotated to return (none where
-    its annotation names none)."""
+    its annotation names none). An annotation that does not resolve is an error: what the model
+    returns decides which of its parts is trained."""
     import dataclasses
     import typing
     from transformers.utils import ModelOutput
     try:
         returned = typing.get_type_hints(model_class.forward).get("return")
-    except Exception:  # noqa: BLE001 - an annotation that does not resolve names nothing
-        return set()
+    except Exception as e:  # noqa: BLE001 - any failure to resolve it is reported alike
+        raise ValueError(f"cannot read what {model_class.__name__}.forward returns, which "
+                         f"decides whether its vision tower alone is trained: {e}") from None
     kinds = typing.get_args(returned) or (returned,)
     return {f.name for kind in kinds if isinstance(kind, type) and issubclass(kind, ModelOutput)
             for f in dataclasses.fields(kind)}

@@ -413,6 +413,22 @@ def test_a_masking_model_whose_masking_cannot_be_found_is_refused(family_folder)
         fine_tuning_setting(backbone, folder)
 
 
+def test_what_a_model_returns_is_read_from_its_annotation_or_refused():
+    """Whether a vision-language folder trains its vision tower alone is read from the output its
+    model class is annotated to return (BLIP-2: vision outputs, no last hidden state); an
+    annotation that does not resolve is an error, not a model that returns nothing."""
+    from transformers import Blip2Model, Blip2VisionModel
+    from backbone import output_fields
+    assert {"vision_outputs", "qformer_outputs"} <= output_fields(Blip2Model)
+    assert "last_hidden_state" not in output_fields(Blip2Model)
+
+    class Unresolved(Blip2VisionModel):
+        def forward(self, pixel_values) -> "OutputOfALaterRelease":  # noqa: F821
+            return super().forward(pixel_values)
+    with pytest.raises(ValueError, match="cannot read what Unresolved.forward returns"):
+        output_fields(Unresolved)
+
+
 def test_a_model_that_never_masks_is_left_as_it_is(family_folder, capsys):
     """HieraModel keeps its pre-training mask_ratio (0.6) in its config, but only
     HieraForPreTraining masks: nothing is changed and no note says patches are dropped."""
