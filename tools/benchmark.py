@@ -351,8 +351,8 @@ def benchmark_data_path(args):
     paths = [("exact (--augment none)", "none"), ("augmented (--augment crop_flip)", "crop_flip")]
     print(f"{len(files)} JPEGs of 384-512 px in {photos}, tiny ViT at 224 px, batch "
           f"{args.batch_size}, one worker, {os.cpu_count()} CPUs; train.py samples/s (its "
-          f"logged windows after the first) and plain Pillow on one core, best of "
-          f"{args.rounds} interleaved rounds")
+          f"logged windows after the first), plain Pillow on one core and train.py's loader "
+          f"alone (no model), best of {args.rounds} interleaved rounds")
     best = {(a, k): 0.0 for _, a in paths for k in ("train", "pillow", "loader")}
     try:
         for r in range(args.rounds):
