@@ -70,8 +70,13 @@ def add_task_flags(parser, hook, title="--task {}"):
         getattr(task, hook)(parser.add_argument_group(title.format(task.NAME)))
         parser.task_flags.update({action.dest: (task.NAME,) for action in parser._actions
                                   if action.dest not in known})
-    general = {action.dest for action in parser._actions} - set(parser.task_flags)
+    own = set(parser.task_flags)  # the tasks' own flags
+    general = {action.dest for action in parser._actions} - own
     for task in TASKS.values():
+        owned = task.SHARED_FLAGS & own
+        if owned:  # it would be dropped here, and the task refused its "shared" flag
+            raise TypeError(f"{type(task).__name__}.SHARED_FLAGS names {', '.join(sorted(owned))}"
+                            ": another task's own flag, not a general one")
         for name in sorted(task.SHARED_FLAGS & general):
             parser.task_flags[name] = parser.task_flags.get(name, ()) + (task.NAME,)
 
@@ -108,13 +113,13 @@ def flag_errors(args, parser, task, given, needs):
     (another task's, or a shared one it does not name), and none that cannot act under the other
     flags (`needs`: flag -> (what it needs, test of args), the general table and the task's).
     Returns the error text, or None."""
-    foreign = {}  # the first task that reads them -> the flags given
+    foreign = {}  # the tasks that read them -> the flags given
     for name in sorted(given):
         readers = parser.task_flags.get(name, (task.NAME,))  # a general flag: every task
         if task.NAME not in readers:
-            foreign.setdefault(readers[0], []).append(name)
-    errors = [f"{', '.join('--' + n for n in names)}: for --task {owner}, not {task.NAME}"
-              for owner, names in foreign.items()]
+            foreign.setdefault(" / ".join(readers), []).append(name)
+    errors = [f"{', '.join('--' + n for n in names)}: for --task {owners}, not {task.NAME}"
+              for owners, names in foreign.items()]
     inert = {}  # what is missing -> the flags given that need it
     for name, (what, holds) in needs.items():
         if (name in given and task.NAME in parser.task_flags.get(name, (task.NAME,))

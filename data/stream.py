@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.paths import expand_paths, is_url
+from data.paths import is_url, spec_files
 from data.reading import Reading
 from data.sampling import SCHEDULE_BLOCK, block_schedule, stream_shares
 from data.specs import parse_spec
 from data.tar_index import TAR_IMAGE_FIELDS, load_tar_index
 from data.types import NO_IMAGE, NO_LABEL, DataError, raise_data_errors
+from data.wds import SHARD_FILES
 from preprocess import to_rgb
 
 # How the readers (processes x workers) split a stream (StreamSource.plan); kept in a checkpoint
@@ -143,8 +144,8 @@ def stream_sources(specs, registry, fixed, index_dir=None, skip_missing_images=F
             raise DataError(f"data spec {text!r}: --streaming reads Parquet files or WebDataset "
                             f"shards, not a {spec.kind} source")
         dataset_id = reading.dataset_id(spec.name, f"data spec {text!r}")
-        files = list(spec.files or  # a split's files (specs.split_layout)
-                     expand_paths(spec.path, text, ".parquet" if spec.kind == "hf" else ".tar"))
+        # a folder's compressed shards too, as read_shards lists them (streamed as they are read)
+        files = spec_files(spec, ".parquet" if spec.kind == "hf" else SHARD_FILES)
         known = by_name.get(spec.name)
         if known and known.kind != spec.kind:
             raise DataError(f"data spec {text!r}: dataset {spec.name!r} is streamed from one "

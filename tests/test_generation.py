@@ -336,7 +336,7 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
     # a classifier's eval.py flag on a generation checkpoint: refused, nothing recorded
     result = run_script("eval.py", tmp_path / "gen", "--num_workers", 0, "--partial")
     assert result.returncode == 2
-    assert "--partial: for --task classify, not generate" in result.stderr
+    assert "--partial: for --task classify / autoencoder, not generate" in result.stderr
     assert read_jsonl(tmp_path / "gen" / "eval_results.jsonl")[-1] == row
 
 

@@ -3,6 +3,7 @@ datasets' iterable datasets; exact shares per block, disjoint parts per rank, th
 position through torchdata's StatefulDataLoader as JSON, a training run killed and resumed
 bitwise, and bad samples named as they come."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -180,3 +181,28 @@ def test_stream_flags_and_bad_samples_are_refused_clearly(specs, layouts, tiny_v
             continue
         with pytest.raises(DataError, match=r"bad-000.tar:k1.png: field 'label': 7 is outside"):
             next(items)
+
+
+def test_a_folder_of_shards_streams_its_compressed_shards_too(specs, tmp_path):
+    """A folder given to --streaming streams every shard read_records would list: a gzipped one
+    beside a plain one is read, not left out without a word."""
+    import glob
+    import gzip
+    import itertools
+    import shutil
+    plain, other = sorted(glob.glob(specs["train"][1].split("=", 1)[1].replace(
+        "{000..001}", "*")))
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shutil.copy(plain, folder / "parity-000.tar")
+    with open(other, "rb") as f, gzip.open(folder / "parity-001.tar.gz", "wb") as out:
+        out.write(f.read())
+    registry = load_registry({"parity": {"num_classes": 2}})
+    stream, _, _ = build_stream([f"parity=wds:{folder}"], registry, True, seed=3, rank=0,
+                                world_size=1, buffer=16, skip_bad_images=False)
+    assert [os.path.basename(f) for f in stream.sources[0].files] == ["parity-000.tar",
+                                                                   "parity-001.tar.gz"]
+    stream.num_classes = [2]
+    whole = read_records([specs["train"][1]], load_registry({"parity": {"num_classes": 2}}))
+    keys = [item[3] for item in itertools.islice(iter(stream), len(whole))]
+    assert len(set(map(str, keys))) == len(whole)  # one pass: every sample of both shards

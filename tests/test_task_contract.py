@@ -153,3 +153,18 @@ def test_every_flag_a_task_shares_is_a_general_flag_of_train_or_eval():
              for a in parser._actions}
     for task in tasks.TASKS.values():
         assert task.SHARED_FLAGS <= flags, (type(task).__name__, task.SHARED_FLAGS - flags)
+
+
+def test_a_task_sharing_another_tasks_own_flag_is_refused_where_the_parser_is_built():
+    """Listed in SHARED_FLAGS, a flag another task owns would be dropped from the list, and the
+    task would refuse it as that task's: refused by name instead."""
+    import config
+    sharing = type("sharing_task", (Brightness,), {"NAME": "sharing",
+                                                   "SHARED_FLAGS": frozenset({"mixup"})})
+    tasks.register(sharing)
+    try:
+        with pytest.raises(TypeError, match="sharing_task.SHARED_FLAGS names mixup: another "
+                                            "task's own flag"):
+            config.build_parser(None)
+    finally:
+        del tasks.TASKS["sharing"]
