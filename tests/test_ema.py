@@ -188,7 +188,8 @@ def test_ema_is_sharded_like_the_model_under_fsdp2(tmp_path):
            "--master_port", str(_free_port()), str(script), str(tmp_path / "ckpt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
+    # every rank's lines: the one that failed first is not always the last to write
+    assert out.returncode == 0, out.stderr[-20000:]
     # and a single process reads the shards back into a whole-model shadow
     shadow = make_ema(tiny_model())
     load_ema_state(str(tmp_path / "ckpt"), shadow)
