@@ -3,7 +3,6 @@
 Without torchrun (no RANK in the environment) everything runs in one process and the
 collectives below are no-ops.
 """
-import ctypes
 import datetime
 import multiprocessing
 import os
@@ -12,6 +11,8 @@ import traceback
 
 import torch
 import torch.distributed as dist
+
+import host_allocator
 
 if dist.is_available():
     # Must be imported before init_process_group: torch.distributed.nn binds `group=group.WORLD` as
@@ -39,21 +40,6 @@ def setup_distributed(timeout_minutes=30):
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                             device_id=device if backend == "nccl" else None)
     return rank, world_size, local_rank, device
-
-
-def return_freed_memory(threshold=1 << 20):
-    """Host allocations of `threshold` bytes and more are mapped and given back when freed. glibc
-    raises its own threshold (up to 32 MB) as such blocks are freed and keeps freed blocks below
-    it in the heap, which the gathers of sharded weights (a block at a time, on the CPU) fragment:
-    measured, each of 2 FSDP2 ranks of a 200 MB model kept about 300 MB more after one step.
-    Only for sharded weights in host memory: every activation above the threshold then costs
-    its page faults again at each step (a ViT-Ti/16 on the CPU stepped 1.45x slower with it)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: its allocator has no such threshold
-        return
-    M_MMAP_THRESHOLD = -3  # malloc.h
-    libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 SHARDED = ("fsdp", "hsdp")  # the --dist values that shard the model with FSDP2
@@ -190,7 +176,9 @@ def run(fn, args, user_errors, timeout_minutes=30):
     # before anything is loaded: the gathers (on the CPU) or the shards (offloaded) in host memory
     if getattr(args, "dist", None) in SHARDED and world_size > 1 and (
             device.type == "cpu" or getattr(args, "cpu_offload", False)):
-        return_freed_memory()
+        host_allocator.return_freed_memory()
+    else:
+        host_allocator.keep_freed_memory()
     try:
         fn(args, rank, world_size, device)
         failure = None

@@ -141,6 +141,8 @@ def format_groups(groups, lr):
 
 
 def make_optimizer(model, args, device):
-    """AdamW over parameter_groups (the part learning rates, no weight decay below 2 dims)."""
+    """AdamW over parameter_groups (the part learning rates, no weight decay below 2 dims), fused
+    on a GPU and on the CPU: one kernel per parameter instead of a dozen elementwise passes
+    (ViT-Ti/16's 5.6M parameters on 2 CPUs: 12 ms a step against 40 ms, docs/performance.md)."""
     return torch.optim.AdamW(parameter_groups(model, args), lr=args.lr,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))

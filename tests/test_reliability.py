@@ -383,23 +383,23 @@ def test_a_model_folder_with_its_own_code_is_refused_unless_trusted(small_data, 
 @pytest.mark.fault("non-finite")
 def test_a_fused_optimizer_skips_bad_steps_on_the_device_and_counts_them_alike(
         small_data, tiny_vit, tmp_path, monkeypatch, capsys):
-    """A fused AdamW (what GPUs get) is told of a non-finite gradient norm on the device, with no
-    host sync in the step; the steps are counted later, as the synchronous path counts them: the
-    same skipped_step records, train records and stop."""
+    """A fused AdamW (what GPUs and CPUs get) is told of a non-finite gradient norm on the device,
+    with no host sync in the step; the steps are counted later, as the synchronous path (an AdamW
+    that is not fused) counts them: the same skipped_step records, train records and stop."""
     monkeypatch.setenv("MIXTRAIN_FAULT", "nan_loss:2,nan_loss:5,nan_loss:6,nan_loss:7")
     argv = ["--max_steps", 10, "--skip_evaluation", "--logging_steps", 3, "--save_steps", 4,
             "--max_bad_steps", 2]
     errors, logs = {}, {}
+    adamw, asked = torch.optim.AdamW, []
     for name in ("synced", "fused"):
-        if name == "fused":
-            adamw = torch.optim.AdamW
-            monkeypatch.setattr(torch.optim, "AdamW",
-                                lambda params, **kw: adamw(params, **{**kw, "fused": True}))
+        monkeypatch.setattr(torch.optim, "AdamW", lambda params, fused, **kw: asked.append(
+            fused) or adamw(params, **kw, fused=fused and name == "fused"))
         with pytest.raises(SystemExit) as e:
             train.main(train_args(small_data, tiny_vit, tmp_path / name, *argv))
         assert e.value.code == 2
         errors[name] = capsys.readouterr().err.strip().splitlines()[-1]
         logs[name] = read_jsonl(tmp_path / name / "metrics.jsonl")
+    assert asked == [True, True]  # train.py asks for a fused AdamW on the CPU as on a GPU
     assert errors["fused"] == errors["synced"].replace("/synced/", "/fused/")
     assert "(up to step 7; --max_bad_steps 2)" in errors["fused"] and "checkpoint-4" in errors[
         "fused"]
