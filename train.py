@@ -95,6 +95,7 @@ class LoopState:
     last_saved: str = None
     bad_steps: int = 0  # non-finite steps in a row
     window_time: float = 0.0  # training time of the window: evaluation and saving not counted
+    window_data_time: float = 0.0  # of which waiting for the step's batches
     window_samples: int = 0
     lr: float = 0.0  # of the last step
     grad_norm: object = None  # of the last step, a tensor on the device (read when logged)
@@ -376,6 +377,7 @@ def train_step(run, state, batches, log):
         micro_batches, data_error = list(islice(batches, args.grad_accum)), None
     except DataError as e:
         micro_batches, data_error = [], e
+    state.window_data_time += time.time() - step_start
     for batch in micro_batches:
         for message, dataset_id in batch.pop("skipped", []):
             state.skipped_images[dataset_id] += 1
@@ -502,9 +504,10 @@ def after_step(run, state, log, progress, stop):
         log.write("train", step, run.epoch_of(step), **metrics, lr=state.lr,
                   grad_norm=state.grad_norm.item(),
                   samples_per_second=state.window_samples / state.window_time,
+                  data_wait_share=state.window_data_time / state.window_time,
                   max_memory_mb=memory_mb(run.device))
         progress.set_postfix(**run.task.progress(metrics, "train"), lr=f"{state.lr:.2e}")
-        state.window_time, state.window_samples = 0.0, 0
+        state.window_time, state.window_data_time, state.window_samples = 0.0, 0.0, 0
 
     eval_metrics, new_best = {}, False
     if eval_due:

@@ -29,6 +29,15 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+TIMING = ("samples_per_second", "data_wait_share", "max_memory_mb")  # differ from run to run
+
+
+def comparable(rows):
+    """metrics.jsonl records without what two runs of the same training log differently: timing,
+    memory and their checkpoint folders."""
+    return [{k: v for k, v in r.items() if k not in TIMING and "checkpoint" not in k} for r in rows]
+
+
 def killed_after(checkpoint, out):
     """`out` as a run killed right after writing `checkpoint` leaves it: that checkpoint and the
     run's metrics.jsonl (a resume drops the records after the checkpoint)."""

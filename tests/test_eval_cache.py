@@ -4,11 +4,11 @@ import pytest
 
 import eval as eval_script
 import train
-from conftest import read_jsonl, run_script, train_args
+from conftest import TIMING, read_jsonl, run_script, train_args
 
 CHECKPOINTS = ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 # what two runs log differently beside the metrics: timing, memory, their folder
-UNLIKE = ("time", "samples_per_second", "max_memory_mb", "checkpoint")
+UNLIKE = ("time", *TIMING, "checkpoint")
 
 
 @pytest.fixture(scope="module")

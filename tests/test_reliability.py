@@ -17,17 +17,12 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, load_weights, read_jsonl, run_script, train_args, write_jsonl
+from conftest import ROOT, comparable, load_weights, read_jsonl, run_script, train_args, write_jsonl
 
 COMMON = [
     "--max_steps", 14, "--save_steps", 3, "--eval_steps", 3, "--logging_steps", 1, "--warmup_steps",
     3, "--save_all_checkpoints", "--num_workers", 1
 ]
-TIMING = ("samples_per_second", "max_memory_mb")
-
-
-def comparable(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING and "checkpoint" not in k} for r in rows]
 
 
 @pytest.fixture(scope="module")

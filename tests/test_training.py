@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train
-from conftest import (assert_same_adam_steps, killed_after, load_weights, read_jsonl, run_script,
-                      train_args, write_jsonl)
+from conftest import (assert_same_adam_steps, comparable, killed_after, load_weights, read_jsonl,
+                      run_script, train_args, write_jsonl)
 
 
 def run_train(argv):
@@ -102,12 +102,8 @@ def test_resume_mid_epoch_with_the_whole_recipe_continues_exactly(small_data, ti
         for weights in (f"checkpoint-{step}", f"checkpoint-{step}/ema"):
             a, b = load_weights(full / weights), load_weights(resumed / weights)
             assert all(torch.equal(a[k], b[k]) for k in a), f"{weights} differs after resume"
-    timing = {"samples_per_second", "max_memory_mb"}
-    # noqa: E731
-    strip = lambda rows: [{k: v
-                           for k, v in r.items() if k not in timing and "checkpoint" not in k}
-                          for r in rows]
-    assert strip(read_jsonl(resumed / "metrics.jsonl")) == strip(read_jsonl(full / "metrics.jsonl"))
+    assert comparable(read_jsonl(resumed / "metrics.jsonl")) == comparable(
+        read_jsonl(full / "metrics.jsonl"))
     a, b = summary(full), summary(resumed)
     assert (a["best_step"], a["best_value"], a["final_eval"]) == (b["best_step"], b["best_value"],
                                                                   b["final_eval"])
@@ -274,6 +270,23 @@ def test_skip_evaluation_overrides_everything_that_evaluates(small_data, tiny_vi
     assert s["config"]["save_all_checkpoints"] is True
 
 
+def test_train_records_give_the_share_of_time_spent_waiting_for_batches(
+        small_data, tiny_vit, tmp_path, monkeypatch):
+    """data_wait_share: a run whose images take 50 ms each to decode (the main process decodes:
+    --num_workers 0) spends most of each step waiting for its batch of 8."""
+    from data.loaders import FastPixels
+    decode = FastPixels.__call__
+
+    def slow_decode(*args):
+        time.sleep(0.05)
+        return decode(*args)
+    monkeypatch.setattr(FastPixels, "__call__", slow_decode)
+    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, "--skip_evaluation"))
+    shares = [r["data_wait_share"] for r in read_jsonl(tmp_path / "metrics.jsonl")
+              if r["event"] == "train"]
+    assert len(shares) == 2 and all(0.7 < s < 1 for s in shares), shares
+
+
 def test_metrics_log_names_and_per_dataset_counts(small_data, tiny_vit, tmp_path):
     run_train(
         train_args(small_data, tiny_vit, tmp_path, "--max_steps", 7, "--logging_steps", 7,
@@ -290,6 +303,7 @@ def test_metrics_log_names_and_per_dataset_counts(small_data, tiny_vit, tmp_path
     ]:
         assert key in train_log, key
     assert "train_faces_top5_accuracy" not in train_log  # 2 classes: top-5 says nothing
+    assert 0 <= train_log["data_wait_share"] < 1
     final = [r for r in events if r["event"] == "final_eval"][0]
     assert {
         "final_eval_digits_accuracy", "final_eval_faces_accuracy", "final_eval_overall_accuracy",
