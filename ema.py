@@ -99,6 +99,14 @@ def plain_metric(name):
     return name.removeprefix(METRIC_PREFIX)
 
 
+def check_best_metric(name, valid):
+    """--best_metric `name` is one of `valid` (what the task's evaluation reports), or ema_ + one
+    of them (that metric of the EMA weights)."""
+    if plain_metric(name) not in valid:
+        raise ValueError(f"--best_metric {name!r} is not one of {', '.join(valid)} "
+                         "(or ema_ + one of them, with --ema_decay)")
+
+
 def ema_due(step, every):
     """Whether the EMA is updated after optimizer step `step` (1-based count of steps done)."""
     return step % every == 0

@@ -41,7 +41,7 @@ from dataset import (
     summarize,
     worker_options,
 )
-from ema import plain_metric
+import ema
 from metrics import PerDatasetSums
 from tasks.base import Task
 from tasks.images import read_image, save_grid
@@ -278,10 +278,8 @@ def check_flags(args):
 def check_best_metric(args, names):
     if args.no_best_tracking:
         return
-    valid = [f"{d}_{m}" for d in ["overall", *names] for m in METRICS]
-    if plain_metric(args.best_metric) not in valid:  # ema_ + a metric: that of the EMA weights
-        raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)} "
-                         "(or ema_ + one of them, with --ema_decay)")
+    ema.check_best_metric(args.best_metric,
+                          [f"{d}_{m}" for d in ["overall", *names] for m in METRICS])
 
 
 # ----------------------------------------------------------------------------- records

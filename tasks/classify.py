@@ -31,7 +31,7 @@ from dataset import (
     read_records,
     summarize,
 )
-from ema import plain_metric
+from ema import check_best_metric
 from logs import say
 from lora import (
     ADAPTER_FILE,
@@ -454,11 +454,8 @@ def check_flags(args, label_space, val_records):
     counts = count_per_dataset(val_records, len(label_space.names))
     present = [(n, k) for n, k, c in zip(label_space.names, label_space.num_classes, counts) if c]
     groups = [("overall", all(k > 5 for _, k in present))] + [(n, k > 5) for n, k in present]
-    valid = [f"{d}_{m}" for d, top5 in groups
-             for m in ("loss", "accuracy") + (("top5_accuracy",) if top5 else ())]
-    if plain_metric(args.best_metric) not in valid:  # ema_ + a metric: that of the EMA weights
-        raise ValueError(f"--best_metric {args.best_metric!r} is not one of {', '.join(valid)} "
-                         "(or ema_ + one of them, with --ema_decay)")
+    check_best_metric(args.best_metric, [f"{d}_{m}" for d, top5 in groups for m in (
+        "loss", "accuracy") + (("top5_accuracy",) if top5 else ())])
 
 
 def saved_datasets(data):

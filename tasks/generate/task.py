@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import resolve_resume
 from distributed import all_reduce_sum
-from ema import plain_metric
+from ema import check_best_metric
 from metrics import GenerationMetrics, format_generation
 from model import load_classifier
 from tasks.base import FlagNeeds, Task
@@ -272,9 +272,8 @@ class GenerateTask(Task):
 
 def check_flags(args):
     """--best_metric and --cond_dropout."""
-    if not args.no_best_tracking and plain_metric(args.best_metric) not in BEST_METRICS:
-        raise ValueError(f"--best_metric {args.best_metric!r} is not one of "
-                         f"{', '.join(BEST_METRICS)} (or ema_ + one of them, with --ema_decay)")
+    if not args.no_best_tracking:
+        check_best_metric(args.best_metric, BEST_METRICS)
     if not 0 <= args.cond_dropout < 1:
         raise ValueError(f"--cond_dropout must be in [0, 1), got {args.cond_dropout}")
 
