@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from backbone import eval_mode, restore_modes
-from checkpoint import checkpoint_folder
 from dataset import (
     DataError,
     DatasetSpec,
@@ -35,7 +34,6 @@ from dataset import (
     ignore_stop_signals,
     load_registry,
     mixture_indices,
-    partial_eval_indices,
     plan_epochs,
     read_records,
     summarize,
@@ -43,7 +41,7 @@ from dataset import (
 )
 import ema
 from metrics import PerDatasetSums
-from tasks.base import Task
+from tasks.base import Task, evaluated_indices, run_index_dir
 from tasks.images import read_image, save_grid
 from tasks.latent import autoencoder_class, downsampling, load_autoencoder
 from weights import model_weights, write_safetensors
@@ -231,11 +229,8 @@ class AutoencoderTask(Task):
         fixed = bool(args.datasets)
         registry = (load_registry(args.datasets) if fixed else
                     {n: DatasetSpec(n, 1, d["eval_ratio"]) for n, d in info["datasets"].items()})
-        val = read_images(args.val_files, registry, fixed,
-                          os.path.join(os.path.dirname(checkpoint_folder(folder)), INDEX_DIR))
-        seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
-        indices = (partial_eval_indices(val, registry, seed) if args.partial
-                   else list(range(len(val))))
+        val = read_images(args.val_files, registry, fixed, run_index_dir(folder))
+        seed, indices = evaluated_indices(args, trained_args, val, registry)
         data = Data(registry, None, val, indices, info["recon_loss"], info["kl_weight"])
         summary = summarize(count_per_dataset(val, len(registry), indices), registry,
                             "evaluation images")

@@ -5,13 +5,15 @@ inherits, overriding only what differs. The loop and eval.py call nothing else, 
 branches on the task.
 """
 import argparse
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from dataset import train_indices
+from checkpoint import checkpoint_folder
+from dataset import INDEX_DIR, partial_eval_indices, train_indices
 from metrics import PerDatasetLoss
 from weights import WeightsMismatch
 
@@ -30,6 +32,19 @@ class TaskData(Protocol):
     @property
     def names(self) -> Sequence[str]:
         """Dataset names: per-dataset counts and metrics keep this order."""
+
+
+def run_index_dir(folder):
+    """The index folder of the run that wrote checkpoint `folder` (shard indexes it kept)."""
+    return os.path.join(os.path.dirname(checkpoint_folder(folder)), INDEX_DIR)
+
+
+def evaluated_indices(args, trained_args, val, registry):
+    """(seed, indices) of what eval.py evaluates: with --partial the subset the evaluation during
+    training drew (with --seed, default the run's own), else every sample."""
+    seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
+    return seed, (partial_eval_indices(val, registry, seed) if args.partial
+                  else list(range(len(val))))
 
 
 class Task:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import distributed
 from augment import AUGMENTS, CROP_SCALE, RANDAUGMENT_M, RANDAUGMENT_N, augment_config
 from backbone import DEFAULT_PROMPT, load_backbone
-from checkpoint import checkpoint_folder, class_moves
+from checkpoint import class_moves
 from dataset import (
     INDEX_DIR,
     build_stream,
@@ -64,7 +64,7 @@ from model import (
     set_trainable,
 )
 from optimizer import check_lr_args
-from tasks.base import FlagNeeds, Task
+from tasks.base import FlagNeeds, Task, evaluated_indices, run_index_dir
 from weights import file_map, folder_map, model_weights, write_safetensors
 
 
@@ -414,8 +414,7 @@ class ClassifyTask(Task):
         registry = load_registry(args.datasets or saved, path)
         if all(s.num_classes is not None for s in registry.values()):
             saved_label_space(info, registry, args, path)  # a wrong head: refused before reading
-        index_dir = os.path.join(os.path.dirname(checkpoint_folder(folder)), INDEX_DIR)
-        val = read_records(args.val_files, registry, index_dir=index_dir)
+        val = read_records(args.val_files, registry, index_dir=run_index_dir(folder))
         check_classes(registry, [val])
         for name, spec in registry.items():  # --datasets or the sources may order the names anew
             moved = class_moves(saved.get(name, {}).get("labels"), spec.labels)
@@ -424,9 +423,7 @@ class ClassifyTask(Task):
                                  f"indices than in the checkpoint's head ({path}): {moved}")
         label_space = saved_label_space(info, registry, args, path)
         masking = not (args.no_logits_masking or info.get("no_logits_masking", False))
-        seed = args.seed if args.seed is not None else trained_args.get("seed", 0)
-        indices = (partial_eval_indices(val, registry, seed) if args.partial
-                   else list(range(len(val))))
+        seed, indices = evaluated_indices(args, trained_args, val, registry)
         data = Data(registry, label_space, None, val, indices, masking)
         summary = summarize(count_per_dataset(val, len(registry), indices), registry,
                             "evaluation data")
