@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from data.paths import URL_READ, is_url, spec_files
-from data.types import NO_LABEL, DataError, Source, part
+from data.types import NO_LABEL, SHOWN, DataError, Source, part
 
 SAVED_FILES = ("dataset_info.json", "state.json")  # in a folder written by save_to_disk
 
@@ -113,9 +113,9 @@ def read_hf_dataset(spec, reading, jsonl_record):
     n = len(table)
     labels = (label_values(table, label_column, where, reading, name) if reading.labelled else
               np.zeros(n, dtype=np.int64))
-    for row in np.flatnonzero(empty)[:20].tolist():
+    for row in np.flatnonzero(empty)[:SHOWN].tolist():
         reading.errors.append(f"{source.where(row, '')}: column {image_column!r} holds no image")
-    if empty.any() and len(np.flatnonzero(empty)) > 20:
+    if empty.sum() > SHOWN:
         reading.errors.append(f"{where}: {int(empty.sum())} rows without an image in all")
     reading.parts.append(part(source_id, dataset_id, range(n), labels, np.zeros(n, dtype="S1")))
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from data.jsonl import classifier_line
 from data.specs import kind_named, parse_spec
-from data.types import (NO_LABEL, DataError, DatasetSpec, RecordTable, dataset_name_problem,
+from data.types import (NO_LABEL, SHOWN, DataError, DatasetSpec, RecordTable, dataset_name_problem,
                         raise_data_errors)
 
 
@@ -161,10 +161,10 @@ def check_labels(records, registry, errors):
         outside = (members[(labels != NO_LABEL) & ((labels < 0) | (labels >= k))]
                    if k is not None else members[:0])
         errors += [f"{records[i].source}: no label (a .cls member, the 'label' of a .json member, "
-                   "a .txt member, or the label column)" for i in missing[:20].tolist()]
+                   "a .txt member, or the label column)" for i in missing[:SHOWN].tolist()]
         errors += [f"{records[i].source}: field 'label': {records.labels[i]} is outside [0, {k}) "
-                   f"for dataset {name!r}" for i in outside[:20].tolist()]
-        if len(missing) > 20 or len(outside) > 20:  # the arrays are checked whole, not listed
+                   f"for dataset {name!r}" for i in outside[:SHOWN].tolist()]
+        if len(missing) > SHOWN or len(outside) > SHOWN:  # the arrays are checked whole, not listed
             errors.append(f"dataset {name!r}: {len(missing)} records without a label and "
                           f"{len(outside)} with one outside [0, {k}) in all")
 

@@ -34,7 +34,7 @@ from data.reading import Reading
 from data.sampling import SCHEDULE_BLOCK, block_schedule, stream_shares
 from data.specs import parse_spec
 from data.tar_index import TAR_IMAGE_FIELDS, load_tar_index
-from data.types import NO_IMAGE, NO_LABEL, DataError, raise_data_errors
+from data.types import NO_IMAGE, NO_LABEL, SHOWN, DataError, raise_data_errors
 from data.wds import SHARD_FILES
 from preprocess import to_rgb
 
@@ -191,14 +191,14 @@ def check_local_shards(files, index_dir, skip_missing_images):
         lost = [] if skip_missing_images else np.flatnonzero(index["offsets"] == NO_IMAGE)
         unlabelled = np.flatnonzero(index["labels"] == NO_LABEL)
         errors += [f"{names[i]}: no image member (.{', .'.join(TAR_IMAGE_FIELDS)})"
-                   for i in lost[:20]]
+                   for i in lost[:SHOWN]]
         # datasets' tar reader takes .cls for an integer: a class name there stops its stream
         errors += [f"{names[i]}: its label is the class name {index['names'][i].decode()!r}: "
                    "--streaming reads class indices only; without --streaming class names map "
                    "through the registry's labels" if index["names"][i] else
                    f"{names[i]}: no label (a .cls member or the 'label' of a .json member)"
-                   for i in unlabelled[:20]]
-        if len(lost) > 20 or len(unlabelled) > 20:
+                   for i in unlabelled[:SHOWN]]
+        if len(lost) > SHOWN or len(unlabelled) > SHOWN:
             errors.append(f"{shard}: {len(lost)} samples without an image and "
                           f"{len(unlabelled)} without a label in all")
     return errors

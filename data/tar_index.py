@@ -11,7 +11,7 @@ import zipfile
 
 import numpy as np
 
-from data.types import NO_IMAGE, NO_LABEL, DataError, as_bytes
+from data.types import NO_IMAGE, NO_LABEL, DataError, as_bytes, first_problems
 
 TAR_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # the first a sample has is its image
 INDEX_SUFFIX = ".index.npz"
@@ -120,9 +120,7 @@ def build_tar_index(shard, size):
         else:
             problems.append(f"{shard}: damaged header at byte {tar.offset} ({e})")
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more in {shard}"]
-                                 if len(problems) > 20 else [])
-        raise DataError("\n  ".join(shown))
+        raise DataError("\n  ".join(first_problems(problems, f" in {shard}")))
     members = [s["image"][0] if s["image"] else key for key, s in samples.items()]
     # .cls first, as WebDataset's own readers take it, then the label of .json, then .txt
     values = [next((s[f] for f in TAR_LABEL_FIELDS if s.get(f, NO_LABEL) != NO_LABEL),

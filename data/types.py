@@ -181,12 +181,20 @@ def part(source_id, dataset_ids, rows, labels, members, offsets=None, sizes=None
                                                                                   dtype=np.int64)}
 
 
+SHOWN = 20  # problems an error lists in full; the rest it counts
+
+
+def first_problems(problems, where=""):
+    """The first SHOWN problems, then how many more there are (`where`: e.g. " in FILE")."""
+    more = len(problems) - SHOWN
+    return problems[:SHOWN] + ([f"... and {more} more{where}"] if more > 0 else [])
+
+
 def raise_data_errors(errors, num_samples, paths):
-    """One DataError listing every problem found (the first 20 in full), or for files without
+    """One DataError listing every problem found (the first SHOWN in full), or for files without
     samples."""
     if errors:
-        shown = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"{len(errors)} problem(s) in the data files:\n  {shown}{more}")
+        shown = "\n  ".join(first_problems(errors))
+        raise DataError(f"{len(errors)} problem(s) in the data files:\n  {shown}")
     if not num_samples and paths:
         raise DataError(f"no samples in {', '.join(paths)}")
