@@ -4,6 +4,8 @@ stream (make_stream_loader); the fast image path (FastPixels), the batches (Coll
 workers' options and count."""
 import math
 import os
+import uuid
+import weakref
 
 import torch
 from PIL import Image
@@ -71,9 +73,82 @@ def batch_tensor(shape, dtype):
     batch in private memory is first copied into shared memory whole."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
+    return shared_tensor(shape, dtype)
+
+
+def shared_tensor(shape, dtype):
+    """An empty tensor in shared memory (its pages are taken as they are first written)."""
     empty = torch.empty(0, dtype=dtype)
     storage = empty._typed_storage()._new_shared(math.prod(shape), device=empty.device)
     return empty.new(storage).view(shape)
+
+
+RINGS = weakref.WeakValueDictionary()  # token -> SharedBatches, in the process that made them
+
+
+class SharedBatches:
+    """Pixel batches in shared memory, made before the workers start and used again: a worker
+    writes a batch into a free slot of its own and sends the slot's number (a SlotRef), not a new
+    tensor, whose shared memory would be created, faulted in and its file descriptor passed at
+    every batch (docs/performance.md). In the main process the number becomes a tensor over the
+    slot (as it is unpickled), and the slot is free again only once that tensor and every view of
+    it are gone: the tensor is made from an array of its own whose finaliser frees the slot. A
+    batch dropped unread frees its slot the same way. A worker with no free slot (its batches
+    all held), or a batch of another size, gets a new shared batch as before."""
+
+    def __init__(self, workers, slots, shape):
+        self.shape = tuple(shape)  # (batch size, 3, H, W)
+        self.pixels = shared_tensor((workers, slots, *self.shape), torch.uint8)
+        self.busy = shared_tensor((workers, slots), torch.int32)  # 1: taken, not freed yet
+        self.busy.zero_()
+        self.token = uuid.uuid4().hex  # how a SlotRef finds this ring in the main process
+        self.next_slot = 0  # where a worker looks first (each worker has its own copy)
+        RINGS[self.token] = self
+
+    def take(self, count, size):
+        """In a worker: (pixels, SlotRef) of a free slot of its own for `count` images of `size`
+        (height, width), marked taken; None where none is free or the batch does not fit."""
+        info = torch.utils.data.get_worker_info()
+        if info is None or count > self.shape[0] or tuple(size) != self.shape[2:]:
+            return None
+        busy = self.busy[info.id].numpy()
+        for k in range(len(busy)):
+            slot = (self.next_slot + k) % len(busy)
+            if not busy[slot]:
+                busy[slot], self.next_slot = 1, slot + 1
+                return self.pixels[info.id, slot, :count], SlotRef(self.token, info.id, slot,
+                                                                   count)
+        return None
+
+    def receive(self, worker, slot, count):
+        """In the main process: the batch in a slot, as a tensor that frees the slot when it and
+        its views are gone (torch.from_numpy keeps its array alive until then)."""
+        array = self.pixels[worker, slot, :count].numpy()  # a new array, this batch's own
+        weakref.finalize(array, free_slot, self.busy, worker, slot)
+        return torch.from_numpy(array)
+
+
+def free_slot(busy, worker, slot):
+    busy[worker, slot] = 0
+
+
+def receive_slot(token, worker, slot, count):
+    """A SlotRef unpickled in the main process: its batch's tensor."""
+    ring = RINGS.get(token)
+    if ring is None:
+        raise RuntimeError("a batch arrived after its loader was deleted")
+    return ring.receive(worker, slot, count)
+
+
+class SlotRef:
+    """A batch written into slot `slot` of worker `worker` of a SharedBatches, as sent."""
+    __slots__ = ("token", "worker", "slot", "count")
+
+    def __init__(self, token, worker, slot, count):
+        self.token, self.worker, self.slot, self.count = token, worker, slot, count
+
+    def __reduce__(self):
+        return receive_slot, (self.token, self.worker, self.slot, self.count)
 
 
 class Collate:
@@ -85,8 +160,8 @@ class Collate:
     contiguous (B, 3, H, W) uint8 tensor (in shared memory in a worker), instead.
     """
 
-    def __init__(self, inputs, dataset_names):
-        self.inputs, self.dataset_names = inputs, dataset_names
+    def __init__(self, inputs, dataset_names, shared=None):
+        self.inputs, self.dataset_names, self.shared = inputs, dataset_names, shared
 
     def __call__(self, items):
         skipped = [(message, dataset_id) for image, message, dataset_id, _ in items
@@ -96,11 +171,12 @@ class Collate:
             raise DataError(f"no image of a batch could be decoded, e.g. {skipped[0][0]}")
         images, labels, dataset_ids, indices = zip(*items)
         if isinstance(images[0], Pixels):
-            pixels = batch_tensor((len(images), 3, *images[0].size), torch.uint8)
-            slots = pixels.numpy()
-            for image, slot in zip(images, slots):
+            taken = self.shared and self.shared.take(len(images), images[0].size)
+            pixels = taken[0] if taken else batch_tensor((len(images), 3, *images[0].size),
+                                                         torch.uint8)
+            for image, slot in zip(images, pixels.numpy()):
                 image.write(slot)
-            batch = {"pixel_values": pixels}
+            batch = {"pixel_values": taken[1] if taken else pixels}
         else:
             batch = self.inputs(list(images), [self.dataset_names[i] for i in dataset_ids])
         batch = {**batch, "labels": torch.tensor(labels), "dataset_ids": torch.tensor(dataset_ids),
@@ -157,9 +233,13 @@ def make_loader(records, indices, inputs, dataset_names, *, batch_size, num_work
     workers hold no state of an epoch: exact resume is unchanged).
     """
     pixels = pixel_path(inputs, fast_path, augment, draft)
+    # a worker holds at most prefetch_factor batches unread; two more slots for those in use
+    shared = (SharedBatches(num_workers, (prefetch_factor or PREFETCH_FACTOR) + 2,
+                            (batch_size, 3, *pixels.recipe.output_size))
+              if pixels is not None and num_workers else None)
     return torch.utils.data.DataLoader(
         ImageDataset(records, skip_bad_images, pixels), batch_size=batch_size,
-        sampler=EpochSampler(indices, epoch), collate_fn=Collate(inputs, dataset_names),
+        sampler=EpochSampler(indices, epoch), collate_fn=Collate(inputs, dataset_names, shared),
         num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
         **worker_options(num_workers, persistent_workers, prefetch_factor))
 

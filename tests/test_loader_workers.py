@@ -90,9 +90,16 @@ def test_a_worker_allocates_its_batches_in_shared_memory():
     assert not any(torch.utils.data.DataLoader(SharedOrNot(), num_workers=0))
 
 
+def in_ring(loader, pixels):
+    """Whether a batch's pixels lie in its loader's ring of shared batches (data.SharedBatches)."""
+    ring = loader.collate_fn.shared.pixels
+    return ring.data_ptr() <= pixels.data_ptr() < ring.data_ptr() + ring.numel()
+
+
 def test_worker_batches_are_contiguous_shared_and_equal_the_pixels_of_each_image(records):
-    """Written once into a shared batch in the worker: the same values as the image loaded on its
-    own, in the main process, with and without augmentation (seeded per sample)."""
+    """Written once into a slot of the loader's ring of shared batches in the worker: the same
+    values as the image loaded on its own, in the main process, with and without augmentation
+    (seeded per sample)."""
     _, inputs = load_backbone("preset:vit-tiny")
     registry = {"faces": DatasetSpec("faces", 2)}
     for augment in (None, augment_config("crop_flip", registry, inputs),
@@ -100,11 +107,13 @@ def test_worker_batches_are_contiguous_shared_and_equal_the_pixels_of_each_image
         order = [5, 0, 7, 3, 1, 9, 2]
         options = dict(inputs=inputs, dataset_names=["faces"], batch_size=4, fast_path=True,
                        augment=augment, epoch=3)
-        worker = list(make_loader(records, order, num_workers=1, **options))
+        loader = make_loader(records, order, num_workers=1, **options)
+        worker = list(loader)
         main = batches(make_loader(records, order, num_workers=0, **options))
         for a, b in zip(worker, main, strict=True):
             pixels = a["pixel_values"]
-            assert pixels.is_shared() and pixels.is_contiguous() and pixels.dtype == torch.uint8
+            assert in_ring(loader, pixels) and pixels.is_contiguous()
+            assert pixels.dtype == torch.uint8
             assert pixels.shape == (len(a["labels"]), 3, *inputs.recipe.output_size)
             assert not b["pixel_values"].is_shared()
             assert all(torch.equal(a[k], b[k]) for k in a)
@@ -116,6 +125,30 @@ def test_worker_batches_are_contiguous_shared_and_equal_the_pixels_of_each_image
                 alone = load_augmented(records.open(index), inputs.recipe, augment, 0,
                                        sample_rng(augment.seed, 3, index))
             assert torch.equal(batch[i % 4], torch.from_numpy(alone))
+
+
+def test_a_slot_of_the_ring_is_written_again_only_once_no_tensor_views_its_batch(records):
+    """Batches held (more than the ring has slots) and views kept of batches dropped keep their
+    pixels while the worker goes on: a worker with no free slot allocates a shared batch of its
+    own. Batches taken one at a time all come through the ring, and each slot is free again once
+    its batch is gone."""
+    _, inputs = load_backbone("preset:vit-tiny")
+    options = dict(inputs=inputs, dataset_names=["faces"], batch_size=1, fast_path=True)
+    order = list(range(len(records)))  # 12 batches of one image
+    main = [b["pixel_values"] for b in make_loader(records, order, num_workers=0, **options)]
+    loader = make_loader(records, order, num_workers=1, prefetch_factor=1, **options)
+    assert loader.collate_fn.shared.busy.shape == (1, 3)  # 3 slots for the worker
+    held = [b["pixel_values"] for b in loader]
+    assert sum(in_ring(loader, p) for p in held) == 3  # the other 9: shared batches of their own
+    assert all(torch.equal(a, b) for a, b in zip(held, main, strict=True))
+    assert all(p.is_shared() for p in held if not in_ring(loader, p))
+    views = [b["pixel_values"][0, 1:] for b in loader]  # each batch itself dropped at once
+    assert all(torch.equal(v, m[0, 1:]) for v, m in zip(views, main, strict=True))
+    del held, views
+    taken = [in_ring(loader, b["pixel_values"]) and torch.equal(b["pixel_values"], m)
+             for b, m in zip(loader, main)]
+    assert all(taken) and len(taken) == len(main)
+    assert not loader.collate_fn.shared.busy.any()
 
 
 def test_a_cpu_process_computes_on_every_core_beside_its_workers_and_says_so():
