@@ -12,8 +12,8 @@ pytest.importorskip("diffusers")
 import eval as eval_script  # noqa: E402
 import generate  # noqa: E402
 import train  # noqa: E402
-from conftest import (assert_same_adam_steps, comparable, killed_after, read_jsonl, run_script,  # noqa: E402
-                      save_tiny_vae, write_jsonl)
+from conftest import (assert_same_adam_steps, comparable, killed_after, read_jsonl,  # noqa: E402
+                      run_script, save_tiny_vae, write_jsonl)
 
 LR = 3e-3
 SHAPE = ["--model", "preset:vae-tiny", "--vae_channels", 8, 8, "--latent_channels", 2,
