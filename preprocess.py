@@ -280,7 +280,7 @@ def load_pixels(path, recipe, use_draft=True):
 class PixelNormalize:
     """uint8 (B, 3, H, W) -> x * rescale / std - mean / std in the model's dtype, on the device.
 
-    One fused multiply-add in float32, then one rounding to the model's dtype. The affine is kept
+    A multiply and an add in float32, then one rounding to the model's dtype. The affine is kept
     as float32 tensors cached per device, not as module buffers: model.to(torch.bfloat16) would
     round buffers to bf16 (0.4 % error in 1/std); no state_dict entry either.
     """
@@ -299,11 +299,9 @@ class PixelNormalize:
             affine = tuple(torch.tensor(v, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
                            for v in (self.multiply, self.add))
             self.cache[pixels.device] = affine
-        if pixels.dtype != torch.uint8:
-            pixels = pixels.float()
-        # uint8 goes in as it is: addcmul converts it to float32 as it reads it, the same values
-        # without a float32 copy of the batch first
-        return torch.addcmul(affine[1], pixels, affine[0]).to(dtype)
+        # A float32 copy, then a multiply and an add in place: on the CPU one addcmul over the
+        # broadcast affine took 16x as long (docs/performance.md).
+        return pixels.to(torch.float32, copy=True).mul_(affine[0]).add_(affine[1]).to(dtype)
 
     def __getstate__(self):  # deepcopy / pickle without device tensors
         return {**self.__dict__, "cache": {}}

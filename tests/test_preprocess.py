@@ -77,6 +77,17 @@ def test_fast_path_equals_processor(name, photos):
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0, msg=path)
 
 
+def test_normalisation_leaves_its_input_as_it_was():
+    """A float batch is normalised into a copy: the loader's or the caller's tensor is kept."""
+    normalize = PixelNormalize(pixel_recipe(transformers.ViTImageProcessorPil()))
+    for pixels in (torch.full((1, 3, 4, 4), 255, dtype=torch.uint8),
+                   torch.full((1, 3, 4, 4), 255.0)):
+        before = pixels.clone()
+        out = normalize(pixels, torch.float32)
+        assert torch.equal(pixels, before)
+        torch.testing.assert_close(out, torch.ones(1, 3, 4, 4))  # (1 - 0.5) / 0.5
+
+
 def test_draft_difference_is_bounded(photos):
     """draft() on JPEGs at least twice the resized size: smoother, within the stated bound."""
     for processor in (transformers.ViTImageProcessorPil(), transformers.CLIPImageProcessorPil(),
