@@ -151,6 +151,20 @@ class SlotRef:
         return receive_slot, (self.token, self.worker, self.slot, self.count)
 
 
+class SentByValue:
+    """A batch's small tensor (labels, dataset ids, indices) as a worker sends it: pickled with the
+    batch, a tensor again once unpickled in the main process. Sent as a tensor, torch would move
+    it into shared memory of its own and pass its file descriptor, which costs more than the
+    bytes (docs/performance.md)."""
+    __slots__ = ("array",)
+
+    def __init__(self, tensor):
+        self.array = tensor.numpy()
+
+    def __reduce__(self):
+        return torch.from_numpy, (self.array,)
+
+
 class Collate:
     """Turns (image, label, dataset_id, index) items into a batch.
 
@@ -179,8 +193,10 @@ class Collate:
             batch = {"pixel_values": taken[1] if taken else pixels}
         else:
             batch = self.inputs(list(images), [self.dataset_names[i] for i in dataset_ids])
-        batch = {**batch, "labels": torch.tensor(labels), "dataset_ids": torch.tensor(dataset_ids),
-                 "indices": torch.tensor(indices)}
+        small = {"labels": labels, "dataset_ids": dataset_ids, "indices": indices}
+        by_value = torch.utils.data.get_worker_info() is not None
+        for key, values in small.items():
+            batch[key] = SentByValue(torch.tensor(values)) if by_value else torch.tensor(values)
         return {**batch, "skipped": skipped} if skipped else batch
 
 

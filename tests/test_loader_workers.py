@@ -1,7 +1,7 @@
 """DataLoader workers: one loader re-aimed each epoch keeps its worker processes and gives the
 batches fresh loaders give; loaders leave the global RNG alone; the choice is printed; a worker
-writes each image once into a batch in shared memory; the main process computes on every core
-beside its workers, OpenMP's idle threads asleep."""
+writes each image once into a batch in shared memory and sends its small tensors by value; the
+main process computes on every core beside its workers, OpenMP's idle threads asleep."""
 import argparse
 import os
 import subprocess
@@ -116,7 +116,9 @@ def test_worker_batches_are_contiguous_shared_and_equal_the_pixels_of_each_image
             assert pixels.dtype == torch.uint8
             assert pixels.shape == (len(a["labels"]), 3, *inputs.recipe.output_size)
             assert not b["pixel_values"].is_shared()
-            assert all(torch.equal(a[k], b[k]) for k in a)
+            assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+            # the small tensors came pickled with the batch, not as shared memory of their own
+            assert not any(a[k].is_shared() for k in ("labels", "dataset_ids", "indices"))
         for i, index in enumerate(order):
             batch = main[i // 4]["pixel_values"]
             if augment is None:
