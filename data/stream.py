@@ -33,7 +33,7 @@ from data.paths import is_url, spec_files
 from data.reading import Reading
 from data.sampling import SCHEDULE_BLOCK, block_schedule, stream_shares
 from data.specs import parse_spec
-from data.tar_index import TAR_IMAGE_FIELDS, load_tar_index
+from data.tar_index import TAR_IMAGE_FIELDS, load_tar_index, no_image_member
 from data.types import NO_IMAGE, NO_LABEL, SHOWN, DataError, raise_data_errors
 from data.wds import SHARD_FILES
 from preprocess import to_rgb
@@ -190,8 +190,7 @@ def check_local_shards(files, index_dir, skip_missing_images):
         names = [f"{shard}:{m.decode()}" for m in index["members"]]
         lost = [] if skip_missing_images else np.flatnonzero(index["offsets"] == NO_IMAGE)
         unlabelled = np.flatnonzero(index["labels"] == NO_LABEL)
-        errors += [f"{names[i]}: no image member (.{', .'.join(TAR_IMAGE_FIELDS)})"
-                   for i in lost[:SHOWN]]
+        errors += [no_image_member(names[i]) for i in lost[:SHOWN]]
         # datasets' tar reader takes .cls for an integer: a class name there stops its stream
         errors += [f"{names[i]}: its label is the class name {index['names'][i].decode()!r}: "
                    "--streaming reads class indices only; without --streaming class names map "

@@ -20,6 +20,11 @@ INDEX_VERSION = 3  # 2: damaged headers, cut shards and repeated keys are errors
 TAR_LABEL_FIELDS = ("cls", "json", "txt")  # the first a sample has gives its label
 
 
+def no_image_member(sample):
+    """The problem of a shard's sample (SHARD:KEY) that has none of TAR_IMAGE_FIELDS."""
+    return f"{sample}: no image member (.{', .'.join(TAR_IMAGE_FIELDS)})"
+
+
 def load_tar_index(shard, index_dir=None):
     """The index of a shard: per sample (in the shard's order) its member name, image offset and
     size (NO_IMAGE without an image) and label (NO_LABEL without one). Read from its cache when the

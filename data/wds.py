@@ -9,7 +9,7 @@ from collections import OrderedDict
 import numpy as np
 
 from data.paths import URL_READ, is_url, spec_files
-from data.tar_index import TAR_IMAGE_FIELDS, load_tar_index
+from data.tar_index import load_tar_index, no_image_member
 from data.types import NO_IMAGE, DataError, Source, part
 
 COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -86,8 +86,7 @@ def read_shards(spec, reading, jsonl_record):
             if reading.skip_missing_images:
                 skipped += lost
             else:
-                reading.errors += [f"{w}: no image member (.{', .'.join(TAR_IMAGE_FIELDS)})"
-                                   for w in lost]
+                reading.errors += [no_image_member(w) for w in lost]
         keep = ~missing if reading.skip_missing_images else np.ones(len(members), dtype=bool)
         reading.parts.append(part(source_id, dataset_id, np.flatnonzero(keep),
                                   index["labels"][keep], members[keep], index["offsets"][keep],
