@@ -186,7 +186,7 @@ def run(fn, args, user_errors, timeout_minutes=30):
         failure, code = f"error: {e}", 2
     except Exception:
         failure, code = traceback.format_exc(), 1
-    # DataLoader workers ignore SIGTERM (dataset.ignore_stop_signals: preemption is the training
+    # DataLoader workers ignore SIGTERM (dataset.start_worker: preemption is the training
     # loop's to handle), and a loader abandoned by an exception leaves them running: the
     # interpreter's exit handler, which stops child processes with SIGTERM and waits for them, would
     # wait forever.

@@ -31,11 +31,11 @@ from dataset import (
     EpochSampler,
     INDEX_DIR,
     count_per_dataset,
-    ignore_stop_signals,
     load_registry,
     mixture_indices,
     plan_epochs,
     read_records,
+    start_worker,
     summarize,
     worker_options,
 )
@@ -143,7 +143,7 @@ class AutoencoderTask(Task):
         return torch.utils.data.DataLoader(
             ImageNoiseDataset(records, shape, seed, train), batch_size=batch_size,
             sampler=EpochSampler(indices, epoch), num_workers=num_workers, pin_memory=pin_memory,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=start_worker,
             **worker_options(num_workers, persistent, prefetch_factor))
 
     def epoch_order(self, data, epoch, args, rank, world_size):

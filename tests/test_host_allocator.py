@@ -2,8 +2,9 @@
 (host_allocator.keep_freed_memory, in force from distributed.run): a step that allocates and
 frees the same blocks again takes no new page faults (with glibc's defaults, 5,000 to 33,000 of
 the step's 32,768 pages in fresh processes: how many depends on where the heap's top lies, so it
-is not asserted). A user's GLIBC_TUNABLES malloc settings are left alone. Each case a fresh
-process, counting its own minor page faults (a count, not a timing)."""
+is not asserted). A user's GLIBC_TUNABLES malloc settings are left alone. A DataLoader worker
+keeps its own freed memory, whatever its parent set. Each case a fresh process, counting its own
+minor page faults (a count, not a timing)."""
 import os
 import subprocess
 import sys
@@ -28,6 +29,21 @@ def faults_per_step(*_):
 
 if sys.argv[1] == "run":  # as train.py and eval.py run
     distributed.run(faults_per_step, argparse.Namespace(), ())
+elif sys.argv[1] == "worker":  # a DataLoader worker of a process sharding host-memory weights
+    import host_allocator
+    from dataset import start_worker
+
+    class Steps(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            faults_per_step()
+            return 0
+
+    host_allocator.return_freed_memory()  # every block over 1 MB mapped, in the parent
+    list(torch.utils.data.DataLoader(Steps(), batch_size=None, num_workers=1,
+                                     worker_init_fn=start_worker))
 else:
     faults_per_step()
 """
@@ -45,3 +61,10 @@ def test_a_process_keeps_a_steps_freed_memory_for_the_next_step():
     assert faults_per_step("run") < pages // 20
     # the user's malloc settings win: here glibc's starting threshold, fixed (every block mapped)
     assert faults_per_step("run", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=131072") > pages // 2
+
+
+def test_a_loader_worker_keeps_its_freed_memory_whatever_its_parent_set():
+    """A worker forked from a process sharding weights in host memory would inherit its 1 MB
+    mmap threshold: every 8 MB block mapped and faulted in again, at every batch."""
+    pages = 16 * (8 << 20) // 4096
+    assert faults_per_step("worker") < pages // 20

@@ -5,7 +5,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from dataset import (DataError, EpochSampler, ignore_stop_signals, raise_data_errors,
+from dataset import (DataError, EpochSampler, raise_data_errors, start_worker,
                      worker_options)
 from tasks.generate.patches import sample_timestep
 from tasks.generate.sequences import assemble, build_attention_mask, build_parts, sample_length
@@ -165,7 +165,7 @@ def make_generation_loader(conversations, indices, tokenizer, spec, batch_size, 
     return torch.utils.data.DataLoader(GenerationDataset(conversations, tokenizer, spec, **options),
                                        batch_size=batch_size, sampler=EpochSampler(indices, epoch),
                                        collate_fn=collate, num_workers=num_workers,
-                                       pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+                                       pin_memory=pin_memory, worker_init_fn=start_worker,
                                        **worker_options(num_workers, persistent_workers,
                                                         prefetch_factor))
 
