@@ -33,8 +33,6 @@ def vae_weights(folder):
     return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
 
-
-
 def test_trains_resumes_exactly_and_eval_py_agrees(small_data, tmp_path):
     common = ["--max_steps", 8, "--save_steps", 4, "--eval_steps", 4, "--save_all_checkpoints",
               "--recon_loss", "mse", "--kl_weight", 1e-3]
