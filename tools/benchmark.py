@@ -276,11 +276,11 @@ def benchmark_data_path(args):
     evaluation) with --augment none (full decode + the processor's resize) and crop_flip (draft
     decode of the crop), each next to a single-process Pillow loop doing that decode and resize
     on the same JPEGs in this process (before and after the run; their geometric mean) and to
-    train.py's loader alone (its worker's batches, no model), in interleaved rounds (best of
-    --rounds). train.py's rate is samples_per_second of its metrics.jsonl after the first logged
-    window (the worker's start and first batches). A run that waited for its batches less than
-    DATA_BOUND_WAIT of its time is said to be bound by the model's step, where its ratio does not
-    measure the data path."""
+    train.py's loader alone (its worker's batches, no model), in interleaved rounds; the ratios
+    are each round's, their median and range over --rounds. train.py's rate is
+    samples_per_second of its metrics.jsonl after the first logged window (the worker's start and
+    first batches). A run that waited for its batches less than DATA_BOUND_WAIT of its time is
+    said to be bound by the model's step, where its ratio does not measure the data path."""
     import json
     import shutil
     import statistics
@@ -364,9 +364,8 @@ def benchmark_data_path(args):
     print(f"{len(files)} JPEGs of 384-512 px in {photos}, tiny ViT/32 at 224 px, batch "
           f"{args.batch_size}, one worker, {os.cpu_count()} CPUs; train.py samples/s (its "
           f"logged windows after the first), plain Pillow on one core and train.py's loader "
-          f"alone (no model), best of {args.rounds} interleaved rounds")
-    best = {(a, k): 0.0 for _, a in paths for k in ("train", "pillow", "loader")}
-    ratios = {augment: [] for _, augment in paths}  # train.py / Pillow of each round
+          f"alone (no model), {args.rounds} interleaved rounds")
+    rates = {(a, k): [] for _, a in paths for k in ("train", "pillow", "loader")}
     waits = {augment: [] for _, augment in paths}
     try:
         for r in range(args.rounds):
@@ -374,22 +373,23 @@ def benchmark_data_path(args):
                 # Pillow before and after train.py: the machine's speed drifts between rounds
                 before, (train, waited) = pillow_rate(augment), train_rate(augment)
                 pillow = math.sqrt(before * pillow_rate(augment))
-                rates = {"train": train, "pillow": pillow, "loader": loader_rate_of(augment)}
-                for kind, rate in rates.items():
-                    best[augment, kind] = max(best[augment, kind], rate)
-                ratios[augment].append(train / pillow)
+                loader = loader_rate_of(augment)
+                for kind, rate in (("train", train), ("pillow", pillow), ("loader", loader)):
+                    rates[augment, kind].append(rate)
                 waits[augment].append(waited)
                 print(f"  round {r + 1} {augment:<10} train.py {train:7.1f} (waited for data "
                       f"{waited:4.0%} of its time)  Pillow {pillow:7.1f}  {train / pillow:5.2f}x  "
-                      f"loader alone {rates['loader']:7.1f}  "
-                      f"{rates['loader'] / pillow:5.2f}x", flush=True)
+                      f"loader alone {loader:7.1f}  {loader / pillow:5.2f}x", flush=True)
     finally:
         shutil.rmtree(work)
     for name, augment in paths:
-        train, pillow, loader = (best[augment, k] for k in ("train", "pillow", "loader"))
-        print(f"{name:<34} train.py {train:7.1f} images/s   plain Pillow {pillow:7.1f}   "
-              f"{train / pillow:5.2f}x   loader alone {loader:7.1f}   {loader / pillow:5.2f}x   "
-              f"per-round train.py / Pillow {statistics.median(ratios[augment]):5.2f}x (median)")
+        pillow = rates[augment, "pillow"]
+        print(f"{name}: plain Pillow {statistics.median(pillow):.1f} images/s (median)")
+        for kind, label in (("train", "train.py"), ("loader", "loader alone")):
+            ratios = [a / b for a, b in zip(rates[augment, kind], pillow)]
+            print(f"  {label:<12} {statistics.median(rates[augment, kind]):7.1f} images/s, per "
+                  f"round {statistics.median(ratios):.2f}x of Pillow (median; "
+                  f"{min(ratios):.2f}-{max(ratios):.2f})")
         if statistics.median(waits[augment]) < DATA_BOUND_WAIT:
             print(f"  {name}: train.py waited for data {statistics.median(waits[augment]):.0%} "
                   f"of its time (median), under {DATA_BOUND_WAIT:.0%}: bound by the model's step, "
