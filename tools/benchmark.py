@@ -288,7 +288,7 @@ def benchmark_data_path(args):
     import tempfile
 
     import numpy as np
-    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+    from transformers import ViTImageProcessorPil
 
     from augment import augment_config, draw_crop
     from backbone import ImageInputs
@@ -301,11 +301,7 @@ def benchmark_data_path(args):
             make_jpegs(os.path.join(photos, f"class{c}"), count // 2, seed=c)
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(photos) for f in names
                    if f.endswith(".jpg"))
-    model = os.path.join(root, "tiny_vit_p32")  # a folder of another shape is not reused
-    if not os.path.isdir(model):
-        torch.manual_seed(0)
-        ViTModel(ViTConfig(**DATA_PATH_VIT)).save_pretrained(model)
-        ViTImageProcessorPil(size={"height": 224, "width": 224}).save_pretrained(model)
+    model = vit_folder(os.path.join(root, "tiny_vit_p32"), DATA_PATH_VIT)
     work = tempfile.mkdtemp(prefix="data-path-bench-")
 
     def train_rate(augment):
@@ -465,17 +461,13 @@ def benchmark_peer(args):
     import subprocess
     import tempfile
 
-    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
     root = args.peer
     photos = os.path.join(root, "train")
     if not os.path.isdir(photos):  # two classes of PEER_IMAGES / 2 photographs each
         for c in range(2):
             make_jpegs(os.path.join(photos, f"class{c}"), PEER_IMAGES // 2, seed=c)
     model = os.path.join(root, "vit_tiny")
-    if not os.path.isdir(model):
-        torch.manual_seed(0)
-        ViTModel(ViTConfig(**VIT_TINY)).save_pretrained(model)
-        ViTImageProcessorPil(size={"height": 224, "width": 224}).save_pretrained(model)
+    vit_folder(model, VIT_TINY)
     steps = PEER_WARMUP + args.steps
     if steps * args.batch_size > PEER_IMAGES:
         user_error(f"--steps {args.steps}: more than one pass over {PEER_IMAGES} images")
@@ -698,7 +690,7 @@ def benchmark_fsdp_memory(args):
     from host_memory import ProcessTreeMemory
     folder = args.fsdp_memory
     if not os.path.isdir(folder) or not os.listdir(folder):
-        save_vit_huge(folder)
+        vit_folder(folder, VIT_HUGE)
     data = write_bench_images(os.path.join(folder, "bench_data"))
     weights_mb = os.path.getsize(os.path.join(folder, "model.safetensors")) / 2 ** 20
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -776,13 +768,22 @@ def benchmark_fsdp_memory(args):
     print(json.dumps({f"{what} | {n}": values for (what, n), values in rows.items()}))
 
 
-def save_vit_huge(folder):
-    """A ViT-H/14-shaped model folder (random init, fp32) with its image processor."""
+def vit_folder(folder, shape):
+    """A ViT folder of `shape` (ViTConfig keywords; random init, fp32) with its image processor,
+    made where absent or empty; one made before with another shape is refused, not measured."""
     from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+    if os.path.isdir(folder) and os.listdir(folder):
+        saved = ViTConfig.from_pretrained(folder).to_dict()
+        other = {k: saved.get(k) for k, v in shape.items() if saved.get(k) != v}
+        if other:
+            user_error(f"{folder} holds a ViT of another shape ({other}, not {shape}): remove "
+                       "it and it is made again")
+        return folder
     torch.manual_seed(0)
-    ViTModel(ViTConfig(**VIT_HUGE)).save_pretrained(folder)
-    size = VIT_HUGE["image_size"]
+    ViTModel(ViTConfig(**shape)).save_pretrained(folder)
+    size = shape["image_size"]
     ViTImageProcessorPil(size={"height": size, "width": size}).save_pretrained(folder)
+    return folder
 
 
 def write_bench_images(folder, count=16):
