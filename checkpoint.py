@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -36,10 +37,12 @@ from data.fingerprint import crc_of_blocks, data_changes, data_fingerprints
 from distributed import all_gather_objects, barrier
 from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
-from files import OutputError, reason, recover_folder, swap_in, temporary, write_json
+from files import (OutputError, read_jsonl_records, reason, recover_folder, swap_in, temporary,
+                   write_json, write_text)
 from state_files import CheckpointError, load_state_files, save_state_files
 
 INFO_FILE = "training_info.json"
+RUN_FILES = ("metrics.jsonl", "run_summary.json", "eval_results.jsonl")  # a run's own records
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "state"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -255,9 +258,10 @@ def model_signature(folder):
 def prune_checkpoints(output_dir, keep_last, protect=()):
     """Delete all but the `keep_last` newest checkpoints, never those in `protect` (the best)."""
     found = list_checkpoints(output_dir)
-    keep = {os.path.normpath(p) for p in found[max(0, len(found) - keep_last):] if keep_last > 0}
-    keep |= {os.path.normpath(p) for p in protect if p}
-    removed = [p for p in found if os.path.normpath(p) not in keep]
+    # real paths: the best may be named from another spelling of the folder (relative, a link)
+    keep = {os.path.realpath(p) for p in found[max(0, len(found) - keep_last):] if keep_last > 0}
+    keep |= {os.path.realpath(p) for p in protect if p}
+    removed = [p for p in found if os.path.realpath(p) not in keep]
     for path in removed:
         shutil.rmtree(path)
     return removed
@@ -396,19 +400,62 @@ def check_output_dir(args):
         raise ValueError(f"--output_dir {args.output_dir} already holds {len(existing)} "
                          f"checkpoint(s) (newest {os.path.basename(existing[-1])}); pass --resume "
                          f"latest to continue or --overwrite to start over")
+    # a run that ended before its first checkpoint: a new one would append to its log
+    logs = [n for n in RUN_FILES if os.path.isfile(os.path.join(args.output_dir, n))]
+    if logs and not existing and not args.resume and not args.overwrite:
+        raise ValueError(f"--output_dir {args.output_dir} holds {', '.join(logs)} of an earlier "
+                         "run (no checkpoint): pass --overwrite to start over there, or choose "
+                         "another --output_dir")
 
 
-def prepare_output_dir(args, rank):
+def set_aside_later(output_dir, step, say):
+    """Move the checkpoints of output_dir after `step` (a run resumed from an earlier point
+    would write its own under their names, and until then --resume latest and eval.py would
+    take them for its own) into superseded-TIME/, with a copy of the run's records and, moved
+    there, the records and per-class files eval.py wrote of them."""
+    later = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+    if not later:
+        return
+    aside = os.path.join(output_dir, "superseded-" + time.strftime("%Y%m%d-%H%M%S"))
+    while os.path.exists(aside):  # a second rewind within the same second
+        aside += "+"
+    os.makedirs(aside)
+    for path in later:
+        os.rename(path, os.path.join(aside, os.path.basename(path)))
+        per_class = os.path.join(output_dir, "per_class", os.path.basename(path))
+        for kept in (per_class + ".json", per_class):  # checkpoint-N.json and checkpoint-N/ema
+            if os.path.exists(kept):
+                os.renames(kept, os.path.join(aside, os.path.relpath(kept, output_dir)))
+    for name in RUN_FILES:  # metrics.jsonl loses its records after `step` as the run resumes
+        if os.path.isfile(os.path.join(output_dir, name)):
+            shutil.copy2(os.path.join(output_dir, name), aside)
+    if os.path.isfile(os.path.join(output_dir, "run_summary.json")):  # of the run set aside
+        os.remove(os.path.join(output_dir, "run_summary.json"))
+    names = {os.path.basename(p) for p in later}
+    results = os.path.join(output_dir, "eval_results.jsonl")
+    records = read_jsonl_records(results)
+    kept = [r for r in records if str(r.get("checkpoint", "")).split("/")[0] not in names]
+    if len(kept) < len(records):
+        write_text(results, "".join(json.dumps(r) + "\n" for r in kept))
+    say(f"note: resuming from step {step}, before {len(later)} checkpoint(s) of "
+        f"{output_dir} ({', '.join(sorted(names, key=checkpoint_step))}): they are moved to "
+        f"{aside} with their evaluation records, as this run writes its own")
+
+
+def prepare_output_dir(args, rank, say=print):
     """The output folder, once every check has passed; --overwrite clears the earlier run's
-    files."""
+    files; a resume from an earlier point than its newest checkpoints sets those aside."""
     existing = list_checkpoints(args.output_dir)
     if rank == 0:
         if args.overwrite and not args.resume:
             for path in existing:
                 shutil.rmtree(path)
-            for name in ("metrics.jsonl", "run_summary.json", "eval_results.jsonl"):
+            for name in RUN_FILES:
                 if os.path.exists(os.path.join(args.output_dir, name)):
                     os.remove(os.path.join(args.output_dir, name))
+        if args.resume:
+            step = read_info(resolve_resume(args.resume, args.output_dir))["step"]
+            set_aside_later(args.output_dir, step, say)
         try:
             os.makedirs(args.output_dir, exist_ok=True)
         except OSError as e:

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (changed_run_flags, check_output_dir, load_sharded_state,
+from checkpoint import (INFO_FILE, changed_run_flags, check_output_dir, load_sharded_state,
                         load_trainer_state, prepare_output_dir, prune_checkpoints, read_info,
                         resolve_resume, run_fingerprint, save_checkpoint, set_rng_state)
 from config import apply_overrides, check_args, loader_workers, parse_args
@@ -216,7 +216,7 @@ def build_run(args, rank, world_size, device):
     say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch "
         f"{args.batch_size} x {world_size} process(es) x grad_accum {args.grad_accum}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
-    prepare_output_dir(args, rank)  # every check has passed: only now is anything written
+    prepare_output_dir(args, rank, say)  # every check has passed: only now is anything written
     # After placing: the shadow lives where the weights do (FSDP2: sharded like them).
     shadow = ema.make_ema(raw_model) if args.ema_decay else None
     return Run(args=args, task=task, data=data, model=model, raw_model=raw_model, inputs=inputs,
@@ -350,12 +350,36 @@ def start_state(run):
             state.train_metrics.sums.copy_(window)
     saved = info.get("loader_states")  # its shape checked by check_resume_flags
     state.loader_state = saved[run.rank] if saved is not None else None
-    state.step, state.best, state.last_saved = info["step"], info["best"], folder
+    state.step, state.last_saved = info["step"], folder
+    state.best = resumed_best(run, info, folder, state.best)
     skipped = info.get("skipped_images", [])
     if run.main_process and len(skipped) == len(state.skipped_images):
         state.skipped_images = skipped  # the totals of all ranks so far
     run.say(f"resumed from {folder} at step {state.step}")
     return state
+
+
+def resumed_best(run, info, folder, fresh):
+    """The best so far as the checkpoint `folder` (its `info`) saved it, its folder found beside
+    `folder` (the run's folder may be named otherwise now, or copied); `fresh`, with a note,
+    where that best is of another --best_metric / --best_mode or its folder is gone."""
+    saved = info["best"]
+    if saved["value"] is None:
+        return fresh
+    was = (f"the best {saved['metric']} ({saved['mode']}) = {saved['value']:.4f} at step "
+           f"{saved['step']}")
+    if (saved["metric"], saved["mode"]) != (fresh["metric"], fresh["mode"]):
+        run.say(f"note: {was} is of other flags than --best_metric {fresh['metric']} "
+                f"--best_mode {fresh['mode']}: the best is tracked anew from step "
+                f"{info['step']}, and the keep limit no longer keeps that checkpoint for it")
+        return fresh
+    path = os.path.join(os.path.dirname(os.path.normpath(folder)),
+                        os.path.basename(os.path.normpath(saved["checkpoint"])))
+    if not os.path.isfile(os.path.join(path, INFO_FILE)):
+        run.say(f"note: {was} was in {path}, which is gone: the best is tracked anew from step "
+                f"{info['step']}")
+        return fresh
+    return {**saved, "checkpoint": path}
 
 
 def trained_now(run):

@@ -297,3 +297,30 @@ def test_datasets_in_another_order_score_the_rows_the_checkpoint_gave_them(
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert len(results(run)) == 2
+
+
+def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_and_their_records_aside(
+        run_dir, small_data, tiny_vit, tmp_path, capsys):
+    run = fresh_run(run_dir, tmp_path)
+    eval_script.main([str(run), "--num_workers", "0", "--per_class"])
+    before = {n: (run / n / "training_info.json").read_text() for n in ("checkpoint-4",
+                                                                          "checkpoint-6")}
+    capsys.readouterr()
+    train.main(train_args(small_data, tiny_vit, run, "--max_steps", 6, "--save_steps", 2,
+                          "--eval_steps", 2, "--save_all_checkpoints", "--resume",
+                          run / "checkpoint-2"))
+    out = capsys.readouterr().out
+    assert "before 2 checkpoint(s)" in out and "checkpoint-4, checkpoint-6" in out
+    aside, = [p for p in run.iterdir() if p.name.startswith("superseded-")]
+    for name, info in before.items():  # kept whole, not overwritten by the resumed run
+        assert (aside / name / "training_info.json").read_text() == info
+        assert (aside / "per_class" / f"{name}.json").is_file()
+    assert [r["checkpoint"] for r in results(aside)] == ["checkpoint-2", "checkpoint-4",
+                                                         "checkpoint-6"]
+    assert [r["checkpoint"] for r in results(run)] == ["checkpoint-2"]
+    assert [r["step"] for r in read_jsonl(aside / "metrics.jsonl") if r["event"] == "eval"] == [
+        2, 4, 6]
+    # the resumed run's own checkpoints are evaluated, not taken for those set aside
+    eval_script.main([str(run), "--num_workers", "0"])
+    assert [r["checkpoint"] for r in results(run)] == ["checkpoint-2", "checkpoint-4",
+                                                       "checkpoint-6"]

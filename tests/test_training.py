@@ -212,6 +212,55 @@ def test_keep_limit_keeps_the_latest_and_the_best(small_data, tiny_vit, tmp_path
     assert set(checkpoints(tmp_path)) == {"checkpoint-8", best}
 
 
+def test_a_resume_keeps_the_best_of_the_folder_it_resumes_whatever_its_path_is_called(
+        small_data, tiny_vit, tmp_path):
+    first = tmp_path / "first"
+    # lr 0: every evaluation ties, so the best stays the first one, checkpoint-2
+    flags = ["--save_steps", 2, "--eval_steps", 2, "--save_total_limit", 1, "--lr", 0]
+    run_train(train_args(small_data, tiny_vit, first, "--max_steps", 4, *flags))
+    assert checkpoints(first) == ["checkpoint-2", "checkpoint-4"]
+    copied = tmp_path / "copied"
+    shutil.copytree(first, copied)
+    # the copy resumed, named by another spelling of its path: its own best is kept and evaluated
+    run_train(train_args(small_data, tiny_vit, os.path.relpath(copied), "--max_steps", 8, *flags,
+                         "--resume", "latest", "--allow_changed_flags"))
+    s = summary(copied)
+    assert os.path.realpath(s["best_checkpoint"]) == str(copied.resolve() / "checkpoint-2")
+    assert checkpoints(copied) == ["checkpoint-2", "checkpoint-8"]
+    assert s["final_eval_checkpoint"] == s["best_checkpoint"]
+    assert checkpoints(first) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_resume_with_another_best_metric_tracks_the_best_anew_and_says_so(
+        small_data, tiny_vit, tmp_path, capsys):
+    flags = ["--save_steps", 2, "--eval_steps", 2, "--save_all_checkpoints"]
+    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 4, *flags))
+    run_train(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 8, *flags, "--resume",
+                         tmp_path / "checkpoint-2", "--allow_changed_flags", "--best_metric",
+                         "overall_loss", "--best_mode", "min"))
+    assert "the best is tracked anew from step 2" in capsys.readouterr().out
+    s = summary(tmp_path)
+    losses = {r["step"]: r["eval_overall_loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")
+              if r["event"] == "eval"}
+    assert sorted(losses) == [2, 4, 6, 8]  # the records of the first run to step 4 superseded
+    assert s["best_metric"] == "overall_loss" and s["best_value"] == min(
+        losses[k] for k in (4, 6, 8))  # evaluated after the resume
+
+
+def test_an_output_dir_with_the_log_of_a_run_that_saved_nothing_needs_overwrite(
+        small_data, tiny_vit, tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 2}) + "\n")
+    args = train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--skip_evaluation")
+    with pytest.raises(SystemExit) as e:
+        run_train(args)
+    assert e.value.code == 2
+    assert "holds metrics.jsonl of an earlier run (no checkpoint)" in capsys.readouterr().err
+    run_train(args + ["--overwrite"])
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")
+            if r["event"] == "train"] == [2]
+    assert "lr" in first_step_log(tmp_path)
+
+
 def test_keep_limit_never_removes_checkpoints_below_the_limit(tmp_path):
     from checkpoint import prune_checkpoints
     for step in (2, 4):
