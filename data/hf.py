@@ -85,11 +85,16 @@ def read_hf_dataset(spec, reading, jsonl_record):
         import pyarrow.parquet as pq
         files = spec_files(spec, ".parquet")
         try:
-            counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+            footers = [pq.ParquetFile(f) for f in files]
+            counts = [footer.metadata.num_rows for footer in footers]
+            classes = [class_names(footer.schema_arrow, label_column) for footer in footers]
             table = datasets.Dataset.from_parquet(files)
         except Exception as e:  # pyarrow's errors say what is wrong, not which file
             raise DataError(f"data spec {spec.text!r}: cannot read the Parquet files "
                             f"{', '.join(files)}: {e}") from None
+        same_class_names(files, classes, label_column, f"data spec {spec.text!r}",
+                         "give such files as separate specs of the dataset (each is mapped to "
+                         "its classes by name)")
     where = files[0] if len(files) == 1 else path
     columns = table.column_names
     for column, needed in ((image_column, True), (label_column, reading.labelled)):
@@ -118,6 +123,28 @@ def read_hf_dataset(spec, reading, jsonl_record):
     if empty.sum() > SHOWN:
         reading.errors.append(f"{where}: {int(empty.sum())} rows without an image in all")
     reading.parts.append(part(source_id, dataset_id, range(n), labels, np.zeros(n, dtype="S1")))
+
+
+def class_names(schema, column):
+    """The class names of a Parquet file's ClassLabel `column` (datasets keeps its features in
+    the file's schema), or None where the column is not one."""
+    datasets = import_datasets("a Parquet file's ClassLabel")
+    feature = datasets.Features.from_arrow_schema(schema).get(column)
+    return [str(n) for n in feature.names] if isinstance(feature, datasets.ClassLabel) else None
+
+
+def same_class_names(files, classes, column, what, remedy):
+    """Refuse files of one dataset read as one table whose ClassLabel `column` names its
+    classes otherwise (`classes`: each file's, class_names): the table would take the first
+    file's names for every file's indices."""
+    def shown(names):
+        return "no ClassLabel" if names is None else "[" + ", ".join(names[:6]) + (
+            ", ...]" if len(names) > 6 else "]")
+    for file, names in zip(files[1:], classes[1:]):
+        if names != classes[0]:
+            raise DataError(f"{what}: {file} gives the classes of column {column!r} as "
+                            f"{shown(names)}, {files[0]} as {shown(classes[0])}: its indices "
+                            f"would be read by the first file's names; {remedy}")
 
 
 def image_rows_without_data(column):

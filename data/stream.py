@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.hf import class_names, same_class_names
 from data.paths import is_url, spec_files
 from data.reading import Reading
 from data.sampling import SCHEDULE_BLOCK, block_schedule, stream_shares
@@ -164,6 +165,14 @@ def stream_sources(specs, registry, fixed, index_dir=None, skip_missing_images=F
     raise_data_errors(errors, 1, [])
     datasets, _ = import_streaming()
     for source in by_name.values():
+        local = [f for f in source.files if not is_url(f)]
+        if source.kind == "hf" and len(local) > 1:  # remote files: their first one's names
+            import pyarrow.parquet as pq
+            same_class_names(local, [class_names(pq.read_schema(f), source.label_column)
+                                     for f in local], source.label_column,
+                             f"--streaming dataset {source.name!r}",
+                             "a stream reads every file of a dataset by one ClassLabel: "
+                             "write them with the same one")
         if source.kind == "hf":
             feature = (source.open().features or {}).get(source.label_column)
             if isinstance(feature, datasets.ClassLabel):

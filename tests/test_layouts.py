@@ -304,6 +304,26 @@ def test_classlabels_in_another_order_map_by_name(tmp_path):
         read([f"d={other}"], registry)
 
 
+def test_parquet_files_of_one_spec_or_stream_with_classlabels_in_another_order_are_refused(
+        tmp_path):
+    from dataset import build_stream
+    folder = tmp_path / "parts"
+    os.makedirs(folder)
+    hf_split("train").to_parquet(str(folder / "part-a.parquet"))
+    hf_split("val", names=CLASSES[::-1]).to_parquet(str(folder / "part-b.parquet"))
+    # one table would read part-b's indices by part-a's names: every fish a cat
+    message = refused(f"d={folder}", training=True)
+    assert "part-b.parquet gives the classes of column 'label' as [fish, dog, cat]" in message
+    assert "part-a.parquet as [cat, dog, fish]" in message and "separate specs" in message
+    records, registry = read([f"d={folder}/part-a.parquet", f"d={folder}/part-b.parquet"],
+                             training=True)
+    assert_classes(records, registry, "d", 9 + 6)
+    with pytest.raises(DataError, match="--streaming dataset 'd': .*part-b.parquet gives"):
+        build_stream([f"d={folder}/part-a.parquet", f"d={folder}/part-b.parquet"],
+                     load_registry({"d": {}}), True, seed=0, rank=0, world_size=1, buffer=4,
+                     skip_bad_images=False)
+
+
 def test_a_compressed_shard_says_what_to_type_with_or_without_a_prefix(tmp_path):
     import webdataset
     plain = write_wds(tmp_path / "plain", samples("val"), lambda n: {"cls": CLASSES.index(n)},
