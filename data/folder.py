@@ -49,6 +49,8 @@ def read_image_folder(spec, reading, jsonl_record):
     known = reading.registry[name].labels
     without_folder = []  # classes this folder gives that have no folder (integer names)
     if reading.labelled and known is None:
+        if len(class_dirs) == 1:  # e.g. an unzipped archive's flowers/flowers/{daisy,rose}
+            reading.errors.append(one_class_folder(root, class_dirs[0], name))
         names = folder_classes(root, class_dirs, reading.errors)
         reading.classes(name, names, None, root)
         known = names
@@ -154,6 +156,20 @@ def read_metadata_folder(spec, reading, found):
     if reading.labelled:
         reading.add_names(name, as_bytes([v if isinstance(v, str) else "" for v in values]),
                           f"{path} (column {column!r})", lambda i: wheres[i])
+
+
+def one_class_folder(root, class_dir, name):
+    """The error of an image folder whose class folders are one: every image would be that
+    class, a loss of 0 and an accuracy of 100 % whatever the model does."""
+    inside = os.path.join(root, class_dir)
+    subfolders = sorted(e.name for e in os.scandir(inside)
+                        if e.is_dir() and not e.name.startswith("."))
+    hint = (f"; it holds the folders {', '.join(subfolders[:5])}"
+            f"{', ...' if len(subfolders) > 5 else ''}: give {inside} if those are the classes"
+            if subfolders else "")
+    return (f"{root}: one class folder, {class_dir!r}, gives dataset {name!r} one class, which "
+            f"a classifier cannot learn (every image is that class){hint}. With the dataset's "
+            "labels in the registry the folder is read as one class of them")
 
 
 def folder_classes(root, class_dirs, errors):

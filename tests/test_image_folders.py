@@ -172,7 +172,7 @@ def gradient16(tmp_path):
 def test_a_16bit_png_decodes_to_its_8bit_values_not_white(tmp_path):
     path, expected = gradient16(tmp_path)
     assert expected.min() == 0 and expected.max() == 255 and len(np.unique(expected)) == 256
-    records = read(tmp_path / "scan")
+    records = read(tmp_path / "scan", registry={"f": {"labels": ["a"]}})
     image = ImageDataset(records)[0][0]  # the processor path of training and evaluation
     assert image.mode == "RGB"
     pixels = np.asarray(image)

@@ -194,6 +194,20 @@ def test_an_image_folder_of_split_folders(tmp_path):
     assert registry["d"].labels == ["cat", "dog", "train"] and len(records) == 6
 
 
+def test_an_image_folder_of_one_class_folder_is_refused_naming_the_folder_of_classes(tmp_path):
+    # an unzipped archive's double folder: flowers/flowers/{cat,dog,fish}
+    inner = image_folder(tmp_path / "flowers" / "flowers", samples("train"))
+    message = refused(f"d={inner.parent}", training=True)
+    assert f"{inner.parent}: one class folder, 'flowers', gives dataset 'd' one class" in message
+    assert f"it holds the folders cat, dog, fish: give {inner} if those are the classes" in message
+    records, registry = read([f"d={inner}"], training=True)
+    assert_classes(records, registry, "d", 9)
+    # with the dataset's classes known, a folder of one of them is that class's images
+    one = image_folder(tmp_path / "cats", [r for r in samples("val") if r[1] == "cat"])
+    records, _ = read([f"d={one}"], load_registry({"d": {"labels": CLASSES}}), training=True)
+    assert records.labels.tolist() == [0, 0]
+
+
 def test_split_names_in_file_names_are_datasets_splits(tmp_path):
     import datasets
     folder = tmp_path / "faces"

@@ -230,9 +230,11 @@ def test_bad_rows_and_shards_are_named(layouts, tmp_path):
     (folder / "cat").mkdir(parents=True)
     (folder / "cat" / "1.png").write_bytes(image)
     (folder / "cat" / "notes.txt").write_text("not an image")
+    (folder / "dog").mkdir()
+    (folder / "dog" / "2.png").write_bytes(image)
     said = []
     records = read_records([f"f={folder}"], load_registry({"f": {}}), say=said.append)
-    assert len(records) == 1 and "notes.txt" in said[0]
+    assert len(records) == 2 and "notes.txt" in said[0]
     (folder / "loose.png").write_bytes(image)
     with pytest.raises(DataError, match="loose.png: an image directly in .* belongs to no class"):
         read_records([f"f={folder}"], load_registry({"f": {}}))
