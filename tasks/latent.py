@@ -46,11 +46,25 @@ def load_autoencoder(folder, flag="--vae"):
     if name != CLASS_NAME:
         raise ValueError(f"{flag} {folder}: not an {CLASS_NAME} folder ({path} describes "
                          f"{name or 'no diffusers model'})")
+    from diffusers.utils import logging as diffusers_logging
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its load report: the missing weights are ours
     try:
-        return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+        vae, info = AutoencoderKL.from_pretrained(folder, local_files_only=True,
+                                                  output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{flag} {folder}: cannot load the {CLASS_NAME} "
                          f"({type(e).__name__}: {str(e)[:500]})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    # diffusers leaves a weight the folder lacks uninitialised (on the meta device): on the CPU
+    # a convolution over it runs on whatever memory it gets
+    missing = sorted(info["missing_keys"]) + [k for k, *_ in info["mismatched_keys"]]
+    if missing:
+        raise ValueError(f"{flag} {folder}: {len(missing)} weight(s) of its {CLASS_NAME} are "
+                         f"not in the folder or of another shape: {', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}")
+    return vae
 
 
 def downsampling(config):

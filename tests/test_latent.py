@@ -169,6 +169,14 @@ def test_bad_vae_folders_and_shapes_are_refused_before_the_first_step(vae, digit
     assert f"give its VAE, {pipeline / 'vae'}" in error(str(pipeline))
     # a Hugging Face model folder of another kind
     assert "describes no diffusers model" in error(tiny_lm)
+    # a folder lacking weights: diffusers would leave them uninitialised
+    from safetensors.torch import load_file, save_file
+    lacking = save_tiny_vae(tmp_path / "lacking")
+    weights = os.path.join(lacking, "diffusion_pytorch_model.safetensors")
+    save_file({k: v for k, v in load_file(weights).items()
+               if not k.startswith("encoder.conv_out.")}, weights, metadata={"format": "pt"})
+    assert ("2 weight(s) of its AutoencoderKL are not in the folder or of another shape: "
+            "encoder.conv_out.bias, encoder.conv_out.weight") in error(lacking)
     # the images the VAE takes, latents the patches divide, the patch projection of a checkpoint
     assert "--image_channels 3" in error(vae, "--image_channels", 3)
     assert "into 4x4 latents, not a multiple of --patch_size 3" in error(vae, "--patch_size", 3)
