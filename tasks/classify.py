@@ -68,6 +68,31 @@ from tasks.base import FlagNeeds, Task, evaluated_indices, run_index_dir
 from weights import file_map, folder_map, model_weights, write_safetensors
 
 
+def check_random_init_trained(model, args):
+    """A --random_init part starts from random values: one frozen by --train_only_head, --freeze
+    or LoRA stays random. Refused where the head reads through it (a vision backbone's pooler
+    under --pooling auto / pooler: every feature would pass a random layer that never learns),
+    else announced."""
+    frozen = [part for part in args.random_init or ()
+              if any(not p.requires_grad for n, p in model.backbone.named_parameters()
+                     if n == part or n.startswith(part + "."))]
+    if not frozen:
+        return
+    why = ("--train_only_head" if args.train_only_head else
+           f"--freeze {args.freeze}" if args.freeze != "none" else f"--lora_rank {args.lora_rank}")
+    remedy = ("name it in --lora_train" if args.lora_rank and not args.train_only_head else
+              "train it (leave out " + why + ")")
+    read = [p for p in frozen if p.split(".")[0] == "pooler" and not model.token_inputs
+            and model.pooling in ("auto", "pooler")]
+    if read:
+        raise ValueError(f"--random_init {' '.join(read)}: its weights start from random values "
+                         f"and {why} keeps them so, while --pooling {args.pooling} feeds the head "
+                         f"the backbone's pooler_output through them: {remedy}, or take "
+                         "--pooling cls or mean, which do not read it")
+    say(f"note: --random_init {' '.join(frozen)}: its weights start from random values and "
+        f"{why} keeps them so; the head reads them only if the features pass through them")
+
+
 @dataclass
 class Data:
     """The records, the label layout and the loss options: what a step needs beside the model."""
@@ -262,6 +287,7 @@ class ClassifyTask(Task):
                                           args.lora_dropout or 0.0, args.lora_targets,
                                           args.lora_train or ())
             say(trainable_summary(model, model.lora_targets))
+        check_random_init_trained(model, args)
         check_mix_args(args.mixup, args.cutmix, args.mix_prob, self.NAME, model.token_inputs,
                        type(backbone).__name__)
         check_lr_args(args, model.token_inputs, type(backbone).__name__)

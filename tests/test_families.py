@@ -320,6 +320,21 @@ def test_a_folder_without_some_backbone_weights_is_refused_naming_them(family_fo
     assert ("2 weight(s) of ViTModel start from random values, as --random_init asks: "
             "['pooler.dense.bias', 'pooler.dense.weight']") in capsys.readouterr().out
     assert os.path.isdir(tmp_path / "asked" / "checkpoint-1")
+    # kept frozen at random, the pooler would stand between every feature and the head
+    for flags in (["--train_only_head"], ["--freeze", "vision"], ["--lora_rank", 2]):
+        with pytest.raises(SystemExit):
+            train.main(train_args(small_data, folder, tmp_path / "frozen", "--max_steps", 1,
+                                  "--random_init", "pooler", *flags))
+        err = capsys.readouterr().err
+        assert (f"--random_init pooler: its weights start from random values and "
+                f"{' '.join(map(str, flags))} keeps them so, while --pooling auto feeds the head "
+                "the backbone's pooler_output through them") in err
+        assert ("--lora_train" if "--lora_rank" in flags else "train it") in err
+    train.main(train_args(small_data, folder, tmp_path / "mean", "--max_steps", 1,
+                          "--skip_evaluation", "--random_init", "pooler", "--pooling", "mean",
+                          "--train_only_head"))
+    assert ("--random_init pooler: its weights start from random values and --train_only_head "
+            "keeps them so; the head reads them only if") in capsys.readouterr().out
     # a two-tower folder without its vision tower's weights under any name
     folder = without_keys(family_folder("aimv2"), tmp_path / "aimv2",
                           lambda k: k.startswith("vision_model.encoder.layers.1."))
