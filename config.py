@@ -27,6 +27,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return action.help + " (default: %(default)s)"
 
 
+# metrics whose best is their least: losses (recon_loss too), perplexity, the autoencoder's KL
+LOWER_IS_BETTER = ("loss", "perplexity", "_kl")
+
+
 def num_workers(value):
     """--num_workers: a count, or auto (resolved by workers_per_rank)."""
     value = str(value)
@@ -268,7 +272,8 @@ def build_parser(description=None):
     a("--best_metric", default="overall_accuracy",
       help="overall_accuracy, overall_loss, DATASET_accuracy, ...; ema_ + any of these (with "
            "--ema_decay) ranks the EMA weights")
-    a("--best_mode", choices=["max", "min"], help="default: min for *_loss, max otherwise")
+    a("--best_mode", choices=["max", "min"],
+      help="default: min for *_loss, *_perplexity and *_kl, max otherwise")
     a("--no_best_tracking", action="store_true",
       help="evaluate, but do not track or keep a best checkpoint")
     a("--save_best_only", action="store_true",
@@ -491,7 +496,7 @@ def apply_overrides(args):
     if args.best_metric == "overall_accuracy":  # the flag's default is the classifier's
         args.best_metric = TASKS[args.task].DEFAULT_BEST_METRIC
     if args.best_mode is None:
-        args.best_mode = "min" if args.best_metric.endswith(("loss", "perplexity")) else "max"
+        args.best_mode = "min" if args.best_metric.endswith(LOWER_IS_BETTER) else "max"
     return changes
 
 

@@ -329,3 +329,15 @@ def test_a_value_that_cannot_be_read_names_its_line(tmp_path):
     with pytest.raises(ValueError) as e:
         parse_args(["--config", config])
     assert str(e.value) == f"--config {config}:3: key 'batch_size': cannot read 'fast' as int"
+
+
+@pytest.mark.parametrize("task, metric, mode", [
+    ("classify", "overall_accuracy", "max"), ("classify", "digits_loss", "min"),
+    ("generate", "overall_text_perplexity", "min"), ("autoencoder", "overall_kl", "min"),
+    ("autoencoder", "ema_digits_kl", "min"), ("autoencoder", "overall_recon_loss", "min"),
+    ("autoencoder", "overall_psnr", "max")])
+def test_the_best_mode_by_default_is_the_direction_of_the_metric(task, metric, mode):
+    args = parse_args(["--task", task, "--best_metric", metric, "--model", "m", "--train_data",
+                       "d.jsonl", "--val_data", "v.jsonl", "--output_dir", "out"])
+    apply_overrides(args)
+    assert args.best_mode == mode
