@@ -20,7 +20,7 @@ from dataset import DataError
 from files import OutputError, reason, write_file
 from tasks.generate.model import SPEC_FILE, load_unified
 from tasks.generate.patches import load_image
-from tasks.generate.sampling import generate_images, generate_text
+from tasks.generate.sampling import generate_images, generate_text, sampling_shift
 from tasks.images import save_grid, to_pil
 
 
@@ -38,6 +38,9 @@ def main(argv=None):
     p.add_argument("--cfg_scale", type=float, default=4.0,
                    help="classifier-free guidance scale, 1 = none (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--timestep_shift", type=float,
+                   help="shift of the Euler steps' times (default: the one the checkpoint was "
+                        "trained with)")
     p.add_argument("--max_new_tokens", type=int, default=32, help="longest caption (default: 32)")
     p.add_argument("--out_dir", default="generated",
                    help="where PNG files go (default: generated/)")
@@ -54,7 +57,7 @@ def main(argv=None):
                 "run folder"
             )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, _ = load_unified(folder)
+    model, tokenizer, info = load_unified(folder)
     model.to(device)
 
     if args.prompt:
@@ -65,8 +68,9 @@ def main(argv=None):
                   file=sys.stderr)
             sys.exit(2)
         prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]
+        shift = sampling_shift(info, args.timestep_shift)
         images = generate_images(model, tokenizer, prompts, args.steps, args.cfg_scale, args.seed,
-                                 device=device)
+                                 shift, device)
         try:
             for prompt in args.prompt:
                 slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60] or "prompt"

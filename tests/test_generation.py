@@ -287,7 +287,18 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
 
     train.main(
         gen_args(gen_data, tiny_lm, tmp_path / "gen", "--max_steps", 4, "--eval_steps", 4,
-                 "--save_steps", 4))
+                 "--save_steps", 4, "--timestep_shift", 3))
+    # sampled with the shift it was trained with, unless told otherwise
+    checkpoint = tmp_path / "gen" / "checkpoint-4"
+    assert json.loads((checkpoint / "unified.json").read_text())["timestep_shift"] == 3.0
+    grids = {}
+    for shift in (None, 3, 1):
+        out = tmp_path / f"shift{shift}"
+        generate.main([str(a) for a in [checkpoint, "--prompt", "a digit", "--num_images", 1,
+                                        "--steps", 3, "--out_dir", out] +
+                       ([] if shift is None else ["--timestep_shift", shift])])
+        grids[shift] = (out / "grid.png").read_bytes()
+    assert grids[None] == grids[3] != grids[1]
     code, err = generate_main(tmp_path / "gen" / "checkpoint-4", "--image", gen_data["val"])
     assert code == 2 and f"cannot decode image {gen_data['val']}" in err  # a clear error
     image = read_jsonl(gen_data["val"])[1]["image_path"]

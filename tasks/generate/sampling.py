@@ -83,6 +83,18 @@ def _token_batch(token, positions, mask, spec):
             "timesteps": torch.zeros(0), "labels": torch.zeros(rows, 1, dtype=torch.long)}
 
 
+def sampling_shift(info, given=None, say=print):
+    """The timestep shift to sample a checkpoint with: `given` (a flag), else the one it was
+    trained with (unified.json); a checkpoint written before it was kept says so and takes 1."""
+    if given is not None:
+        return given
+    if "timestep_shift" in info:
+        return float(info["timestep_shift"])
+    say("note: the checkpoint does not record the --timestep_shift it was trained with (written "
+        "before it was kept): sampling with 1, as its training's default")
+    return 1.0
+
+
 @torch.no_grad()
 def generate_images(model, tokenizer, prompts, steps=50, cfg_scale=1.0, seed=0, shift=1.0,
                     device="cpu", cache=True):

@@ -16,6 +16,7 @@ import torch
 from checkpoint import resolve_resume
 from distributed import all_reduce_sum
 from ema import check_best_metric
+from logs import say_once
 from metrics import GenerationMetrics, format_generation
 from model import load_classifier
 from tasks.base import FlagNeeds, Task
@@ -33,7 +34,7 @@ from tasks.generate.model import (
 )
 from tasks.generate.patches import ImageSpec, load_image
 from tasks.generate.records import read_generation_files
-from tasks.generate.sampling import generate_images, generate_text
+from tasks.generate.sampling import generate_images, generate_text, sampling_shift
 from tasks.images import save_grid, to_pil
 from tasks.latent import load_codec
 from weights import file_map, folder_map
@@ -205,7 +206,8 @@ class GenerateTask(Task):
         """The LM in its own format + tokenizer, the image parts, unified.json; every process
         calls it."""
         save_unified(model, tokenizer, folder, {"text_loss_weight": data.text_weight,
-                                                "image_loss_weight": data.image_weight}, rank)
+                                                "image_loss_weight": data.image_weight,
+                                                "timestep_shift": data.shift}, rank)
 
     def load_model(self, folder, meta=False):
         """(UnifiedModel, tokenizer, unified.json) of a checkpoint folder."""
@@ -232,9 +234,10 @@ class GenerateTask(Task):
         val = read_generation_files(args.val_files)
         indices = list(range(len(val)))
         data = Data(None, val, indices, ImageSpec(**info["image"]),
-                    info.get("text_loss_weight", 1.0), info.get("image_loss_weight", 1.0))
+                    info.get("text_loss_weight", 1.0), info.get("image_loss_weight", 1.0),
+                    shift=sampling_shift(info, say=say_once) if args.judge else 1.0)
         judged = ((args.judge, args.judge_prompt, args.judge_dataset, args.judge_samples,
-                   args.sample_steps, args.cfg_scale) if args.judge else None)
+                   args.sample_steps, args.cfg_scale, data.shift) if args.judge else None)
         return data, indices, ["generate", judged], f"evaluation data: {len(val):,} samples"
 
     def eval_extras(self, args, device):
@@ -253,7 +256,7 @@ class GenerateTask(Task):
         if extras is not None:
             for scale in dict.fromkeys([1.0, args.cfg_scale]):
                 out.update(judge_generated_images(model, tokenizer, extras, args, cfg_scale=scale,
-                                                  **where))
+                                                  shift=data.shift, **where))
         return out
 
     def finish(self, args, model, tokenizer, data, *, device, main_process):
@@ -311,8 +314,8 @@ def caption_accuracy(model, tokenizer, conversations, *, batch_size, rank, world
 
 
 @torch.no_grad()
-def judge_generated_images(model, tokenizer, judge, args, *, cfg_scale, rank, world_size,
-                           device):
+def judge_generated_images(model, tokenizer, judge, args, *, cfg_scale, shift, rank,
+                           world_size, device):
     """Generate judge_samples images per class of the judge's dataset and classify them with the
     judge (model, inputs, info of a classifier checkpoint).
 
@@ -329,7 +332,7 @@ def judge_generated_images(model, tokenizer, judge, args, *, cfg_scale, rank, wo
         chunk = labels[start:start + 100]
         prompts = [args.judge_prompt.format(label=c) for c in chunk]
         images = generate_images(model, tokenizer, prompts, args.sample_steps, cfg_scale,
-                                 seed=rank * 100_003 + start, device=device)
+                                 seed=rank * 100_003 + start, shift=shift, device=device)
         batch = inputs([to_pil(x).convert("RGB") for x in images], [dataset] * len(chunk))
         logits = judge(**{n: v.to(device) for n, v in batch.items()})[:, offset:offset + k]
         correct += (logits.argmax(-1).cpu() == torch.tensor(chunk)).sum().item()
