@@ -79,6 +79,24 @@ def test_global_order_is_the_same_for_any_world_size():
     assert mixture_indices(ids, [0.2, 0.3, 0.5], 2, 5) == full  # resume: the same order
 
 
+def test_a_share_that_rounds_to_no_sample_is_refused_not_never_drawn():
+    from data.sampling import stream_shares
+    from data.stream import StreamSource
+    # weights given as sizes: 2,000 of 5,002,000 rounds to no slot of a block of 1,000, so the
+    # same quota, drawn for every block, would never draw it
+    reg = registry_of(big=5_000_000, small=2_000)
+    sources = [StreamSource(n, i, "hf", []) for i, n in enumerate(reg)]
+    with pytest.raises(DataError, match=r"dataset 'small' a share of 0.0004, under one sample "
+                       r"of a block of 1,000 .*it would never be drawn"):
+        stream_shares(sources, reg)
+    assert stream_shares(sources, registry_of(big=5_000_000, small=600_000))[1] > 0.1
+    # an epoch of 2,050 samples: 0.0002 of it is under one sample, every epoch
+    with pytest.raises(DataError, match=r"dataset 'b' a share of 0.0002, under one sample of an "
+                       r"epoch of 2,050 samples"):
+        mixture_shares(registry_of(a=1, b=0.0002), [2000, 50])
+    assert mixture_shares(registry_of(a=1, b=0.001), [2000, 50])[1] > 0
+
+
 def test_bad_values_are_refused():
     with pytest.raises(DataError, match="not for b"):
         mixture_shares(registry_of(a=2, b=None), [5, 5])
