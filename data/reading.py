@@ -12,6 +12,8 @@ same over every kind. Every record is checked before the first step; a problem n
 A label may be a class name: mapped through the dataset's labels, else the sorted names of the
 training data (Reading.map_names); a ClassLabel maps by name onto labels known already.
 """
+import re
+
 import numpy as np
 
 from data.jsonl import classifier_line
@@ -63,6 +65,15 @@ class Reading:
             spec = self.registry[name]
             wheres = ", ".join(dict.fromkeys(e[4] for e in entries))
             if spec.labels is None:
+                decimal = [n for n in seen if re.fullmatch(r"-?\d+\.0*", n)]
+                if decimal:  # a float column written out (pandas: 3.0): an index, not a name
+                    first = next(e[5](e[2][i]) for e in entries for i, n in enumerate(e[3])
+                                 if n == decimal[0])
+                    raise DataError(
+                        f"{first}: the label {decimal[0]!r} is a class index written as a "
+                        f"decimal ({len(decimal)} such in {wheres}): read as class names they "
+                        "would be sorted as text (10.0 before 2.0). Write the labels as integers, "
+                        "or give the dataset's labels in the registry to read them as names")
                 if spec.num_classes is not None and spec.num_classes != len(seen):
                     raise DataError(
                         f"dataset {name!r}: its records name {len(seen)} classes ("

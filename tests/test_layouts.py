@@ -264,6 +264,31 @@ def test_the_hubs_imagefolder_with_metadata(tmp_path):
         f"d={root}:test")
 
 
+def test_class_indices_written_as_decimals_are_refused_not_sorted_as_names(tmp_path):
+    import pandas
+    root = tmp_path / "scans"
+    rows = [(k, n, im) for k, n, im in samples("train")]
+    os.makedirs(root / "images")
+    for key, _, image in rows:
+        image.save(root / "images" / f"{key}.png")
+    # pandas writes a float label column (after a merge and dropna) as 0.0, 1.0, 2.0
+    frame = pandas.DataFrame({"file_name": [f"images/{k}.png" for k, _, _ in rows],
+                              "label": [float(CLASSES.index(n)) for _, n, _ in rows]})
+    frame.to_csv(root / "metadata.csv", index=False)
+    message = refused(f"d={root}", training=True)
+    assert (f"{root}/metadata.csv:2: the label '0.0' is a class index written as a decimal"
+            in message)
+    frame.astype({"label": int}).to_csv(root / "metadata.csv", index=False)
+    records, registry = read([f"d={root}"], load_registry({"d": {"num_classes": 3}}),
+                             training=True)
+    assert [CLASSES[i] for i in records.labels] == [n for _, n, _ in rows]
+    # as names, when the registry says they are
+    frame.to_csv(root / "metadata.csv", index=False)
+    records, _ = read([f"d={root}"], load_registry({"d": {"labels": ["2.0", "1.0", "0.0"]}}),
+                      training=True)
+    assert [CLASSES[2 - i] for i in records.labels] == [n for _, n, _ in rows]
+
+
 def test_class_names_as_webdataset_labels(tmp_path):
     """The three fields WebDataset users keep a class name in: .cls, the label of .json, .txt;
     mapped through the registry's labels or the sorted names seen, one mapping for validation."""
