@@ -186,6 +186,8 @@ def load_registry(value, where="config 'datasets'"):
         name, _, rest = item.partition("=")
         parts = rest.split(":")
         try:
+            if len(parts) > 2:  # a third part would be dropped unread
+                raise ValueError
             entry = {"num_classes": int(parts[0])}
             if len(parts) > 1:
                 entry["eval_ratio"] = float(parts[1])

@@ -47,6 +47,7 @@ def test_registry_from_file_and_flags(tmp_path):
     ({"a": {"num_classes": 3, "eval_ratio": 1.5}}, "'eval_ratio' must be in \\(0, 1\\], got 1.5"),
     ({"a": {"num_classes": 0}}, "'num_classes' must be a positive integer"),
     ({"a": {"num_classes": 3, "ratio": 0.2}}, "unknown field"),
+    (["food=101:0.2:3.0"], "--datasets 'food=101:0.2:3.0': expected name=num_classes"),
 ])
 def test_bad_registry_entries(bad, message):
     with pytest.raises(DataError, match=message):
