@@ -65,6 +65,7 @@ class Reading:
             spec = self.registry[name]
             wheres = ", ".join(dict.fromkeys(e[4] for e in entries))
             if spec.labels is None:
+                self.check_one_kind_of_label(name, entries, wheres)
                 decimal = [n for n in seen if re.fullmatch(r"-?\d+\.0*", n)]
                 if decimal:  # a float column written out (pandas: 3.0): an index, not a name
                     first = next(e[5](e[2][i]) for e in entries for i, n in enumerate(e[3])
@@ -96,6 +97,21 @@ class Reading:
                 labels = self.parts[k]["labels"].copy()
                 labels[positions] = [index[n] for n in names]
                 self.parts[k]["labels"] = labels
+
+    def check_one_kind_of_label(self, name, entries, wheres):
+        """Refuse a dataset without known labels (none from the registry, an image folder or a
+        ClassLabel) whose sources label by class name (`entries`) and others by class index
+        (each source is checked alone in add_names): the names' sorted order is a guess."""
+        dataset_id = list(self.registry).index(name)
+        named = {e[1] for e in entries}
+        indexed = [self.sources[int(p["source_ids"][0])].path for k, p in enumerate(self.parts)
+                   if k not in named and len(p["labels"]) and p["dataset_ids"][0] == dataset_id
+                   and (p["labels"] != NO_LABEL).any()]
+        if indexed:
+            raise DataError(f"dataset {name!r}: {indexed[0]} labels by class index and {wheres} "
+                            "by class name: which index is which name is not known. Give the "
+                            "dataset's labels (its class names in index order) in the registry, "
+                            "or one kind of label")
 
     def add_source(self, source):
         self.sources.append(source)

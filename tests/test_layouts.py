@@ -327,6 +327,17 @@ def test_class_names_as_webdataset_labels(tmp_path):
     with pytest.raises(DataError, match=r"both class indices \(.*mixed-000.tar:a.png: 0\) and "
                                         r"class names \(.*mixed-000.tar:b.png: 'dog'\)"):
         read([f"d={mixed}"], load_registry({"d": {"labels": CLASSES}}))
+    # indices in one shard, names in another of the same dataset: refused without its labels
+    by_index = write_wds(tmp_path / "by_index", train_rows[:3],
+                         lambda n: {"cls": CLASSES.index(n)})
+    by_name = f"{folder}/w0/shard-000000.tar"
+    with pytest.raises(DataError, match=r"dataset 'd': .*by_index/shard-000000.tar labels by "
+                                        r"class index and .*w0/shard-000000.tar by class name"):
+        read([f"d={by_index}", f"d={by_name}"], load_registry({"d": {"num_classes": 3}}),
+             training=True)
+    records, registry = read([f"d={by_index}", f"d={by_name}"],
+                             load_registry({"d": {"labels": CLASSES}}), training=True)
+    assert_classes(records, registry, "d", 6)
 
 
 def test_classlabels_in_another_order_map_by_name(tmp_path):
