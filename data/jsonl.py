@@ -66,6 +66,22 @@ def classifier_line(item):
     return item["dataset_name"], [(image, "image_path")], label
 
 
+def check_split_field(item, training):
+    """A record that names its split ("split": "test") read as data of another role (training,
+    or evaluation) is an error: the JSONL reader takes every record of a file."""
+    if "split" not in item:
+        return
+    from data.specs import SPLIT_KEYWORDS  # data.specs imports the readers
+    value = item["split"]
+    split = next((s for s, keywords in SPLIT_KEYWORDS.items()
+                  if str(value).strip().lower() in keywords), None)
+    role = "train" if training else "evaluation"
+    if split is None or (split == "train") != training:
+        raise ValueError(f"field 'split': {value!r}, in a file read as {role} data: every record "
+                         "of a file is read, whatever its split says. Give each split a file of "
+                         "its own (or drop the field)")
+
+
 def read_json_source(spec, reading, jsonl_record):
     """Every record of a JSONL / JSON file, read by jsonl_record; its images checked to exist."""
     source = JsonlFile(spec.path)
@@ -74,6 +90,7 @@ def read_json_source(spec, reading, jsonl_record):
     rows, labels, dataset_ids, members, fields = [], [], [], [], {}
     for row, where, item in json_items(spec.path, reading.errors):
         try:
+            check_split_field(item, reading.training)
             name, images, label = jsonl_record(item)
             if not isinstance(name, str) or not name or (reading.fixed and
                                                          name not in reading.registry):

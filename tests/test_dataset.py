@@ -99,6 +99,24 @@ def test_each_bad_line_is_reported_with_file_line_and_field(tmp_path, image, reg
         read_records([path], registry)
 
 
+def test_a_record_of_another_split_than_its_file_is_read_as_is_refused(tmp_path, image,
+                                                                       registry):
+    rows = [{"image_path": image, "label": 0, "dataset_name": "digits", "split": split}
+            for split in ("train", "train", "test", "validation")]
+    path = write_jsonl(tmp_path / "all.jsonl", rows)
+    with pytest.raises(DataError) as e:  # a test record in training: the test set trained on
+        read_records([path], registry, training=True)
+    assert "2 problem(s)" in str(e.value)
+    assert "all.jsonl:3: field 'split': 'test', in a file read as train data" in str(e.value)
+    with pytest.raises(DataError, match="all.jsonl:1: field 'split': 'train', in a file read as "
+                       "evaluation data"):
+        read_records([path], registry)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:2])
+    assert len(read_records([train], registry, training=True)) == 2
+    test = write_jsonl(tmp_path / "test.jsonl", rows[2:])
+    assert len(read_records([test], registry)) == 2
+
+
 def test_all_problems_are_listed_at_once_and_missing_files_are_named(tmp_path, image, registry):
     path = write_jsonl(
         tmp_path / "data.jsonl",
