@@ -12,6 +12,7 @@ same over every kind. Every record is checked before the first step; a problem n
 A label may be a class name: mapped through the dataset's labels, else the sorted names of the
 training data (Reading.map_names); a ClassLabel maps by name onto labels known already.
 """
+import os
 import re
 
 import numpy as np
@@ -168,10 +169,45 @@ def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=cla
     records = RecordTable.concatenate(reading.parts, reading.sources)
     if labelled:
         check_labels(records, registry, reading.errors)
+        check_repeats(records, registry, reading.errors, reading.notes)
     for note in reading.notes:
         say(f"note: {note}")
     raise_data_errors(reading.errors, len(records), [s.text for s in parsed])
     return records
+
+
+def check_repeats(records, registry, errors, notes):
+    """Records of one dataset that read the same image again (a line repeated, two specs or
+    globs over the same files): with another label an error (one image, two classes), else a
+    note (each is trained on as often as it is listed). An image is its source file's path with
+    its member (or its row where it has none); checked on the arrays, sorted."""
+    n = len(records)
+    if n < 2:
+        return
+    paths = {}  # the same file read by two specs is one source
+    canonical = np.array([paths.setdefault(os.path.abspath(s.path), len(paths))
+                          for s in records.sources], dtype=np.int64)[records.source_ids]
+    rows = np.where(records.members == b"", records.rows, -1)
+    keys = (rows, records.members, canonical, records.dataset_ids)
+    order = np.lexsort(keys)
+    again = np.ones(n - 1, dtype=bool)
+    for key in keys:
+        sorted_key = key[order]
+        again &= sorted_key[1:] == sorted_key[:-1]
+    if not again.any():
+        return
+    labels = records.labels[order]
+    names = list(registry)
+    for i in np.flatnonzero(again & (labels[1:] != labels[:-1]))[:SHOWN].tolist():
+        first, then = records[order[i]], records[order[i + 1]]
+        errors.append(f"{then.source}: the image of {first.source} again, labelled {then.label} "
+                      f"there {first.label}: one image, two classes of dataset "
+                      f"{names[first.dataset_id]!r}")
+    i = int(np.flatnonzero(again)[0])
+    first, then = records[order[i]], records[order[i + 1]]
+    notes.append(f"{int(again.sum())} record(s) read an image of their dataset again (e.g. "
+                 f"{then.source}, the image of {first.source}): each is trained on as often as "
+                 "it is listed")
 
 
 def check_labels(records, registry, errors):

@@ -117,6 +117,33 @@ def test_a_record_of_another_split_than_its_file_is_read_as_is_refused(tmp_path,
     assert len(read_records([test], registry)) == 2
 
 
+def test_an_image_read_again_for_its_dataset_is_said_and_with_another_label_refused(
+        tmp_path, image, registry):
+    from PIL import Image
+    Image.new("RGB", (4, 4), "white").save(tmp_path / "other.png")
+    rows = [{"image_path": name, "label": label, "dataset_name": "digits"}
+            for name, label in [(image, 0), ("other.png", 1), (image, 0)]]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    said = []
+    assert len(read_records([path], registry, say=said.append)) == 3
+    assert said == [f"note: 1 record(s) read an image of their dataset again (e.g. {path}:3, the "
+                    f"image of {path}:1): each is trained on as often as it is listed"]
+    said.clear()  # the same file given twice: every record again
+    assert len(read_records([path, path], registry, say=said.append)) == 6
+    assert said[0].startswith("note: 4 record(s) read an image of their dataset again")
+    rows[2]["label"] = 3
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d.jsonl:3: the image of .*d.jsonl:1 again, labelled 3 "
+                       r"there 0: one image, two classes of dataset 'digits'"):
+        read_records([path], registry, say=said.append)
+    # the same image in two datasets is two samples
+    rows[2]["dataset_name"] = "faces"
+    rows[2]["label"] = 1
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    said.clear()
+    assert len(read_records([path], registry, say=said.append)) == 3 and said == []
+
+
 def test_all_problems_are_listed_at_once_and_missing_files_are_named(tmp_path, image, registry):
     path = write_jsonl(
         tmp_path / "data.jsonl",
