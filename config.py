@@ -10,6 +10,7 @@ import sys
 import torch
 
 from backbone import ATTN_IMPLEMENTATIONS, check_attn_implementation
+from checkpoint import short
 from cpu_threads import wait_policy
 from dataset import PREFETCH_FACTOR, absolute_spec, auto_num_workers, read_yaml
 from distributed import SHARDED, check_shard_size
@@ -395,9 +396,7 @@ def load_config(path, parser):
     if not isinstance(tree, dict):
         raise ValueError(f"--config {path}: expected a mapping of settings (key: value, as in "
                          f"configs/demo.yaml), got a {type(tree).__name__}")
-    if isinstance(tree.get("loss"), dict) and tree["loss"].get("type") == "cross_entropy":
-        # plain cross-entropy: a smoothing value beside it is unused
-        tree["loss"].pop("smoothing", None)
+    loss_type = tree["loss"].get("type") if isinstance(tree.get("loss"), dict) else None
     for section in IGNORED_SECTIONS:
         if section in tree:
             print(
@@ -415,22 +414,37 @@ def load_config(path, parser):
 
     flat = flatten_config(tree, (), set(actions) - {"help", "config"}, f"--config {path}", line,
                           keys_of)
+    smoothing = flat.get("label_smoothing")
+    if loss_type == "cross_entropy" and smoothing:
+        raise ValueError(f"{at('label_smoothing')}: label smoothing {smoothing} beside loss.type "
+                         "cross_entropy: give loss.type label_smoothing to use it, or drop it")
+    if loss_type == "label_smoothing" and not smoothing:
+        raise ValueError(f"--config {path}: config key loss.type label_smoothing needs "
+                         "loss.smoothing (e.g. 0.1), else the loss is plain cross-entropy")
     if isinstance(flat.get("datasets"), dict):  # a registry written in this file
         folder = os.path.dirname(os.path.abspath(path))
         for entry in flat["datasets"].values():
             # a class-names file lies beside the registry that names it, as for a registry file
             if isinstance(entry, dict) and isinstance(entry.get("labels"), str):
                 entry["labels"] = os.path.join(folder, entry["labels"])
-    # YAML reads 1e-5 as a string: convert like the command line does
+    # YAML reads 1e-5 as a string: convert like the command line does, from the value's text
+    # (int("2.7") fails as --grad_accum 2.7 does; int(2.7) would cut it to 2)
     for name, value in flat.items():
         action = actions[name]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):  # the string 'false' would switch it on
+                raise ValueError(f"{at(name)}: key {name!r}: expected true or false, got "
+                                 f"{value!r}")
+            continue
         try:
+            if isinstance(value, bool) and action.type is not None:
+                raise ValueError  # YAML's yes / true read as 1
             if isinstance(value, list) and action.type:
-                flat[name] = [action.type(v) for v in value]
+                flat[name] = [action.type(str(v)) for v in value]
             elif isinstance(value, str) and action.nargs == "+" and name != "datasets":
                 flat[name] = [value]
             elif value is not None and action.type and not isinstance(value, (list, dict)):
-                flat[name] = action.type(value)
+                flat[name] = action.type(str(value))
         except (TypeError, ValueError):
             raise ValueError(
                 f"{at(name)}: key {name!r}: cannot read {value!r} as {action.type.__name__}"
@@ -444,9 +458,14 @@ def load_config(path, parser):
 def parse_args(argv=None, description=None):
     parser = build_parser(description)
     known, _ = parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_config(known.config, parser))
+    configured = load_config(known.config, parser) if known.config else {}
+    parser.set_defaults(**configured)
     args = parser.parse_args(argv)
+    # the command line wins over the config file, said (apply_overrides): a launcher's own
+    # defaults (launch.sh's --lr, --batch_size, --max_steps) would otherwise replace the file's
+    args.command_line_over_config = [
+        f"{name}: {short(value)} in --config {known.config} -> {short(getattr(args, name))} on "
+        "the command line" for name, value in configured.items() if getattr(args, name) != value]
     error = repeated_aliases(parser, argv)
     if error:
         parser.error(error)
@@ -468,8 +487,9 @@ def parse_args(argv=None, description=None):
 
 
 def apply_overrides(args):
-    """--skip_evaluation wins over everything that evaluates; returns the list of changes made."""
-    changes = []
+    """--skip_evaluation wins over everything that evaluates; returns the list of changes made,
+    the config file's values the command line replaced first."""
+    changes = vars(args).pop("command_line_over_config", [])
 
     def force(name, value, why):
         if getattr(args, name) != value:
@@ -497,6 +517,9 @@ def apply_overrides(args):
         args.best_metric = TASKS[args.task].DEFAULT_BEST_METRIC
     if args.best_mode is None:
         args.best_mode = "min" if args.best_metric.endswith(LOWER_IS_BETTER) else "max"
+    if args.max_steps is not None and args.epochs != build_parser().get_default("epochs"):
+        changes.append(f"epochs: {args.epochs:g} -> unused (--max_steps {args.max_steps} sets the "
+                       "run's length)")
     return changes
 
 
@@ -505,6 +528,12 @@ def check_args(args):
     for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max_steps must be at least 1, got {args.max_steps}")
+    if not args.epochs > 0:
+        raise ValueError(f"--epochs must be positive, got {args.epochs}")
+    if args.warmup_steps < 0:
+        raise ValueError(f"--warmup_steps must be 0 or more, got {args.warmup_steps}")
     if args.dist in SHARDED and args.precision == "fp16":
         raise ValueError(
             f"--dist {args.dist} takes --precision bf16 or fp32 (fp16 needs a gradient scaler "

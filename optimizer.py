@@ -44,6 +44,11 @@ def check_lr_args(args, token_inputs, model_name=""):
     if decay is not None and token_inputs:
         raise ValueError(f"--layer_decay is for vision backbones; {model_name or 'this'} is a "
                          "vision-language model: give --vision_lr / --merger_lr beside --lr")
+    frozen = ("--train_only_head" if getattr(args, "train_only_head", False) else
+              "--freeze vision" if getattr(args, "freeze", "none") == "vision" else None)
+    if decay not in (None, 1) and frozen:
+        raise ValueError(f"--layer_decay {decay} scales the learning rates of the backbone's "
+                         f"layers, which {frozen} keeps frozen: it would change nothing")
 
 
 def parameter_parts(model, args):

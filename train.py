@@ -211,8 +211,15 @@ def build_run(args, rank, world_size, device):
         if per_rank == 0:
             raise ValueError(f"{size} training samples cannot be split over {world_size} "
                              f"processes")
-        steps_per_epoch = math.ceil(math.ceil(per_rank / args.batch_size) / args.grad_accum)
+        micro_batches = math.ceil(per_rank / args.batch_size)
+        if micro_batches < args.grad_accum:  # every step would be the whole epoch, not GBS
+            raise ValueError(f"--grad_accum {args.grad_accum}: an epoch holds {micro_batches} "
+                             f"micro-batch(es) of {args.batch_size} per process ({size} samples "
+                             f"over {world_size}), fewer than one step takes: lower --grad_accum "
+                             "or --batch_size")
+        steps_per_epoch = math.ceil(micro_batches / args.grad_accum)
         total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    check_run_length(args, total_steps, say)
     say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch "
         f"{args.batch_size} x {world_size} process(es) x grad_accum {args.grad_accum}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
@@ -292,6 +299,19 @@ def build_model(args, task, data, dtype, world_size, say):
     # Identical init on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(args.seed)
     return (*task.build_model(args, data, dtype), None)
+
+
+def check_run_length(args, total_steps, say):
+    """Schedules longer than the run: a warmup whose learning rate never reaches --lr (said: a
+    short trial run of a long recipe), an EMA never updated (refused: its evaluations and
+    checkpoints would be of the initial weights)."""
+    if args.warmup_steps > total_steps:
+        say(f"note: --warmup_steps {args.warmup_steps} is longer than the run's {total_steps} "
+            f"steps: its learning rate reaches {total_steps / args.warmup_steps:.0%} of --lr "
+            f"{args.lr:g} at most")
+    if args.ema_decay and args.ema_every > total_steps:
+        raise ValueError(f"--ema_every {args.ema_every}: the run has {total_steps} steps, so the "
+                         "EMA would never be updated from the initial weights")
 
 
 def place_model(args, task, raw_model, backbone, device, world_size, say, sources=None):

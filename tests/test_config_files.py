@@ -341,3 +341,60 @@ def test_the_best_mode_by_default_is_the_direction_of_the_metric(task, metric, m
                        "d.jsonl", "--val_data", "v.jsonl", "--output_dir", "out"])
     apply_overrides(args)
     assert args.best_mode == mode
+
+
+@pytest.mark.parametrize("text, message", [
+    ("grad_accum: 2.7\n", ":1: key 'grad_accum': cannot read 2.7 as int"),  # was cut to 2
+    ("batch_size: true\n", ":1: key 'batch_size': cannot read True as int"),  # was 1
+    ("no_shuffle: 'false'\n", ":1: key 'no_shuffle': expected true or false, got 'false'"),
+    ("loss: {type: cross_entropy, smoothing: 0.1}\n",
+     ":1: label smoothing 0.1 beside loss.type cross_entropy"),
+    ("loss: {type: cross_entropy}\nlabel_smoothing: 0.2\n",
+     ":2: label smoothing 0.2 beside loss.type cross_entropy"),
+    ("loss: {type: label_smoothing}\n", ": config key loss.type label_smoothing needs "
+     "loss.smoothing"),
+])
+def test_config_values_are_read_as_the_command_line_reads_them_or_refused(tmp_path, text,
+                                                                           message):
+    config = write(tmp_path / "c.yaml", text)
+    with pytest.raises(ValueError) as e:
+        parse_args(["--config", config, "--model", "m", "--train_data", "d.jsonl",
+                    "--output_dir", "out"])
+    assert str(e.value).startswith(f"--config {config}{message}")
+
+
+def test_the_command_line_over_the_config_and_max_steps_over_epochs_are_said(tmp_path):
+    config = write(tmp_path / "c.yaml", "lr: 5.0e-5\nbatch_size: 4\nepochs: 1\n")
+    # launch.sh's own defaults beside a user's config
+    args = parse_args(["--config", config, "--model", "m", "--train_data", "d.jsonl",
+                       "--output_dir", "out", "--lr", "2e-3", "--batch_size", "4",
+                       "--max_steps", "1500", "--val_data", "v.jsonl"])
+    changes = apply_overrides(args)
+    assert changes == [f"lr: 5e-05 in --config {config} -> 0.002 on the command line",
+                       "epochs: 1 -> unused (--max_steps 1500 sets the run's length)"]
+    assert "command_line_over_config" not in vars(args)  # not a flag of the run
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_steps", 0], "--max_steps must be at least 1, got 0"),  # was: not given, 3 epochs
+    (["--epochs", 0], "--epochs must be positive, got 0.0"),
+    (["--max_steps", 4, "--ema_decay", 0.5, "--ema_every", 50],
+     "--ema_every 50: the run has 4 steps, so the EMA would never be updated"),
+    (["--max_steps", 4, "--grad_accum", 10],
+     "--grad_accum 10: an epoch holds 7 micro-batch(es) of 8 per process (56 samples over 1)"),
+    (["--max_steps", 4, "--layer_decay", 0.5, "--train_only_head"],
+     "--layer_decay 0.5 scales the learning rates of the backbone's layers, which "
+     "--train_only_head keeps frozen"),
+])
+def test_run_lengths_and_schedules_that_cannot_act_are_refused(small_data, tiny_vit, tmp_path,
+                                                               capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(small_data, tiny_vit, tmp_path, *flags))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_warmup_longer_than_the_run_is_said(small_data, tiny_vit, tmp_path, capsys):
+    train.main(train_args(small_data, tiny_vit, tmp_path, "--max_steps", 3, "--warmup_steps", 100,
+                          "--skip_evaluation"))
+    assert ("note: --warmup_steps 100 is longer than the run's 3 steps: its learning rate "
+            "reaches 3% of --lr 0.001 at most") in capsys.readouterr().out
