@@ -442,9 +442,9 @@ def set_aside_later(output_dir, step, say):
         f"{aside} with their evaluation records, as this run writes its own")
 
 
-def prepare_output_dir(args, rank, say=print):
+def prepare_output_dir(args, rank):
     """The output folder, once every check has passed; --overwrite clears the earlier run's
-    files; a resume from an earlier point than its newest checkpoints sets those aside."""
+    files."""
     existing = list_checkpoints(args.output_dir)
     if rank == 0:
         if args.overwrite and not args.resume:
@@ -453,9 +453,6 @@ def prepare_output_dir(args, rank, say=print):
             for name in RUN_FILES:
                 if os.path.exists(os.path.join(args.output_dir, name)):
                     os.remove(os.path.join(args.output_dir, name))
-        if args.resume:
-            step = read_info(resolve_resume(args.resume, args.output_dir))["step"]
-            set_aside_later(args.output_dir, step, say)
         try:
             os.makedirs(args.output_dir, exist_ok=True)
         except OSError as e:

@@ -30,9 +30,10 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (INFO_FILE, changed_run_flags, check_output_dir, load_sharded_state,
+from checkpoint import (changed_run_flags, check_output_dir, load_sharded_state,
                         load_trainer_state, prepare_output_dir, prune_checkpoints, read_info,
-                        resolve_resume, run_fingerprint, save_checkpoint, set_rng_state)
+                        resolve_resume, run_fingerprint, save_checkpoint, set_aside_later,
+                        set_rng_state)
 from config import apply_overrides, check_args, loader_workers, parse_args
 from dataset import SPLIT_VERSION, DataError
 import distributed
@@ -47,6 +48,7 @@ from backbone import LOADING, enable_activation_checkpointing, fsdp_units, train
 from optimizer import format_groups, lr_at, make_optimizer, set_lr
 from precision import autocast
 from reporting import build_reporters
+from state_files import CheckpointError
 from tasks import TASKS
 from tasks.base import Task
 from weights import WeightsMismatch
@@ -223,7 +225,7 @@ def build_run(args, rank, world_size, device):
     say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch "
         f"{args.batch_size} x {world_size} process(es) x grad_accum {args.grad_accum}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
-    prepare_output_dir(args, rank, say)  # every check has passed: only now is anything written
+    prepare_output_dir(args, rank)  # every check has passed: only now is anything written
     # After placing: the shadow lives where the weights do (FSDP2: sharded like them).
     shadow = ema.make_ema(raw_model) if args.ema_decay else None
     return Run(args=args, task=task, data=data, model=model, raw_model=raw_model, inputs=inputs,
@@ -371,6 +373,9 @@ def start_state(run):
     saved = info.get("loader_states")  # its shape checked by check_resume_flags
     state.loader_state = saved[run.rank] if saved is not None else None
     state.step, state.last_saved = info["step"], folder
+    if run.main_process:  # once the checkpoint has loaded: a failed load moves nothing
+        set_aside_later(run.args.output_dir, state.step, run.say)
+    barrier()
     state.best = resumed_best(run, info, folder, state.best)
     skipped = info.get("skipped_images", [])
     if run.main_process and len(skipped) == len(state.skipped_images):
@@ -393,13 +398,24 @@ def resumed_best(run, info, folder, fresh):
                 f"--best_mode {fresh['mode']}: the best is tracked anew from step "
                 f"{info['step']}, and the keep limit no longer keeps that checkpoint for it")
         return fresh
-    path = os.path.join(os.path.dirname(os.path.normpath(folder)),
-                        os.path.basename(os.path.normpath(saved["checkpoint"])))
-    if not os.path.isfile(os.path.join(path, INFO_FILE)):
-        run.say(f"note: {was} was in {path}, which is gone: the best is tracked anew from step "
-                f"{info['step']}")
-        return fresh
-    return {**saved, "checkpoint": path}
+    beside = os.path.join(os.path.dirname(os.path.normpath(folder)),
+                          os.path.basename(os.path.normpath(saved["checkpoint"])))
+    # beside the checkpoint resumed from, else where it was saved (a run resumed from another
+    # run's folder keeps that run's best)
+    for path in (beside, saved["checkpoint"]):
+        if checkpoint_of_step(path, saved["step"]):
+            return {**saved, "checkpoint": path}
+    run.say(f"note: {was} was in {saved['checkpoint']}, which is gone: the best is tracked anew "
+            f"from step {info['step']}")
+    return fresh
+
+
+def checkpoint_of_step(path, step):
+    """Whether `path` holds the complete checkpoint of `step`."""
+    try:
+        return read_info(path).get("step") == step
+    except CheckpointError:  # no training_info.json there, or not readable: not that checkpoint
+        return False
 
 
 def trained_now(run):

@@ -31,6 +31,13 @@ class ArrowTable(Source):
             return self.table[row][self.column]
         return self.table.data.column(self.column)[row].as_py()
 
+    def image_files(self, rows):
+        if not self.files:
+            return super().image_files(rows)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        return ([os.path.abspath(f) for f in self.files], which,
+                rows - np.asarray(self.starts)[which])
+
     def where(self, row, member):
         if not self.files:
             return f"{self.path}:{row}"

@@ -67,19 +67,21 @@ def classifier_line(item):
 
 
 def check_split_field(item, training):
-    """A record that names its split ("split": "test") read as data of another role (training,
-    or evaluation) is an error: the JSONL reader takes every record of a file."""
+    """The split a record names ("split": "test") against its file's role: a validation or test
+    record in training data is an error (every record of a file is read: the held-out set would
+    be trained on). Returns the value where it is worth a note (training records in evaluation
+    data, a split of another name), else None."""
     if "split" not in item:
-        return
+        return None
     from data.specs import SPLIT_KEYWORDS  # data.specs imports the readers
     value = item["split"]
     split = next((s for s, keywords in SPLIT_KEYWORDS.items()
                   if str(value).strip().lower() in keywords), None)
-    role = "train" if training else "evaluation"
-    if split is None or (split == "train") != training:
-        raise ValueError(f"field 'split': {value!r}, in a file read as {role} data: every record "
-                         "of a file is read, whatever its split says. Give each split a file of "
-                         "its own (or drop the field)")
+    if training and split in ("validation", "test"):
+        raise ValueError(f"field 'split': {value!r}, in a file read as training data: every "
+                         f"record of a file is read, so the {split} set would be trained on. "
+                         "Give each split a file of its own (or drop the field)")
+    return None if split in (("train",) if training else ("validation", "test")) else value
 
 
 def read_json_source(spec, reading, jsonl_record):
@@ -87,10 +89,12 @@ def read_json_source(spec, reading, jsonl_record):
     source = JsonlFile(spec.path)
     source_id = reading.add_source(source)
     folder = os.path.dirname(os.path.abspath(spec.path))
-    rows, labels, dataset_ids, members, fields = [], [], [], [], {}
+    rows, labels, dataset_ids, members, fields, splits = [], [], [], [], {}, {}
     for row, where, item in json_items(spec.path, reading.errors):
         try:
-            check_split_field(item, reading.training)
+            split = check_split_field(item, reading.training)
+            if split is not None:
+                splits[str(split)] = splits.get(str(split), 0) + 1
             name, images, label = jsonl_record(item)
             if not isinstance(name, str) or not name or (reading.fixed and
                                                          name not in reading.registry):
@@ -117,3 +121,8 @@ def read_json_source(spec, reading, jsonl_record):
                        f"'{fields.get(k, 'image_path')}': image file not found: {members[k]}"
                        for k, ok in enumerate(found) if not ok]
     reading.parts.append(part(source_id, dataset_ids, rows, labels, members))
+    if splits:
+        role = "training" if reading.training else "evaluation"
+        reading.notes.append(f"{spec.path}: " + ", ".join(
+            f"{n} record(s) name the split {v!r}" for v, n in splits.items()) + f" (field "
+            f"'split'), in a file read as {role} data: every record of a file is read")

@@ -12,7 +12,6 @@ same over every kind. Every record is checked before the first step; a problem n
 A label may be a class name: mapped through the dataset's labels, else the sorted names of the
 training data (Reading.map_names); a ClassLabel maps by name onto labels known already.
 """
-import os
 import re
 
 import numpy as np
@@ -106,8 +105,8 @@ class Reading:
         dataset_id = list(self.registry).index(name)
         named = {e[1] for e in entries}
         indexed = [self.sources[int(p["source_ids"][0])].path for k, p in enumerate(self.parts)
-                   if k not in named and len(p["labels"]) and p["dataset_ids"][0] == dataset_id
-                   and (p["labels"] != NO_LABEL).any()]
+                   if k not in named and ((p["dataset_ids"] == dataset_id)
+                                          & (p["labels"] != NO_LABEL)).any()]
         if indexed:
             raise DataError(f"dataset {name!r}: {indexed[0]} labels by class index and {wheres} "
                             "by class name: which index is which name is not known. Give the "
@@ -176,6 +175,19 @@ def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=cla
     return records
 
 
+def image_files(records):
+    """(file id, row there or -1) of each record: with its member, the image it reads; the same
+    file read by two specs (or sources) has one id."""
+    files, rows = np.zeros(len(records), dtype=np.int64), np.full(len(records), -1)
+    ids = {}
+    for source_id, source in enumerate(records.sources):
+        at = np.flatnonzero(records.source_ids == source_id)
+        paths, which, in_file = source.image_files(records.rows[at])
+        files[at] = np.array([ids.setdefault(p, len(ids)) for p in paths], dtype=np.int64)[which]
+        rows[at] = np.where(records.members[at] == b"", in_file, -1)
+    return files, rows
+
+
 def check_repeats(records, registry, errors, notes):
     """Records of one dataset that read the same image again (a line repeated, two specs or
     globs over the same files): with another label an error (one image, two classes), else a
@@ -184,11 +196,8 @@ def check_repeats(records, registry, errors, notes):
     n = len(records)
     if n < 2:
         return
-    paths = {}  # the same file read by two specs is one source
-    canonical = np.array([paths.setdefault(os.path.abspath(s.path), len(paths))
-                          for s in records.sources], dtype=np.int64)[records.source_ids]
-    rows = np.where(records.members == b"", records.rows, -1)
-    keys = (rows, records.members, canonical, records.dataset_ids)
+    files, rows = image_files(records)
+    keys = (rows, records.members, files, records.dataset_ids)
     order = np.lexsort(keys)
     again = np.ones(n - 1, dtype=bool)
     for key in keys:
@@ -197,12 +206,17 @@ def check_repeats(records, registry, errors, notes):
     if not again.any():
         return
     labels = records.labels[order]
-    names = list(registry)
+    specs = list(registry.values())
+
+    def named(record):
+        classes = specs[record.dataset_id].labels
+        return repr(classes[record.label]) if classes and 0 <= record.label < len(classes) else (
+            str(record.label))
     for i in np.flatnonzero(again & (labels[1:] != labels[:-1]))[:SHOWN].tolist():
         first, then = records[order[i]], records[order[i + 1]]
-        errors.append(f"{then.source}: the image of {first.source} again, labelled {then.label} "
-                      f"there {first.label}: one image, two classes of dataset "
-                      f"{names[first.dataset_id]!r}")
+        errors.append(f"{then.source}: the image of {first.source} again, as class {named(then)} "
+                      f"(there {named(first)}): one image, two classes of dataset "
+                      f"{specs[first.dataset_id].name!r}: keep one of the two records")
     i = int(np.flatnonzero(again)[0])
     first, then = records[order[i]], records[order[i + 1]]
     notes.append(f"{int(again.sum())} record(s) read an image of their dataset again (e.g. "

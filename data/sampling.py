@@ -87,20 +87,21 @@ def mixture_shares(registry, counts, temperature=None):
     total = sum(raw)
     shares = [w / total for w in raw]
     check_no_share_lost(shares, sum(counts), list(registry),
-                        f"an epoch of {sum(counts):,} samples (the training set's size)")
+                        f"an epoch of {sum(counts):,} samples (the training set's size)",
+                        "raise its sampling_weight (relative to the others')" if given else
+                        f"raise --mix_temperature (now {temperature:g}) towards equal shares")
     return shares
 
 
-def check_no_share_lost(shares, slots, names, what):
-    """Refuse a dataset with a positive share whose quota of `slots` rounds to none: the same
-    quota is drawn for every epoch (or block), so it would never be trained."""
+def check_no_share_lost(shares, slots, names, what, remedy):
+    """Refuse a dataset with a positive share whose largest-remainder quota of `slots` is none:
+    the same quota is drawn for every epoch (or block), so it would never be trained."""
     taken = largest_remainder(shares, slots)
     lost = [(n, s) for n, s, t in zip(names, shares, taken.tolist()) if s > 0 and t == 0]
     if lost:
         raise DataError("the mixture gives " + ", ".join(
-            f"dataset {n!r} a share of {s:.2g}" for n, s in lost) + f", under one sample of "
-            f"{what}: it would never be drawn. Raise its sampling_weight (relative to the "
-            "others'), or lower the others'")
+            f"dataset {n!r} a share of {s:.2g}" for n, s in lost) + f", no sample of {what}: "
+            f"it would never be drawn; {remedy}")
 
 
 def mixture_indices(dataset_ids, shares, epoch, seed, *, shuffle=True, rank=0, world_size=1):
@@ -226,7 +227,8 @@ def stream_shares(sources, registry):
         shares[source.dataset_id] = (weight or 1.0) / total
     check_no_share_lost(shares, SCHEDULE_BLOCK, names,
                         f"a block of {SCHEDULE_BLOCK:,} (the stream draws its datasets' "
-                        "samples a block at a time)")
+                        "samples a block at a time)",
+                        "raise its sampling_weight (relative to the others')")
     return shares
 
 

@@ -3,6 +3,8 @@
 Nothing here imports another module of the layer; every other module may import from here."""
 from dataclasses import dataclass
 
+import os
+
 import numpy as np
 
 NO_IMAGE = -1  # the offset of a shard's sample without an image member
@@ -81,6 +83,12 @@ class Source:
     def image_name(self, row, member):
         """What predictions call the record's image."""
         return self.where(row, member)
+
+    def image_files(self, rows):
+        """([file paths], the path's index of each of `rows`, its row in that file): with the
+        member, which image a record reads (data.reading.check_repeats); a source of several
+        files names each row's own."""
+        return [os.path.abspath(self.path)], np.zeros(len(rows), dtype=np.int64), rows
 
     def open(self, row, member, offset, size):
         """The image: a path, or a file object over its bytes (Pillow opens either)."""

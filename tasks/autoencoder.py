@@ -110,7 +110,8 @@ class AutoencoderTask(Task):
         check_flags(args)
         registry = load_registry(args.datasets) if args.datasets else {}
         index_dir = os.path.join(args.output_dir, INDEX_DIR)
-        train = read_images(args.train_data, registry, bool(args.datasets), index_dir, say)
+        train = read_images(args.train_data, registry, bool(args.datasets), index_dir, say,
+                            training=True)
         val = (read_images(args.val_data, registry, bool(args.datasets), index_dir, say)
                if args.val_data else None)
         check_best_metric(args, list(registry))
@@ -302,12 +303,12 @@ def image_record(item):
     return item.get("dataset_name", DEFAULT_DATASET), paths, 0
 
 
-def read_images(specs, registry, fixed, index_dir, say=print):
+def read_images(specs, registry, fixed, index_dir, say=print, training=False):
     """Every image of every record -> a data.types.RecordTable: JSON records (image_record) and the
     images of NAME=PATH sources (folders, Parquet, shards), their classes unused. fixed: names
-    outside `registry` are errors; else they are added to it."""
+    outside `registry` are errors; else they are added to it. training: the training split."""
     return read_records(specs, registry, labelled=False, fixed=fixed, jsonl_record=image_record,
-                        index_dir=index_dir, say=say)
+                        index_dir=index_dir, say=say, training=training)
 
 
 # ----------------------------------------------------------------------------- model

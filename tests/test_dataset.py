@@ -99,22 +99,25 @@ def test_each_bad_line_is_reported_with_file_line_and_field(tmp_path, image, reg
         read_records([path], registry)
 
 
-def test_a_record_of_another_split_than_its_file_is_read_as_is_refused(tmp_path, image,
-                                                                       registry):
+def test_a_record_of_another_split_than_its_file_is_refused_in_training_said_elsewhere(
+        tmp_path, image, registry):
     rows = [{"image_path": image, "label": 0, "dataset_name": "digits", "split": split}
-            for split in ("train", "train", "test", "validation")]
+            for split in ("train", "train", "test", "validation", "fold1")]
     path = write_jsonl(tmp_path / "all.jsonl", rows)
     with pytest.raises(DataError) as e:  # a test record in training: the test set trained on
         read_records([path], registry, training=True)
     assert "2 problem(s)" in str(e.value)
-    assert "all.jsonl:3: field 'split': 'test', in a file read as train data" in str(e.value)
-    with pytest.raises(DataError, match="all.jsonl:1: field 'split': 'train', in a file read as "
-                       "evaluation data"):
-        read_records([path], registry)
+    assert ("all.jsonl:3: field 'split': 'test', in a file read as training data: every record "
+            "of a file is read, so the test set would be trained on") in str(e.value)
+    said = []  # evaluating on training records, or a split of another name: said
+    assert len(read_records([path], registry, say=said.append)) == 5  # one image, five lines
+    assert said[0] == (f"note: {path}: 2 record(s) name the split 'train', 1 record(s) name the "
+                    "split 'fold1' (field 'split'), in a file read as evaluation data: every "
+                       "record of a file is read")
     train = write_jsonl(tmp_path / "train.jsonl", rows[:2])
-    assert len(read_records([train], registry, training=True)) == 2
-    test = write_jsonl(tmp_path / "test.jsonl", rows[2:])
-    assert len(read_records([test], registry)) == 2
+    said.clear()
+    assert len(read_records([train], registry, training=True, say=said.append)) == 2
+    assert not any("name the split" in m for m in said)
 
 
 def test_an_image_read_again_for_its_dataset_is_said_and_with_another_label_refused(
@@ -133,8 +136,8 @@ def test_an_image_read_again_for_its_dataset_is_said_and_with_another_label_refu
     assert said[0].startswith("note: 4 record(s) read an image of their dataset again")
     rows[2]["label"] = 3
     write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(DataError, match=r"d.jsonl:3: the image of .*d.jsonl:1 again, labelled 3 "
-                       r"there 0: one image, two classes of dataset 'digits'"):
+    with pytest.raises(DataError, match=r"d.jsonl:3: the image of .*d.jsonl:1 again, as class 3 "
+                       r"\(there 0\): one image, two classes of dataset 'digits': keep one"):
         read_records([path], registry, say=said.append)
     # the same image in two datasets is two samples
     rows[2]["dataset_name"] = "faces"

@@ -141,6 +141,17 @@ def test_the_hubs_parquet_splits_are_named_or_refused(tmp_path):
     assert_classes(records, registry, "d", 9)
 
 
+def test_rows_of_two_parquet_files_of_one_folder_are_other_images(tmp_path):
+    repo = hub_parquet_repo(tmp_path / "repo")
+    said = []
+    records = read_records([f"d={repo}:train", f"d={repo}:test"], load_registry({"d": {}}),
+                           training=True, say=said.append)
+    assert len(records) == 9 + 6 and said == []  # row i of each split: two images
+    read_records([f"d={repo}:train", f"d={repo}/data/train-00000-of-00001.parquet"],
+                 load_registry({"d": {}}), training=True, say=said.append)
+    assert said[0].startswith("note: 9 record(s) read an image of their dataset again")
+
+
 def test_a_datasetdict_is_refused_naming_its_splits_or_read_by_split(tmp_path):
     import datasets
     root = tmp_path / "dd"

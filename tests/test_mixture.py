@@ -86,14 +86,16 @@ def test_a_share_that_rounds_to_no_sample_is_refused_not_never_drawn():
     # same quota, drawn for every block, would never draw it
     reg = registry_of(big=5_000_000, small=2_000)
     sources = [StreamSource(n, i, "hf", []) for i, n in enumerate(reg)]
-    with pytest.raises(DataError, match=r"dataset 'small' a share of 0.0004, under one sample "
-                       r"of a block of 1,000 .*it would never be drawn"):
+    with pytest.raises(DataError, match=r"dataset 'small' a share of 0.0004, no sample of a "
+                       r"block of 1,000 .*it would never be drawn; raise its sampling_weight"):
         stream_shares(sources, reg)
     assert stream_shares(sources, registry_of(big=5_000_000, small=600_000))[1] > 0.1
     # an epoch of 2,050 samples: 0.0002 of it is under one sample, every epoch
-    with pytest.raises(DataError, match=r"dataset 'b' a share of 0.0002, under one sample of an "
+    with pytest.raises(DataError, match=r"dataset 'b' a share of 0.0002, no sample of an "
                        r"epoch of 2,050 samples"):
         mixture_shares(registry_of(a=1, b=0.0002), [2000, 50])
+    with pytest.raises(DataError, match=r"dataset 'b' .*raise --mix_temperature \(now 0.1\)"):
+        mixture_shares(registry_of(a=None, b=None), [20000, 50], 0.1)
     assert mixture_shares(registry_of(a=1, b=0.001), [2000, 50])[1] > 0
 
 
