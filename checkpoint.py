@@ -42,7 +42,9 @@ from files import (OutputError, read_jsonl_records, reason, recover_folder, swap
 from state_files import CheckpointError, load_state_files, save_state_files
 
 INFO_FILE = "training_info.json"
-RUN_FILES = ("metrics.jsonl", "run_summary.json", "eval_results.jsonl")  # a run's own records
+METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "run_summary.json"  # train.py's
+RESULTS_FILE = "eval_results.jsonl"  # eval.py's records of a run's checkpoints
+RUN_FILES = (METRICS_FILE, SUMMARY_FILE, RESULTS_FILE)  # a run's own records
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "state"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -429,10 +431,10 @@ def set_aside_later(output_dir, step, say):
     for name in RUN_FILES:  # metrics.jsonl loses its records after `step` as the run resumes
         if os.path.isfile(os.path.join(output_dir, name)):
             shutil.copy2(os.path.join(output_dir, name), aside)
-    if os.path.isfile(os.path.join(output_dir, "run_summary.json")):  # of the run set aside
-        os.remove(os.path.join(output_dir, "run_summary.json"))
+    if os.path.isfile(os.path.join(output_dir, SUMMARY_FILE)):  # of the run set aside
+        os.remove(os.path.join(output_dir, SUMMARY_FILE))
     names = {os.path.basename(p) for p in later}
-    results = os.path.join(output_dir, "eval_results.jsonl")
+    results = os.path.join(output_dir, RESULTS_FILE)
     records = read_jsonl_records(results)
     kept = [r for r in records if str(r.get("checkpoint", "")).split("/")[0] not in names]
     if len(kept) < len(records):

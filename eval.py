@@ -34,8 +34,8 @@ import os
 import cpu_threads  # noqa: F401  (before torch: OpenMP reads its settings as it loads)
 import torch
 
-from checkpoint import (checkpoint_folder, checkpoint_step, list_checkpoints, model_signature,
-                        read_info)
+from checkpoint import (RESULTS_FILE, checkpoint_folder, checkpoint_step, list_checkpoints,
+                        model_signature, read_info)
 from config import (HelpFormatter, add_task_flags, flag_errors, given_flags, loader_workers,
                     num_workers, repeated_aliases)
 from data.fingerprint import data_fingerprints
@@ -52,7 +52,6 @@ from precision import autocast
 from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
 
-RESULTS_FILE = "eval_results.jsonl"
 
 
 class EvalCache:

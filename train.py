@@ -30,10 +30,10 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (changed_run_flags, check_output_dir, load_sharded_state,
-                        load_trainer_state, prepare_output_dir, prune_checkpoints, read_info,
-                        resolve_resume, run_fingerprint, save_checkpoint, set_aside_later,
-                        set_rng_state)
+from checkpoint import (METRICS_FILE, SUMMARY_FILE, changed_run_flags, check_output_dir,
+                        load_sharded_state, load_trainer_state, prepare_output_dir,
+                        prune_checkpoints, read_info, resolve_resume, run_fingerprint,
+                        save_checkpoint, set_aside_later, set_rng_state)
 from config import apply_overrides, check_args, loader_workers, parse_args
 from dataset import SPLIT_VERSION, DataError
 import distributed
@@ -129,7 +129,7 @@ def train(args, rank, world_size, device):
     reporters = build_reporters(args.report_to, args.output_dir, run.data.names, rank,
                                 os.path.basename(os.path.normpath(args.output_dir)), vars(args),
                                 resume_step=state.step if args.resume else None)
-    log = JsonlLog(os.path.join(args.output_dir, "metrics.jsonl"), rank,
+    log = JsonlLog(os.path.join(args.output_dir, METRICS_FILE), rank,
                    keep_through_step=state.step if args.resume else None, reporters=reporters)
     if run.overrides and not args.resume:
         log.write("config", 0, 0.0, overrides=run.overrides)
@@ -693,7 +693,7 @@ def finish(run, state, log):
                    "steps": step, "world_size": run.world_size,
                    "global_batch_size": args.batch_size * run.world_size * args.grad_accum,
                    "skipped_images": skipped, "overrides": run.overrides, "config": vars(args)}
-        write_json(os.path.join(args.output_dir, "run_summary.json"), summary)
+        write_json(os.path.join(args.output_dir, SUMMARY_FILE), summary)
         print(f"run summary written to {os.path.join(args.output_dir, 'run_summary.json')}")
 
 
