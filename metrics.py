@@ -90,7 +90,8 @@ class ClassificationMetrics(PerDatasetSums):
         if total[COUNT]:
             out[f"{prefix}_overall_loss"] = total[LOSS] / total[COUNT]
             out[f"{prefix}_overall_accuracy"] = total[CORRECT] / total[COUNT]
-            if all(k > 5 for k in self.num_classes):
+            # the datasets evaluated here (as tasks.classify.check_flags names the metrics)
+            if all(k > 5 for k, row in zip(self.num_classes, sums) if row[COUNT]):
                 out[f"{prefix}_overall_top5_accuracy"] = total[TOP5] / total[COUNT]
             out[f"{prefix}_overall_samples"] = int(total[COUNT])
             out[f"{prefix}_overall_correct"] = int(total[CORRECT])

@@ -206,8 +206,13 @@ def plan_epochs(registry, train, val, args, say, noun="data"):
     if shares is not None:
         say(summarize_mixture(counts, registry, shares))
     if val:
+        val_counts = count_per_dataset(val, len(registry))
         say(summarize(count_per_dataset(val, len(registry), partial), registry,
-                      "partial evaluation subset", total=count_per_dataset(val, len(registry))))
+                      "partial evaluation subset", total=val_counts))
+        unseen = [n for n, c, v in zip(registry, counts, val_counts) if c and not v]
+        if unseen:
+            say(f"note: dataset(s) {', '.join(unseen)} have training samples but none in "
+                "--val_data: they are not evaluated, and the overall metrics leave them out")
     return partial, shares
 
 

@@ -261,6 +261,20 @@ def test_an_output_dir_with_the_log_of_a_run_that_saved_nothing_needs_overwrite(
     assert "lr" in first_step_log(tmp_path)
 
 
+def test_a_trained_dataset_without_validation_samples_is_said_and_left_out_of_overall(
+        small_data, tiny_vit, tmp_path, capsys):
+    args = train_args(small_data, tiny_vit, tmp_path, "--max_steps", 2, "--eval_steps", 2,
+                      "--best_metric", "overall_top5_accuracy")
+    at = args.index("--val_jsonl")
+    args[at + 1:at + 3] = [small_data["digits_val"]]  # faces' validation file left out
+    run_train(args)
+    assert ("note: dataset(s) faces have training samples but none in --val_data: they are not "
+            "evaluated, and the overall metrics leave them out") in capsys.readouterr().out
+    final = summary(tmp_path)["final_eval"]
+    assert final["final_eval_overall_samples"] == 21  # digits' alone
+    assert 0 <= final["final_eval_overall_top5_accuracy"] <= 1  # was a KeyError at step 2
+
+
 def test_keep_limit_never_removes_checkpoints_below_the_limit(tmp_path):
     from checkpoint import prune_checkpoints
     for step in (2, 4):
