@@ -17,6 +17,7 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # the hub's imagefolder
 
 class ImageFolder(Source):
     """An image folder: member is the image's path, which also names the record."""
+    member_is_path = True
 
     def where(self, row, member):
         return member

@@ -175,17 +175,37 @@ def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=cla
     return records
 
 
-def image_files(records):
+def image_files(records, ids=None):
     """(file id, row there or -1) of each record: with its member, the image it reads; the same
-    file read by two specs (or sources) has one id."""
+    file read by two specs (or sources) has one id (`ids`: path -> id, shared by tables)."""
     files, rows = np.zeros(len(records), dtype=np.int64), np.full(len(records), -1)
-    ids = {}
+    ids = {} if ids is None else ids
     for source_id, source in enumerate(records.sources):
         at = np.flatnonzero(records.source_ids == source_id)
         paths, which, in_file = source.image_files(records.rows[at])
         files[at] = np.array([ids.setdefault(p, len(ids)) for p in paths], dtype=np.int64)[which]
         rows[at] = np.where(records.members[at] == b"", in_file, -1)
     return files, rows
+
+
+def images_also_in(val, train):
+    """The positions of `val`'s records whose image a record of `train` reads for the same
+    dataset (its file with its member or row), sorted."""
+    ids = {}
+    files = np.concatenate([image_files(train, ids)[0], image_files(val, ids)[0]])
+    rows = np.concatenate([image_files(train, ids)[1], image_files(val, ids)[1]])
+    members = np.concatenate([train.members, val.members])
+    datasets = np.concatenate([train.dataset_ids, val.dataset_ids])
+    side = np.repeat([0, 1], [len(train), len(val)])  # 0: train
+    keys = (side, rows, members, files, datasets)
+    order = np.lexsort(keys)  # each image's records together, its training records first
+    new_image = np.ones(len(order), dtype=bool)
+    new_image[1:] = np.any([k[order][1:] != k[order][:-1] for k in keys[1:]], axis=0)
+    image = np.cumsum(new_image) - 1
+    trained = np.zeros(image[-1] + 1 if len(image) else 0, dtype=bool)
+    trained[image[side[order] == 0]] = True
+    in_val = side[order] == 1
+    return np.sort(order[in_val & trained[image]] - len(train))
 
 
 def check_repeats(records, registry, errors, notes):

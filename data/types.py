@@ -74,6 +74,8 @@ class Source:
     """One file or folder records come from: names a record for messages and opens its image.
     A record is (row, member, offset, size); what those mean is the kind's."""
 
+    member_is_path = False  # a record's member is its image file's path (a JSONL record's)
+
     def __init__(self, path):
         self.path = path
 
@@ -87,8 +89,9 @@ class Source:
     def image_files(self, rows):
         """([file paths], the path's index of each of `rows`, its row in that file): with the
         member, which image a record reads (data.reading.check_repeats); a source of several
-        files names each row's own."""
-        return [os.path.abspath(self.path)], np.zeros(len(rows), dtype=np.int64), rows
+        files names each row's own, one whose member is the image's own path none."""
+        path = "" if self.member_is_path else os.path.abspath(self.path)
+        return [path], np.zeros(len(rows), dtype=np.int64), rows
 
     def open(self, row, member, offset, size):
         """The image: a path, or a file object over its bytes (Pillow opens either)."""
@@ -102,6 +105,7 @@ class Source:
 class JsonlFile(Source):
     """A JSONL (or JSON) file: row is the line (the record's index in a JSON array); member the
     image's resolved path. Here, not in jsonl.py: a plain path in a RecordTable stands for one."""
+    member_is_path = True
 
     def image_name(self, row, member):
         return member

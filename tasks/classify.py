@@ -21,6 +21,7 @@ from dataset import (
     check_classes,
     check_training_samples,
     count_per_dataset,
+    images_also_in,
     load_registry,
     make_loader,
     make_stream_loader,
@@ -66,6 +67,19 @@ from model import (
 from optimizer import check_lr_args
 from tasks.base import FlagNeeds, Task, evaluated_indices, run_index_dir
 from weights import file_map, folder_map, model_weights, write_safetensors
+
+
+def say_trained_in_val(val, train, registry, say):
+    """A note per dataset whose validation records read images its training records read: its
+    evaluations (and the best checkpoint) would score images the model trains on."""
+    shared = images_also_in(val, train)
+    for dataset_id, name in enumerate(registry):
+        mine = shared[val.dataset_ids[shared] == dataset_id]
+        if len(mine):
+            total = int((val.dataset_ids == dataset_id).sum())
+            say(f"note: dataset {name!r}: {len(mine)} of its {total} validation records read "
+                f"a training image (e.g. {val[int(mine[0])].source}): its evaluations score "
+                "images the model trains on")
 
 
 def check_random_init_trained(model, args):
@@ -263,6 +277,8 @@ class ClassifyTask(Task):
             say(summary)
         else:
             partial, shares = plan_epochs(registry, train, val, args, say)
+            if val is not None:
+                say_trained_in_val(val, train, registry, say)
         mix = ((args.mixup, args.cutmix, args.mix_prob, args.seed) if args.mixup or args.cutmix
                else None)
         return Data(registry, label_space, train, val, partial, not args.no_logits_masking,

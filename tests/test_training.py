@@ -275,6 +275,20 @@ def test_a_trained_dataset_without_validation_samples_is_said_and_left_out_of_ov
     assert 0 <= final["final_eval_overall_top5_accuracy"] <= 1  # was a KeyError at step 2
 
 
+def test_validation_records_of_training_images_are_said(small_data, tiny_vit, tmp_path,
+                                                         capsys):
+    leaky = write_jsonl(tmp_path / "faces_val.jsonl", read_jsonl(small_data["faces_train"])[:3] +
+                        read_jsonl(small_data["faces_val"]))
+    args = train_args(small_data, tiny_vit, tmp_path / "run", "--max_steps", 1,
+                      "--skip_evaluation")
+    at = args.index("--val_jsonl")
+    args[at + 2] = leaky
+    run_train(args)
+    assert (f"note: dataset 'faces': 3 of its 13 validation records read a training image (e.g. "
+            f"{leaky}:1): its evaluations score images the model trains on"
+            ) in capsys.readouterr().out
+
+
 def test_keep_limit_never_removes_checkpoints_below_the_limit(tmp_path):
     from checkpoint import prune_checkpoints
     for step in (2, 4):
