@@ -221,6 +221,8 @@ def build_run(args, rank, world_size, device):
                              "or --batch_size")
         steps_per_epoch = math.ceil(micro_batches / args.grad_accum)
         total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+        if args.resume:
+            check_epoch_steps(args, world_size, steps_per_epoch)
     check_run_length(args, total_steps, say)
     say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch "
         f"{args.batch_size} x {world_size} process(es) x grad_accum {args.grad_accum}; "
@@ -301,6 +303,20 @@ def build_model(args, task, data, dtype, world_size, say):
     # Identical init on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(args.seed)
     return (*task.build_model(args, data, dtype), None)
+
+
+def check_epoch_steps(args, world_size, steps_per_epoch):
+    """A resume whose split of the global micro-batch (processes x --batch_size) gives epochs of
+    other steps than the checkpoint's (samples % processes differ): its steps would map onto
+    other parts of the epoch's order, some samples taken twice and the run longer."""
+    info = read_info(resolve_resume(args.resume, args.output_dir))
+    saved = info.get("steps_per_epoch")  # checkpoints before it was kept: not compared
+    if saved is not None and saved != steps_per_epoch:
+        raise ValueError(
+            f"--resume: the checkpoint's epochs have {saved} steps ({info['world_size']} "
+            f"process(es) x --batch_size {info['args']['batch_size']}); {world_size} x "
+            f"{args.batch_size} gives {steps_per_epoch}, so the resumed steps would not continue "
+            "its order (samples taken twice, the run longer): resume with the checkpoint's split")
 
 
 def check_run_length(args, total_steps, say):
@@ -621,7 +637,7 @@ def save(run, state, metrics):
     if state.last_saved == path:
         return
     info = {"step": state.step, "epoch": run.epoch_of(state.step), "args": vars(args),
-            "fingerprint": run.fingerprint,
+            "fingerprint": run.fingerprint, "steps_per_epoch": run.steps_per_epoch,
             "metrics": metrics, "best": state.best, "world_size": run.world_size,
             "skipped_images": [int(n) for n in all_reduce_sum(state.skipped_images, run.device)]}
     if hasattr(state.loader, "state_dict"):  # JSON, as the rest of training_info.json

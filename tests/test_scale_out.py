@@ -7,7 +7,7 @@ import torch
 
 import train
 from conftest import (assert_same_adam_steps, killed_after, load_weights, read_jsonl, run_script,
-                      train_args)
+                      train_args, write_jsonl)
 
 STEPS = [
     "--max_steps", 3, "--skip_evaluation", "--lr", 1e-2, "--warmup_steps", 0, "--logging_steps", 1,
@@ -166,6 +166,24 @@ def test_fsdp_with_cpu_offload_and_compiled_blocks_takes_the_same_steps(
     run(small_data, tiny_vit, tmp_path / "fsdp", 2, "--batch_size", 4, "--dist", "fsdp",
         "--cpu_offload", "--compile")
     assert_same_training([tmp_path / "one", tmp_path / "fsdp"])
+
+
+def test_a_resume_whose_split_gives_epochs_of_other_steps_is_refused(small_data, tiny_vit,
+                                                                     tmp_path, capsys):
+    """57 samples: 2 processes x 4 take 28 each, 7 steps an epoch; 1 x 8 would take 8 steps, so
+    its steps would not continue the checkpoint's order (a batch taken twice)."""
+    odd = tmp_path / "digits_train.jsonl"
+    lines = read_jsonl(small_data["digits_train"])
+    write_jsonl(odd, lines + lines[:1])  # one repeated line: 41 + 16 samples
+    args = train_args({**small_data, "digits_train": str(odd)}, tiny_vit, tmp_path / "run",
+                      "--max_steps", 3, "--save_steps", 3, "--skip_evaluation")
+    result = run_script("train.py", *args, "--batch_size", 4, torchrun=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "7 steps per epoch" in result.stdout
+    with pytest.raises(SystemExit):
+        train.main(args + ["--batch_size", "8", "--resume", "latest"])
+    assert ("--resume: the checkpoint's epochs have 7 steps (2 process(es) x --batch_size 4); "
+            "1 x 8 gives 8") in capsys.readouterr().err
 
 
 def test_hsdp_2x2_takes_the_same_steps_as_one_process_and_resumes_under_fsdp(small_data, tiny_vit,
