@@ -86,6 +86,20 @@ def draw(plt, path, title, ylabel, curves, smoothing=0.0, best_step=None, marker
     return path
 
 
+def per_checkpoint(records):
+    """(eval.py's latest record of each checkpoint, how many records were left out): full
+    evaluations (not --partial) on the data of the latest one, the trained weights (not the EMA
+    model's): one curve compares checkpoints on one set of samples."""
+    full = [r for r in records if not r.get("partial")
+            and not str(r.get("checkpoint", "")).endswith("/ema")]
+    key = full[-1].get("data_key") if full else None
+    by_step = {r.get("step"): r for r in full if r.get("data_key") == key}
+    kept = [by_step[s] for s in sorted(s for s in by_step if s is not None)]
+    mixed = sum(1 for r in records if not str(r.get("checkpoint", "")).endswith("/ema")
+                and (r.get("partial") or r.get("data_key") != key))
+    return kept, mixed
+
+
 def plot_run(run_dir, out_dir=None, smoothing=0.9):
     """Write the run's PNGs; returns their paths."""
     try:
@@ -110,11 +124,10 @@ def plot_run(run_dir, out_dir=None, smoothing=0.9):
     evals = [r for r in records if r.get("event") == "eval"]
     bests = [r for r in records if r.get("event") == "best" and "best_model_step" in r]
     best_step = bests[-1]["best_model_step"] if bests else None
-    by_step = {}
-    for r in checkpoints:  # the latest evaluation of each checkpoint (not its EMA model's)
-        if not str(r.get("checkpoint", "")).endswith("/ema"):
-            by_step[r.get("step")] = r
-    checkpoints = [by_step[s] for s in sorted(s for s in by_step if s is not None)]
+    checkpoints, left_out = per_checkpoint(checkpoints)
+    if left_out:
+        print(f"note: {left_out} eval.py record(s) of partial evaluations or of other data than "
+              "its latest full evaluation are not in the per-checkpoint curves")
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     written = []
     generation = any("train_text_loss" in r or "eval_text_loss" in r for r in records + checkpoints)

@@ -213,6 +213,10 @@ def build_run(args, rank, world_size, device):
         if per_rank == 0:
             raise ValueError(f"{size} training samples cannot be split over {world_size} "
                              f"processes")
+        if args.no_shuffle and size % world_size:  # the same order every epoch: the same tail
+            say(f"note: --no_shuffle keeps one order, and each epoch leaves out its last "
+                f"{size % world_size} sample(s) so that the {world_size} processes take equal "
+                "steps: those are never trained")
         micro_batches = math.ceil(per_rank / args.batch_size)
         if micro_batches < args.grad_accum:  # every step would be the whole epoch, not GBS
             raise ValueError(f"--grad_accum {args.grad_accum}: an epoch holds {micro_batches} "

@@ -128,3 +128,19 @@ def test_an_out_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     assert result.stderr.strip() == (f"error: --out_dir {tmp_path / 'taken'}: is a file, not a "
                                      "folder")
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_the_per_checkpoint_curve_is_of_full_evaluations_on_one_data():
+    from plot import per_checkpoint
+    records = [{"checkpoint": f"checkpoint-{s}", "step": s, "data_key": "val", "partial": False,
+                "eval_overall_accuracy": a} for s, a in [(2, 0.4), (4, 0.5), (6, 0.6)]]
+    records += [{"checkpoint": "checkpoint-4", "step": 4, "data_key": "subset", "partial": True,
+                 "eval_overall_accuracy": 0.9},  # a later --partial evaluation of checkpoint-4
+                {"checkpoint": "checkpoint-6/ema", "step": 6, "data_key": "val",
+                 "partial": False, "eval_overall_accuracy": 0.7}]
+    kept, left_out = per_checkpoint(records)
+    assert [r["eval_overall_accuracy"] for r in kept] == [0.4, 0.5, 0.6] and left_out == 1
+    other = {"checkpoint": "checkpoint-6", "step": 6, "data_key": "test", "partial": False,
+             "eval_overall_accuracy": 0.3}  # the latest full evaluation, on other data
+    kept, left_out = per_checkpoint(records + [other])
+    assert kept == [other] and left_out == 4
