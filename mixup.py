@@ -48,6 +48,17 @@ def check_mix_args(mixup, cutmix, mix_prob, task="classify", token_inputs=False,
         raise ValueError(f"{flags} with --mix_prob 0 would never mix; give --mix_prob > 0")
 
 
+def check_image_grid(pixels, batch):
+    """Mixing blends and pastes (B, C, H, W) images; a processor that hands the backbone patches
+    (SigLIP2's (B, patches, 3 p p) with a patch mask) would be mixed patch index by patch index
+    against labels that assume whole images."""
+    masked = " and a pixel_attention_mask" if "pixel_attention_mask" in batch else ""
+    if pixels.dim() != 4 or pixels.shape[1] not in (1, 3) or masked:
+        raise ValueError(f"--mixup / --cutmix mix (batch, channels, height, width) images; this "
+                         f"backbone's processor gives pixel_values of shape {tuple(pixels.shape)}"
+                         f"{masked} (patches): train it without mixing")
+
+
 def draw_mix(mixup, cutmix, mix_prob, seed, step, micro_index, height, width):
     """The micro-batch's mixing: None (not mixed) or (mode, lambda, box); box = (y0, y1, x0, x1)
     for cutmix, None for mixup. lambda is the share of each sample's own image."""
@@ -97,6 +108,7 @@ def mix_batch(batch, offsets, num_labels, mixup, cutmix, mix_prob, seed, step, m
     rows = offsets.to(labels.device)[dataset_ids] + labels
     soft = torch.zeros(len(labels), num_labels, device=labels.device)
     pixels = batch["pixel_values"]
+    check_image_grid(pixels, batch)
     draw = draw_mix(mixup, cutmix, mix_prob, seed, step, micro_index, pixels.shape[-2],
                     pixels.shape[-1])
     if draw is None:

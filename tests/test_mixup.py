@@ -164,3 +164,20 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="never mix"):
         check_mix_args(0.2, 0, 0.0)
     check_mix_args(0, 0, 1.0, task="generate", token_inputs=True)  # off: nothing to refuse
+
+
+def test_patch_inputs_of_a_processor_are_refused_not_mixed_as_images():
+    """SigLIP2's processor hands the backbone patches, (B, patches, 3 p p) with a patch mask:
+    mixed, patch k of one image would meet patch k of another, against whole-image labels."""
+    from PIL import Image
+    from transformers import Siglip2ImageProcessorPil
+    processor = Siglip2ImageProcessorPil(patch_size=4, max_num_patches=16)
+    images = [Image.new("RGB", size, colour) for size, colour in
+              [((20, 12), "red"), ((12, 20), "blue"), ((16, 16), "green")]]
+    batch = {**processor(images, return_tensors="pt"), "labels": torch.tensor([0, 1, 0]),
+             "dataset_ids": torch.zeros(3, dtype=torch.long), "indices": torch.arange(3)}
+    assert batch["pixel_values"].dim() == 3
+    with pytest.raises(ValueError, match=r"this backbone's processor gives pixel_values of shape "
+                       r"\(3, 16, 48\) and a pixel_attention_mask \(patches\)"):
+        mix_batch(batch, torch.tensor([0]), 2, mixup=0, cutmix=1.0, mix_prob=1.0, seed=0, step=0,
+                  micro_index=0)
