@@ -599,8 +599,13 @@ class ImageTextInputs:
 
     def __call__(self, images, dataset_names):
         texts = [self.text(name) for name in dataset_names]
+        # a chat template that writes the BOS token itself (Gemma3, Mllama): the tokenizer must
+        # not add another, as transformers' own apply_chat_template(tokenize=True) decides
+        bos = self.tokenizer.bos_token
+        once = {"add_special_tokens": False} if bos and texts[0].startswith(bos) else {}
         batch = self.processor(images=[[image] for image in images] if self.nested else
-                               list(images), text=texts, padding=True, return_tensors="pt")
+                               list(images), text=texts, padding=True, return_tensors="pt",
+                               **once)
         return {k: v for k, v in batch.items() if k in self.accepted}
 
     def save_pretrained(self, folder):

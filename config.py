@@ -335,6 +335,9 @@ def flatten_config(tree, path, flags, where="config", line=lambda keys: None, se
         flag = None
         if keys in NESTED_KEYS:
             flag, transform = NESTED_KEYS[keys]
+            if transform and not isinstance(value, bool):  # not 'false' would be False
+                raise ValueError(f"{at(keys)}: config key {'.'.join(map(str, keys))}: expected "
+                                 f"true or false, got {value!r}")
             value = transform(value) if transform else value
         elif keys[0] in IGNORED_SECTIONS:
             continue
@@ -414,13 +417,6 @@ def load_config(path, parser):
 
     flat = flatten_config(tree, (), set(actions) - {"help", "config"}, f"--config {path}", line,
                           keys_of)
-    smoothing = flat.get("label_smoothing")
-    if loss_type == "cross_entropy" and smoothing:
-        raise ValueError(f"{at('label_smoothing')}: label smoothing {smoothing} beside loss.type "
-                         "cross_entropy: give loss.type label_smoothing to use it, or drop it")
-    if loss_type == "label_smoothing" and not smoothing:
-        raise ValueError(f"--config {path}: config key loss.type label_smoothing needs "
-                         "loss.smoothing (e.g. 0.1), else the loss is plain cross-entropy")
     if isinstance(flat.get("datasets"), dict):  # a registry written in this file
         folder = os.path.dirname(os.path.abspath(path))
         for entry in flat["datasets"].values():
@@ -432,7 +428,9 @@ def load_config(path, parser):
     for name, value in flat.items():
         action = actions[name]
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if not isinstance(value, bool):  # the string 'false' would switch it on
+            if value is None:  # null: not set
+                flat[name] = action.default
+            elif not isinstance(value, bool):  # the string 'false' would switch it on
                 raise ValueError(f"{at(name)}: key {name!r}: expected true or false, got "
                                  f"{value!r}")
             continue
@@ -452,20 +450,33 @@ def load_config(path, parser):
         if action.choices and flat[name] not in action.choices:
             raise ValueError(
                 f"{at(name)}: key {name!r}: {flat[name]!r} is not one of {action.choices}")
-    return flat
+    return flat, loss_type
+
+
+def check_loss_type(loss_type, smoothing, path):
+    """The config's loss.type against the label smoothing the run has (file or command line)."""
+    if loss_type == "cross_entropy" and smoothing:
+        raise ValueError(f"--config {path}: loss.type cross_entropy beside a label smoothing of "
+                         f"{smoothing}: give loss.type label_smoothing to use it, or drop it")
+    if loss_type == "label_smoothing" and not smoothing:
+        raise ValueError(f"--config {path}: config key loss.type label_smoothing needs a "
+                         "smoothing (loss.smoothing or --label_smoothing, e.g. 0.1), else the "
+                         "loss is plain cross-entropy")
 
 
 def parse_args(argv=None, description=None):
     parser = build_parser(description)
     known, _ = parser.parse_known_args(argv)
-    configured = load_config(known.config, parser) if known.config else {}
+    configured, loss_type = load_config(known.config, parser) if known.config else ({}, None)
     parser.set_defaults(**configured)
     args = parser.parse_args(argv)
+    check_loss_type(loss_type, getattr(args, "label_smoothing", 0.0), known.config)
     # the command line wins over the config file, said (apply_overrides): a launcher's own
     # defaults (launch.sh's --lr, --batch_size, --max_steps) would otherwise replace the file's
     args.command_line_over_config = [
         f"{name}: {short(value)} in --config {known.config} -> {short(getattr(args, name))} on "
-        "the command line" for name, value in configured.items() if getattr(args, name) != value]
+        "the command line" for name, value in configured.items()
+        if getattr(args, name) not in (value, [value])]  # a registry file's one path: a list
     error = repeated_aliases(parser, argv)
     if error:
         parser.error(error)

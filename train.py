@@ -226,7 +226,7 @@ def build_run(args, rank, world_size, device):
         steps_per_epoch = math.ceil(micro_batches / args.grad_accum)
         total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
         if args.resume:
-            check_epoch_steps(args, world_size, steps_per_epoch)
+            check_epoch_steps(args, world_size, size, steps_per_epoch)
     check_run_length(args, total_steps, say)
     say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch "
         f"{args.batch_size} x {world_size} process(es) x grad_accum {args.grad_accum}; "
@@ -309,13 +309,17 @@ def build_model(args, task, data, dtype, world_size, say):
     return (*task.build_model(args, data, dtype), None)
 
 
-def check_epoch_steps(args, world_size, steps_per_epoch):
+def check_epoch_steps(args, world_size, size, steps_per_epoch):
     """A resume whose split of the global micro-batch (processes x --batch_size) gives epochs of
     other steps than the checkpoint's (samples % processes differ): its steps would map onto
     other parts of the epoch's order, some samples taken twice and the run longer."""
     info = read_info(resolve_resume(args.resume, args.output_dir))
     saved = info.get("steps_per_epoch")  # checkpoints before it was kept: not compared
-    if saved is not None and saved != steps_per_epoch:
+    # the checkpoint's split on this data: its steps, unless the data or --grad_accum changed
+    # (--allow_changed_flags: a changed run, whose epochs may differ)
+    split = math.ceil(math.ceil(size // info["world_size"] / info["args"]["batch_size"])
+                      / args.grad_accum)
+    if saved is not None and saved == split != steps_per_epoch:
         raise ValueError(
             f"--resume: the checkpoint's epochs have {saved} steps ({info['world_size']} "
             f"process(es) x --batch_size {info['args']['batch_size']}); {world_size} x "

@@ -180,8 +180,10 @@ def image_files(records, ids=None):
     file read by two specs (or sources) has one id (`ids`: path -> id, shared by tables)."""
     files, rows = np.zeros(len(records), dtype=np.int64), np.full(len(records), -1)
     ids = {} if ids is None else ids
+    by_source = np.argsort(records.source_ids, kind="stable")  # one pass, not one per source
+    bounds = np.searchsorted(records.source_ids[by_source], np.arange(len(records.sources) + 1))
     for source_id, source in enumerate(records.sources):
-        at = np.flatnonzero(records.source_ids == source_id)
+        at = by_source[bounds[source_id]:bounds[source_id + 1]]
         paths, which, in_file = source.image_files(records.rows[at])
         files[at] = np.array([ids.setdefault(p, len(ids)) for p in paths], dtype=np.int64)[which]
         rows[at] = np.where(records.members[at] == b"", in_file, -1)
@@ -192,8 +194,8 @@ def images_also_in(val, train):
     """The positions of `val`'s records whose image a record of `train` reads for the same
     dataset (its file with its member or row), sorted."""
     ids = {}
-    files = np.concatenate([image_files(train, ids)[0], image_files(val, ids)[0]])
-    rows = np.concatenate([image_files(train, ids)[1], image_files(val, ids)[1]])
+    both = [image_files(train, ids), image_files(val, ids)]
+    files, rows = (np.concatenate([table[k] for table in both]) for k in (0, 1))
     members = np.concatenate([train.members, val.members])
     datasets = np.concatenate([train.dataset_ids, val.dataset_ids])
     side = np.repeat([0, 1], [len(train), len(val)])  # 0: train

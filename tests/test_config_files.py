@@ -348,11 +348,13 @@ def test_the_best_mode_by_default_is_the_direction_of_the_metric(task, metric, m
     ("batch_size: true\n", ":1: key 'batch_size': cannot read True as int"),  # was 1
     ("no_shuffle: 'false'\n", ":1: key 'no_shuffle': expected true or false, got 'false'"),
     ("loss: {type: cross_entropy, smoothing: 0.1}\n",
-     ":1: label smoothing 0.1 beside loss.type cross_entropy"),
+     ": loss.type cross_entropy beside a label smoothing of 0.1"),
     ("loss: {type: cross_entropy}\nlabel_smoothing: 0.2\n",
-     ":2: label smoothing 0.2 beside loss.type cross_entropy"),
-    ("loss: {type: label_smoothing}\n", ": config key loss.type label_smoothing needs "
-     "loss.smoothing"),
+     ": loss.type cross_entropy beside a label smoothing of 0.2"),
+    ("loss: {type: label_smoothing}\n", ": config key loss.type label_smoothing needs a "
+     "smoothing"),
+    ("datasets: {shuffle_datasets: 'false'}\n", ":1: config key datasets.shuffle_datasets: "
+     "expected true or false, got 'false'"),  # not 'false' would have turned shuffling on
 ])
 def test_config_values_are_read_as_the_command_line_reads_them_or_refused(tmp_path, text,
                                                                            message):
@@ -361,6 +363,15 @@ def test_config_values_are_read_as_the_command_line_reads_them_or_refused(tmp_pa
         parse_args(["--config", config, "--model", "m", "--train_data", "d.jsonl",
                     "--output_dir", "out"])
     assert str(e.value).startswith(f"--config {config}{message}")
+
+
+def test_a_smoothing_on_the_command_line_serves_the_configs_loss_type(tmp_path):
+    config = write(tmp_path / "c.yaml", "loss: {type: label_smoothing}\ngradient_checkpointing: "
+                                        "null\ndatasets: r.json\n")
+    args = parse_args(["--config", config, "--model", "m", "--train_data", "d.jsonl",
+                       "--output_dir", "out", "--label_smoothing", "0.1", "--datasets", "r.json"])
+    assert args.label_smoothing == 0.1 and args.gradient_checkpointing is False
+    assert args.command_line_over_config == []  # the same registry file: nothing replaced
 
 
 def test_the_command_line_over_the_config_and_max_steps_over_epochs_are_said(tmp_path):
