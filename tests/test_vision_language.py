@@ -357,3 +357,31 @@ def test_benchmark_script_reports_its_figures():
     assert result.returncode == 0, result.stderr[-3000:]
     for figure in ("step time", "tokens/s", "images/s", "model TFLOP/s", "(4 image tokens each)"):
         assert figure in result.stdout
+
+
+def test_a_chat_template_that_writes_bos_gets_no_second_one(tmp_path, monkeypatch):
+    """Gemma3's template starts with {{ bos_token }} and its tokenizer adds BOS too: tokenized
+    with special tokens the prompt began <bos><bos>, which transformers' own
+    apply_chat_template(tokenize=True) never gives."""
+    import families
+    from tokenizers import processors
+    plain = families.train_tokenizer
+
+    def adding_bos(*args, **kwargs):  # as Gemma's tokenizer.json post-processor does
+        tokenizer = plain(*args, **kwargs)
+        bos = tokenizer.convert_tokens_to_ids("<bos>")
+        tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)])
+        return tokenizer
+    monkeypatch.setattr(families, "train_tokenizer", adding_bos)
+    _, inputs = load_backbone(families.gemma3(str(tmp_path / "gemma3")))
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    ours = inputs([image], ["food"])["input_ids"][0].tolist()
+    messages = [{"role": "user", "content": [
+        {"type": "image", "image": image},
+        {"type": "text", "text": inputs.prompt.replace("{dataset}", "food")}]}]
+    theirs = inputs.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True,
+                                                  return_tensors="pt")["input_ids"][0].tolist()
+    bos = inputs.tokenizer.convert_tokens_to_ids("<bos>")
+    assert ours[:2] == [bos, theirs[1]] and ours == theirs
