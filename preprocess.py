@@ -151,6 +151,13 @@ def draft(image, width, height):
     return None if result is None else result[1]
 
 
+def composites_alpha(inputs):
+    """Whether the backbone's image processor composites transparency onto white
+    (do_convert_rgb), which the processor path must do before it, as the fast path's recipe
+    does: given an RGB image the processor converts nothing."""
+    return bool(getattr(getattr(inputs, "image_processor", None), "do_convert_rgb", False))
+
+
 def to_rgb(image, alpha_on_white=False):
     """A decoded image file as RGB, loaded (the file may close after): with do_convert_rgb,
     transparency is composited onto white (transformers' convert_to_rgb); otherwise Pillow's

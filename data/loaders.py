@@ -14,7 +14,7 @@ import host_allocator
 from augment import decode_augmented, sample_rng
 from data.stream import import_streaming
 from data.types import DataError
-from preprocess import Pixels, decode_pixels, to_rgb
+from preprocess import Pixels, composites_alpha, decode_pixels, to_rgb
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -27,8 +27,9 @@ class ImageDataset(torch.utils.data.Dataset):
     skip_bad_images an item whose image is None and whose label is that message (the batch
     drops and reports it)."""
 
-    def __init__(self, records, skip_bad_images=False, pixels=None):
+    def __init__(self, records, skip_bad_images=False, pixels=None, alpha_on_white=False):
         self.records, self.skip_bad_images, self.pixels = records, skip_bad_images, pixels
+        self.alpha_on_white = alpha_on_white  # the processor's do_convert_rgb (processor path)
 
     def __len__(self):
         return len(self.records)
@@ -42,8 +43,8 @@ class ImageDataset(torch.utils.data.Dataset):
             if self.pixels is not None:
                 image = self.pixels(image_file, dataset_id, index, epoch, repeat)
             else:
-                with Image.open(image_file) as im:
-                    image = to_rgb(im)  # loaded: usable once the file is closed
+                with Image.open(image_file) as im:  # loaded: usable once the file is closed
+                    image = to_rgb(im, self.alpha_on_white)
         except Exception as e:
             r = records[index]  # its names, for the message only
             named = "" if r.image_path == r.source else f" {r.image_path}"
@@ -255,7 +256,8 @@ def make_loader(records, indices, inputs, dataset_names, *, batch_size, num_work
                             (batch_size, 3, *pixels.recipe.output_size))
               if pixels is not None and num_workers else None)
     return torch.utils.data.DataLoader(
-        ImageDataset(records, skip_bad_images, pixels), batch_size=batch_size,
+        ImageDataset(records, skip_bad_images, pixels, composites_alpha(inputs)),
+        batch_size=batch_size,
         sampler=EpochSampler(indices, epoch), collate_fn=Collate(inputs, dataset_names, shared),
         num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=start_worker,
         **worker_options(num_workers, persistent_workers, prefetch_factor))

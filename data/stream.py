@@ -223,12 +223,14 @@ def check_local_shards(files, index_dir, skip_missing_images):
 class ImageStream(torch.utils.data.IterableDataset):
     """(image, label, dataset_id, key) items of the training stream, as loaders.ImageDataset
     gives them (the same Collate batches them). State: see the module's docstring. num_classes
-    (per registry position) and pixels (a loaders.FastPixels) are set once the run knows them."""
+    (per registry position), pixels (a loaders.FastPixels) and alpha_on_white (the processor
+    path's compositing, ImageDataset's) are set once the run knows them."""
 
     def __init__(self, sources, shares, names, *, seed, rank, world_size, buffer,
                  skip_bad_images=False):
         self.sources = {s.dataset_id: s for s in sources}
         self.shares, self.names, self.num_classes, self.pixels = shares, names, None, None
+        self.alpha_on_white = False
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.buffer, self.skip_bad_images = max(1, buffer), skip_bad_images
         self.position, self.resume_from = None, None
@@ -304,7 +306,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                 image = self.pixels(io.BytesIO(data), dataset_id, key, 0, 0)
             else:
                 with Image.open(io.BytesIO(data)) as im:
-                    image = to_rgb(im)
+                    image = to_rgb(im, self.alpha_on_white)
         except Exception as e:
             message = f"{where}: cannot decode image: {e}"
             if self.skip_bad_images:

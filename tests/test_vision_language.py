@@ -385,3 +385,23 @@ def test_a_chat_template_that_writes_bos_gets_no_second_one(tmp_path, monkeypatc
                                                   return_tensors="pt")["input_ids"][0].tolist()
     bos = inputs.tokenizer.convert_tokens_to_ids("<bos>")
     assert ours[:2] == [bos, theirs[1]] and ours == theirs
+
+
+def test_the_processor_path_composites_transparency_as_the_processor_would(tiny_qwen2_vl,
+                                                                           tmp_path):
+    """Qwen2-VL's processor composites transparency onto white (do_convert_rgb); the loader
+    handed it an RGB image already converted by Pillow (alpha dropped, black behind)."""
+    from dataset import RecordTable, make_loader
+    pixels = np.zeros((56, 56, 4), np.uint8)  # a grey square on a transparent black background
+    pixels[14:42, 14:42] = (128, 128, 128, 255)
+    path = str(tmp_path / "logo.png")
+    Image.fromarray(pixels, "RGBA").save(path)
+    _, inputs = load_backbone(tiny_qwen2_vl)
+    assert inputs.image_processor.do_convert_rgb
+    records = RecordTable([path], [0], [0], ["x.jsonl"], [0], [1])
+    batch = next(iter(make_loader(records, [0], inputs, ["logos"], batch_size=1, num_workers=0,
+                                  fast_path=True)))
+    with Image.open(path) as image:
+        own = inputs.processor(images=[image], text=[inputs.text("logos")], padding=True,
+                               return_tensors="pt")
+    assert torch.equal(batch["pixel_values"], own["pixel_values"])
