@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from preprocess import Pixels, draft, new_pixels, to_rgb
+from preprocess import Pixels, draft, new_pixels, to_rgb, upright
 
 AUGMENTS = ("none", "crop_flip", "randaugment")
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -196,6 +196,7 @@ def decode_augmented(path, recipe, config, dataset_id, rng, use_draft=True):
     mode = config.modes[dataset_id]
     out_h, out_w = recipe.output_size
     with Image.open(path) as image:
+        image = upright(image)  # the crop is drawn on the picture as it is seen
         width, height = image.size
         left, top, w, h = draw_crop(rng, width, height, config.crop_scale)
         flip = rng.random() < 0.5 and config.hflip[dataset_id]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Processor classes (without the "Pil" suffix of their Pillow backend) whose pipeline is the
 # Pillow backend's: resize -> centre crop -> rescale -> normalise. ConvNeXt adds crop_pct.
@@ -151,6 +151,18 @@ def draft(image, width, height):
     return None if result is None else result[1]
 
 
+ORIENTATION = 0x0112  # the EXIF tag of how a camera held the picture
+
+
+def upright(image):
+    """An opened image as it is meant to be seen: a photograph's EXIF orientation applied (the
+    image loaded; transformers' load_image, and so an exported model's pipeline, does the
+    same), else the image itself, unloaded (a JPEG's draft still possible)."""
+    if "exif" not in image.info or image.getexif().get(ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def composites_alpha(inputs):
     """Whether the backbone's image processor composites transparency onto white
     (do_convert_rgb), which the processor path must do before it, as the fast path's recipe
@@ -267,6 +279,7 @@ def new_pixels(size):
 def decode_pixels(path, recipe, use_draft=True):
     """One image file -> Pixels, as the recipe's processor would resize and crop it."""
     with Image.open(path) as image:
+        image = upright(image)  # turned: loaded whole, no draft (draft is for a JPEG file)
         width, height = image.size
         new_h, new_w = recipe.resized_size(height, width)
         box = draft(image, new_w, new_h) if use_draft else None

@@ -14,7 +14,7 @@ import host_allocator
 from augment import decode_augmented, sample_rng
 from data.stream import import_streaming
 from data.types import DataError
-from preprocess import Pixels, composites_alpha, decode_pixels, to_rgb
+from preprocess import Pixels, composites_alpha, decode_pixels, to_rgb, upright
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -44,7 +44,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 image = self.pixels(image_file, dataset_id, index, epoch, repeat)
             else:
                 with Image.open(image_file) as im:  # loaded: usable once the file is closed
-                    image = to_rgb(im, self.alpha_on_white)
+                    image = to_rgb(upright(im), self.alpha_on_white)
         except Exception as e:
             r = records[index]  # its names, for the message only
             named = "" if r.image_path == r.source else f" {r.image_path}"

@@ -37,7 +37,7 @@ from data.specs import parse_spec
 from data.tar_index import TAR_IMAGE_FIELDS, load_tar_index, no_image_member
 from data.types import NO_IMAGE, NO_LABEL, SHOWN, DataError, raise_data_errors
 from data.wds import SHARD_FILES
-from preprocess import to_rgb
+from preprocess import to_rgb, upright
 
 # How the readers (processes x workers) split a stream (StreamSource.plan); kept in a checkpoint
 # beside the stream's position: a position of another split would resume on other samples
@@ -306,7 +306,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                 image = self.pixels(io.BytesIO(data), dataset_id, key, 0, 0)
             else:
                 with Image.open(io.BytesIO(data)) as im:
-                    image = to_rgb(im, self.alpha_on_white)
+                    image = to_rgb(upright(im), self.alpha_on_white)
         except Exception as e:
             message = f"{where}: cannot decode image: {e}"
             if self.skip_bad_images:

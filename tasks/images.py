@@ -8,7 +8,7 @@ from PIL import Image
 
 from dataset import DataError
 from files import write_file
-from preprocess import to_8bit
+from preprocess import to_8bit, upright
 
 
 def read_image(path, size, channels):
@@ -16,7 +16,7 @@ def read_image(path, size, channels):
     cannot be read is a DataError."""
     try:
         with Image.open(path) as im:
-            im = to_8bit(im).convert("L" if channels == 1 else "RGB")  # 16-bit scaled, not clipped
+            im = to_8bit(upright(im)).convert("L" if channels == 1 else "RGB")  # 16-bit scaled
             im = im.resize((size, size), Image.BICUBIC)
     except Exception as e:  # noqa: BLE001 - whatever the decoder raises names the image
         named = f" {path}" if isinstance(path, str) else ""

@@ -196,3 +196,39 @@ def test_pixels_write_crops_and_flips_in_its_one_copy():
     flipped.write(out)
     assert np.array_equal(out, np.asarray(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                                           ).transpose(2, 0, 1))
+
+
+def test_a_photographs_exif_orientation_is_applied_on_every_path(tmp_path):
+    """A phone photograph stored sideways with EXIF orientation 6 (turn 90 degrees): every path
+    sees it upright, as transformers' load_image (an exported model's pipeline) does."""
+    from skimage import data
+    from augment import augment_config
+    from data.loaders import ImageDataset, pixel_path
+    from dataset import DatasetSpec
+    from PIL import ImageOps
+    stored = Image.fromarray(data.coffee()).resize((96, 64))  # 96 wide as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = str(tmp_path / "phone.jpg")
+    stored.save(photo, quality=90, exif=exif)
+    with Image.open(photo) as image:
+        seen = ImageOps.exif_transpose(image)  # 64 wide, 96 high
+        seen.save(tmp_path / "seen.png")  # lossless: the same pixels, no tag
+    assert seen.size == (64, 96)
+    processor = transformers.ViTImageProcessorPil(size={"height": 32, "width": 24})
+    recipe = pixel_recipe(processor)
+    assert np.array_equal(load_pixels(photo, recipe), load_pixels(str(tmp_path / "seen.png"),
+                                                                   recipe))
+    records = RecordTable([photo], [0], [0], ["x.jsonl"], [0], [1])
+    image, *_ = ImageDataset(records)[0]  # the processor path's decode
+    assert image.size == (64, 96)
+    inputs = ImageInputs(processor)
+    config = augment_config("crop_flip", {"d": DatasetSpec("d", 2)}, inputs)
+    upright = RecordTable([str(tmp_path / "seen.png")], [0], [0], ["x.jsonl"], [0], [1])
+    for epoch in range(4):  # the same draws: a crop of the picture as it is seen
+        a, b = (ImageDataset(table, pixels=pixel_path(inputs, True, config))[(0, epoch)][0]
+                for table in (records, upright))
+        out = [np.empty((3, 32, 24), np.uint8) for _ in range(2)]
+        a.write(out[0])
+        b.write(out[1])
+        assert np.array_equal(out[0], out[1])
