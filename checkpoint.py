@@ -37,13 +37,11 @@ from data.fingerprint import crc_of_blocks, data_changes, data_fingerprints
 from distributed import all_gather_objects, barrier
 from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
-from files import (OutputError, read_jsonl_records, reason, recover_folder, swap_in, temporary,
-                   write_json, write_text)
+from files import (METRICS_FILE, RESULTS_FILE, SUMMARY_FILE, OutputError, read_jsonl_records,
+                   reason, recover_folder, swap_in, temporary, write_json, write_text)
 from state_files import CheckpointError, load_state_files, save_state_files
 
 INFO_FILE = "training_info.json"
-METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "run_summary.json"  # train.py's
-RESULTS_FILE = "eval_results.jsonl"  # eval.py's records of a run's checkpoints
 RUN_FILES = (METRICS_FILE, SUMMARY_FILE, RESULTS_FILE)  # a run's own records
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "state"

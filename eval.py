@@ -53,7 +53,6 @@ from tasks import TASKS, task_of_checkpoint
 from weights import WeightsMismatch, read_weights
 
 
-
 class EvalCache:
     """What evaluation keeps between evaluations of the same samples with the same preprocessing
     (the caller keeps one cache per preprocessing): their batches in this process's memory after

@@ -16,6 +16,9 @@ import shutil
 
 from faults import injected_fault
 
+# a run folder's records: train.py's log and summary, eval.py's results of its checkpoints
+METRICS_FILE, SUMMARY_FILE, RESULTS_FILE = "metrics.jsonl", "run_summary.json", "eval_results.jsonl"
+
 
 class OutputError(ValueError):
     """An output path cannot be written; the message (one line) names the path and the reason."""

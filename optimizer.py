@@ -48,7 +48,7 @@ def check_lr_args(args, token_inputs, model_name=""):
               "--freeze vision" if getattr(args, "freeze", "none") == "vision" else None)
     if decay not in (None, 1) and frozen:
         raise ValueError(f"--layer_decay {decay} scales the learning rates of the backbone's "
-                         f"layers, which {frozen} keeps frozen: it would change nothing")
+                         f"layers, which {frozen} keeps frozen: it would change nothing; drop it")
 
 
 def parameter_parts(model, args):

@@ -20,7 +20,8 @@ import os
 import re
 import sys
 
-from files import OutputError, read_jsonl_records, reason, write_file
+from files import (METRICS_FILE, RESULTS_FILE, OutputError, read_jsonl_records, reason,
+                   write_file)
 
 FIGSIZE, DPI = (10, 6), 100  # 1000 x 600 pixels
 GENERATION_LOSSES = ("text_loss", "image_loss", "total_loss")
@@ -108,9 +109,9 @@ def plot_run(run_dir, out_dir=None, smoothing=0.9):
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("plot.py needs matplotlib: pip install -e '.[plot]'") from None
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    metrics_path = os.path.join(run_dir, METRICS_FILE)
     records = read_jsonl_records(metrics_path)  # a torn last line is skipped
-    checkpoints = read_jsonl_records(os.path.join(run_dir, "eval_results.jsonl"))
+    checkpoints = read_jsonl_records(os.path.join(run_dir, RESULTS_FILE))
     if not records and not checkpoints:
         raise ValueError(f"{run_dir}: no metrics.jsonl or eval_results.jsonl records to plot")
     out_dir = out_dir or os.path.join(run_dir, "plots")

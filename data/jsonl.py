@@ -125,4 +125,5 @@ def read_json_source(spec, reading, jsonl_record):
         role = "training" if reading.training else "evaluation"
         reading.notes.append(f"{spec.path}: " + ", ".join(
             f"{n} record(s) name the split {v!r}" for v, n in splits.items()) + f" (field "
-            f"'split'), in a file read as {role} data: every record of a file is read")
+            f"'split'), in a file read as {role} data: every record of a file is read (give each "
+            "split a file of its own to keep them apart)")

@@ -1,9 +1,8 @@
 """The bottom of the data layer: its error, a registry entry (DatasetSpec), a parsed data spec
 (Spec), and the RecordTable every task's records live in, with the Source each record names.
 Nothing here imports another module of the layer; every other module may import from here."""
-from dataclasses import dataclass
-
 import os
+from dataclasses import dataclass
 
 import numpy as np
 

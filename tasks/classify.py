@@ -80,7 +80,7 @@ def say_trained_in_val(val, train, registry, say):
             total = int((val.dataset_ids == dataset_id).sum())
             say(f"note: dataset {name!r}: {len(mine)} of its {total} validation records read "
                 f"a training image (e.g. {val[int(mine[0])].source}): its evaluations score "
-                "images the model trains on")
+                "images the model trains on (leave them out of --val_data to score held-out ones)")
 
 
 def check_random_init_trained(model, args):

@@ -112,8 +112,9 @@ def test_a_record_of_another_split_than_its_file_is_refused_in_training_said_els
     said = []  # evaluating on training records, or a split of another name: said
     assert len(read_records([path], registry, say=said.append)) == 5  # one image, five lines
     assert said[0] == (f"note: {path}: 2 record(s) name the split 'train', 1 record(s) name the "
-                    "split 'fold1' (field 'split'), in a file read as evaluation data: every "
-                       "record of a file is read")
+                       "split 'fold1' (field 'split'), in a file read as evaluation data: every "
+                       "record of a file is read (give each split a file of its own to keep "
+                       "them apart)")
     train = write_jsonl(tmp_path / "train.jsonl", rows[:2])
     said.clear()
     assert len(read_records([train], registry, training=True, say=said.append)) == 2

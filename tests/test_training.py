@@ -285,8 +285,8 @@ def test_validation_records_of_training_images_are_said(small_data, tiny_vit, tm
     args[at + 2] = leaky
     run_train(args)
     assert (f"note: dataset 'faces': 3 of its 13 validation records read a training image (e.g. "
-            f"{leaky}:1): its evaluations score images the model trains on"
-            ) in capsys.readouterr().out
+            f"{leaky}:1): its evaluations score images the model trains on (leave them out of "
+            "--val_data") in capsys.readouterr().out
 
 
 def test_keep_limit_never_removes_checkpoints_below_the_limit(tmp_path):
