@@ -152,6 +152,16 @@ def test_rows_of_two_parquet_files_of_one_folder_are_other_images(tmp_path):
     assert said[0].startswith("note: 9 record(s) read an image of their dataset again")
 
 
+def test_validation_rows_of_a_training_parquet_file_are_found(tmp_path):
+    from dataset import images_also_in
+    repo = hub_parquet_repo(tmp_path / "repo")
+    train, registry = read([f"d={repo}:train"], training=True)
+    same, _ = read([f"d={repo}/data/train-00000-of-00001.parquet"], registry)
+    other, _ = read([f"d={repo}:test"], registry)
+    assert images_also_in(same, train).tolist() == list(range(9))
+    assert images_also_in(other, train).tolist() == []
+
+
 def test_a_datasetdict_is_refused_naming_its_splits_or_read_by_split(tmp_path):
     import datasets
     root = tmp_path / "dd"
@@ -349,6 +359,16 @@ def test_class_names_as_webdataset_labels(tmp_path):
     records, registry = read([f"d={by_index}", f"d={by_name}"],
                              load_registry({"d": {"labels": CLASSES}}), training=True)
     assert_classes(records, registry, "d", 6)
+    # a JSONL file of indices whose first record is of another dataset
+    image = tmp_path / "one.png"
+    picture("cat", 0).save(image)
+    lines = [{"image_path": str(image), "label": 0, "dataset_name": "other"},
+             {"image_path": str(image), "label": 0, "dataset_name": "d"}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(DataError, match=r"dataset 'd': .*mixed.jsonl labels by class index"):
+        read([str(tmp_path / "mixed.jsonl"), f"d={by_name}"],
+             load_registry({"d": {"num_classes": 3}, "other": {"num_classes": 1}}),
+             training=True)
 
 
 def test_classlabels_in_another_order_map_by_name(tmp_path):

@@ -231,6 +231,20 @@ def test_a_resume_keeps_the_best_of_the_folder_it_resumes_whatever_its_path_is_c
     assert checkpoints(first) == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_a_run_resumed_from_another_runs_folder_keeps_that_runs_best(small_data, tiny_vit,
+                                                                     tmp_path, capsys):
+    flags = ["--save_steps", 2, "--eval_steps", 2, "--save_total_limit", 1, "--lr", 0,
+             "--allow_changed_flags"]  # lr 0: the first evaluation stays the best
+    run_train(train_args(small_data, tiny_vit, tmp_path / "a", "--max_steps", 4, *flags))
+    run_train(train_args(small_data, tiny_vit, tmp_path / "b", "--max_steps", 6, *flags,
+                         "--resume", tmp_path / "a" / "checkpoint-4"))
+    run_train(train_args(small_data, tiny_vit, tmp_path / "b", "--max_steps", 8, *flags,
+                         "--resume", "latest"))
+    assert "which is gone" not in capsys.readouterr().out
+    assert summary(tmp_path / "b")["final_eval_checkpoint"] == str(tmp_path / "a" /
+                                                                  "checkpoint-2")
+
+
 def test_a_resume_with_another_best_metric_tracks_the_best_anew_and_says_so(
         small_data, tiny_vit, tmp_path, capsys):
     flags = ["--save_steps", 2, "--eval_steps", 2, "--save_all_checkpoints"]
