@@ -323,6 +323,8 @@ def run(args, rank, world_size, device):
     say(summary)
     loader_workers(args, say, "checkpoints (where the evaluation cache cannot hold the batches)",
                    device)
+    # metrics under autocast differ from fp32's: another evaluation (fp32 keys stay as they were)
+    options = options if args.precision == "fp32" else [options, args.precision]
     key = data_key(args.val_files, options) if rank == 0 else None  # rank 0 keeps the records
     todo = still_to_evaluate(run_dir, targets, key, args, rank)
     if not todo:

@@ -66,6 +66,10 @@ def test_eval_over_a_run_directory_skips_done_checkpoints_and_writes_predictions
     eval_script.main([str(run_dir / "checkpoint-4"), "--num_workers", "0", "--partial"])
     last = results(run_dir)[-1]
     assert last["partial"] and last["eval_digits_samples"] == round(21 * 0.5)
+    # so is another precision: bf16 autocast gives other metrics than fp32
+    eval_script.main([str(run_dir / "checkpoint-4"), "--num_workers", "0", "--precision",
+                      "bf16"])
+    assert results(run_dir)[-1]["data_key"] not in {r["data_key"] for r in results(run_dir)[:-1]}
 
 
 def test_eval_flags_override_the_checkpoint(run_dir, small_data, capsys):
