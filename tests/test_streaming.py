@@ -206,3 +206,16 @@ def test_a_folder_of_shards_streams_its_compressed_shards_too(specs, tmp_path):
     whole = read_records([specs["train"][1]], load_registry({"parity": {"num_classes": 2}}))
     keys = [item[3] for item in itertools.islice(iter(stream), len(whole))]
     assert len(set(map(str, keys))) == len(whole)  # one pass: every sample of both shards
+
+
+def test_a_resume_says_that_remote_files_are_compared_by_their_url_alone(specs, tiny_vit,
+                                                                         tmp_path, capsys):
+    name, path = specs["train"][0].split("=", 1)
+    remote = {**specs, "train": [f"{name}=file://{path}", *specs["train"][1:]]}
+    args = run_args(tiny_vit, tmp_path / "run", remote, tmp_path, workers=0)
+    cut = args.index("--max_steps")
+    train.main(args[:cut + 1] + ["2"] + args[cut + 2:])
+    capsys.readouterr()
+    train.main(args[:cut + 1] + ["2"] + args[cut + 2:] + ["--resume", "latest"])
+    assert (f"note: 1 remote data file(s) (e.g. file://{path}) are compared with the checkpoint's "
+            "by their URL alone") in capsys.readouterr().out
