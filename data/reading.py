@@ -213,8 +213,9 @@ def images_also_in(val, train):
 def check_repeats(records, registry, errors, notes):
     """Records of one dataset that read the same image again (a line repeated, two specs or
     globs over the same files): with another label an error (one image, two classes), else a
-    note (each is trained on as often as it is listed). An image is its source file's path with
-    its member (or its row where it has none); checked on the arrays, sorted."""
+    note (each is trained on as often as it is listed). An image is what image_files names: a
+    JSONL or folder record's own path, a shard's or Parquet file's member or row; checked on the
+    arrays, sorted."""
     n = len(records)
     if n < 2:
         return
