@@ -185,8 +185,10 @@ def build_run(args, rank, world_size, device):
     check_output_dir(args)
     data = task.load_data(args, say)
     fingerprint = run_fingerprint(args, data, rank)
-    changed = (check_resume_flags(args, world_size, fingerprint, say,
-                                  stream=task.train_size(data) is None) if args.resume else [])
+    size = task.train_size(data)
+    steps_per_epoch, total_steps = plan_steps(args, size, world_size, say)
+    changed = (check_resume_flags(args, world_size, fingerprint, say, size, steps_per_epoch)
+               if args.resume else [])
 
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
     raw_model, backbone, inputs, sources = build_model(args, task, data, param_dtype, world_size,
@@ -203,9 +205,20 @@ def build_run(args, rank, world_size, device):
     say(format_groups(optimizer.param_groups, args.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
-    # One epoch is this rank's share of the data in micro-batches, grouped by grad_accum; a
-    # stream has no epochs: the run is one pass of --max_steps.
-    size = task.train_size(data)
+    prepare_output_dir(args, rank)  # every check has passed: only now is anything written
+    # After placing: the shadow lives where the weights do (FSDP2: sharded like them).
+    shadow = ema.make_ema(raw_model) if args.ema_decay else None
+    return Run(args=args, task=task, data=data, model=model, raw_model=raw_model, inputs=inputs,
+               optimizer=optimizer, scaler=scaler, device=device, rank=rank,
+               world_size=world_size, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               overrides=overrides, ema=shadow, fingerprint=fingerprint, changed_flags=changed,
+               eval_cache=EvalCache(args.eval_cache_mb, say_for(rank, tqdm.write)))
+
+
+def plan_steps(args, size, world_size, say):
+    """(steps per epoch, steps of the run). One epoch is this rank's share of the data in
+    micro-batches, grouped by grad_accum; a stream (size None) has no epochs: the run is one
+    pass of --max_steps."""
     if size is None:
         steps_per_epoch = total_steps = args.max_steps
     else:
@@ -223,30 +236,27 @@ def build_run(args, rank, world_size, device):
                              f"micro-batch(es) of {args.batch_size} per process ({size} samples "
                              f"over {world_size}), fewer than one step takes: lower --grad_accum "
                              "or --batch_size")
-        steps_per_epoch = math.ceil(micro_batches / args.grad_accum)
+        steps_per_epoch = epoch_steps(size, world_size, args.batch_size, args.grad_accum)
         total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-        if args.resume:
-            check_epoch_steps(args, world_size, size, steps_per_epoch)
     check_run_length(args, total_steps, say)
     say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch "
         f"{args.batch_size} x {world_size} process(es) x grad_accum {args.grad_accum}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
-    prepare_output_dir(args, rank)  # every check has passed: only now is anything written
-    # After placing: the shadow lives where the weights do (FSDP2: sharded like them).
-    shadow = ema.make_ema(raw_model) if args.ema_decay else None
-    return Run(args=args, task=task, data=data, model=model, raw_model=raw_model, inputs=inputs,
-               optimizer=optimizer, scaler=scaler, device=device, rank=rank,
-               world_size=world_size, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               overrides=overrides, ema=shadow, fingerprint=fingerprint, changed_flags=changed,
-               eval_cache=EvalCache(args.eval_cache_mb, say_for(rank, tqdm.write)))
+    return steps_per_epoch, total_steps
 
 
-def check_resume_flags(args, world_size, fingerprint, say, stream):
+def epoch_steps(size, world_size, batch_size, grad_accum):
+    """Optimizer steps of an epoch of `size` samples: each process's share (the remainder of
+    size / world_size left out) in micro-batches, grouped by grad_accum."""
+    return math.ceil(math.ceil(size // world_size / batch_size) / grad_accum)
+
+
+def check_resume_flags(args, world_size, fingerprint, say, size, steps_per_epoch):
     """--resume continues the run a checkpoint belongs to: an EMA on exactly when it kept one, a
-    stream's position (`stream`: the training data is read as a stream) exactly when it kept one,
-    from as many processes and DataLoader workers, and the flags that define the run as its
-    training_info.json records them. A changed flag is refused, each named, unless
-    --allow_changed_flags (then they are named and returned)."""
+    stream's position (size None: the training data is read as a stream) exactly when it kept
+    one, from as many processes and DataLoader workers, epochs of as many steps, and the flags
+    that define the run as its training_info.json records them. A changed flag is refused, each
+    named, unless --allow_changed_flags (then they are named and returned)."""
     folder = resolve_resume(args.resume, args.output_dir)
     info = read_info(folder)
     kept_ema = os.path.isdir(os.path.join(folder, ema.EMA_DIR))
@@ -280,8 +290,10 @@ def check_resume_flags(args, world_size, fingerprint, say, stream):
         say(f"note: {len(remote)} remote data file(s) (e.g. {remote[0]}) are compared with the "
             "checkpoint's by their URL alone: one rewritten under the same URL since would not "
             "be seen")
+    if size is not None:
+        check_epoch_steps(info, args, world_size, size, steps_per_epoch)
     saved = info.get("loader_states")  # a stream's position, per rank and DataLoader worker
-    if stream != (saved is not None):
+    if (size is None) != (saved is not None):
         raise ValueError(f"--resume {folder}: a run resumes with --streaming exactly when it was "
                          "trained with it (the checkpoint holds the stream's position)")
     if saved is not None and info.get("stream_split") != SPLIT_VERSION:
@@ -315,16 +327,14 @@ def build_model(args, task, data, dtype, world_size, say):
     return (*task.build_model(args, data, dtype), None)
 
 
-def check_epoch_steps(args, world_size, size, steps_per_epoch):
+def check_epoch_steps(info, args, world_size, size, steps_per_epoch):
     """A resume whose split of the global micro-batch (processes x --batch_size) gives epochs of
-    other steps than the checkpoint's (samples % processes differ): its steps would map onto
-    other parts of the epoch's order, some samples taken twice and the run longer."""
-    info = read_info(resolve_resume(args.resume, args.output_dir))
+    other steps than the checkpoint's (`info`; samples % processes differ): its steps would map
+    onto other parts of the epoch's order, some samples taken twice and the run longer."""
     saved = info.get("steps_per_epoch")  # checkpoints before it was kept: not compared
     # the checkpoint's split on this data: its steps, unless the data or --grad_accum changed
     # (--allow_changed_flags: a changed run, whose epochs may differ)
-    split = math.ceil(math.ceil(size // info["world_size"] / info["args"]["batch_size"])
-                      / args.grad_accum)
+    split = epoch_steps(size, info["world_size"], info["args"]["batch_size"], args.grad_accum)
     if saved is not None and saved == split != steps_per_epoch:
         raise ValueError(
             f"--resume: the checkpoint's epochs have {saved} steps ({info['world_size']} "
