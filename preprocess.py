@@ -112,7 +112,7 @@ def pixel_recipe(image_processor):
         if mean is None or std is None:
             return None
     return PixelRecipe(resize, int(resample), crop, float(p.rescale_factor) if p.do_rescale
-                       else None, mean, std, bool(p.do_convert_rgb))
+                       else None, mean, std, composites_alpha(p))
 
 
 def _standard_pipeline(image_processor, base):
@@ -163,11 +163,18 @@ def upright(image):
     return ImageOps.exif_transpose(image)
 
 
-def composites_alpha(inputs):
-    """Whether the backbone's image processor composites transparency onto white
-    (do_convert_rgb), which the processor path must do before it, as the fast path's recipe
-    does: given an RGB image the processor converts nothing."""
-    return bool(getattr(getattr(inputs, "image_processor", None), "do_convert_rgb", False))
+def composites_alpha(image_processor):
+    """Whether an image processor composites transparency onto white (do_convert_rgb): the fast
+    path's recipe and the processor path do it before it (given an RGB image, the processor
+    converts nothing)."""
+    return bool(getattr(image_processor, "do_convert_rgb", False))
+
+
+def decode_rgb(file, alpha_on_white=False):
+    """The processor path's decode: an image file (or file object) -> an upright, loaded RGB
+    image (usable once the file is closed)."""
+    with Image.open(file) as image:
+        return to_rgb(upright(image), alpha_on_white)
 
 
 def to_rgb(image, alpha_on_white=False):

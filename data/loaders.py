@@ -8,13 +8,12 @@ import uuid
 import weakref
 
 import torch
-from PIL import Image
 
 import host_allocator
 from augment import decode_augmented, sample_rng
 from data.stream import import_streaming
 from data.types import DataError
-from preprocess import Pixels, composites_alpha, decode_pixels, to_rgb, upright
+from preprocess import Pixels, composites_alpha, decode_pixels, decode_rgb
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -43,8 +42,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if self.pixels is not None:
                 image = self.pixels(image_file, dataset_id, index, epoch, repeat)
             else:
-                with Image.open(image_file) as im:  # loaded: usable once the file is closed
-                    image = to_rgb(upright(im), self.alpha_on_white)
+                image = decode_rgb(image_file, self.alpha_on_white)
         except Exception as e:
             r = records[index]  # its names, for the message only
             named = "" if r.image_path == r.source else f" {r.image_path}"
@@ -256,7 +254,8 @@ def make_loader(records, indices, inputs, dataset_names, *, batch_size, num_work
                             (batch_size, 3, *pixels.recipe.output_size))
               if pixels is not None and num_workers else None)
     return torch.utils.data.DataLoader(
-        ImageDataset(records, skip_bad_images, pixels, composites_alpha(inputs)),
+        ImageDataset(records, skip_bad_images, pixels,
+                     composites_alpha(getattr(inputs, "image_processor", None))),
         batch_size=batch_size,
         sampler=EpochSampler(indices, epoch), collate_fn=Collate(inputs, dataset_names, shared),
         num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=start_worker,

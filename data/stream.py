@@ -27,7 +27,6 @@ import posixpath
 
 import numpy as np
 import torch
-from PIL import Image
 
 from data.hf import class_names, same_class_names
 from data.paths import is_url, spec_files
@@ -37,7 +36,7 @@ from data.specs import parse_spec
 from data.tar_index import TAR_IMAGE_FIELDS, load_tar_index, no_image_member
 from data.types import NO_IMAGE, NO_LABEL, SHOWN, DataError, raise_data_errors
 from data.wds import SHARD_FILES
-from preprocess import to_rgb, upright
+from preprocess import decode_rgb
 
 # How the readers (processes x workers) split a stream (StreamSource.plan); kept in a checkpoint
 # beside the stream's position: a position of another split would resume on other samples
@@ -305,8 +304,7 @@ class ImageStream(torch.utils.data.IterableDataset):
             if self.pixels is not None:
                 image = self.pixels(io.BytesIO(data), dataset_id, key, 0, 0)
             else:
-                with Image.open(io.BytesIO(data)) as im:
-                    image = to_rgb(upright(im), self.alpha_on_white)
+                image = decode_rgb(io.BytesIO(data), self.alpha_on_white)
         except Exception as e:
             message = f"{where}: cannot decode image: {e}"
             if self.skip_bad_images:
