@@ -190,6 +190,16 @@ def image_files(records, ids=None):
     return files, rows
 
 
+def same_as_previous(order, keys):
+    """For each record in `order` after the first: whether every key equals the previous one's
+    (records sorted by those keys: one image's records are neighbours)."""
+    same = np.ones(max(0, len(order) - 1), dtype=bool)
+    for key in keys:
+        ranked = key[order]
+        same &= ranked[1:] == ranked[:-1]
+    return same
+
+
 def images_also_in(val, train):
     """The positions of `val`'s records whose image a record of `train` reads for the same
     dataset (its file with its member or row), sorted."""
@@ -201,9 +211,7 @@ def images_also_in(val, train):
     side = np.repeat([0, 1], [len(train), len(val)])  # 0: train
     keys = (side, rows, members, files, datasets)
     order = np.lexsort(keys)  # each image's records together, its training records first
-    new_image = np.ones(len(order), dtype=bool)
-    new_image[1:] = np.any([k[order][1:] != k[order][:-1] for k in keys[1:]], axis=0)
-    image = np.cumsum(new_image) - 1
+    image = np.cumsum(np.concatenate([[True], ~same_as_previous(order, keys[1:])])) - 1
     trained = np.zeros(image[-1] + 1 if len(image) else 0, dtype=bool)
     trained[image[side[order] == 0]] = True
     in_val = side[order] == 1
@@ -222,10 +230,7 @@ def check_repeats(records, registry, errors, notes):
     files, rows = image_files(records)
     keys = (rows, records.members, files, records.dataset_ids)
     order = np.lexsort(keys)
-    again = np.ones(n - 1, dtype=bool)
-    for key in keys:
-        sorted_key = key[order]
-        again &= sorted_key[1:] == sorted_key[:-1]
+    again = same_as_previous(order, keys)
     if not again.any():
         return
     labels = records.labels[order]
