@@ -139,10 +139,11 @@ def model_files_sample(folder, blocks=16, block_bytes=1 << 16):
     return found
 
 
-def changed_run_flags(info, args, world_size, fingerprint, may_change=frozenset()):
+def changed_run_flags(info, args, world_size, fingerprint, may_change=frozenset(),
+                      steps_per_epoch=None):
     """Each difference between the run a checkpoint's training_info.json (`info`) describes and
     the one these flags define, as "--lr 0.001 -> 0.002"; flags the checkpoint does not record
-    (older versions) are not compared."""
+    (older versions) are not compared, nor the steps of an epoch without `steps_per_epoch`."""
     saved, now = info.get("args", {}), vars(args)
     changes, skip = [], set(RESUME_MAY_CHANGE) | set(may_change)
     before = info.get("fingerprint") or {}
@@ -169,11 +170,16 @@ def changed_run_flags(info, args, world_size, fingerprint, may_change=frozenset(
         moved = class_moves(labels, (fingerprint.get("classes") or {}).get(name))
         if moved:
             changes.append(f"dataset {name!r}: classes moved to other indices: {moved}")
-    if "batch_size" in saved:  # any split of the same global micro-batch takes the same steps
+    if "batch_size" in saved:  # a split of the same global micro-batch may take another
         was = (saved["batch_size"], info.get("world_size", 1))
         if was[0] * was[1] != args.batch_size * world_size:
             changes.append(f"--batch_size x processes {was[0]} x {was[1]} -> {args.batch_size} x "
                            f"{world_size} (the global micro-batch)")
+    # epochs of other steps (57 samples: 28 a process of 2): the resumed steps would not continue
+    # the epoch's order, some samples taken twice, the run longer
+    if info.get("steps_per_epoch") not in (None, steps_per_epoch) and steps_per_epoch:
+        changes.append(f"steps per epoch {info['steps_per_epoch']} -> {steps_per_epoch} (the "
+                       "resumed steps would not continue the epoch's order)")
     # the schedule's length sets every step's learning rate, unless it is constant
     was, will = schedule_length(saved), schedule_length(now)
     if "epochs" in saved and args.lr_scheduler != "constant" and was != will:

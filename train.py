@@ -236,7 +236,7 @@ def plan_steps(args, size, world_size, say):
                              f"micro-batch(es) of {args.batch_size} per process ({size} samples "
                              f"over {world_size}), fewer than one step takes: lower --grad_accum "
                              "or --batch_size")
-        steps_per_epoch = epoch_steps(size, world_size, args.batch_size, args.grad_accum)
+        steps_per_epoch = math.ceil(micro_batches / args.grad_accum)
         total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     check_run_length(args, total_steps, say)
     say(f"global batch {args.batch_size * world_size * args.grad_accum} = micro batch "
@@ -245,18 +245,13 @@ def plan_steps(args, size, world_size, say):
     return steps_per_epoch, total_steps
 
 
-def epoch_steps(size, world_size, batch_size, grad_accum):
-    """Optimizer steps of an epoch of `size` samples: each process's share (the remainder of
-    size / world_size left out) in micro-batches, grouped by grad_accum."""
-    return math.ceil(math.ceil(size // world_size / batch_size) / grad_accum)
-
-
 def check_resume_flags(args, world_size, fingerprint, say, size, steps_per_epoch):
     """--resume continues the run a checkpoint belongs to: an EMA on exactly when it kept one, a
     stream's position (size None: the training data is read as a stream) exactly when it kept
-    one, from as many processes and DataLoader workers, epochs of as many steps, and the flags
-    that define the run as its training_info.json records them. A changed flag is refused, each
-    named, unless --allow_changed_flags (then they are named and returned)."""
+    one, from as many processes and DataLoader workers, and the flags that define the run as its
+    training_info.json records them, epochs of as many steps (steps_per_epoch) among them. A
+    changed flag is refused, each named, unless --allow_changed_flags (then they are named and
+    returned)."""
     folder = resolve_resume(args.resume, args.output_dir)
     info = read_info(folder)
     kept_ema = os.path.isdir(os.path.join(folder, ema.EMA_DIR))
@@ -274,7 +269,8 @@ def check_resume_flags(args, world_size, fingerprint, say, size, steps_per_epoch
         before["classes"] = {name: entry.get("labels") for name, entry in
                              read_classifier_info(folder)["datasets"].items()}
     changes = changed_run_flags(info, args, world_size, fingerprint,
-                                TASKS[args.task].RESUME_MAY_CHANGE)
+                                TASKS[args.task].RESUME_MAY_CHANGE,
+                                steps_per_epoch if size is not None else None)
     if changes and not args.allow_changed_flags:
         raise ValueError(f"--resume {folder}: the data or the flags that define the run "
                          f"differ from its {os.path.basename(folder)}/training_info.json, so "
@@ -290,8 +286,6 @@ def check_resume_flags(args, world_size, fingerprint, say, size, steps_per_epoch
         say(f"note: {len(remote)} remote data file(s) (e.g. {remote[0]}) are compared with the "
             "checkpoint's by their URL alone: one rewritten under the same URL since would not "
             "be seen")
-    if size is not None:
-        check_epoch_steps(info, args, world_size, size, steps_per_epoch)
     saved = info.get("loader_states")  # a stream's position, per rank and DataLoader worker
     if (size is None) != (saved is not None):
         raise ValueError(f"--resume {folder}: a run resumes with --streaming exactly when it was "
@@ -325,22 +319,6 @@ def build_model(args, task, data, dtype, world_size, say):
     # Identical init on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(args.seed)
     return (*task.build_model(args, data, dtype), None)
-
-
-def check_epoch_steps(info, args, world_size, size, steps_per_epoch):
-    """A resume whose split of the global micro-batch (processes x --batch_size) gives epochs of
-    other steps than the checkpoint's (`info`; samples % processes differ): its steps would map
-    onto other parts of the epoch's order, some samples taken twice and the run longer."""
-    saved = info.get("steps_per_epoch")  # checkpoints before it was kept: not compared
-    # the checkpoint's split on this data: its steps, unless the data or --grad_accum changed
-    # (--allow_changed_flags: a changed run, whose epochs may differ)
-    split = epoch_steps(size, info["world_size"], info["args"]["batch_size"], args.grad_accum)
-    if saved is not None and saved == split != steps_per_epoch:
-        raise ValueError(
-            f"--resume: the checkpoint's epochs have {saved} steps ({info['world_size']} "
-            f"process(es) x --batch_size {info['args']['batch_size']}); {world_size} x "
-            f"{args.batch_size} gives {steps_per_epoch}, so the resumed steps would not continue "
-            "its order (samples taken twice, the run longer): resume with the checkpoint's split")
 
 
 def check_run_length(args, total_steps, say):
