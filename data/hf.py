@@ -89,12 +89,11 @@ def read_hf_dataset(spec, reading, jsonl_record):
                             f"{', '.join(table)}: give one of them, e.g. {name}="
                             f"{os.path.join(path, next(iter(table)))}")
     else:
-        import pyarrow.parquet as pq
         files = spec_files(spec, ".parquet")
+        footers = [parquet_footer(f) for f in files]
+        counts = [rows for rows, _ in footers]
+        classes = [class_names(schema, label_column) for _, schema in footers]
         try:
-            footers = [pq.ParquetFile(f) for f in files]
-            counts = [footer.metadata.num_rows for footer in footers]
-            classes = [class_names(footer.schema_arrow, label_column) for footer in footers]
             table = datasets.Dataset.from_parquet(files)
         except Exception as e:  # pyarrow's errors say what is wrong, not which file
             raise DataError(f"data spec {spec.text!r}: cannot read the Parquet files "
@@ -130,6 +129,17 @@ def read_hf_dataset(spec, reading, jsonl_record):
     if empty.sum() > SHOWN:
         reading.errors.append(f"{where}: {int(empty.sum())} rows without an image in all")
     reading.parts.append(part(source_id, dataset_id, range(n), labels, np.zeros(n, dtype="S1")))
+
+
+def parquet_footer(path):
+    """(rows, Arrow schema) of a local Parquet file, from its footer alone (the file closed
+    again), or a DataError naming it."""
+    import pyarrow.parquet as pq
+    try:
+        metadata = pq.read_metadata(path)
+        return metadata.num_rows, metadata.schema.to_arrow_schema()
+    except Exception as e:  # pyarrow's errors say what is wrong, not which file
+        raise DataError(f"{path}: cannot read the Parquet file ({e})") from None
 
 
 def class_names(schema, column):

@@ -28,7 +28,7 @@ import posixpath
 import numpy as np
 import torch
 
-from data.hf import class_names, same_class_names
+from data.hf import class_names, parquet_footer, same_class_names
 from data.paths import is_url, spec_files
 from data.reading import Reading
 from data.sampling import SCHEDULE_BLOCK, block_schedule, stream_shares
@@ -166,7 +166,7 @@ def stream_sources(specs, registry, fixed, index_dir=None, skip_missing_images=F
     for source in by_name.values():
         local = [f for f in source.files if not is_url(f)]
         if source.kind == "hf" and len(local) > 1:  # remote files: their first one's names
-            same_class_names(local, [class_names(parquet_schema(f), source.label_column)
+            same_class_names(local, [class_names(parquet_footer(f)[1], source.label_column)
                                      for f in local], source.label_column,
                              f"--streaming dataset {source.name!r}",
                              "a stream reads every file of a dataset by one ClassLabel: "
@@ -177,15 +177,6 @@ def stream_sources(specs, registry, fixed, index_dir=None, skip_missing_images=F
                 reading.classes(source.name, feature.names, None,
                                 f"{source.files[0]} (ClassLabel {source.label_column!r})")
     return list(by_name.values())
-
-
-def parquet_schema(path):
-    """A local Parquet file's schema, or a DataError naming the file."""
-    import pyarrow.parquet as pq
-    try:
-        return pq.read_schema(path)
-    except Exception as e:  # pyarrow's errors say what is wrong, not which file
-        raise DataError(f"{path}: cannot read the Parquet file ({e})") from None
 
 
 def check_local_shards(files, index_dir, skip_missing_images):
