@@ -429,9 +429,9 @@ def set_aside_later(output_dir, step, say):
     for path in later:
         os.rename(path, os.path.join(aside, os.path.basename(path)))
         per_class = os.path.join(output_dir, "per_class", os.path.basename(path))
-        for kept in (per_class + ".json", per_class):  # checkpoint-N.json and checkpoint-N/ema
-            if os.path.exists(kept):
-                os.renames(kept, os.path.join(aside, os.path.relpath(kept, output_dir)))
+        for written in (per_class + ".json", per_class):  # checkpoint-N.json, checkpoint-N/ema
+            if os.path.exists(written):
+                os.renames(written, os.path.join(aside, os.path.relpath(written, output_dir)))
     for name in RUN_FILES:  # metrics.jsonl loses its records after `step` as the run resumes
         if os.path.isfile(os.path.join(output_dir, name)):
             shutil.copy2(os.path.join(output_dir, name), aside)

@@ -281,7 +281,7 @@ def check_resume_flags(args, world_size, fingerprint, say, size, steps_per_epoch
         say(f"note: --allow_changed_flags: {folder} continues with changed flags: "
             f"{'; '.join(changes)}")
     remote = [unit for specs in fingerprint["data"].values() for spec in specs
-              for unit, (_, size, _) in spec["units"].items() if size is None]
+              for unit, (_, nbytes, _) in spec["units"].items() if nbytes is None]
     if remote:  # a URL's content is not read to fingerprint it
         say(f"note: {len(remote)} remote data file(s) (e.g. {remote[0]}) are compared with the "
             "checkpoint's by their URL alone: one rewritten under the same URL since would not "

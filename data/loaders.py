@@ -267,6 +267,7 @@ def make_stream_loader(stream, inputs, dataset_names, *, batch_size, num_workers
     """torchdata's StatefulDataLoader over an ImageStream: state_dict() is the position after the
     last batch taken, JSON-able; load_state_dict() before the first batch resumes there."""
     _, StatefulDataLoader = import_streaming()
+    stream.alpha_on_white = composites_alpha(getattr(inputs, "image_processor", None))
     return StatefulDataLoader(stream, batch_size=batch_size,
                               collate_fn=Collate(inputs, dataset_names), num_workers=num_workers,
                               pin_memory=pin_memory, worker_init_fn=start_worker,

@@ -213,8 +213,8 @@ def check_local_shards(files, index_dir, skip_missing_images):
 class ImageStream(torch.utils.data.IterableDataset):
     """(image, label, dataset_id, key) items of the training stream, as loaders.ImageDataset
     gives them (the same Collate batches them). State: see the module's docstring. num_classes
-    (per registry position), pixels (a loaders.FastPixels) and alpha_on_white (the processor
-    path's compositing, ImageDataset's) are set once the run knows them."""
+    (per registry position) and pixels (a loaders.FastPixels) are set once the run knows them,
+    alpha_on_white (the processor path's compositing, ImageDataset's) by make_stream_loader."""
 
     def __init__(self, sources, shares, names, *, seed, rank, world_size, buffer,
                  skip_bad_images=False):

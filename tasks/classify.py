@@ -33,7 +33,6 @@ from dataset import (
     summarize,
 )
 from ema import check_best_metric
-from preprocess import composites_alpha
 from logs import say
 from lora import (
     ADAPTER_FILE,
@@ -328,7 +327,6 @@ class ClassifyTask(Task):
         stream under --streaming (indices unused)."""
         if train and data.stream is not None:
             data.stream.pixels = pixel_path(inputs, True, data.augment)
-            data.stream.alpha_on_white = composites_alpha(inputs.image_processor)
             return make_stream_loader(data.stream, inputs, data.names, batch_size=batch_size,
                                       num_workers=num_workers, pin_memory=pin_memory,
                                       persistent_workers=persistent,

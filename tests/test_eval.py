@@ -67,9 +67,13 @@ def test_eval_over_a_run_directory_skips_done_checkpoints_and_writes_predictions
     last = results(run_dir)[-1]
     assert last["partial"] and last["eval_digits_samples"] == round(21 * 0.5)
     # so is another precision: bf16 autocast gives other metrics than fp32
+    count = len(results(run_dir))
     eval_script.main([str(run_dir / "checkpoint-4"), "--num_workers", "0", "--precision",
                       "bf16"])
-    assert results(run_dir)[-1]["data_key"] not in {r["data_key"] for r in results(run_dir)[:-1]}
+    assert "already evaluated" not in capsys.readouterr().out
+    last = results(run_dir)[-1]
+    assert len(results(run_dir)) == count + 1 and not last["partial"]
+    assert last["data_key"] not in {r["data_key"] for r in results(run_dir)[:-1]}
 
 
 def test_eval_flags_override_the_checkpoint(run_dir, small_data, capsys):
