@@ -477,6 +477,10 @@ def parse_args(argv=None, description=None):
         f"{name}: {short(value)} in --config {known.config} -> {short(getattr(args, name))} on "
         "the command line" for name, value in configured.items()
         if getattr(args, name) not in (value, [value])]  # a registry file's one path: a list
+    typed = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else map(str, argv))]
+    if args.max_steps is not None and ("epochs" in configured or "--epochs" in typed):
+        args.command_line_over_config.append(f"epochs: {args.epochs:g} -> unused (--max_steps "
+                                             f"{args.max_steps} sets the run's length)")
     error = repeated_aliases(parser, argv)
     if error:
         parser.error(error)
@@ -499,7 +503,8 @@ def parse_args(argv=None, description=None):
 
 def apply_overrides(args):
     """--skip_evaluation wins over everything that evaluates; returns the list of changes made,
-    the config file's values the command line replaced first."""
+    parse_args's first: the config file's values the command line replaced, an --epochs given
+    beside --max_steps."""
     changes = vars(args).pop("command_line_over_config", [])
 
     def force(name, value, why):
@@ -528,9 +533,6 @@ def apply_overrides(args):
         args.best_metric = TASKS[args.task].DEFAULT_BEST_METRIC
     if args.best_mode is None:
         args.best_mode = "min" if args.best_metric.endswith(LOWER_IS_BETTER) else "max"
-    if args.max_steps is not None and args.epochs != build_parser().get_default("epochs"):
-        changes.append(f"epochs: {args.epochs:g} -> unused (--max_steps {args.max_steps} sets the "
-                       "run's length)")
     return changes
 
 

@@ -375,14 +375,14 @@ def test_a_smoothing_on_the_command_line_serves_the_configs_loss_type(tmp_path):
 
 
 def test_the_command_line_over_the_config_and_max_steps_over_epochs_are_said(tmp_path):
-    config = write(tmp_path / "c.yaml", "lr: 5.0e-5\nbatch_size: 4\nepochs: 1\n")
+    config = write(tmp_path / "c.yaml", "lr: 5.0e-5\nbatch_size: 4\nepochs: 3\n")
     # launch.sh's own defaults beside a user's config
     args = parse_args(["--config", config, "--model", "m", "--train_data", "d.jsonl",
                        "--output_dir", "out", "--lr", "2e-3", "--batch_size", "4",
                        "--max_steps", "1500", "--val_data", "v.jsonl"])
     changes = apply_overrides(args)
     assert changes == [f"lr: 5e-05 in --config {config} -> 0.002 on the command line",
-                       "epochs: 1 -> unused (--max_steps 1500 sets the run's length)"]
+                       "epochs: 3 -> unused (--max_steps 1500 sets the run's length)"]
     assert "command_line_over_config" not in vars(args)  # not a flag of the run
 
 
