@@ -91,14 +91,12 @@ def per_checkpoint(records):
     """(eval.py's latest record of each checkpoint, how many records were left out): full
     evaluations (not --partial) on the data of the latest one, the trained weights (not the EMA
     model's): one curve compares checkpoints on one set of samples."""
-    full = [r for r in records if not r.get("partial")
-            and not str(r.get("checkpoint", "")).endswith("/ema")]
+    trained = [r for r in records if not str(r.get("checkpoint", "")).endswith("/ema")]
+    full = [r for r in trained if not r.get("partial")]
     key = full[-1].get("data_key") if full else None
     by_step = {r.get("step"): r for r in full if r.get("data_key") == key}
     kept = [by_step[s] for s in sorted(s for s in by_step if s is not None)]
-    mixed = sum(1 for r in records if not str(r.get("checkpoint", "")).endswith("/ema")
-                and (r.get("partial") or r.get("data_key") != key))
-    return kept, mixed
+    return kept, sum(1 for r in trained if r.get("partial") or r.get("data_key") != key)
 
 
 def plot_run(run_dir, out_dir=None, smoothing=0.9):

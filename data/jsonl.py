@@ -2,6 +2,7 @@
 dataset, its image path (relative to the file's folder) and label. The classifier's record is
 {"image_path", "label", "dataset_name"} (classifier_line); --task generate and autoencoder read
 their own records through the same json_items."""
+import functools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,13 @@ def classifier_line(item):
     return item["dataset_name"], [(image, "image_path")], label
 
 
+@functools.cache
+def split_named(keyword):
+    """datasets' split of a keyword ("val" -> "validation"), or None."""
+    from data.specs import SPLIT_KEYWORDS  # data.specs imports the readers
+    return next((s for s, keywords in SPLIT_KEYWORDS.items() if keyword in keywords), None)
+
+
 def check_split_field(item, training):
     """The split a record names ("split": "test") against its file's role: a validation or test
     record in training data is an error (every record of a file is read: the held-out set would
@@ -73,10 +81,8 @@ def check_split_field(item, training):
     data, a split of another name), else None."""
     if "split" not in item:
         return None
-    from data.specs import SPLIT_KEYWORDS  # data.specs imports the readers
     value = item["split"]
-    split = next((s for s, keywords in SPLIT_KEYWORDS.items()
-                  if str(value).strip().lower() in keywords), None)
+    split = split_named(str(value).strip().lower())
     if training and split in ("validation", "test"):
         raise ValueError(f"field 'split': {value!r}, in a file read as training data: every "
                          f"record of a file is read, so the {split} set would be trained on. "
