@@ -75,6 +75,7 @@ class Run:
     ema: dict = None  # --ema_decay: the EMA shadow of raw_model's parameters (ema.py)
     fingerprint: dict = None  # data file sizes and registry, for resume checks (checkpoint.py)
     changed_flags: list = None  # --resume --allow_changed_flags: what differs from the checkpoint
+    resumed: tuple = None  # --resume: (the checkpoint folder, its training_info.json)
 
     @property
     def main_process(self):
@@ -187,8 +188,12 @@ def build_run(args, rank, world_size, device):
     fingerprint = run_fingerprint(args, data, rank)
     size = task.train_size(data)
     steps_per_epoch, total_steps = plan_steps(args, size, world_size, say)
-    changed = (check_resume_flags(args, world_size, fingerprint, say, size, steps_per_epoch)
-               if args.resume else [])
+    resumed = None  # --resume: (the checkpoint folder, its training_info.json), read once
+    if args.resume:
+        folder = resolve_resume(args.resume, args.output_dir)
+        resumed = (folder, read_info(folder))
+    changed = (check_resume_flags(args, *resumed, world_size, fingerprint, say, size,
+                                  steps_per_epoch) if resumed else [])
 
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
     raw_model, backbone, inputs, sources = build_model(args, task, data, param_dtype, world_size,
@@ -212,6 +217,7 @@ def build_run(args, rank, world_size, device):
                optimizer=optimizer, scaler=scaler, device=device, rank=rank,
                world_size=world_size, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                overrides=overrides, ema=shadow, fingerprint=fingerprint, changed_flags=changed,
+               resumed=resumed,
                eval_cache=EvalCache(args.eval_cache_mb, say_for(rank, tqdm.write)))
 
 
@@ -245,15 +251,13 @@ def plan_steps(args, size, world_size, say):
     return steps_per_epoch, total_steps
 
 
-def check_resume_flags(args, world_size, fingerprint, say, size, steps_per_epoch):
+def check_resume_flags(args, folder, info, world_size, fingerprint, say, size, steps_per_epoch):
     """--resume continues the run a checkpoint belongs to: an EMA on exactly when it kept one, a
     stream's position (size None: the training data is read as a stream) exactly when it kept
     one, from as many processes and DataLoader workers, and the flags that define the run as its
     training_info.json records them, epochs of as many steps (steps_per_epoch) among them. A
     changed flag is refused, each named, unless --allow_changed_flags (then they are named and
-    returned)."""
-    folder = resolve_resume(args.resume, args.output_dir)
-    info = read_info(folder)
+    returned). `folder`, `info`: the checkpoint and its training_info.json."""
     kept_ema = os.path.isdir(os.path.join(folder, ema.EMA_DIR))
     if kept_ema and not args.ema_decay:
         raise ValueError(f"--resume {folder}: that run kept an EMA of the weights (--ema_decay "
@@ -374,8 +378,7 @@ def start_state(run):
     if not args.resume:
         torch.manual_seed(args.seed + run.rank)
         return state
-    folder = resolve_resume(args.resume, args.output_dir)
-    info = read_info(folder)
+    folder, info = run.resumed
     trainer_state = load_trainer_state(folder)
     if run.ema is not None:  # an EMA on exactly when the checkpoint has one: check_resume_flags
         ema.load_ema_state(folder, run.ema, trained_now(run))
