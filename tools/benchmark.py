@@ -268,6 +268,7 @@ DATA_PATH_STEPS, DATA_PATH_LOG = 70, 10  # train.py steps per run; samples/s log
 DATA_PATH_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, image_size=224, patch_size=32)
 DATA_BOUND_WAIT = 0.3  # a data-bound run waits for its batches at least this share of its time
+DATA_PATH_SEED = 42  # train.py's --seed (its default), which its crops are drawn from
 
 
 def benchmark_data_path(args):
@@ -277,7 +278,10 @@ def benchmark_data_path(args):
     decode of the crop), each next to a single-process Pillow loop doing that decode and resize
     on the same JPEGs in this process (before and after the run; their geometric mean) and to
     train.py's loader alone (its worker's batches, no model), in interleaved rounds; the ratios
-    are each round's, their median and range over --rounds. train.py's rate is
+    are each round's, their median and range over --rounds. All three decode the same crops,
+    train.py's own draws (its --seed, epoch 0), and the folder holds more images than the run
+    takes, so that no epoch starts in its timed windows (a user's epoch is thousands of steps:
+    at each start the worker waits while its prefetched batches drain). train.py's rate is
     samples_per_second of its metrics.jsonl after the first logged window (the worker's start and
     first batches). A run that waited for its batches less than DATA_BOUND_WAIT of its time is
     said to be bound by the model's step, where its ratio does not measure the data path."""
@@ -290,13 +294,14 @@ def benchmark_data_path(args):
     import numpy as np
     from transformers import ViTImageProcessorPil
 
-    from augment import augment_config, draw_crop
+    from augment import augment_config, draw_crop, sample_rng
     from backbone import ImageInputs
     from dataset import DatasetSpec, make_loader, read_records
     root = args.data_path
     photos = os.path.join(root, "train")
-    if not os.path.isdir(photos):  # two classes of --make_jpegs N photographs (default 1024)
-        count = args.make_jpegs or 1024
+    run_images = DATA_PATH_STEPS * args.batch_size
+    if not os.path.isdir(photos):  # two classes of --make_jpegs N photographs
+        count = args.make_jpegs or run_images + DATA_PATH_LOG * args.batch_size
         for c in range(2):
             make_jpegs(os.path.join(photos, f"class{c}"), count // 2, seed=c)
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(photos) for f in names
@@ -310,7 +315,8 @@ def benchmark_data_path(args):
                f"bench=folder:{photos}", "--datasets", "bench=2", "--output_dir", out,
                "--overwrite", "--batch_size", str(args.batch_size), "--num_workers", "1",
                "--max_steps", str(DATA_PATH_STEPS), "--logging_steps", str(DATA_PATH_LOG),
-               "--skip_evaluation", "--save_steps", str(10 ** 6), "--augment", augment]
+               "--skip_evaluation", "--save_steps", str(10 ** 6), "--augment", augment,
+               "--seed", str(DATA_PATH_SEED)]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if done.returncode:
             user_error(f"train.py --augment {augment} failed:\n{done.stderr[-2000:]}")
@@ -321,37 +327,40 @@ def benchmark_data_path(args):
         waited = sum(r["data_wait_share"] * t for r, t in zip(windows, seconds)) / sum(seconds)
         return len(windows) / sum(seconds), waited  # images/s, share of time waiting for data
 
-    order = np.random.default_rng(0).permutation(len(files)).tolist()
-    count = min(len(files), DATA_PATH_STEPS * args.batch_size)
-    rng = np.random.default_rng(1)
-    boxes = []  # timm's random-resized crop of each image, drawn before the clock starts
-    for i in order[:count]:
-        with Image.open(files[i]) as image:
-            boxes.append(draw_crop(rng, *image.size))
+    registry = {"bench": DatasetSpec("bench", 2)}
+    records = read_records([f"bench=folder:{photos}"], registry, say=lambda m: None)
+    inputs = ImageInputs(ViTImageProcessorPil.from_pretrained(model))
+    order = np.random.default_rng(0).permutation(len(records)).tolist()
+    if len(records) < run_images:
+        print(f"note: {photos} holds {len(records)} images, under the {run_images} a run takes: "
+              "epoch starts fall in train.py's timed windows (remove the folder to make "
+              f"{run_images + DATA_PATH_LOG * args.batch_size})")
+    samples = []  # (file, crop) of epoch 0, each crop as train.py draws it
+    for i in order:
+        with Image.open(records[i].image_path) as image:
+            crop = draw_crop(sample_rng(DATA_PATH_SEED, 0, i), *image.size)
+        samples.append((records[i].image_path, crop))
 
     def pillow_rate(augment):
         """One process, one core: open, (draft,) decode, convert, resize to 224 x 224."""
         start = time.perf_counter()
-        for i, (left, top, w, h) in zip(order[:count], boxes):
-            with Image.open(files[i]) as image:
+        for path, (left, top, w, h) in samples:
+            with Image.open(path) as image:
                 if augment == "none":
                     image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
                     continue
-                width = image.size[0]
-                image.draft("RGB", (max(1, image.size[0] * 224 // w),
-                                    max(1, image.size[1] * 224 // h)))
-                s = image.size[0] / width
+                width, height = image.size
+                drafted = image.draft("RGB", (math.ceil(width * 224 / w),
+                                              math.ceil(height * 224 / h)))
+                s = drafted[1][2] / width if drafted else 1.0  # decoded pixels per original
                 image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR, box=(
                     left * s, top * s, (left + w) * s, (top + h) * s))
-        return count / (time.perf_counter() - start)
-
-    registry = {"bench": DatasetSpec("bench", 2)}
-    records = read_records([f"bench=folder:{photos}"], registry, say=lambda m: None)
-    inputs = ImageInputs(ViTImageProcessorPil.from_pretrained(model))
+        return len(samples) / (time.perf_counter() - start)
 
     def loader_rate_of(augment):
         """train.py's training loader alone: one worker's batches, the main process idle."""
-        config = None if augment == "none" else augment_config(augment, registry, inputs)
+        config = None if augment == "none" else augment_config(augment, registry, inputs,
+                                                                seed=DATA_PATH_SEED)
         return loader_rate(make_loader(records, order, inputs, ["bench"],
                                        batch_size=args.batch_size, num_workers=1,
                                        fast_path=True, augment=config))
