@@ -318,6 +318,7 @@ def run(args, rank, world_size, device):
     args.val_files = args.val_data or trained_args.get("val_data") or trained_args.get("val_jsonl")
     if not args.val_files:
         raise ValueError("no validation data: give --val_data (the run was trained without any)")
+    task.check_evaluated_together(targets)
     data, indices, options, summary = task.eval_data(args, targets[-1], trained_args, world_size)
     say = say_for(rank)
     say(summary)

@@ -194,6 +194,8 @@ def build_run(args, rank, world_size, device):
         resumed = (folder, read_info(folder))
     changed = (check_resume_flags(args, *resumed, world_size, fingerprint, say, size,
                                   steps_per_epoch) if resumed else [])
+    if resumed:
+        data = task.resumed_data(data, resumed[0], args, say)
 
     param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
     raw_model, backbone, inputs, sources = build_model(args, task, data, param_dtype, world_size,

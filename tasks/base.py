@@ -121,6 +121,16 @@ class Task:
         """Whether some parameters get no gradient in a step (DDP must then look for them)."""
         return False
 
+    def resumed_data(self, data: TaskData, folder: str, args: argparse.Namespace,
+                     say: Say) -> TaskData:
+        """The data of a run resumed from checkpoint `folder`, where what the checkpoint holds
+        decides more than the flags do (a head's rows); by default as load_data read it."""
+        return data
+
+    def check_evaluated_together(self, folders: Sequence[str]) -> None:
+        """eval.py evaluates checkpoint folders of one run with the data eval_data builds from
+        the newest (folders[-1]): raise ValueError where an older one needs other data."""
+
     def train_size(self, data: TaskData) -> int | None:
         """Training samples of an epoch; None where the data is a stream without epochs (the run
         is then --max_steps long, and a loader with state_dict() saves its position in

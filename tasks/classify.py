@@ -445,6 +445,34 @@ class ClassifyTask(Task):
                                   "head."))
         return found
 
+    def resumed_data(self, data, folder, args, say):
+        """Each dataset keeps the head rows the checkpoint gave it, by name, whatever order
+        --datasets lists the datasets in now (a disjoint head's rows were handed out anew in
+        that order: a dataset trained on another's rows)."""
+        path = os.path.join(folder, CLASSIFIER_FILE)
+        kept = saved_label_space(read_classifier_info(folder), data.registry, args, path)
+        if kept.offsets != data.label_space.offsets:
+            say(f"note: --resume: each dataset keeps the head rows {path} gives it ("
+                + ", ".join(f"{n} {o}-{o + k - 1}" for n, k, o in zip(
+                    kept.names, kept.num_classes, kept.offsets))
+                + "), not those of the order --datasets lists them in now")
+            data.label_space = kept
+        return data
+
+    def check_evaluated_together(self, folders):
+        """Every checkpoint puts each dataset's classes in the newest one's head rows (a run
+        resumed with its datasets reordered, before a resume kept the rows, did not): another
+        layout would be scored against rows that mean other classes."""
+        rows = head_rows(read_classifier_info(folders[-1]))
+        for folder in folders[:-1]:
+            theirs = head_rows(read_classifier_info(folder))
+            if theirs != rows:
+                raise ValueError(
+                    f"{os.path.join(folder, CLASSIFIER_FILE)} puts the datasets' classes in "
+                    f"other head rows than {os.path.join(folders[-1], CLASSIFIER_FILE)} (first "
+                    f"row and classes: {theirs[0]} against {rows[0]}): evaluate each checkpoint "
+                    "on its own")
+
     def eval_data(self, args, folder, trained_args, world_size):
         """Data for eval.py from a checkpoint's classifier.json and the flags that override it.
 
@@ -506,6 +534,16 @@ def saved_datasets(data):
             for (n, s), o in zip(data.registry.items(), data.label_space.offsets)}
 
 
+def head_rows(info):
+    """{dataset: (first head row, classes)} and the head's size, as a classifier.json gives them
+    (the layout's offsets where a file written before they were kept lacks them)."""
+    datasets = info["datasets"]
+    trained = LabelSpace.build(list(datasets), [d["num_classes"] for d in datasets.values()],
+                               info["label_space"], info["num_labels"])
+    return {n: (d.get("offset", o), d["num_classes"]) for (n, d), o in zip(
+        datasets.items(), trained.offsets)}, info["num_labels"]
+
+
 def saved_label_space(info, registry, args, path):
     """The head rows of each dataset of `registry` where the checkpoint's classifier.json (`path`)
     puts them: the offsets training used, in whatever order --datasets names the datasets. A
@@ -516,8 +554,7 @@ def saved_label_space(info, registry, args, path):
             raise ValueError(f"{flag} {value} does not match the saved head ({path}: "
                              f"{flag[2:]} {kept})")
     datasets, layout = info["datasets"], info["label_space"]
-    trained = LabelSpace.build(list(datasets), [d["num_classes"] for d in datasets.values()],
-                               layout, info["num_labels"])  # offsets of files that lack them
+    rows, _ = head_rows(info)
     offsets = []
     for name, spec in registry.items():
         entry = datasets.get(name)
@@ -530,7 +567,7 @@ def saved_label_space(info, registry, args, path):
         if spec.num_classes != entry["num_classes"]:
             raise ValueError(f"--datasets: dataset {name!r} has {spec.num_classes} classes, the "
                              f"checkpoint's head {entry['num_classes']} rows for it ({path})")
-        offsets.append(entry.get("offset", trained.offsets[list(datasets).index(name)]))
+        offsets.append(rows[name][0])
     return LabelSpace(list(registry), [s.num_classes for s in registry.values()], offsets,
                       info["num_labels"], layout)
 

@@ -307,6 +307,43 @@ def test_datasets_in_another_order_score_the_rows_the_checkpoint_gave_them(
     assert len(results(run)) == 2
 
 
+def test_a_resume_with_its_datasets_reordered_keeps_their_head_rows_and_eval_checks_them(
+        small_data, tiny_vit, tmp_path, capsys):
+    """A disjoint head's rows were handed out anew in the order a resume's --datasets listed the
+    datasets: digits trained on faces' rows, and eval.py read every checkpoint of the run with
+    the newest one's rows. A resume keeps each dataset's rows by name; eval.py refuses
+    checkpoints whose rows differ."""
+    run = tmp_path / "run"
+    flags = ["--save_steps", 2, "--skip_evaluation", "--label_space", "disjoint", "--lr", 1e-2]
+    train.main(train_args(small_data, tiny_vit, run, "--max_steps", 2, *flags))
+    reordered = tmp_path / "datasets.json"
+    with open(small_data["registry"]) as f:
+        reordered.write_text(json.dumps(dict(reversed(json.load(f).items()))))
+    capsys.readouterr()
+    train.main(train_args({**small_data, "registry": str(reordered)}, tiny_vit, run,
+                          "--max_steps", 4, *flags, "--resume", "latest",
+                          "--allow_changed_flags"))
+    assert "each dataset keeps the head rows" in capsys.readouterr().out
+
+    def rows(checkpoint):
+        with open(run / checkpoint / "classifier.json") as f:
+            return {n: d["offset"] for n, d in json.load(f)["datasets"].items()}
+    assert rows("checkpoint-4") == rows("checkpoint-2") == {"digits": 0, "faces": 10}
+    eval_script.main([str(run), "--num_workers", "0"])
+    assert [r["checkpoint"] for r in results(run)] == ["checkpoint-2", "checkpoint-4"]
+    # checkpoint-4 as a resume before this kept rows wrote it: faces first
+    info = json.loads((run / "checkpoint-4" / "classifier.json").read_text())
+    info["datasets"]["faces"]["offset"], info["datasets"]["digits"]["offset"] = 0, 2
+    (run / "checkpoint-4" / "classifier.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        eval_script.main([str(run), "--num_workers", "0", "--force"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "checkpoint-2/classifier.json puts the datasets' classes in " \
+        "other head rows than" in err and "evaluate each checkpoint on its own" in err, err
+    assert len(results(run)) == 2
+
+
 def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_and_their_records_aside(
         run_dir, small_data, tiny_vit, tmp_path, capsys):
     run = fresh_run(run_dir, tmp_path)
