@@ -12,6 +12,7 @@ same over every kind. Every record is checked before the first step; a problem n
 A label may be a class name: mapped through the dataset's labels, else the sorted names of the
 training data (Reading.map_names); a ClassLabel maps by name onto labels known already.
 """
+import os
 import re
 
 import numpy as np
@@ -176,18 +177,40 @@ def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=cla
 
 
 def image_files(records, ids=None):
-    """(file id, row there or -1) of each record: with its member, the image it reads; the same
-    file read by two specs (or sources) has one id (`ids`: path -> id, shared by tables)."""
+    """(file id, row there or -1, member) of each record: the image it reads, one file id per
+    file whoever names it (`ids`: path -> id, shared by tables). A record whose member is its
+    image's path (JSONL, image folder) is identified by that file, in its folder's real path
+    (`..`, `.`, doubled slashes, a relative spec, a linked folder: one file), its member then
+    b""; a shard's or Parquet file's record by the file, its member or row."""
     files, rows = np.zeros(len(records), dtype=np.int64), np.full(len(records), -1)
+    named_by_path = [source.member_is_path for source in records.sources]
+    members = (np.zeros(len(records), dtype="S1") if all(named_by_path) else  # no copy of all
+               records.members.copy() if any(named_by_path) else records.members)
     ids = {} if ids is None else ids
+    real_folders = {}  # a folder as records name it -> its real path (one call per folder)
     by_source = np.argsort(records.source_ids, kind="stable")  # one pass, not one per source
     bounds = np.searchsorted(records.source_ids[by_source], np.arange(len(records.sources) + 1))
     for source_id, source in enumerate(records.sources):
         at = by_source[bounds[source_id]:bounds[source_id + 1]]
+        if source.member_is_path:
+            files[at] = [ids.setdefault(real_file(m, real_folders), len(ids))
+                         for m in records.members[at].tolist()]
+            members[at] = b""
+            continue
         paths, which, in_file = source.image_files(records.rows[at])
         files[at] = np.array([ids.setdefault(p, len(ids)) for p in paths], dtype=np.int64)[which]
         rows[at] = np.where(records.members[at] == b"", in_file, -1)
-    return files, rows
+    return files, rows, members
+
+
+def real_file(path, real_folders):
+    """An image's path (bytes) in its folder's real path; `real_folders` caches the folders."""
+    folder, _, name = path.rpartition(b"/")
+    real = real_folders.get(folder)
+    if real is None:  # b"" is the current folder, or "/" for a path "/name"
+        real = real_folders[folder] = os.fsencode(os.path.realpath(
+            os.fsdecode(folder) if folder or not path.startswith(b"/") else "/")).rstrip(b"/")
+    return real + b"/" + name
 
 
 def same_as_previous(order, keys):
@@ -205,8 +228,7 @@ def images_also_in(val, train):
     dataset (its file with its member or row), sorted."""
     ids = {}
     both = [image_files(train, ids), image_files(val, ids)]
-    files, rows = (np.concatenate([table[k] for table in both]) for k in (0, 1))
-    members = np.concatenate([train.members, val.members])
+    files, rows, members = (np.concatenate([table[k] for table in both]) for k in (0, 1, 2))
     datasets = np.concatenate([train.dataset_ids, val.dataset_ids])
     side = np.repeat([0, 1], [len(train), len(val)])  # 0: train
     keys = (side, rows, members, files, datasets)
@@ -227,8 +249,8 @@ def check_repeats(records, registry, errors, notes):
     n = len(records)
     if n < 2:
         return
-    files, rows = image_files(records)
-    keys = (rows, records.members, files, records.dataset_ids)
+    files, rows, members = image_files(records)
+    keys = (rows, members, files, records.dataset_ids)
     order = np.lexsort(keys)
     again = same_as_previous(order, keys)
     if not again.any():

@@ -121,6 +121,35 @@ def test_a_record_of_another_split_than_its_file_is_refused_in_training_said_els
     assert not any("name the split" in m for m in said)
 
 
+def test_one_image_under_other_spellings_of_its_path_is_one_image(tmp_path, monkeypatch):
+    """An image folder given relatively, a JSONL naming its images with `..`, `./`, a doubled
+    slash, an absolute path or through a linked folder: each the same file. Compared as text they
+    were other images, so validation records of training images went unsaid."""
+    from PIL import Image
+
+    from data.reading import images_also_in
+    from dataset import DatasetSpec
+    for name in ("cat", "dog"):
+        os.makedirs(tmp_path / "pool" / name)
+        Image.new("RGB", (8, 8), name == "cat" and "white" or "black").save(
+            tmp_path / "pool" / name / "0.png")
+    os.symlink(tmp_path / "pool", tmp_path / "linked")
+    os.makedirs(tmp_path / "val")
+    spellings = ["../pool/cat/0.png", str(tmp_path / "pool" / "dog" / "0.png"),
+                 ".//..//pool/./dog/0.png", "../linked/cat/0.png"]
+    val_file = write_jsonl(tmp_path / "val" / "val.jsonl", [
+        {"image_path": p, "label": int("dog" in p), "dataset_name": "pets"} for p in spellings])
+    monkeypatch.chdir(tmp_path)
+    registry = {"pets": DatasetSpec("pets", 2)}
+    train = read_records(["pets=folder:pool"], registry, training=True)
+    val = read_records([val_file], registry)
+    assert images_also_in(val, train).tolist() == [0, 1, 2, 3]
+    said = []
+    read_records(["pets=folder:pool", "pets=folder:linked"], registry, training=True,
+                 say=said.append)
+    assert said[-1].startswith("note: 2 record(s) read an image of their dataset again"), said
+
+
 def test_an_image_read_again_for_its_dataset_is_said_and_with_another_label_refused(
         tmp_path, image, registry):
     from PIL import Image
