@@ -275,6 +275,9 @@ class ClassifyTask(Task):
             stream.num_classes = label_space.num_classes
             partial = partial_eval_indices(val, registry, args.seed) if val else []
             say(summary)
+            also = ", nor the validation records for training images" if val else ""
+            say("note: --streaming: the training images are read as they are trained on, so "
+                f"they are not checked for repeats{also}")
         else:
             partial, shares = plan_epochs(registry, train, val, args, say)
             if val is not None:

@@ -104,6 +104,9 @@ def test_a_streaming_run_resumes_bitwise_after_a_kill(specs, tiny_vit, tmp_path,
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     train.main(run_args(tiny_vit, whole, specs, tmp_path))
+    assert ("note: --streaming: the training images are read as they are trained on, so they are "
+            "not checked for repeats, nor the validation records for training images"
+            ) in capsys.readouterr().out
     with monkeypatch.context() as m:
         m.setenv("MIXTRAIN_FAULT", "kill_before_save:4")
         result = run_script("train.py", *run_args(tiny_vit, killed, specs, tmp_path))
