@@ -6,7 +6,7 @@ checked, their sampling, the loaders and the training stream.
     registry); demo.py
     python dataset.py --make-demo DIR --format folder|parquet|wds   # the same in another layout
 """
-from data.jsonl import json_items
+from data.jsonl import check_split_field, json_items
 from data.loaders import (PREFETCH_FACTOR, EpochSampler, ImageDataset, auto_num_workers,
                           make_loader, make_stream_loader, pixel_path, start_worker,
                           worker_options)
@@ -22,10 +22,11 @@ from data.types import DataError, DatasetSpec, RecordTable, raise_data_errors
 __all__ = [  # what the rest of the code imports from the data layer
     "INDEX_DIR", "PREFETCH_FACTOR", "SPLIT_VERSION", "DataError", "DatasetSpec", "EpochSampler",
     "ImageDataset", "RecordTable", "absolute_spec", "auto_num_workers", "build_stream",
-    "check_classes", "check_training_samples", "count_per_dataset", "images_also_in", "json_items",
-    "load_registry", "make_loader", "make_stream_loader", "mixture_indices", "parse_spec",
-    "partial_eval_indices", "pixel_path", "plan_epochs", "raise_data_errors", "read_records",
-    "read_yaml", "start_worker", "summarize", "train_indices", "worker_options",
+    "check_classes", "check_split_field", "check_training_samples", "count_per_dataset",
+    "images_also_in", "json_items", "load_registry", "make_loader", "make_stream_loader",
+    "mixture_indices", "parse_spec", "partial_eval_indices", "pixel_path", "plan_epochs",
+    "raise_data_errors", "read_records", "read_yaml", "start_worker", "summarize",
+    "train_indices", "worker_options",
 ]
 
 if __name__ == "__main__":

@@ -241,19 +241,21 @@ def test_bad_records_are_reported_with_file_and_line(demo_dir, tmp_path, gen_dat
         {"conversations": [{"role": "user", "type": "text", "content": "hi"}]},
         {"conversations": [{"role": "robot", "type": "text", "content": "hi"}]},
         {"conversations": [{"role": "assistant", "type": "video", "content": "hi"}]},
-        {"label": 3}])
+        {"label": 3},
+        {"text_prompt": "held out", "image_path": image, "split": "test"}])
     with pytest.raises(SystemExit) as e:
         train.main(
             gen_args({**gen_data, "train": path}, tiny_lm, tmp_path / "out", "--max_steps", 1))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "7 problem(s)" in err
+    assert e.value.code == 2 and "8 problem(s)" in err
     for line, message in [
         (2, "malformed JSON"), (3, "field 'text_prompt': expected a non-empty string"),
         (4, "field 'image_path': image file not found"),
         (5, "field 'conversations': no assistant turn"),
         (6, "field 'conversations[0].role': expected one of system, user, assistant"),
         (7, "field 'conversations[0].type': expected text or image"),
-        (8, "expected 'conversations', 'text_prompt' + 'image_path', or 'image_path' + 'caption'")
+        (8, "expected 'conversations', 'text_prompt' + 'image_path', or 'image_path' + 'caption'"),
+        (9, "field 'split': 'test', in a file read as training data")
     ]:
         assert f"bad.jsonl:{line}: {message}" in err
     assert not os.path.exists(tmp_path / "out")

@@ -8,7 +8,7 @@ conversations of turns.
 import os
 from dataclasses import dataclass
 
-from dataset import DataError, json_items, parse_spec, raise_data_errors
+from dataset import DataError, check_split_field, json_items, parse_spec, raise_data_errors
 
 ROLES = ("system", "user", "assistant")
 
@@ -75,9 +75,10 @@ def _turns(item, folder):
         "expected 'conversations', 'text_prompt' + 'image_path', or 'image_path' + 'caption'")
 
 
-def read_generation_files(specs):
+def read_generation_files(specs, training=False):
     """Read and check every record of every JSON / JSONL file (data.jsonl.json_items); raise one
-    DataError listing what is wrong."""
+    DataError listing what is wrong. In training data a record whose "split" names the
+    validation or test set is wrong (data.jsonl.check_split_field): every record is trained on."""
     conversations, errors = [], []
     for text in specs:
         spec = parse_spec(text)
@@ -89,6 +90,7 @@ def read_generation_files(specs):
         folder = os.path.dirname(os.path.abspath(spec.path))
         for _, where, item in json_items(spec.path, errors):
             try:
+                check_split_field(item, training)
                 conversations.append(Conversation(_turns(item, folder), where))
             except ValueError as e:
                 errors.append(f"{where}: {e}")

@@ -118,7 +118,7 @@ class GenerateTask(Task):
 
     def load_data(self, args, say):
         """Read and check every record of every file before the first step."""
-        train = read_generation_files(args.train_data)
+        train = read_generation_files(args.train_data, training=True)
         val = read_generation_files(args.val_data) if args.val_data else None
         check_flags(args)
         say(f"training data: {len(train):,} samples" +
