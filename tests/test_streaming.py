@@ -209,6 +209,10 @@ def test_a_folder_of_shards_streams_its_compressed_shards_too(specs, tmp_path):
     whole = read_records([specs["train"][1]], load_registry({"parity": {"num_classes": 2}}))
     keys = [item[3] for item in itertools.islice(iter(stream), len(whole))]
     assert len(set(map(str, keys))) == len(whole)  # one pass: every sample of both shards
+    # the data's fingerprint (a resume's check) holds the gzipped shard as well
+    from data.fingerprint import data_fingerprint
+    assert sorted(data_fingerprint(f"parity=wds:{folder}")["units"]) == ["parity-000.tar",
+                                                                        "parity-001.tar.gz"]
 
 
 def test_a_resume_says_that_remote_files_are_compared_by_their_url_alone(specs, tiny_vit,
