@@ -72,10 +72,14 @@ def main(argv=None):
         images = generate_images(model, tokenizer, prompts, args.steps, args.cfg_scale, args.seed,
                                  shift, device)
         try:
-            for prompt in args.prompt:
+            slugs = set()
+            for k, prompt in enumerate(args.prompt):
                 slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60] or "prompt"
+                if slug in slugs:  # a prompt again, or one that differs past 60 characters or
+                    slug = f"{slug}-{k + 1}"  # in punctuation: its images must not overwrite
+                slugs.add(slug)
                 for i in range(args.num_images):
-                    image = to_pil(images[prompts.index(prompt) + i])
+                    image = to_pil(images[k * args.num_images + i])
                     write_file(os.path.join(args.out_dir, f"{slug}_{i}.png"),
                                lambda tmp: image.save(tmp, format="PNG"), "--out_dir")
                 print(

@@ -304,11 +304,14 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
     code, err = generate_main(tmp_path / "gen" / "checkpoint-4", "--image", gen_data["val"])
     assert code == 2 and f"cannot decode image {gen_data['val']}" in err  # a clear error
     image = read_jsonl(gen_data["val"])[1]["image_path"]
+    # two prompts of one file name (they differ in punctuation): neither overwrites the other
     out = run_script("generate.py", tmp_path / "gen" / "checkpoint-4", "--prompt",
-                     "a handwritten digit 3", "--num_images", 2, "--steps", 3, "--image", image,
+                     "a handwritten digit 3", "--prompt", "a handwritten digit 3!",
+                     "--num_images", 2, "--steps", 3, "--image", image,
                      "--max_new_tokens", 4, "--out_dir", tmp_path / "png")
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "png")) == [
+        "a_handwritten_digit_3-2_0.png", "a_handwritten_digit_3-2_1.png",
         "a_handwritten_digit_3_0.png", "a_handwritten_digit_3_1.png", "grid.png"
     ]
     assert f"{image}: " in out.stdout
