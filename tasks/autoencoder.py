@@ -198,7 +198,10 @@ class AutoencoderTask(Task):
         scaling, diffusion_pytorch_model.safetensors): a folder --vae and from_pretrained take; and
         autoencoder.json. Every process calls it (model: as it holds it, FSDP2 shards too)."""
         scale, shift = model.latent_scaling()
-        model.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        measured = {"scaling_factor": scale, "shift_factor": shift}
+        if model.latent_moments[0] > 0:  # these replace a started-from VAE's per-channel ones
+            measured.update(latents_mean=None, latents_std=None)
+        model.vae.register_to_config(**measured)
         write_safetensors(os.path.join(folder, WEIGHTS_FILE), model_weights(model.vae), rank,
                           {"format": "pt"})
         if rank != 0:

@@ -3,7 +3,10 @@ diffusers AutoencoderKL read from a local folder (optional extra: pip install -e
 
 A generator sees scaled latents z = (mean - shift_factor) * scaling_factor, where mean is the
 posterior mean of the encoder (deterministic: the same image always gives the same latent) and
-the two factors come from the VAE's config.json; decoding inverts the scaling first. The VAE of a
+the two factors come from the VAE's config.json; a VAE whose config.json gives per-channel
+latents_mean and latents_std (SDXL-style, e.g. Playground v2.5's) is normalised per channel
+instead, z = (mean - latents_mean) * scaling_factor / latents_std, as diffusers' pipelines do.
+Decoding inverts the scaling first. The VAE of a
 generator is frozen: it is held beside the model, never as a submodule, so it is in no optimizer,
 no gradient and no sharded state.
 """
@@ -78,12 +81,20 @@ class LatentCodec:
     def __init__(self, vae, folder=None):
         self.vae = vae.requires_grad_(False).eval()
         config = vae.config
+        self.latent_channels = int(config.latent_channels)
         self.scale = float(config.scaling_factor)
         self.shift = float(config.shift_factor or 0.0)
-        self.latent_channels = int(config.latent_channels)
+        self.per_channel = channel_moments(config, folder)  # (mean, std) of shape (1, C, 1, 1)
         self.image_channels = int(config.in_channels)
         self.downsample = downsampling(config)
         self.folder = folder
+
+    @property
+    def scaling(self):
+        """How latents are scaled, for a message."""
+        if self.per_channel:
+            return f"(z - latents_mean) x {self.scale:g} / latents_std, per channel"
+        return f"scaled (z - {self.shift:g}) x {self.scale:g}"
 
     def _follow(self, x):
         """The VAE goes to the device of its input the first time it meets one (it is not a
@@ -97,18 +108,44 @@ class LatentCodec:
     def encode(self, pixels):
         """(N, C, H, W) pixels in [-1, 1] -> (N, latent_channels, H / f, W / f) scaled latents,
         float32."""
-        mean = self.vae.encode(self._follow(pixels)).latent_dist.mean
-        return (mean.float() - self.shift) * self.scale
+        mean = self.vae.encode(self._follow(pixels)).latent_dist.mean.float()
+        if self.per_channel:
+            center, std = (t.to(mean.device) for t in self.per_channel)
+            return (mean - center) * self.scale / std
+        return (mean - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, latents):
         """Scaled latents -> pixels in [-1, 1], float32."""
-        pixels = self.vae.decode(self._follow(latents / self.scale + self.shift)).sample
+        if self.per_channel:
+            center, std = (t.to(latents.device) for t in self.per_channel)
+            latents = latents * std / self.scale + center
+        else:
+            latents = latents / self.scale + self.shift
+        pixels = self.vae.decode(self._follow(latents)).sample
         return pixels.float().clamp(-1, 1)
 
     def save(self, folder):
         """The VAE as it was loaded, in its own format (what load_codec reads back)."""
         self.vae.save_pretrained(folder, safe_serialization=True)
+
+
+def channel_moments(config, folder):
+    """(latents_mean, latents_std) of a config.json that gives them, as (1, C, 1, 1) tensors;
+    None where it gives neither. Half of them, one of another length, or beside a shift_factor
+    (two centrings of one latent) is refused."""
+    mean, std = (getattr(config, k, None) for k in ("latents_mean", "latents_std"))
+    if mean is None and std is None:
+        return None
+    where = f"{os.path.join(folder or '', CONFIG_FILE)}"
+    channels = int(config.latent_channels)
+    if mean is None or std is None or len(mean) != channels or len(std) != channels:
+        raise ValueError(f"{where}: latents_mean and latents_std must both list "
+                         f"{channels} values (its latent_channels)")
+    if config.shift_factor:
+        raise ValueError(f"{where}: sets both shift_factor and per-channel latents_mean: which "
+                         "centres the latents is ambiguous (keep one)")
+    return tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
 
 
 def load_codec(folder, flag="--vae"):

@@ -60,6 +60,34 @@ def test_encode_decode_round_trip_and_scaling(vae, digits):
     assert not any(p.requires_grad for p in codec.vae.parameters())
 
 
+def test_a_vae_with_per_channel_latent_moments_is_normalised_per_channel(tmp_path, digits):
+    """An SDXL-style config.json (latents_mean, latents_std per channel) is normalised as
+    diffusers' pipelines do; its moments were ignored (latents neither centred nor scaled per
+    channel). Half of them, or beside a shift_factor, is refused."""
+    from diffusers import AutoencoderKL
+    mean, std = [0.5, -1.0, 2.0, 0.0], [2.0, 4.0, 0.5, 1.0]
+    folder = save_tiny_vae(tmp_path / "sdxl", scaling_factor=0.5)
+    config = json.loads((tmp_path / "sdxl" / "config.json").read_text())
+    (tmp_path / "sdxl" / "config.json").write_text(json.dumps(
+        {**config, "latents_mean": mean, "latents_std": std}))
+    codec = load_codec(folder)
+    pixels = torch.stack([read_image(path, 8, 1) for path, _ in digits[:4]])
+    with torch.no_grad():
+        raw = AutoencoderKL.from_pretrained(folder).eval().encode(pixels).latent_dist.mean
+    view = (1, 4, 1, 1)
+    expected = (raw - torch.tensor(mean).view(view)) * 0.5 / torch.tensor(std).view(view)
+    torch.testing.assert_close(codec.encode(pixels), expected)
+    with torch.no_grad():
+        decoded = AutoencoderKL.from_pretrained(folder).eval().decode(raw).sample.clamp(-1, 1)
+    torch.testing.assert_close(codec.decode(expected), decoded, atol=1e-5, rtol=1e-4)
+    for extra, message in [({"latents_mean": mean, "latents_std": None}, "must both list 4"),
+                           ({"latents_mean": mean, "latents_std": std, "shift_factor": 0.1},
+                            "sets both shift_factor and per-channel latents_mean")]:
+        (tmp_path / "sdxl" / "config.json").write_text(json.dumps({**config, **extra}))
+        with pytest.raises(ValueError, match=message):
+            load_codec(folder)
+
+
 def gen_records(tmp_path, digits, conversation=False):
     rows = [{"text_prompt": f"a handwritten digit {label}", "image_path": path}
             for path, label in digits]

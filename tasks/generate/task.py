@@ -131,9 +131,8 @@ class GenerateTask(Task):
         if codec:
             size = args.image_size // codec.downsample
             say(f"latent space: --vae {args.vae} encodes {args.image_size}x{args.image_size} "
-                f"images into {codec.latent_channels}x{size}x{size} latents (scaled (z - "
-                f"{codec.shift:g}) x {codec.scale:g}), frozen; {spec.grid ** 2} tokens of "
-                f"{spec.patch_dim} values each")
+                f"images into {codec.latent_channels}x{size}x{size} latents ({codec.scaling}), "
+                f"frozen; {spec.grid ** 2} tokens of {spec.patch_dim} values each")
         return Data(train, val, list(range(len(val))) if val else [], spec, args.text_loss_weight,
                     args.image_loss_weight, args.timestep_shift, args.cond_dropout, codec=codec)
 
