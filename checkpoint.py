@@ -110,7 +110,8 @@ def run_fingerprint(args, data, rank=0):
     """What defines a run beside its flags' text, kept in training_info.json: the content
     fingerprint of its data (data/fingerprint.py; computed on rank 0, shared with the others), the
     class names of each dataset in their index order, the registry as loaded (a registry file can
-    change under the same name) and the --model folder's weight files (model_files_sample)."""
+    change under the same name), the --model folder's weight files (model_files_sample) and the
+    --vae folder's with its config.json (which holds the latent scaling)."""
     files = ({flag: data_fingerprints(getattr(args, flag)) for flag in ("train_data", "val_data")}
              if rank == 0 else None)
     registry = getattr(data, "registry", None) or None
@@ -118,20 +119,24 @@ def run_fingerprint(args, data, rank=0):
         name: {k: v for k, v in vars(spec).items() if k not in REGISTRY_NAMES}
         for name, spec in registry.items()},
         "classes": registry and {name: spec.labels for name, spec in registry.items()},
-        "model": model_files_sample(args.model)}
+        "model": model_files_sample(args.model),
+        **({"vae": model_files_sample(args.vae, also=("config.json",))}
+           if getattr(args, "vae", None) else {})}
 
 
-def model_files_sample(folder, blocks=16, block_bytes=1 << 16):
-    """{weight file: [size, CRC-32 of `blocks` evenly spaced blocks]} of a model folder. A resumed
-    run reads what it does not train (a frozen backbone) from the folder again, so another model
-    under the same path (another revision or fine-tune, the same size) must not pass unnoticed;
-    16 x 64 KB of each file tell them apart without reading gigabytes."""
+def model_files_sample(folder, blocks=16, block_bytes=1 << 16, also=()):
+    """{weight file: [size, CRC-32 of `blocks` evenly spaced blocks]} of a model folder (and of
+    the files named in `also`). A resumed run reads what it does not train (a frozen backbone, a
+    VAE) from the folder again, so another model under the same path (another revision or
+    fine-tune, the same size) must not pass unnoticed; 16 x 64 KB of each file tell them apart
+    without reading gigabytes."""
     if not folder or not os.path.isdir(folder):
         return None  # a preset: nothing read from disk
     found = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if not name.endswith((".safetensors", ".bin")) or not os.path.isfile(path):
+        if not name.endswith((".safetensors", ".bin")) and name not in also or (
+                not os.path.isfile(path)):
             continue
         size = os.path.getsize(path)
         found[name] = [size, crc_of_blocks(path, [size * i // blocks for i in range(blocks)],
@@ -160,10 +165,12 @@ def changed_run_flags(info, args, world_size, fingerprint, may_change=frozenset(
     for name in sorted(now):
         if name not in skip and name in saved and plain(saved[name]) != plain(now[name]):
             changes.append(f"--{name} {short(saved[name])} -> {short(now[name])}")
-    if before.get("model") is not None and saved.get("model") == args.model:
-        changes += [f"--model {args.model}: {name} differs from the file the run started from"
-                    for name in sorted(set(before["model"]) | set(fingerprint["model"] or {}))
-                    if before["model"].get(name) != (fingerprint["model"] or {}).get(name)]
+    for flag in ("model", "vae"):  # the same folder, other files
+        was, now_files = before.get(flag), fingerprint.get(flag) or {}
+        if was is not None and saved.get(flag) == getattr(args, flag, None):
+            changes += [f"--{flag} {saved[flag]}: {name} differs from the file the run started "
+                        "from" for name in sorted(set(was) | set(now_files))
+                        if was.get(name) != now_files.get(name)]
     for flag, specs in (before.get("data") or {}).items():  # same specs, other contents
         changes += data_changes(specs, fingerprint["data"].get(flag), flag)
     for name, labels in (before.get("classes") or {}).items():

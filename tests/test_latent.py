@@ -160,9 +160,12 @@ def gen_args(records, lm, vae, out, *extra):
         "--num_workers", 0, "--batch_size", 8, "--lr", 1e-3, "--logging_steps", 1, *extra]]
 
 
-def test_the_vae_is_frozen_and_outside_the_optimizer(vae, digits, tiny_lm, tmp_path):
+def test_the_vae_is_frozen_and_outside_the_optimizer(vae, digits, tiny_lm, tmp_path, capsys):
+    import shutil
+
     from safetensors.torch import load_file
     records = gen_records(tmp_path, digits[:16])
+    vae = str(shutil.copytree(vae, tmp_path / "vae"))
     train.main(gen_args(records, tiny_lm, vae, tmp_path / "run", "--max_steps", 2,
                         "--skip_evaluation"))
     folder = tmp_path / "run" / "checkpoint-2"
@@ -178,6 +181,27 @@ def test_the_vae_is_frozen_and_outside_the_optimizer(vae, digits, tiny_lm, tmp_p
     model = UnifiedModel(lm, latent_spec(codec), codec)
     assert not {id(p) for p in model.parameters()} & {id(p) for p in codec.vae.parameters()}
     assert "codec" not in "".join(model.state_dict())
+    # the VAE folder rewritten under the same path (an autoencoder run again): a resume that
+    # would go on in another latent space is refused
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 3.0}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main(gen_args(records, tiny_lm, vae, tmp_path / "run", "--max_steps", 3,
+                            "--skip_evaluation", "--resume", "latest"))
+    assert (f"--vae {vae}: config.json differs from the file the run started from"
+            in capsys.readouterr().err)
+    # allowed, the run's checkpoints hold two VAEs: eval.py over the run refuses to decode the
+    # later checkpoint's latents through the first one's VAE (it built the model once)
+    train.main(gen_args(records, tiny_lm, vae, tmp_path / "run", "--max_steps", 4,
+                        "--skip_evaluation", "--save_steps", 2, "--resume", "latest",
+                        "--allow_changed_flags"))
+    import eval as eval_script
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        eval_script.main([str(tmp_path / "run"), "--num_workers", "0", "--val_data", records])
+    err = capsys.readouterr().err
+    assert f"{folder / 'vae'} differs from {tmp_path / 'run' / 'checkpoint-4' / 'vae'}" in err
 
 
 def test_bad_vae_folders_and_shapes_are_refused_before_the_first_step(vae, digits, tiny_lm,

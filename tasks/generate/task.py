@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from checkpoint import resolve_resume
+from checkpoint import model_files_sample, resolve_resume
 from distributed import all_reduce_sum
 from ema import check_best_metric
 from logs import say_once
@@ -23,6 +23,7 @@ from tasks.base import FlagNeeds, Task
 from tasks.generate.batches import check_pack_tokens, make_generation_loader, target_counts
 from tasks.generate.model import (
     SPEC_FILE,
+    VAE_DIR,
     WEIGHTS_FILE,
     UnifiedModel,
     check_image_spec,
@@ -220,6 +221,18 @@ class GenerateTask(Task):
             keys = [k for k in model.state_dict() if not k.startswith("lm.")]
             found.update(file_map(os.path.join(folder, WEIGHTS_FILE), keys))
         return found
+
+    def check_evaluated_together(self, folders):
+        """eval.py builds the model (the VAE with it) once for checkpoints whose own files agree:
+        checkpoints of one run whose VAE differs (a resume with another --vae) would be decoded
+        through the first one's. Refused instead, naming both."""
+        vaes = [model_files_sample(os.path.join(f, VAE_DIR), also=("config.json",))
+                for f in folders]
+        for folder, vae in zip(folders, vaes):
+            if vae != vaes[-1]:
+                raise ValueError(f"{os.path.join(folder, VAE_DIR)} differs from "
+                                 f"{os.path.join(folders[-1], VAE_DIR)}: the run changed its VAE "
+                                 "(--vae) on a resume; evaluate each checkpoint on its own")
 
     def eval_data(self, args, folder, trained_args, world_size):
         """Data for eval.py: every validation conversation; the loss weights and image size saved
