@@ -17,6 +17,7 @@ FSDP2 (--dist fsdp); the loop is the same for every task (tasks/base.py): the cl
 sum of per-sample losses by the global sample count, the generator its text CE and image MSE by
 the global counts of target text tokens and noised image tokens.
 """
+import copy
 import math
 import os
 import sys
@@ -456,6 +457,10 @@ def train_step(run, state, batches, log):
     step_start = time.time()
     # The whole accumulated batch first: the loss is normalised by its global target counts. The
     # same all-reduce tells every rank whether any rank was asked to stop or could not read.
+    # A stream's position before the step's batches: what a checkpoint of the step before keeps
+    # should a batch fail to read (its micro-batches taken so far are not trained).
+    position = (copy.deepcopy(state.loader.state_dict()) if hasattr(state.loader, "state_dict")
+                else None)  # a copy: the loader may update the dict it returned in place
     try:
         micro_batches, data_error = list(islice(batches, args.grad_accum)), None
     except DataError as e:
@@ -472,7 +477,7 @@ def train_step(run, state, batches, log):
     totals = dict(zip(task.COUNTS, reduced))
     settle_steps(run, state, log)  # the all-reduce has just waited for the device
     if failed:
-        stop_on_data_error(run, state, data_error)
+        stop_on_data_error(run, state, data_error, position)
 
     lr = lr_at(step, args, run.total_steps)
     set_lr(run.optimizer, lr)
@@ -548,10 +553,11 @@ def set_gradient_sync(run, last):
         run.model.require_backward_grad_sync = last  # what DDP's no_sync() sets
 
 
-def stop_on_data_error(run, state, data_error):
-    """Some rank could not read its batch: every rank checkpoints the last step and stops."""
+def stop_on_data_error(run, state, data_error, position=None):
+    """Some rank could not read its batch: every rank checkpoints the last step and stops. A
+    stream's checkpoint keeps `position`, where the failed step's batches began."""
     if state.step > 0:
-        save(run, state, {})
+        save(run, state, {}, position)
     kept = (f"{state.last_saved} holds the last completed step" if state.last_saved
             else "no checkpoint was written")
     raise DataError(f"{data_error}\n({kept})" if data_error else
@@ -638,8 +644,9 @@ def checkpoint_path(run, step):
     return os.path.join(run.args.output_dir, f"checkpoint-{step}")
 
 
-def save(run, state, metrics):
-    """checkpoint-{step} (once per step), then the keep limit (the best is always kept)."""
+def save(run, state, metrics, position=None):
+    """checkpoint-{step} (once per step), then the keep limit (the best is always kept). A
+    stream's loader position: its own, or `position` (taken before batches not trained)."""
     args, path = run.args, checkpoint_path(run, state.step)
     if state.last_saved == path:
         return
@@ -648,7 +655,8 @@ def save(run, state, metrics):
             "metrics": metrics, "best": state.best, "world_size": run.world_size,
             "skipped_images": [int(n) for n in all_reduce_sum(state.skipped_images, run.device)]}
     if hasattr(state.loader, "state_dict"):  # JSON, as the rest of training_info.json
-        info["loader_states"] = all_gather_objects(state.loader.state_dict())
+        info["loader_states"] = all_gather_objects(
+            state.loader.state_dict() if position is None else position)
         info["stream_split"] = SPLIT_VERSION
 
     def write_model(folder):

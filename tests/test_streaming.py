@@ -145,6 +145,50 @@ def test_a_streaming_run_resumes_bitwise_after_a_kill(specs, tiny_vit, tmp_path,
     assert sum(r["train_overall_samples"] for r in trained) == 48
 
 
+def test_a_stream_stopped_by_a_bad_image_resumes_from_where_its_checkpoint_step_ended(
+        specs, tiny_vit, tmp_path, request, capsys):
+    """A streaming run stops at an image it cannot decode and checkpoints the last completed
+    step. Its stream position was taken after the failed step's first micro-batches, so a resume
+    (--on_bad_image skip) never trained them: now it equals a run that skipped the image."""
+    import glob
+    import tarfile
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    shard_glob = specs["train"][1].split("=", 1)[1].replace("{000..001}", "*")
+    samples = []
+    for shard in sorted(glob.glob(shard_glob)):
+        with tarfile.open(shard) as tar:
+            samples += [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keys = sorted({name.split(".")[0] for name, _ in samples})
+    bad = keys[21]  # in step 3's second micro-batch (8 samples a step)
+    fields = {}
+    for name, data in samples:
+        key, field = name.split(".", 1)
+        fields.setdefault(key, {})[field] = b"\x89PNG cut" if (key, field) == (bad, "png") else data
+    for k, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+        write_shard(tmp_path / f"bad-{k:03d}.tar", [(key, fields[key]) for key in part])
+    registry = tmp_path / "parity.json"
+    registry.write_text(json.dumps({"parity": {"num_classes": 2, "sampling_weight": 1}}))
+
+    def argv(out, *extra):
+        return [str(a) for a in [
+            "--model", tiny_vit, "--train_data", f"parity={tmp_path}/bad-{{000..001}}.tar",
+            "--datasets", registry, "--streaming", "--no_shuffle", "--output_dir", out,
+            "--batch_size", 4, "--grad_accum", 2, "--lr", 1e-3, "--max_steps", 5,
+            "--save_steps", 100, "--logging_steps", 1, "--skip_evaluation", "--num_workers", 0,
+            *extra]]
+    train.main(argv(tmp_path / "skipped", "--on_bad_image", "skip"))
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tmp_path / "stopped"))
+    assert e.value.code == 2 and "checkpoint-2 holds the last completed step" in (
+        capsys.readouterr().err)
+    train.main(argv(tmp_path / "stopped", "--on_bad_image", "skip", "--resume", "latest"))
+    a = load_weights(tmp_path / "skipped" / "checkpoint-5")
+    b = load_weights(tmp_path / "stopped" / "checkpoint-5")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_stream_flags_and_bad_samples_are_refused_clearly(specs, layouts, tiny_vit,  # noqa: F811
                                                           tmp_path, capsys):
     base = run_args(tiny_vit, tmp_path / "out", specs, tmp_path)
