@@ -53,9 +53,10 @@ class ArrowTable(Source):
         if isinstance(value, dict):  # an Image feature: {"bytes", "path"}
             if value.get("bytes") is not None:
                 return io.BytesIO(value["bytes"])
-            if value.get("path"):
-                return os.path.join(os.path.dirname(self.files[0]) if self.files else self.path,
-                                    value["path"])
+            if value.get("path"):  # relative to the Parquet file of the row
+                folder = (os.path.dirname(self.files[bisect.bisect_right(self.starts, row) - 1])
+                          if self.files else self.path)
+                return os.path.join(folder, value["path"])
             raise DataError(f"column {self.column!r} holds no image in this row")
         if value is None:
             raise DataError(f"column {self.column!r} is empty in this row")

@@ -366,10 +366,18 @@ def raw_sample(source, example, passes):
         value = example.get(source.image_column)
         image = value.get("bytes") if isinstance(value, dict) else value
         if image is None and isinstance(value, dict) and value.get("path"):
-            # an Image of a path (not embedded): beside the first file, as hf.ArrowTable
+            # an Image of a path (not embedded): beside its file, as hf.ArrowTable; a stream's
+            # row does not say its file, so files in several folders cannot resolve it
             paths = posixpath if is_url(source.files[0]) else os.path
-            image = (value["path"] if is_url(value["path"]) else
-                     paths.join(paths.dirname(source.files[0]), value["path"]))
+            relative = not (is_url(value["path"]) or paths.isabs(value["path"]))
+            folders = {paths.dirname(f) for f in source.files} if relative else ()
+            if len(folders) > 1:
+                raise DataError(
+                    f"{where}: image {value['path']!r} is a path relative to its Parquet file, "
+                    f"whose folder a streamed row does not tell: the dataset's files sit in "
+                    f"{len(folders)} folders ({', '.join(sorted(folders)[:2])}, ...). Give each "
+                    "folder's files as a dataset of their own, or read them without --streaming")
+            image = paths.join(folders.pop(), value["path"]) if relative else value["path"]
         label = example.get(source.label_column)
     if isinstance(label, bool) or not isinstance(label, int):
         label = NO_LABEL

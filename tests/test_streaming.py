@@ -189,6 +189,36 @@ def test_a_stream_stopped_by_a_bad_image_resumes_from_where_its_checkpoint_step_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_parquet_images_named_by_relative_path_are_read_beside_their_own_file(tmp_path):
+    """Parquet files in two folders whose Image column holds paths relative to each file (as
+    `datasets` writes them unembedded): one glob read them all beside the first file (the second
+    folder's labels on the first folder's images); a stream, whose rows do not say their file,
+    refuses them instead of guessing."""
+    import datasets
+    from PIL import Image
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["dark", "light"])})
+    for folder, label in (("a", 0), ("b", 1)):
+        os.makedirs(tmp_path / folder / "images")
+        for n in range(2):
+            Image.new("L", (8, 8), 255 * label).save(tmp_path / folder / "images" / f"{n}.png")
+        datasets.Dataset.from_dict(
+            {"image": [{"path": f"images/{n}.png", "bytes": None} for n in range(2)],
+             "label": [label] * 2}, features=features).to_parquet(tmp_path / folder / "f.parquet",
+                                                                   batch_size=2)
+    registry = load_registry({"faces": {}})
+    records = read_records([f"faces={tmp_path}/*/f.parquet"], registry)
+    assert [(int(records.labels[i]), Image.open(records.open(i)).getpixel((0, 0)))
+            for i in range(len(records))] == [(0, 0), (0, 0), (1, 255), (1, 255)]
+    stream, _, _ = build_stream([f"faces={tmp_path}/a/f.parquet", f"faces={tmp_path}/b/f.parquet"],
+                                registry, True, seed=0, rank=0, world_size=1, buffer=1,
+                                skip_bad_images=False)
+    stream.num_classes = [2]
+    with pytest.raises(DataError, match="a path relative to its Parquet file, whose folder a "
+                                        "streamed row does not tell: the dataset's files sit in 2"):
+        next(iter(stream))
+
+
 def test_stream_flags_and_bad_samples_are_refused_clearly(specs, layouts, tiny_vit,  # noqa: F811
                                                           tmp_path, capsys):
     base = run_args(tiny_vit, tmp_path / "out", specs, tmp_path)
