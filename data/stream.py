@@ -120,13 +120,23 @@ class StreamSource:
 
     def describe(self, readers):
         """How the readers split this dataset, for the run's summary; a note when a reader
-        reads every file (a split by sample reads the files once per reader)."""
+        reads every file (a split by sample reads the files once per reader), or when the files
+        (row groups) do not divide among the readers (each reader takes as many samples, so the
+        files of those holding fewer come around more often)."""
         split, units = self.plan(readers)
         files = f"{len(self.files)} {'Parquet file' if self.kind == 'hf' else 'shard'}(s)"
-        if split == "files":
-            return files, None
-        if split == "row groups":
-            return f"{files}, {units} row groups (a reader reads whole row groups)", None
+        if split in ("files", "row groups"):
+            unit = "files" if split == "files" else "row groups"
+            fewer = units // readers
+            uneven = None if units % readers == 0 else (
+                f"--streaming dataset {self.name!r}: {units} {unit} for {readers} readers "
+                f"(processes x DataLoader workers): some read {fewer}, others {fewer + 1}, and "
+                f"each takes as many samples, so the {unit} of a reader with {fewer} come around "
+                f"about {(fewer + 1) / fewer:.2g}x as often as the others (a multiple of "
+                f"{readers} {unit}, or other --num_workers, keeps them even)")
+            if split == "files":
+                return files, uneven
+            return f"{files}, {units} row groups (a reader reads whole row groups)", uneven
         return files, (f"--streaming dataset {self.name!r}: {units} file(s) for {readers} readers "
                        "(processes x DataLoader workers): each reads all of them and takes one "
                        f"sample in {readers} (more files or fewer --num_workers read less)")

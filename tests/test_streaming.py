@@ -63,6 +63,23 @@ def test_shares_hold_and_ranks_read_disjoint_parts(specs, tmp_path):
     assert len(set(seen[0] + seen[1])) == 40
 
 
+def test_files_that_do_not_divide_among_the_readers_are_said(specs, tmp_path):
+    """3 shards over 2 readers: each reader takes as many samples, so the shard of the reader
+    holding one comes around twice as often as the other two; the summary says so."""
+    import glob
+    import shutil
+    shards = sorted(glob.glob(specs["train"][1].split("=", 1)[1].replace("{000..001}", "*")))
+    for k, shard in enumerate(shards + shards[:1]):
+        shutil.copy(shard, tmp_path / f"p-{k:03d}.tar")
+    registry = load_registry({"parity": {"num_classes": 2}})
+    for world_size, said in ((2, True), (3, False)):
+        *_, summary = build_stream([f"parity={tmp_path}/p-{{000..002}}.tar"], registry, True,
+                                   seed=0, rank=0, world_size=world_size, buffer=1,
+                                   skip_bad_images=False)
+        assert ("3 files for 2 readers (processes x DataLoader workers): some read 1, others 2"
+                in summary) == said and ("about 2x as often" in summary) == said, summary
+
+
 def test_the_loader_resumes_from_its_json_state(specs, tmp_path):
     from backbone import load_backbone
     from dataset import pixel_path
