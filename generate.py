@@ -16,12 +16,17 @@ import sys
 import torch
 
 from checkpoint import resolve_resume
+from config import given_flags
 from dataset import DataError
 from files import OutputError, reason, write_file
 from tasks.generate.model import SPEC_FILE, load_unified
 from tasks.generate.patches import load_image
 from tasks.generate.sampling import generate_images, generate_text, sampling_shift
 from tasks.images import save_grid, to_pil
+
+
+IMAGE_FLAGS = ("num_images", "steps", "cfg_scale", "seed", "timestep_shift", "out_dir")
+TEXT_FLAGS = ("max_new_tokens",)  # what only text -> image (--prompt), image -> text (--image) read
 
 
 def main(argv=None):
@@ -47,6 +52,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.prompt and not args.image:
         p.error("give --prompt (text -> image) and/or --image (image -> text)")
+    given = given_flags(args, p)  # a flag typed that cannot act is an error
+    for flags, needs in ((IMAGE_FLAGS, "prompt"), (TEXT_FLAGS, "image")):
+        inert = [f"--{name}" for name in flags if name in given]
+        if inert and not getattr(args, needs):
+            p.error(f"{', '.join(inert)}: no effect without --{needs}")
     folder = args.checkpoint
     if not os.path.isfile(os.path.join(folder, SPEC_FILE)):
         try:
@@ -69,7 +79,8 @@ def main(argv=None):
             sys.exit(2)
         prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]
         shift = sampling_shift(info, args.timestep_shift)
-        images = generate_images(model, tokenizer, prompts, args.steps, args.cfg_scale, args.seed,
+        cfg_scale = guidance_scale(info, args.cfg_scale, "cfg_scale" in given)
+        images = generate_images(model, tokenizer, prompts, args.steps, cfg_scale, args.seed,
                                  shift, device)
         try:
             slugs = set()
@@ -99,6 +110,22 @@ def main(argv=None):
         caption = generate_text(model, tokenizer, [image], max_new_tokens=args.max_new_tokens,
                                 device=device)[0]
         print(f"{path}: {caption}")
+
+
+def guidance_scale(info, cfg_scale, given):
+    """Guidance extrapolates from the unconditional prediction, which a checkpoint trained with
+    --cond_dropout 0 never learned: there the default scale gives way to 1 (no guidance), and a
+    scale given is kept; either is said."""
+    if info.get("cond_dropout") != 0 or cfg_scale == 1:
+        return cfg_scale
+    why = ("the checkpoint was trained with --cond_dropout 0, so the unconditional prediction "
+           "that guidance extrapolates from was never trained")
+    if given:
+        print(f"note: --cfg_scale {cfg_scale:g}: {why}")
+        return cfg_scale
+    print(f"note: sampling without guidance (--cfg_scale 1, not the default {cfg_scale:g}): "
+          f"{why}; give --cfg_scale to guide anyway")
+    return 1.0
 
 
 if __name__ == "__main__":

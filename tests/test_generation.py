@@ -242,12 +242,13 @@ def test_bad_records_are_reported_with_file_and_line(demo_dir, tmp_path, gen_dat
         {"conversations": [{"role": "robot", "type": "text", "content": "hi"}]},
         {"conversations": [{"role": "assistant", "type": "video", "content": "hi"}]},
         {"label": 3},
-        {"text_prompt": "held out", "image_path": image, "split": "test"}])
+        {"text_prompt": "held out", "image_path": image, "split": "test"},
+        {"text_prompt": "a digit", "image_path": image, "caption": "one"}])
     with pytest.raises(SystemExit) as e:
         train.main(
             gen_args({**gen_data, "train": path}, tiny_lm, tmp_path / "out", "--max_steps", 1))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "8 problem(s)" in err
+    assert e.value.code == 2 and "9 problem(s)" in err
     for line, message in [
         (2, "malformed JSON"), (3, "field 'text_prompt': expected a non-empty string"),
         (4, "field 'image_path': image file not found"),
@@ -255,7 +256,8 @@ def test_bad_records_are_reported_with_file_and_line(demo_dir, tmp_path, gen_dat
         (6, "field 'conversations[0].role': expected one of system, user, assistant"),
         (7, "field 'conversations[0].type': expected text or image"),
         (8, "expected 'conversations', 'text_prompt' + 'image_path', or 'image_path' + 'caption'"),
-        (9, "field 'split': 'test', in a file read as training data")
+        (9, "field 'split': 'test', in a file read as training data"),
+        (10, "fields 'text_prompt', 'caption': a record is one of the formats")
     ]:
         assert f"bad.jsonl:{line}: {message}" in err
     assert not os.path.exists(tmp_path / "out")
@@ -292,7 +294,8 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
                  "--save_steps", 4, "--timestep_shift", 3))
     # sampled with the shift it was trained with, unless told otherwise
     checkpoint = tmp_path / "gen" / "checkpoint-4"
-    assert json.loads((checkpoint / "unified.json").read_text())["timestep_shift"] == 3.0
+    kept = json.loads((checkpoint / "unified.json").read_text())
+    assert kept["timestep_shift"] == 3.0 and kept["cond_dropout"] == 0.1
     grids = {}
     for shift in (None, 3, 1):
         out = tmp_path / f"shift{shift}"
@@ -303,6 +306,13 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
     assert grids[None] == grids[3] != grids[1]
     code, err = generate_main(tmp_path / "gen" / "checkpoint-4", "--image", gen_data["val"])
     assert code == 2 and f"cannot decode image {gen_data['val']}" in err  # a clear error
+    # a flag typed that cannot act: sampling flags without a prompt, a caption's without an image
+    for flags, message in [(["--image", "x.png", "--steps", 8, "--cfg_scale", 2],
+                            "--steps, --cfg_scale: no effect without --prompt"),
+                           (["--prompt", "a digit", "--max_new_tokens", 8],
+                            "--max_new_tokens: no effect without --image")]:
+        code, err = generate_main(tmp_path / "gen" / "checkpoint-4", *flags)
+        assert code == 2 and message in err, err
     image = read_jsonl(gen_data["val"])[1]["image_path"]
     # two prompts of one file name (they differ in punctuation): neither overwrites the other
     out = run_script("generate.py", tmp_path / "gen" / "checkpoint-4", "--prompt",
@@ -348,6 +358,20 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
     assert result.returncode == 2
     assert "--partial: for --task classify / autoencoder, not generate" in result.stderr
     assert read_jsonl(tmp_path / "gen" / "eval_results.jsonl")[-1] == row
+
+
+def test_guidance_of_a_checkpoint_trained_without_condition_dropout_is_said(capsys):
+    """--cond_dropout 0 leaves the unconditional prediction untrained: generate.py's default
+    guidance (4) would extrapolate from it. It samples with 1 instead and says so; a scale
+    given is kept, with a note; a checkpoint that records no dropout is left as it was."""
+    from generate import guidance_scale
+    assert guidance_scale({"cond_dropout": 0.0}, 4.0, given=False) == 1.0
+    assert "sampling without guidance (--cfg_scale 1" in capsys.readouterr().out
+    assert guidance_scale({"cond_dropout": 0.0}, 3.0, given=True) == 3.0
+    assert "note: --cfg_scale 3: the checkpoint was trained with --cond_dropout 0" in (
+        capsys.readouterr().out)
+    assert guidance_scale({"cond_dropout": 0.1}, 4.0, given=False) == 4.0
+    assert guidance_scale({}, 4.0, given=False) == 4.0 and not capsys.readouterr().out
 
 
 def test_a_text_only_batch_still_gives_every_parameter_a_gradient(tiny_lm):

@@ -41,6 +41,10 @@ def _turns(item, folder):
             raise ValueError(f"field '{field}': expected a non-empty string, got {value!r}")
         return value
 
+    formats = [f for f in ("conversations", "text_prompt", "caption") if f in item]
+    if len(formats) > 1:  # one would be read and the other dropped
+        raise ValueError(f"fields {', '.join(repr(f) for f in formats)}: a record is one of the "
+                         "formats; write each direction as a record of its own")
     if "conversations" in item:
         turns = item["conversations"]
         if not isinstance(turns, list) or not turns:

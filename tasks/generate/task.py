@@ -207,7 +207,8 @@ class GenerateTask(Task):
         calls it."""
         save_unified(model, tokenizer, folder, {"text_loss_weight": data.text_weight,
                                                 "image_loss_weight": data.image_weight,
-                                                "timestep_shift": data.shift}, rank)
+                                                "timestep_shift": data.shift,
+                                                "cond_dropout": data.cond_dropout}, rank)
 
     def load_model(self, folder, meta=False):
         """(UnifiedModel, tokenizer, unified.json) of a checkpoint folder."""
