@@ -10,7 +10,7 @@ from data.jsonl import check_split_field, json_items
 from data.loaders import (PREFETCH_FACTOR, EpochSampler, ImageDataset, auto_num_workers,
                           make_loader, make_stream_loader, pixel_path, start_worker,
                           worker_options)
-from data.reading import check_classes, images_also_in, read_records
+from data.reading import check_classes, images_also_in, read_records, say_trained_in_val
 from data.registry import load_registry, read_yaml
 from data.sampling import (check_training_samples, count_per_dataset, mixture_indices,
                            partial_eval_indices, plan_epochs, summarize, train_indices)
@@ -25,8 +25,8 @@ __all__ = [  # what the rest of the code imports from the data layer
     "check_classes", "check_split_field", "check_training_samples", "count_per_dataset",
     "images_also_in", "json_items", "load_registry", "make_loader", "make_stream_loader",
     "mixture_indices", "parse_spec", "partial_eval_indices", "pixel_path", "plan_epochs",
-    "raise_data_errors", "read_records", "read_yaml", "start_worker", "summarize",
-    "train_indices", "worker_options",
+    "raise_data_errors", "read_records", "read_yaml", "say_trained_in_val", "start_worker",
+    "summarize", "train_indices", "worker_options",
 ]
 
 if __name__ == "__main__":

@@ -240,6 +240,19 @@ def images_also_in(val, train):
     return np.sort(order[in_val & trained[image]] - len(train))
 
 
+def say_trained_in_val(val, train, registry, say):
+    """A note per dataset whose validation records read images its training records read: its
+    evaluations (and the best checkpoint) would score images the model trains on."""
+    shared = images_also_in(val, train)
+    for dataset_id, name in enumerate(registry):
+        mine = shared[val.dataset_ids[shared] == dataset_id]
+        if len(mine):
+            total = int((val.dataset_ids == dataset_id).sum())
+            say(f"note: dataset {name!r}: {len(mine)} of its {total} validation records read "
+                f"a training image (e.g. {val[int(mine[0])].source}): its evaluations score "
+                "images the model trains on (leave them out of --val_data to score held-out ones)")
+
+
 def check_repeats(records, registry, errors, notes):
     """Records of one dataset that read the same image again (a line repeated, two specs or
     globs over the same files): with another label an error (one image, two classes), else a

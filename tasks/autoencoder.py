@@ -35,6 +35,7 @@ from dataset import (
     mixture_indices,
     plan_epochs,
     read_records,
+    say_trained_in_val,
     start_worker,
     summarize,
     worker_options,
@@ -116,6 +117,8 @@ class AutoencoderTask(Task):
                if args.val_data else None)
         check_best_metric(args, list(registry))
         partial, shares = plan_epochs(registry, train, val, args, say, "images")
+        if val is not None:
+            say_trained_in_val(val, train, registry, say)
         return Data(registry, train, val, partial, args.recon_loss, args.kl_weight, shares)
 
     def build_model(self, args, data, dtype, meta=False):

@@ -21,7 +21,6 @@ from dataset import (
     check_classes,
     check_training_samples,
     count_per_dataset,
-    images_also_in,
     load_registry,
     make_loader,
     make_stream_loader,
@@ -30,6 +29,7 @@ from dataset import (
     pixel_path,
     plan_epochs,
     read_records,
+    say_trained_in_val,
     summarize,
 )
 from ema import check_best_metric
@@ -67,19 +67,6 @@ from model import (
 from optimizer import check_lr_args
 from tasks.base import FlagNeeds, Task, evaluated_indices, run_index_dir
 from weights import file_map, folder_map, model_weights, write_safetensors
-
-
-def say_trained_in_val(val, train, registry, say):
-    """A note per dataset whose validation records read images its training records read: its
-    evaluations (and the best checkpoint) would score images the model trains on."""
-    shared = images_also_in(val, train)
-    for dataset_id, name in enumerate(registry):
-        mine = shared[val.dataset_ids[shared] == dataset_id]
-        if len(mine):
-            total = int((val.dataset_ids == dataset_id).sum())
-            say(f"note: dataset {name!r}: {len(mine)} of its {total} validation records read "
-                f"a training image (e.g. {val[int(mine[0])].source}): its evaluations score "
-                "images the model trains on (leave them out of --val_data to score held-out ones)")
 
 
 def check_random_init_trained(model, args):

@@ -96,6 +96,15 @@ def test_two_processes_take_the_same_steps_as_one(small_data, tmp_path):
         assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-3)
 
 
+def test_validation_records_of_training_images_are_said(small_data, tmp_path, capsys):
+    """The classifier's note, for the autoencoder too: a validation PSNR on images it trains on
+    measures memory, not reconstruction."""
+    leaky = {**small_data, "digits_val": small_data["digits_train"]}
+    train.main(ae_args(leaky, tmp_path / "out", "--max_steps", 1, "--skip_evaluation"))
+    assert ("note: dataset 'digits': 40 of its 40 validation records read a training image"
+            in capsys.readouterr().out)
+
+
 def test_bad_records_and_flags_are_refused_before_the_first_step(small_data, demo_dir, tmp_path,
                                                                  capsys):
     image = str(demo_dir / "digits" / "images" / "00001.png")
