@@ -135,8 +135,8 @@ def model_files_sample(folder, blocks=16, block_bytes=1 << 16, also=()):
     found = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if not name.endswith((".safetensors", ".bin")) and name not in also or (
-                not os.path.isfile(path)):
+        wanted = name.endswith((".safetensors", ".bin")) or name in also
+        if not wanted or not os.path.isfile(path):
             continue
         size = os.path.getsize(path)
         found[name] = [size, crc_of_blocks(path, [size * i // blocks for i in range(blocks)],

@@ -21,6 +21,7 @@ the checkpoint holds it as JSON. The same world size and --num_workers are neede
 depends on them).
 """
 import copy
+import functools
 import io
 import os
 import posixpath
@@ -62,6 +63,13 @@ class StreamSource:
         self.name, self.dataset_id, self.kind, self.files = name, dataset_id, kind, files
         self.image_column, self.label_column = image_column, label_column
         self.plans = {}  # readers -> (split, units): decided once, carried into the workers
+
+    @functools.cached_property
+    def folders(self):
+        """The folders of its files (once the run's sources are complete): where an image named
+        by a path relative to its file lies."""
+        paths = posixpath if is_url(self.files[0]) else os.path
+        return sorted({paths.dirname(f) for f in self.files})
 
     def open(self):
         """The datasets IterableDataset of the files, images left undecoded."""
@@ -380,14 +388,14 @@ def raw_sample(source, example, passes):
             # row does not say its file, so files in several folders cannot resolve it
             paths = posixpath if is_url(source.files[0]) else os.path
             relative = not (is_url(value["path"]) or paths.isabs(value["path"]))
-            folders = {paths.dirname(f) for f in source.files} if relative else ()
-            if len(folders) > 1:
+            if relative and len(source.folders) > 1:
                 raise DataError(
                     f"{where}: image {value['path']!r} is a path relative to its Parquet file, "
                     f"whose folder a streamed row does not tell: the dataset's files sit in "
-                    f"{len(folders)} folders ({', '.join(sorted(folders)[:2])}, ...). Give each "
-                    "folder's files as a dataset of their own, or read them without --streaming")
-            image = paths.join(folders.pop(), value["path"]) if relative else value["path"]
+                    f"{len(source.folders)} folders ({', '.join(source.folders[:2])}, ...). Give "
+                    "each folder's files as a dataset of their own, or read them without "
+                    "--streaming")
+            image = paths.join(source.folders[0], value["path"]) if relative else value["path"]
         label = example.get(source.label_column)
     if isinstance(label, bool) or not isinstance(label, int):
         label = NO_LABEL
