@@ -39,7 +39,7 @@ from ema import MODEL_DIR as EMA_MODEL_DIR, save_ema_state, swapped_in
 from faults import injected_fault
 from files import (METRICS_FILE, RESULTS_FILE, SUMMARY_FILE, OutputError, read_jsonl_records,
                    reason, recover_folder, swap_in, temporary, write_json, write_text)
-from state_files import CheckpointError, load_state_files, save_state_files
+from state_files import CheckpointError, load_state_files, save_state_files, sharded_reader
 
 INFO_FILE = "training_info.json"
 RUN_FILES = (METRICS_FILE, SUMMARY_FILE, RESULTS_FILE)  # a run's own records
@@ -355,7 +355,13 @@ def load_sharded_state(folder, model, optimizer=None, may_lack=(), say=None):
         model_state, optim_state = get_model_state_dict(model, options=TRAINED), None
     else:
         model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
-    state = {"model": model_state}
+    # Parameters frozen now that trained when the checkpoint was written (a resume with
+    # --allow_changed_flags that freezes more): they keep the checkpoint's values, not --model's.
+    _, saved = sharded_reader(path)
+    held = {k[len("model."):] for k in saved if k.startswith("model.")}
+    every = get_model_state_dict(model)
+    frozen_now = {k: v for k, v in every.items() if k not in model_state and k in held}
+    state = {"model": {**model_state, **frozen_now}}
     if optim_state is not None:
         state["optim"] = optim_state["state"]
     lacking = load_state_files(path, state, {"model": "this model"}, "the sharded state",
@@ -363,6 +369,19 @@ def load_sharded_state(folder, model, optimizer=None, may_lack=(), say=None):
     if lacking and say:
         say(f"note: {len(lacking)} parameter(s) that train now were frozen when {folder} was "
             f"written, so they start from --model's weights, e.g. {lacking[:3]}")
+    homeless = sorted(held - set(every))
+    if say and frozen_now:
+        say(f"note: {len(frozen_now)} parameter(s) frozen now were trained when {folder} was "
+            f"written: they keep its values, e.g. {sorted(frozen_now)[:3]}")
+    if say and homeless:
+        say(f"note: {len(homeless)} parameter(s) trained in {folder} have no place in this model "
+            f"(e.g. {homeless[:3]}; LoRA renames the layers it wraps): they start from --model's "
+            "weights, not the checkpoint's")
+    if frozen_now:
+        set_model_state_dict(model, {k: state["model"][k] for k in frozen_now},
+                             options=StateDictOptions(strict=False))
+        for k in frozen_now:
+            del state["model"][k]
     if optim_state is None:
         set_model_state_dict(model, state["model"], options=TRAINED_LOAD)
     else:

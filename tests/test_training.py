@@ -202,6 +202,14 @@ def test_frozen_parameters_stay_out_of_the_sharded_state_and_a_resume_may_train_
     for part, prefix in (("state", "model.backbone."), ("ema_state", "ema.backbone.")):
         saved = sharded_reader(str(out / "checkpoint-4" / part))[1]
         assert len([k for k in saved if k.startswith(prefix)]) == len(folder), part
+    # frozen again on a resume: the backbone keeps what it trained (it was read back as
+    # --model's weights, losing steps 3 and 4), and that is said
+    capsys.readouterr()
+    run_train(train_args(small_data, tiny_vit, out, "--max_steps", 6, "--train_only_head",
+                         *common, "--resume", "latest", "--allow_changed_flags"))
+    assert "parameter(s) frozen now were trained when" in capsys.readouterr().out
+    kept = load_file(out / "checkpoint-6" / "model.safetensors")
+    assert all(torch.equal(trained[k], kept[k]) for k in folder)
 
 
 def test_keep_limit_keeps_the_latest_and_the_best(small_data, tiny_vit, tmp_path):
