@@ -626,6 +626,14 @@ def after_step(run, state, log, progress, stop):
     return True
 
 
+def best_model(run, checkpoint):
+    """The folder of the weights that scored the best: an ema_* metric's are checkpoint-N/ema
+    (checkpoint-N itself holds the raw weights)."""
+    if checkpoint and run.args.best_metric.startswith(ema.METRIC_PREFIX):
+        return os.path.join(checkpoint, ema.MODEL_DIR)
+    return checkpoint
+
+
 def track_best(run, state, log, eval_metrics):
     """Whether this evaluation is a new best of --best_metric."""
     metric, best, step = run.args.best_metric, state.best, state.step
@@ -635,7 +643,8 @@ def track_best(run, state, log, eval_metrics):
         return False
     best.update(value=value, step=step, checkpoint=checkpoint_path(run, step))
     log.write("best", step, run.epoch_of(step), best_model_step=step,
-              **{f"best_{metric}": value}, best_checkpoint=best["checkpoint"])
+              **{f"best_{metric}": value}, best_checkpoint=best["checkpoint"],
+              best_model=best_model(run, best["checkpoint"]))
     run.say(f"new best {metric} = {value:.4f} at step {step}")
     return True
 
@@ -719,7 +728,9 @@ def finish(run, state, log):
         best = state.best
         summary = {"best_metric": args.best_metric if not args.no_best_tracking else None,
                    "best_value": best["value"], "best_step": best["step"],
-                   "best_checkpoint": best["checkpoint"], "final_eval_checkpoint": evaluated,
+                   "best_checkpoint": best["checkpoint"],
+                   "best_model": best_model(run, best["checkpoint"]),
+                   "final_eval_checkpoint": evaluated,
                    "final_eval": final_metrics, "last_checkpoint": state.last_saved,
                    "steps": step, "world_size": run.world_size,
                    "global_batch_size": args.batch_size * run.world_size * args.grad_accum,

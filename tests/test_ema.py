@@ -222,7 +222,9 @@ def test_training_evaluates_saves_resumes_and_picks_the_ema(small_data, tiny_vit
     assert summary["best_value"] == best["best_ema_overall_accuracy"] == max(
         r["eval_ema_overall_accuracy"] for r in evals)
     checkpoint = out / f"checkpoint-{step}"
-    assert summary["final_eval_checkpoint"] == str(checkpoint / "ema")
+    # the weights that won are the EMA's: named apart from the checkpoint (its raw weights)
+    assert summary["final_eval_checkpoint"] == summary["best_model"] == best["best_model"] == str(
+        checkpoint / "ema") and summary["best_checkpoint"] == str(checkpoint)
 
     # checkpoint-N/ema holds the shadow of ema_state/ in the model's own files, no trainer state
     assert not (checkpoint / "ema" / INFO_FILE).exists()
