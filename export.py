@@ -384,6 +384,15 @@ def main(argv=None):
         sys.exit(2)
     print(f"wrote {args.out}: {type(target).__name__}, {target.config.num_labels} classes of "
           f"{args.dataset}")
+    print(PIPELINE_DECODE)
+
+
+# what transformers' load_image does otherwise than training's decode (preprocess.to_rgb)
+PIPELINE_DECODE = (
+    "note: the pipeline decodes images with transformers' load_image (Pillow's convert('RGB')): "
+    "16-bit greyscale is clipped (training scaled it to 8 bits) and a transparent image's "
+    "hidden pixels keep their stored colour (training composited them onto white where the "
+    "processor converts to RGB): give it 8-bit images without transparency, as eval.py saw them")
 
 
 if __name__ == "__main__":

@@ -233,6 +233,10 @@ def test_an_out_folder_that_is_not_an_export_is_refused_and_left_whole(tmp_path,
     code, err = export_main(capsys, checkpoint, tmp_path / "file", "--dataset", "faces")
     assert code == 2 and err == f"error: OUT {tmp_path / 'file'} is a file, not a folder\n"
     assert (tmp_path / "file").read_text() == "mine"
+    # written: what the pipeline's decode does otherwise than training's is said
+    import export as export_script
+    export_script.main([str(checkpoint), str(tmp_path / "ok"), "--dataset", "faces"])
+    assert "16-bit greyscale is clipped" in capsys.readouterr().out
 
 
 @pytest.mark.fault("sigkill")
