@@ -73,8 +73,11 @@ class PixelRecipe:
 def pixel_recipe(image_processor):
     """The PixelRecipe of a Hugging Face image processor, or None where the fast path cannot
     reproduce it (then the processor itself runs in the loader, as before)."""
+    import transformers
     name = type(image_processor).__name__
     base = name[:-3] if name.endswith("Pil") else name
+    if type(image_processor) is not getattr(transformers, name, None):
+        return None  # a class of a folder's own code (--trust_remote_code) under a stock name
     if base not in STANDARD_PROCESSORS or not _standard_pipeline(image_processor, base):
         return None
     p = image_processor

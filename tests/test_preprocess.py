@@ -112,6 +112,14 @@ def test_processors_the_path_cannot_reproduce_keep_their_own():
     assert pixel_recipe(transformers.CLIPImageProcessorPil(do_center_crop=False)) is None
     assert ImageInputs(transformers.Qwen2VLImageProcessorPil()).pixel_normalize is None
 
+    class ViTImageProcessor(transformers.ViTImageProcessorPil):
+        """A folder's own processor (--trust_remote_code) named as a stock one: BGR output, as
+        MobileViT's do_flip_channel_order. It was taken by its name for the stock one."""
+        def process_image(self, *args, **kwargs):
+            return np.ascontiguousarray(super().process_image(*args, **kwargs)[::-1])
+    assert pixel_recipe(transformers.ViTImageProcessorPil()) is not None
+    assert pixel_recipe(ViTImageProcessor()) is None
+
 
 def test_normalisation_in_model_dtype_survives_casts(tiny_vit, small_data):
     """bf16 weights: one rounding of the float32 result; the affine is not rounded by .to()."""
