@@ -626,7 +626,7 @@ def after_step(run, state, log, progress, stop):
     return True
 
 
-def best_model(run, checkpoint):
+def best_model_checkpoint(run, checkpoint):
     """The folder of the weights that scored the best: an ema_* metric's are checkpoint-N/ema
     (checkpoint-N itself holds the raw weights)."""
     if checkpoint and run.args.best_metric.startswith(ema.METRIC_PREFIX):
@@ -644,7 +644,7 @@ def track_best(run, state, log, eval_metrics):
     best.update(value=value, step=step, checkpoint=checkpoint_path(run, step))
     log.write("best", step, run.epoch_of(step), best_model_step=step,
               **{f"best_{metric}": value}, best_checkpoint=best["checkpoint"],
-              best_model=best_model(run, best["checkpoint"]))
+              best_model_checkpoint=best_model_checkpoint(run, best["checkpoint"]))
     run.say(f"new best {metric} = {value:.4f} at step {step}")
     return True
 
@@ -729,7 +729,7 @@ def finish(run, state, log):
         summary = {"best_metric": args.best_metric if not args.no_best_tracking else None,
                    "best_value": best["value"], "best_step": best["step"],
                    "best_checkpoint": best["checkpoint"],
-                   "best_model": best_model(run, best["checkpoint"]),
+                   "best_model_checkpoint": best_model_checkpoint(run, best["checkpoint"]),
                    "final_eval_checkpoint": evaluated,
                    "final_eval": final_metrics, "last_checkpoint": state.last_saved,
                    "steps": step, "world_size": run.world_size,

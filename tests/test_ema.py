@@ -223,8 +223,9 @@ def test_training_evaluates_saves_resumes_and_picks_the_ema(small_data, tiny_vit
         r["eval_ema_overall_accuracy"] for r in evals)
     checkpoint = out / f"checkpoint-{step}"
     # the weights that won are the EMA's: named apart from the checkpoint (its raw weights)
-    assert summary["final_eval_checkpoint"] == summary["best_model"] == best["best_model"] == str(
-        checkpoint / "ema") and summary["best_checkpoint"] == str(checkpoint)
+    assert summary["final_eval_checkpoint"] == summary["best_model_checkpoint"] == str(
+        checkpoint / "ema") == best["best_model_checkpoint"]
+    assert summary["best_checkpoint"] == str(checkpoint)
 
     # checkpoint-N/ema holds the shadow of ema_state/ in the model's own files, no trainer state
     assert not (checkpoint / "ema" / INFO_FILE).exists()
