@@ -51,7 +51,8 @@ def _local(t):
 def _averaged(model):
     """{name: tensor} of what the EMA averages, as this process holds them: the parameters that
     train and the floating-point buffers that are saved (not constants such as rotary
-    frequencies).
+    frequencies, nor statistics of the data that a module names in NOT_AVERAGED: averaged from
+    their starting values they would lean toward those, and they describe no weights).
     Under FSDP2 every unit is resharded first: the root keeps its weights gathered after a
     forward without backward (an evaluation), and a later forward would reuse that stale
     gathered copy instead of the shards written here."""
@@ -62,7 +63,8 @@ def _averaged(model):
     averaged = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for prefix, module in model.named_modules():
         for name, buffer in module.named_buffers(recurse=False):
-            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+            if (buffer.is_floating_point() and name not in module._non_persistent_buffers_set
+                    and name not in getattr(module, "NOT_AVERAGED", ())):
                 averaged[f"{prefix}.{name}" if prefix else name] = buffer
     return averaged
 

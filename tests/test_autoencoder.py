@@ -96,6 +96,30 @@ def test_two_processes_take_the_same_steps_as_one(small_data, tmp_path):
         assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-3)
 
 
+def test_the_ema_model_is_written_with_the_latent_scaling_of_the_run(small_data, tmp_path):
+    """The running latent moments describe the data, not weights: averaged by the EMA from their
+    start [0, 0, 1], a short run's ema/config.json got a scaling near 1 (1.32 against 3.50 after
+    60 steps at decay 0.99), which a generator on that VAE would take."""
+    out = tmp_path / "out"
+    train.main(ae_args(small_data, out, "--max_steps", 6, "--skip_evaluation", "--ema_decay",
+                       0.9, "--save_steps", 3))
+    for step in (3, 6):
+        folder = out / f"checkpoint-{step}"
+        raw, averaged = (json.loads((f / "config.json").read_text())
+                         for f in (folder, folder / "ema"))
+        assert raw["scaling_factor"] != 1.0
+        assert (averaged["scaling_factor"], averaged["shift_factor"]) == (
+            raw["scaling_factor"], raw["shift_factor"])
+    # a resume reads the EMA state back (the moments are not in it) and goes on alike
+    resumed = tmp_path / "resumed"
+    killed_after(out / "checkpoint-3", resumed)
+    train.main(ae_args(small_data, resumed, "--max_steps", 6, "--skip_evaluation",
+                       "--ema_decay", 0.9, "--save_steps", 3, "--resume", "latest"))
+    for folder in ("checkpoint-6", "checkpoint-6/ema"):
+        assert (out / folder / "config.json").read_text() == (
+            resumed / folder / "config.json").read_text()
+
+
 def test_validation_records_of_training_images_are_said(small_data, tmp_path, capsys):
     """The classifier's note, for the autoencoder too: a validation PSNR on images it trains on
     measures memory, not reconstruction."""
