@@ -93,12 +93,14 @@ def resume(data, model, out):
 
 @pytest.mark.fault("sigkill")
 def test_sigkill_mid_epoch_then_resume_latest(small_data, tiny_vit, tmp_path, reference):
-    # 7 steps per epoch: killed somewhere in the second epoch, between checkpoints.
-    process = start(train_args(small_data, tiny_vit, tmp_path, *COMMON))
-    wait_for_step(tmp_path, 10, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not os.path.exists(tmp_path / "checkpoint-14")
+    # 7 steps per epoch: killed in the second epoch, between checkpoints (after step 10; a kill
+    # sent from here once step 10 was logged could arrive after the run had ended on a busy
+    # machine: a tiny model's steps take milliseconds)
+    process = start(train_args(small_data, tiny_vit, tmp_path, *COMMON),
+                    env={"MIXTRAIN_FAULT": "kill_before_save:10"})
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL, err[-2000:]
+    assert not os.path.exists(tmp_path / "checkpoint-12")
     resume(small_data, tiny_vit, tmp_path)
     assert_same_as_reference(tmp_path, reference)
 
