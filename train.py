@@ -709,7 +709,7 @@ def finish(run, state, log):
             if args.best_metric.startswith(ema.METRIC_PREFIX):  # the EMA weights won
                 ema.load_ema_state(state.best["checkpoint"], run.ema)
                 ema.copy_into(run.raw_model, run.ema)  # for good: training is over
-                evaluated = os.path.join(evaluated, ema.MODEL_DIR)
+                evaluated = best_model_checkpoint(run, evaluated)
         run.say(f"full evaluation of {evaluated} on all {len(run.data.val):,} validation samples")
         final_metrics = run_evaluation(run, list(range(len(run.data.val))), "final_eval")
         log.write("final_eval", step, run.epoch_of(step), checkpoint=evaluated, **final_metrics)
@@ -736,7 +736,7 @@ def finish(run, state, log):
                    "global_batch_size": args.batch_size * run.world_size * args.grad_accum,
                    "skipped_images": skipped, "overrides": run.overrides, "config": vars(args)}
         write_json(os.path.join(args.output_dir, SUMMARY_FILE), summary)
-        print(f"run summary written to {os.path.join(args.output_dir, 'run_summary.json')}")
+        print(f"run summary written to {os.path.join(args.output_dir, SUMMARY_FILE)}")
 
 
 if __name__ == "__main__":

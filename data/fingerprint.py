@@ -24,8 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from data.folder import IMAGE_EXTENSIONS
 from data.paths import expand_paths, expand_ranges, is_url
-from data.specs import parse_spec
-from data.wds import SHARD_FILES
+from data.specs import kind_named, parse_spec
 
 BLOCK = 1 << 16  # bytes read at each end of a Parquet file or a shard
 MASK = (1 << 64) - 1
@@ -40,7 +39,7 @@ def data_fingerprint(text):
     if spec.kind == "folder":
         units = folder_units(spec.path)
     else:
-        extension = {"hf": ".parquet", "wds": SHARD_FILES}.get(spec.kind)  # as the readers list
+        extension = kind_named(spec.kind).files  # as the readers list them (None: a file)
         paths = (list(spec.files) if spec.files else  # a split's files (PATH:SPLIT)
                  hf_files(spec.path) if spec.kind == "hf" and os.path.isdir(spec.path) else
                  expand_paths(spec.path, text, extension) if extension else [spec.path])

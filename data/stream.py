@@ -33,10 +33,9 @@ from data.hf import class_names, parquet_footer, same_class_names
 from data.paths import is_url, spec_files
 from data.reading import Reading
 from data.sampling import SCHEDULE_BLOCK, block_schedule, stream_shares
-from data.specs import parse_spec
+from data.specs import kind_named, parse_spec
 from data.tar_index import TAR_IMAGE_FIELDS, load_tar_index, no_image_member
 from data.types import NO_IMAGE, NO_LABEL, SHOWN, DataError, raise_data_errors
-from data.wds import SHARD_FILES
 from preprocess import decode_rgb
 
 # How the readers (processes x workers) split a stream (StreamSource.plan); kept in a checkpoint
@@ -163,7 +162,7 @@ def stream_sources(specs, registry, fixed, index_dir=None, skip_missing_images=F
                             f"shards, not a {spec.kind} source")
         dataset_id = reading.dataset_id(spec.name, f"data spec {text!r}")
         # a folder's compressed shards too, as read_shards lists them (streamed as they are read)
-        files = spec_files(spec, ".parquet" if spec.kind == "hf" else SHARD_FILES)
+        files = spec_files(spec, kind_named(spec.kind).files)
         known = by_name.get(spec.name)
         if known and known.kind != spec.kind:
             raise DataError(f"data spec {text!r}: dataset {spec.name!r} is streamed from one "

@@ -102,6 +102,8 @@ class LatentCodec:
         weight = next(self.vae.parameters())
         if weight.device != x.device:
             self.vae.to(x.device)
+            if self.per_channel:  # moved with it, not copied at every batch
+                self.per_channel = tuple(t.to(x.device) for t in self.per_channel)
         return x.to(weight.dtype)
 
     @torch.no_grad()
@@ -110,14 +112,14 @@ class LatentCodec:
         float32."""
         mean = self.vae.encode(self._follow(pixels)).latent_dist.mean.float()
         if self.per_channel:
-            center, std = (t.to(mean.device) for t in self.per_channel)
+            center, std = (t.to(mean.device) for t in self.per_channel)  # no copy once moved
             return (mean - center) * self.scale / std
         return (mean - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, latents):
         """Scaled latents -> pixels in [-1, 1], float32."""
-        if self.per_channel:
+        if self.per_channel:  # .to: no copy once _follow has moved them
             center, std = (t.to(latents.device) for t in self.per_channel)
             latents = latents * std / self.scale + center
         else:
