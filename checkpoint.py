@@ -357,15 +357,16 @@ def load_sharded_state(folder, model, optimizer=None, may_lack=(), say=None):
         model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
     # Parameters frozen now that trained when the checkpoint was written (a resume with
     # --allow_changed_flags that freezes more): they keep the checkpoint's values, not --model's.
-    _, saved = sharded_reader(path)
-    held = {k[len("model."):] for k in saved if k.startswith("model.")}
+    opened = sharded_reader(path)
+    held = {k[len("model."):] for k in opened[1] if k.startswith("model.")}
     every = get_model_state_dict(model)
     frozen_now = {k: v for k, v in every.items() if k not in model_state and k in held}
     state = {"model": {**model_state, **frozen_now}}
     if optim_state is not None:
         state["optim"] = optim_state["state"]
     lacking = load_state_files(path, state, {"model": "this model"}, "the sharded state",
-                               may_lack, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+                               may_lack, opened,
+                               planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     if lacking and say:
         say(f"note: {len(lacking)} parameter(s) that train now were frozen when {folder} was "
             f"written, so they start from --model's weights, e.g. {lacking[:3]}")
@@ -377,11 +378,6 @@ def load_sharded_state(folder, model, optimizer=None, may_lack=(), say=None):
         say(f"note: {len(homeless)} parameter(s) trained in {folder} have no place in this model "
             f"(e.g. {homeless[:3]}; LoRA renames the layers it wraps): they start from --model's "
             "weights, not the checkpoint's")
-    if frozen_now:
-        set_model_state_dict(model, {k: state["model"][k] for k in frozen_now},
-                             options=StateDictOptions(strict=False))
-        for k in frozen_now:
-            del state["model"][k]
     if optim_state is None:
         set_model_state_dict(model, state["model"], options=TRAINED_LOAD)
     else:

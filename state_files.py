@@ -69,12 +69,13 @@ def held_bytes(value):
     return size
 
 
-def load_state_files(path, state, fitting, what, may_lack=(), **options):
+def load_state_files(path, state, fitting, what, may_lack=(), opened=None, **options):
     """Read what save_state_files wrote at `path` into `state` ({part: {key: tensor}}) in place,
     on any world size and sharding. fitting: {part: its description} of the parts every tensor of
     which must be saved, in its shape (check_fits), but for keys in `may_lack`: those not saved
-    are left out of `state` and returned. A truncated file is an error naming it."""
-    reader, saved = sharded_reader(path)
+    are left out of `state` and returned. A truncated file is an error naming it. opened: what
+    sharded_reader(path) gave, where the caller has read it already."""
+    reader, saved = opened or sharded_reader(path)
     may_lack, lacking = set(may_lack), []
     for part, described in fitting.items():
         for key in [k for k in state[part] if k in may_lack and f"{part}.{k}" not in saved]:
