@@ -360,7 +360,8 @@ def test_generate_and_judge_a_checkpoint(gen_data, tiny_lm, small_data, tiny_vit
     assert read_jsonl(tmp_path / "gen" / "eval_results.jsonl")[-1] == row
 
 
-def test_guidance_of_a_checkpoint_trained_without_condition_dropout_is_said(capsys):
+def test_guidance_of_a_checkpoint_trained_without_condition_dropout_is_said(gen_data, tiny_lm,
+                                                                            tmp_path, capsys):
     """--cond_dropout 0 leaves the unconditional prediction untrained: generate.py's default
     guidance (4) would extrapolate from it. It samples with 1 instead and says so; a scale
     given is kept, with a note; a checkpoint that records no dropout is left as it was."""
@@ -372,6 +373,12 @@ def test_guidance_of_a_checkpoint_trained_without_condition_dropout_is_said(caps
         capsys.readouterr().out)
     assert guidance_scale({"cond_dropout": 0.1}, 4.0, given=False) == 4.0
     assert guidance_scale({}, 4.0, given=False) == 4.0 and not capsys.readouterr().out
+    # the run's own samples.png: guided as asked, and said
+    train.main(gen_args(gen_data, tiny_lm, tmp_path / "run", "--max_steps", 1, "--cond_dropout",
+                        0, "--sample_prompts", "a digit", "--samples_per_prompt", 1,
+                        "--sample_steps", 1, "--skip_evaluation"))
+    assert ("samples.png is guided (--cfg_scale 4) from an unconditional prediction this run "
+            "never trained") in capsys.readouterr().out
 
 
 def test_a_text_only_batch_still_gives_every_parameter_a_gradient(tiny_lm):

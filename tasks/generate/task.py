@@ -276,6 +276,10 @@ class GenerateTask(Task):
         """samples.png: a row of images per --sample_prompts prompt from the evaluated weights."""
         if not args.sample_prompts:
             return
+        if main_process and args.cond_dropout == 0 and args.cfg_scale != 1:
+            print(f"note: samples.png is guided (--cfg_scale {args.cfg_scale:g}) from an "
+                  "unconditional prediction this run never trained (--cond_dropout 0); "
+                  "--cfg_scale 1 samples without guidance")
         prompts = [p for p in args.sample_prompts for _ in range(args.samples_per_prompt)]
         images = generate_images(model, tokenizer, prompts, args.sample_steps, args.cfg_scale,
                                  args.seed, args.timestep_shift, device)
