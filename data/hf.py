@@ -38,10 +38,14 @@ class ArrowTable(Source):
         return ([os.path.abspath(f) for f in self.files], which,
                 rows - np.asarray(self.starts)[which])
 
+    def file_of(self, row):
+        """The index of the Parquet file that holds `row` (files given)."""
+        return bisect.bisect_right(self.starts, row) - 1
+
     def where(self, row, member):
         if not self.files:
             return f"{self.path}:{row}"
-        i = bisect.bisect_right(self.starts, row) - 1
+        i = self.file_of(row)
         return f"{self.files[i]}:{row - self.starts[i]}"
 
     def what(self):
@@ -54,8 +58,8 @@ class ArrowTable(Source):
             if value.get("bytes") is not None:
                 return io.BytesIO(value["bytes"])
             if value.get("path"):  # relative to the Parquet file of the row
-                folder = (os.path.dirname(self.files[bisect.bisect_right(self.starts, row) - 1])
-                          if self.files else self.path)
+                folder = (os.path.dirname(self.files[self.file_of(row)]) if self.files
+                          else self.path)
                 return os.path.join(folder, value["path"])
             raise DataError(f"column {self.column!r} holds no image in this row")
         if value is None:

@@ -169,7 +169,7 @@ def read_records(specs, registry, *, labelled=True, fixed=True, jsonl_record=cla
     records = RecordTable.concatenate(reading.parts, reading.sources)
     if labelled:
         check_labels(records, registry, reading.errors)
-        check_repeats(records, registry, reading.errors, reading.notes)
+        check_repeats(records, registry, reading.errors, reading.notes, reading.training)
     for note in reading.notes:
         say(f"note: {note}")
     raise_data_errors(reading.errors, len(records), [s.text for s in parsed])
@@ -253,7 +253,7 @@ def say_trained_in_val(val, train, registry, say):
                 "images the model trains on (leave them out of --val_data to score held-out ones)")
 
 
-def check_repeats(records, registry, errors, notes):
+def check_repeats(records, registry, errors, notes, training=True):
     """Records of one dataset that read the same image again (a line repeated, two specs or
     globs over the same files): with another label an error (one image, two classes), else a
     note (each is trained on as often as it is listed). An image is what image_files names: a
@@ -283,8 +283,8 @@ def check_repeats(records, registry, errors, notes):
     i = int(np.flatnonzero(again)[0])
     first, then = records[order[i]], records[order[i + 1]]
     notes.append(f"{int(again.sum())} record(s) read an image of their dataset again (e.g. "
-                 f"{then.source}, the image of {first.source}): each is trained on as often as "
-                 "it is listed")
+                 f"{then.source}, the image of {first.source}): each is "
+                 f"{'trained on' if training else 'scored'} as often as it is listed")
 
 
 def check_labels(records, registry, errors):

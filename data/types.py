@@ -87,10 +87,10 @@ class Source:
 
     def image_files(self, rows):
         """([file paths], the path's index of each of `rows`, its row in that file): with the
-        member, which image a record reads (data.reading.check_repeats); a source of several
-        files names each row's own, one whose member is the image's own path none."""
-        path = "" if self.member_is_path else os.path.abspath(self.path)
-        return [path], np.zeros(len(rows), dtype=np.int64), rows
+        member, which image a record reads (data.reading.image_files, which names a record whose
+        member is its image's path by that path instead); a source of several files names each
+        row's own."""
+        return [os.path.abspath(self.path)], np.zeros(len(rows), dtype=np.int64), rows
 
     def open(self, row, member, offset, size):
         """The image: a path, or a file object over its bytes (Pillow opens either)."""

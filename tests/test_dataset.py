@@ -158,9 +158,12 @@ def test_an_image_read_again_for_its_dataset_is_said_and_with_another_label_refu
             for name, label in [(image, 0), ("other.png", 1), (image, 0)]]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     said = []
-    assert len(read_records([path], registry, say=said.append)) == 3
+    assert len(read_records([path], registry, say=said.append, training=True)) == 3
     assert said == [f"note: 1 record(s) read an image of their dataset again (e.g. {path}:3, the "
                     f"image of {path}:1): each is trained on as often as it is listed"]
+    said.clear()  # evaluation data: each scored as often
+    read_records([path], registry, say=said.append)
+    assert said[0].endswith("each is scored as often as it is listed")
     said.clear()  # the same file given twice: every record again
     assert len(read_records([path, path], registry, say=said.append)) == 6
     assert said[0].startswith("note: 4 record(s) read an image of their dataset again")
